@@ -1,0 +1,24 @@
+"""Shared fixtures. Tests never touch the network: hub downloads are switched off here."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from tests.helpers import tiny_gpt2 as _tiny_gpt2  # noqa: E402
+from tests.helpers import tiny_llama as _tiny_llama  # noqa: E402
+
+
+@pytest.fixture
+def tiny_llama():  # type: ignore[no-untyped-def]
+    return _tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2():  # type: ignore[no-untyped-def]
+    return _tiny_gpt2()

@@ -1,0 +1,44 @@
+"""Tiny models built from transformers configs: no network, no hub, a few kB each."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
+    """A 2-layer Llama with hidden size 32 (about 30 k parameters), deterministically initialised."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab_size: int = 128) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 with n_embd 32; its attention and MLP use transformers' Conv1D."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def random_batch(batch: int = 2, seq: int = 16, vocab_size: int = 128, seed: int = 1) -> torch.Tensor:
+    """Token ids [batch, seq] from a fixed generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=g)
