@@ -43,6 +43,33 @@ _EXPORTS: dict[str, str] = {
     "RunStopped": "events",
     "RunFailed": "events",
     "event_from_dict": "events",
+    # data, corpora and the shipped demo model
+    "prepare_data": "data",
+    "load_texts": "data",
+    "pack_blocks": "data",
+    "DataSplit": "data",
+    "list_corpora": "demo",
+    "load_corpus": "demo",
+    "load_base_model": "demo",
+    "load_model": "demo",
+    "generate": "demo",
+    # devices, schedules, training
+    "list_devices": "devices",
+    "select_device": "devices",
+    "describe_device": "devices",
+    "lr_schedule": "schedules",
+    "TrainConfig": "trainer",
+    "Trainer": "trainer",
+    "History": "history",
+    # memory
+    "estimate_memory": "memory",
+    "measure_memory": "memory",
+    "MemoryEstimate": "memory",
+    "known_models": "memory",
+    "preflight": "memory",
+    # widgets (import anywidget/bqplot only when used)
+    "LoRADashboard": "widget",
+    "MemoryPlanner": "widget",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
