@@ -10,8 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from tests.helpers import tiny_gpt2 as _tiny_gpt2  # noqa: E402
-from tests.helpers import tiny_llama as _tiny_llama  # noqa: E402
+from tests.helpers import tiny_gpt2 as _tiny_gpt2
+from tests.helpers import tiny_llama as _tiny_llama
 
 
 @pytest.fixture
