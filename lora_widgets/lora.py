@@ -611,7 +611,6 @@ def save_adapter(
         "init_lora_weights": True,
         "modules_to_save": None,
         "revision": None,
-        "library_name": "lora_widgets",
     }
     _atomic_write_json(directory / ADAPTER_CONFIG_NAME, adapter_config)
     return directory

@@ -18,6 +18,7 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=False,
+        initializer_range=0.2,  # the default 0.02 leaves a frozen random head too weak to learn through
     )
     return LlamaForCausalLM(config).eval()
 
@@ -34,8 +35,17 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 128) -> GPT2LMHeadModel:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(config).eval()
+
+
+def patterned_batch(batch: int = 4, seq: int = 32, vocab_size: int = 128) -> torch.Tensor:
+    """Token ids [batch, seq] following next = (current + 3) mod vocab: learnable in a few steps."""
+    offsets = torch.tensor([[0], [5], [17], [40], [63], [90], [101], [120]])[:batch]
+    return (torch.arange(seq)[None, :] * 3 + offsets) % vocab_size
 
 
 def random_batch(batch: int = 2, seq: int = 16, vocab_size: int = 128, seed: int = 1) -> torch.Tensor:
