@@ -307,7 +307,7 @@ def test_bad_adapter_directories_raise_and_leave_the_model_unchanged(tmp_path) -
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_adapter(target, tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         load_adapter(target, tmp_path / "empty")
 
     # wrong shapes: an r=4 adapter whose tensors say r=3
