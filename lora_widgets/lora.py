@@ -273,10 +273,12 @@ class LoRALinear(nn.Module):
         if self.merged or not self.enabled:
             return result
         lora_x = x if x.dtype == self.lora_A.weight.dtype else x.to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(self.lora_dropout(lora_x)))  # [..., r] -> [..., out]
+        # Scale the rank-r intermediate rather than the output: the same product, r/out of the work.
+        hidden = self.lora_A(self.lora_dropout(lora_x)) * self.scaling  # [..., r]
+        update = self.lora_B(hidden)  # [..., out]
         if update.dtype != result.dtype:
             update = update.to(result.dtype)
-        return result + update * self.scaling
+        return result + update
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A, in the base weight's orientation ([out, in], or [in, out] for Conv1D)."""
