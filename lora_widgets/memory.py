@@ -1,0 +1,956 @@
+r"""Memory of one training step: predict it before training, measure it, and suggest what would fit.
+
+:func:`estimate_memory` predicts the **peak** bytes of one steady-state training step (forward, backward,
+optimizer step), which is what ``torch.cuda.max_memory_allocated`` or an out-of-memory error sees.
+:func:`measure_memory` runs real steps and measures that peak; :func:`suggest_fit` and :func:`preflight`
+turn the estimate into advice. The formulas, their sources and a table of estimates against measurements
+are in ``docs/memory.md``.
+
+Why phases
+    The peak is not the sum of weights + gradients + optimizer state + activations. During the forward pass
+    the activations that autograd saves pile up; during the backward pass they are released layer by layer
+    while gradients appear; the optimizer step runs after the last activation is gone, but needs the
+    gradients, AdamW's two moments and (in PyTorch's ``foreach`` implementation) one temporary as large as
+    all trainable parameters. So the step is modelled as three phases and the peak is their maximum.
+
+Which step
+    The estimate is the **steady-state** step (step 2 onwards): AdamW creates its moments lazily in the
+    first ``step()``, so from the second step on they are resident during forward and backward as well.
+    That step is the peak of the whole run (the first step's peak is never larger), and it is the step
+    :func:`measure_memory` reports. Gradients are assumed freed between steps
+    (``optimizer.zero_grad(set_to_none=True)``, PyTorch's default).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lora_widgets.lora import LoRAConfig, apply_lora
+from lora_widgets.memory_arch import (
+    ArchInfo,
+    LoRAModule,
+    ParamPlan,
+    known_models,
+    param_plan,
+    resolve_config,
+)
+
+__all__ = [
+    "GPUS",
+    "MemoryEstimate",
+    "MemoryMeasurement",
+    "PreflightResult",
+    "estimate_memory",
+    "known_models",
+    "measure_memory",
+    "parse_dtype",
+    "preflight",
+    "suggest_fit",
+]
+
+Phase = Literal["forward", "backward", "optimizer"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+_OPTIMIZERS = ("adamw", "adam", "sgd")
+_QUANT = {"8bit": 1.0, "4bit": 0.5 + 0.127 / 8}  # bytes per quantized weight (see _weight_bytes)
+
+GiB = 1024**3
+#: Common GPUs and their memory in bytes (what the planner and the fit table check against).
+GPUS: dict[str, int] = {
+    "T4 16 GB": 15 * GiB,  # 16 GB marketed; 15.0 GiB usable as reported by torch
+    "L4 24 GB": 22 * GiB,
+    "A10G 24 GB": 22 * GiB,
+    "A100 40 GB": 40 * GiB,
+    "A100 80 GB": 80 * GiB,
+    "H100 80 GB": 80 * GiB,
+}
+#: Memory a CUDA process holds outside ``max_memory_allocated``: the CUDA context and kernels (~0.3-0.5 GiB)
+#: plus the caching allocator's fragmentation; added before comparing an estimate with a GPU's capacity.
+CUDA_CONTEXT_BYTES = int(0.5 * GiB)
+FRAGMENTATION = 0.05
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from a dtype or its name ("float32", "bf16", "float16", ...)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+        raise ValueError(f"dtype={dtype} is not supported; use one of {sorted(set(_DTYPES))}")
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ValueError(f"dtype={dtype!r} is not a supported dtype; valid names: {sorted(_DTYPES)}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The estimate
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted memory of one training step, in bytes.
+
+    The parts (``frozen_weights`` ... ``overhead``) are the full sizes of each kind of tensor; ``total`` is the
+    predicted **peak**, the maximum over ``phases``, which is smaller than the sum of the parts.
+    ``at_peak`` splits ``total`` into what is resident at that moment (it sums to ``total``), which is what
+    the planner's stacked bar shows. ``naive_total`` is the textbook sum, kept for comparison.
+    """
+
+    frozen_weights: int
+    trainable_weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int  # tensors saved for backward at the end of the forward pass (incl. the log-softmax)
+    overhead: int  # the batch, rotary tables and other small buffers
+    total: int
+    peak_phase: Phase
+    phases: dict[str, int]
+    at_peak: dict[str, int]
+    trainable_params: int
+    total_params: int
+    batch_size: int
+    seq_len: int
+    dtype: str
+    naive_total: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def weights(self) -> int:
+        """Frozen + trainable weights."""
+        return self.frozen_weights + self.trainable_weights
+
+    def fits(self, capacity_bytes: int, cuda: bool = True) -> bool:
+        """Whether the peak fits in ``capacity_bytes`` of device memory (allowing for the CUDA context and
+        allocator fragmentation when ``cuda``)."""
+        return self.required_bytes(cuda) <= capacity_bytes
+
+    def required_bytes(self, cuda: bool = True) -> int:
+        """Device memory needed: ``total`` plus the CUDA context and ~5% fragmentation on a GPU."""
+        if not cuda:
+            return self.total
+        return int(self.total * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
+
+    def as_table(self) -> str:
+        """A small text table of the breakdown (GiB/MiB), the phases and the peak."""
+        rows = [
+            ("frozen weights", self.frozen_weights),
+            ("trainable weights", self.trainable_weights),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer_states),
+            ("activations", self.activations),
+            ("overhead", self.overhead),
+            ("naive sum", self.naive_total),
+        ]
+        rows += [(f"peak in {name}", value) for name, value in self.phases.items()]
+        rows.append((f"TOTAL (peak, {self.peak_phase})", self.total))
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{name:<{width}}  {format_bytes(value):>10}" for name, value in rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of every field."""
+        return {
+            "frozen_weights": self.frozen_weights,
+            "trainable_weights": self.trainable_weights,
+            "gradients": self.gradients,
+            "optimizer_states": self.optimizer_states,
+            "activations": self.activations,
+            "overhead": self.overhead,
+            "total": self.total,
+            "peak_phase": self.peak_phase,
+            "phases": dict(self.phases),
+            "at_peak": dict(self.at_peak),
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "dtype": self.dtype,
+            "naive_total": self.naive_total,
+            "notes": list(self.notes),
+        }
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable bytes: '1.23 GiB', '456.0 MiB', '12.0 KiB'."""
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class _Block:
+    """What one transformer block keeps for backward (bytes), and whether its output requires grad."""
+
+    saved: int
+    transient: int  # extra bytes live at the worst moment of this block's backward
+    grads: int  # gradient bytes of this block's trainable parameters
+    rg_out: bool
+    working: int  # bytes live inside the block's forward when nothing is saved (checkpointed forward)
+    input_saved: int  # part of ``saved`` that is the block's own input (fp32 RMSNorm input in fp32 runs)
+    early_grads: int  # gradient bytes that exist at the transient's moment (the last projection's)
+
+
+class _Activations:
+    r"""Bytes autograd saves for backward, per block, following what PyTorch actually keeps.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+    arXiv:2205.05198, sec. 4.1) count the activations of a GPT block as :math:`sbh(34 + 5as/h)` bytes in
+    16-bit precision: every tensor an operator needs for its backward, with the attention score matrix
+    (:math:`5as^2b`) dominating at long sequences. We keep their method (walk the block, count each saved
+    input/output once) and adapt the terms to what the code we train runs:
+
+    * Llama-style blocks (RMSNorm, SwiGLU, grouped-query attention, rotary embeddings; transformers'
+      implementation): RMSNorm upcasts to fp32 and saves its fp32 input (:math:`4bsh`) and
+      :math:`1/\mathrm{rms}` (:math:`4bs`), plus the normalised input (:math:`pbsh`) only when its weight
+      trains; SwiGLU saves gate, SiLU(gate) and up (:math:`3pbsi`), and the product (:math:`pbsi`) only if
+      ``down_proj`` trains; the fused SDPA kernels (flash / memory-efficient / CPU flash) save
+      :math:`q, k, v` (:math:`k, v` at the smaller GQA width), the output and the fp32 log-sum-exp
+      (:math:`4b\,n_h s`) and no :math:`s \times s` matrix; eager attention also keeps the fp32 softmax
+      (:math:`4b\,n_h s^2`) and its cast.
+    * Frozen weights: a frozen ``Linear`` needs no saved input (its input-gradient needs only :math:`W`), so
+      with LoRA the inputs of frozen projections are not kept. Each LoRA layer saves the input of
+      :math:`A` (shared between LoRA layers that read the same tensor, one copy per layer when dropout is
+      on, plus a 1-byte mask) and :math:`A`'s output (:math:`pbsr`) for :math:`B`'s gradient.
+      In the first block the input comes from a frozen embedding and requires no grad, so its first norm
+      saves nothing.
+    * The loss: the log-softmax output over the vocabulary is saved in fp32 (:math:`4bsV`: transformers
+      upcasts logits for the loss), which for small models is the largest single activation.
+    """
+
+    def __init__(self, arch: ArchInfo, plan: ParamPlan, b: int, s: int, p: int, full_head: bool) -> None:
+        self.arch, self.plan, self.b, self.s, self.p = arch, plan, b, s, p
+        self.T = b * s
+        self.train_leaves = plan.trainable_leaves
+        per_layer: dict[str, list[LoRAModule]] = {}
+        for m in plan.lora:
+            per_layer.setdefault(m.leaf, []).append(m)
+        # LoRA modules of one block, by leaf name (every block is adapted alike)
+        self.lora = {leaf: mods[0] for leaf, mods in per_layer.items()}
+        self.full_head = full_head
+
+    def _trains(self, leaf: str) -> bool:
+        return leaf in self.train_leaves
+
+    def _linear_inputs(self, leaves: list[str], width: int) -> tuple[int, bool]:
+        """Saved bytes for a group of linears reading one tensor of ``width``; and whether any output needs grad."""
+        T, p = self.T, self.p
+        saved = 0
+        shared_input = any(self._trains(leaf) for leaf in leaves)
+        rg = False
+        for leaf in leaves:
+            mod = self.lora.get(leaf)
+            if mod is None:
+                rg = rg or self._trains(leaf)
+                continue
+            rg = True
+            saved += T * mod.r * p  # A's output, saved by B
+            if mod.dropout:
+                saved += T * width * (p + 1)  # dropout output (saved by A) + bool mask
+            else:
+                shared_input = True
+        if shared_input:
+            saved += T * width * p
+        return saved, rg
+
+    def _rmsnorm(self, rg_in: bool, leaf: str) -> int:
+        T, h, p = self.T, self.arch.hidden, self.p
+        saved = 0
+        if rg_in:
+            saved += T * h * 4 + T * 4  # fp32 input + 1/rms
+        if self._trains(leaf):
+            saved += T * h * p  # normalised input, for the weight's gradient
+        return saved
+
+    def _grads_of_block(self) -> int:
+        """Gradient bytes of one block's trainable parameters (LoRA factors or all weights)."""
+        a = self.arch
+        return int(self.plan.trainable - self._head_and_embed_trainable()) // a.layers * self.p
+
+    def _head_and_embed_trainable(self) -> int:
+        a = self.arch
+        n = 0
+        if self.full_head:
+            n += a.vocab * a.hidden * (1 if a.tied else 2) + a.hidden  # embeddings, head, final norm
+            if a.family == "gpt2":
+                n += a.hidden + a.positions * a.hidden  # final LayerNorm bias, position embeddings
+        return n
+
+    def llama_block(self, rg_in: bool) -> _Block:
+        a, T, p = self.arch, self.T, self.p
+        b, s = self.b, self.s
+        h, i = a.hidden, a.intermediate
+        q_dim, kv_dim = a.heads * a.head_dim, a.kv_heads * a.head_dim
+        saved = self._rmsnorm(rg_in, "input_layernorm")
+        norm_rg = rg_in or self._trains("input_layernorm")
+        lin, proj_rg = self._linear_inputs(["q_proj", "k_proj", "v_proj"], h)
+        saved += lin
+        attn_rg = norm_rg or proj_rg
+        if attn_rg:
+            saved += T * (2 * q_dim + 2 * kv_dim) * p  # q, k, v (after RoPE) and the output
+            if a.attn_impl == "eager":
+                # repeat_kv copies k and v to the full head count; softmax saved in fp32 plus its cast
+                saved += 2 * T * (q_dim - kv_dim) * p + b * a.heads * s * s * (4 + (p if p != 4 else 0))
+            else:
+                saved += b * a.heads * s * 4  # log-sum-exp (fp32)
+        o_saved, o_rg = self._linear_inputs(["o_proj"], q_dim)
+        if attn_rg and (
+            self._trains("o_proj") or ("o_proj" in self.lora and not self.lora["o_proj"].dropout)
+        ):
+            o_saved -= T * q_dim * p  # o_proj's input is the attention output, already counted
+        saved += o_saved
+        rg_mid = rg_in or attn_rg or o_rg
+        saved += self._rmsnorm(rg_mid, "post_attention_layernorm")
+        mlp_in_rg = rg_mid or self._trains("post_attention_layernorm")
+        lin, gu_rg = self._linear_inputs(["gate_proj", "up_proj"], h)
+        saved += lin
+        gate_rg = mlp_in_rg or self._trains("gate_proj") or "gate_proj" in self.lora
+        up_rg = mlp_in_rg or self._trains("up_proj") or "up_proj" in self.lora
+        if gate_rg:
+            saved += 2 * T * i * p  # SiLU's input (gate), and up (the product's gradient w.r.t. SiLU(gate))
+        if up_rg:
+            saved += T * i * p  # SiLU(gate), for the gradient w.r.t. up
+        lin, down_rg = self._linear_inputs(["down_proj"], i)
+        saved += lin
+        rg_out = rg_mid or gate_rg or up_rg or down_rg or gu_rg
+        # Backward of the MLP: once down_proj's backward is done (its saved input released), the product's
+        # gradient and the gradients w.r.t. SiLU(gate) and up are live at once, plus the residual gradients.
+        transient = 3 * T * i * p + 2 * T * h * p - lin
+        # Checkpointed forward: residual + normalised input, and in the MLP SiLU(gate), up, the product (or,
+        # inside a LoRA layer, its base output, update, scaled update and sum)
+        mlp_lora = any(leaf in self.lora for leaf in ("gate_proj", "up_proj", "down_proj"))
+        working = 2 * T * h * p + (4 if mlp_lora else 3) * T * i * p
+        input_saved = T * h * 4 if (rg_in and p == 4) else 0
+        early = h * i * p if self._trains("down_proj") else 0
+        return _Block(saved, transient, self._grads_of_block(), rg_out, working, input_saved, early)
+
+    def gpt2_block(self, rg_in: bool) -> _Block:
+        """GPT-2 block (LayerNorm, fused qkv ``c_attn``, GELU-tanh MLP; transformers' ``Conv1D`` layers)."""
+        a, T, p = self.arch, self.T, self.p
+        h, i = a.hidden, a.intermediate
+        saved = 0
+        ln1_rg = rg_in or self._trains("ln_1")
+        if ln1_rg:
+            saved += T * h * p + 2 * T * 4  # LayerNorm: input, mean and rstd (fp32)
+        lin, qkv_rg = self._linear_inputs(["c_attn"], h)
+        saved += lin
+        attn_rg = ln1_rg or qkv_rg
+        if attn_rg:
+            # the fused qkv output (k is a view of it), contiguous copies of q and v, the output, log-sum-exp
+            saved += 6 * T * h * p + self.b * a.heads * self.s * 4
+            if a.attn_impl == "eager":
+                saved += self.b * a.heads * self.s * self.s * 2 * p
+        c_proj = self.lora.get("c_proj")
+        if c_proj is not None:  # LoRA on both c_proj layers (attention: input is the attention output)
+            saved += 2 * T * c_proj.r * p + T * i * p
+            if c_proj.dropout:
+                saved += T * (h + i) * (p + 1)
+        if a.dropout > 0:
+            saved += 2 * T * h  # residual dropout masks (1 byte each, fused CUDA kernel)
+        rg_mid = rg_in or attn_rg or c_proj is not None or self._trains("c_proj")
+        ln2_rg = rg_mid or self._trains("ln_2")
+        if ln2_rg:
+            saved += T * h * p + 2 * T * 4
+        lin, fc_rg = self._linear_inputs(["c_fc"], h)
+        saved += lin
+        if ln2_rg or fc_rg:
+            saved += 4 * T * i * p  # gelu_new, a Python tanh formula: x, tanh(..), 0.5 x, 1 + tanh(..)
+            if self._trains("c_proj") and c_proj is None:
+                saved += T * i * p  # the MLP's c_proj input
+        transient = 3 * T * i * p + 2 * T * h * p
+        working = 2 * T * h * p + 4 * T * i * p
+        input_saved = T * h * p if ln1_rg else 0
+        early = h * i * p if self._trains("c_proj") else 0
+        return _Block(saved, transient, self._grads_of_block(), True, working, input_saved, early)
+
+    def block(self, rg_in: bool) -> _Block:
+        return self.gpt2_block(rg_in) if self.arch.family == "gpt2" else self.llama_block(rg_in)
+
+    def final(self, rg: bool) -> int:
+        """Saved by the final norm, the head and the loss (the fp32 log-softmax)."""
+        a, T, p = self.arch, self.T, self.p
+        saved = 0
+        if rg:  # final RMSNorm (fp32 input, 1/rms) or LayerNorm (input, mean, rstd)
+            saved += T * a.hidden * 4 + T * 4 if a.family == "llama" else T * a.hidden * p + 2 * T * 4
+        if self.full_head:
+            saved += T * a.hidden * p * (2 if a.family == "llama" else 1)  # normed input + head input
+        saved += T * a.vocab * 4 + T * 8  # log-softmax output (fp32) and the shifted labels
+        return saved
+
+
+def _weight_bytes(plan: ParamPlan, p: int, base_quantization: str | None) -> tuple[int, int]:
+    """(frozen, trainable) weight bytes.
+
+    4-bit: NF4 with double quantization stores 4 bits per weight plus 0.127 bits of quantization constants
+    (Dettmers et al. 2023, "QLoRA", arXiv:2305.14314, sec. 3: 32-bit block constants for blocks of 64 cost
+    0.5 bit/param; quantizing them to 8 bit in blocks of 256 brings that to 8/64 + 32/(64*256) = 0.127).
+    8-bit: LLM.int8() stores one byte per weight (Dettmers et al. 2022, arXiv:2208.07339, sec. 3); its row
+    scales are negligible. Only the Linear weights inside the blocks are quantized (bitsandbytes keeps the
+    embeddings, norms and the output head in the compute dtype).
+    """
+    frozen = plan.frozen * p
+    if base_quantization is not None:
+        q = _QUANT[base_quantization]
+        frozen = int(plan.frozen_linear * q) + (plan.frozen - plan.frozen_linear) * p
+    return frozen, plan.trainable * p
+
+
+def estimate_memory(
+    model_or_config: Any,
+    lora: LoRAConfig | None = None,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    dtype: torch.dtype | str = "float32",
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = False,
+    base_quantization: str | None = None,
+) -> MemoryEstimate:
+    """Predict the peak memory of one training step of a causal language model.
+
+    Args:
+        model_or_config: a transformers model (counted as it is when ``lora`` is None: with its adapters if
+            it has them, else full fine-tuning), a ``PretrainedConfig``, a known model name
+            (:func:`known_models`), or a hub id / local path (only its config is read).
+        lora: adapters to train; ``None``: full fine-tuning (or the model's own adapters).
+        batch_size, seq_len: sequences per step and tokens per sequence.
+        dtype: dtype of weights, activations and optimizer state (pure fp32/bf16/fp16 training).
+        optimizer: "adamw"/"adam" (two moments per trainable parameter; PyTorch's ``foreach`` step allocates
+            one temporary of the size of all trainable parameters) or "sgd" (no state).
+        gradient_checkpointing: keep only each block's input and recompute one block at a time in backward.
+        base_quantization: None, "8bit" or "4bit" (QLoRA: frozen Linear weights in NF4); requires ``lora``.
+
+    Returns:
+        a :class:`MemoryEstimate`; ``total`` is the steady-state peak (see the module docstring).
+    """
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    opt = str(optimizer).lower()
+    if opt not in _OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {list(_OPTIMIZERS)}")
+    if base_quantization not in (None, *_QUANT):
+        raise ValueError(
+            f"base_quantization={base_quantization!r} is not supported; use None, '8bit' or '4bit'"
+        )
+    torch_dtype = parse_dtype(dtype)
+    p = torch.tensor([], dtype=torch_dtype).element_size()
+    config, model = resolve_config(model_or_config)
+    arch = ArchInfo.from_config(config)
+    plan = param_plan(config, model, lora)
+    if base_quantization is not None and not plan.lora:
+        raise ValueError(
+            f"base_quantization={base_quantization!r} needs LoRA (a quantized base cannot be fully fine-tuned); "
+            "pass lora=LoRAConfig(...)"
+        )
+    b, s = batch_size, seq_len
+    T = b * s
+    full_head = plan.trainable > 0 and bool({"lm_head", "embed_tokens", "wte"} & plan.trainable_leaves)
+    acts = _Activations(arch, plan, b, s, p, full_head)
+
+    frozen_w, trainable_w = _weight_bytes(plan, p, base_quantization)
+    grads = plan.trainable * p
+    opt_states = 2 * plan.trainable * p if opt in ("adamw", "adam") else 0
+    opt_temp = (
+        plan.trainable * p if opt in ("adamw", "adam") else 0
+    )  # foreach: sqrt(v) for all params at once
+    overhead = 2 * T * 8 + 2 * s * arch.head_dim * p  # input ids + labels (int64), RoPE cos/sin
+    if base_quantization is not None:
+        # each quantized layer is dequantized to the compute dtype for its matmul, one layer at a time
+        largest = max(arch.intermediate * arch.hidden, 3 * arch.hidden * arch.hidden)
+        overhead += largest * p
+    resident = frozen_w + trainable_w + opt_states + overhead
+
+    # ---- forward: saved activations accumulate block by block --------------------------------------
+    rg = full_head or gradient_checkpointing  # embeddings train, or transformers makes inputs require grad
+    blocks: list[_Block] = []
+    for _ in range(arch.layers):
+        blk = acts.block(rg)
+        blocks.append(blk)
+        rg = blk.rg_out
+    final_saved = acts.final(rg)
+    # checkpointing keeps each block's input only
+    kept = [T * arch.hidden * p if gradient_checkpointing else blk.saved for blk in blocks]
+    activations = sum(kept) + final_saved
+    # at the loss: the logits in the model's dtype, their fp32 copy (transformers upcasts for the loss)
+    logits_transient = T * arch.vocab * p + (T * arch.vocab * 4 if p != 4 else 0)
+    fwd_peak = resident + activations + logits_transient
+    if gradient_checkpointing:  # inside the last block's forward, with every block input kept
+        fwd_peak = max(fwd_peak, resident + sum(kept) + max(blk.working for blk in blocks))
+
+    # ---- backward: activations are released block by block while gradients appear ------------------
+    head_grads = grads - sum(blk.grads for blk in blocks)
+    # start: nll-loss gradient and log-softmax input gradient (fp32) next to everything saved
+    bwd_points = [resident + activations + 2 * T * arch.vocab * 4]
+    # head: the logits' gradient in the model dtype (and its fp32 source) plus the head's weight gradient
+    bwd_points.append(
+        resident
+        + activations
+        - T * arch.vocab * 4
+        + T * arch.vocab * (p + (4 if p != 4 else 0))
+        + (arch.vocab * arch.hidden * p if full_head else 0)
+    )
+    live_grads = head_grads
+    for idx in range(arch.layers - 1, -1, -1):
+        blk = blocks[idx]
+        below = sum(kept[:idx])
+        # checkpointing: the block is recomputed from its kept input (which RMSNorm saves itself in fp32)
+        current = blk.saved if not gradient_checkpointing else blk.saved + kept[idx] - blk.input_saved
+        # the MLP's backward (the block's own gradients not yet all there), then the block's end
+        bwd_points.append(resident + below + current + live_grads + blk.early_grads + blk.transient)
+        live_grads += blk.grads
+        bwd_points.append(resident + below + live_grads + 2 * T * arch.hidden * p)
+    if full_head:  # the embedding's dense gradient (accumulated into the tied head's when tied)
+        bwd_points.append(resident + live_grads + arch.vocab * arch.hidden * p * (1 if arch.tied else 0))
+    bwd_peak = max(bwd_points)
+
+    # ---- optimizer step: all gradients, both moments and the foreach temporary ---------------------
+    opt_peak = resident + grads + opt_temp
+
+    phases: dict[str, int] = {"forward": fwd_peak, "backward": bwd_peak, "optimizer": opt_peak}
+    peak_phase: Phase = "forward"
+    for name in ("backward", "optimizer"):
+        if phases[name] > phases[peak_phase]:
+            peak_phase = name  # type: ignore[assignment]
+    total = phases[peak_phase]
+    weights_opt = {
+        "frozen weights": frozen_w,
+        "trainable weights": trainable_w,
+        "optimizer states": opt_states,
+        "overhead": overhead,
+    }
+    if peak_phase == "optimizer":
+        at_peak = {**weights_opt, "gradients": grads, "activations": 0, "temporaries": opt_temp}
+    elif peak_phase == "forward":
+        at_peak = {**weights_opt, "gradients": 0, "activations": activations}
+        at_peak["temporaries"] = total - sum(at_peak.values())
+    else:
+        at_peak = {**weights_opt, "gradients": min(grads, max(0, bwd_peak - resident - activations))}
+        rest = total - sum(at_peak.values())
+        at_peak["activations"] = min(activations, rest)
+        at_peak["temporaries"] = rest - at_peak["activations"]
+    notes = []
+    if arch.family == "llama" and arch.model_type not in ("llama", "mistral", "qwen2", "qwen3", "smollm3"):
+        notes.append(f"model_type {arch.model_type!r} estimated with the Llama-style block formula")
+    return MemoryEstimate(
+        frozen_weights=frozen_w,
+        trainable_weights=trainable_w,
+        gradients=grads,
+        optimizer_states=opt_states,
+        activations=activations,
+        overhead=overhead,
+        total=total,
+        peak_phase=peak_phase,
+        phases=phases,
+        at_peak=at_peak,
+        trainable_params=plan.trainable,
+        total_params=plan.total,
+        batch_size=b,
+        seq_len=s,
+        dtype=_dtype_name(torch_dtype),
+        naive_total=frozen_w + trainable_w + grads + opt_states + activations + overhead,
+        notes=tuple(notes),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryMeasurement:
+    """Measured peak of the training steps run by :func:`measure_memory`, in bytes.
+
+    ``phase_peaks`` holds the peak within each phase (forward, backward, optimizer) of the last step;
+    ``resident_bytes`` what was allocated before the first step (weights, batch); ``method`` how it was
+    measured ("cuda.max_memory_allocated" or "dispatch-tracker").
+    """
+
+    peak_bytes: int
+    phase_peaks: dict[str, int]
+    method: str
+    resident_bytes: int = 0
+    steps: int = 2
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase whose peak is the highest."""
+        return max(self.phase_peaks, key=lambda k: self.phase_peaks[k])
+
+
+class LiveBytesTracker(TorchDispatchMode):
+    """Exact live-bytes accounting of every tensor storage created under it, on any device.
+
+    Every ATen operator call passes through ``__torch_dispatch__`` (forward, autograd's backward and the
+    optimizer's ``foreach`` kernels alike). An output whose storage is neither one of the operator's inputs
+    (views and in-place results share their input's storage) nor already tracked is a new allocation of
+    ``storage.nbytes()``; a weak reference to the storage (``StorageWeakRef``) tells when it is freed: expired
+    references are swept before each new allocation is counted, so ``peak`` is the true maximum of live
+    bytes at operator granularity. Memory that a kernel allocates internally and frees before returning
+    (e.g. a CPU matmul's packing buffers) is not seen: those buffers are device-specific, and the estimate
+    models the tensors a step creates, which are the same on every device.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._weakref = StorageWeakRef
+        self._live: dict[int, tuple[Any, int]] = {}
+        self.current = 0
+        self.peak = 0
+        self.phase = "forward"
+        self.phase_peaks: dict[str, int] = {}
+
+    def _sweep(self) -> None:
+        dead = [ptr for ptr, (ref, _) in self._live.items() if ref.expired()]
+        for ptr in dead:
+            self.current -= self._live.pop(ptr)[1]
+
+    def reset_phase_peaks(self) -> None:
+        """Start a new step: phase peaks are recomputed from the current live bytes."""
+        self._sweep()
+        self.phase_peaks = {}
+
+    def set_phase(self, phase: str) -> None:
+        """Label the allocations that follow (forward / backward / optimizer)."""
+        self._sweep()
+        self.phase = phase
+        self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), self.current)
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        flat_in, _ = tree_flatten((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in flat_in if isinstance(t, torch.Tensor)}
+        flat_out, _ = tree_flatten(out)
+        self._sweep()
+        for t in flat_out:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or ptr in inputs or ptr in self._live:
+                continue
+            self._live[ptr] = (self._weakref(storage), nbytes)
+            self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
+        return out
+
+
+def _storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def _build_model(model_or_config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A private copy of the model to train (the caller's model is never modified)."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(model_or_config, nn.Module):
+        return copy.deepcopy(model_or_config).to(device=device, dtype=dtype)
+    config, _ = resolve_config(model_or_config)
+    with torch.device(device):
+        model: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(dtype)
+
+
+def measure_memory(
+    model: Any,
+    lora: LoRAConfig | None = None,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    dtype: torch.dtype | str = "float32",
+    gradient_checkpointing: bool = False,
+    device: torch.device | str | None = None,
+    steps: int = 2,
+) -> MemoryMeasurement:
+    """Run ``steps`` real training steps (AdamW, foreach) on a copy of ``model`` and measure their peak.
+
+    ``model`` may be a torch model (deep-copied: the original is untouched), a config or a known model name
+    (a randomly initialised model is built: memory does not depend on the weights' values).
+
+    Method:
+        * CUDA: ``torch.cuda.max_memory_allocated`` (reset before the first step; per phase by resetting the
+          peak counter at each phase boundary of the last step), i.e. what an out-of-memory error sees.
+        * CPU (or any other device): :class:`LiveBytesTracker`, an exact account of every tensor storage
+          allocated and freed during the steps (weights, batch, activations, gradients, optimizer state and
+          temporaries), at operator granularity. Peak RSS would include the allocator's caching and the
+          interpreter; the tracker counts exactly what a GPU's ``max_memory_allocated`` counts, minus
+          kernel-internal workspaces.
+
+    The steady-state step (step 2, when AdamW's moments already exist) is the run's peak, as in
+    :func:`estimate_memory`.
+    """
+    torch_dtype = parse_dtype(dtype)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got steps={steps!r}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    net: Any = _build_model(model, torch_dtype, dev)  # a transformers causal LM
+    if lora is not None:
+        apply_lora(net, lora)
+    if gradient_checkpointing:
+        enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    net.train()
+    vocab = int(net.config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(dev)  # [b, s]
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+
+    def phase_step(mark: Callable[[str], None]) -> None:
+        mark("forward")
+        loss = net(input_ids=batch, labels=batch).loss  # the output (and its logits) is dropped here
+        mark("backward")
+        loss.backward()
+        del loss
+        mark("optimizer")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        resident = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        for _ in range(steps - 1):
+            phase_step(lambda _name: None)
+        torch.cuda.synchronize(dev)
+        overall = torch.cuda.max_memory_allocated(dev)
+        phase_peaks: dict[str, int] = {}
+        current = ["forward"]
+
+        def mark(name: str) -> None:
+            torch.cuda.synchronize(dev)
+            if name != "forward":
+                phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            current[0] = name
+
+        phase_step(mark)
+        torch.cuda.synchronize(dev)
+        phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
+        peak = max(overall, *phase_peaks.values())
+        return MemoryMeasurement(peak, phase_peaks, "cuda.max_memory_allocated", resident, steps)
+
+    resident = _storage_bytes(iter([*net.parameters(), *net.buffers(), batch]))
+    tracker = LiveBytesTracker()
+    with tracker:
+        for _ in range(steps):
+            tracker.reset_phase_peaks()
+            phase_step(tracker.set_phase)
+        tracker.set_phase("done")
+    peaks = {k: v + resident for k, v in tracker.phase_peaks.items() if k != "done"}
+    return MemoryMeasurement(tracker.peak + resident, peaks, "dispatch-tracker", resident, steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Advice
+# ----------------------------------------------------------------------------------------------
+
+
+def suggest_fit(
+    model_or_config: Any,
+    lora: LoRAConfig | None,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype | str,
+    available_bytes: int,
+    gradient_checkpointing: bool = False,
+    cuda: bool = True,
+) -> list[str]:
+    """Concrete changes that would make the step fit in ``available_bytes`` (empty if it already fits).
+
+    Tried in order of how little they change the run: the largest batch size that fits (same everything
+    else), gradient checkpointing (with the largest batch size that then fits), a smaller LoRA rank, a
+    shorter sequence length, LoRA instead of full fine-tuning, a 4-bit base. Each suggestion states the
+    predicted peak. ``cuda`` adds the CUDA context and fragmentation allowance (see
+    :meth:`MemoryEstimate.required_bytes`).
+    """
+    if isinstance(available_bytes, bool) or not isinstance(available_bytes, int) or available_bytes <= 0:
+        raise ValueError(f"available_bytes must be a positive integer, got {available_bytes!r}")
+
+    def est(**changes: Any) -> MemoryEstimate:
+        kwargs: dict[str, Any] = {
+            "lora": lora,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "dtype": dtype,
+            "gradient_checkpointing": gradient_checkpointing,
+        }
+        kwargs.update(changes)
+        return estimate_memory(model_or_config, **kwargs)
+
+    def need(e: MemoryEstimate) -> int:
+        return e.required_bytes(cuda)
+
+    current = est()
+    if need(current) <= available_bytes:
+        return []
+    avail = format_bytes(available_bytes)
+    out: list[str] = []
+
+    def largest_batch(**changes: Any) -> tuple[int, MemoryEstimate] | None:
+        lo, hi = 0, batch_size - 1 if not changes else batch_size
+        best: tuple[int, MemoryEstimate] | None = None
+        while lo < hi:  # binary search on the (monotone) estimate
+            mid = (lo + hi + 1) // 2
+            e = est(batch_size=mid, **changes)
+            if need(e) <= available_bytes:
+                lo, best = mid, (mid, e)
+            else:
+                hi = mid - 1
+        return best
+
+    fit = largest_batch()
+    if fit is not None:
+        b, e = fit
+        accum = math.ceil(batch_size / b)
+        out.append(
+            f"batch_size={b} fits (peak {format_bytes(e.total)} of {avail}); use grad_accum_steps={accum} "
+            f"to keep an effective batch of ~{b * accum}"
+        )
+    if not gradient_checkpointing:
+        e = est(gradient_checkpointing=True)
+        if need(e) <= available_bytes:
+            out.append(
+                f"turn on gradient_checkpointing=True (peak {format_bytes(e.total)} at batch_size={batch_size})"
+            )
+        else:
+            fit = largest_batch(gradient_checkpointing=True)
+            if fit is not None:
+                out.append(
+                    f"gradient_checkpointing=True with batch_size={fit[0]} fits (peak {format_bytes(fit[1].total)})"
+                )
+    if lora is not None and lora.r > 1:
+        for r in (r for r in (64, 32, 16, 8, 4, 2, 1) if r < lora.r):
+            e = est(lora=LoRAConfig(**{**lora.to_dict(), "r": r, "target_modules": lora.target_modules}))
+            if need(e) <= available_bytes:
+                out.append(f"a smaller rank r={r} fits (peak {format_bytes(e.total)})")
+                break
+    for s in (s for s in (4096, 2048, 1024, 512, 256, 128, 64) if s < seq_len):
+        e = est(seq_len=s)
+        if need(e) <= available_bytes:
+            out.append(f"seq_len={s} fits (peak {format_bytes(e.total)})")
+            break
+    if lora is None:
+        e = est(lora=LoRAConfig(r=16))
+        if need(e) <= available_bytes:
+            out.append(f"LoRA (r=16) instead of full fine-tuning fits (peak {format_bytes(e.total)})")
+    if not out:
+        out.append(
+            f"nothing simple fits in {avail}: even batch_size=1 needs {format_bytes(need(est(batch_size=1)))}; "
+            "use a smaller model, a 4-bit base (QLoRA) or a device with more memory"
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    """Whether a planned run fits on its device, with the estimate and what to change if not."""
+
+    fits: bool
+    estimate: MemoryEstimate
+    available_bytes: int
+    suggestions: list[str]
+    device: str = "cpu"
+
+    @property
+    def available(self) -> int:
+        """Alias of ``available_bytes``."""
+        return self.available_bytes
+
+    def message(self) -> str:
+        """One paragraph for a UI: fits / does not fit, the breakdown and the suggestions."""
+        head = (
+            f"Predicted peak {format_bytes(self.estimate.total)} ({self.estimate.peak_phase}) vs "
+            f"{format_bytes(self.available_bytes)} available on {self.device}: "
+            + ("fits." if self.fits else "will NOT fit.")
+        )
+        if self.fits:
+            return head
+        return head + "\n" + "\n".join(f"- {s}" for s in self.suggestions)
+
+
+def available_memory(device: torch.device | str | None = None) -> int:
+    """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on a GPU, available RAM (psutil) on a CPU."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free)
+    if dev.type == "mps":
+        total = int(torch.mps.recommended_max_memory())
+        return total - int(torch.mps.current_allocated_memory())
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def preflight(
+    model: Any,
+    lora: LoRAConfig | None = None,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    dtype: torch.dtype | str = "float32",
+    device: torch.device | str | None = None,
+    gradient_checkpointing: bool = False,
+    available_bytes: int | None = None,
+) -> PreflightResult:
+    """Compare the estimate with the device's free memory before a run; suggest changes if it won't fit.
+
+    On a GPU, memory the model already occupies counts as used (``mem_get_info`` reports what is free now),
+    so the estimate's weights are added back when the model already lives on that device.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    estimate = estimate_memory(
+        model, lora, batch_size, seq_len, dtype, gradient_checkpointing=gradient_checkpointing
+    )
+    cuda = dev.type == "cuda"
+    if available_bytes is None:
+        available_bytes = available_memory(dev)
+        if isinstance(model, nn.Module):
+            on_device = [p for p in model.parameters() if p.device.type == dev.type]
+            available_bytes += _storage_bytes(iter(on_device))
+        if cuda:
+            available_bytes += CUDA_CONTEXT_BYTES  # the context already exists in this process
+    fits = estimate.required_bytes(cuda) <= available_bytes
+    suggestions = (
+        []
+        if fits
+        else suggest_fit(
+            model, lora, batch_size, seq_len, dtype, available_bytes, gradient_checkpointing, cuda=cuda
+        )
+    )
+    return PreflightResult(fits, estimate, int(available_bytes), suggestions, str(dev))
