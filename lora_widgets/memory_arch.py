@@ -195,7 +195,9 @@ def _plan_of(model: nn.Module) -> ParamPlan:
     get_head: Any = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     adapters = lora_layers(model)
-    adapter_params = {id(p) for layer in adapters.values() for p in layer.parameters()}
+    adapter_params = {
+        id(p) for layer in adapters.values() for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters())
+    }
     seen: set[int] = set()
     total = trainable = frozen_linear = largest = 0
     leaves: set[str] = set()

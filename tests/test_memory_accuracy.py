@@ -1,0 +1,109 @@
+"""The estimator against measurement: a grid of training steps on small Llama models (CPU).
+
+Each row builds a small ``LlamaForCausalLM`` from a config, runs two real AdamW steps under the
+dispatch-level tracker (:func:`lora_widgets.memory.measure_memory`) and compares the peak with
+:func:`lora_widgets.memory.estimate_memory`. ``benchmarks/bench_memory.py`` prints the same grid as a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from transformers import LlamaConfig
+
+from lora_widgets.lora import LoRAConfig
+from lora_widgets.memory import estimate_memory, measure_memory
+
+
+def small_llama(hidden: int, layers: int, vocab: int, tied: bool = False) -> LlamaConfig:
+    """A Llama config with GQA (kv heads = heads / 2) and SwiGLU width ~8/3 hidden."""
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=(hidden * 8 // 3 + 7) // 8 * 8,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+    )
+
+
+MODELS = {
+    "llama-0.7M": small_llama(128, 2, 2048),  # logits-heavy: vocab large next to hidden
+    "llama-2.4M": small_llama(256, 4, 1024),
+    "llama-6M": small_llama(384, 4, 4096, tied=True),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    lora: LoRAConfig | None
+    batch_size: int
+    seq_len: int
+    dtype: str
+    checkpointing: bool = False
+
+    @property
+    def label(self) -> str:
+        method = "full" if self.lora is None else f"LoRA r={self.lora.r}"
+        if self.lora is not None and self.lora.target_modules == "all-linear":
+            method += " all-linear"
+        if self.lora is not None and self.lora.dropout:
+            method += f" drop={self.lora.dropout}"
+        gc = " +GC" if self.checkpointing else ""
+        return f"{self.model} {method} b={self.batch_size} s={self.seq_len} {self.dtype}{gc}"
+
+
+QV = None  # the architecture's default targets: q_proj and v_proj
+GRID = [
+    Case("llama-0.7M", None, 4, 64, "float32"),
+    Case("llama-0.7M", LoRAConfig(r=8), 4, 64, "float32"),
+    Case("llama-0.7M", LoRAConfig(r=8), 16, 32, "bfloat16"),
+    Case("llama-0.7M", None, 8, 128, "bfloat16"),
+    Case("llama-2.4M", None, 8, 128, "float32"),
+    Case("llama-2.4M", None, 8, 128, "float32", checkpointing=True),
+    Case("llama-2.4M", LoRAConfig(r=4), 8, 128, "float32"),
+    Case("llama-2.4M", LoRAConfig(r=16, target_modules="all-linear"), 8, 128, "float32"),
+    Case("llama-2.4M", LoRAConfig(r=16, target_modules="all-linear"), 8, 128, "float32", checkpointing=True),
+    Case("llama-2.4M", LoRAConfig(r=64, target_modules="all-linear"), 2, 256, "bfloat16"),
+    Case("llama-2.4M", LoRAConfig(r=8, dropout=0.1), 8, 128, "bfloat16"),
+    Case("llama-6M", None, 2, 64, "float32"),
+    Case("llama-6M", None, 4, 128, "bfloat16", checkpointing=True),
+    Case("llama-6M", LoRAConfig(r=16), 8, 128, "bfloat16"),
+    Case("llama-6M", LoRAConfig(r=16), 8, 128, "bfloat16", checkpointing=True),
+    Case("llama-6M", LoRAConfig(r=32, target_modules="all-linear"), 4, 256, "float32"),
+]
+
+
+def run_case(case: Case) -> tuple[int, int, int]:
+    """(estimated peak, measured peak, naive textbook sum) in bytes."""
+    config = MODELS[case.model]
+    kwargs = {
+        "lora": case.lora,
+        "batch_size": case.batch_size,
+        "seq_len": case.seq_len,
+        "dtype": case.dtype,
+        "gradient_checkpointing": case.checkpointing,
+    }
+    est = estimate_memory(config, **kwargs)  # type: ignore[arg-type]
+    meas = measure_memory(config, **kwargs)  # type: ignore[arg-type]
+    return est.total, meas.peak_bytes, est.naive_total
+
+
+def test_grid_covers_the_required_axes() -> None:
+    assert len(GRID) >= 12
+    assert {c.dtype for c in GRID} == {"float32", "bfloat16"}
+    assert {c.checkpointing for c in GRID} == {True, False}
+    assert any(c.lora is None for c in GRID) and any(c.lora is not None for c in GRID)
+    assert len({c.lora.r for c in GRID if c.lora}) >= 3
+    assert len({c.batch_size for c in GRID}) >= 3 and len({c.seq_len for c in GRID}) >= 3
+
+
+@pytest.mark.parametrize("case", GRID, ids=[c.label for c in GRID])
+def test_estimate_within_10_percent_of_measurement(case: Case) -> None:
+    estimated, measured, _naive = run_case(case)
+    error = (estimated - measured) / measured
+    assert abs(error) < 0.10, f"{case.label}: estimate {estimated:,} vs measured {measured:,} ({error:+.1%})"
