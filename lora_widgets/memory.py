@@ -117,7 +117,8 @@ class MemoryEstimate:
     The parts (``frozen_weights`` ... ``overhead``) are the full sizes of each kind of tensor; ``total`` is the
     predicted **peak**, the maximum over ``phases``, which is smaller than the sum of the parts.
     ``at_peak`` splits ``total`` into what is resident at that moment (it sums to ``total``), which is what
-    the planner's stacked bar shows. ``naive_total`` is the textbook sum, kept for comparison.
+    the planner's stacked bar shows; ``phase_breakdown`` does the same for the worst moment of each phase.
+    ``naive_total`` is the textbook sum, kept for comparison.
     """
 
     frozen_weights: int
@@ -136,6 +137,7 @@ class MemoryEstimate:
     seq_len: int
     dtype: str
     naive_total: int
+    phase_breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -189,6 +191,7 @@ class MemoryEstimate:
             "seq_len": self.seq_len,
             "dtype": self.dtype,
             "naive_total": self.naive_total,
+            "phase_breakdown": {k: dict(v) for k, v in self.phase_breakdown.items()},
             "notes": list(self.notes),
         }
 
@@ -481,7 +484,6 @@ def estimate_memory(
         # each quantized layer is dequantized to the compute dtype for its matmul, one layer at a time
         largest = max(arch.intermediate * arch.hidden, 3 * arch.hidden * arch.hidden)
         overhead += largest * p
-    resident = frozen_w + trainable_w + opt_states + overhead
 
     # ---- forward: saved activations accumulate block by block --------------------------------------
     rg = full_head or gradient_checkpointing  # embeddings train, or transformers makes inputs require grad
@@ -496,22 +498,24 @@ def estimate_memory(
     activations = sum(kept) + final_saved
     # at the loss: the logits in the model's dtype, their fp32 copy (transformers upcasts for the loss)
     logits_transient = T * arch.vocab * p + (T * arch.vocab * 4 if p != 4 else 0)
-    fwd_peak = resident + activations + logits_transient
+    # Each candidate moment is (activations live, gradients live, temporaries live), on top of `resident`.
+    fwd_points = [(activations, 0, logits_transient)]
     if gradient_checkpointing:  # inside the last block's forward, with every block input kept
-        fwd_peak = max(fwd_peak, resident + sum(kept) + max(blk.working for blk in blocks))
+        fwd_points.append((sum(kept), 0, max(blk.working for blk in blocks)))
 
     # ---- backward: activations are released block by block while gradients appear ------------------
     head_grads = grads - sum(blk.grads for blk in blocks)
-    # start: nll-loss gradient and log-softmax input gradient (fp32) next to everything saved
-    bwd_points = [resident + activations + 2 * T * arch.vocab * 4]
-    # head: the logits' gradient in the model dtype (and its fp32 source) plus the head's weight gradient
-    bwd_points.append(
-        resident
-        + activations
-        - T * arch.vocab * 4
-        + T * arch.vocab * (p + (4 if p != 4 else 0))
-        + (arch.vocab * arch.hidden * p if full_head else 0)
-    )
+    V = arch.vocab
+    bwd_points = [
+        # start: nll-loss gradient and log-softmax input gradient (fp32) next to everything saved
+        (activations, 0, 2 * T * V * 4),
+        # head: the logits' gradient in the model dtype (and its fp32 source), the head's weight gradient
+        (
+            activations - T * V * 4,
+            V * arch.hidden * p if full_head else 0,
+            T * V * (p + (4 if p != 4 else 0)),
+        ),
+    ]
     live_grads = head_grads
     for idx in range(arch.layers - 1, -1, -1):
         blk = blocks[idx]
@@ -519,38 +523,31 @@ def estimate_memory(
         # checkpointing: the block is recomputed from its kept input (which RMSNorm saves itself in fp32)
         current = blk.saved if not gradient_checkpointing else blk.saved + kept[idx] - blk.input_saved
         # the MLP's backward (the block's own gradients not yet all there), then the block's end
-        bwd_points.append(resident + below + current + live_grads + blk.early_grads + blk.transient)
+        bwd_points.append((below + current, live_grads + blk.early_grads, blk.transient))
         live_grads += blk.grads
-        bwd_points.append(resident + below + live_grads + 2 * T * arch.hidden * p)
+        bwd_points.append((below, live_grads, 2 * T * arch.hidden * p))
     if full_head:  # the embedding's dense gradient (accumulated into the tied head's when tied)
-        bwd_points.append(resident + live_grads + arch.vocab * arch.hidden * p * (1 if arch.tied else 0))
-    bwd_peak = max(bwd_points)
+        bwd_points.append((0, live_grads, V * arch.hidden * p * (1 if arch.tied else 0)))
 
     # ---- optimizer step: all gradients, both moments and the foreach temporary ---------------------
-    opt_peak = resident + grads + opt_temp
+    opt_points = [(0, grads, opt_temp)]
 
-    phases: dict[str, int] = {"forward": fwd_peak, "backward": bwd_peak, "optimizer": opt_peak}
-    peak_phase: Phase = "forward"
-    for name in ("backward", "optimizer"):
-        if phases[name] > phases[peak_phase]:
-            peak_phase = name  # type: ignore[assignment]
-    total = phases[peak_phase]
-    weights_opt = {
+    base_parts = {
         "frozen weights": frozen_w,
         "trainable weights": trainable_w,
         "optimizer states": opt_states,
         "overhead": overhead,
     }
-    if peak_phase == "optimizer":
-        at_peak = {**weights_opt, "gradients": grads, "activations": 0, "temporaries": opt_temp}
-    elif peak_phase == "forward":
-        at_peak = {**weights_opt, "gradients": 0, "activations": activations}
-        at_peak["temporaries"] = total - sum(at_peak.values())
-    else:
-        at_peak = {**weights_opt, "gradients": min(grads, max(0, bwd_peak - resident - activations))}
-        rest = total - sum(at_peak.values())
-        at_peak["activations"] = min(activations, rest)
-        at_peak["temporaries"] = rest - at_peak["activations"]
+    breakdown: dict[str, dict[str, int]] = {}
+    for name, points in (("forward", fwd_points), ("backward", bwd_points), ("optimizer", opt_points)):
+        act, grad, temp = max(points, key=sum)
+        breakdown[name] = {**base_parts, "gradients": grad, "activations": act, "temporaries": temp}
+    phases = {name: sum(parts.values()) for name, parts in breakdown.items()}
+    peak_phase: Phase = "forward"
+    for name in ("backward", "optimizer"):
+        if phases[name] > phases[peak_phase]:
+            peak_phase = name  # type: ignore[assignment]
+    total = phases[peak_phase]
     notes = []
     if arch.family == "llama" and arch.model_type not in ("llama", "mistral", "qwen2", "qwen3", "smollm3"):
         notes.append(f"model_type {arch.model_type!r} estimated with the Llama-style block formula")
@@ -564,7 +561,8 @@ def estimate_memory(
         total=total,
         peak_phase=peak_phase,
         phases=phases,
-        at_peak=at_peak,
+        at_peak=breakdown[peak_phase],
+        phase_breakdown=breakdown,
         trainable_params=plan.trainable,
         total_params=plan.total,
         batch_size=b,

@@ -138,6 +138,7 @@ def _check_consistent(est: MemoryEstimate) -> None:
     assert est.total == max(est.phases.values()) == est.phases[est.peak_phase]
     assert sum(est.at_peak.values()) == est.total
     assert all(v >= 0 for v in est.at_peak.values())
+    assert {k: sum(v.values()) for k, v in est.phase_breakdown.items()} == est.phases
     assert est.naive_total == (
         est.frozen_weights
         + est.trainable_weights
