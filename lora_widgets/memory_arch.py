@@ -10,6 +10,7 @@ number a real run reports.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -265,5 +266,17 @@ def param_plan(config: Any, model: nn.Module | None, lora: LoRAConfig | None) ->
             "or remove_lora(model) first to estimate a different LoRA configuration"
         )
     config_json = config.to_json_string(use_diff=False)
-    lora_key = None if lora is None else json.dumps(lora.to_dict(), sort_keys=True)
-    return _meta_plan(config_json, str(config.model_type), lora_key)
+    if lora is None:
+        return _meta_plan(config_json, str(config.model_type), None)
+    # LoRA parameters are linear in r (r * (in + out) per adapted layer): count once at r = 1 (cached) and
+    # scale, so a rank slider or a search over ranks instantiates the meta model once per architecture.
+    unit = {**lora.to_dict(), "r": 1}
+    plan = _meta_plan(config_json, str(config.model_type), json.dumps(unit, sort_keys=True))
+    r = lora.r
+    return dataclasses.replace(
+        plan,
+        total=plan.total + (r - 1) * plan.trainable,
+        trainable=r * plan.trainable,
+        largest_trainable=r * plan.largest_trainable,
+        lora=tuple(dataclasses.replace(m, r=r) for m in plan.lora),
+    )
