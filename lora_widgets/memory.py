@@ -23,33 +23,34 @@ Which step
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from lora_widgets.lora import LoRAConfig, apply_lora
+from lora_widgets.lora import LoRAConfig
 from lora_widgets.memory_arch import (
     ArchInfo,
     LoRAModule,
     ParamPlan,
     known_models,
     param_plan,
+    parse_dtype,
     resolve_config,
 )
+from lora_widgets.memory_measure import LiveBytesTracker, MemoryMeasurement, measure_memory, storage_bytes
 
 __all__ = [
     "GPUS",
+    "LiveBytesTracker",
     "MemoryEstimate",
     "MemoryMeasurement",
     "PreflightResult",
+    "available_memory",
     "estimate_memory",
+    "format_bytes",
     "known_models",
     "measure_memory",
     "parse_dtype",
@@ -59,16 +60,6 @@ __all__ = [
 
 Phase = Literal["forward", "backward", "optimizer"]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 _OPTIMIZERS = ("adamw", "adam", "sgd")
 _QUANT = {"8bit": 1.0, "4bit": 0.5 + 0.127 / 8}  # bytes per quantized weight (see _weight_bytes)
 
@@ -86,19 +77,6 @@ GPUS: dict[str, int] = {
 #: plus the caching allocator's fragmentation; added before comparing an estimate with a GPU's capacity.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 FRAGMENTATION = 0.05
-
-
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A floating torch dtype from a dtype or its name ("float32", "bf16", "float16", ...)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-        raise ValueError(f"dtype={dtype} is not supported; use one of {sorted(set(_DTYPES))}")
-    if isinstance(dtype, str):
-        key = dtype.lower().removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise ValueError(f"dtype={dtype!r} is not a supported dtype; valid names: {sorted(_DTYPES)}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -574,207 +552,6 @@ def estimate_memory(
 
 
 # ----------------------------------------------------------------------------------------------
-# Measurement
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryMeasurement:
-    """Measured peak of the training steps run by :func:`measure_memory`, in bytes.
-
-    ``phase_peaks`` holds the peak within each phase (forward, backward, optimizer) of the last step;
-    ``resident_bytes`` what was allocated before the first step (weights, batch); ``method`` how it was
-    measured ("cuda.max_memory_allocated" or "dispatch-tracker").
-    """
-
-    peak_bytes: int
-    phase_peaks: dict[str, int]
-    method: str
-    resident_bytes: int = 0
-    steps: int = 2
-
-    @property
-    def peak_phase(self) -> str:
-        """The phase whose peak is the highest."""
-        return max(self.phase_peaks, key=lambda k: self.phase_peaks[k])
-
-
-class LiveBytesTracker(TorchDispatchMode):
-    """Exact live-bytes accounting of every tensor storage created under it, on any device.
-
-    Every ATen operator call passes through ``__torch_dispatch__`` (forward, autograd's backward and the
-    optimizer's ``foreach`` kernels alike). An output whose storage is neither one of the operator's inputs
-    (views and in-place results share their input's storage) nor already tracked is a new allocation of
-    ``storage.nbytes()``; a weak reference to the storage (``StorageWeakRef``) tells when it is freed: expired
-    references are swept before each new allocation is counted, so ``peak`` is the true maximum of live
-    bytes at operator granularity. Memory that a kernel allocates internally and frees before returning
-    (e.g. a CPU matmul's packing buffers) is not seen: those buffers are device-specific, and the estimate
-    models the tensors a step creates, which are the same on every device.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        self._weakref = StorageWeakRef
-        self._live: dict[int, tuple[Any, int]] = {}
-        self.current = 0
-        self.peak = 0
-        self.phase = "forward"
-        self.phase_peaks: dict[str, int] = {}
-
-    def _sweep(self) -> None:
-        dead = [ptr for ptr, (ref, _) in self._live.items() if ref.expired()]
-        for ptr in dead:
-            self.current -= self._live.pop(ptr)[1]
-
-    def reset_phase_peaks(self) -> None:
-        """Start a new step: phase peaks are recomputed from the current live bytes."""
-        self._sweep()
-        self.phase_peaks = {}
-
-    def set_phase(self, phase: str) -> None:
-        """Label the allocations that follow (forward / backward / optimizer)."""
-        self._sweep()
-        self.phase = phase
-        self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), self.current)
-
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        flat_in, _ = tree_flatten((args, kwargs))
-        inputs = {t.untyped_storage().data_ptr() for t in flat_in if isinstance(t, torch.Tensor)}
-        flat_out, _ = tree_flatten(out)
-        self._sweep()
-        for t in flat_out:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            storage = t.untyped_storage()
-            ptr, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or ptr in inputs or ptr in self._live:
-                continue
-            self._live[ptr] = (self._weakref(storage), nbytes)
-            self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
-        return out
-
-
-def _storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
-def _build_model(model_or_config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A private copy of the model to train (the caller's model is never modified)."""
-    from transformers import AutoModelForCausalLM
-
-    if isinstance(model_or_config, nn.Module):
-        return copy.deepcopy(model_or_config).to(device=device, dtype=dtype)
-    config, _ = resolve_config(model_or_config)
-    with torch.device(device):
-        model: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.to(dtype)
-
-
-def measure_memory(
-    model: Any,
-    lora: LoRAConfig | None = None,
-    batch_size: int = 8,
-    seq_len: int = 128,
-    dtype: torch.dtype | str = "float32",
-    gradient_checkpointing: bool = False,
-    device: torch.device | str | None = None,
-    steps: int = 2,
-) -> MemoryMeasurement:
-    """Run ``steps`` real training steps (AdamW, foreach) on a copy of ``model`` and measure their peak.
-
-    ``model`` may be a torch model (deep-copied: the original is untouched), a config or a known model name
-    (a randomly initialised model is built: memory does not depend on the weights' values).
-
-    Method:
-        * CUDA: ``torch.cuda.max_memory_allocated`` (reset before the first step; per phase by resetting the
-          peak counter at each phase boundary of the last step), i.e. what an out-of-memory error sees.
-        * CPU (or any other device): :class:`LiveBytesTracker`, an exact account of every tensor storage
-          allocated and freed during the steps (weights, batch, activations, gradients, optimizer state and
-          temporaries), at operator granularity. Peak RSS would include the allocator's caching and the
-          interpreter; the tracker counts exactly what a GPU's ``max_memory_allocated`` counts, minus
-          kernel-internal workspaces.
-
-    The steady-state step (step 2, when AdamW's moments already exist) is the run's peak, as in
-    :func:`estimate_memory`.
-    """
-    torch_dtype = parse_dtype(dtype)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got steps={steps!r}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    net: Any = _build_model(model, torch_dtype, dev)  # a transformers causal LM
-    if lora is not None:
-        apply_lora(net, lora)
-    if gradient_checkpointing:
-        enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-    net.train()
-    vocab = int(net.config.vocab_size)
-    g = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(dev)  # [b, s]
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
-
-    def phase_step(mark: Callable[[str], None]) -> None:
-        mark("forward")
-        loss = net(input_ids=batch, labels=batch).loss  # the output (and its logits) is dropped here
-        mark("backward")
-        loss.backward()
-        del loss
-        mark("optimizer")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        resident = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        for _ in range(steps - 1):
-            phase_step(lambda _name: None)
-        torch.cuda.synchronize(dev)
-        overall = torch.cuda.max_memory_allocated(dev)
-        phase_peaks: dict[str, int] = {}
-        current = ["forward"]
-
-        def mark(name: str) -> None:
-            torch.cuda.synchronize(dev)
-            if name != "forward":
-                phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            current[0] = name
-
-        phase_step(mark)
-        torch.cuda.synchronize(dev)
-        phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
-        peak = max(overall, *phase_peaks.values())
-        return MemoryMeasurement(peak, phase_peaks, "cuda.max_memory_allocated", resident, steps)
-
-    resident = _storage_bytes(iter([*net.parameters(), *net.buffers(), batch]))
-    tracker = LiveBytesTracker()
-    with tracker:
-        for _ in range(steps):
-            tracker.reset_phase_peaks()
-            phase_step(tracker.set_phase)
-        tracker.set_phase("done")
-    peaks = {k: v + resident for k, v in tracker.phase_peaks.items() if k != "done"}
-    return MemoryMeasurement(tracker.peak + resident, peaks, "dispatch-tracker", resident, steps)
-
-
-# ----------------------------------------------------------------------------------------------
 # Advice
 # ----------------------------------------------------------------------------------------------
 
@@ -940,7 +717,7 @@ def preflight(
         available_bytes = available_memory(dev)
         if isinstance(model, nn.Module):
             on_device = [p for p in model.parameters() if p.device.type == dev.type]
-            available_bytes += _storage_bytes(iter(on_device))
+            available_bytes += storage_bytes(iter(on_device))
         if cuda:
             available_bytes += CUDA_CONTEXT_BYTES  # the context already exists in this process
     fits = estimate.required_bytes(cuda) <= available_bytes

@@ -28,10 +28,35 @@ __all__ = [
     "known_model_config",
     "known_models",
     "param_plan",
+    "parse_dtype",
     "resolve_config",
 ]
 
 ARCHITECTURES_PATH = Path(__file__).parent / "assets" / "architectures.json"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from a dtype or its name ("float32", "bf16", "float16", ...)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+        raise ValueError(f"dtype={dtype} is not supported; use one of {sorted(set(_DTYPES))}")
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ValueError(f"dtype={dtype!r} is not a supported dtype; valid names: {sorted(_DTYPES)}")
 
 
 @functools.lru_cache(maxsize=1)
