@@ -31,9 +31,9 @@ def small_llama(hidden: int, layers: int, vocab: int, tied: bool = False) -> Lla
 
 
 MODELS = {
-    "llama-0.7M": small_llama(128, 2, 2048),  # logits-heavy: vocab large next to hidden
-    "llama-2.4M": small_llama(256, 4, 1024),
-    "llama-6M": small_llama(384, 4, 4096, tied=True),
+    "llama-0.9M": small_llama(128, 2, 2048),  # logits-heavy: vocab large next to hidden
+    "llama-3.4M": small_llama(256, 4, 1024),
+    "llama-8.1M": small_llama(384, 4, 4096, tied=True),
 }
 
 
@@ -59,22 +59,22 @@ class Case:
 
 QV = None  # the architecture's default targets: q_proj and v_proj
 GRID = [
-    Case("llama-0.7M", None, 4, 64, "float32"),
-    Case("llama-0.7M", LoRAConfig(r=8), 4, 64, "float32"),
-    Case("llama-0.7M", LoRAConfig(r=8), 16, 32, "bfloat16"),
-    Case("llama-0.7M", None, 8, 128, "bfloat16"),
-    Case("llama-2.4M", None, 8, 128, "float32"),
-    Case("llama-2.4M", None, 8, 128, "float32", checkpointing=True),
-    Case("llama-2.4M", LoRAConfig(r=4), 8, 128, "float32"),
-    Case("llama-2.4M", LoRAConfig(r=16, target_modules="all-linear"), 8, 128, "float32"),
-    Case("llama-2.4M", LoRAConfig(r=16, target_modules="all-linear"), 8, 128, "float32", checkpointing=True),
-    Case("llama-2.4M", LoRAConfig(r=64, target_modules="all-linear"), 2, 256, "bfloat16"),
-    Case("llama-2.4M", LoRAConfig(r=8, dropout=0.1), 8, 128, "bfloat16"),
-    Case("llama-6M", None, 2, 64, "float32"),
-    Case("llama-6M", None, 4, 128, "bfloat16", checkpointing=True),
-    Case("llama-6M", LoRAConfig(r=16), 8, 128, "bfloat16"),
-    Case("llama-6M", LoRAConfig(r=16), 8, 128, "bfloat16", checkpointing=True),
-    Case("llama-6M", LoRAConfig(r=32, target_modules="all-linear"), 4, 256, "float32"),
+    Case("llama-0.9M", None, 4, 64, "float32"),
+    Case("llama-0.9M", LoRAConfig(r=8), 4, 64, "float32"),
+    Case("llama-0.9M", LoRAConfig(r=8), 16, 32, "bfloat16"),
+    Case("llama-0.9M", None, 8, 128, "bfloat16"),
+    Case("llama-3.4M", None, 8, 128, "float32"),
+    Case("llama-3.4M", None, 8, 128, "float32", checkpointing=True),
+    Case("llama-3.4M", LoRAConfig(r=4), 8, 128, "float32"),
+    Case("llama-3.4M", LoRAConfig(r=16, target_modules="all-linear"), 8, 128, "float32"),
+    Case("llama-3.4M", LoRAConfig(r=16, target_modules="all-linear"), 8, 128, "float32", checkpointing=True),
+    Case("llama-3.4M", LoRAConfig(r=64, target_modules="all-linear"), 2, 256, "bfloat16"),
+    Case("llama-3.4M", LoRAConfig(r=8, dropout=0.1), 8, 128, "bfloat16"),
+    Case("llama-8.1M", None, 2, 64, "float32"),
+    Case("llama-8.1M", None, 4, 128, "bfloat16", checkpointing=True),
+    Case("llama-8.1M", LoRAConfig(r=16), 8, 128, "bfloat16"),
+    Case("llama-8.1M", LoRAConfig(r=16), 8, 128, "bfloat16", checkpointing=True),
+    Case("llama-8.1M", LoRAConfig(r=32, target_modules="all-linear"), 4, 256, "float32"),
 ]
 
 
