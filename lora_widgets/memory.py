@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lora_widgets.lora import LoRAConfig
+from lora_widgets.lora import LoRAConfig, has_lora
 from lora_widgets.memory_arch import (
     ArchInfo,
     LoRAModule,
@@ -40,7 +40,13 @@ from lora_widgets.memory_arch import (
     parse_dtype,
     resolve_config,
 )
-from lora_widgets.memory_measure import LiveBytesTracker, MemoryMeasurement, measure_memory, storage_bytes
+from lora_widgets.memory_measure import (
+    LiveBytesTracker,
+    MemoryMeasurement,
+    measure_memory,
+    resolve_device,
+    storage_bytes,
+)
 
 __all__ = [
     "GPUS",
@@ -576,6 +582,7 @@ def suggest_fit(
     """
     if isinstance(available_bytes, bool) or not isinstance(available_bytes, int) or available_bytes <= 0:
         raise ValueError(f"available_bytes must be a positive integer, got {available_bytes!r}")
+    model_or_config = _for_estimate(model_or_config, lora)
 
     def est(**changes: Any) -> MemoryEstimate:
         kwargs: dict[str, Any] = {
@@ -679,9 +686,17 @@ class PreflightResult:
         return head + "\n" + "\n".join(f"- {s}" for s in self.suggestions)
 
 
+def _for_estimate(model: Any, lora: LoRAConfig | None) -> Any:
+    """A model that already carries the adapters ``lora`` describes is estimated from its config + ``lora``
+    (the trainer applies LoRA before it runs; its OOM handler passes that model)."""
+    if isinstance(model, nn.Module) and lora is not None and has_lora(model):
+        return getattr(model, "config", model)
+    return model
+
+
 def available_memory(device: torch.device | str | None = None) -> int:
     """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on a GPU, available RAM (psutil) on a CPU."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = resolve_device(device)
     if dev.type == "cuda":
         free, _total = torch.cuda.mem_get_info(dev)
         return int(free)
@@ -708,9 +723,14 @@ def preflight(
     On a GPU, memory the model already occupies counts as used (``mem_get_info`` reports what is free now),
     so the estimate's weights are added back when the model already lives on that device.
     """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = resolve_device(device)
     estimate = estimate_memory(
-        model, lora, batch_size, seq_len, dtype, gradient_checkpointing=gradient_checkpointing
+        _for_estimate(model, lora),
+        lora,
+        batch_size,
+        seq_len,
+        dtype,
+        gradient_checkpointing=gradient_checkpointing,
     )
     cuda = dev.type == "cuda"
     if available_bytes is None:

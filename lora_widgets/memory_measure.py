@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from lora_widgets.lora import LoRAConfig, apply_lora
 from lora_widgets.memory_arch import parse_dtype, resolve_config
 
-__all__ = ["LiveBytesTracker", "MemoryMeasurement", "measure_memory", "storage_bytes"]
+__all__ = ["LiveBytesTracker", "MemoryMeasurement", "measure_memory", "resolve_device", "storage_bytes"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,24 @@ class LiveBytesTracker(TorchDispatchMode):
         return out
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None``/"cpu" -> CPU; "auto" -> the first GPU if there is one (CUDA, then MPS), else the CPU."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str) and device.lower() == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', 'auto' or None"
+        ) from exc
+
+
 def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views and tied weights counted once)."""
     seen: dict[int, int] = {}
@@ -127,7 +145,7 @@ def _build_model(model_or_config: Any, dtype: torch.dtype, device: torch.device)
         return copy.deepcopy(model_or_config).to(device=device, dtype=dtype)
     config, _ = resolve_config(model_or_config)
     with torch.device(device):
-        model: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model: nn.Module = AutoModelForCausalLM.from_config(config)
     return model.to(dtype)
 
 
@@ -161,7 +179,11 @@ def measure_memory(
     torch_dtype = parse_dtype(dtype)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got steps={steps!r}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    if cuda:  # only what this measurement allocates counts (not the caller's own tensors on the GPU)
+        torch.cuda.synchronize(dev)
+        baseline = torch.cuda.memory_allocated(dev)
     net: Any = _build_model(model, torch_dtype, dev)  # a transformers causal LM
     if lora is not None:
         apply_lora(net, lora)
@@ -185,9 +207,9 @@ def measure_memory(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if dev.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(dev)
-        resident = torch.cuda.memory_allocated(dev)
+        resident = torch.cuda.memory_allocated(dev) - baseline
         torch.cuda.reset_peak_memory_stats(dev)
         for _ in range(steps - 1):
             phase_step(lambda _name: None)
@@ -206,7 +228,8 @@ def measure_memory(
         phase_step(mark)
         torch.cuda.synchronize(dev)
         phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
-        peak = max(overall, *phase_peaks.values())
+        phase_peaks = {k: v - baseline for k, v in phase_peaks.items()}
+        peak = max(overall - baseline, *phase_peaks.values())
         return MemoryMeasurement(peak, phase_peaks, "cuda.max_memory_allocated", resident, steps)
 
     resident = storage_bytes(iter([*net.parameters(), *net.buffers(), batch]))

@@ -314,3 +314,24 @@ def test_tracker_agrees_with_the_cpu_allocator() -> None:
         peak = max(peak, running)
     assert peak > 64 * 256 * 4  # the region did allocate
     assert tracker.peak == peak
+
+
+def test_advice_for_a_model_that_already_carries_the_adapters() -> None:
+    """The trainer applies LoRA first; its OOM handler and the dashboard pass that model with its config."""
+    lora = LoRAConfig(r=4)
+    model = tiny_llama()
+    fresh = estimate_memory(model, lora, batch_size=64, seq_len=128)
+    apply_lora(model, lora)
+    result = preflight(
+        model, lora, batch_size=64, seq_len=128, device="cpu", available_bytes=fresh.total // 2
+    )
+    assert result.estimate.total == fresh.total
+    assert not result.fits and result.suggestions[0].startswith("batch_size=")
+    assert suggest_fit(model, lora, 64, 128, "fp32", fresh.total // 2, cuda=False) == result.suggestions
+
+
+def test_device_auto_and_bad_devices() -> None:
+    result = preflight("GPT-2", LoRAConfig(r=2), batch_size=1, seq_len=16, device="auto")
+    assert result.device.split(":")[0] in ("cpu", "cuda", "mps") and result.available_bytes > 0
+    with pytest.raises(ValueError, match="device='gpu0'"):
+        preflight("GPT-2", device="gpu0")
