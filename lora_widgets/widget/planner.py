@@ -155,9 +155,9 @@ class MemoryPlanner(anywidget.AnyWidget):
                 Axis(scale=self._scale_y, side="left", label="GiB", tick_format=".1f"),
             ],
             title="",
-            legend_location="top-left",
+            legend_location="top-right",
             fig_margin={"top": 50, "bottom": 50, "left": 60, "right": 20},
-            layout=ipywidgets.Layout(width="100%", height="360px"),
+            layout=ipywidgets.Layout(width="100%", height="420px"),
         )
         self.widget = ipywidgets.VBox([self, self.figure])
         self._ready = True
@@ -261,6 +261,8 @@ class MemoryPlanner(anywidget.AnyWidget):
         data = np.array([[col[c] / GiB for col in columns] for c in COMPONENTS])  # [components, bars]
         with self._bars.hold_sync():
             self._bars.y = data
+        # headroom above the tallest bar keeps the legend (top right) off the bars
+        self._scale_y.max = float(data.sum(axis=0).max()) * 1.9 or 1.0
         self.figure.title = (
             f"{self.model_name}: peak {est.total / GiB:.2f} GiB in {est.peak_phase} "
             f"(textbook sum {est.naive_total / GiB:.2f} GiB)"
