@@ -1,0 +1,1034 @@
+"""``LoRADashboard``: controls, Train/Pause/Stop, progress, summary and live charts for a LoRA fine-tune.
+
+Data flow (one direction, one thread)::
+
+    controls (JS)  --traits-->  DashboardPanel  --start()-->  Trainer.run() as an asyncio task
+                                                                     |
+    charts, panel  <--flush (throttled, decimated)--  _on_event (records only)  <--events--+
+
+* The trainer runs as a task on the kernel's own asyncio loop (NOTES: cells keep executing and a Stop
+  click ends the task in well under a second), and every widget update is made from that loop's
+  thread: updates made from other threads never reach Colab (googlecolab/colabtools#3373).
+* The event handler only appends to in-memory series. A :class:`~lora_widgets.widget.throttle.Throttle`
+  pushes at most one update every ``flush_interval`` seconds (0.25 s: 4 per second) and each push sends
+  a decimated series (``max_points`` per line), so a 100,000-step run costs the browser what a
+  1,000-step run costs, and JupyterLab's iopub limit (1,000 messages/s) is never approached.
+* When a run ends, a static summary (metrics table + an SVG of the loss curve) replaces a placeholder
+  output shown beside the widget, so saved notebooks show results where widgets do not render.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import html
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anywidget
+import numpy as np
+import traitlets as t
+from ipywidgets import GridBox, Layout, VBox
+
+from lora_widgets.events import (
+    CheckpointSaved,
+    EvalMetrics,
+    RunEnded,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    RunStopped,
+    StateChanged,
+    StepMetrics,
+)
+from lora_widgets.lora import LoRAConfig, count_parameters, has_lora, remove_lora
+from lora_widgets.widget.charts import Charts, loss_curve_svg, set_xy
+from lora_widgets.widget.throttle import EMA, Series, Throttle, decimate_indices
+
+if TYPE_CHECKING:
+    from lora_widgets.trainer import TrainConfig, Trainer
+
+__all__ = ["DashboardPanel", "DashboardRun", "LoRADashboard", "validate_settings"]
+
+_STATIC = Path(__file__).parent / "static"
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ACTIVE_STATES = ("running", "paused")
+_TRAIN_FIELDS = ("learning_rate", "schedule", "warmup_steps", "batch_size", "grad_accum_steps", "epochs",
+                 "max_steps", "precision", "seed")  # fmt: skip
+
+
+class DashboardPanel(anywidget.AnyWidget):
+    """The anywidget half of the dashboard: controls, buttons, status, progress, summary and callouts.
+
+    Every control is a synced trait; the buttons send custom messages (``{"type": "train"}``, ``"pause"``,
+    ``"resume"``, ``"stop"``) that :class:`LoRADashboard` handles in Python.
+    """
+
+    _esm = _STATIC / "dashboard.js"
+    _css = _STATIC / "dashboard.css"
+
+    # LoRA
+    rank = t.Int(8, help="LoRA rank r (>= 1): the inner dimension of B·A.").tag(sync=True)
+    alpha = t.Float(16.0, help="LoRA alpha (> 0): the update is scaled by alpha / r.").tag(sync=True)
+    dropout = t.Float(0.0, help="Dropout on the LoRA branch's input, in [0, 1).").tag(sync=True)
+    target_modules = t.Unicode(
+        "",
+        help="Modules to adapt: empty for the architecture's default, 'all-linear', or a comma-separated "
+        "list of module-name suffixes such as 'q_proj,v_proj'.",
+    ).tag(sync=True)
+    target_choices = t.List(t.Unicode(), help="Suggestions offered for target_modules.").tag(sync=True)
+    # training
+    learning_rate = t.Float(3e-3, help="Peak learning rate (> 0).").tag(sync=True)
+    schedule = t.Unicode("cosine", help="Learning-rate schedule: constant, linear or cosine.").tag(sync=True)
+    warmup_steps = t.Int(0, help="Linear warm-up steps (>= 0, fewer than max_steps).").tag(sync=True)
+    batch_size = t.Int(8, help="Sequences per micro-batch (>= 1).").tag(sync=True)
+    grad_accum_steps = t.Int(1, help="Micro-batches accumulated per optimizer step (>= 1).").tag(sync=True)
+    epochs = t.Int(1, help="Passes over the training data when max_steps is 0.").tag(sync=True)
+    max_steps = t.Int(200, help="Optimizer steps; 0 means 'use epochs'.").tag(sync=True)
+    precision = t.Unicode("fp32", help="fp32, bf16 or fp16 (fp16 needs a GPU).").tag(sync=True)
+    seed = t.Int(0, help="Random seed of the run.").tag(sync=True)
+    # run
+    state = t.Unicode("idle", help="idle, running, paused, stopped, finished or failed.").tag(sync=True)
+    progress = t.Dict(help="step, total, elapsed, eta, tokens_per_s, epoch of the current run.").tag(
+        sync=True
+    )
+    summary = t.Dict(
+        help="device, trainable/total parameters and %, adapter size on disk, validation loss, perplexity."
+    ).tag(sync=True)
+    callouts = t.List(
+        t.Dict(), help="Messages: {kind: success|warning|danger|info, title, message, suggestions}."
+    ).tag(sync=True)
+    errors = t.Dict(help="Invalid settings, control name -> why; Train is disabled while any.").tag(sync=True)
+    log_scale = t.Bool(False, help="Show the loss chart on a logarithmic y axis.").tag(sync=True)
+    run_label = t.Unicode("", help="Configuration label of the current or last run.").tag(sync=True)
+
+    CONFIG_TRAITS: ClassVar[tuple[str, ...]] = (
+        "rank", "alpha", "dropout", "target_modules", "learning_rate", "schedule", "warmup_steps",
+        "batch_size", "grad_accum_steps", "epochs", "max_steps", "precision", "seed",
+    )  # fmt: skip
+
+
+def validate_settings(
+    values: dict[str, Any], device_type: str = "cpu", n_train_blocks: int | None = None
+) -> dict[str, str]:
+    """Check a set of control values before Train is pressed; return ``{control: message}`` for bad ones.
+
+    Catches what would otherwise fail (or silently misbehave) only after a run has started: a
+    non-positive alpha or learning rate, warm-up as long as the run, fp16 on a CPU, an effective batch
+    larger than the training data.
+    """
+    errors: dict[str, str] = {}
+    if values["rank"] < 1:
+        errors["rank"] = f"rank must be at least 1, got {values['rank']}"
+    if not values["alpha"] > 0:
+        errors["alpha"] = f"alpha must be > 0, got {values['alpha']}"
+    if not 0.0 <= values["dropout"] < 1.0:
+        errors["dropout"] = f"dropout must be in [0, 1), got {values['dropout']}"
+    lr = values["learning_rate"]
+    if not (lr > 0 and math.isfinite(lr)):
+        errors["learning_rate"] = f"learning rate must be > 0, got {lr}"
+    elif lr >= 1.0:
+        errors["learning_rate"] = f"learning rate {lr} is far too high for AdamW; try 1e-4 to 1e-2"
+    if values["schedule"] not in SCHEDULES:
+        errors["schedule"] = f"schedule must be one of {', '.join(SCHEDULES)}, got {values['schedule']!r}"
+    if values["batch_size"] < 1:
+        errors["batch_size"] = f"batch size must be at least 1, got {values['batch_size']}"
+    if values["grad_accum_steps"] < 1:
+        errors["grad_accum_steps"] = (
+            f"gradient accumulation must be at least 1, got {values['grad_accum_steps']}"
+        )
+    if values["max_steps"] < 0:
+        errors["max_steps"] = f"max steps must be >= 0 (0 = use epochs), got {values['max_steps']}"
+    if values["max_steps"] == 0 and values["epochs"] < 1:
+        errors["epochs"] = f"epochs must be at least 1 when max steps is 0, got {values['epochs']}"
+    if values["warmup_steps"] < 0:
+        errors["warmup_steps"] = f"warm-up must be >= 0, got {values['warmup_steps']}"
+    elif values["max_steps"] > 0 and values["warmup_steps"] >= values["max_steps"]:
+        errors["warmup_steps"] = (
+            f"warm-up ({values['warmup_steps']} steps) must be shorter than max steps ({values['max_steps']})"
+        )
+    if values["precision"] not in PRECISIONS:
+        errors["precision"] = f"precision must be one of {', '.join(PRECISIONS)}, got {values['precision']!r}"
+    elif values["precision"] == "fp16" and device_type == "cpu":
+        errors["precision"] = "fp16 needs a GPU; on a CPU use fp32 (or bf16)"
+    if (
+        n_train_blocks is not None
+        and "batch_size" not in errors
+        and "grad_accum_steps" not in errors
+        and values["batch_size"] * values["grad_accum_steps"] > n_train_blocks
+    ):
+        errors["batch_size"] = (
+            f"batch size x accumulation = {values['batch_size'] * values['grad_accum_steps']} sequences per step, "
+            f"but the training data has only {n_train_blocks} blocks; lower one of them"
+        )
+    return errors
+
+
+def _targets_to_text(targets: Any) -> str:
+    if targets is None:
+        return ""
+    if isinstance(targets, str):
+        return targets
+    return ",".join(str(x) for x in targets)
+
+
+def _targets_from_text(text: str) -> str | list[str] | None:
+    text = text.strip()
+    if not text or text == "default":
+        return None
+    if text == "all-linear":
+        return "all-linear"
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if len(parts) == 1 and any(c in parts[0] for c in "*()[]|\\^$+?"):
+        return parts[0]  # a regular expression, full-matched against module paths
+    return parts
+
+
+def run_label(index: int, lora: LoRAConfig, lr: float) -> str:
+    """A short legend label for a run: its number and the settings a sweep varies."""
+    targets = _targets_to_text(lora.target_modules) or "default"
+    return f"run {index}: r={lora.r} α={lora.alpha:g} lr={lr:g} [{targets}]"
+
+
+def _format_bytes(n: float | None) -> str:
+    if n is None or not math.isfinite(n):
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _dir_bytes(path: str | None) -> int | None:
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if not p.is_dir():
+        return None
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+@dataclass
+class _Record:
+    """What the event handler has recorded for one run (the flush reads it)."""
+
+    steps: Series = field(default_factory=lambda: Series("step", "loss", "smoothed", "lr", "tokens_per_s",
+                                                          "memory", "reserved", "gpu_util", "elapsed"))  # fmt: skip
+    evals: Series = field(default_factory=lambda: Series("step", "val_loss", "perplexity"))
+    ema: EMA = field(default_factory=lambda: EMA(0.9))
+    started: RunStarted | None = None
+    last_step: StepMetrics | None = None
+    last_eval: EvalMetrics | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    ended: RunEnded | None = None
+    sent_steps: int = -1
+    sent_evals: int = -1
+
+
+@dataclass
+class DashboardRun:
+    """One run started from a dashboard: its settings, trainer and outcome (``dash.runs``)."""
+
+    index: int
+    label: str
+    lora: LoRAConfig
+    train: Any  # TrainConfig
+    trainer: Any  # Trainer
+    result: RunEnded | None = None
+    record: _Record = field(default_factory=_Record, repr=False)
+
+    @property
+    def final_loss(self) -> float | None:
+        """Final training loss (None before the first step)."""
+        return self.result.final_loss if self.result else self.record.steps.last("loss")
+
+    @property
+    def best_val_loss(self) -> float | None:
+        """Best validation loss seen (None without evaluation)."""
+        if self.result is not None and self.result.best_val_loss is not None:
+            return self.result.best_val_loss
+        vals = self.record.evals["val_loss"]
+        return float(np.nanmin(vals)) if len(vals) else None
+
+
+def _enable_colab_widgets() -> None:
+    """In Colab, switch on third-party widget support (anywidget also does this; harmless twice)."""
+    try:
+        from google.colab import output
+    except ImportError:
+        return
+    with contextlib.suppress(Exception):  # pragma: no cover - only inside Colab
+        output.enable_custom_widget_manager()
+
+
+class LoRADashboard(VBox):
+    """Train a LoRA adapter live in a notebook: controls, Train/Pause/Stop, progress, summary, charts.
+
+    Args:
+        model: a ``transformers`` causal LM, a hub id or local path (loaded with
+            :func:`lora_widgets.demo.load_model`), or ``None`` for the shipped base model.
+        tokenizer: the model's tokenizer (required when ``model`` is a model object).
+        train_data: any source :func:`lora_widgets.data.prepare_data` accepts; ``None`` for the demo
+            corpus ("python-docs").
+        eval_data: validation source; ``None`` holds out ``train.val_fraction`` of ``train_data``.
+        lora: the starting :class:`~lora_widgets.lora.LoRAConfig` (the controls start from it).
+        train: the starting :class:`~lora_widgets.trainer.TrainConfig`; fields without a control
+            (eval_every, output_dir, block_size, ...) are kept for every run.
+
+    Display it (last line of a cell) to show it. ``start()``, ``stop()``, ``pause()``, ``resume()`` and
+    ``await wait()`` do from Python what the buttons do.
+    """
+
+    flush_interval: float = 0.25
+    """Seconds between two pushes to the browser (at most 4 per second)."""
+    max_points: int = 2000
+    """Points per chart line per push (min-max decimation keeps spikes)."""
+
+    def __init__(
+        self,
+        model: Any = None,
+        tokenizer: Any = None,
+        train_data: Any = None,
+        eval_data: Any = None,
+        lora: LoRAConfig | None = None,
+        train: TrainConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            valid = "model, tokenizer, train_data, eval_data, lora, train"
+            raise TypeError(
+                f"LoRADashboard() got unexpected keyword argument(s) {', '.join(sorted(kwargs))}; "
+                f"valid arguments are {valid} (LoRA settings go in lora=LoRAConfig(...), training "
+                "settings in train=TrainConfig(...))"
+            )
+        if lora is not None and not isinstance(lora, LoRAConfig):
+            raise TypeError(f"lora must be a LoRAConfig, got {type(lora).__name__}")
+        _enable_colab_widgets()
+        if train is None:
+            from lora_widgets.trainer import TrainConfig
+
+            train = TrainConfig()
+        missing = [f for f in _TRAIN_FIELDS if not hasattr(train, f)]
+        if missing or not dataclasses.is_dataclass(train):
+            raise TypeError(f"train must be a TrainConfig, got {type(train).__name__}")
+        lora = lora if lora is not None else LoRAConfig()
+
+        if model is None or isinstance(model, str | Path):
+            from lora_widgets import demo
+
+            if tokenizer is not None and model is not None:
+                raise TypeError("pass tokenizer only with a model object; a hub id or path loads its own")
+            model, tokenizer = demo.load_base_model() if model is None else demo.load_model(str(model))
+        elif tokenizer is None:
+            raise TypeError(
+                "tokenizer is required when model is a model object; pass tokenizer=..., "
+                "or pass the model's hub id / local path instead"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self._train_source = "python-docs" if train_data is None else train_data
+        self._eval_source = eval_data
+        self._lora0 = lora
+        self._train0: Any = train
+        self._device_type = self._guess_device_type(train)
+        self._data: Any = None  # DataSplit prepared once, reused by every run
+        self._n_train_blocks: int | None = None
+        self._prepare_data()
+
+        self.runs: list[DashboardRun] = []
+        self._task: asyncio.Task[RunEnded | None] | None = None
+        self._unsubscribe: Callable[[], Any] | None = None
+        self._throttle = Throttle(self.flush_interval)
+        self._flush_handle: Any = None
+        self._callouts: dict[str, dict[str, Any]] = {}
+        self._display_ids: tuple[str, str] | None = None
+        # test hooks: a fake clock / timer / trainer class can be swapped in
+        self._clock: Callable[[], float] = time.monotonic
+        self._call_later: Callable[[float, Callable[[], None]], Any] | None = None
+        self._trainer_factory: Callable[..., Any] | None = None
+
+        self.panel = DashboardPanel(**self._initial_controls(lora, train))
+        self.charts = Charts(gpu=self._device_type == "cuda")
+        self.panel.observe(self._on_controls, names=list(DashboardPanel.CONFIG_TRAITS))
+        self.panel.observe(self._on_log_scale, names=["log_scale"])
+        self.panel.on_msg(self._on_panel_msg)
+        grid = GridBox(
+            children=self.charts.figures,
+            layout=Layout(grid_template_columns="repeat(auto-fit, minmax(360px, 1fr))", width="100%"),
+        )
+        super().__init__(children=[self.panel, grid], layout=Layout(width="100%"))
+        self.add_class("lw-dashboard")
+        self._on_controls()
+        self._set_idle_summary()
+        self._set_callout("status", "info", "Ready", "Adjust the settings, then press Train.")
+        if self._device_type == "cpu":
+            self._set_callout(
+                "device",
+                "warning",
+                "Training on the CPU",
+                "No GPU was found, so this runs on the CPU: fine for the shipped ~1.5 M-parameter model "
+                "(a few thousand tokens/s, a 200-step run in well under a minute), but a hub model of "
+                "100 M+ parameters would be roughly 100x slower per step. On Colab pick a GPU runtime "
+                "(Runtime > Change runtime type).",
+            )
+        self._publish_callouts()
+
+    # ------------------------------------------------------------------ set-up helpers
+    @staticmethod
+    def _guess_device_type(train: Any) -> str:
+        pref = str(getattr(train, "device", "auto") or "auto")
+        try:
+            from lora_widgets.devices import select_device
+
+            return select_device(pref).type
+        except Exception:
+            import torch
+
+            if pref == "auto":
+                return "cuda" if torch.cuda.is_available() else "cpu"
+            return pref.split(":")[0]
+
+    def _prepare_data(self) -> None:
+        """Tokenise and split the data once (every run reuses it), so 'batch too large' can be flagged."""
+        try:
+            from lora_widgets.data import as_blocks, prepare_data, split_blocks
+        except ImportError:  # pragma: no cover - data.py missing: let the trainer handle sources
+            return
+        import torch
+
+        block = int(getattr(self._train0, "block_size", 128))
+        val_fraction = float(getattr(self._train0, "val_fraction", 0.1))
+        seed = int(getattr(self._train0, "seed", 0))
+        source, eval_source = self._train_source, self._eval_source
+        if eval_source is not None:
+            train_blocks = as_blocks(source, self.tokenizer, block)
+            eval_blocks: Any = as_blocks(eval_source, self.tokenizer, block)
+        elif isinstance(source, torch.Tensor):
+            train_blocks, eval_blocks = split_blocks(
+                as_blocks(source, self.tokenizer, block), val_fraction, seed
+            )
+        else:
+            split = prepare_data(
+                source, self.tokenizer, block_size=block, val_fraction=val_fraction, seed=seed
+            )
+            train_blocks, eval_blocks = split.train, split.val
+        if eval_blocks is not None and int(eval_blocks.shape[0]) == 0:
+            eval_blocks = None
+        self._data = (train_blocks, eval_blocks)
+        self._n_train_blocks = int(train_blocks.shape[0])
+
+    @staticmethod
+    def _initial_controls(lora: LoRAConfig, train: Any) -> dict[str, Any]:
+        max_steps = getattr(train, "max_steps", None)
+        return {
+            "rank": int(lora.r),
+            "alpha": float(lora.alpha),
+            "dropout": float(lora.dropout),
+            "target_modules": _targets_to_text(lora.target_modules),
+            "target_choices": ["", "q_proj,v_proj", "q_proj,k_proj,v_proj,o_proj", "all-linear"],
+            "learning_rate": float(train.learning_rate),
+            "schedule": str(train.schedule),
+            "warmup_steps": int(train.warmup_steps),
+            "batch_size": int(train.batch_size),
+            "grad_accum_steps": int(train.grad_accum_steps),
+            "epochs": int(train.epochs),
+            "max_steps": 0 if max_steps is None else int(max_steps),
+            "precision": str(train.precision),
+            "seed": int(train.seed),
+        }
+
+    def _control_values(self) -> dict[str, Any]:
+        return {name: getattr(self.panel, name) for name in DashboardPanel.CONFIG_TRAITS}
+
+    def current_configs(self) -> tuple[LoRAConfig, Any]:
+        """The ``(LoRAConfig, TrainConfig)`` the next run would use, from the controls' values."""
+        v = self._control_values()
+        targets_text = v["target_modules"]
+        targets: Any = (
+            self._lora0.target_modules
+            if targets_text == _targets_to_text(self._lora0.target_modules)
+            else _targets_from_text(targets_text)
+        )
+        lora = dataclasses.replace(
+            self._lora0, r=v["rank"], alpha=v["alpha"], dropout=v["dropout"], target_modules=targets
+        )
+        train = dataclasses.replace(
+            self._train0,
+            learning_rate=v["learning_rate"],
+            schedule=v["schedule"],
+            warmup_steps=v["warmup_steps"],
+            batch_size=v["batch_size"],
+            grad_accum_steps=v["grad_accum_steps"],
+            epochs=v["epochs"],
+            max_steps=v["max_steps"] or None,
+            precision=v["precision"],
+            seed=v["seed"],
+        )
+        return lora, train
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def trainer(self) -> Trainer | None:
+        """The current (or last) run's :class:`~lora_widgets.trainer.Trainer`; None before the first run."""
+        return self.runs[-1].trainer if self.runs else None
+
+    @property
+    def history(self) -> Any:
+        """The current (or last) run's metrics (``trainer.history``); None before the first run."""
+        trainer = self.trainer
+        return None if trainer is None else trainer.history
+
+    @property
+    def state(self) -> str:
+        """The status line's word: idle, running, paused, stopped, finished or failed."""
+        return str(self.panel.state)
+
+    @property
+    def running(self) -> bool:
+        """True while a run's task has not finished (running or paused)."""
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> asyncio.Task[RunEnded | None]:
+        """Start a run with the controls' settings as a task on the running asyncio loop; return the task.
+
+        Raises ``RuntimeError`` when a run is already in progress (a double click never starts two runs)
+        or when no asyncio loop is running (use it from a notebook, or ``await dash.run()`` in a
+        script), and ``ValueError`` naming every invalid setting.
+        """
+        if self.running:
+            raise RuntimeError(
+                "a run is already in progress; stop it (dash.stop()) or await dash.wait() first"
+            )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "start() needs a running asyncio loop, as in a Jupyter kernel; in a plain script use "
+                "asyncio.run(dash.run()) or the headless Trainer.run_sync()"
+            ) from None
+        if self.panel.errors:
+            problems = "; ".join(f"{k}: {v}" for k, v in self.panel.errors.items())
+            raise ValueError(f"invalid settings, fix them before training: {problems}")
+        lora, train = self.current_configs()
+        index = len(self.runs) + 1
+        self._archive_previous_run()
+        try:
+            if self.runs and has_lora(self.model):
+                remove_lora(self.model)  # the previous adapter is already saved in its run_dir
+            self._preflight(lora, train)
+            trainer = self._make_trainer(lora, train)
+        except Exception as exc:
+            self._show_failure(type(exc).__name__, str(exc), [], title="Could not start the run")
+            self.panel.state = "failed"
+            raise
+        run = DashboardRun(index=index, label=run_label(index, lora, train.learning_rate), lora=lora,
+                           train=train, trainer=trainer)  # fmt: skip
+        self.runs.append(run)
+        self._throttle = Throttle(self.flush_interval)
+        self.charts.clear_current()
+        self.charts.label_current(run.label)
+        self.panel.run_label = run.label
+        self._preview_schedule(trainer, train)
+        self._unsubscribe = trainer.subscribe(self._on_event)
+        summary = {
+            k: v for k, v in self.panel.summary.items() if k in ("device", "device_name", "train_blocks")
+        }
+        with self.panel.hold_sync():
+            self.panel.summary = summary
+            self.panel.state = "running"
+            self.panel.progress = {"step": 0, "total": int(getattr(trainer, "total_steps", 0) or 0)}
+            self._set_callout("status", "info", "Starting", "Preparing the run…")
+            self._publish_callouts()
+        self._task = loop.create_task(self._run(run))
+        return self._task
+
+    async def wait(self) -> RunEnded | None:
+        """Wait for the current run to end; return its terminal event (None if nothing was started).
+
+        Also (re)writes the static summary from the awaiting cell, so headless executors (nbval,
+        ``nbconvert --execute``) record it.
+        """
+        if self._task is None:
+            return None
+        result = await asyncio.shield(self._task)
+        self._write_static_summary()
+        return result
+
+    async def run(self) -> RunEnded | None:
+        """``start()`` then ``wait()``: convenient in scripts (``asyncio.run(dash.run())``)."""
+        self.start()
+        return await self.wait()
+
+    def stop(self) -> None:
+        """Ask the run to stop after the current optimizer step (the adapter is saved)."""
+        if self.running and self.trainer is not None:
+            self.trainer.stop()
+
+    def pause(self) -> None:
+        """Hold the run between two optimizer steps."""
+        if self.running and self.trainer is not None:
+            self.trainer.pause()
+
+    def resume(self) -> None:
+        """Continue a paused run."""
+        if self.running and self.trainer is not None:
+            self.trainer.resume()
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write the last run's adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        trainer = self.trainer
+        if trainer is not None:
+            out = trainer.save_adapter(path)
+            return Path(out) if out is not None else Path(path)
+        if has_lora(self.model):
+            from lora_widgets.lora import save_adapter
+
+            return save_adapter(self.model, path)
+        raise ValueError("nothing to save yet: start a run first (dash.start() or the Train button)")
+
+    # ------------------------------------------------------------------ run plumbing
+    def _make_trainer(self, lora: LoRAConfig, train: Any) -> Any:
+        factory = self._trainer_factory
+        if factory is None:
+            from lora_widgets.trainer import Trainer
+
+            factory = Trainer
+        if self._data is not None:
+            train_data, eval_data = self._data
+        else:
+            train_data, eval_data = self._train_source, self._eval_source
+        return factory(self.model, self.tokenizer, train_data, eval_data, lora=lora, config=train)
+
+    def _preflight(self, lora: LoRAConfig, train: Any) -> None:
+        """Compare the memory estimate with the device's free memory; warn (the user may still start)."""
+        self._callouts.pop("preflight", None)
+        try:
+            from lora_widgets.memory import preflight
+
+            dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[train.precision]
+            result = preflight(
+                self.model,
+                lora,
+                batch_size=train.batch_size,
+                seq_len=int(getattr(train, "block_size", 128)),
+                dtype=dtype,
+                device=self._device_type,
+                gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
+            )
+        except Exception:  # the estimate is advice; never block a run on it
+            return
+        if not result.fits:
+            self._set_callout(
+                "preflight",
+                "warning",
+                "This run may not fit in memory",
+                result.message(),
+                list(result.suggestions),
+            )
+
+    def _preview_schedule(self, trainer: Any, train: Any) -> None:
+        lrs: Any = None
+        if trainer is not None and hasattr(trainer, "lr_schedule"):
+            try:
+                lrs = np.asarray(trainer.lr_schedule(), dtype=np.float64)
+            except Exception:
+                lrs = None
+        if lrs is None:
+            lrs = self._schedule_from_controls(train)
+        if lrs is None or len(lrs) == 0:
+            return
+        steps = np.arange(1, len(lrs) + 1)
+        idx = decimate_indices(lrs, self.max_points)
+        self.charts.set_schedule(steps[idx], lrs[idx])
+
+    def _schedule_from_controls(self, train: Any) -> np.ndarray | None:
+        total = train.max_steps
+        if not total and self._n_train_blocks:
+            per_step = train.batch_size * train.grad_accum_steps
+            total = max(1, self._n_train_blocks // max(1, per_step)) * train.epochs
+        if not total:
+            return None
+        try:
+            from lora_widgets.schedules import lr_schedule
+
+            return lr_schedule(
+                int(total), float(train.learning_rate), int(train.warmup_steps), str(train.schedule)
+            )
+        except (ImportError, ValueError):
+            return None
+
+    async def _run(self, run: DashboardRun) -> RunEnded | None:
+        try:
+            await run.trainer.run()
+        except Exception as exc:  # the trainer should publish RunFailed itself; this is the backstop
+            if run.record.ended is None:
+                run.record.ended = RunFailed(
+                    step=int(run.record.steps.last("step") or 0), elapsed_s=0.0, final_loss=None,
+                    best_val_loss=None, adapter_path=None, message=str(exc), reason="error",
+                    error_type=type(exc).__name__, suggestions=(),
+                )  # fmt: skip
+        finally:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+        self._end_run(run)
+        return run.result
+
+    def _end_run(self, run: DashboardRun) -> None:
+        ended = run.record.ended
+        if ended is None:  # run() returned without a terminal event: treat as stopped
+            ended = RunStopped(step=int(run.record.steps.last("step") or 0), elapsed_s=0.0,
+                               final_loss=run.record.steps.last("loss"), best_val_loss=None,
+                               adapter_path=None, message="the run ended without a final event")  # fmt: skip
+            run.record.ended = ended
+        run.result = ended
+        self._cancel_pending_flush()
+        self._flush()
+        summary = dict(self.panel.summary)
+        size = _dir_bytes(ended.adapter_path)
+        if size is not None:
+            summary.update(adapter_bytes=size, adapter_size=_format_bytes(size), adapter_estimated=False)
+        summary["adapter_path"] = ended.adapter_path or ""
+        if isinstance(ended, RunFailed):
+            self._show_failure(ended.error_type or ended.reason, ended.message, list(ended.suggestions),
+                               reason=ended.reason)  # fmt: skip
+            state = "failed"
+        elif isinstance(ended, RunFinished):
+            state = "finished"
+            self._set_callout("status", "success", f"Finished {run.label}", self._end_text(run, ended))
+        else:
+            state = "stopped"
+            self._set_callout("status", "info", f"Stopped at step {ended.step}", self._end_text(run, ended))
+        with self.panel.hold_sync():
+            self.panel.summary = summary
+            self.panel.state = state
+            self._publish_callouts()
+        self._write_static_summary()
+
+    @staticmethod
+    def _end_text(run: DashboardRun, ended: RunEnded) -> str:
+        parts = [ended.message] if ended.message else []
+        if run.final_loss is not None:
+            parts.append(f"final training loss {run.final_loss:.4g}")
+        if run.best_val_loss is not None:
+            parts.append(
+                f"best validation loss {run.best_val_loss:.4g} (perplexity {math.exp(run.best_val_loss):.4g})"
+            )
+        if ended.adapter_path:
+            parts.append(f"adapter saved in {ended.adapter_path}")
+        return "; ".join(parts) + "."
+
+    def _archive_previous_run(self) -> None:
+        """Overlay the last run's smoothed loss as a labelled line before a new run clears the marks."""
+        if not self.runs:
+            return
+        prev = self.runs[-1]
+        steps, smoothed = prev.record.steps["step"], prev.record.steps["smoothed"]
+        idx = decimate_indices(smoothed, 500)
+        self.charts.overlay_run(prev.label, steps[idx], smoothed[idx])
+
+    # ------------------------------------------------------------------ events -> records (no sends)
+    def _on_event(self, event: Any) -> None:
+        """Trainer subscription: record the event; pushing to the browser is the throttled flush's job."""
+        if not self.runs:
+            return
+        rec = self.runs[-1].record
+        if isinstance(event, StepMetrics):
+            rec.last_step = event
+            rec.steps.append(
+                step=event.step,
+                loss=event.loss,
+                smoothed=rec.ema.update(event.loss),
+                lr=event.learning_rate,
+                tokens_per_s=event.tokens_per_s,
+                memory=event.memory_bytes / 2**20,
+                reserved=None if event.memory_reserved_bytes is None else event.memory_reserved_bytes / 2**20,
+                gpu_util=event.gpu_utilization,
+                elapsed=event.elapsed_s,
+            )
+            self._request_flush()
+        elif isinstance(event, EvalMetrics):
+            rec.last_eval = event
+            rec.evals.append(step=event.step, val_loss=event.val_loss, perplexity=event.perplexity)
+            self._request_flush()
+        elif isinstance(event, RunStarted):
+            rec.started = event
+            self._request_flush()
+        elif isinstance(event, CheckpointSaved):
+            rec.checkpoints.append(event.path)
+        elif isinstance(event, StateChanged):
+            if event.state in ACTIVE_STATES and self.panel.state != event.state:
+                self.panel.state = event.state  # rare: sent at once so the buttons follow
+        elif isinstance(event, RunEnded):
+            rec.ended = event  # _run() finishes the run once trainer.run() returns
+
+    def _request_flush(self) -> None:
+        delay = self._throttle.request(self._clock())
+        if delay is None:
+            return
+        if self._call_later is not None:
+            self._flush_handle = self._call_later(delay, self._flush)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): flush now
+            self._flush()
+            return
+        self._flush_handle = loop.call_later(delay, self._flush)
+
+    def _cancel_pending_flush(self) -> None:
+        handle, self._flush_handle = self._flush_handle, None
+        if handle is not None and hasattr(handle, "cancel"):
+            handle.cancel()
+        self._throttle.cancel()
+
+    def _flush(self) -> None:
+        """Push what was recorded since the last flush: decimated series to the marks, progress to the panel."""
+        self._flush_handle = None
+        self._throttle.flushed(self._clock())
+        if not self.runs:
+            return
+        rec = self.runs[-1].record
+        s = rec.steps
+        n = len(s)
+        if n and n != rec.sent_steps:
+            rec.sent_steps = n
+            steps = s["step"]
+            idx = decimate_indices(s["loss"], self.max_points)
+            c = self.charts
+            with c.raw_loss.hold_sync(), c.smooth_loss.hold_sync():
+                c.raw_loss.x, c.raw_loss.y = steps[idx].astype(np.int32), s["loss"][idx].astype(np.float32)
+                c.smooth_loss.x, c.smooth_loss.y = c.raw_loss.x, s["smoothed"][idx].astype(np.float32)
+            mem = s["memory"]
+            idx = decimate_indices(mem, self.max_points)
+            set_xy(c.memory, steps[idx], mem[idx])
+            if np.isfinite(s["reserved"]).any():
+                set_xy(c.memory_reserved, steps[idx], s["reserved"][idx])
+            if c.gpu and np.isfinite(s["gpu_util"]).any():
+                set_xy(c.gpu_util, steps[idx], s["gpu_util"][idx])
+            tps = s["tokens_per_s"]
+            idx = decimate_indices(tps, self.max_points)
+            set_xy(c.tokens_per_s, steps[idx], tps[idx])
+            c.set_lr_marker(int(steps[-1]), s.last("lr"))
+        if len(rec.evals) != rec.sent_evals:
+            rec.sent_evals = len(rec.evals)
+            e = rec.evals
+            idx = decimate_indices(e["val_loss"], self.max_points)
+            set_xy(self.charts.val_loss, e["step"][idx], e["val_loss"][idx])
+        self._push_panel(rec)
+
+    def _push_panel(self, rec: _Record) -> None:
+        last = rec.last_step
+        total = rec.started.total_steps if rec.started else (last.total_steps if last else 0)
+        progress: dict[str, Any] = {"step": 0, "total": int(total)}
+        if last is not None:
+            progress = {
+                "step": int(last.step),
+                "total": int(last.total_steps),
+                "elapsed": round(float(last.elapsed_s), 1),
+                "eta": _finite(round(float(last.eta_s), 1)),
+                "tokens_per_s": _finite(round(float(last.tokens_per_s), 1)),
+                "epoch": round(float(last.epoch), 3),
+                "loss": _finite(float(last.loss)),
+            }
+        summary = dict(self.panel.summary)
+        if rec.started is not None:
+            st = rec.started
+            summary.update(
+                device=st.device,
+                device_name=st.device_name,
+                trainable=int(st.trainable_params),
+                total=int(st.total_params),
+                trainable_pct=100.0 * st.trainable_params / max(1, st.total_params),
+                run_dir=st.run_dir,
+            )
+            if summary.get("adapter_estimated", True):
+                est = 4 * int(st.trainable_params)  # fp32 safetensors, before the file exists
+                summary.update(
+                    adapter_bytes=est, adapter_size=f"≈{_format_bytes(est)}", adapter_estimated=True
+                )
+        if rec.last_eval is not None:
+            ev = rec.last_eval
+            summary.update(
+                val_loss=_finite(ev.val_loss),
+                best_val_loss=_finite(ev.best_val_loss),
+                perplexity=_finite(ev.perplexity),
+            )
+        if last is not None and self._callouts.get("status", {}).get("title") == "Starting":
+            self._set_callout(
+                "status", "info", "Training in the background",
+                "Other cells keep working while this runs; Pause holds it between steps, Stop ends it "
+                "after the current step and keeps the adapter.",
+            )  # fmt: skip
+        with self.panel.hold_sync():
+            self.panel.progress = progress
+            self.panel.summary = summary
+            self._publish_callouts()
+
+    # ------------------------------------------------------------------ panel plumbing
+    def _on_panel_msg(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        """Button clicks from the browser. A click that is not valid in the current state is ignored."""
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "train":
+            if self.running:
+                return  # double click: the first one already started the run
+            try:
+                self.start()
+            except (RuntimeError, ValueError, TypeError) as exc:
+                if not self.running:
+                    self._show_failure(type(exc).__name__, str(exc), [], title="Could not start the run")
+                    self._publish_callouts()
+        elif kind == "stop":
+            self.stop()
+        elif kind == "pause":
+            self.pause()
+        elif kind == "resume":
+            self.resume()
+
+    def _on_controls(self, _change: Any = None) -> None:
+        errors = validate_settings(self._control_values(), self._device_type, self._n_train_blocks)
+        self.panel.errors = errors
+        if not self.running and not errors:
+            _, train = self.current_configs()
+            self._preview_schedule(None, train)
+
+    def _on_log_scale(self, change: Any) -> None:
+        self.charts.set_log_scale(bool(change["new"]))
+
+    def _set_idle_summary(self) -> None:
+        trainable, total = count_parameters(self.model)
+        device = self._device_type
+        name = device.upper()
+        if device == "cuda":
+            import torch
+
+            props = torch.cuda.get_device_properties(0)
+            name = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+        self.panel.summary = {
+            "device": device,
+            "device_name": name,
+            "total": int(total),
+            "trainable": int(trainable),
+            "trainable_pct": 100.0 * trainable / max(1, total),
+            "train_blocks": self._n_train_blocks,
+        }
+
+    def _set_callout(
+        self, key: str, kind: str, title: str, message: str, suggestions: list[str] | None = None
+    ) -> None:
+        self._callouts[key] = {
+            "kind": kind,
+            "title": title,
+            "message": message,
+            "suggestions": suggestions or [],
+        }
+
+    def _publish_callouts(self) -> None:
+        order = {"danger": 0, "warning": 1, "success": 2, "info": 3}
+        self.panel.callouts = sorted(self._callouts.values(), key=lambda c: order.get(c["kind"], 9))
+
+    def _show_failure(
+        self, error_type: str, message: str, suggestions: list[str], reason: str = "error", title: str = ""
+    ) -> None:
+        titles = {"oom": "Out of memory", "nan": "The loss became NaN", "bad_input": "Bad input"}
+        heading = title or titles.get(reason, "The run failed")
+        text = f"{error_type}: {message}" if error_type and error_type not in message else message
+        self._set_callout("status", "danger", heading, text, suggestions)
+
+    # ------------------------------------------------------------------ static summary
+    def _ipython_display_(self) -> None:
+        """Show the widget, then a placeholder that the static summary replaces when a run ends."""
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(), raw=True)
+        if self._display_ids is None:
+            stamp = f"{id(self):x}-{time.time_ns():x}"
+            self._display_ids = (f"lora-dash-table-{stamp}", f"lora-dash-svg-{stamp}")
+            for display_id in self._display_ids:
+                display({"text/plain": ""}, raw=True, display_id=display_id)
+            if any(r.result is not None for r in self.runs):
+                self._write_static_summary()
+        else:
+            for display_id in self._display_ids:
+                display({"text/plain": ""}, raw=True, display_id=display_id)
+            self._write_static_summary()
+
+    def static_summary_html(self) -> str:
+        """An HTML table of every run's outcome (what the saved notebook shows without widgets)."""
+        rows = []
+        for run in self.runs:
+            res = run.result
+            state = "running" if res is None else res.kind
+            final = "–" if run.final_loss is None else f"{run.final_loss:.4f}"
+            best = run.best_val_loss
+            best_s = "–" if best is None else f"{best:.4f}"
+            ppl = "–" if best is None else f"{math.exp(best):.2f}"
+            steps = "–" if res is None else str(res.step)
+            secs = "–" if res is None else f"{res.elapsed_s:.1f}"
+            adapter = html.escape(res.adapter_path or "–") if res else "–"
+            rows.append(
+                f"<tr><td>{html.escape(run.label)}</td><td>{state}</td><td>{steps}</td><td>{secs}</td>"
+                f"<td>{final}</td><td>{best_s}</td><td>{ppl}</td><td><code>{adapter}</code></td></tr>"
+            )
+        head = (
+            "<tr><th>run</th><th>state</th><th>steps</th><th>time (s)</th><th>final train loss</th>"
+            "<th>best val loss</th><th>perplexity</th><th>adapter</th></tr>"
+        )
+        summary = self.panel.summary
+        device = html.escape(str(summary.get("device_name") or summary.get("device") or ""))
+        params = ""
+        if summary.get("total"):
+            params = (
+                f"; trainable parameters {summary.get('trainable', 0):,} of {summary['total']:,} "
+                f"({summary.get('trainable_pct', 0.0):.2f}%)"
+            )
+        return (
+            f"<div class='lora-dashboard-summary'><b>LoRA dashboard: static summary</b> "
+            f"(device {device}{params})<table>{head}{''.join(rows)}</table></div>"
+        )
+
+    def static_summary_svg(self) -> str:
+        """The last run's loss curve as a standalone SVG."""
+        if not self.runs:
+            return loss_curve_svg([], [])
+        run = self.runs[-1]
+        s, e = run.record.steps, run.record.evals
+        idx = decimate_indices(s["loss"], 600)
+        return loss_curve_svg(
+            s["step"][idx], s["loss"][idx], s["smoothed"][idx], e["step"], e["val_loss"], title=run.label
+        )
+
+    def _write_static_summary(self) -> None:
+        if self._display_ids is None or not self.runs:
+            return
+        try:
+            from IPython.display import update_display
+        except ImportError:  # pragma: no cover
+            return
+        table_id, svg_id = self._display_ids
+        text = "; ".join(
+            f"{r.label}: {r.result.kind if r.result else 'running'}, final loss "
+            f"{'–' if r.final_loss is None else f'{r.final_loss:.4f}'}"
+            for r in self.runs
+        )
+        update_display(
+            {"text/html": self.static_summary_html(), "text/plain": text}, raw=True, display_id=table_id
+        )
+        update_display(
+            {"image/svg+xml": self.static_summary_svg(), "text/plain": "loss curve"},
+            raw=True,
+            display_id=svg_id,
+        )

@@ -1,0 +1,283 @@
+// LoRADashboard panel: controls, Train/Pause/Stop, status, progress, callouts, summary.
+// A plain ES module for anywidget (no build step, no dependencies). All state lives in the Python
+// model's traits (see dashboard.py and dashboard.d.ts); buttons send {type: "train" | "pause" |
+// "resume" | "stop"} messages that Python handles. Text is always set with textContent (never
+// innerHTML), so messages from the trainer cannot inject markup.
+
+const CONTROLS = [
+  { group: "LoRA", name: "rank", label: "rank r", kind: "int", min: 1, step: 1 },
+  { group: "LoRA", name: "alpha", label: "alpha", kind: "float", min: 0, step: "any" },
+  { group: "LoRA", name: "dropout", label: "dropout", kind: "float", min: 0, max: 0.99, step: 0.05 },
+  { group: "LoRA", name: "target_modules", label: "target modules", kind: "text", list: "target_choices", placeholder: "default" },
+  { group: "Training", name: "learning_rate", label: "learning rate", kind: "float", min: 0, step: "any" },
+  { group: "Training", name: "schedule", label: "schedule", kind: "select", options: ["constant", "linear", "cosine"] },
+  { group: "Training", name: "warmup_steps", label: "warm-up steps", kind: "int", min: 0, step: 1 },
+  { group: "Training", name: "batch_size", label: "batch size", kind: "int", min: 1, step: 1 },
+  { group: "Training", name: "grad_accum_steps", label: "grad. accumulation", kind: "int", min: 1, step: 1 },
+  { group: "Training", name: "max_steps", label: "max steps (0 = epochs)", kind: "int", min: 0, step: 1 },
+  { group: "Training", name: "epochs", label: "epochs", kind: "int", min: 1, step: 1 },
+  { group: "Training", name: "precision", label: "precision", kind: "select", options: ["fp32", "bf16", "fp16"] },
+  { group: "Training", name: "seed", label: "seed", kind: "int", step: 1 },
+];
+
+const IDLE_STATES = ["idle", "stopped", "finished", "failed"];
+
+function h(tag, attrs = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "text") node.textContent = v;
+    else if (k === "class") node.className = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.appendChild(c);
+  return node;
+}
+
+function clock(seconds) {
+  if (seconds === null || seconds === undefined || !isFinite(seconds)) return "–";
+  const s = Math.max(0, Math.round(seconds));
+  const hh = Math.floor(s / 3600);
+  const mm = Math.floor((s % 3600) / 60);
+  const ss = String(s % 60).padStart(2, "0");
+  return hh > 0 ? `${hh}:${String(mm).padStart(2, "0")}:${ss}` : `${mm}:${ss}`;
+}
+
+function num(x, digits = 4) {
+  if (x === null || x === undefined || !isFinite(x)) return "–";
+  return Number(x).toPrecision(digits).replace(/\.?0+$/, "").replace(/\.?0+e/, "e");
+}
+
+function count(x) {
+  if (x === null || x === undefined) return "–";
+  return Number(x).toLocaleString("en-US");
+}
+
+function render({ model, el }) {
+  let pending = false; // a Train click was sent and Python has not answered yet
+  const root = h("div", { class: "lw-dash" });
+  el.appendChild(root);
+
+  // --- header: buttons, status, run label, log toggle ----------------------------------------
+  const trainBtn = h("button", { class: "lw-btn lw-train", type: "button", text: "Train" });
+  const pauseBtn = h("button", { class: "lw-btn lw-pause", type: "button", text: "Pause" });
+  const stopBtn = h("button", { class: "lw-btn lw-stop", type: "button", text: "Stop" });
+  const status = h("span", { class: "lw-status", "data-state": "idle", title: "run state" });
+  const label = h("span", { class: "lw-run-label" });
+  const logBox = h("input", { type: "checkbox", class: "lw-log-input" });
+  const logLabel = h("label", { class: "lw-log" }, [logBox, h("span", { text: " log-scale loss" })]);
+  root.appendChild(
+    h("div", { class: "lw-head" }, [
+      h("div", { class: "lw-buttons" }, [trainBtn, pauseBtn, stopBtn]),
+      h("span", { class: "lw-status-wrap" }, [h("span", { text: "status: " }), status]),
+      label,
+      logLabel,
+    ]),
+  );
+
+  // --- body: controls on the left, progress/callouts/summary on the right ----------------------
+  const controls = h("div", { class: "lw-controls" });
+  const side = h("div", { class: "lw-side" });
+  root.appendChild(h("div", { class: "lw-body" }, [controls, side]));
+
+  const inputs = {};
+  const errorNodes = {};
+  let currentGroup = null;
+  let groupBox = null;
+  const datalistId = `lw-targets-${Math.random().toString(36).slice(2)}`;
+  const datalist = h("datalist", { id: datalistId });
+  controls.appendChild(datalist);
+  for (const spec of CONTROLS) {
+    if (spec.group !== currentGroup) {
+      currentGroup = spec.group;
+      groupBox = h("fieldset", { class: "lw-group" }, [h("legend", { text: spec.group })]);
+      controls.appendChild(groupBox);
+    }
+    let input;
+    if (spec.kind === "select") {
+      input = h("select", { name: spec.name });
+      for (const opt of spec.options) input.appendChild(h("option", { value: opt, text: opt }));
+    } else {
+      const attrs = { name: spec.name, type: spec.kind === "text" ? "text" : "number" };
+      for (const k of ["min", "max", "step", "placeholder"]) if (spec[k] !== undefined) attrs[k] = String(spec[k]);
+      if (spec.list) attrs.list = datalistId;
+      input = h("input", attrs);
+    }
+    input.classList.add("lw-input");
+    input.dataset.control = spec.name;
+    const err = h("div", { class: "lw-error" });
+    groupBox.appendChild(
+      h("label", { class: "lw-field" }, [h("span", { class: "lw-label", text: spec.label }), input, err]),
+    );
+    inputs[spec.name] = input;
+    errorNodes[spec.name] = err;
+    input.addEventListener("change", () => {
+      let value = input.value;
+      if (spec.kind === "int") {
+        value = Number(value);
+        if (!Number.isInteger(value)) {
+          err.textContent = `${spec.label} must be a whole number`;
+          input.classList.add("lw-invalid");
+          return;
+        }
+      } else if (spec.kind === "float") {
+        value = Number(value);
+        if (input.value.trim() === "" || !isFinite(value)) {
+          err.textContent = `${spec.label} must be a number`;
+          input.classList.add("lw-invalid");
+          return;
+        }
+      }
+      model.set(spec.name, value);
+      model.save_changes();
+    });
+  }
+
+  const bar = h("div", { class: "lw-bar" }, [h("div", { class: "lw-fill" })]);
+  const progressText = h("div", { class: "lw-progress-text" });
+  side.appendChild(h("div", { class: "lw-progress" }, [bar, progressText]));
+  const callouts = h("div", { class: "lw-callouts" });
+  side.appendChild(callouts);
+  const summary = h("table", { class: "lw-summary" });
+  side.appendChild(summary);
+
+  // --- renderers ----------------------------------------------------------------------------
+  function renderControls() {
+    const running = !IDLE_STATES.includes(model.get("state"));
+    const errors = model.get("errors") || {};
+    for (const spec of CONTROLS) {
+      const input = inputs[spec.name];
+      const value = model.get(spec.name);
+      if (document.activeElement !== input || running) input.value = value === null || value === undefined ? "" : String(value);
+      input.disabled = running;
+      const msg = errors[spec.name] || "";
+      errorNodes[spec.name].textContent = msg;
+      input.classList.toggle("lw-invalid", msg !== "");
+      input.title = msg;
+    }
+    datalist.replaceChildren(...(model.get("target_choices") || []).map((c) => h("option", { value: c })));
+  }
+
+  function renderButtons() {
+    const state = model.get("state");
+    const errors = model.get("errors") || {};
+    const hasErrors = Object.keys(errors).length > 0;
+    status.textContent = state;
+    status.dataset.state = state;
+    trainBtn.disabled = pending || hasErrors || !IDLE_STATES.includes(state);
+    trainBtn.title = hasErrors ? "Fix the flagged settings first" : "Start a run with these settings";
+    pauseBtn.textContent = state === "paused" ? "Resume" : "Pause";
+    pauseBtn.disabled = !(state === "running" || state === "paused");
+    stopBtn.disabled = !(state === "running" || state === "paused");
+    label.textContent = model.get("run_label") || "";
+    logBox.checked = !!model.get("log_scale");
+  }
+
+  function renderProgress() {
+    const p = model.get("progress") || {};
+    const step = p.step || 0;
+    const total = p.total || 0;
+    const frac = total > 0 ? Math.min(1, step / total) : 0;
+    bar.firstChild.style.width = `${(100 * frac).toFixed(1)}%`;
+    bar.dataset.step = String(step);
+    const parts = [`step ${count(step)} / ${total ? count(total) : "–"}`];
+    parts.push(`elapsed ${clock(p.elapsed)}`);
+    parts.push(`ETA ${clock(p.eta)}`);
+    parts.push(`${p.tokens_per_s ? count(Math.round(p.tokens_per_s)) : "–"} tokens/s`);
+    parts.push(`epoch ${p.epoch !== undefined ? Number(p.epoch).toFixed(2) : "–"}`);
+    if (p.loss !== undefined && p.loss !== null) parts.push(`loss ${num(p.loss)}`);
+    progressText.textContent = parts.join(" · ");
+  }
+
+  function renderCallouts() {
+    const list = model.get("callouts") || [];
+    callouts.replaceChildren(
+      ...list.map((c) => {
+        const box = h("div", { class: `lw-callout lw-${c.kind}`, role: c.kind === "danger" ? "alert" : "status" }, [
+          h("div", { class: "lw-callout-title", text: c.title || "" }),
+          h("div", { class: "lw-callout-message", text: c.message || "" }),
+        ]);
+        if (c.suggestions && c.suggestions.length) {
+          box.appendChild(h("ul", {}, c.suggestions.map((s) => h("li", { text: s }))));
+        }
+        return box;
+      }),
+    );
+  }
+
+  function renderSummary() {
+    const s = model.get("summary") || {};
+    const rows = [];
+    rows.push(["Device", s.device_name || s.device || "–"]);
+    if (s.total) {
+      rows.push([
+        "Trainable / total params",
+        `${count(s.trainable)} / ${count(s.total)} (${Number(s.trainable_pct || 0).toFixed(2)}%)`,
+      ]);
+    }
+    rows.push(["Adapter size on disk", s.adapter_size || "–"]);
+    rows.push(["Validation loss (current / best)", `${num(s.val_loss)} / ${num(s.best_val_loss)}`]);
+    rows.push(["Perplexity", num(s.perplexity)]);
+    if (s.train_blocks) rows.push(["Training blocks", count(s.train_blocks)]);
+    summary.replaceChildren(
+      ...rows.map(([k, v]) => h("tr", {}, [h("th", { text: k }), h("td", { text: String(v) })])),
+    );
+  }
+
+  // --- events ----------------------------------------------------------------------------------
+  trainBtn.addEventListener("click", () => {
+    if (trainBtn.disabled || pending) return; // a double click sends one message
+    pending = true;
+    trainBtn.disabled = true;
+    model.send({ type: "train" });
+  });
+  pauseBtn.addEventListener("click", () => {
+    model.send({ type: model.get("state") === "paused" ? "resume" : "pause" });
+  });
+  stopBtn.addEventListener("click", () => {
+    stopBtn.disabled = true;
+    model.send({ type: "stop" });
+  });
+  logBox.addEventListener("change", () => {
+    model.set("log_scale", logBox.checked);
+    model.save_changes();
+  });
+
+  const onState = () => {
+    pending = false;
+    renderButtons();
+    renderControls();
+  };
+  const onCallouts = () => {
+    pending = false;
+    renderCallouts();
+    renderButtons();
+  };
+  const onErrors = () => {
+    renderControls();
+    renderButtons();
+  };
+  const listeners = [
+    ["change:state", onState],
+    ["change:callouts", onCallouts],
+    ["change:errors", onErrors],
+    ["change:progress", renderProgress],
+    ["change:summary", renderSummary],
+    ["change:run_label", renderButtons],
+    ["change:log_scale", renderButtons],
+    ["change:target_choices", renderControls],
+  ];
+  for (const spec of CONTROLS) listeners.push([`change:${spec.name}`, renderControls]);
+  for (const [name, fn] of listeners) model.on(name, fn);
+
+  renderControls();
+  renderButtons();
+  renderProgress();
+  renderCallouts();
+  renderSummary();
+
+  return () => {
+    for (const [name, fn] of listeners) model.off(name, fn);
+  };
+}
+
+export default { render };
