@@ -557,3 +557,32 @@ def test_static_summary_lists_runs_with_an_svg_curve() -> None:
     assert "<table>" in table and dash.runs[0].label in table and "finished" in table
     svg = dash.static_summary_svg()
     assert svg.startswith("<svg") and len(re.findall("<polyline", svg)) == 2
+
+
+# --- the real trainer ----------------------------------------------------------------------------------
+def test_a_short_real_run_on_a_tiny_model_finishes(tmp_path: Path) -> None:
+    trainer_mod = pytest.importorskip("lora_widgets.trainer")
+    from tests.helpers import patterned_batch
+
+    blocks = patterned_batch(8, 32).repeat(4, 1)  # [32, 32] learnable token ids
+    config = trainer_mod.TrainConfig(
+        max_steps=12, batch_size=4, warmup_steps=2, eval_every=4, learning_rate=1e-2, output_dir=str(tmp_path)
+    )
+    dash = LoRADashboard(model=tiny_llama(), train_data=blocks, lora=LoRAConfig(r=4), train=config)
+    dash.panel.target_modules = "q_proj,v_proj"
+    result = run(dash.run())
+    assert isinstance(result, RunFinished), result
+    assert dash.state == "finished" and dash.panel.progress["step"] == 12
+    assert dash.panel.summary["adapter_estimated"] is False and dash.panel.summary["adapter_bytes"] > 0
+    assert len(dash.history.step) == 12 and list(dash.runs[0].lora.target_modules) == ["q_proj", "v_proj"]
+    assert len(dash.charts.val_loss.x) >= 3  # evaluations at steps 4, 8, 12
+    out = dash.save_adapter(tmp_path / "adapter")
+    assert (out / "adapter_config.json").exists()
+    # a second run from the same dashboard replaces the adapters and overlays the first run
+    dash.panel.rank = 2
+    result = run(dash.run())
+    assert isinstance(result, RunFinished) and len(dash.charts.previous_runs) == 1
+    assert (
+        dash.trainer is not None
+        and dash.trainer.report.trainable_params < dash.runs[0].trainer.report.trainable_params
+    )

@@ -217,6 +217,13 @@ def _dir_bytes(path: str | None) -> int | None:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def _is_token_tensor(obj: Any) -> bool:
+    """True for ready-made token blocks (a tensor), which need no tokenizer."""
+    import torch
+
+    return isinstance(obj, torch.Tensor)
+
+
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
@@ -332,7 +339,7 @@ class LoRADashboard(VBox):
             if tokenizer is not None and model is not None:
                 raise TypeError("pass tokenizer only with a model object; a hub id or path loads its own")
             model, tokenizer = demo.load_base_model() if model is None else demo.load_model(str(model))
-        elif tokenizer is None:
+        elif tokenizer is None and not _is_token_tensor(train_data):
             raise TypeError(
                 "tokenizer is required when model is a model object; pass tokenizer=..., "
                 "or pass the model's hub id / local path instead"
