@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_widgets.events import EvalMetrics, RunFinished, RunStarted, StepMetrics  # noqa: E402
-from lora_widgets.lora import LoRAConfig  # noqa: E402
-from lora_widgets.trainer import TrainConfig  # noqa: E402
-from lora_widgets.widget.dashboard import DashboardRun, LoRADashboard  # noqa: E402
-from lora_widgets.widget.throttle import Throttle  # noqa: E402
-from tests.helpers import tiny_llama  # noqa: E402
+from lora_widgets.events import EvalMetrics, RunFinished, RunStarted, StepMetrics
+from lora_widgets.lora import LoRAConfig
+from lora_widgets.trainer import TrainConfig
+from lora_widgets.widget.dashboard import DashboardRun, LoRADashboard
+from lora_widgets.widget.throttle import Throttle
+from tests.helpers import tiny_llama
 
 STEPS_PER_S = 50.0  # a small model on a GPU; the shipped model on this CPU does ~5-20
 
