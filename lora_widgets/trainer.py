@@ -651,6 +651,20 @@ class Trainer:
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction
         )
 
+    def _checkpointing_enabled(self) -> bool:
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 / 4
+            if hasattr(type(self.model), name):
+                return bool(getattr(self.model, name))
+        return False
+
+    def _checkpointing_method(self, action: str) -> Callable[..., Any] | None:
+        """``model.activation_checkpointing_<action>`` (transformers 5) or ``gradient_checkpointing_<action>``."""
+        for prefix in ("activation", "gradient"):
+            method = getattr(self.model, f"{prefix}_checkpointing_{action}", None)
+            if callable(method):
+                return method  # type: ignore[no-any-return]
+        return None
+
     def _base_name(self) -> str | None:
         name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
         return str(name) if name else None
@@ -686,13 +700,16 @@ class Trainer:
                 "the model in float32 (mixed precision keeps fp32 master weights) or use LoRA"
             )
         if c.gradient_checkpointing:
-            enable = getattr(model, "gradient_checkpointing_enable", None)
-            if not callable(enable):
+            enable = self._checkpointing_method("enable")
+            if enable is None:
                 raise ValueError(
                     f"gradient_checkpointing=True but {type(model).__name__} has no gradient_checkpointing_enable(); "
                     "use a transformers model or set gradient_checkpointing=False"
                 )
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if getattr(enable, "__name__", "").startswith("activation"):
+                enable()  # transformers 5: non-reentrant by default
+            else:
+                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = ckpt.trainable_parameters(model)
         decay = [p for _, p in params if p.dim() >= 2]
         no_decay = [p for _, p in params if p.dim() < 2]
@@ -828,8 +845,8 @@ class Trainer:
         for p in self.model.parameters():
             p.grad = None
         if self.config.gradient_checkpointing and not gc_enabled_before:
-            disable = getattr(self.model, "gradient_checkpointing_disable", None)
-            if callable(disable):
+            disable = self._checkpointing_method("disable")
+            if disable is not None:
                 with contextlib.suppress(Exception):
                     disable()
         self.model.train(was_training)
@@ -998,9 +1015,7 @@ class Trainer:
         paused_s = 0.0
         model = self.model
         was_training = model.training
-        gc_before = c.gradient_checkpointing and bool(
-            getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))
-        )
+        gc_before = c.gradient_checkpointing and self._checkpointing_enabled()
         ctx: _RunContext | None = None
         step = 0
         start_step = 0
