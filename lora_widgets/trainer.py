@@ -717,7 +717,12 @@ class Trainer:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-        scaler = torch.amp.GradScaler("cuda") if c.precision == "fp16" else None
+        scaler: Any = None
+        if (
+            c.precision == "fp16"
+        ):  # loss scaling (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.2)
+            amp_scaler = getattr(torch.amp, "GradScaler", None)  # torch >= 2.3; torch.cuda.amp before
+            scaler = amp_scaler("cuda") if amp_scaler is not None else torch.cuda.amp.GradScaler()
         ctx = _RunContext(data, optimizer, scaler, self.device)
         start_step = 0
         info: dict[str, Any] = {}

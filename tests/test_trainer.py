@@ -420,3 +420,42 @@ def test_token_blocks_from_text_source(tmp_path: Path) -> None:
     t = Trainer(tiny_llama(), tokenizer, texts, lora=LoRAConfig(r=4), config=config(tmp_path, block_size=32))
     end = t.run_sync()
     assert isinstance(end, RunFinished), end.message
+
+
+def test_stop_and_pause_from_another_thread(tmp_path: Path) -> None:
+    t = make(tmp_path, max_steps=300, eval_every=None)
+    seen_pause = threading.Event()
+
+    def control() -> None:  # e.g. a widget callback arriving on a comm thread
+        while len(t.history) < 2:
+            threading.Event().wait(0.005)
+        t.pause()
+        while t.state != "paused":
+            threading.Event().wait(0.005)
+        seen_pause.set()
+        held = len(t.history)
+        threading.Event().wait(0.05)
+        assert len(t.history) == held
+        t.save_adapter(tmp_path / "while_paused")  # allowed while paused: no step is in flight
+        t.resume()
+        while len(t.history) < held + 2:
+            threading.Event().wait(0.005)
+        t.stop()
+
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            control()
+        except BaseException as exc:  # surface assertion errors from the thread
+            errors.append(exc)
+            t.stop()
+
+    worker = threading.Thread(target=guarded)
+    worker.start()
+    end = t.run_sync()
+    worker.join()
+    assert not errors, errors
+    assert seen_pause.is_set()
+    assert isinstance(end, RunStopped) and end.step < 300
+    assert (tmp_path / "while_paused" / "adapter_model.safetensors").exists()
