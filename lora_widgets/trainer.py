@@ -662,7 +662,7 @@ class Trainer:
         for prefix in ("activation", "gradient"):
             method = getattr(self.model, f"{prefix}_checkpointing_{action}", None)
             if callable(method):
-                return method  # type: ignore[no-any-return]
+                return method
         return None
 
     def _base_name(self) -> str | None:
