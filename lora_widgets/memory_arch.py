@@ -27,6 +27,7 @@ __all__ = [
     "ParamPlan",
     "known_model_config",
     "known_models",
+    "lookup_known",
     "param_plan",
     "parse_dtype",
     "resolve_config",
@@ -71,7 +72,7 @@ def known_models() -> list[str]:
     return list(_table())
 
 
-def _lookup(name: str) -> str | None:
+def lookup_known(name: str) -> str | None:
     """The table key for a short name ("Llama-3.2-3B") or a hub id ("meta-llama/Llama-3.2-3B")."""
     table = _table()
     lowered = name.strip().lower()
@@ -85,7 +86,7 @@ def known_model_config(name: str) -> Any:
     """The transformers config of a known model (see :func:`known_models`), built offline."""
     from transformers import CONFIG_MAPPING
 
-    key = _lookup(name)
+    key = lookup_known(name)
     if key is None:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(known_models())}")
     fields = dict(_table()[key]["config"])
@@ -114,7 +115,7 @@ def resolve_config(model_or_config: Any) -> tuple[Any, nn.Module | None]:
         return model_or_config, None
     if isinstance(model_or_config, str | Path):
         name = str(model_or_config)
-        if _lookup(name) is not None:
+        if lookup_known(name) is not None:
             return known_model_config(name), None
         try:
             return AutoConfig.from_pretrained(name), None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import traitlets
 
-from lora_widgets.lora import LoRAConfig
+from lora_widgets.lora import LoRAConfig, apply_lora
 from lora_widgets.memory import GPUS, estimate_memory, known_models
 from lora_widgets.widget.planner import _INPUTS, BARS, COMPONENTS, CSS_PATH, ESM_PATH, MemoryPlanner
 from tests.helpers import tiny_llama
@@ -131,6 +131,10 @@ def test_custom_config_and_model_are_offered() -> None:
     assert planner.estimate["total_params"] == sum(p.numel() for p in model.parameters())
     planner.model_name = "GPT-2"
     assert planner.estimate["total_params"] == 124_439_808
+    with_adapters = MemoryPlanner(model=model, method="lora", rank=2)
+    apply_lora(model, LoRAConfig(r=2))  # a model that already carries adapters is planned from its config
+    assert MemoryPlanner(model=model, method="lora", rank=2).estimate == with_adapters.estimate
+    assert MemoryPlanner(model="meta-llama/Llama-3.2-1B").model_name == "Llama-3.2-1B"
     by_config = MemoryPlanner(model=model.config, lora=LoRAConfig(r=4, target_modules="all-linear"))
     assert by_config.rank == 4 and by_config.targets == "all-linear"
     assert by_config.models[0] == by_config.model_name

@@ -22,6 +22,7 @@ from bqplot import Axis, Bars, Figure, LinearScale, OrdinalScale
 
 from lora_widgets.lora import LoRAConfig
 from lora_widgets.memory import GPUS, MemoryEstimate, estimate_memory, known_models
+from lora_widgets.memory_arch import lookup_known
 
 __all__ = ["MemoryPlanner", "PlannerValueError"]
 
@@ -123,11 +124,17 @@ class MemoryPlanner(anywidget.AnyWidget):
         names = known_models()
         initial_model = traits.pop("model_name", None)
         if model is not None:
-            if isinstance(model, str) and model in names:
+            known = lookup_known(model) if isinstance(model, str) else None
+            if known is not None:  # a known name or its hub id
+                initial_model = known
+            elif isinstance(model, str):  # a hub id or local path: resolved by config when estimated
+                self._custom[model] = model
+                names = [model, *names]
                 initial_model = model
             else:
                 label = self._custom_label(model)
-                self._custom[label] = model
+                # a model is planned from its architecture: the method control decides what trains
+                self._custom[label] = getattr(model, "config", model)
                 names = [label, *names]
                 initial_model = label
         if lora is not None:
