@@ -50,7 +50,8 @@ def _figure(title: str, marks: list[Any], axes: list[Axis], legend: bool = False
         fig_margin=dict(_MARGIN),
         animation_duration=0,
         legend_location="top-right",
-        legend_style={"font-size": "11px"} if legend else {},
+        legend_style={"fill": "white", "fill-opacity": 0.85, "stroke": "#ccc"} if legend else {},
+        legend_text={"font-size": "11px"} if legend else {},
         layout=Layout(width="100%", height="270px", min_width="280px"),
     )
 
@@ -85,11 +86,12 @@ class Charts:
             default_size=36, stroke="white", labels=["validation"], display_legend=True,
         )  # fmt: skip
         self.previous_runs: list[Lines] = []
+        self._data_range: tuple[float, float] | None = None  # finite min/max of everything on the loss chart
         self._loss_y_axis = Axis(scale=ys, side="left", label="loss (nats)", tick_format=".3g")
         self.loss_figure = _figure(
             "Loss",
             [self.raw_loss, self.smooth_loss, self.val_loss],
-            [Axis(scale=self._loss_x, label="step", tick_format="d"), self._loss_y_axis],
+            [Axis(scale=self._loss_x, label="step", tick_format="~s"), self._loss_y_axis],
             legend=True,
         )
         # --- learning rate -------------------------------------------------------------------------
@@ -102,7 +104,7 @@ class Charts:
             "Learning rate",
             [self.lr_line, self.lr_marker],
             [
-                Axis(scale=lr_x, label="step", tick_format="d"),
+                Axis(scale=lr_x, label="step", tick_format="~s"),
                 Axis(scale=lr_y, side="left", tick_format=".1e"),
             ],
         )
@@ -111,7 +113,7 @@ class Charts:
         self.gpu = gpu
         self.memory = Lines(
             x=_EMPTY_X, y=_EMPTY_Y, scales={"x": mem_x, "y": mem_y}, colors=["#2ca02c"],
-            labels=["GPU allocated" if gpu else "process RSS"], display_legend=True,
+            labels=["GPU allocated" if gpu else "process RSS"], display_legend=gpu,
         )  # fmt: skip
         self.memory_reserved = Lines(
             x=_EMPTY_X, y=_EMPTY_Y, scales={"x": mem_x, "y": mem_y}, colors=["#98df8a"],
@@ -119,8 +121,8 @@ class Charts:
         )  # fmt: skip
         mem_marks: list[Any] = [self.memory, self.memory_reserved]
         mem_axes = [
-            Axis(scale=mem_x, label="step", tick_format="d"),
-            Axis(scale=mem_y, side="left", label="MiB", tick_format=".4g"),
+            Axis(scale=mem_x, label="step", tick_format="~s"),
+            Axis(scale=mem_y, side="left", label="MiB" if gpu else "process RSS (MiB)", tick_format="~s"),
         ]
         util_y = LinearScale(min=0.0, max=100.0)
         self.gpu_util = Lines(
@@ -140,8 +142,8 @@ class Charts:
             "Throughput",
             [self.tokens_per_s],
             [
-                Axis(scale=tps_x, label="step", tick_format="d"),
-                Axis(scale=tps_y, side="left", label="tokens/s", tick_format=".3s"),
+                Axis(scale=tps_x, label="step", tick_format="~s"),
+                Axis(scale=tps_y, side="left", label="tokens/s (smoothed)", tick_format="~s"),
             ],
         )
 
@@ -204,6 +206,44 @@ class Charts:
             self.previous_runs.pop(0)
         self.loss_figure.marks = [*self.previous_runs, self.raw_loss, self.smooth_loss, self.val_loss]
 
+    def fit_loss_range(self, *arrays: Any) -> None:
+        """Set the loss y range to the data plus headroom at the top, so the legend covers no line.
+
+        The headroom grows with the number of legend entries. Scales are only touched when the range moves
+        by more than 2% of its span, so a steady run sends no extra messages.
+        """
+        lo, hi = math.inf, -math.inf
+        for a in [*(line.y for line in self.previous_runs), *arrays]:
+            y = np.asarray(a, dtype=np.float64)
+            y = y[np.isfinite(y)]
+            if y.size:
+                lo, hi = min(lo, float(y.min())), max(hi, float(y.max()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return
+        self._data_range = (lo, hi)
+        self._apply_loss_range()
+
+    def _apply_loss_range(self) -> None:
+        if self._data_range is None:
+            return
+        lo, hi = self._data_range
+        headroom = min(1.2, 0.12 * (3 + len(self.previous_runs)) + 0.05)
+        if self.log_scale:
+            if lo <= 0:
+                return
+            a, b = math.log10(lo), math.log10(hi)
+            span = max(b - a, 1e-3)
+            new = (10 ** (a - 0.03 * span), 10 ** (b + headroom * span))
+            scale, tol = self._loss_y_log, 0.02 * (new[1] - new[0])
+        else:
+            span = max(hi - lo, 1e-6)
+            new = (lo - 0.03 * span, hi + headroom * span)
+            scale, tol = self._loss_y_linear, 0.02 * span
+        old = (scale.min, scale.max)
+        if old[0] is None or old[1] is None or abs(old[0] - new[0]) > tol or abs(old[1] - new[1]) > tol:
+            with scale.hold_sync():
+                scale.min, scale.max = float(new[0]), float(new[1])
+
     def set_log_scale(self, log: bool) -> None:
         """Swap the loss chart's y scale between linear and logarithmic (marks and axis together)."""
         if log == self.log_scale:
@@ -214,6 +254,7 @@ class Charts:
             for mark in [*self.previous_runs, self.raw_loss, self.smooth_loss, self.val_loss]:
                 mark.scales = {"x": self._loss_x, "y": scale}
             self._loss_y_axis.scale = scale
+        self._apply_loss_range()
 
 
 def _fmt(value: float) -> str:

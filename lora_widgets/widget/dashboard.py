@@ -25,7 +25,7 @@ import dataclasses
 import html
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -192,8 +192,11 @@ def _targets_from_text(text: str) -> str | list[str] | None:
 
 def run_label(index: int, lora: LoRAConfig, lr: float) -> str:
     """A short legend label for a run: its number and the settings a sweep varies."""
-    targets = _targets_to_text(lora.target_modules) or "default"
-    return f"run {index}: r={lora.r} α={lora.alpha:g} lr={lr:g} [{targets}]"
+    targets = _targets_to_text(lora.target_modules)
+    where = f" {targets}" if targets and len(targets) <= 16 else (" custom" if targets else "")
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    lr_text = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"run {index}: r={lora.r} α={lora.alpha:g} lr={lr_text}{where}"
 
 
 def _format_bytes(n: float | None) -> str:
@@ -234,6 +237,7 @@ class _Record:
 
     steps: Series = field(default_factory=lambda: Series("step", "loss", "smoothed", "lr", "tokens_per_s",
                                                           "memory", "reserved", "gpu_util", "elapsed"))  # fmt: skip
+    tps_ema: EMA = field(default_factory=lambda: EMA(0.9))
     evals: Series = field(default_factory=lambda: Series("step", "val_loss", "perplexity"))
     ema: EMA = field(default_factory=lambda: EMA(0.9))
     started: RunStarted | None = None
@@ -269,6 +273,23 @@ class DashboardRun:
             return self.result.best_val_loss
         vals = self.record.evals["val_loss"]
         return float(np.nanmin(vals)) if len(vals) else None
+
+
+@contextlib.contextmanager
+def _quiet_hub_progress() -> Iterator[None]:
+    """Switch transformers' progress bars off while the dashboard loads a model, then restore them."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _enable_colab_widgets() -> None:
@@ -338,7 +359,8 @@ class LoRADashboard(VBox):
 
             if tokenizer is not None and model is not None:
                 raise TypeError("pass tokenizer only with a model object; a hub id or path loads its own")
-            model, tokenizer = demo.load_base_model() if model is None else demo.load_model(str(model))
+            with _quiet_hub_progress():  # no 'Loading weights' bar above the widget
+                model, tokenizer = demo.load_base_model() if model is None else demo.load_model(str(model))
         elif tokenizer is None and not _is_token_tensor(train_data):
             raise TypeError(
                 "tokenizer is required when model is a model object; pass tokenizer=..., "
@@ -727,7 +749,7 @@ class LoRADashboard(VBox):
 
     @staticmethod
     def _end_text(run: DashboardRun, ended: RunEnded) -> str:
-        parts = [ended.message] if ended.message else []
+        parts = [ended.message.rstrip(". ")] if ended.message else []
         if run.final_loss is not None:
             parts.append(f"final training loss {run.final_loss:.4g}")
         if run.best_val_loss is not None:
@@ -760,7 +782,7 @@ class LoRADashboard(VBox):
                 loss=event.loss,
                 smoothed=rec.ema.update(event.loss),
                 lr=event.learning_rate,
-                tokens_per_s=event.tokens_per_s,
+                tokens_per_s=rec.tps_ema.update(event.tokens_per_s),  # per-step rates are noisy
                 memory=event.memory_bytes / 2**20,
                 reserved=None if event.memory_reserved_bytes is None else event.memory_reserved_bytes / 2**20,
                 gpu_util=event.gpu_utilization,
@@ -835,6 +857,8 @@ class LoRADashboard(VBox):
             e = rec.evals
             idx = decimate_indices(e["val_loss"], self.max_points)
             set_xy(self.charts.val_loss, e["step"][idx], e["val_loss"][idx])
+        if n:
+            self.charts.fit_loss_range(self.charts.raw_loss.y, self.charts.val_loss.y)
         self._push_panel(rec)
 
     def _push_panel(self, rec: _Record) -> None:
