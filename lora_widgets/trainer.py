@@ -877,11 +877,18 @@ class Trainer:
         device_name = describe_device(self.device)
         total = total_memory(self.device)
         what = "GPU" if self.device.type == "cuda" else "device"
+        where = "while moving the model to the device" if step < 0 else f"at step {step + 1}"
+        kept = (
+            "Training did not start."
+            if step < 0
+            else f"The adapter of the last completed step ({step}) was kept."
+        )
+        first_line = (str(exc).splitlines() or [""])[0][:200]
         message = (
-            f"Out of memory at step {step + 1} on {device_name}: batch_size={c.batch_size} "
+            f"Out of memory {where} on {device_name}: batch_size={c.batch_size} "
             f"(x grad_accum_steps {c.grad_accum_steps}), LoRA rank r={rank if rank is not None else 'n/a (full fine-tuning)'}, "
             f"sequence length {seq}, precision {c.precision}; the {what} has {_fmt_bytes(total)} in total. "
-            f"The adapter of the last completed step ({step}) was kept. ({str(exc).splitlines()[0][:200]})"
+            f"{kept} ({first_line})"
         )
         suggestions: list[str] = []
         try:  # the memory estimator's concrete fits, when it can model this model
@@ -1077,8 +1084,11 @@ class Trainer:
             if data is not None and failure is None and not cancelled:
                 try:
                     ctx, start_step, run_info = await self._in_thread(self._setup, resume_from)
-                except ValueError as exc:
+                except (ValueError, FileNotFoundError) as exc:  # an unsuitable model or checkpoint
                     failure = self._error_failure(exc, 0, bad_input=True)
+                except _OOM_TYPES as exc:  # e.g. the model does not fit on the GPU at all
+                    failure = self._oom_failure(-1, exc)
+                    del exc
                 step = start_step
             if ctx is not None and data is not None:
                 total = self._total_steps(data)

@@ -231,3 +231,17 @@ def test_cancelled_task_cleans_up_and_reports_stopped(tmp_path: Path) -> None:
     assert isinstance(end, RunStopped) and "cancelled" in end.message and end.adapter_path is not None
     assert not t.running and t.state == "stopped"
     assert_model_usable(t.model)
+
+
+def test_out_of_memory_before_the_first_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = make(tmp_path)
+
+    def too_big(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(t.model, "to", too_big)
+    events = record(t)
+    end = t.run_sync()
+    assert isinstance(end, RunFailed) and end.reason == "oom" and end.step == 0
+    assert "while moving the model to the device" in end.message and "did not start" in end.message
+    assert end.adapter_path is None and [e.kind for e in events] == ["state", "failed"]
