@@ -1,0 +1,221 @@
+"""The shipped tiny base model, the built-in corpora, and a sampling helper for before/after comparisons.
+
+Everything here works offline: the base model lives in the package (``BASE_MODEL_PATH``) and the corpora
+are read from the Python installation (:mod:`lora_widgets.corpora`). A hub id such as
+``"HuggingFaceTB/SmolLM2-135M"`` goes through exactly the same loading code as the shipped model
+(``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``), so a Colab user with a GPU
+swaps one string.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from lora_widgets.corpora import CorpusInfo, corpus_for_role, read_corpus
+from lora_widgets.corpora import list_corpora as _list_corpora
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "BASE_MODEL_PATH",
+    "generate",
+    "list_corpora",
+    "load_base_model",
+    "load_corpus",
+    "load_model",
+]
+
+#: Directory of the shipped pretrained base model (``save_pretrained`` output plus its model card).
+BASE_MODEL_PATH: Path = Path(__file__).resolve().parent / "assets" / "base_model"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or one of {', '.join(_DTYPES)}")
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else with a path shape is meant to be local."""
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith(("/", ".json", ".safetensors"))
+    )
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer: the shipped model, a local directory or a hub id.
+
+    All three go through ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+    The tokenizer gets a padding token (its EOS token) if it has none, since batching needs one.
+
+    Args:
+        name_or_path: ``None`` for the shipped base model; a local directory written by ``save_pretrained``;
+            or a Hugging Face hub id (downloaded unless ``HF_HUB_OFFLINE=1``).
+        device: where to put the model (``"cpu"``, ``"cuda"``, a ``torch.device``); ``None`` keeps it on the CPU.
+        dtype: parameter dtype (``torch.float32``, ``"bf16"``, ...); ``None`` keeps the checkpoint's default.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        ValueError: an unknown dtype; a local path that does not exist; a name that is neither a local
+            directory nor loadable from the hub (the message says what was tried and why it failed).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _resolve_dtype(dtype)
+    source: str | Path = BASE_MODEL_PATH if name_or_path is None else name_or_path  # type: ignore[assignment]
+    if isinstance(source, os.PathLike):
+        source = Path(source).expanduser()
+        if not source.is_dir():
+            raise ValueError(
+                f"model directory {str(source)!r} does not exist; pass a directory written by "
+                "save_pretrained, a hub id such as 'HuggingFaceTB/SmolLM2-135M', or None for the shipped model"
+            )
+    elif not isinstance(source, str):
+        raise TypeError(f"name_or_path must be a str, a path or None, got {type(source).__name__}")
+    elif not Path(source).expanduser().is_dir() and _looks_like_local_path(source):
+        raise ValueError(
+            f"model directory {source!r} does not exist (resolved to {Path(source).expanduser().resolve()}); "
+            "pass an existing directory written by save_pretrained, or a hub id such as "
+            "'HuggingFaceTB/SmolLM2-135M'"
+        )
+    elif Path(source).expanduser().is_dir():
+        source = Path(source).expanduser()
+
+    kwargs: dict[str, Any] = {}
+    if torch_dtype is not None:
+        # transformers >= 4.56 calls it `dtype`; older releases only know `torch_dtype`.
+        import transformers
+
+        major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+        kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = torch_dtype
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        raise ValueError(
+            f"could not load a model from {str(source)!r}: tried it as a local directory (not found) and as a "
+            f"Hugging Face hub id ({'the hub is switched off by HF_HUB_OFFLINE=1' if offline else 'download failed'}"
+            f": {exc}). Check the spelling, download it once while online, or pass a local directory"
+        ) from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        cast(torch.nn.Module, model).to(torch.device(device))
+    model.eval()
+    return model, tokenizer
+
+
+def load_base_model(
+    device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the shipped pretrained tiny Llama (about 1.9 M parameters) and its tokenizer, offline.
+
+    See ``BASE_MODEL_PATH / "README.md"`` (the model card) for its corpus, size and losses.
+    """
+    return load_model(None, device=device, dtype=dtype)
+
+
+def list_corpora() -> list[CorpusInfo]:
+    """Describe the built-in corpora: name, role (``"pretrain"`` / ``"finetune"``), description, source, licence."""
+    return _list_corpora()
+
+
+def load_corpus(role: str) -> list[str]:
+    """Documents of the built-in corpus for ``role``.
+
+    ``"pretrain"``: the standard library's source code, which the shipped model was pretrained on.
+    ``"finetune"``: the Python Language Reference prose (``pydoc_data.topics``), a different domain for
+    LoRA to adapt to.
+
+    Raises:
+        ValueError: ``role`` is not ``"pretrain"`` or ``"finetune"``.
+    """
+    return read_corpus(corpus_for_role(role))
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    max_new_tokens: int = 40,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    include_prompt: bool = True,
+) -> str:
+    """Sample a continuation of ``prompt``; the same seed gives the same text.
+
+    ``temperature == 0`` decodes greedily; otherwise tokens are sampled from the softmax of
+    ``logits / temperature`` restricted to the ``top_k`` most likely tokens (``top_k=0``: no restriction).
+    The global RNG state is saved and restored, so sampling does not disturb a training run's seed; the
+    model's train/eval mode is restored too. Generation stops early at the EOS token.
+
+    Returns:
+        ``prompt`` followed by the generated text (only the generated text if ``include_prompt=False``).
+
+    Raises:
+        ValueError: ``max_new_tokens < 1``, ``temperature < 0`` or ``top_k < 0``.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filtering), got {top_k!r}")
+    device = next(model.parameters()).device
+    ids: list[int] = tokenizer(prompt)["input_ids"] if prompt else []
+    if not ids:  # start a fresh document
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError("the prompt is empty and the tokenizer has no BOS/EOS token to start from")
+        ids = [int(start)]
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
+    if temperature > 0:
+        options.update(temperature=float(temperature), top_k=top_k, top_p=1.0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
+            torch.manual_seed(seed)
+            output = model.generate(  # type: ignore[operator]
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **options,
+            )  # [1, T + new]
+    finally:
+        model.train(was_training)
+    new_text = str(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True))
+    return prompt + new_text if include_prompt else new_text

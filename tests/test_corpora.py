@@ -1,0 +1,65 @@
+"""The built-in corpora: read from the Python installation, deterministic, documented, two domains."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_widgets.corpora import (
+    corpus_for_role,
+    get_corpus_info,
+    list_corpora,
+    read_corpus,
+)
+
+
+def test_two_corpora_with_roles_and_licence() -> None:
+    infos = {info.name: info for info in list_corpora()}
+    assert set(infos) == {"stdlib-code", "python-docs"}
+    assert infos["stdlib-code"].role == "pretrain"
+    assert infos["python-docs"].role == "finetune"
+    for info in infos.values():
+        assert "Python Software Foundation" in info.licence
+        assert info.description and info.source
+    assert corpus_for_role("pretrain") == "stdlib-code"
+    assert corpus_for_role("finetune") == "python-docs"
+
+
+@pytest.mark.parametrize("name", ["stdlib-code", "python-docs"])
+def test_read_is_deterministic_and_returns_a_fresh_list(name: str) -> None:
+    first = read_corpus(name)
+    assert len(first) > 50
+    assert all(isinstance(doc, str) and doc.strip() for doc in first)
+    first.append("mutated")
+    assert read_corpus(name) == first[:-1]
+
+
+def test_code_corpus_is_code_without_tests_or_build_data() -> None:
+    docs = read_corpus("stdlib-code")
+    text = "\n".join(docs)
+    assert len(text) > 1_000_000
+    assert text.count("\ndef ") > 1000
+    assert "class ArgumentParser(" in text  # argparse.py is in, in file-name order before base64.py
+    assert text.index("class ArgumentParser(") < text.index("def b64encode(")
+    assert "_sysconfigdata" not in text.split("\n", 1)[0]
+    assert not any(doc.startswith('"""\nThe Zen') for doc in docs)
+
+
+def test_docs_corpus_is_prose_from_pydoc_topics() -> None:
+    from pydoc_data.topics import topics
+
+    docs = read_corpus("python-docs")
+    assert docs == [topics[key].strip() for key in sorted(topics) if topics[key].strip()]
+    text = "\n".join(docs)
+    assert "statement" in text and "The " in text
+    # prose, not code: far fewer definitions per character than the stdlib source
+    code = "\n".join(read_corpus("stdlib-code"))
+    assert text.count("def ") / len(text) < 0.2 * code.count("def ") / len(code)
+
+
+def test_unknown_names_and_roles_are_explained() -> None:
+    with pytest.raises(ValueError, match=r"unknown corpus 'wiki'.*stdlib-code, python-docs"):
+        read_corpus("wiki")
+    with pytest.raises(ValueError, match="unknown corpus"):
+        get_corpus_info("")
+    with pytest.raises(ValueError, match=r"unknown corpus role 'train'.*'pretrain'.*'finetune'"):
+        corpus_for_role("train")
