@@ -731,8 +731,23 @@ class Trainer:
             start_step = state.step
             info = {"resumed_from": str(state.path), "resumed_step": state.step}
             state.restore_rng()
+            self._load_earlier_history(state.path, state.step)
         model.train()
         return ctx, start_step, info
+
+    def _load_earlier_history(self, checkpoint_dir: Path, step: int) -> None:
+        """Put the checkpointed run's metrics up to ``step`` into :attr:`history`, so that plots of a
+        resumed run show the whole curve (read from ``<run_dir>/metrics.jsonl`` when it is there)."""
+        from lora_widgets.events import event_from_dict
+
+        metrics = checkpoint_dir.parent.parent / "metrics.jsonl"
+        if not metrics.is_file():
+            return
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError), open(metrics) as f:
+            for line in f:
+                event = event_from_dict(json.loads(line))
+                if isinstance(event, StepMetrics | EvalMetrics) and event.step <= step:
+                    self.history.append(event)
 
     def _train_step(self, ctx: _RunContext, step: int, log: bool) -> _StepOut:
         """One optimizer update (0-based ``step``): grad-accum micro-batches, clip, AdamW step.

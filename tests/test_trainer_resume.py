@@ -62,6 +62,9 @@ def test_resume_reproduces_later_losses_exactly(tmp_path: Path, make_model: Any)
     assert resumed_losses == {s: losses[s] for s in range(5, 13)}  # bit-identical, crossing an epoch
     for k, v in lora_state_dict(resumed.model).items():
         torch.testing.assert_close(v, lora_state_dict(full.model)[k], rtol=0, atol=0)
+    assert resumed.history.step.tolist() == list(range(1, 13))  # earlier steps read from the first run
+    assert resumed.history.loss.tolist() == full.history.loss.tolist()
+    assert resumed.history.eval_step.tolist() == full.history.eval_step.tolist()
     assert resumed.run_dir != full.run_dir
     info = json.loads((resumed.run_dir / "config.json").read_text())  # type: ignore[operator]
     assert info["resumed_from"] == saved[0].path
