@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lora_widgets.corpora import (
+    _is_code_module,
     corpus_for_role,
     get_corpus_info,
     list_corpora,
@@ -40,8 +43,16 @@ def test_code_corpus_is_code_without_tests_or_build_data() -> None:
     assert text.count("\ndef ") > 1000
     assert "class ArgumentParser(" in text  # argparse.py is in, in file-name order before base64.py
     assert text.index("class ArgumentParser(") < text.index("def b64encode(")
-    assert "_sysconfigdata" not in text.split("\n", 1)[0]
-    assert not any(doc.startswith('"""\nThe Zen') for doc in docs)
+    assert "build_time_vars = {" not in text  # _sysconfigdata_*.py: machine-specific generated data
+    assert "Gur Mra bs Clguba" not in text  # this.py: ROT13 text, not code
+    assert len(docs) == len({doc[:200] for doc in docs})
+    for name, kept in [
+        ("argparse.py", True),
+        ("test_x.py", False),
+        ("_test_y.py", False),
+        ("this.py", False),
+    ]:
+        assert _is_code_module(Path(name)) is kept, name
 
 
 def test_docs_corpus_is_prose_from_pydoc_topics() -> None:
