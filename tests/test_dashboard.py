@@ -586,3 +586,44 @@ def test_a_short_real_run_on_a_tiny_model_finishes(tmp_path: Path) -> None:
         dash.trainer is not None
         and dash.trainer.report.trainable_params < dash.runs[0].trainer.report.trainable_params
     )
+
+
+def test_loss_range_leaves_headroom_for_the_legend_and_follows_the_log_toggle() -> None:
+    dash = make_dash()
+    run(dash.run())
+    scale = dash.charts._loss_y_linear
+    lo, hi = float(np.min(dash.charts.raw_loss.y)), float(np.max(dash.charts.raw_loss.y))
+    assert scale.min < lo and scale.max > hi + 0.5 * (hi - lo)  # the top is left to the legend
+    dash.panel.log_scale = True
+    log = dash.charts._loss_y_log
+    assert 0 < log.min < lo and log.max > hi
+
+
+@pytest.mark.slow
+def test_headless_execution_completes_and_keeps_the_static_summary(tmp_path: Path) -> None:
+    """What nbval / ``jupyter nbconvert --execute`` do: no front end, ``start()`` then ``await wait()``."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("lora_widgets.demo")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "from lora_widgets import LoRADashboard, TrainConfig\n"
+            f"dash = LoRADashboard(train=TrainConfig(max_steps=6, warmup_steps=1, eval_every=3, output_dir={str(tmp_path)!r}))\n"
+            "dash"
+        ),
+        nbformat.v4.new_code_cell("dash.start()\nresult = await dash.wait()\nprint(result.kind, dash.state)"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    assert nb.cells[1].outputs[0]["text"].strip() == "finished finished"
+    kinds = [list(o.get("data", {})) for o in nb.cells[0].outputs]
+    assert any("application/vnd.jupyter.widget-view+json" in k for k in kinds)
+    html = next(o["data"]["text/html"] for o in nb.cells[0].outputs if "text/html" in o.get("data", {}))
+    svg = next(
+        o["data"]["image/svg+xml"] for o in nb.cells[0].outputs if "image/svg+xml" in o.get("data", {})
+    )
+    assert "static summary" in html and "finished" in html
+    assert "<polyline" in svg

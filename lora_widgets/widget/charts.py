@@ -227,7 +227,7 @@ class Charts:
         if self._data_range is None:
             return
         lo, hi = self._data_range
-        headroom = min(1.2, 0.12 * (3 + len(self.previous_runs)) + 0.05)
+        headroom = min(2.0, 0.2 * (3 + len(self.previous_runs)) + 0.1)  # legend rows ~ 20% of the span each
         if self.log_scale:
             if lo <= 0:
                 return
