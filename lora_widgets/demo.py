@@ -116,7 +116,14 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        if isinstance(source, Path):
+            raise ValueError(
+                f"could not load a model from the local directory {str(source)!r}: {exc}. It must hold what "
+                "save_pretrained writes (config.json, the weights and the tokenizer files)"
+            ) from exc
+        if not isinstance(exc, OSError):
+            raise
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
         raise ValueError(
             f"could not load a model from {str(source)!r}: tried it as a local directory (not found) and as a "

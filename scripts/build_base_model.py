@@ -401,7 +401,20 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log(f"saved to {out} ({summary['size_bytes'] / 1e6:.1f} MB) in {summary['total_wall_s'] / 60:.1f} min")
+    if out.resolve() != DEFAULT_OUT.resolve():
+        compare_with_shipped(summary, log)
     return 0
+
+
+def compare_with_shipped(summary: dict[str, Any], log: Any) -> None:
+    """Print how far a rebuild's losses are from the shipped model's card (a few percent is expected)."""
+    shipped_file = DEFAULT_OUT / "training_summary.json"
+    if not shipped_file.is_file():
+        return
+    shipped = json.loads(shipped_file.read_text())
+    for key in ("pretrain_val_loss", "finetune_val_loss", "final_train_loss"):
+        a, b = summary[key], shipped[key]
+        log(f"{key}: rebuild {a:.4f}, shipped {b:.4f} ({(a - b) / b:+.2%})")
 
 
 if __name__ == "__main__":

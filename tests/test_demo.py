@@ -117,6 +117,9 @@ def test_load_model_errors_say_what_was_tried(tmp_path: Path) -> None:
     # a hub-shaped id with the hub switched off (tests/conftest.py sets HF_HUB_OFFLINE=1): no network used
     with pytest.raises(ValueError, match=r"tried it as a local directory .* and as a Hugging Face hub id"):
         load_model("lora-widgets-tests/not-a-real-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"could not load a model from the local directory .*empty"):
+        load_model(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model(None, dtype="float8")
 
