@@ -228,6 +228,8 @@ def pack_blocks(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_
 def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """All documents' token ids, each followed by EOS: ``int64[n_tokens]``."""
     eos_id = _require_eos(tokenizer)
+    if isinstance(texts, str):
+        raise ValueError("pack_blocks takes a list of documents, got a single str; wrap it: [text]")
     texts = _check_rows(list(texts), "the texts")
     # verbose=False: documents longer than model_max_length are fine here; they are cut into blocks.
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]

@@ -151,6 +151,11 @@ def test_tokenizer_without_eos_names_the_fix(tokenizer) -> None:  # type: ignore
         prepare_data(["some text"], no_eos, block_size=2)
 
 
+def test_pack_blocks_refuses_a_bare_string(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=r"single str; wrap it"):
+        pack_blocks("def f(): pass\n" * 50, tokenizer, block_size=4)
+
+
 @pytest.mark.parametrize("bad", [0, 1, -4, 2.5, True, "128"])
 def test_bad_block_size(tokenizer, bad) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="block_size must be an int >= 2"):
