@@ -11,7 +11,7 @@ import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -627,3 +627,48 @@ def test_headless_execution_completes_and_keeps_the_static_summary(tmp_path: Pat
     )
     assert "static summary" in html and "finished" in html
     assert "<polyline" in svg
+
+
+def test_preflight_that_does_not_fit_warns_but_lets_the_run_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lora_widgets.memory as memory
+
+    class NoFit:
+        fits = False
+        suggestions: ClassVar[list[str]] = [
+            "batch_size=2 fits (predicted 3.1 GiB)",
+            "gradient checkpointing fits",
+        ]
+
+        def message(self) -> str:
+            return "Predicted peak 20 GiB vs 16 GiB available on cuda: will NOT fit."
+
+    seen: dict[str, Any] = {}
+
+    def fake_preflight(model: Any, lora: Any, **kw: Any) -> NoFit:
+        seen.update(kw, lora=lora)
+        return NoFit()
+
+    monkeypatch.setattr(memory, "preflight", fake_preflight)
+    dash = make_dash(batch_size=4)
+    result = run(dash.run())
+    assert isinstance(result, RunFinished)  # the user may still start
+    warning = [c for c in dash.panel.callouts if c["title"] == "This run may not fit in memory"]
+    assert len(warning) == 1 and "will NOT fit" in warning[0]["message"]
+    assert warning[0]["suggestions"] == NoFit.suggestions
+    assert seen["batch_size"] == 4 and seen["seq_len"] == 32 and seen["lora"].r == 4
+
+
+def test_a_failed_start_does_not_overlay_the_previous_run_twice() -> None:
+    dash = make_dash()
+    run(dash.run())
+
+    def bad(*a: Any, **k: Any) -> Any:
+        raise ValueError("nope")
+
+    dash._trainer_factory = bad
+    for _ in range(2):
+        with pytest.raises(ValueError, match="nope"):
+            run(dash.run())
+    dash._trainer_factory = FakeTrainer
+    run(dash.run())
+    assert len(dash.charts.previous_runs) == 1

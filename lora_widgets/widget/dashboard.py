@@ -260,6 +260,7 @@ class DashboardRun:
     trainer: Any  # Trainer
     result: RunEnded | None = None
     record: _Record = field(default_factory=_Record, repr=False)
+    overlaid: bool = field(default=False, repr=False)
 
     @property
     def final_loss(self) -> float | None:
@@ -762,9 +763,10 @@ class LoRADashboard(VBox):
 
     def _archive_previous_run(self) -> None:
         """Overlay the last run's smoothed loss as a labelled line before a new run clears the marks."""
-        if not self.runs:
+        if not self.runs or self.runs[-1].overlaid:
             return
         prev = self.runs[-1]
+        prev.overlaid = True
         steps, smoothed = prev.record.steps["step"], prev.record.steps["smoothed"]
         idx = decimate_indices(smoothed, 500)
         self.charts.overlay_run(prev.label, steps[idx], smoothed[idx])
