@@ -73,6 +73,7 @@ def main() -> None:
             "seq_len": case.seq_len,
             "dtype": case.dtype,
             "gradient_checkpointing": case.checkpointing,
+            "weight_dtype": case.weight_dtype,
         }
         est = estimate_memory(config, **kwargs)  # type: ignore[arg-type]
         meas = measure_memory(config, device=args.device, **kwargs)  # type: ignore[arg-type]

@@ -123,6 +123,7 @@ class MemoryEstimate:
     naive_total: int
     phase_breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default=())
+    weight_dtype: str = ""  # dtype of parameters, gradients and optimizer state ("" = dtype)
 
     @property
     def weights(self) -> int:
@@ -177,6 +178,7 @@ class MemoryEstimate:
             "naive_total": self.naive_total,
             "phase_breakdown": {k: dict(v) for k, v in self.phase_breakdown.items()},
             "notes": list(self.notes),
+            "weight_dtype": self.weight_dtype or self.dtype,
         }
 
 
@@ -228,8 +230,14 @@ class _Activations:
       upcasts logits for the loss), which for small models is the largest single activation.
     """
 
-    def __init__(self, arch: ArchInfo, plan: ParamPlan, b: int, s: int, p: int, full_head: bool) -> None:
+    def __init__(
+        self, arch: ArchInfo, plan: ParamPlan, b: int, s: int, p: int, full_head: bool, wb: int | None = None
+    ) -> None:
         self.arch, self.plan, self.b, self.s, self.p = arch, plan, b, s, p
+        # weight bytes; wb != p means mixed precision (torch.autocast): the residual stream and norms stay in
+        # the weights' dtype and every matmul casts its operands to the compute dtype
+        self.wb = p if wb is None else wb
+        self.autocast = self.wb != p
         self.T = b * s
         self.train_leaves = plan.trainable_leaves
         per_layer: dict[str, list[LoRAModule]] = {}
@@ -242,40 +250,49 @@ class _Activations:
     def _trains(self, leaf: str) -> bool:
         return leaf in self.train_leaves
 
-    def _linear_inputs(self, leaves: list[str], width: int) -> tuple[int, bool]:
-        """Saved bytes for a group of linears reading one tensor of ``width``; and whether any output needs grad."""
+    def _linear_inputs(
+        self, leaves: dict[str, int], width: int, rg_in: bool = True, cast: bool = False
+    ) -> tuple[int, bool]:
+        """Saved bytes for a group of linears reading one tensor of ``width`` (``leaves``: name -> output
+        width), and whether any output needs grad. ``cast``: under autocast the input is in the weights'
+        dtype, so each consumer saves its own compute-dtype copy instead of sharing one tensor.
+        """
         T, p = self.T, self.p
         saved = 0
-        shared_input = any(self._trains(leaf) for leaf in leaves)
+        consumers = sum(1 for leaf in leaves if self._trains(leaf))
         rg = False
-        for leaf in leaves:
+        for leaf, out in leaves.items():
             mod = self.lora.get(leaf)
+            if self.autocast and (rg_in or self._trains(leaf)):
+                saved += width * out * p  # the weight's compute-dtype copy, needed for the input gradient
             if mod is None:
                 rg = rg or self._trains(leaf)
                 continue
             rg = True
             saved += T * mod.r * p  # A's output, saved by B
+            if self.autocast:
+                saved += mod.r * (width + out) * p  # compute-dtype copies of A and B
             if mod.dropout:
-                saved += T * width * (p + 1)  # dropout output (saved by A) + bool mask
+                saved += T * width * (p + 1)  # dropout output (saved by A, or its cast) + 1-byte mask
             else:
-                shared_input = True
-        if shared_input:
-            saved += T * width * p
+                consumers += 1
+        if consumers:
+            saved += T * width * p * (consumers if cast else 1)
         return saved, rg
 
     def _rmsnorm(self, rg_in: bool, leaf: str) -> int:
-        T, h, p = self.T, self.arch.hidden, self.p
+        T, h = self.T, self.arch.hidden
         saved = 0
         if rg_in:
             saved += T * h * 4 + T * 4  # fp32 input + 1/rms
         if self._trains(leaf):
-            saved += T * h * p  # normalised input, for the weight's gradient
+            saved += T * h * self.wb  # normalised input, for the weight's gradient
         return saved
 
     def _grads_of_block(self) -> int:
         """Gradient bytes of one block's trainable parameters (LoRA factors or all weights)."""
         a = self.arch
-        return int(self.plan.trainable - self._head_and_embed_trainable()) // a.layers * self.p
+        return int(self.plan.trainable - self._head_and_embed_trainable()) // a.layers * self.wb
 
     def _head_and_embed_trainable(self) -> int:
         a = self.arch
@@ -293,7 +310,10 @@ class _Activations:
         q_dim, kv_dim = a.heads * a.head_dim, a.kv_heads * a.head_dim
         saved = self._rmsnorm(rg_in, "input_layernorm")
         norm_rg = rg_in or self._trains("input_layernorm")
-        lin, proj_rg = self._linear_inputs(["q_proj", "k_proj", "v_proj"], h)
+        cast = self.autocast  # under autocast the norm output is in the weights' dtype: each matmul casts it
+        lin, proj_rg = self._linear_inputs(
+            {"q_proj": q_dim, "k_proj": kv_dim, "v_proj": kv_dim}, h, rg_in or norm_rg, cast
+        )
         saved += lin
         attn_rg = norm_rg or proj_rg
         if attn_rg:
@@ -303,7 +323,7 @@ class _Activations:
                 saved += 2 * T * (q_dim - kv_dim) * p + b * a.heads * s * s * (4 + (p if p != 4 else 0))
             else:
                 saved += b * a.heads * s * 4  # log-sum-exp (fp32)
-        o_saved, o_rg = self._linear_inputs(["o_proj"], q_dim)
+        o_saved, o_rg = self._linear_inputs({"o_proj": h}, q_dim, attn_rg)
         if attn_rg and (
             self._trains("o_proj") or ("o_proj" in self.lora and not self.lora["o_proj"].dropout)
         ):
@@ -312,7 +332,7 @@ class _Activations:
         rg_mid = rg_in or attn_rg or o_rg
         saved += self._rmsnorm(rg_mid, "post_attention_layernorm")
         mlp_in_rg = rg_mid or self._trains("post_attention_layernorm")
-        lin, gu_rg = self._linear_inputs(["gate_proj", "up_proj"], h)
+        lin, gu_rg = self._linear_inputs({"gate_proj": i, "up_proj": i}, h, mlp_in_rg, cast)
         saved += lin
         gate_rg = mlp_in_rg or self._trains("gate_proj") or "gate_proj" in self.lora
         up_rg = mlp_in_rg or self._trains("up_proj") or "up_proj" in self.lora
@@ -320,29 +340,31 @@ class _Activations:
             saved += 2 * T * i * p  # SiLU's input (gate), and up (the product's gradient w.r.t. SiLU(gate))
         if up_rg:
             saved += T * i * p  # SiLU(gate), for the gradient w.r.t. up
-        lin, down_rg = self._linear_inputs(["down_proj"], i)
+        lin, down_rg = self._linear_inputs({"down_proj": h}, i, gate_rg or up_rg)
         saved += lin
         rg_out = rg_mid or gate_rg or up_rg or down_rg or gu_rg
         # Backward of the MLP: once down_proj's backward is done (its saved input released), the product's
         # gradient and the gradients w.r.t. SiLU(gate) and up are live at once, plus the residual gradients.
-        transient = 3 * T * i * p + 2 * T * h * p - lin
+        wb = self.wb
+        transient = 3 * T * i * p + 2 * T * h * wb - lin
         # Checkpointed forward: residual + normalised input, and in the MLP SiLU(gate), up, the product (or,
         # inside a LoRA layer, its base output, update, scaled update and sum)
         mlp_lora = any(leaf in self.lora for leaf in ("gate_proj", "up_proj", "down_proj"))
-        working = 2 * T * h * p + (4 if mlp_lora else 3) * T * i * p
-        input_saved = T * h * 4 if (rg_in and p == 4) else 0
-        early = h * i * p if self._trains("down_proj") else 0
+        working = 2 * T * h * wb + (4 if mlp_lora else 3) * T * i * p
+        input_saved = T * h * 4 if (rg_in and wb == 4) else 0  # RMSNorm saves an fp32 input as it is
+        # down_proj's weight gradient (under autocast computed in the compute dtype, then cast)
+        early = h * i * (wb + (p if self.autocast else 0)) if self._trains("down_proj") else 0
         return _Block(saved, transient, self._grads_of_block(), rg_out, working, input_saved, early)
 
     def gpt2_block(self, rg_in: bool) -> _Block:
         """GPT-2 block (LayerNorm, fused qkv ``c_attn``, GELU-tanh MLP; transformers' ``Conv1D`` layers)."""
-        a, T, p = self.arch, self.T, self.p
+        a, T, p, wb = self.arch, self.T, self.p, self.wb
         h, i = a.hidden, a.intermediate
         saved = 0
         ln1_rg = rg_in or self._trains("ln_1")
         if ln1_rg:
-            saved += T * h * p + 2 * T * 4  # LayerNorm: input, mean and rstd (fp32)
-        lin, qkv_rg = self._linear_inputs(["c_attn"], h)
+            saved += T * h * wb + 2 * T * 4  # LayerNorm: input, mean and rstd (fp32)
+        lin, qkv_rg = self._linear_inputs({"c_attn": 3 * h}, h, ln1_rg, self.autocast)
         saved += lin
         attn_rg = ln1_rg or qkv_rg
         if attn_rg:
@@ -355,22 +377,24 @@ class _Activations:
             saved += 2 * T * c_proj.r * p + T * i * p
             if c_proj.dropout:
                 saved += T * (h + i) * (p + 1)
+        if self.autocast:  # compute-dtype copies of both c_proj weights (attention h x h, MLP i x h)
+            saved += (h * h + i * h) * p
         if a.dropout > 0:
             saved += 2 * T * h  # residual dropout masks (1 byte each, fused CUDA kernel)
         rg_mid = rg_in or attn_rg or c_proj is not None or self._trains("c_proj")
         ln2_rg = rg_mid or self._trains("ln_2")
         if ln2_rg:
-            saved += T * h * p + 2 * T * 4
-        lin, fc_rg = self._linear_inputs(["c_fc"], h)
+            saved += T * h * wb + 2 * T * 4
+        lin, fc_rg = self._linear_inputs({"c_fc": i}, h, ln2_rg, self.autocast)
         saved += lin
         if ln2_rg or fc_rg:
             saved += 4 * T * i * p  # gelu_new, a Python tanh formula: x, tanh(..), 0.5 x, 1 + tanh(..)
             if self._trains("c_proj") and c_proj is None:
                 saved += T * i * p  # the MLP's c_proj input
-        transient = 3 * T * i * p + 2 * T * h * p
-        working = 2 * T * h * p + 4 * T * i * p
-        input_saved = T * h * p if ln1_rg else 0
-        early = h * i * p if self._trains("c_proj") else 0
+        transient = 3 * T * i * p + 2 * T * h * wb
+        working = 2 * T * h * wb + 4 * T * i * p
+        input_saved = T * h * wb if ln1_rg else 0
+        early = h * i * (wb + (p if self.autocast else 0)) if self._trains("c_proj") else 0
         return _Block(saved, transient, self._grads_of_block(), True, working, input_saved, early)
 
     def block(self, rg_in: bool) -> _Block:
@@ -378,12 +402,15 @@ class _Activations:
 
     def final(self, rg: bool) -> int:
         """Saved by the final norm, the head and the loss (the fp32 log-softmax)."""
-        a, T, p = self.arch, self.T, self.p
+        a, T, p, wb = self.arch, self.T, self.p, self.wb
         saved = 0
         if rg:  # final RMSNorm (fp32 input, 1/rms) or LayerNorm (input, mean, rstd)
-            saved += T * a.hidden * 4 + T * 4 if a.family == "llama" else T * a.hidden * p + 2 * T * 4
+            saved += T * a.hidden * 4 + T * 4 if a.family == "llama" else T * a.hidden * wb + 2 * T * 4
         if self.full_head:
-            saved += T * a.hidden * p * (2 if a.family == "llama" else 1)  # normed input + head input
+            # RMSNorm's normalised input (for its weight) and the head's input (its compute-dtype copy)
+            saved += T * a.hidden * (wb + p) if a.family == "llama" else T * a.hidden * p
+        if self.autocast and rg:
+            saved += a.vocab * a.hidden * p  # the head weight's compute-dtype copy
         saved += T * a.vocab * 4 + T * 8  # log-softmax output (fp32) and the shifted labels
         return saved
 
@@ -414,6 +441,7 @@ def estimate_memory(
     optimizer: str = "adamw",
     gradient_checkpointing: bool = False,
     base_quantization: str | None = None,
+    weight_dtype: torch.dtype | str | None = None,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training step of a causal language model.
 
@@ -423,11 +451,17 @@ def estimate_memory(
             (:func:`known_models`), or a hub id / local path (only its config is read).
         lora: adapters to train; ``None``: full fine-tuning (or the model's own adapters).
         batch_size, seq_len: sequences per step and tokens per sequence.
-        dtype: dtype of weights, activations and optimizer state (pure fp32/bf16/fp16 training).
+        dtype: the compute dtype: of activations, and of weights, gradients and optimizer state too unless
+            ``weight_dtype`` says otherwise (pure fp32/bf16/fp16 training).
         optimizer: "adamw"/"adam" (two moments per trainable parameter; PyTorch's ``foreach`` step allocates
             one temporary of the size of all trainable parameters) or "sgd" (no state).
         gradient_checkpointing: keep only each block's input and recompute one block at a time in backward.
         base_quantization: None, "8bit" or "4bit" (QLoRA: frozen Linear weights in NF4); requires ``lora``.
+        weight_dtype: dtype of the parameters (and so of gradients and optimizer state). ``None``: ``dtype``.
+            ``float32`` with ``dtype="bfloat16"``/``"float16"`` is mixed precision with ``torch.autocast``
+            (what :class:`~lora_widgets.trainer.Trainer` does with ``precision="bf16"`` on an fp32 model):
+            the residual stream stays fp32 and every matmul saves compute-dtype copies of its operands,
+            including a copy of each (even frozen) weight whose input needs a gradient.
 
     Returns:
         a :class:`MemoryEstimate`; ``total`` is the steady-state peak (see the module docstring).
@@ -444,6 +478,8 @@ def estimate_memory(
         )
     torch_dtype = parse_dtype(dtype)
     p = torch.tensor([], dtype=torch_dtype).element_size()
+    w_dtype = torch_dtype if weight_dtype is None else parse_dtype(weight_dtype)
+    wb = torch.tensor([], dtype=w_dtype).element_size()
     config, model = resolve_config(model_or_config)
     arch = ArchInfo.from_config(config)
     plan = param_plan(config, model, lora)
@@ -455,15 +491,15 @@ def estimate_memory(
     b, s = batch_size, seq_len
     T = b * s
     full_head = plan.trainable > 0 and bool({"lm_head", "embed_tokens", "wte"} & plan.trainable_leaves)
-    acts = _Activations(arch, plan, b, s, p, full_head)
+    acts = _Activations(arch, plan, b, s, p, full_head, wb)
 
-    frozen_w, trainable_w = _weight_bytes(plan, p, base_quantization)
-    grads = plan.trainable * p
-    opt_states = 2 * plan.trainable * p if opt in ("adamw", "adam") else 0
+    frozen_w, trainable_w = _weight_bytes(plan, wb, base_quantization)
+    grads = plan.trainable * wb
+    opt_states = 2 * plan.trainable * wb if opt in ("adamw", "adam") else 0
     opt_temp = (
-        plan.trainable * p if opt in ("adamw", "adam") else 0
+        plan.trainable * wb if opt in ("adamw", "adam") else 0
     )  # foreach: sqrt(v) for all params at once
-    overhead = 2 * T * 8 + 2 * s * arch.head_dim * p  # input ids + labels (int64), RoPE cos/sin
+    overhead = 2 * T * 8 + 2 * s * arch.head_dim * wb  # input ids + labels (int64), RoPE cos/sin
     if base_quantization is not None:
         # each quantized layer is dequantized to the compute dtype for its matmul, one layer at a time
         largest = max(arch.intermediate * arch.hidden, 3 * arch.hidden * arch.hidden)
@@ -478,7 +514,7 @@ def estimate_memory(
         rg = blk.rg_out
     final_saved = acts.final(rg)
     # checkpointing keeps each block's input only
-    kept = [T * arch.hidden * p if gradient_checkpointing else blk.saved for blk in blocks]
+    kept = [T * arch.hidden * wb if gradient_checkpointing else blk.saved for blk in blocks]
     activations = sum(kept) + final_saved
     # at the loss: the logits in the model's dtype, their fp32 copy (transformers upcasts for the loss)
     logits_transient = T * arch.vocab * p + (T * arch.vocab * 4 if p != 4 else 0)
@@ -496,7 +532,7 @@ def estimate_memory(
         # head: the logits' gradient in the model dtype (and its fp32 source), the head's weight gradient
         (
             activations - T * V * 4,
-            V * arch.hidden * p if full_head else 0,
+            V * arch.hidden * (wb + (p if acts.autocast else 0)) if full_head else 0,
             T * V * (p + (4 if p != 4 else 0)),
         ),
     ]
@@ -509,9 +545,9 @@ def estimate_memory(
         # the MLP's backward (the block's own gradients not yet all there), then the block's end
         bwd_points.append((below + current, live_grads + blk.early_grads, blk.transient))
         live_grads += blk.grads
-        bwd_points.append((below, live_grads, 2 * T * arch.hidden * p))
+        bwd_points.append((below, live_grads, 2 * T * arch.hidden * wb))
     if full_head:  # the embedding's dense gradient (accumulated into the tied head's when tied)
-        bwd_points.append((0, live_grads, V * arch.hidden * p * (1 if arch.tied else 0)))
+        bwd_points.append((0, live_grads, V * arch.hidden * wb * (1 if arch.tied else 0)))
 
     # ---- optimizer step: all gradients, both moments and the foreach temporary ---------------------
     opt_points = [(0, grads, opt_temp)]
@@ -554,6 +590,7 @@ def estimate_memory(
         dtype=_dtype_name(torch_dtype),
         naive_total=frozen_w + trainable_w + grads + opt_states + activations + overhead,
         notes=tuple(notes),
+        weight_dtype=_dtype_name(w_dtype),
     )
 
 
@@ -571,17 +608,21 @@ def suggest_fit(
     available_bytes: int,
     gradient_checkpointing: bool = False,
     cuda: bool = True,
+    weight_dtype: torch.dtype | str | None = None,
 ) -> list[str]:
     """Concrete changes that would make the step fit in ``available_bytes`` (empty if it already fits).
 
     Tried in order of how little they change the run: the largest batch size that fits (same everything
     else), gradient checkpointing (with the largest batch size that then fits), a smaller LoRA rank, a
-    shorter sequence length, LoRA instead of full fine-tuning, a 4-bit base. Each suggestion states the
-    predicted peak. ``cuda`` adds the CUDA context and fragmentation allowance (see
-    :meth:`MemoryEstimate.required_bytes`).
+    shorter sequence length, LoRA instead of full fine-tuning. Each suggestion states the predicted peak.
+    ``cuda`` adds the CUDA context and fragmentation allowance (see :meth:`MemoryEstimate.required_bytes`).
+    ``weight_dtype``: as in :func:`estimate_memory`; ``None`` with a model: its parameters' dtype (an fp32
+    model with ``dtype="bfloat16"`` is then mixed precision, as the Trainer runs it).
     """
     if isinstance(available_bytes, bool) or not isinstance(available_bytes, int) or available_bytes <= 0:
         raise ValueError(f"available_bytes must be a positive integer, got {available_bytes!r}")
+    if weight_dtype is None:
+        weight_dtype = _param_dtype(model_or_config)
     model_or_config = _for_estimate(model_or_config, lora)
 
     def est(**changes: Any) -> MemoryEstimate:
@@ -591,6 +632,7 @@ def suggest_fit(
             "seq_len": seq_len,
             "dtype": dtype,
             "gradient_checkpointing": gradient_checkpointing,
+            "weight_dtype": weight_dtype,
         }
         kwargs.update(changes)
         return estimate_memory(model_or_config, **kwargs)
@@ -686,6 +728,15 @@ class PreflightResult:
         return head + "\n" + "\n".join(f"- {s}" for s in self.suggestions)
 
 
+def _param_dtype(model: Any) -> torch.dtype | None:
+    """The dtype of a model's floating parameters (None for configs and names)."""
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
 def _for_estimate(model: Any, lora: LoRAConfig | None) -> Any:
     """A model that already carries the adapters ``lora`` describes is estimated from its config + ``lora``
     (the trainer applies LoRA before it runs; its OOM handler passes that model)."""
@@ -717,13 +768,19 @@ def preflight(
     device: torch.device | str | None = None,
     gradient_checkpointing: bool = False,
     available_bytes: int | None = None,
+    weight_dtype: torch.dtype | str | None = None,
 ) -> PreflightResult:
     """Compare the estimate with the device's free memory before a run; suggest changes if it won't fit.
+
+    ``dtype`` is the compute dtype; ``weight_dtype`` defaults to the model's parameter dtype, so an fp32
+    model with ``dtype="bfloat16"`` is estimated as mixed precision (autocast), as the Trainer runs it.
 
     On a GPU, memory the model already occupies counts as used (``mem_get_info`` reports what is free now),
     so the estimate's weights are added back when the model already lives on that device.
     """
     dev = resolve_device(device)
+    if weight_dtype is None:
+        weight_dtype = _param_dtype(model)
     estimate = estimate_memory(
         _for_estimate(model, lora),
         lora,
@@ -731,6 +788,7 @@ def preflight(
         seq_len,
         dtype,
         gradient_checkpointing=gradient_checkpointing,
+        weight_dtype=weight_dtype,
     )
     cuda = dev.type == "cuda"
     if available_bytes is None:
@@ -745,7 +803,15 @@ def preflight(
         []
         if fits
         else suggest_fit(
-            model, lora, batch_size, seq_len, dtype, available_bytes, gradient_checkpointing, cuda=cuda
+            model,
+            lora,
+            batch_size,
+            seq_len,
+            dtype,
+            available_bytes,
+            gradient_checkpointing,
+            cuda=cuda,
+            weight_dtype=weight_dtype,
         )
     )
     return PreflightResult(fits, estimate, int(available_bytes), suggestions, str(dev))

@@ -7,6 +7,7 @@ docstring and in ``docs/memory.md``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -158,6 +159,7 @@ def measure_memory(
     gradient_checkpointing: bool = False,
     device: torch.device | str | None = None,
     steps: int = 2,
+    weight_dtype: torch.dtype | str | None = None,
 ) -> MemoryMeasurement:
     """Run ``steps`` real training steps (AdamW, foreach) on a copy of ``model`` and measure their peak.
 
@@ -177,6 +179,7 @@ def measure_memory(
     :func:`estimate_memory`.
     """
     torch_dtype = parse_dtype(dtype)
+    w_dtype = torch_dtype if weight_dtype is None else parse_dtype(weight_dtype)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got steps={steps!r}")
     dev = resolve_device(device)
@@ -184,7 +187,7 @@ def measure_memory(
     if cuda:  # only what this measurement allocates counts (not the caller's own tensors on the GPU)
         torch.cuda.synchronize(dev)
         baseline = torch.cuda.memory_allocated(dev)
-    net: Any = _build_model(model, torch_dtype, dev)  # a transformers causal LM
+    net: Any = _build_model(model, w_dtype, dev)  # a transformers causal LM
     if lora is not None:
         apply_lora(net, lora)
     if gradient_checkpointing:
@@ -197,9 +200,17 @@ def measure_memory(
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
 
+    # mixed precision: weights stay in w_dtype, the forward runs under autocast in the compute dtype
+    autocast: Any = (
+        torch.autocast(device_type=dev.type, dtype=torch_dtype)
+        if w_dtype != torch_dtype
+        else contextlib.nullcontext()
+    )
+
     def phase_step(mark: Callable[[str], None]) -> None:
         mark("forward")
-        loss = net(input_ids=batch, labels=batch).loss  # the output (and its logits) is dropped here
+        with autocast:
+            loss = net(input_ids=batch, labels=batch).loss  # the output (and its logits) is dropped here
         mark("backward")
         loss.backward()
         del loss

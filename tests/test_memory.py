@@ -335,3 +335,24 @@ def test_device_auto_and_bad_devices() -> None:
     assert result.device.split(":")[0] in ("cpu", "cuda", "mps") and result.available_bytes > 0
     with pytest.raises(ValueError, match="device='gpu0'"):
         preflight("GPT-2", device="gpu0")
+
+
+def test_mixed_precision_keeps_fp32_state_and_adds_weight_copies() -> None:
+    lora = LoRAConfig(r=16)
+    pure = estimate_memory("Llama-3.2-1B", lora, 4, 512, "bf16")
+    mixed = estimate_memory("Llama-3.2-1B", lora, 4, 512, "bf16", weight_dtype="float32")
+    n = REAL_COUNTS["Llama-3.2-1B"]
+    assert mixed.frozen_weights == 4 * n and pure.frozen_weights == 2 * n
+    assert mixed.gradients == 4 * mixed.trainable_params
+    assert mixed.to_dict()["weight_dtype"] == "float32" and pure.to_dict()["weight_dtype"] == "bfloat16"
+    # autocast keeps a bf16 copy of (nearly) every weight whose input needs a gradient until backward
+    linear = 16 * (2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192)  # q, o, k, v, MLP per block
+    assert mixed.activations - pure.activations > 0.9 * linear * 2
+    _check_consistent(mixed)
+
+
+def test_preflight_infers_mixed_precision_from_an_fp32_model() -> None:
+    model = tiny_llama()  # fp32 parameters; the Trainer's precision="bf16" runs it under autocast
+    result = preflight(model, LoRAConfig(r=2), batch_size=2, seq_len=16, dtype="bfloat16", device="cpu")
+    expected = estimate_memory(model.config, LoRAConfig(r=2), 2, 16, "bfloat16", weight_dtype="float32")
+    assert result.estimate == expected

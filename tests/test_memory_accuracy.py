@@ -47,6 +47,7 @@ class Case:
     seq_len: int
     dtype: str
     checkpointing: bool = False
+    weight_dtype: str | None = None  # "float32" with a 16-bit dtype: mixed precision (autocast)
 
     @property
     def label(self) -> str:
@@ -56,7 +57,8 @@ class Case:
         if self.lora is not None and self.lora.dropout:
             method += f" drop={self.lora.dropout}"
         gc = " +GC" if self.checkpointing else ""
-        return f"{self.model} {method} b={self.batch_size} s={self.seq_len} {self.dtype}{gc}"
+        dtype = f"autocast {self.dtype} (fp32 weights)" if self.weight_dtype else self.dtype
+        return f"{self.model} {method} b={self.batch_size} s={self.seq_len} {dtype}{gc}"
 
 
 QV = None  # the architecture's default targets: q_proj and v_proj
@@ -77,6 +79,8 @@ GRID = [
     Case("llama-8.1M", LoRAConfig(r=16), 8, 128, "bfloat16"),
     Case("llama-8.1M", LoRAConfig(r=16), 8, 128, "bfloat16", checkpointing=True),
     Case("llama-8.1M", LoRAConfig(r=32, target_modules="all-linear"), 4, 256, "float32"),
+    Case("llama-3.4M", LoRAConfig(r=16, target_modules="all-linear"), 8, 128, "bfloat16", False, "float32"),
+    Case("llama-3.4M", None, 8, 128, "bfloat16", True, "float32"),
 ]
 
 
@@ -89,6 +93,7 @@ def run_case(case: Case, config: Any = None) -> tuple[MemoryEstimate, MemoryMeas
         "seq_len": case.seq_len,
         "dtype": case.dtype,
         "gradient_checkpointing": case.checkpointing,
+        "weight_dtype": case.weight_dtype,
     }
     est = estimate_memory(config, **kwargs)  # type: ignore[arg-type]
     meas = measure_memory(config, **kwargs)  # type: ignore[arg-type]
@@ -98,6 +103,7 @@ def run_case(case: Case, config: Any = None) -> tuple[MemoryEstimate, MemoryMeas
 def test_grid_covers_the_required_axes() -> None:
     assert len(GRID) >= 12
     assert {c.dtype for c in GRID} == {"float32", "bfloat16"}
+    assert any(c.weight_dtype == "float32" and c.dtype == "bfloat16" for c in GRID)  # mixed precision
     assert {c.checkpointing for c in GRID} == {True, False}
     assert any(c.lora is None for c in GRID) and any(c.lora is not None for c in GRID)
     assert len({c.lora.r for c in GRID if c.lora}) >= 3

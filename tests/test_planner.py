@@ -77,6 +77,7 @@ def test_controls_update_estimate_and_bars_in_place() -> None:
         ("batch_size", 16),
         ("seq_len", 2048),
         ("gradient_checkpointing", True),
+        ("precision", "mixed-bf16"),
         ("precision", "float32"),
         ("targets", "all-linear"),
     ]:
@@ -84,7 +85,7 @@ def test_controls_update_estimate_and_bars_in_place() -> None:
         setattr(planner, name, value)
         totals[name] = planner.estimate["total"]
         assert totals[name] != previous, name
-    assert totals["batch_size"] > 0 and planner.estimate["dtype"] == "float32"
+    assert totals["precision"] > 0 and planner.estimate["dtype"] == "float32"
 
     lora_total = planner.estimate["total"]
     planner.method = "qlora"
@@ -211,3 +212,10 @@ def test_view_renders_and_sends_changes_without_console_errors(tmp_path: pathlib
         page.evaluate("window.cleanup()")
         browser.close()
     assert errors == []
+
+
+def test_mixed_precision_option() -> None:
+    planner = MemoryPlanner(precision="mixed-fp16")
+    assert planner.estimate["dtype"] == "float16" and planner.estimate["weight_dtype"] == "float32"
+    planner.precision = "float16"
+    assert planner.estimate["weight_dtype"] == "float16"

@@ -43,6 +43,13 @@ COMPONENTS: tuple[str, ...] = (
 )
 _COLORS = ["#9e9e9e", "#1f77b4", "#9467bd", "#ff7f0e", "#2ca02c", "#d62728", "#8c564b"]
 BARS: tuple[str, ...] = ("forward", "backward", "optimizer step", "naive sum")
+_COMPUTE = {
+    "float32": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "mixed-bf16": "bfloat16",
+    "mixed-fp16": "float16",
+}
 
 _INPUTS = (
     "model_name",
@@ -95,9 +102,12 @@ class MemoryPlanner(anywidget.AnyWidget):
     batch_size = traitlets.Int(8, help="Sequences per optimizer step (1-4096).").tag(sync=True)
     seq_len = traitlets.Int(512, help="Tokens per sequence (1-1,048,576).").tag(sync=True)
     precision = traitlets.Enum(
-        ["float32", "bfloat16", "float16"],
+        ["float32", "bfloat16", "float16", "mixed-bf16", "mixed-fp16"],
         default_value="bfloat16",
-        help="dtype of weights, activations and optimizer state.",
+        help=(
+            "float32/bfloat16/float16: pure training in that dtype; mixed-bf16/mixed-fp16: fp32 weights, "
+            "gradients and optimizer state with torch.autocast computing in bf16/fp16."
+        ),
     ).tag(sync=True)
     gradient_checkpointing = traitlets.Bool(
         False, help="Recompute each block in backward, keeping only block inputs."
@@ -236,7 +246,8 @@ class MemoryPlanner(anywidget.AnyWidget):
             lora=self.current_lora(),
             batch_size=self.batch_size,
             seq_len=self.seq_len,
-            dtype=self.precision,
+            dtype=_COMPUTE[self.precision],
+            weight_dtype="float32" if self.precision.startswith("mixed") else None,
             gradient_checkpointing=self.gradient_checkpointing,
             base_quantization="4bit" if self.method == "qlora" else None,
         )

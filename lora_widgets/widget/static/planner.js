@@ -15,6 +15,8 @@ const PRECISIONS = [
   ["float32", "fp32"],
   ["bfloat16", "bf16"],
   ["float16", "fp16"],
+  ["mixed-bf16", "mixed bf16 (fp32 weights)"],
+  ["mixed-fp16", "mixed fp16 (fp32 weights)"],
 ];
 const TARGETS = [
   ["default", "q, v (default)"],
