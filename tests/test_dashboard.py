@@ -672,3 +672,16 @@ def test_a_failed_start_does_not_overlay_the_previous_run_twice() -> None:
     dash._trainer_factory = FakeTrainer
     run(dash.run())
     assert len(dash.charts.previous_runs) == 1
+
+
+def test_missing_browser_fails_under_ci_and_is_skipped_with_the_install_command_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.e2e import conftest as e2e
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        e2e._missing("Chromium")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
+        e2e._missing(f"Chromium; install it with `{e2e.INSTALL_HINT}`")

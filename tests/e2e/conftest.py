@@ -99,7 +99,9 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> I
         "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]
+        ),
     }
     log = root / "jupyter.log"
     cmd = [
@@ -115,10 +117,12 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> I
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"jupyter lab exited with {proc.returncode}:\n{server.log_tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{server.url}/api/status?token={token}", timeout=2) as r:
-                    if r.status == 200:
-                        break
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{server.url}/api/status?token={token}", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    break
             if time.monotonic() > deadline:
                 pytest.fail(f"jupyter lab did not answer within 60 s:\n{server.log_tail()}")
             time.sleep(0.3)
@@ -153,8 +157,14 @@ def write_notebook(path: Path, cells: list[str]) -> None:
     """A minimal nbformat-4 notebook with the python3 kernel (so no 'Select Kernel' dialog is needed)."""
     nb = {
         "cells": [
-            {"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [],
-             "source": src}  # fmt: skip
+            {
+                "cell_type": "code",
+                "execution_count": None,
+                "id": f"c{i}",
+                "metadata": {},
+                "outputs": [],
+                "source": src,
+            }
             for i, src in enumerate(cells)
         ],
         "metadata": {

@@ -2,7 +2,7 @@
 
 One scripted session: open a notebook, build a LoRADashboard on the shipped model, click Train, see the
 loss line and the progress advance, execute another cell while it trains (timed against the same cell
-when idle), click Stop and see 'stopped' within seconds, start a second, shorter run that finishes with
+when idle), pause and resume, click Stop and see 'stopped' within seconds, start a second, shorter run that finishes with
 the first one overlaid, open the MemoryPlanner, and check the browser console stayed clean.
 
 Screenshots go to a temporary directory; with ``LORA_WIDGETS_SCREENSHOT_DIR`` set they are also written
@@ -172,12 +172,28 @@ def _session(
     first_step, first_len = progress_step(page), loss_path_length(page)
     busy = [timed_trivial_cell(page, k) for k in range(3, 6)]
     page.wait_for_function(
-        f"() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) >= {first_step + 5}", timeout=30_000
+        f"() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) >= {first_step + 5}",
+        timeout=30_000,
     )
     assert loss_path_length(page) > first_len  # the line grew in place
     assert "tokens/s" in page.locator(".lw-dash .lw-progress-text").inner_text()
     assert page.locator(".lw-dash .lw-stop").is_enabled() and page.locator(".lw-dash .lw-train").is_disabled()
     shoot(page, "02-running.png", shots)
+
+    # --- pause and resume -------------------------------------------------------------------------
+    pause = page.locator(".lw-dash .lw-pause")
+    pause.click()
+    page.wait_for_function("() => document.querySelector('.lw-dash .lw-status').dataset.state === 'paused'")
+    assert pause.inner_text() == "Resume"
+    page.wait_for_timeout(600)  # the last step's throttled flush lands
+    held = progress_step(page)
+    page.wait_for_timeout(1000)
+    assert progress_step(page) == held  # nothing moves while paused
+    pause.click()
+    page.wait_for_function("() => document.querySelector('.lw-dash .lw-status').dataset.state === 'running'")
+    page.wait_for_function(
+        f"() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) > {held}", timeout=30_000
+    )
 
     # --- stop ---------------------------------------------------------------------------------------
     t0 = time.perf_counter()
