@@ -78,6 +78,23 @@ def timed_trivial_cell(page: Any, expected: int) -> float:
     return time.perf_counter() - t0
 
 
+def wait_for_idle_kernel(page: Any, timeout_s: float = 90.0) -> None:
+    """Accept a "Select Kernel" dialog if one appears, until the status bar says the kernel is idle.
+
+    Shift+Enter before the kernel is connected only moves the cursor, so every run waits for this.
+    """
+    dialog = page.locator(".jp-Dialog .jp-mod-accept")
+    idle = "() => [...document.querySelectorAll('.jp-StatusBar-TextItem')].some(e => /\\| Idle/.test(e.textContent))"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if dialog.count() and dialog.first.is_visible():
+            dialog.first.click()
+        if page.evaluate(idle):
+            return
+        page.wait_for_timeout(200)
+    raise AssertionError(f"the kernel was not idle within {timeout_s:.0f} s")
+
+
 def status(page: Any) -> str:
     return str(page.locator(".lw-dash .lw-status").get_attribute("data-state"))
 
@@ -140,14 +157,7 @@ def _session(
     )
     page.goto(jupyter_server.lab_url("e2e.ipynb"))
     page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=60_000)
-    dialog = page.locator(".jp-Dialog .jp-mod-accept")
-    if dialog.count() or dialog.first.is_visible(timeout=2000):  # "Select Kernel"
-        dialog.first.click()
-    # the kernel must be connected and idle, or Shift+Enter only moves the cursor
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.jp-StatusBar-TextItem')].some(e => /\\| Idle/.test(e.textContent))",
-        timeout=60_000,
-    )
+    wait_for_idle_kernel(page)
 
     # --- build the dashboard ---------------------------------------------------------------------
     run_cell(page, 0)
