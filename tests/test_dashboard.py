@@ -685,3 +685,17 @@ def test_missing_browser_fails_under_ci_and_is_skipped_with_the_install_command_
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
         e2e._missing(f"Chromium; install it with `{e2e.INSTALL_HINT}`")
+
+
+def test_a_config_check_the_form_does_not_know_still_disables_train() -> None:
+    @dataclass(frozen=True)
+    class StrictConfig(FakeTrainConfig):
+        def __post_init__(self) -> None:
+            if self.seed == 13:
+                raise ValueError("seed 13 is unlucky; pick another seed")
+
+    dash = LoRADashboard(model=tiny_llama(), train_data=torch.randint(0, 128, (64, 32)), train=StrictConfig())
+    dash.panel.seed = 13
+    assert dash.panel.errors == {"settings": "seed 13 is unlucky; pick another seed"}
+    dash.panel.seed = 1
+    assert dash.panel.errors == {}

@@ -405,18 +405,22 @@ class LoRADashboard(VBox):
         self._set_idle_summary()
         self._set_callout("status", "info", "Ready", "Adjust the settings, then press Train.")
         if self._device_type == "cpu":
-            self._set_callout(
-                "device",
-                "warning",
-                "Training on the CPU",
-                "No GPU was found, so this runs on the CPU: fine for the shipped ~1.5 M-parameter model "
-                "(a few thousand tokens/s, a 200-step run in well under a minute), but a hub model of "
-                "100 M+ parameters would be roughly 100x slower per step. On Colab pick a GPU runtime "
-                "(Runtime > Change runtime type).",
-            )
+            self._set_callout("device", "warning", "Training on the CPU", self._cpu_message())
         self._publish_callouts()
 
     # ------------------------------------------------------------------ set-up helpers
+    def _cpu_message(self) -> str:
+        import torch
+
+        why = "No GPU was found" if not torch.cuda.is_available() else "The trainer is set to device='cpu'"
+        millions = count_parameters(self.model)[1] / 1e6
+        return (
+            f"{why}, so this runs on the CPU. That is fine for a model this small ({millions:.1f} M "
+            "parameters: a few thousand tokens/s on a laptop, a 200-step run in about a minute), but time "
+            "per step grows with the model: a hub model of 100 M+ parameters would be roughly 50-100x "
+            "slower per step. On Colab pick a GPU runtime (Runtime > Change runtime type)."
+        )
+
     @staticmethod
     def _guess_device_type(train: Any) -> str:
         pref = str(getattr(train, "device", "auto") or "auto")
@@ -933,10 +937,15 @@ class LoRADashboard(VBox):
 
     def _on_controls(self, _change: Any = None) -> None:
         errors = validate_settings(self._control_values(), self._device_type, self._n_train_blocks)
+        if not errors:
+            try:  # the configs' own checks have the last word (a message naming the field)
+                _, train = self.current_configs()
+            except (ValueError, TypeError) as exc:
+                errors["settings"] = str(exc)
+            else:
+                if not self.running:
+                    self._preview_schedule(None, train)
         self.panel.errors = errors
-        if not self.running and not errors:
-            _, train = self.current_configs()
-            self._preview_schedule(None, train)
 
     def _on_log_scale(self, change: Any) -> None:
         self.charts.set_log_scale(bool(change["new"]))

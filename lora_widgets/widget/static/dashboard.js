@@ -135,6 +135,8 @@ function render({ model, el }) {
   const bar = h("div", { class: "lw-bar" }, [h("div", { class: "lw-fill" })]);
   const progressText = h("div", { class: "lw-progress-text" });
   side.appendChild(h("div", { class: "lw-progress" }, [bar, progressText]));
+  const generalErrors = h("div", { class: "lw-error lw-error-general" });
+  side.appendChild(generalErrors);
   const callouts = h("div", { class: "lw-callouts" });
   side.appendChild(callouts);
   const summary = h("table", { class: "lw-summary" });
@@ -154,6 +156,10 @@ function render({ model, el }) {
       input.classList.toggle("lw-invalid", msg !== "");
       input.title = msg;
     }
+    generalErrors.textContent = Object.entries(errors)
+      .filter(([k]) => !(k in inputs))
+      .map(([, v]) => v)
+      .join("; ");
     datalist.replaceChildren(...(model.get("target_choices") || []).map((c) => h("option", { value: c })));
   }
 
