@@ -699,3 +699,18 @@ def test_a_config_check_the_form_does_not_know_still_disables_train() -> None:
     assert dash.panel.errors == {"settings": "seed 13 is unlucky; pick another seed"}
     dash.panel.seed = 1
     assert dash.panel.errors == {}
+
+
+def test_stop_right_after_train_is_not_lost() -> None:
+    class NotYetRunning(FakeTrainer):
+        running = False  # like the real Trainer before its task is first scheduled
+
+    dash = make_dash(NotYetRunning)
+
+    async def scenario() -> Any:
+        dash._on_panel_msg(dash.panel, {"type": "train"}, [])
+        dash._on_panel_msg(dash.panel, {"type": "stop"}, [])  # same loop iteration
+        return await dash.wait()
+
+    result = run(scenario())
+    assert isinstance(result, RunStopped) and dash.state == "stopped"

@@ -383,6 +383,7 @@ class LoRADashboard(VBox):
         self._unsubscribe: Callable[[], Any] | None = None
         self._throttle = Throttle(self.flush_interval)
         self._flush_handle: Any = None
+        self._stop_before_start = False
         self._callouts: dict[str, dict[str, Any]] = {}
         self._display_ids: tuple[str, str] | None = None
         # test hooks: a fake clock / timer / trainer class can be swapped in
@@ -586,6 +587,7 @@ class LoRADashboard(VBox):
             self.panel.progress = {"step": 0, "total": int(getattr(trainer, "total_steps", 0) or 0)}
             self._set_callout("status", "info", "Starting", "Preparing the run…")
             self._publish_callouts()
+        self._stop_before_start = False
         self._task = loop.create_task(self._run(run))
         return self._task
 
@@ -609,6 +611,8 @@ class LoRADashboard(VBox):
     def stop(self) -> None:
         """Ask the run to stop after the current optimizer step (the adapter is saved)."""
         if self.running and self.trainer is not None:
+            if not getattr(self.trainer, "running", True):
+                self._stop_before_start = True  # the task has not reached trainer.run() yet
             self.trainer.stop()
 
     def pause(self) -> None:
@@ -706,7 +710,10 @@ class LoRADashboard(VBox):
 
     async def _run(self, run: DashboardRun) -> RunEnded | None:
         try:
-            await run.trainer.run()
+            if self._stop_before_start:
+                run.record.ended = RunStopped(0, 0.0, None, None, None, "stopped before the first step")
+            else:
+                await run.trainer.run()
         except Exception as exc:  # the trainer should publish RunFailed itself; this is the backstop
             if run.record.ended is None:
                 run.record.ended = RunFailed(
