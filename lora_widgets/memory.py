@@ -228,6 +228,10 @@ class _Activations:
       saves nothing.
     * The loss: the log-softmax output over the vocabulary is saved in fp32 (:math:`4bsV`: transformers
       upcasts logits for the loss), which for small models is the largest single activation.
+    * Mixed precision (``wb != p``, ``torch.autocast`` over fp32 weights; Micikevicius et al. 2018, sec. 3):
+      the residual stream and norms stay fp32; each matmul saves compute-dtype casts of its operands, so
+      every Linear whose input needs a gradient keeps a :math:`p`-byte copy of its weight, and each
+      consumer of an fp32 input keeps its own cast of it.
     """
 
     def __init__(
