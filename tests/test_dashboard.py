@@ -167,7 +167,7 @@ import torch  # noqa: E402
 
 from lora_widgets.lora import LoRAConfig, apply_lora, has_lora  # noqa: E402
 from lora_widgets.widget.charts import loss_curve_svg  # noqa: E402
-from lora_widgets.widget.dashboard import DashboardPanel, LoRADashboard, validate_settings  # noqa: E402
+from lora_widgets.widget.dashboard import DashboardPanel, DashboardRun, LoRADashboard, validate_settings  # noqa: E402
 from lora_widgets.widget.throttle import EMA, Series, Throttle, debiased_ema, decimate_indices  # noqa: E402
 from tests.helpers import tiny_llama  # noqa: E402
 
@@ -498,15 +498,7 @@ def feed(dash: LoRADashboard, loop: FakeLoop, n_steps: int, steps_per_s: float) 
     """Run a fake run of n_steps through the dashboard's handler on a fake clock."""
     dash._clock = loop.time
     dash._call_later = loop.call_later
-    dash.runs.append(
-        __import__("lora_widgets.widget.dashboard", fromlist=["DashboardRun"]).DashboardRun(
-            1,
-            "run 1",
-            LoRAConfig(),
-            FakeTrainConfig(),
-            FakeTrainer(None, None, None, config=FakeTrainConfig()),
-        )
-    )
+    dash.runs.append(DashboardRun(1, "run 1", LoRAConfig(), FakeTrainConfig(), trainer=None))
     dash._on_event(RunStarted("r", "/tmp/r", {}, {}, "cpu", "CPU", 10, 100, n_steps, 128, 0.0))
     for i in range(1, n_steps + 1):
         dash._on_event(_step(i, n_steps, 3.0 + math.sin(i)))
@@ -714,3 +706,21 @@ def test_stop_right_after_train_is_not_lost() -> None:
 
     result = run(scenario())
     assert isinstance(result, RunStopped) and dash.state == "stopped"
+
+
+def test_gpu_series_reach_the_memory_chart() -> None:
+    from lora_widgets.widget.charts import Charts
+
+    dash = make_dash()
+    dash.charts = Charts(gpu=True)  # what a CUDA device gets
+    assert dash.charts.gpu_util in dash.charts.memory_figure.marks
+    loop = FakeLoop()
+    dash._clock, dash._call_later = loop.time, loop.call_later
+    dash.runs.append(DashboardRun(1, "run 1", LoRAConfig(), FakeTrainConfig(), trainer=None))
+    for i in range(1, 11):
+        dash._on_event(StepMetrics(i, 10, i / 10, 2.0, 1e-3, 1.0, 1e4, i, 1.0, 2**30, 2**31, 87.0))
+        loop.advance(0.1)
+    loop.advance(1.0)
+    assert list(dash.charts.memory.y) == [1024.0] * 10  # MiB
+    assert list(dash.charts.memory_reserved.y) == [2048.0] * 10
+    assert list(dash.charts.gpu_util.y) == [87.0] * 10
