@@ -157,29 +157,32 @@ def select_device(preference: str | torch.device = "auto", require_gpu: bool = F
             raise ValueError(
                 f"device {preference!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:0' or 'mps'"
             ) from exc
-    found = "; ".join(str(d) for d in list_devices())
+
+    def found() -> str:  # only computed for an error message (it may run nvidia-smi)
+        return "; ".join(str(d) for d in list_devices())
+
     if wanted.type == "cuda":
         if not torch.cuda.is_available():
             build = (
                 "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no GPU visible"
             )
             raise RuntimeError(
-                f"device {str(wanted)!r} requested but CUDA is not available ({build}). Found: {found}. {_GPU_HOWTO}"
+                f"device {str(wanted)!r} requested but CUDA is not available ({build}). Found: {found()}. {_GPU_HOWTO}"
             )
         index = 0 if wanted.index is None else wanted.index
         if index >= torch.cuda.device_count():
             raise RuntimeError(
                 f"device {str(wanted)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist. "
-                f"Found: {found}"
+                f"Found: {found()}"
             )
         wanted = torch.device("cuda", index)
     elif wanted.type == "mps" and not _mps_available():
-        raise RuntimeError(f"device 'mps' requested but MPS is not available. Found: {found}. {_GPU_HOWTO}")
+        raise RuntimeError(f"device 'mps' requested but MPS is not available. Found: {found()}. {_GPU_HOWTO}")
     elif wanted.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {str(wanted)!r} is not supported; use 'auto', 'cpu', 'cuda' or 'mps'")
     if require_gpu and wanted.type == "cpu":
         raise RuntimeError(
-            f"a GPU is required but none was found (or 'cpu' was requested). Found: {found}. {_GPU_HOWTO}"
+            f"a GPU is required but none was found (or 'cpu' was requested). Found: {found()}. {_GPU_HOWTO}"
         )
     return wanted
 

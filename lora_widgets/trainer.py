@@ -402,7 +402,10 @@ class Trainer:
         return self._total_steps(self._data())
 
     def lr_schedule(self) -> np.ndarray:
-        """Learning rate of every update ``[total_steps]``, exactly as the run will use them."""
+        """Learning rate of every update ``[total_steps]``, exactly as the run will use them.
+
+        Entry ``i`` is the rate of update ``i + 1``, i.e. of the :class:`StepMetrics` with ``step == i + 1``.
+        """
         c = self.config
         return _lr_schedule(self.total_steps, c.learning_rate, c.warmup_steps, c.schedule)
 
