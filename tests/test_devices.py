@@ -44,3 +44,53 @@ def test_memory_in_use_on_cpu_is_rss() -> None:
     del block
     assert "threads" in devices.describe_device("cpu")
     assert devices.total_memory("cpu") == devices.list_devices()[-1].total_memory
+
+
+def test_cuda_reporting_with_a_simulated_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA branches, exercised on this CPU machine through a stand-in torch.cuda."""
+    import subprocess
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(name="NVIDIA Test GPU", total_memory=16 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (4 * 2**30, 16 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 123)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 456)
+    monkeypatch.setattr(devices, "_nvml", False)  # no pynvml: fall back to nvidia-smi
+    monkeypatch.setattr(devices, "_smi_failed_at", None)
+    monkeypatch.setattr(devices.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> SimpleNamespace:
+        calls.append(cmd)
+        assert kwargs.get("timeout") is not None  # never wait on a hung driver
+        return SimpleNamespace(stdout="37\n")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    assert devices.select_device() == torch.device("cuda", 0)
+    assert devices.select_device(require_gpu=True) == torch.device("cuda", 0)
+    gpu = devices.list_devices()[0]
+    assert (gpu.kind, gpu.name, gpu.total_memory, gpu.used_memory) == (
+        "cuda",
+        "NVIDIA Test GPU",
+        16 * 2**30,
+        12 * 2**30,
+    )
+    assert gpu.utilization == 37.0 and "--id=0" in calls[0]
+    assert devices.describe_device("cuda") == "NVIDIA Test GPU (cuda:0, 16.0 GiB)"
+    assert devices.memory_in_use("cuda") == (123, 456)
+    assert devices.total_memory("cuda:0") == 16 * 2**30
+    with pytest.raises(RuntimeError, match="only 1 CUDA device"):
+        devices.select_device("cuda:3")
+
+    def broken(cmd: list[str], **kwargs: object) -> None:
+        raise subprocess.TimeoutExpired(cmd, 2.0)
+
+    monkeypatch.setattr(subprocess, "run", broken)
+    monkeypatch.setattr(devices, "_smi_failed_at", None)
+    assert devices.gpu_utilization("cuda:0") is None  # unknown, not an error
