@@ -91,7 +91,7 @@ class Charts:
         self.loss_figure = _figure(
             "Loss",
             [self.raw_loss, self.smooth_loss, self.val_loss],
-            [Axis(scale=self._loss_x, label="step", tick_format="~s", num_ticks=6), self._loss_y_axis],
+            [Axis(scale=self._loss_x, label="step", tick_format="~s"), self._loss_y_axis],
             legend=True,
         )
         # --- learning rate -------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class Charts:
             "Learning rate",
             [self.lr_line, self.lr_marker],
             [
-                Axis(scale=lr_x, label="step", tick_format="~s", num_ticks=6),
+                Axis(scale=lr_x, label="step", tick_format="~s"),
                 Axis(scale=lr_y, side="left", tick_format=".1e"),
             ],
         )
@@ -121,7 +121,7 @@ class Charts:
         )  # fmt: skip
         mem_marks: list[Any] = [self.memory, self.memory_reserved]
         mem_axes = [
-            Axis(scale=mem_x, label="step", tick_format="~s", num_ticks=6),
+            Axis(scale=mem_x, label="step", tick_format="~s"),
             Axis(scale=mem_y, side="left", label="MiB" if gpu else "process RSS (MiB)", tick_format="~s"),
         ]
         util_y = LinearScale(min=0.0, max=100.0)
@@ -142,7 +142,7 @@ class Charts:
             "Throughput",
             [self.tokens_per_s],
             [
-                Axis(scale=tps_x, label="step", tick_format="~s", num_ticks=6),
+                Axis(scale=tps_x, label="step", tick_format="~s"),
                 Axis(scale=tps_y, side="left", label="tokens/s (smoothed)", tick_format="~s"),
             ],
         )
