@@ -356,3 +356,14 @@ def test_preflight_infers_mixed_precision_from_an_fp32_model() -> None:
     result = preflight(model, LoRAConfig(r=2), batch_size=2, seq_len=16, dtype="bfloat16", device="cpu")
     expected = estimate_memory(model.config, LoRAConfig(r=2), 2, 16, "bfloat16", weight_dtype="float32")
     assert result.estimate == expected
+
+
+def test_the_steady_state_step_is_the_peak() -> None:
+    """AdamW creates its moments in the first step(); from step 2 on they are resident during forward and
+    backward too, so step 2 (what the estimate models) peaks at least as high as step 1."""
+    first = measure_memory(tiny_llama(), None, batch_size=2, seq_len=16, steps=1)
+    steady = measure_memory(tiny_llama(), None, batch_size=2, seq_len=16, steps=2)
+    assert steady.peak_bytes >= first.peak_bytes
+    assert steady.phase_peaks["forward"] > first.phase_peaks["forward"]  # the moments are already there
+    est = estimate_memory(tiny_llama(), batch_size=2, seq_len=16)
+    assert abs(est.total - steady.peak_bytes) / steady.peak_bytes < 0.10
