@@ -3,7 +3,8 @@
 The loop is written in plain phases, nanoGPT-style, so that a student can read what one step does::
 
     run()                                  on the caller's event loop (a Jupyter kernel's, or asyncio.run's)
-      prepare data, seed, build optimizer  -> RunStarted, StateChanged("running")
+                                           -> StateChanged("running")
+      prepare data, seed, build optimizer  -> RunStarted
       evaluate at step 0                   -> EvalMetrics
       for each optimizer step:
         honour stop() / pause()            -> StateChanged("paused"/"running")
@@ -1085,6 +1086,7 @@ class Trainer:
             self._publish(CheckpointSaved(at_step, str(path)))
 
         # Phase 1: data (bad input ends the run before it starts).
+        self._publish(StateChanged("running", 0))  # at once, so a UI shows the click was taken
         data: _Data | None = None
         try:
             data = await self._in_thread(self._data)
@@ -1128,7 +1130,6 @@ class Trainer:
                         time=time.time(),
                     )
                 )
-                self._publish(StateChanged("running", step))
                 if data.val is not None and step == 0:
                     await evaluate(0)  # the base model's validation loss, for comparison
 

@@ -153,12 +153,12 @@ def test_run_publishes_ordered_events_and_writes_files(tmp_path: Path) -> None:
     assert isinstance(end, RunFinished) and end.step == 6 and end is events[-1]
     kinds = [e.kind for e in events]
     assert kinds == [
-        "run_started", "state", "eval",
+        "state", "run_started", "eval",
         "step", "step", "step", "eval",
         "step", "step", "step", "eval",
         "state", "finished",
     ]  # fmt: skip
-    started = events[0]
+    started = events[1]
     assert isinstance(started, RunStarted)
     assert started.total_steps == 6 and started.tokens_per_step == 4 * 32 and started.device == "cpu"
     assert 0 < started.trainable_params < started.total_params
@@ -173,7 +173,7 @@ def test_run_publishes_ordered_events_and_writes_files(tmp_path: Path) -> None:
     assert evals[-1].best_val_loss == min(e.val_loss for e in evals)
     assert evals[0].perplexity == pytest.approx(np.exp(evals[0].val_loss))
     assert threads == {threading.get_ident()}  # callbacks on the loop's (here: the main) thread
-    assert states[0] == "idle" and states[1] == "running" and t.state == "finished"
+    assert states[0] == "running" and states[-1] == "finished" and t.state == "finished"
 
     # history mirrors the events
     assert t.history.step.tolist() == [1, 2, 3, 4, 5, 6]

@@ -173,7 +173,7 @@ def test_bad_input(tmp_path: Path) -> None:
     end = t.run_sync()
     assert isinstance(end, RunFailed) and end.reason == "bad_input"
     assert "500" in end.message and "vocabulary" in end.message
-    assert [e.kind for e in events] == ["state", "failed"]
+    assert [e.kind for e in events] == ["state", "state", "failed"]
     with pytest.raises(ValueError, match="vocabulary"):
         _ = t.total_steps
 
@@ -244,4 +244,4 @@ def test_out_of_memory_before_the_first_step(tmp_path: Path, monkeypatch: pytest
     end = t.run_sync()
     assert isinstance(end, RunFailed) and end.reason == "oom" and end.step == 0
     assert "while moving the model to the device" in end.message and "did not start" in end.message
-    assert end.adapter_path is None and [e.kind for e in events] == ["state", "failed"]
+    assert end.adapter_path is None and [e.kind for e in events] == ["state", "state", "failed"]
