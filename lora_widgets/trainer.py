@@ -1253,7 +1253,7 @@ class Trainer:
                 error_type=failure.error_type,
                 suggestions=tuple(failure.suggestions),
             )
-        elif self._stop_requested or cancelled or step < total:
+        elif cancelled or step < total:  # a stop() that arrives after the last step changes nothing
             self._publish(StateChanged("stopped", step))
             why = "cancelled" if cancelled else "stopped by the user"
             end = RunStopped(**base, message=f"Run {why} after step {step}.{note}")
