@@ -245,3 +245,20 @@ def test_out_of_memory_before_the_first_step(tmp_path: Path, monkeypatch: pytest
     assert isinstance(end, RunFailed) and end.reason == "oom" and end.step == 0
     assert "while moving the model to the device" in end.message and "did not start" in end.message
     assert end.adapter_path is None and [e.kind for e in events] == ["state", "state", "failed"]
+
+
+def test_out_of_memory_suggestions_from_the_memory_estimator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lora_widgets import memory, trainer
+
+    t = make(tmp_path, data=blocks(80, 64), batch_size=32)
+    need = memory.estimate_memory(tiny_llama(), LoRAConfig(r=4), batch_size=32, seq_len=64).required_bytes(
+        False
+    )
+    monkeypatch.setattr(trainer, "total_memory", lambda device: need // 3)  # a device a third too small
+    fault_on_call(t.model, 1, raise_(torch.OutOfMemoryError("out of memory")))
+    end = t.run_sync()
+    assert isinstance(end, RunFailed) and end.reason == "oom"
+    assert any("fits (peak" in s for s in end.suggestions), end.suggestions  # the estimator's concrete fits
+    assert any(s.startswith("batch_size=16 with grad_accum_steps=2") for s in end.suggestions)
