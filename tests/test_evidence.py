@@ -8,6 +8,7 @@ figures are in the model card.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,6 +22,22 @@ BATCH_SIZE = 8
 LEARNING_RATE = 3e-3
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run on one torch thread, then restore the setting.
+
+    Measured here: on a 2-core machine shared with other jobs, two threads spend most of their time
+    waiting for each other on these small matrices (this run took 476 s of wall time with two threads and
+    41 s with one). With the machine to itself, two threads are at best modestly faster.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def _val_loss(model: torch.nn.Module, blocks: torch.Tensor) -> float:
     """Mean next-token cross-entropy over ``blocks[n, T]`` (all blocks have the same length)."""
@@ -31,7 +48,7 @@ def _val_loss(model: torch.nn.Module, blocks: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_lora_r8_200_steps_lowers_target_domain_loss_by_15_percent() -> None:
+def test_lora_r8_200_steps_lowers_target_domain_loss_by_15_percent(one_thread: None) -> None:
     start = time.perf_counter()
     model, tokenizer = load_base_model()
     data = prepare_data("python-docs", tokenizer, block_size=128, val_fraction=0.1, seed=0)
