@@ -278,6 +278,10 @@ class _Activations:
                 saved += mod.r * (width + out) * p  # compute-dtype copies of A and B
             if mod.dropout:
                 saved += T * width * (p + 1)  # dropout output (saved by A, or its cast) + 1-byte mask
+            elif self.autocast and not cast:
+                # the layer casts a compute-dtype input to A's fp32 dtype, and autocast casts it back for
+                # A's matmul: A saves a fresh copy rather than sharing the input
+                saved += T * width * p
             else:
                 consumers += 1
         if consumers:
@@ -328,9 +332,9 @@ class _Activations:
             else:
                 saved += b * a.heads * s * 4  # log-sum-exp (fp32)
         o_saved, o_rg = self._linear_inputs({"o_proj": h}, q_dim, attn_rg)
-        if attn_rg and (
-            self._trains("o_proj") or ("o_proj" in self.lora and not self.lora["o_proj"].dropout)
-        ):
+        o_lora = self.lora.get("o_proj")
+        shares_output = o_lora is not None and not o_lora.dropout and not self.autocast
+        if attn_rg and (self._trains("o_proj") or shares_output):
             o_saved -= T * q_dim * p  # o_proj's input is the attention output, already counted
         saved += o_saved
         rg_mid = rg_in or attn_rg or o_rg
@@ -351,6 +355,8 @@ class _Activations:
         # gradient and the gradients w.r.t. SiLU(gate) and up are live at once, plus the residual gradients.
         wb = self.wb
         transient = 3 * T * i * p + 2 * T * h * wb - lin
+        if self.autocast and "down_proj" in self.lora:
+            transient += T * i * wb  # the gradient of LoRA's fp32 view of the product, before its cast back
         # Checkpointed forward: residual + normalised input, and in the MLP SiLU(gate), up, the product (or,
         # inside a LoRA layer, its base output, update, scaled update and sum)
         mlp_lora = any(leaf in self.lora for leaf in ("gate_proj", "up_proj", "down_proj"))

@@ -81,6 +81,7 @@ GRID = [
     Case("llama-8.1M", LoRAConfig(r=32, target_modules="all-linear"), 4, 256, "float32"),
     Case("llama-3.4M", LoRAConfig(r=16, target_modules="all-linear"), 8, 128, "bfloat16", False, "float32"),
     Case("llama-3.4M", None, 8, 128, "bfloat16", True, "float32"),
+    Case("llama-3.4M", LoRAConfig(r=16, target_modules="all-linear"), 8, 128, "bfloat16", True, "float32"),
 ]
 
 
