@@ -67,6 +67,9 @@ _EXPORTS: dict[str, str] = {
     "MemoryEstimate": "memory",
     "known_models": "memory",
     "preflight": "memory",
+    "suggest_fit": "memory",
+    "PreflightResult": "memory",
+    "MemoryMeasurement": "memory",
     # widgets (import anywidget/bqplot only when used)
     "LoRADashboard": "widget",
     "MemoryPlanner": "widget",
