@@ -267,7 +267,9 @@ Both corpora are written by the Python developers and distributed with Python un
 gradient clipping at {hp["max_grad_norm"]}), batch {hp["batch_size"]} × {hp["block_size"]} tokens, fp32, seed {hp["seed"]},
 ≈ {hp["steps"] * hp["batch_size"] * hp["block_size"] / 1e6:.1f} M tokens
 (≈ {hp["steps"] * hp["batch_size"] / max(1, s["pretrain_train_blocks"]):.1f} epochs).
-Rebuild with `python scripts/build_base_model.py` (torch {s["torch_version"]}, transformers {s["transformers_version"]}).
+Rebuild with `python scripts/build_base_model.py` (torch {s["torch_version"]}, transformers {s["transformers_version"]});
+`--out /tmp/rebuild` builds elsewhere and prints how far the rebuild's losses are from these. With the same
+library versions and thread count a rebuild has come out bit-identical (weights and tokenizer).
 
 Wall time: **{s["pretrain_wall_s"] / 60:.1f} min** of pretraining ({s["total_wall_s"] / 60:.1f} min for the whole script) on a
 2-core CPU ({s["machine"]}, {s["torch_threads"]} torch thread{"s" if s["torch_threads"] != 1 else ""}) that other jobs were
