@@ -58,7 +58,7 @@ _EXPORTS: dict[str, str] = {
     "select_device": "devices",
     "describe_device": "devices",
     "lr_schedule": "schedules",
-    "TrainConfig": "trainer",
+    "TrainConfig": "train_config",
     "Trainer": "trainer",
     "History": "history",
     # memory

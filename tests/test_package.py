@@ -37,7 +37,20 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-CORE = ["lora", "data", "corpora", "devices", "memory", "events", "schedules", "history", "checkpoint"]
+CORE = [
+    "lora",
+    "data",
+    "corpora",
+    "devices",
+    "memory",
+    "memory_arch",
+    "memory_measure",
+    "events",
+    "schedules",
+    "history",
+    "checkpoint",
+    "train_config",
+]
 
 
 @pytest.mark.parametrize("module", [*CORE, "trainer", "demo"])
