@@ -68,6 +68,7 @@ __all__ = [
     "load_adapter",
     "lora_layers",
     "lora_state_dict",
+    "merge_and_unload",
     "merge_lora",
     "remove_lora",
     "save_adapter",
@@ -475,13 +476,33 @@ def remove_lora(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
+    _restore_requires_grad(model)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and drop the wrappers: a plain model for export.
+
+    Afterwards each adapted layer is its original ``nn.Linear``/``Conv1D`` holding W0 + scaling * B A, the
+    model has no LoRA parameters, and ``save_pretrained`` writes an ordinary checkpoint that any
+    ``transformers`` installation loads. The adapter itself is gone from the model: save it first
+    (:func:`save_adapter`) if you want to keep it. Parameters get back the ``requires_grad`` flags they had
+    before :func:`apply_lora`.
+    """
+    for name, layer in _require_layers(model).items():
+        layer.merge()
+        _set_submodule(model, name, layer.base_layer)
+    _restore_requires_grad(model)
+    return model
+
+
+def _restore_requires_grad(model: nn.Module) -> None:
     flags: dict[str, bool] | None = getattr(model, _FROZEN_ATTR, None)
     if flags is not None:
         for n, p in model.named_parameters():
             if n in flags:
                 p.requires_grad_(flags[n])
         delattr(model, _FROZEN_ATTR)
-    return model
 
 
 def _require_layers(model: nn.Module) -> dict[str, LoRALinear]:

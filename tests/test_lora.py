@@ -18,6 +18,7 @@ from lora_widgets import (
     disable_adapters,
     load_adapter,
     lora_layers,
+    merge_and_unload,
     merge_lora,
     remove_lora,
     save_adapter,
@@ -350,3 +351,21 @@ def test_delta_weight_shapes() -> None:
     layer = next(iter(lora_layers(model).values()))
     assert layer.fan_in_fan_out
     assert layer.delta_weight().shape == layer.weight.shape == (32, 96)  # Conv1D: [in, out]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_merge_and_unload_exports_a_plain_model(tmp_path, make) -> None:  # type: ignore[no-untyped-def]
+    model = make()
+    base_names = [n for n, _ in model.named_parameters()]
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    _randomise_b(model)
+    ids = random_batch()
+    adapted = _logits(model, ids)
+    merge_and_unload(model)
+    assert not lora_layers(model)
+    assert [n for n, _ in model.named_parameters()] == base_names
+    assert all(p.requires_grad for p in model.parameters())
+    assert (_logits(model, ids) - adapted).abs().max() < 1e-5
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert (_logits(reloaded, ids) - adapted).abs().max() < 1e-5
