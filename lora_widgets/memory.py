@@ -460,7 +460,8 @@ def estimate_memory(
             it has them, else full fine-tuning), a ``PretrainedConfig``, a known model name
             (:func:`known_models`), or a hub id / local path (only its config is read).
         lora: adapters to train; ``None``: full fine-tuning (or the model's own adapters).
-        batch_size, seq_len: sequences per step and tokens per sequence.
+        batch_size: sequences per optimizer step.
+        seq_len: tokens per sequence.
         dtype: the compute dtype: of activations, and of weights, gradients and optimizer state too unless
             ``weight_dtype`` says otherwise (pure fp32/bf16/fp16 training).
         optimizer: "adamw"/"adam" (two moments per trainable parameter; PyTorch's ``foreach`` step allocates
