@@ -23,8 +23,7 @@ from transformers import GPT2Config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_widgets.lora import LoRAConfig
-from lora_widgets.memory import estimate_memory, measure_memory
-from tests.test_memory_accuracy import GRID, MODELS, Case
+from tests.test_memory_accuracy import GRID, MODELS, Case, run_case
 
 
 def gpt2(dropout: float) -> GPT2Config:
@@ -66,17 +65,7 @@ def main() -> None:
     rows = []
     start = time.perf_counter()
     for case, extra in cases:
-        config = {**MODELS, **EXTRA_MODELS}[case.model]
-        kwargs = {
-            "lora": case.lora,
-            "batch_size": case.batch_size,
-            "seq_len": case.seq_len,
-            "dtype": case.dtype,
-            "gradient_checkpointing": case.checkpointing,
-            "weight_dtype": case.weight_dtype,
-        }
-        est = estimate_memory(config, **kwargs)  # type: ignore[arg-type]
-        meas = measure_memory(config, device=args.device, **kwargs)  # type: ignore[arg-type]
+        est, meas = run_case(case, {**MODELS, **EXTRA_MODELS}[case.model], device=args.device)
         m = meas.peak_bytes
         rows.append(
             (

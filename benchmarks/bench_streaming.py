@@ -12,13 +12,10 @@ push after every step (still decimated). Run: ``python benchmarks/bench_streamin
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,32 +29,9 @@ from lora_widgets.lora import LoRAConfig
 from lora_widgets.trainer import TrainConfig
 from lora_widgets.widget.dashboard import DashboardRun, LoRADashboard
 from lora_widgets.widget.throttle import Throttle
-from tests.helpers import tiny_llama
+from tests.helpers import FakeLoop, tiny_llama
 
 STEPS_PER_S = 50.0  # a small model on a GPU; the shipped model on this CPU does ~5-20
-
-
-class FakeLoop:
-    """Fake monotonic clock with ``call_later``; ``advance(dt)`` runs what falls due, in order."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._queue: list[tuple[float, int, Callable[[], None]]] = []
-        self._ids = itertools.count()
-
-    def time(self) -> float:
-        return self.now
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        heapq.heappush(self._queue, (self.now + delay, next(self._ids), callback))
-
-    def advance(self, dt: float) -> None:
-        end = self.now + dt
-        while self._queue and self._queue[0][0] <= end:
-            when, _, cb = heapq.heappop(self._queue)
-            self.now = max(self.now, when)
-            cb()
-        self.now = end
 
 
 class Counter:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
+from collections.abc import Callable
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -52,3 +56,30 @@ def random_batch(batch: int = 2, seq: int = 16, vocab_size: int = 128, seed: int
     """Token ids [batch, seq] from a fixed generator."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq), generator=g)
+
+
+class FakeLoop:
+    """A fake clock with ``call_later``: ``advance(dt)`` runs the callbacks that fall due, in order.
+
+    Stands in for the asyncio loop behind the dashboard's throttle, so tests and the streaming benchmark
+    decide exactly as a live kernel would, without waiting.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._ids = itertools.count()
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, (self.now + delay, next(self._ids), callback))
+
+    def advance(self, dt: float) -> None:
+        end = self.now + dt
+        while self._queue and self._queue[0][0] <= end:
+            when, _, cb = heapq.heappop(self._queue)
+            self.now = max(self.now, when)
+            cb()
+        self.now = end

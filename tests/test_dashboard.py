@@ -7,8 +7,6 @@ order, so the dashboard's handler, throttle and callouts are exercised exactly a
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -133,29 +131,6 @@ class FakeTrainer:
         return end
 
 
-class FakeLoop:
-    """A fake clock with ``call_later``: ``advance(dt)`` runs the callbacks that fall due, in order."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._queue: list[tuple[float, int, Callable[[], None]]] = []
-        self._ids = itertools.count()
-
-    def time(self) -> float:
-        return self.now
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        heapq.heappush(self._queue, (self.now + delay, next(self._ids), callback))
-
-    def advance(self, dt: float) -> None:
-        end = self.now + dt
-        while self._queue and self._queue[0][0] <= end:
-            when, _, cb = heapq.heappop(self._queue)
-            self.now = max(self.now, when)
-            cb()
-        self.now = end
-
-
 # ---------------------------------------------------------------------------------------------- tests
 import math  # noqa: E402
 import re  # noqa: E402
@@ -169,7 +144,7 @@ from lora_widgets.lora import LoRAConfig, apply_lora, has_lora  # noqa: E402
 from lora_widgets.widget.charts import loss_curve_svg  # noqa: E402
 from lora_widgets.widget.dashboard import DashboardPanel, DashboardRun, LoRADashboard, validate_settings  # noqa: E402
 from lora_widgets.widget.throttle import EMA, Series, Throttle, debiased_ema, decimate_indices  # noqa: E402
-from tests.helpers import tiny_llama  # noqa: E402
+from tests.helpers import FakeLoop, tiny_llama  # noqa: E402
 
 
 def make_dash(factory: Callable[..., Any] = FakeTrainer, **train: Any) -> LoRADashboard:

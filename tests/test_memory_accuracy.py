@@ -85,7 +85,9 @@ GRID = [
 ]
 
 
-def run_case(case: Case, config: Any = None) -> tuple[MemoryEstimate, MemoryMeasurement]:
+def run_case(
+    case: Case, config: Any = None, device: str | None = None
+) -> tuple[MemoryEstimate, MemoryMeasurement]:
     """The estimate and the measurement of one case (``config`` overrides the model of ``MODELS``)."""
     config = config if config is not None else MODELS[case.model]
     kwargs = {
@@ -97,7 +99,7 @@ def run_case(case: Case, config: Any = None) -> tuple[MemoryEstimate, MemoryMeas
         "weight_dtype": case.weight_dtype,
     }
     est = estimate_memory(config, **kwargs)  # type: ignore[arg-type]
-    meas = measure_memory(config, **kwargs)  # type: ignore[arg-type]
+    meas = measure_memory(config, device=device, **kwargs)  # type: ignore[arg-type]
     return est, meas
 
 
