@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import torch
 
@@ -38,10 +40,13 @@ def test_memory_in_use_on_cpu_is_rss() -> None:
     allocated, reserved = devices.memory_in_use("cpu")
     assert reserved is None
     before = allocated
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # A fresh anonymous mapping, every page written: resident memory must grow by about 64 MiB. (A tensor
+    # would not do: malloc may serve it from pages an earlier test freed but kept, so RSS need not move.)
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\x01" * (64 * 2**20))
     after, _ = devices.memory_in_use("cpu")
+    block.close()
     assert after - before > 32 * 2**20
-    del block
     assert "threads" in devices.describe_device("cpu")
     assert devices.total_memory("cpu") == devices.list_devices()[-1].total_memory
 
