@@ -699,3 +699,31 @@ def test_gpu_series_reach_the_memory_chart() -> None:
     assert list(dash.charts.memory.y) == [1024.0] * 10  # MiB
     assert list(dash.charts.memory_reserved.y) == [2048.0] * 10
     assert list(dash.charts.gpu_util.y) == [87.0] * 10
+
+
+def test_colab_widget_support_is_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In Colab (``google.colab.output`` imported) building a dashboard enables third-party widgets, once.
+
+    anywidget does this when the panel is created; bqplot's figures need it too, and get it from the same call.
+    """
+    import sys
+    import types
+
+    calls: list[str] = []
+    output = types.ModuleType("google.colab.output")
+    output.enable_custom_widget_manager = lambda: calls.append("enabled")  # type: ignore[attr-defined]
+    colab = types.ModuleType("google.colab")
+    colab.output = output  # type: ignore[attr-defined]
+    google = types.ModuleType("google")
+    google.colab = colab  # type: ignore[attr-defined]
+    for name, module in (("google", google), ("google.colab", colab), ("google.colab.output", output)):
+        monkeypatch.setitem(sys.modules, name, module)
+    make_dash()
+    assert calls == ["enabled"]
+
+
+def test_outside_colab_nothing_is_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.delitem(sys.modules, "google.colab.output", raising=False)
+    make_dash()  # no Colab module is imported or required

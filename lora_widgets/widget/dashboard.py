@@ -162,16 +162,6 @@ def _quiet_hub_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _enable_colab_widgets() -> None:
-    """In Colab, switch on third-party widget support (anywidget also does this; harmless twice)."""
-    try:
-        from google.colab import output
-    except ImportError:
-        return
-    with contextlib.suppress(Exception):  # pragma: no cover - only inside Colab
-        output.enable_custom_widget_manager()
-
-
 class LoRADashboard(VBox):
     """Train a LoRA adapter live in a notebook: controls, Train/Pause/Stop, progress, summary, charts.
 
@@ -217,7 +207,6 @@ class LoRADashboard(VBox):
             )
         if lora is not None and not isinstance(lora, LoRAConfig):
             raise TypeError(f"lora must be a LoRAConfig, got {type(lora).__name__}")
-        _enable_colab_widgets()
         if train is None:
             from lora_widgets.trainer import TrainConfig
 
@@ -270,7 +259,7 @@ class LoRADashboard(VBox):
         self.panel.on_msg(self._on_panel_msg)
         grid = GridBox(
             children=self.charts.figures,
-            layout=Layout(grid_template_columns="repeat(auto-fit, minmax(360px, 1fr))", width="100%"),
+            layout=Layout(grid_template_columns="repeat(auto-fit, minmax(440px, 1fr))", width="100%"),
         )
         super().__init__(children=[self.panel, grid], layout=Layout(width="100%"))
         self.add_class("lw-dashboard")

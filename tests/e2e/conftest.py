@@ -77,16 +77,20 @@ class JupyterServer:
     log: Path
 
     def lab_url(self, notebook: str) -> str:
+        """The notebook opened in JupyterLab."""
         return f"{self.url}/lab/tree/{notebook}?token={self.token}"
+
+    def notebook7_url(self, notebook: str) -> str:
+        """The same notebook opened in Notebook 7's one-document interface (same server)."""
+        return f"{self.url}/notebooks/{notebook}?token={self.token}"
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
-@pytest.fixture(scope="module")
-def jupyter_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[JupyterServer]:
-    """``jupyter lab`` on 127.0.0.1, a random free port and a random token, serving a temp directory."""
-    root = tmp_path_factory.mktemp("lab")
+@contextlib.contextmanager
+def _serve(app: str, root: Path) -> Iterator[JupyterServer]:
+    """``jupyter <app>`` (lab or notebook) on 127.0.0.1, a random free port and a random token, serving root."""
     settings = root / ".settings"
     # no "fetch news?" toast over the page
     notify = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
@@ -105,9 +109,9 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> I
     }
     log = root / "jupyter.log"
     cmd = [
-        sys.executable, "-m", "jupyter", "lab", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+        sys.executable, "-m", "jupyter", app, "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
         f"--ServerApp.token={token}", "--allow-root", "--no-browser", f"--ServerApp.root_dir={root}",
-        "--ServerApp.port_retries=0", "--LabApp.news_url=",
+        "--ServerApp.port_retries=0", *(["--LabApp.news_url="] if app == "lab" else []),
     ]  # fmt: skip
     with log.open("w") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=root)
@@ -116,7 +120,7 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> I
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"jupyter lab exited with {proc.returncode}:\n{server.log_tail()}")
+                pytest.fail(f"jupyter {app} exited with {proc.returncode}:\n{server.log_tail()}")
             with (
                 contextlib.suppress(OSError),
                 urllib.request.urlopen(f"{server.url}/api/status?token={token}", timeout=2) as r,
@@ -124,7 +128,7 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> I
                 if r.status == 200:
                     break
             if time.monotonic() > deadline:
-                pytest.fail(f"jupyter lab did not answer within 60 s:\n{server.log_tail()}")
+                pytest.fail(f"jupyter {app} did not answer within 60 s:\n{server.log_tail()}")
             time.sleep(0.3)
         yield server
     finally:
@@ -134,6 +138,20 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> I
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def jupyter_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[JupyterServer]:
+    """``jupyter lab``, as most users start it."""
+    with _serve("lab", tmp_path_factory.mktemp("lab")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def notebook7_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[JupyterServer]:
+    """``jupyter notebook`` (Notebook 7), its own server and settings so nothing carries over from the lab."""
+    with _serve("notebook", tmp_path_factory.mktemp("notebook7")) as server:
+        yield server
 
 
 @pytest.fixture

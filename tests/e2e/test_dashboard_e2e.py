@@ -3,7 +3,8 @@
 One scripted session: open a notebook, build a LoRADashboard on the shipped model, click Train, see the
 loss line and the progress advance, execute another cell while it trains (timed against the same cell
 when idle), pause and resume, click Stop and see 'stopped' within seconds, start a second, shorter run that finishes with
-the first one overlaid, open the MemoryPlanner, and check the browser console stayed clean.
+the first one overlaid, open the MemoryPlanner, and check the browser console stayed clean. A second, shorter
+session does the same core (render, Train, progress, Stop) in Notebook 7's interface.
 
 Screenshots go to a temporary directory; with ``LORA_WIDGETS_SCREENSHOT_DIR`` set they are also written
 there, the finished run is copied to ``docs/img/dashboard.png`` and the timings to ``e2e_timings.json``.
@@ -11,7 +12,6 @@ there, the finished run is copied to ``docs/img/dashboard.png`` and the timings 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -28,25 +28,20 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 KNOWN_NOISE = "Failed to load resource: the server responded with a status of 404"
-SHIPPED = importlib.util.find_spec("lora_widgets.demo") is not None
+# Notebook 7.6's own start-up throws this page error (its settings loader) on a one-cell ``print(1)``
+# notebook with no widget at all, whether the server runs as `jupyter lab` or `jupyter notebook`; not ours.
+NOTEBOOK7_NOISE = "Cannot read properties of undefined (reading 'schema')"
 
 
 def dashboard_cell(runs_dir: Path) -> str:
-    if SHIPPED:  # the shipped base model and the demo corpus, as a user would open it
-        make = "dash = LoRADashboard(lora=LoRAConfig(r=8, alpha=16), train=config)"
-    else:  # pragma: no cover - only while demo.py is not in the tree yet
-        make = (
-            "import torch\nfrom tests.helpers import tiny_llama\n"
-            "dash = LoRADashboard(model=tiny_llama(), train_data=torch.randint(0, 128, (512, 64)),"
-            " lora=LoRAConfig(r=8, alpha=16), train=config)"
-        )
+    """The dashboard on the shipped base model and the demo corpus, as a user would open it."""
     return (
         "import itertools\n"
         "_tick = itertools.count()\n"
         "from lora_widgets import LoRAConfig, LoRADashboard, TrainConfig\n"
         f"config = TrainConfig(max_steps=400, batch_size=8, warmup_steps=10, eval_every=25, "
-        f"output_dir={str(runs_dir)!r}{'' if SHIPPED else ', block_size=64'})\n"
-        f"{make}\n"
+        f"output_dir={str(runs_dir)!r})\n"
+        "dash = LoRADashboard(lora=LoRAConfig(r=8, alpha=16), train=config)\n"
         "dash"
     )
 
@@ -101,6 +96,20 @@ def status(page: Any) -> str:
 
 def progress_step(page: Any) -> int:
     return int(page.locator(".lw-dash .lw-bar").get_attribute("data-step") or 0)
+
+
+def settled_step(page: Any, quiet_s: float = 1.0, timeout_s: float = 20.0) -> int:
+    """The progress bar's step once it has not changed for ``quiet_s``; fails if it keeps moving."""
+    deadline = time.monotonic() + timeout_s
+    last, since = progress_step(page), time.monotonic()
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+        now = progress_step(page)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    raise AssertionError(f"the step kept moving for {timeout_s:.0f} s after Pause (last seen {last})")
 
 
 def loss_path_length(page: Any) -> int:
@@ -195,8 +204,7 @@ def _session(
     pause.click()
     page.wait_for_function("() => document.querySelector('.lw-dash .lw-status').dataset.state === 'paused'")
     assert pause.inner_text() == "Resume"
-    page.wait_for_timeout(600)  # the last step's throttled flush lands
-    held = progress_step(page)
+    held = settled_step(page)  # the step in flight finishes and its throttled flush lands
     page.wait_for_timeout(1000)
     assert progress_step(page) == held  # nothing moves while paused
     pause.click()
@@ -253,7 +261,6 @@ def _session(
         "training_median_s": statistics.median(busy),
         "stop_to_stopped_s": stop_s,
         "stopped_at_step": stopped_at,
-        "model": "shipped" if SHIPPED else "tiny stand-in",
     }
     print("\n" + json.dumps(timings, indent=1))
     (shots / "e2e_timings.json").write_text(json.dumps(timings, indent=1))
@@ -261,3 +268,62 @@ def _session(
     noise = [e for e in console_errors if KNOWN_NOISE in e]
     other = [e for e in console_errors if KNOWN_NOISE not in e]
     assert len(noise) <= 2 and other == [], console_errors
+
+
+def run_first_cell_when_connected(page: Any, timeout_s: float = 90.0) -> None:
+    """Shift+Enter on cell 0 until its prompt shows it queued or ran (``[*]`` or ``[1]``).
+
+    Notebook 7 has no status bar to wait on, and its execution indicator reads "idle" for a moment before
+    the kernel connects; a Shift+Enter in that moment is dropped, so it is pressed again.
+    """
+    prompt = _cell(page, 0).locator(".jp-InputPrompt")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run_cell(page, 0)
+        try:
+            page.wait_for_function(
+                "() => /\\[(\\*|\\d+)\\]/.test(document.querySelector('.jp-Notebook .jp-Cell .jp-InputPrompt').textContent)",
+                timeout=5_000,
+            )
+            return
+        except Exception:
+            continue
+    raise AssertionError(
+        f"cell 0 never started within {timeout_s:.0f} s; its prompt reads {prompt.inner_text()!r}"
+    )
+
+
+def test_dashboard_trains_and_stops_in_notebook7(
+    notebook7_server: JupyterServer, browser_page: tuple[Any, list[str]], tmp_path: Path
+) -> None:
+    page, console_errors = browser_page
+    write_notebook(notebook7_server.root / "nb7.ipynb", [dashboard_cell(notebook7_server.root / "runs")])
+    try:
+        page.goto(notebook7_server.notebook7_url("nb7.ipynb"))
+        page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=60_000)
+        assert page.locator(".jp-LabShell").count() == 0  # not JupyterLab's
+        run_first_cell_when_connected(page)
+        page.locator(".lw-dash .lw-train").wait_for(state="visible", timeout=120_000)
+        page.wait_for_function("() => !document.querySelector('.lw-dash .lw-train').disabled", timeout=30_000)
+        assert page.locator(".lw-dashboard .bqplot").count() == 4
+        page.locator(".lw-dash .lw-train").click()
+        page.wait_for_function(
+            "() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) >= 5", timeout=60_000
+        )
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.lw-dashboard .bqplot path.line')].some(p => (p.getAttribute('d') || '').length > 40)",
+            timeout=30_000,
+        )
+        page.locator(".lw-dash .lw-stop").click()
+        page.wait_for_function(
+            "() => document.querySelector('.lw-dash .lw-status').dataset.state === 'stopped'", timeout=10_000
+        )
+        _cell(page, 0).locator("text=static summary").first.wait_for(timeout=10_000)
+    except Exception as exc:
+        shoot(page, "notebook7-failure.png", tmp_path)
+        raise AssertionError(
+            f"{exc}\nscreenshot: {tmp_path / 'notebook7-failure.png'}\nconsole: {console_errors}"
+        ) from exc
+    shoot(page, "notebook7-stopped.png", tmp_path)
+    other = [e for e in console_errors if KNOWN_NOISE not in e and NOTEBOOK7_NOISE not in e]
+    assert other == [], console_errors
