@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_widgets import checkpoint as ckpt
-from lora_widgets.devices import describe_device, gpu_utilization, memory_in_use, select_device, total_memory
+from lora_widgets.devices import describe_device, gpu_utilization, memory_in_use, select_device
+from lora_widgets.diagnosis import Diagnosis, error_diagnosis, format_lr, nan_diagnosis, oom_diagnosis
 from lora_widgets.events import (
     CheckpointSaved,
     EvalMetrics,
     Event,
-    FailureReason,
     RunEnded,
     RunFailed,
     RunFinished,
@@ -130,24 +130,6 @@ class _RunContext:
         self.perm: torch.Tensor | None = None
         self.last_util_t = -1e9
         self.last_util: float | None = None
-
-
-class _Failure(Exception):
-    def __init__(self, reason: FailureReason, message: str, suggestions: list[str], error_type: str = ""):
-        super().__init__(message)
-        self.reason: FailureReason = reason
-        self.message = message
-        self.suggestions = suggestions
-        self.error_type = error_type
-
-
-def _format_lr(lr: float) -> str:
-    mantissa, exponent = f"{lr:.1e}".split("e")
-    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
-
-
-def _fmt_bytes(n: int | None) -> str:
-    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -758,98 +740,22 @@ class Trainer:
             with contextlib.suppress(Exception):
                 torch.mps.empty_cache()
 
-    # -- failure reports ------------------------------------------------------------------------------
+    # -- failure reports (the wording lives in diagnosis.py) ------------------------------------------
 
-    def _oom_failure(self, step: int, exc: BaseException) -> _Failure:
-        c = self.config
-        rank = self._lora_rank()
-        seq = self._data_cache.train.shape[1] if self._data_cache is not None else c.block_size
-        device_name = describe_device(self.device)
-        total = total_memory(self.device)
-        what = "GPU" if self.device.type == "cuda" else "device"
-        where = "while moving the model to the device" if step < 0 else f"at step {step + 1}"
-        kept = (
-            "Training did not start."
-            if step < 0
-            else f"The adapter of the last completed step ({step}) was kept."
+    def _oom_failure(self, step: int, exc: BaseException) -> Diagnosis:
+        seq = self._data_cache.train.shape[1] if self._data_cache is not None else self.config.block_size
+        return oom_diagnosis(
+            exc,
+            step,
+            config=self.config,
+            device=self.device,
+            model=self.model,
+            lora=self.report.config if self.report is not None else None,
+            seq_len=int(seq),
         )
-        first_line = (str(exc).splitlines() or [""])[0][:200]
-        message = (
-            f"Out of memory {where} on {device_name}: batch_size={c.batch_size} "
-            f"(x grad_accum_steps {c.grad_accum_steps}), LoRA rank r={rank if rank is not None else 'n/a (full fine-tuning)'}, "
-            f"sequence length {seq}, precision {c.precision}; the {what} has {_fmt_bytes(total)} in total. "
-            f"{kept} ({first_line})"
-        )
-        suggestions: list[str] = []
-        try:  # the memory estimator's concrete fits, when it can model this model
-            from lora_widgets import memory
 
-            lora_cfg = self.report.config if self.report is not None else None
-            dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[c.precision]
-            if total:
-                suggestions += memory.suggest_fit(
-                    self.model,
-                    lora_cfg,
-                    c.batch_size,
-                    int(seq),
-                    dtype,
-                    int(total),
-                    gradient_checkpointing=c.gradient_checkpointing,
-                    cuda=self.device.type == "cuda",
-                )
-        except Exception:
-            logger.debug("memory.suggest_fit could not help", exc_info=True)
-        if c.batch_size > 1:
-            half = c.batch_size // 2
-            suggestions.append(
-                f"batch_size={half} with grad_accum_steps={c.grad_accum_steps * c.batch_size // half} "
-                f"(same effective batch of {c.batch_size * c.grad_accum_steps} sequences)"
-            )
-        if rank is not None and rank > 1:
-            suggestions.append(f"LoRA rank r={rank // 2}")
-        if seq >= 32:
-            suggestions.append(f"block_size={int(seq) // 2} (shorter sequences)")
-        if not c.gradient_checkpointing:
-            suggestions.append(
-                "gradient_checkpointing=True (recompute activations: less memory, ~30% slower)"
-            )
-        if c.precision == "fp32" and self.device.type == "cuda":
-            suggestions.append("precision='bf16' (or 'fp16' on GPUs without bf16)")
-        return _Failure("oom", message, suggestions, type(exc).__name__)
-
-    def _nan_failure(self, bad_step: int, skipped: bool) -> _Failure:
-        c = self.config
-        lr = lr_at(bad_step - 1, max(self.total_steps, 1), c.learning_rate, c.warmup_steps, c.schedule)
-        kept = (
-            f"its update was not applied, so the adapter is that of step {bad_step - 1}"
-            if skipped
-            else "it was detected at the next logged step (log_every > 1), so later updates may have spread it"
-        )
-        message = (
-            f"The loss (or gradient) became NaN/inf at step {bad_step} (learning rate {lr:.3g}); {kept}."
-        )
-        suggestions = [
-            f"lower learning_rate, e.g. {_format_lr(c.learning_rate / 3)} (now {_format_lr(c.learning_rate)})"
-        ]
-        if c.warmup_steps < 20:
-            suggestions.append(f"longer warm-up, e.g. warmup_steps={max(20, 2 * c.warmup_steps)}")
-        if c.max_grad_norm is None:
-            suggestions.append("clip gradients: max_grad_norm=1.0")
-        if c.precision == "fp16":
-            suggestions.append("precision='bf16' instead of 'fp16' (bf16 has fp32's range)")
-        return _Failure("nan", message, suggestions, "FloatingPointError")
-
-    @staticmethod
-    def _error_failure(exc: BaseException, step: int, bad_input: bool = False) -> _Failure:
-        text = f"{type(exc).__name__}: {exc}"
-        if bad_input:
-            return _Failure("bad_input", f"Bad input: {exc}", [], type(exc).__name__)
-        return _Failure(
-            "error",
-            f"Training failed at step {step + 1} with {text}",
-            ["see the traceback in the log (logger 'lora_widgets.trainer')"],
-            type(exc).__name__,
-        )
+    def _nan_failure(self, bad_step: int, skipped: bool) -> Diagnosis:
+        return nan_diagnosis(bad_step, skipped, config=self.config, total_steps=self.total_steps)
 
     # -- run directory ---------------------------------------------------------------------------------
 
@@ -857,7 +763,7 @@ class Trainer:
         c = self.config
         rank = self._lora_rank()
         tag = f"r{rank}" if rank is not None else ("lora" if self.report is not None else "full")
-        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}-lr{_format_lr(c.learning_rate)}"
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}-lr{format_lr(c.learning_rate)}"
         root = Path(c.output_dir)
         root.mkdir(parents=True, exist_ok=True)
         for n in range(1, 10_000):
@@ -930,7 +836,7 @@ class Trainer:
         total = 0
         last_loss: float | None = None
         best_val: float | None = None
-        failure: _Failure | None = None
+        failure: Diagnosis | None = None
         cancelled = False
         last_eval_step = -1
         last_ckpt_step = -1
@@ -962,12 +868,12 @@ class Trainer:
         try:
             data = await self._in_thread(self._data)
         except (ValueError, TypeError, FileNotFoundError) as exc:
-            failure = self._error_failure(exc, 0, bad_input=True)
+            failure = error_diagnosis(exc, 0, bad_input=True)
         except asyncio.CancelledError:
             cancelled = True
         except Exception as exc:
             logger.exception("preparing the data failed")
-            failure = self._error_failure(exc, 0, bad_input=True)
+            failure = error_diagnosis(exc, 0, bad_input=True)
         self._write_config(resume_from, data)
 
         try:
@@ -976,7 +882,7 @@ class Trainer:
                 try:
                     ctx, start_step, run_info = await self._in_thread(self._setup, resume_from)
                 except (ValueError, FileNotFoundError) as exc:  # an unsuitable model or checkpoint
-                    failure = self._error_failure(exc, 0, bad_input=True)
+                    failure = error_diagnosis(exc, 0, bad_input=True)
                 except _OOM_TYPES as exc:  # e.g. the model does not fit on the GPU at all
                     failure = self._oom_failure(-1, exc)
                     del exc
@@ -1030,12 +936,12 @@ class Trainer:
                             failure = self._oom_failure(step, exc)
                         else:
                             logger.exception("training step %d failed", step + 1)
-                            failure = self._error_failure(exc, step)
+                            failure = error_diagnosis(exc, step)
                         del exc
                         break
                     except Exception as exc:
                         logger.exception("training step %d failed", step + 1)
-                        failure = self._error_failure(exc, step)
+                        failure = error_diagnosis(exc, step)
                         del exc
                         break
                     if out.bad_step is not None:
@@ -1094,7 +1000,7 @@ class Trainer:
             cancelled = True
         except Exception as exc:  # an error outside the step (evaluation, checkpoint writing, ...)
             logger.exception("the run failed")
-            failure = self._error_failure(exc, step)
+            failure = error_diagnosis(exc, step)
             del exc
 
         # Phase 5: save, release, report. Runs however the run ended.

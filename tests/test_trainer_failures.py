@@ -250,13 +250,13 @@ def test_out_of_memory_before_the_first_step(tmp_path: Path, monkeypatch: pytest
 def test_out_of_memory_suggestions_from_the_memory_estimator(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lora_widgets import memory, trainer
+    from lora_widgets import diagnosis, memory
 
     t = make(tmp_path, data=blocks(80, 64), batch_size=32)
     need = memory.estimate_memory(tiny_llama(), LoRAConfig(r=4), batch_size=32, seq_len=64).required_bytes(
         False
     )
-    monkeypatch.setattr(trainer, "total_memory", lambda device: need // 3)  # a device a third too small
+    monkeypatch.setattr(diagnosis, "total_memory", lambda device: need // 3)  # a device a third too small
     fault_on_call(t.model, 1, raise_(torch.OutOfMemoryError("out of memory")))
     end = t.run_sync()
     assert isinstance(end, RunFailed) and end.reason == "oom"

@@ -1,0 +1,148 @@
+"""What went wrong in a training run, said so that the user knows what to change.
+
+One job: turn a fault (out of memory, a non-finite loss, bad input, any other exception) into a
+:class:`Diagnosis` -- a reason, a message naming the values in play, and concrete suggestions with
+numbers in them. The trainer reports it as :class:`~lora_widgets.events.RunFailed`; the dashboard shows it
+as a danger callout. Pure functions of the run's settings: no model is touched, nothing is retried.
+
+For out-of-memory errors the memory estimator (:func:`lora_widgets.memory.suggest_fit`) is asked for
+settings that fit the device's total memory, when it can model the architecture; simple halvings
+follow in any case.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from lora_widgets.devices import describe_device, total_memory
+from lora_widgets.events import FailureReason
+from lora_widgets.lora import LoRAConfig
+from lora_widgets.schedules import lr_at
+from lora_widgets.train_config import TrainConfig
+
+__all__ = ["Diagnosis", "error_diagnosis", "format_lr", "nan_diagnosis", "oom_diagnosis"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class Diagnosis:
+    """Why a run failed: ``reason`` (oom, nan, bad_input, error), ``message``, ``suggestions``."""
+
+    reason: FailureReason
+    message: str
+    suggestions: list[str] = field(default_factory=list)
+    error_type: str = ""
+
+
+def format_lr(lr: float) -> str:
+    """A learning rate as people write it: ``3e-4``, ``1.5e-3``."""
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def _gib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def oom_diagnosis(
+    exc: BaseException,
+    step: int,
+    *,
+    config: TrainConfig,
+    device: torch.device,
+    model: torch.nn.Module,
+    lora: LoRAConfig | None,
+    seq_len: int,
+) -> Diagnosis:
+    """Out of memory at 0-based ``step`` (``-1``: while setting up): the settings, the device's total
+    memory, and smaller settings to try, the estimator's fits first."""
+    c = config
+    rank = lora.r if lora is not None else None
+    total = total_memory(device)
+    what = "GPU" if device.type == "cuda" else "device"
+    where = "while moving the model to the device" if step < 0 else f"at step {step + 1}"
+    kept = (
+        "Training did not start."
+        if step < 0
+        else f"The adapter of the last completed step ({step}) was kept."
+    )
+    first_line = (str(exc).splitlines() or [""])[0][:200]
+    message = (
+        f"Out of memory {where} on {describe_device(device)}: batch_size={c.batch_size} "
+        f"(x grad_accum_steps {c.grad_accum_steps}), LoRA rank r={rank if rank is not None else 'n/a (full fine-tuning)'}, "
+        f"sequence length {seq_len}, precision {c.precision}; the {what} has {_gib(total)} in total. "
+        f"{kept} ({first_line})"
+    )
+    suggestions: list[str] = []
+    try:  # the memory estimator's concrete fits, when it can model this model
+        from lora_widgets import memory
+
+        if total:
+            suggestions += memory.suggest_fit(
+                model,
+                lora,
+                c.batch_size,
+                int(seq_len),
+                _DTYPES[c.precision],
+                int(total),
+                gradient_checkpointing=c.gradient_checkpointing,
+                cuda=device.type == "cuda",
+            )
+    except Exception:
+        logger.debug("memory.suggest_fit could not help", exc_info=True)
+    if c.batch_size > 1:
+        half = c.batch_size // 2
+        suggestions.append(
+            f"batch_size={half} with grad_accum_steps={c.grad_accum_steps * c.batch_size // half} "
+            f"(same effective batch of {c.batch_size * c.grad_accum_steps} sequences)"
+        )
+    if rank is not None and rank > 1:
+        suggestions.append(f"LoRA rank r={rank // 2}")
+    if seq_len >= 32:
+        suggestions.append(f"block_size={int(seq_len) // 2} (shorter sequences)")
+    if not c.gradient_checkpointing:
+        suggestions.append("gradient_checkpointing=True (recompute activations: less memory, ~30% slower)")
+    if c.precision == "fp32" and device.type == "cuda":
+        suggestions.append("precision='bf16' (or 'fp16' on GPUs without bf16)")
+    return Diagnosis("oom", message, suggestions, type(exc).__name__)
+
+
+def nan_diagnosis(bad_step: int, skipped: bool, *, config: TrainConfig, total_steps: int) -> Diagnosis:
+    """A non-finite loss or gradient first seen at 1-based ``bad_step``; ``skipped``: its update was not
+    applied. Suggests a lower learning rate (a third), longer warm-up, clipping, bf16 over fp16."""
+    c = config
+    lr = lr_at(bad_step - 1, max(total_steps, 1), c.learning_rate, c.warmup_steps, c.schedule)
+    kept = (
+        f"its update was not applied, so the adapter is that of step {bad_step - 1}"
+        if skipped
+        else "it was detected at the next logged step (log_every > 1), so later updates may have spread it"
+    )
+    message = f"The loss (or gradient) became NaN/inf at step {bad_step} (learning rate {lr:.3g}); {kept}."
+    suggestions = [
+        f"lower learning_rate, e.g. {format_lr(c.learning_rate / 3)} (now {format_lr(c.learning_rate)})"
+    ]
+    if c.warmup_steps < 20:
+        suggestions.append(f"longer warm-up, e.g. warmup_steps={max(20, 2 * c.warmup_steps)}")
+    if c.max_grad_norm is None:
+        suggestions.append("clip gradients: max_grad_norm=1.0")
+    if c.precision == "fp16":
+        suggestions.append("precision='bf16' instead of 'fp16' (bf16 has fp32's range)")
+    return Diagnosis("nan", message, suggestions, "FloatingPointError")
+
+
+def error_diagnosis(exc: BaseException, step: int, bad_input: bool = False) -> Diagnosis:
+    """Bad input (the data or settings were refused before training) or any other error at 0-based ``step``."""
+    if bad_input:
+        return Diagnosis("bad_input", f"Bad input: {exc}", [], type(exc).__name__)
+    return Diagnosis(
+        "error",
+        f"Training failed at step {step + 1} with {type(exc).__name__}: {exc}",
+        ["see the traceback in the log (logger 'lora_widgets.trainer')"],
+        type(exc).__name__,
+    )
