@@ -141,8 +141,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lora_widgets.lora import LoRAConfig, apply_lora, has_lora  # noqa: E402
-from lora_widgets.widget.charts import loss_curve_svg  # noqa: E402
 from lora_widgets.widget.dashboard import DashboardPanel, DashboardRun, LoRADashboard, validate_settings  # noqa: E402
+from lora_widgets.widget.static_summary import loss_curve_svg  # noqa: E402
 from lora_widgets.widget.throttle import EMA, Series, Throttle, debiased_ema, decimate_indices  # noqa: E402
 from tests.helpers import FakeLoop, tiny_llama  # noqa: E402
 

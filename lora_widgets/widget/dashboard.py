@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import html
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -45,8 +44,9 @@ from lora_widgets.events import (
     StepMetrics,
 )
 from lora_widgets.lora import LoRAConfig, count_parameters, has_lora, remove_lora
-from lora_widgets.widget.charts import Charts, loss_curve_svg, set_xy
+from lora_widgets.widget.charts import Charts, set_xy
 from lora_widgets.widget.panel import DashboardPanel, _targets_from_text, _targets_to_text, validate_settings
+from lora_widgets.widget.static_summary import loss_curve_svg, summary_table_html
 from lora_widgets.widget.throttle import EMA, Series, Throttle, decimate_indices
 
 if TYPE_CHECKING:
@@ -878,37 +878,7 @@ class LoRADashboard(VBox):
 
     def static_summary_html(self) -> str:
         """An HTML table of every run's outcome (what the saved notebook shows without widgets)."""
-        rows = []
-        for run in self.runs:
-            res = run.result
-            state = "running" if res is None else res.kind
-            final = "–" if run.final_loss is None else f"{run.final_loss:.4f}"
-            best = run.best_val_loss
-            best_s = "–" if best is None else f"{best:.4f}"
-            ppl = "–" if best is None else f"{math.exp(best):.2f}"
-            steps = "–" if res is None else str(res.step)
-            secs = "–" if res is None else f"{res.elapsed_s:.1f}"
-            adapter = html.escape(res.adapter_path or "–") if res else "–"
-            rows.append(
-                f"<tr><td>{html.escape(run.label)}</td><td>{state}</td><td>{steps}</td><td>{secs}</td>"
-                f"<td>{final}</td><td>{best_s}</td><td>{ppl}</td><td><code>{adapter}</code></td></tr>"
-            )
-        head = (
-            "<tr><th>run</th><th>state</th><th>steps</th><th>time (s)</th><th>final train loss</th>"
-            "<th>best val loss</th><th>perplexity</th><th>adapter</th></tr>"
-        )
-        summary = self.panel.summary
-        device = html.escape(str(summary.get("device_name") or summary.get("device") or ""))
-        params = ""
-        if summary.get("total"):
-            params = (
-                f"; trainable parameters {summary.get('trainable', 0):,} of {summary['total']:,} "
-                f"({summary.get('trainable_pct', 0.0):.2f}%)"
-            )
-        return (
-            f"<div class='lora-dashboard-summary'><b>LoRA dashboard: static summary</b> "
-            f"(device {device}{params})<table>{head}{''.join(rows)}</table></div>"
-        )
+        return summary_table_html(self.runs, self.panel.summary)
 
     def static_summary_svg(self) -> str:
         """The last run's loss curve as a standalone SVG."""

@@ -1,0 +1,144 @@
+"""What a saved notebook shows where widgets do not render: a table of runs and the loss curve as SVG.
+
+GitHub, nbconvert HTML and nbval keep a cell's outputs but not live widgets, so when a run ends the
+dashboard writes these beside itself (an HTML table and a standalone SVG, no matplotlib needed).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lora_widgets.widget.charts import RAW_COLOR, SMOOTH_COLOR, VAL_COLOR
+
+if TYPE_CHECKING:
+    from lora_widgets.widget.dashboard import DashboardRun
+
+__all__ = ["loss_curve_svg", "summary_table_html"]
+
+
+def summary_table_html(runs: Iterable[DashboardRun], summary: Mapping[str, Any]) -> str:
+    """One row per run (state, steps, time, final train loss, best validation loss, perplexity, adapter path),
+    under a line naming the device and the trainable-parameter share from the panel's ``summary``."""
+    rows = []
+    for run in runs:
+        res = run.result
+        state = "running" if res is None else res.kind
+        final = "–" if run.final_loss is None else f"{run.final_loss:.4f}"
+        best = run.best_val_loss
+        best_s = "–" if best is None else f"{best:.4f}"
+        ppl = "–" if best is None else f"{math.exp(best):.2f}"
+        steps = "–" if res is None else str(res.step)
+        secs = "–" if res is None else f"{res.elapsed_s:.1f}"
+        adapter = html.escape(res.adapter_path or "–") if res else "–"
+        rows.append(
+            f"<tr><td>{html.escape(run.label)}</td><td>{state}</td><td>{steps}</td><td>{secs}</td>"
+            f"<td>{final}</td><td>{best_s}</td><td>{ppl}</td><td><code>{adapter}</code></td></tr>"
+        )
+    head = (
+        "<tr><th>run</th><th>state</th><th>steps</th><th>time (s)</th><th>final train loss</th>"
+        "<th>best val loss</th><th>perplexity</th><th>adapter</th></tr>"
+    )
+    device = html.escape(str(summary.get("device_name") or summary.get("device") or ""))
+    params = ""
+    if summary.get("total"):
+        params = (
+            f"; trainable parameters {summary.get('trainable', 0):,} of {summary['total']:,} "
+            f"({summary.get('trainable_pct', 0.0):.2f}%)"
+        )
+    return (
+        f"<div class='lora-dashboard-summary'><b>LoRA dashboard: static summary</b> "
+        f"(device {device}{params})<table>{head}{''.join(rows)}</table></div>"
+    )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def loss_curve_svg(
+    steps: Sequence[float] | np.ndarray,
+    loss: Sequence[float] | np.ndarray,
+    smoothed: Sequence[float] | np.ndarray | None = None,
+    val_steps: Sequence[float] | np.ndarray = (),
+    val_loss: Sequence[float] | np.ndarray = (),
+    title: str = "Training loss",
+    width: int = 640,
+    height: int = 260,
+) -> str:
+    """A self-contained SVG of the loss curve (no matplotlib): raw and smoothed polylines, validation dots.
+
+    Used for the static summary that stays in a saved notebook where widgets do not render (GitHub,
+    nbconvert HTML, nbval). Non-finite points are dropped.
+    """
+    left, right, top, bottom = 58, 14, 28, 36
+    pw, ph = width - left - right, height - top - bottom
+    s = np.asarray(steps, dtype=np.float64)
+    y = np.asarray(loss, dtype=np.float64)
+    sm = None if smoothed is None else np.asarray(smoothed, dtype=np.float64)
+    vs = np.asarray(val_steps, dtype=np.float64)
+    vl = np.asarray(val_loss, dtype=np.float64)
+    pool = [y[np.isfinite(y)], vl[np.isfinite(vl)]]
+    if sm is not None:
+        pool.append(sm[np.isfinite(sm)])
+    every = np.concatenate(pool) if pool else np.zeros(0)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left}" y="18" font-size="13" font-weight="bold">{html.escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+    ]
+    if every.size == 0 or s.size == 0:
+        parts.append(f'<text x="{left + 8}" y="{top + 20}">no data</text></svg>')
+        return "".join(parts)
+    x0, x1 = float(np.nanmin(s)), float(np.nanmax(s))
+    if vs.size:
+        x0, x1 = min(x0, float(vs.min())), max(x1, float(vs.max()))
+    y0, y1 = float(every.min()), float(every.max())
+    if x1 == x0:
+        x1 = x0 + 1.0
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+
+    def px(a: np.ndarray) -> np.ndarray:
+        return left + (a - x0) / (x1 - x0) * pw
+
+    def py(a: np.ndarray) -> np.ndarray:
+        return top + (1.0 - (a - y0) / (y1 - y0)) * ph
+
+    def polyline(xs: np.ndarray, ys: np.ndarray, color: str, w: float) -> str:
+        ok = np.isfinite(xs) & np.isfinite(ys)
+        pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px(xs[ok]), py(ys[ok]), strict=True))
+        return f'<polyline fill="none" stroke="{color}" stroke-width="{w}" points="{pts}"/>'
+
+    parts.append(polyline(s, y, RAW_COLOR, 1.0))
+    if sm is not None:
+        parts.append(polyline(s, sm, SMOOTH_COLOR, 2.0))
+    ok = np.isfinite(vs) & np.isfinite(vl)
+    for a, b in zip(px(vs[ok]), py(vl[ok]), strict=True):
+        parts.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3.5" fill="{VAL_COLOR}"/>')
+    for value in (y0, (y0 + y1) / 2, y1):
+        yy = float(py(np.array([value]))[0])
+        parts.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{_fmt(value)}</text>')
+    for value in (x0, x1):
+        xx = float(px(np.array([value]))[0])
+        parts.append(f'<text x="{xx:.1f}" y="{top + ph + 16}" text-anchor="middle">{int(value)}</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle">step</text>')
+    lx = left + pw - 190
+    legend = [
+        (RAW_COLOR, "train loss"),
+        (SMOOTH_COLOR, "smoothed"),
+        (VAL_COLOR, "validation"),
+    ]
+    for i, (color, name) in enumerate(legend):
+        parts.append(
+            f'<rect x="{lx + i * 64}" y="{top + 6}" width="10" height="10" fill="{color}"/>'
+            f'<text x="{lx + i * 64 + 13}" y="{top + 15}">{name}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
