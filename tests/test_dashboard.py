@@ -727,3 +727,26 @@ def test_outside_colab_nothing_is_switched_on(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.delitem(sys.modules, "google.colab.output", raising=False)
     make_dash()  # no Colab module is imported or required
+
+
+def test_validation_dots_are_capped_and_keep_the_best() -> None:
+    """Each dot is an SVG element in the page, so a long run's validation points are capped lower."""
+    dash = make_dash()
+    loop = FakeLoop()
+    dash._clock = loop.time
+    dash._call_later = loop.call_later
+    dash.runs.append(DashboardRun(1, "run 1", LoRAConfig(), FakeTrainConfig(), trainer=None))
+    dash._on_event(RunStarted("r", "/tmp/r", {}, {}, "cpu", "CPU", 10, 100, 100_000, 128, 0.0))
+    n_evals = 1_000
+    for k in range(1, n_evals + 1):
+        val = 3.0 + 0.2 * math.sin(k / 7) + (-1.0 if k == 613 else 0.0)  # the best one, mid-run
+        dash._on_event(_step(100 * k, 100_000))
+        dash._on_event(EvalMetrics(100 * k, val, math.exp(val), min(val, 2.0)))
+        loop.advance(0.05)
+    loop.advance(1.0)
+    x, y = dash.charts.val_loss.x, dash.charts.val_loss.y
+    assert len(x) <= dash.max_markers < n_evals
+    assert 61_300 in set(x.tolist()) and math.isclose(
+        float(y.min()), 2.0 + 0.2 * math.sin(613 / 7), rel_tol=1e-6
+    )
+    assert x[-1] == 100_000  # the latest evaluation is always shown

@@ -11,7 +11,7 @@ Data flow (one direction, one thread)::
   thread: updates made from other threads never reach Colab (googlecolab/colabtools#3373).
 * The event handler only appends to in-memory series. A :class:`~lora_widgets.widget.throttle.Throttle`
   pushes at most one update every ``flush_interval`` seconds (0.25 s: 4 per second) and each push sends
-  a decimated series (``max_points`` per line), so a 100,000-step run costs the browser what a
+  a decimated series (``max_points`` per line, ``max_markers`` validation dots), so a 100,000-step run costs the browser what a
   1,000-step run costs, and JupyterLab's iopub limit (1,000 messages/s) is never approached.
 * When a run ends, a static summary (metrics table + an SVG of the loss curve) replaces a placeholder
   output shown beside the widget, so saved notebooks show results where widgets do not render.
@@ -187,6 +187,9 @@ class LoRADashboard(VBox):
     """Seconds between two pushes to the browser (at most 4 per second)."""
     max_points: int = 2000
     """Points per chart line per push (min-max decimation keeps spikes)."""
+    max_markers: int = 200
+    """Validation dots per push: each is an SVG element in the page (a line's points are not), so they are
+    capped lower; the best validation loss always survives the min-max decimation."""
 
     def __init__(
         self,
@@ -729,7 +732,7 @@ class LoRADashboard(VBox):
         if len(rec.evals) != rec.sent_evals:
             rec.sent_evals = len(rec.evals)
             e = rec.evals
-            idx = decimate_indices(e["val_loss"], self.max_points)
+            idx = decimate_indices(e["val_loss"], self.max_markers)
             set_xy(self.charts.val_loss, e["step"][idx], e["val_loss"][idx])
         if n:
             self.charts.fit_loss_range(self.charts.raw_loss.y, self.charts.val_loss.y)

@@ -89,7 +89,7 @@ class JupyterServer:
 
 
 @contextlib.contextmanager
-def _serve(app: str, root: Path) -> Iterator[JupyterServer]:
+def serve_jupyter(app: str, root: Path) -> Iterator[JupyterServer]:
     """``jupyter <app>`` (lab or notebook) on 127.0.0.1, a random free port and a random token, serving root."""
     settings = root / ".settings"
     # no "fetch news?" toast over the page
@@ -143,14 +143,14 @@ def _serve(app: str, root: Path) -> Iterator[JupyterServer]:
 @pytest.fixture(scope="module")
 def jupyter_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[JupyterServer]:
     """``jupyter lab``, as most users start it."""
-    with _serve("lab", tmp_path_factory.mktemp("lab")) as server:
+    with serve_jupyter("lab", tmp_path_factory.mktemp("lab")) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def notebook7_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[JupyterServer]:
     """``jupyter notebook`` (Notebook 7), its own server and settings so nothing carries over from the lab."""
-    with _serve("notebook", tmp_path_factory.mktemp("notebook7")) as server:
+    with serve_jupyter("notebook", tmp_path_factory.mktemp("notebook7")) as server:
         yield server
 
 
