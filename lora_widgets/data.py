@@ -37,6 +37,7 @@ __all__ = [
     "pack_blocks",
     "prepare_data",
     "split_blocks",
+    "train_val_blocks",
 ]
 
 _FILE_SUFFIXES = (".txt", ".jsonl")
@@ -331,3 +332,38 @@ def as_blocks(obj: Any, tokenizer: PreTrainedTokenizerBase | None, block_size: i
             f"a tokenizer is needed to turn {type(obj).__name__} data into token blocks; pass the model's tokenizer"
         )
     return pack_blocks(load_texts(obj), tokenizer, block_size)
+
+
+def train_val_blocks(
+    train_data: Any,
+    eval_data: Any,
+    tokenizer: PreTrainedTokenizerBase | None,
+    block_size: int,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The blocks a run trains and validates on, from what a user passes as ``train_data``/``eval_data``.
+
+    The one rule the trainer and the dashboard share: a :class:`DataSplit` brings its own validation part
+    (unless ``eval_data`` is given); given ``eval_data`` is used as it is; otherwise ``val_fraction`` of the
+    training blocks is held out (seeded, :func:`split_blocks`) when there are at least two. An empty
+    validation part becomes ``None`` (no evaluation).
+
+    Returns:
+        ``(train[n, T], val[n_val, T] or None)``.
+    """
+    if isinstance(train_data, DataSplit):
+        if eval_data is None and train_data.val.shape[0] > 0:
+            eval_data = train_data.val
+        train_data = train_data.train
+    train = as_blocks(train_data, tokenizer, block_size)  # [n, T]
+    val: torch.Tensor | None
+    if eval_data is not None:
+        val = as_blocks(eval_data, tokenizer, block_size)  # [n_val, T]
+    elif val_fraction > 0 and train.shape[0] >= 2:
+        train, val = split_blocks(train, val_fraction, seed)
+    else:
+        val = None
+    if val is not None and val.shape[0] == 0:
+        val = None
+    return train, val

@@ -402,21 +402,9 @@ class Trainer:
         from lora_widgets import data as data_mod  # heavy deps (tokenizers) only when needed
 
         c = self.config
-        train_src, val_src = self.train_data, self.eval_data
-        if isinstance(train_src, data_mod.DataSplit):
-            if val_src is None and train_src.val.shape[0] > 0:
-                val_src = train_src.val
-            train_src = train_src.train
-        train = data_mod.as_blocks(train_src, self.tokenizer, c.block_size)  # [n, T]
-        val: torch.Tensor | None
-        if val_src is not None:
-            val = data_mod.as_blocks(val_src, self.tokenizer, c.block_size)  # [n_val, T]
-        elif c.val_fraction > 0 and train.shape[0] >= 2:
-            train, val = data_mod.split_blocks(train, c.val_fraction, c.seed)
-        else:
-            val = None
-        if val is not None and val.shape[0] == 0:
-            val = None
+        train, val = data_mod.train_val_blocks(  # [n, T], [n_val, T] or None
+            self.train_data, self.eval_data, self.tokenizer, c.block_size, c.val_fraction, c.seed
+        )
         vocab = self._vocab_size()
         for name, blocks in (("train_data", train), ("eval_data", val)):
             if blocks is not None and vocab is not None and int(blocks.max()) >= vocab:

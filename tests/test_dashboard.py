@@ -750,3 +750,20 @@ def test_validation_dots_are_capped_and_keep_the_best() -> None:
         float(y.min()), 2.0 + 0.2 * math.sin(613 / 7), rel_tol=1e-6
     )
     assert x[-1] == 100_000  # the latest evaluation is always shown
+
+
+def test_a_data_split_is_accepted_with_its_own_validation_part() -> None:
+    from lora_widgets.data import DataSplit
+
+    blocks = torch.randint(0, 128, (40, 32))
+    split = DataSplit(train=blocks[:30], val=blocks[30:], block_size=32, n_tokens=40 * 32)
+    dash = LoRADashboard(
+        model=tiny_llama(),
+        tokenizer=object(),
+        train_data=split,
+        lora=LoRAConfig(r=4),
+        train=FakeTrainConfig(),
+    )
+    train, val = dash._data
+    assert torch.equal(train, split.train) and torch.equal(val, split.val)
+    assert dash.panel.summary.get("train_blocks") == 30

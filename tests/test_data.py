@@ -10,7 +10,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lora_widgets.data import DataSplit, as_blocks, load_texts, pack_blocks, prepare_data, split_blocks
+from lora_widgets.data import (
+    DataSplit,
+    as_blocks,
+    load_texts,
+    pack_blocks,
+    prepare_data,
+    split_blocks,
+    train_val_blocks,
+)
 from lora_widgets.demo import BASE_MODEL_PATH
 
 
@@ -231,3 +239,21 @@ def test_as_blocks(tokenizer) -> None:  # type: ignore[no-untyped-def]
         as_blocks(split, tokenizer, 4)
     with pytest.raises(ValueError, match="a tokenizer is needed"):
         as_blocks(["text"], None, 4)
+
+
+def test_train_val_blocks_follows_one_rule_for_trainer_and_dashboard(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    blocks = torch.arange(20 * 8).view(20, 8)
+    split = DataSplit(train=blocks[:15], val=blocks[15:], block_size=8, n_tokens=160)
+    train, val = train_val_blocks(split, None, None, 8)  # a DataSplit brings its own validation part
+    assert torch.equal(train, blocks[:15]) and val is not None and torch.equal(val, blocks[15:])
+    train, val = train_val_blocks(split, blocks[:2], None, 8)  # given eval_data wins
+    assert val is not None and torch.equal(val, blocks[:2])
+    train, val = train_val_blocks(blocks, None, None, 8, val_fraction=0.1, seed=3)  # held out, seeded
+    assert (train.shape[0], val.shape[0] if val is not None else 0) == (18, 2)
+    assert train_val_blocks(blocks, None, None, 8, val_fraction=0.1, seed=3)[1].tolist() == val.tolist()  # type: ignore[union-attr]
+    assert train_val_blocks(blocks[:1], None, None, 8)[1] is None  # one block: nothing to hold out
+    assert train_val_blocks(blocks, None, None, 8, val_fraction=0.0)[1] is None
+    texts = ["def f(x):\n    return x + 1\n" * 40]
+    t_train, t_val = train_val_blocks(texts, None, tokenizer, 16, val_fraction=0.2, seed=0)
+    expected = prepare_data(texts, tokenizer, block_size=16, val_fraction=0.2, seed=0)
+    assert torch.equal(t_train, expected.train) and t_val is not None and torch.equal(t_val, expected.val)

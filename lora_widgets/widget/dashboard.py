@@ -169,8 +169,10 @@ class LoRADashboard(VBox):
         model: a ``transformers`` causal LM, a hub id or local path (loaded with
             :func:`lora_widgets.demo.load_model`), or ``None`` for the shipped base model.
         tokenizer: the model's tokenizer (required when ``model`` is a model object).
-        train_data: any source :func:`lora_widgets.data.prepare_data` accepts; ``None`` for the demo
-            corpus ("python-docs").
+        train_data: any source :func:`lora_widgets.data.prepare_data` accepts, token blocks
+            ``[n, T]``, or a :class:`~lora_widgets.data.DataSplit` (its ``val`` part validates);
+            ``None`` for the demo corpus ("python-docs"). The same rule as the trainer's
+            (:func:`lora_widgets.data.train_val_blocks`).
         eval_data: validation source; ``None`` holds out ``train.val_fraction`` of ``train_data``.
         lora: the starting :class:`~lora_widgets.lora.LoRAConfig` (the controls start from it).
             ``None`` starts from r=8, alpha=16 on all linear layers: on the shipped model that lowers
@@ -238,7 +240,7 @@ class LoRADashboard(VBox):
         self._lora0 = lora
         self._train0: Any = train
         self._device_type = self._guess_device_type(train)
-        self._data: Any = None  # DataSplit prepared once, reused by every run
+        self._data: Any = None  # (train, val) blocks prepared once, reused by every run
         self._n_train_blocks: int | None = None
         self._prepare_data()
 
@@ -302,30 +304,16 @@ class LoRADashboard(VBox):
 
     def _prepare_data(self) -> None:
         """Tokenise and split the data once (every run reuses it), so 'batch too large' can be flagged."""
-        try:
-            from lora_widgets.data import as_blocks, prepare_data, split_blocks
-        except ImportError:  # pragma: no cover - data.py missing: let the trainer handle sources
-            return
-        import torch
+        from lora_widgets.data import train_val_blocks  # the trainer's own rule (tokenizers load lazily)
 
-        block = int(getattr(self._train0, "block_size", 128))
-        val_fraction = float(getattr(self._train0, "val_fraction", 0.1))
-        seed = int(getattr(self._train0, "seed", 0))
-        source, eval_source = self._train_source, self._eval_source
-        if eval_source is not None:
-            train_blocks = as_blocks(source, self.tokenizer, block)
-            eval_blocks: Any = as_blocks(eval_source, self.tokenizer, block)
-        elif isinstance(source, torch.Tensor):
-            train_blocks, eval_blocks = split_blocks(
-                as_blocks(source, self.tokenizer, block), val_fraction, seed
-            )
-        else:
-            split = prepare_data(
-                source, self.tokenizer, block_size=block, val_fraction=val_fraction, seed=seed
-            )
-            train_blocks, eval_blocks = split.train, split.val
-        if eval_blocks is not None and int(eval_blocks.shape[0]) == 0:
-            eval_blocks = None
+        train_blocks, eval_blocks = train_val_blocks(
+            self._train_source,
+            self._eval_source,
+            self.tokenizer,
+            int(getattr(self._train0, "block_size", 128)),
+            float(getattr(self._train0, "val_fraction", 0.1)),
+            int(getattr(self._train0, "seed", 0)),
+        )
         self._data = (train_blocks, eval_blocks)
         self._n_train_blocks = int(train_blocks.shape[0])
 
