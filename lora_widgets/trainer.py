@@ -117,6 +117,15 @@ class _StepOut:
     skipped_update: bool
 
 
+class _CancelledAfter(asyncio.CancelledError):
+    """The run's task was cancelled while a worker thread ran; ``result`` is what the thread returned
+    (``None`` if it raised), so the loop can count a step that finished before the cancellation."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__()
+        self.result = result
+
+
 class _RunContext:
     """Everything one run allocates; dropped as a whole at the end so nothing keeps memory alive."""
 
@@ -380,7 +389,8 @@ class Trainer:
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """``await asyncio.to_thread(fn, *args)``, but if this task is cancelled the thread is still awaited
-        (so that nothing touches the model while clean-up runs) before the cancellation propagates."""
+        (so that nothing touches the model while clean-up runs) before the cancellation propagates, as a
+        :class:`_CancelledAfter` carrying what the thread returned (so a finished step is counted)."""
         task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         try:
             return await asyncio.shield(task)
@@ -388,7 +398,8 @@ class Trainer:
             self._stop_requested = True
             with contextlib.suppress(BaseException):
                 await task
-            raise
+            finished = task.done() and not task.cancelled() and task.exception() is None
+            raise _CancelledAfter(task.result() if finished else None) from None
 
     # -- data ----------------------------------------------------------------------------------------
 
@@ -915,6 +926,12 @@ class Trainer:
                     is_log = (step + 1) % c.log_every == 0 or step + 1 == total
                     try:
                         out = await self._in_thread(self._train_step, ctx, step, is_log)
+                    except _CancelledAfter as cancel:
+                        done = cancel.result
+                        if isinstance(done, _StepOut) and done.bad_step is None:
+                            step += 1  # the step's update was applied before the cancellation took effect
+                            last_loss = done.loss if done.loss is not None else last_loss
+                        raise
                     except _OOM_TYPES as exc:
                         failure = self._oom_failure(step, exc)
                         del exc

@@ -262,3 +262,30 @@ def test_out_of_memory_suggestions_from_the_memory_estimator(
     assert isinstance(end, RunFailed) and end.reason == "oom"
     assert any("fits (peak" in s for s in end.suggestions), end.suggestions  # the estimator's concrete fits
     assert any(s.startswith("batch_size=16 with grad_accum_steps=2") for s in end.suggestions)
+
+
+def test_a_cancelled_run_reports_the_step_its_saved_adapter_is_at(tmp_path: Path) -> None:
+    """Cancelling mid-step waits for the step's thread; that step's update counts, so the saved adapter is
+    exactly an undisturbed run's adapter after ``end.step`` steps."""
+    t = make(tmp_path, max_steps=500)
+    events = record(t)
+    started = asyncio.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        fault_on_call(t.model, 3, lambda out: (loop.call_soon_threadsafe(started.set), out)[1])
+        task = asyncio.create_task(t.run())
+        await started.wait()  # step 3's forward is running in its thread now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    end = events[-1]
+    assert isinstance(end, RunStopped) and end.adapter_path is not None
+    assert end.step == 3
+    model = tiny_llama()
+    load_adapter(model, end.adapter_path)
+    expected = reference_adapter(tmp_path / "ref", end.step)
+    got = lora_state_dict(model)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
