@@ -11,8 +11,9 @@ Data flow (one direction, one thread)::
   thread: updates made from other threads never reach Colab (googlecolab/colabtools#3373).
 * The event handler only appends to in-memory series. A :class:`~lora_widgets.widget.throttle.Throttle`
   pushes at most one update every ``flush_interval`` seconds (0.25 s: 4 per second) and each push sends
-  a decimated series (``max_points`` per line, ``max_markers`` validation dots), so a 100,000-step run costs the browser what a
-  1,000-step run costs, and JupyterLab's iopub limit (1,000 messages/s) is never approached.
+  decimated series (``max_points`` per line, ``max_markers`` validation dots), so a 100,000-step run
+  costs the browser what a 1,000-step run costs, and JupyterLab's iopub limit (1,000 messages/s) is
+  never approached.
 * When a run ends, a static summary (metrics table + an SVG of the loss curve) replaces a placeholder
   output shown beside the widget, so saved notebooks show results where widgets do not render.
 """
