@@ -241,9 +241,9 @@ class LoRADashboard(VBox):
         self._lora0 = lora
         self._train0: Any = train
         self._device_type = self._guess_device_type(train)
-        self._data: Any = None  # (train, val) blocks prepared once, reused by every run
+        self._data: tuple[Any, Any] = (None, None)  # (train, val) blocks, prepared once for every run
         self._n_train_blocks: int | None = None
-        self._prepare_data()
+        self._prepare_data()  # bad data raises here, naming the problem, before anything is shown
 
         self.runs: list[DashboardRun] = []
         self._task: asyncio.Task[RunEnded | None] | None = None
@@ -497,10 +497,7 @@ class LoRADashboard(VBox):
             from lora_widgets.trainer import Trainer
 
             factory = Trainer
-        if self._data is not None:
-            train_data, eval_data = self._data
-        else:
-            train_data, eval_data = self._train_source, self._eval_source
+        train_data, eval_data = self._data
         return factory(self.model, self.tokenizer, train_data, eval_data, lora=lora, config=train)
 
     def _preflight(self, lora: LoRAConfig, train: Any) -> None:
