@@ -210,7 +210,8 @@ def measure_memory(
     def phase_step(mark: Callable[[str], None]) -> None:
         mark("forward")
         with autocast:
-            loss = net(input_ids=batch, labels=batch).loss  # the output (and its logits) is dropped here
+            # use_cache=False as the trainer does (no KV cache while training, and no warning with checkpointing)
+            loss = net(input_ids=batch, labels=batch, use_cache=False).loss  # output and logits dropped here
         mark("backward")
         loss.backward()
         del loss
