@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "RunStopped": "events",
     "RunFailed": "events",
     "event_from_dict": "events",
+    "RunSource": "events",
     # data, corpora and the shipped demo model
     "prepare_data": "data",
     "load_texts": "data",

@@ -11,8 +11,9 @@ Every event is a frozen dataclass with a ``kind`` class attribute and a JSON-saf
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Protocol, Union, runtime_checkable
 
 RunState = Literal["idle", "running", "paused", "stopped", "finished", "failed"]
 """The states a run moves through; the dashboard's status line shows exactly these words."""
@@ -192,3 +193,40 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     if cls is RunFailed and "suggestions" in kwargs:
         kwargs["suggestions"] = tuple(kwargs["suggestions"])
     return cls(**kwargs)  # type: ignore[return-value]
+
+
+@runtime_checkable
+class RunSource(Protocol):
+    """Anything that produces a run's events and can be steered: the contract the dashboard relies on.
+
+    Today's :class:`~lora_widgets.Trainer` satisfies it; so does an attached Hugging Face / TRL trainer,
+    and a replay of ``metrics.jsonl`` (whose ``stop``/``pause``/``resume`` do nothing). A view subscribes,
+    awaits :meth:`run`, and never reaches further into the producer than these members.
+    """
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event, on the event loop's thread, in order; returns an
+        unsubscribe function."""
+        ...
+
+    async def run(self) -> RunEnded:
+        """Produce the run's events until it ends; return the terminal event (never raises for a failed
+        run: a failure is a :class:`RunFailed`)."""
+        ...
+
+    def stop(self) -> None:
+        """Ask the run to end after the step in progress. Safe from any thread; no-op when idle."""
+        ...
+
+    def pause(self) -> None:
+        """Hold the run between steps until :meth:`resume`. Safe from any thread."""
+        ...
+
+    def resume(self) -> None:
+        """Release a paused run. Safe from any thread."""
+        ...
+
+    @property
+    def running(self) -> bool:
+        """True while :meth:`run` is in progress (also while paused)."""
+        ...
