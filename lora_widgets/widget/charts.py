@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from bqplot import Axis, Figure, LinearScale, Lines, LogScale, Scatter
-from ipywidgets import Layout
+from ipywidgets import GridBox, Layout
 
 from lora_widgets.history import History, decimate_indices
 
@@ -171,6 +171,11 @@ class Charts:
                 Axis(scale=tps_y, side="left", label="tokens/s (smoothed)", tick_format="~s"),
             ],
         )
+
+    def grid(self) -> GridBox:
+        """The figures in a grid, each at least :data:`CHART_WIDTH_PX` wide (so lines match their pixels)."""
+        columns = f"repeat(auto-fit, minmax({CHART_WIDTH_PX}px, 1fr))"
+        return GridBox(children=self.figures, layout=Layout(grid_template_columns=columns, width="100%"))
 
     @property
     def figures(self) -> list[Figure]:

@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ipywidgets import GridBox, Layout, VBox
+from ipywidgets import Layout, VBox
 
 from lora_widgets.diagnosis import format_lr
 from lora_widgets.events import (
@@ -41,8 +41,8 @@ from lora_widgets.events import (
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, has_lora, remove_lora
 from lora_widgets.widget import callouts, loading, readouts
-from lora_widgets.widget.callouts import Callout, Callouts
-from lora_widgets.widget.charts import CHART_WIDTH_PX, MAX_MARKERS, POINTS_PER_LINE, Charts
+from lora_widgets.widget.callouts import Callouts
+from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
 from lora_widgets.widget.labels import label_from_started, run_label
 from lora_widgets.widget.panel import DashboardPanel, _targets_from_text, _targets_to_text, validate_settings
 from lora_widgets.widget.record import RunRecord
@@ -141,24 +141,14 @@ class LoRADashboard(VBox):
         self.panel.observe(self._preview_params, names=_LORA_TRAITS)
         self.panel.observe(self._on_log_scale, names=["log_scale"])
         self.panel.on_msg(self._on_panel_msg)
-        grid = GridBox(
-            children=self.charts.figures,
-            layout=Layout(
-                grid_template_columns=f"repeat(auto-fit, minmax({CHART_WIDTH_PX}px, 1fr))", width="100%"
-            ),
-        )
-        super().__init__(children=[self.panel, grid], layout=Layout(width="100%"))
+        super().__init__(children=[self.panel, self.charts.grid()], layout=Layout(width="100%"))
         self.add_class("lw-dashboard")
         self._on_controls()
         self.panel.summary = readouts.idle_summary(self._device_type, 0, 0, self._n_train_blocks)
         self._preview_params()
         self._callouts.set("status", callouts.READY)
-        if self._device_type == "cpu":
-            self._callouts.set(
-                "device", Callout("warning", "Training on the CPU", loading.cpu_message(self.model))
-            )
-        if self._adapters_given:
-            self._callouts.set("adapters", callouts.ADAPTERS_GIVEN)
+        self._callouts.put("device", loading.cpu_callout(self.model) if self._device_type == "cpu" else None)
+        self._callouts.put("adapters", callouts.ADAPTERS_GIVEN if self._adapters_given else None)
         self._publish_callouts()
 
     # ------------------------------------------------------------------ controls -> configs

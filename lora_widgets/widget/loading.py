@@ -22,7 +22,7 @@ from lora_widgets.widget.callouts import Callout
 
 __all__ = [
     "check_arguments",
-    "cpu_message",
+    "cpu_callout",
     "guess_device_type",
     "load_model",
     "preflight_callout",
@@ -108,16 +108,16 @@ def prepare_blocks(train_source: Any, eval_source: Any, tokenizer: Any, train: A
     )
 
 
-def cpu_message(model: Any) -> str:
-    """Why training runs on the CPU here, and what that means for time per step."""
+def cpu_callout(model: Any) -> Callout:
+    """A warning: why training runs on the CPU here, and what that means for time per step."""
     why = "No GPU was found" if not torch.cuda.is_available() else "The trainer is set to device='cpu'"
     millions = count_parameters(model)[1] / 1e6
-    return (
+    return Callout("warning", "Training on the CPU", (
         f"{why}, so this runs on the CPU. That is fine for a model this small ({millions:.1f} M "
         "parameters: a few thousand tokens/s on a laptop, a 200-step run in about a minute), but time "
         "per step grows with the model: a hub model of 100 M+ parameters would be roughly 50-100x "
         "slower per step. On Colab pick a GPU runtime (Runtime > Change runtime type)."
-    )
+    ))  # fmt: skip
 
 
 def preflight_callout(model: Any, lora: LoRAConfig | None, train: Any, device_type: str) -> Callout | None:
