@@ -152,8 +152,8 @@ import ipywidgets  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lora_widgets.lora import LoRAConfig, apply_lora, has_lora  # noqa: E402
 from lora_widgets.history import EMA, Column, History, debiased_ema, decimate_indices  # noqa: E402
+from lora_widgets.lora import LoRAConfig, apply_lora, has_lora  # noqa: E402
 from lora_widgets.widget.dashboard import DashboardPanel, LoRADashboard, validate_settings  # noqa: E402
 from lora_widgets.widget.static_summary import loss_curve_svg  # noqa: E402
 from lora_widgets.widget.throttle import Throttle  # noqa: E402
@@ -715,7 +715,9 @@ def test_gpu_series_reach_the_memory_chart() -> None:
     assert dash.charts.gpu_util in dash.charts.memory_figure.marks
     loop = FakeLoop()
     dash._flusher.clock, dash._flusher.call_later = loop.time, loop.call_later
-    steps = (StepMetrics(i, 10, i / 10, 2.0, 1e-3, 1.0, 1e4, i, 1.0, 2**30, 2**31, 87.0) for i in range(1, 11))
+    steps = (
+        StepMetrics(i, 10, i / 10, 2.0, 1e-3, 1.0, 1e4, i, 1.0, 2**30, 2**31, 87.0) for i in range(1, 11)
+    )
     run(watched(dash, ScriptedRun(steps, loop, 0.1)))
     assert list(dash.charts.memory.y) == [1024.0] * 10  # MiB
     assert list(dash.charts.memory_reserved.y) == [2048.0] * 10

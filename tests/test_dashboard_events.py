@@ -84,7 +84,7 @@ def test_read_events_skips_a_cut_last_line_and_names_a_bad_one(tmp_path: Path) -
     bad.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 2"):
         read_events(bad)
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl"):
         read_events(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="interval"):
         Replay(events, interval=-1)

@@ -39,7 +39,7 @@ from lora_widgets.events import (
     StepMetrics,
 )
 from lora_widgets.history import History
-from lora_widgets.lora import LoRAConfig, has_lora, remove_lora
+from lora_widgets.lora import LoRAConfig, count_parameters, has_lora, remove_lora
 from lora_widgets.widget import callouts, loading, readouts
 from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
@@ -94,8 +94,7 @@ class LoRADashboard(VBox):
     max_points: int = POINTS_PER_LINE
     """Points per chart line: one per pixel column of a chart's plot area (min-max decimation keeps spikes)."""
     max_markers: int = MAX_MARKERS
-    """Validation dots per chart: each is an SVG element in the page, so they are capped lower; the best
-    validation loss always survives the min-max decimation."""
+    """Validation dots per chart (each is an SVG element, so fewer; the best always survives)."""
 
     def __init__(
         self,
@@ -144,7 +143,9 @@ class LoRADashboard(VBox):
         super().__init__(children=[self.panel, self.charts.grid()], layout=Layout(width="100%"))
         self.add_class("lw-dashboard")
         self._on_controls()
-        self.panel.summary = readouts.idle_summary(self._device_type, 0, 0, self._n_train_blocks)
+        self.panel.summary = readouts.idle_summary(
+            self._device_type, *count_parameters(self.model), self._n_train_blocks
+        )
         self._preview_params()
         self._callouts.set("status", callouts.READY)
         self._callouts.put("device", loading.cpu_callout(self.model) if self._device_type == "cpu" else None)
@@ -271,9 +272,7 @@ class LoRADashboard(VBox):
         self._archive_previous_run()
         return self._begin(RunRecord(len(self.runs) + 1, label, None, None, source), loop, None)
 
-    def replay(
-        self, events: str | Path | list[Event], interval: float = 0.0
-    ) -> asyncio.Task[RunEnded | None]:
+    def replay(self, events: str | Path | list[Event], interval: float = 0.0) -> asyncio.Task[Any]:
         """Show a finished run again from its ``<run_dir>/metrics.jsonl`` (or its events): the charts, progress
         and summary end as they were at the end of the live run. ``interval`` seconds pass between two
         steps (0: as fast as the notebook allows). ``await`` the returned task, or ``dash.wait()``.
