@@ -57,7 +57,6 @@ __all__ = ["DashboardPanel", "LoRADashboard", "RunRecord", "validate_settings"]
 
 logger = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("running", "paused")
 _TRAIN_FIELDS = ("learning_rate", "schedule", "warmup_steps", "batch_size", "grad_accum_steps", "epochs",
                  "max_steps", "precision", "seed")  # fmt: skip
 _LORA_TRAITS = ["rank", "alpha", "dropout", "target_modules"]
@@ -410,7 +409,9 @@ class LoRADashboard(VBox):
                 self.panel.run_label = run.label
             self.charts.set_schedule(readouts.schedule_preview(event.config, event.total_steps))
             self._flusher.request()
-        elif isinstance(event, StateChanged) and event.state in ACTIVE_STATES:
+        elif isinstance(event, StateChanged) and event.state in ("running", "paused"):
+            if event.state == "paused":
+                self._flusher.flush_now()  # show the step it holds at now, not up to a second later
             self.panel.state = event.state  # rare: sent at once so the buttons follow
 
     def _flush(self) -> None:
@@ -469,7 +470,7 @@ class LoRADashboard(VBox):
                     self._preview_schedule(None, train)
         self.panel.errors = errors
 
-    def _on_log_scale(self, change: Any) -> None:
+    def _on_log_scale(self, change: Any) -> None:  # the log-scale checkbox
         self.charts.set_log_scale(bool(change["new"]))
 
     def _show_start_failure(self, exc: BaseException) -> None:
