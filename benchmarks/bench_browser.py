@@ -2,8 +2,8 @@
 
 ``bench_streaming.py`` counts what the kernel sends; this measures what the page keeps. A real JupyterLab
 on 127.0.0.1 and Debian's headless Chromium (as in the e2e tests) show a ``LoRADashboard`` while a cell
-feeds it simulated training steps through its own event handler at a fixed real-time rate, so the
-throttle and decimation act exactly as in a live run (an evaluation every 100 steps). At 1,000, 10,000,
+replays simulated training steps into it (``dash.replay(events, interval=...)``) at a fixed real-time rate,
+so the throttle and decimation act exactly as in a live run (an evaluation every 100 steps). At 1,000, 10,000,
 20,000 and 40,000 steps the
 page's garbage is collected (Chrome DevTools Protocol ``HeapProfiler.collectGarbage``) and the used JS
 heap (``Runtime.getHeapUsage``), the number of DOM elements and the loss line's path length are read.
@@ -32,28 +32,22 @@ from tests.e2e.conftest import CHROMIUM_FLAGS, chromium_path, serve_jupyter, wri
 CHECKPOINTS = (1_000, 10_000, 20_000, 40_000)
 
 SETUP = """\
-import asyncio, math, torch
+import math, torch
 from lora_widgets import LoRAConfig, LoRADashboard, TrainConfig
 from lora_widgets.events import EvalMetrics, RunStarted, StepMetrics
-from lora_widgets.widget.dashboard import DashboardRun
 from tests.helpers import tiny_llama
 
 N = {n}
 dash = LoRADashboard(model=tiny_llama(), train_data=torch.randint(0, 128, (64, 32)), lora=LoRAConfig(r=4),
                      train=TrainConfig(max_steps=N, warmup_steps=0, block_size=32, output_dir={out!r}))
-lora, train = dash.current_configs()
-dash.runs.append(DashboardRun(1, "run 1", lora, train, trainer=None))
 
-async def feed(rate):
-    dash._on_event(RunStarted("r", "/tmp/r", {{}}, {{}}, "cpu", "CPU", 10_000, 1_500_000, N, 1024, 0.0))
-    t0 = asyncio.get_running_loop().time()
+def events(rate):
+    yield RunStarted("r", "/tmp/r", {{}}, None, "cpu", "CPU", 10_000, 1_500_000, N, 1024, 0.0)
     for i in range(1, N + 1):
         loss = 4.0 * math.exp(-i / N) + 0.1 * math.sin(i)
-        dash._on_event(StepMetrics(i, N, i / N, loss, 1e-3, 1.0, 5e4, i / rate, 1.0, 300 * 2**20))
+        yield StepMetrics(i, N, i / N, loss, 1e-3, 1.0, 5e4, i / rate, 1.0, 300 * 2**20)
         if i % 100 == 0:
-            dash._on_event(EvalMetrics(i, loss, math.exp(loss), loss))
-        if i % 20 == 0:  # keep to the rate; the kernel stays free in between
-            await asyncio.sleep(max(0.0, t0 + i / rate - asyncio.get_running_loop().time()))
+            yield EvalMetrics(i, loss, math.exp(loss), loss)
 dash
 """
 
@@ -91,7 +85,7 @@ def main() -> None:
             server.root / "bench.ipynb",
             [
                 SETUP.format(n=CHECKPOINTS[-1], out=str(Path(tmp) / "runs")),
-                f"task = asyncio.ensure_future(feed({args.steps_per_s}))",
+                f"task = dash.replay(list(events({args.steps_per_s})), interval=1 / {args.steps_per_s})",
             ],
         )
         with sync_playwright() as p:

@@ -1,17 +1,20 @@
-"""What a long run costs the browser: comm messages and bytes a LoRADashboard sends, with a fake clock.
+"""What a long run costs the network: comm messages and bytes a LoRADashboard sends per second of training.
 
-A run of N steps is simulated by feeding ``StepMetrics`` (and an ``EvalMetrics`` every 100 steps) through
-the dashboard's own event handler, with time advanced by a fake loop at a fixed step rate, so the
-throttle and decimation decide exactly as in a live kernel. Every message a widget sends is counted by
-patching ``ipywidgets.Widget._send`` (JSON part + binary buffers).
+A run of N steps is fed through the dashboard's own path (``dash.watch(source)``) by a scripted
+:class:`~lora_widgets.events.RunSource` on a fake clock (``StepMetrics`` every step, an ``EvalMetrics``
+every 100 steps, a loss spike a third of the way in), so the throttle and decimation decide exactly as in a
+live kernel. Every message a widget sends is counted by patching ``ipywidgets.Widget._send`` (JSON part +
+binary buffers).
 
-Printed side by side: a 10,000-step and a 100,000-step run with the dashboard's policy (one flush per
-0.25 s, at most 2,000 points per line), and, as the baseline it replaces, the 10,000-step run with a
-push after every step (still decimated). Run: ``python benchmarks/bench_streaming.py``.
+Printed side by side, in one run: the dashboard's policy ("after": one push per second, one point per pixel
+column, only changed marks) at 1,000, 10,000 and 100,000 steps, and the policy it replaced ("before": a push
+every 0.25 s with up to 2,000 points per line), selectable here only. The budget is at most 10 messages and
+20 KB per simulated second, the same at 1k and 100k steps. Run: ``python benchmarks/bench_streaming.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sys
@@ -20,18 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import ipywidgets
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_widgets.events import EvalMetrics, RunFinished, RunStarted, StepMetrics
+from lora_widgets.events import EvalMetrics, RunStarted, StepMetrics
 from lora_widgets.lora import LoRAConfig
 from lora_widgets.trainer import TrainConfig
-from lora_widgets.widget.dashboard import DashboardRun, LoRADashboard
-from lora_widgets.widget.throttle import Throttle
-from tests.helpers import FakeLoop, tiny_llama
+from lora_widgets.widget.charts import Charts
+from lora_widgets.widget.dashboard import LoRADashboard
+from tests.helpers import FakeLoop, ScriptedRun, tiny_llama
 
 STEPS_PER_S = 50.0  # a small model on a GPU; the shipped model on this CPU does ~5-20
+POLICIES = {"after": (LoRADashboard.flush_interval, LoRADashboard.max_points), "before": (0.25, 2000)}
+"""(seconds between pushes, points per line): today's dashboard, and the pacing/decimation it replaced."""
 
 
 class Counter:
@@ -47,40 +53,42 @@ class Counter:
         self.largest = max(self.largest, size)
 
 
-def simulate(n_steps: int, throttled: bool = True) -> dict[str, float]:
+def events(n_steps: int, gpu: bool = False) -> Any:
+    yield RunStarted("r", "/tmp/r", {}, None, "cpu", "CPU", 10_000, 1_500_000, n_steps, 1024, 0.0)
+    for i in range(1, n_steps + 1):
+        loss = 4.0 * math.exp(-i / n_steps) + 0.1 * math.sin(i) + (5.0 if i == n_steps // 3 else 0.0)
+        reserved, util = (400 * 2**20 + 2**20 * (i % 7), 80.0 + i % 13) if gpu else (None, None)
+        yield StepMetrics(i, n_steps, i / n_steps, loss, 1e-3, 1.0, 5e4, i / STEPS_PER_S, 1.0,
+                          300 * 2**20 + 2**16 * (i % 5), reserved, util)  # fmt: skip
+        if i % 100 == 0:
+            yield EvalMetrics(i, loss, math.exp(loss), loss)
+
+
+def simulate(n_steps: int, policy: str, gpu: bool = False) -> dict[str, float]:
     dash = LoRADashboard(
         model=tiny_llama(),
         train_data=torch.randint(0, 128, (64, 32)),
         lora=LoRAConfig(r=4),
         train=TrainConfig(max_steps=n_steps, warmup_steps=0, block_size=32),
     )
+    dash.flush_interval, points = POLICIES[policy]
+    dash.charts = Charts(gpu=gpu, points_per_line=points)  # a GPU's memory chart has three lines
     loop = FakeLoop()
-    dash._clock = loop.time
-    dash._call_later = loop.call_later
-    lora, train = dash.current_configs()
-    dash.runs.append(DashboardRun(1, "run 1", lora, train, trainer=None))
-    if not throttled:
-        dash._throttle = Throttle(1e-9)  # a push after every step
+    dash._flusher.clock, dash._flusher.call_later = loop.time, loop.call_later
     counter = Counter()
     original = ipywidgets.Widget._send
 
     def send(widget: Any, msg: Any, buffers: Any = None) -> None:
         counter.send(widget, msg, buffers)
 
+    async def watch() -> Any:
+        dash.watch(ScriptedRun(events(n_steps, gpu), loop, 1.0 / STEPS_PER_S))
+        return await dash.wait()
+
     ipywidgets.Widget._send = send  # type: ignore[method-assign]
     t0 = time.perf_counter()
     try:
-        dash._on_event(RunStarted("r", "/tmp/r", {}, {}, "cpu", "CPU", 10_000, 1_500_000, n_steps, 1024, 0.0))
-        for i in range(1, n_steps + 1):
-            loss = 4.0 * math.exp(-i / n_steps) + 0.1 * math.sin(i)
-            dash._on_event(
-                StepMetrics(i, n_steps, i / n_steps, loss, 1e-3, 1.0, 5e4, i / STEPS_PER_S, 1.0, 300 * 2**20)
-            )
-            if i % 100 == 0:
-                dash._on_event(EvalMetrics(i, loss, math.exp(loss), loss))
-            loop.advance(1.0 / STEPS_PER_S)
-        dash._on_event(RunFinished(n_steps, n_steps / STEPS_PER_S, 0.1, 0.1, None, "done"))
-        dash._end_run(dash.runs[-1])
+        asyncio.run(watch())
     finally:
         ipywidgets.Widget._send = original  # type: ignore[method-assign]
     wall = time.perf_counter() - t0
@@ -88,37 +96,45 @@ def simulate(n_steps: int, throttled: bool = True) -> dict[str, float]:
     return {
         "steps": n_steps,
         "simulated_s": sim_s,
-        "flushes": dash._throttle.flushes,
+        "flushes": dash._flusher.flushes,
         "messages": counter.messages,
         "messages_per_s": counter.messages / sim_s,
-        "MB": counter.bytes / 1e6,
         "KB_per_s": counter.bytes / 1e3 / sim_s,
         "largest_msg_KB": counter.largest / 1e3,
         "points_per_line": len(dash.charts.raw_loss.x),
+        "spike_kept": float(np.max(dash.charts.raw_loss.y) > 5.0),
         "handler_us_per_step": 1e6 * wall / n_steps,
     }
 
 
 def main() -> None:
     runs = [
-        ("10k steps, throttled", simulate(10_000)),
-        ("100k steps, throttled", simulate(100_000)),
-        ("10k steps, push per step", simulate(10_000, throttled=False)),
+        ("before, 10k", simulate(10_000, "before")),
+        ("before, 100k", simulate(100_000, "before")),
+        ("after, 1k", simulate(1_000, "after")),
+        ("after, 10k", simulate(10_000, "after")),
+        ("after, 100k", simulate(100_000, "after")),
+        ("after, 100k GPU", simulate(100_000, "after", gpu=True)),
     ]
-    print(f"step rate {STEPS_PER_S:g}/s (fake clock); flush interval {LoRADashboard.flush_interval} s; "
-          f"max points per line {LoRADashboard.max_points}")  # fmt: skip
+    print(f"step rate {STEPS_PER_S:g}/s (fake clock); before: push every {POLICIES['before'][0]} s, "
+          f"{POLICIES['before'][1]} points per line; after: push every {POLICIES['after'][0]} s, "
+          f"{POLICIES['after'][1]} points per line, only changed marks")  # fmt: skip
     keys = list(runs[0][1])
     width = max(len(k) for k in keys) + 2
-    print(" " * width + "".join(f"{name:>28}" for name, _ in runs))
+    print(" " * width + "".join(f"{name:>17}" for name, _ in runs))
     for k in keys:
-        row = "".join(f"{r[k]:>28,.1f}" if isinstance(r[k], float) else f"{r[k]:>28,}" for _, r in runs)
+        row = "".join(f"{r[k]:>17,.1f}" if isinstance(r[k], float) else f"{r[k]:>17,}" for _, r in runs)
         print(f"{k:<{width}}{row}")
-    a, b, c = (r for _, r in runs)
-    print(f"\n100k/10k: messages per simulated second {b['messages_per_s'] / a['messages_per_s']:.2f}x, "
-          f"bytes per simulated second {b['KB_per_s'] / a['KB_per_s']:.2f}x, "
-          f"largest message {b['largest_msg_KB'] / a['largest_msg_KB']:.2f}x")  # fmt: skip
-    print(f"push per step / throttled (10k): messages {c['messages'] / a['messages']:.0f}x, "
-          f"bytes {c['MB'] / a['MB']:.0f}x")  # fmt: skip
+    res = dict(runs)
+    b10, a1, a10, a100 = res["before, 10k"], res["after, 1k"], res["after, 10k"], res["after, 100k"]
+    print(f"\nafter, 100k/1k per simulated second: messages {a100['messages_per_s'] / a1['messages_per_s']:.2f}x, "
+          f"bytes {a100['KB_per_s'] / a1['KB_per_s']:.2f}x; 100k/10k: messages "
+          f"{a100['messages_per_s'] / a10['messages_per_s']:.2f}x, bytes {a100['KB_per_s'] / a10['KB_per_s']:.2f}x")  # fmt: skip
+    print(f"before/after at 10k steps: messages per second {b10['messages_per_s'] / a10['messages_per_s']:.1f}x, "
+          f"bytes per second {b10['KB_per_s'] / a10['KB_per_s']:.1f}x")  # fmt: skip
+    after = [r for name, r in runs if name.startswith("after")]
+    ok = all(r["messages_per_s"] <= 10 and r["KB_per_s"] <= 20 for r in after)
+    print(f"budget (<= 10 messages/s and <= 20 KB/s, every 'after' run): {'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "RunFailed": "events",
     "event_from_dict": "events",
     "RunSource": "events",
+    "Replay": "events",
+    "read_events": "events",
     # data, corpora and the shipped demo model
     "prepare_data": "data",
     "load_texts": "data",
@@ -83,6 +85,7 @@ if TYPE_CHECKING:
     from lora_widgets.events import (
         CheckpointSaved,
         EvalMetrics,
+        Replay,
         RunFailed,
         RunFinished,
         RunStarted,
@@ -90,6 +93,7 @@ if TYPE_CHECKING:
         StateChanged,
         StepMetrics,
         event_from_dict,
+        read_events,
     )
     from lora_widgets.lora import (
         LoRAConfig,

@@ -1,23 +1,44 @@
-"""Compact per-step training history and a bounded, shape-preserving view of it for plots.
+"""A run's history built from its events: compact metric arrays, and a bounded, shape-preserving view.
+
+One job: turn the typed events of a run (:mod:`lora_widgets.events`) into NumPy arrays that plots and
+scripts read. The trainer feeds it its own steps (:meth:`History.append`); the dashboard, a replay of
+``metrics.jsonl`` or a script feed it every event (:meth:`History.record`), so the trainer's history and the
+dashboard's record are one implementation.
 
 A long run logs one :class:`~lora_widgets.events.StepMetrics` per step; keeping them as Python objects
 costs ~1 kB each, and re-sending every point to a chart makes each redraw slower as the run grows.
-:class:`History` stores each metric in a growable NumPy array (amortised O(1) append, 8 bytes a value) and
-:meth:`History.display` returns at most ``max_points`` points however long the run is, chosen by
+:class:`History` stores each metric in a growable array (:class:`Column`: amortised O(1) append, 8 bytes
+a value) and :func:`decimate_indices` picks at most ``max_points`` points however long the run is, by
 min-max bucketing (the M4 idea of Jugel et al. 2014, "M4: A Visualization-Oriented Time Series Data
-Aggregation", VLDB, sec. 3): each bucket keeps its minimum and maximum loss, so spikes and the overall
-shape survive, and the first and last points are always kept.
+Aggregation", VLDB, sec. 3): each bucket keeps its minimum and maximum, so spikes and the overall shape
+survive, and the first and last points are always kept.
+
+This module is the one place for the decimation, the smoothing (:class:`EMA`) and the growable column;
+the dashboard's charts use them from here.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from lora_widgets.events import EvalMetrics, StepMetrics
+from lora_widgets.events import (
+    CheckpointSaved,
+    EvalMetrics,
+    Event,
+    RunEnded,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    RunState,
+    StateChanged,
+    StepMetrics,
+)
 
-__all__ = ["History", "decimate_indices"]
+__all__ = ["EMA", "Column", "History", "debiased_ema", "decimate_indices"]
 
 _STEP_FIELDS: tuple[str, ...] = (
     "step",
@@ -31,29 +52,35 @@ _STEP_FIELDS: tuple[str, ...] = (
     "gpu_utilization",
     "epoch",
 )
+_SMOOTHED_FIELDS: tuple[str, ...] = ("loss_smooth", "tokens_per_s_smooth")
 _EVAL_FIELDS: tuple[str, ...] = ("eval_step", "val_loss")
 
 
-class _Column:
-    """A float64 array that doubles its capacity when full."""
+class Column:
+    """A float64 array that doubles its capacity when full (amortised O(1) :meth:`append`)."""
 
     __slots__ = ("_data", "_n")
 
     def __init__(self, capacity: int = 256) -> None:
-        self._data = np.empty(capacity, dtype=np.float64)
+        self._data = np.empty(max(1, capacity), dtype=np.float64)
         self._n = 0
 
-    def append(self, value: float) -> None:
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, value: float | None) -> None:
+        """Add one value (``None`` is stored as NaN)."""
         if self._n == self._data.shape[0]:
             grown = np.empty(2 * self._data.shape[0], dtype=np.float64)
             grown[: self._n] = self._data[: self._n]
             self._data = grown
-        self._data[self._n] = value
+        self._data[self._n] = math.nan if value is None else value
         self._n += 1
 
     def view(self) -> np.ndarray:
+        """The values so far, as a read-only view (no copy)."""
         out = self._data[: self._n]
-        out.flags.writeable = False  # callers get a read-only view, not a copy
+        out.flags.writeable = False
         return out
 
 
@@ -85,26 +112,76 @@ def decimate_indices(y: np.ndarray, max_points: int) -> np.ndarray:
     return np.unique(np.concatenate([[0], picks, [n - 1]]))
 
 
+class EMA:
+    """Bias-corrected exponential moving average, one value at a time (TensorBoard's smoothing).
+
+    ``m_t = beta m_{t-1} + (1 - beta) x_t`` with ``m_0 = 0``, reported as ``m_t / (1 - beta^t)`` (the
+    correction of Kingma & Ba 2015, "Adam", sec. 3), so the first values are not pulled towards zero.
+    Non-finite inputs are skipped (the average carries over).
+    """
+
+    __slots__ = ("_m", "_weight", "beta")
+
+    def __init__(self, beta: float = 0.9) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        self.beta = beta
+        self._m = 0.0
+        self._weight = 0.0
+
+    def update(self, x: float) -> float:
+        """Fold in one value and return the debiased average so far (NaN before any finite value)."""
+        if math.isfinite(x):
+            self._m = self.beta * self._m + (1.0 - self.beta) * x
+            self._weight = self.beta * self._weight + (1.0 - self.beta)
+        return self._m / self._weight if self._weight > 0 else math.nan
+
+
+def debiased_ema(values: Iterable[float], beta: float = 0.9) -> np.ndarray:
+    """:class:`EMA` over a whole series at once: the smoothed value after each input."""
+    ema = EMA(beta)
+    return np.array([ema.update(float(x)) for x in values], dtype=np.float64)
+
+
 class History:
-    """Every logged step's metrics as NumPy arrays, plus the evaluations.
+    """Every logged step's metrics as NumPy arrays, the evaluations, and the run's other events.
 
     Arrays (read-only views, one entry per :class:`StepMetrics`): ``step``, ``loss``, ``lr``,
     ``grad_norm``, ``tokens_per_s``, ``elapsed_s``, ``memory_bytes``, ``memory_reserved_bytes`` and
-    ``gpu_utilization`` (NaN when unknown), ``epoch``, ``loss_smooth`` (see :meth:`smoothed_loss`);
-    per evaluation: ``eval_step``, ``val_loss``.
+    ``gpu_utilization`` (NaN when unknown), ``epoch``, ``loss_smooth`` (see :meth:`smoothed_loss`) and
+    ``tokens_per_s_smooth`` (the same smoothing of the throughput); per evaluation: ``eval_step``,
+    ``val_loss``.
+
+    Filled by :meth:`append` (steps and evaluations, as the trainer does) or :meth:`record` (any event:
+    the run's start, checkpoints, state and end are kept too, as ``started``, ``checkpoints``, ``state``
+    and ``ended``), so a view of a run needs nothing but its events.
     """
 
     def __init__(self, smoothing: float = 0.9) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
         self.smoothing = smoothing
-        names = (*_STEP_FIELDS, "loss_smooth", *_EVAL_FIELDS)
-        self._cols: dict[str, _Column] = {name: _Column() for name in names}
-        self._ema = 0.0
-        self._ema_weight = 0.0
+        names = (*_STEP_FIELDS, *_SMOOTHED_FIELDS, *_EVAL_FIELDS)
+        self._cols: dict[str, Column] = {name: Column() for name in names}
+        self._loss_ema = EMA(smoothing)
+        self._tps_ema = EMA(smoothing)  # per-step throughput is noisy
+        self.started: RunStarted | None = None
+        self.last_step: StepMetrics | None = None
+        self.last_eval: EvalMetrics | None = None
+        self.checkpoints: list[CheckpointSaved] = []
+        self.state: RunState = "idle"
+        self.ended: RunEnded | None = None
+
+    @classmethod
+    def from_events(cls, events: Iterable[Event], smoothing: float = 0.9) -> History:
+        """A history with every event of ``events`` recorded, in order (e.g. a replayed ``metrics.jsonl``)."""
+        history = cls(smoothing)
+        for event in events:
+            history.record(event)
+        return history
 
     def __len__(self) -> int:
-        return self._cols["step"]._n
+        return len(self._cols["step"])
 
     def __getattr__(self, name: str) -> np.ndarray:
         cols = self.__dict__.get("_cols")
@@ -144,7 +221,7 @@ class History:
         return self._cols["val_loss"].view()
 
     def append(self, event: StepMetrics | EvalMetrics) -> None:
-        """Record a step or eval event (other kinds are ignored)."""
+        """Record a step or eval event (other kinds are ignored; :meth:`record` keeps them)."""
         if isinstance(event, StepMetrics):
             c = self._cols
             c["step"].append(event.step)
@@ -154,19 +231,37 @@ class History:
             c["tokens_per_s"].append(event.tokens_per_s)
             c["elapsed_s"].append(event.elapsed_s)
             c["memory_bytes"].append(event.memory_bytes)
-            reserved = event.memory_reserved_bytes
-            c["memory_reserved_bytes"].append(np.nan if reserved is None else reserved)
-            util = event.gpu_utilization
-            c["gpu_utilization"].append(np.nan if util is None else util)
+            c["memory_reserved_bytes"].append(event.memory_reserved_bytes)
+            c["gpu_utilization"].append(event.gpu_utilization)
             c["epoch"].append(event.epoch)
-            if event.loss == event.loss:  # not NaN
-                b = self.smoothing
-                self._ema = b * self._ema + (1.0 - b) * event.loss
-                self._ema_weight = b * self._ema_weight + (1.0 - b)
-            c["loss_smooth"].append(self._ema / self._ema_weight if self._ema_weight > 0 else np.nan)
+            c["loss_smooth"].append(self._loss_ema.update(event.loss))
+            c["tokens_per_s_smooth"].append(self._tps_ema.update(event.tokens_per_s))
+            self.last_step = event
         elif isinstance(event, EvalMetrics):
             self._cols["eval_step"].append(event.step)
             self._cols["val_loss"].append(event.val_loss)
+            self.last_eval = event
+
+    def record(self, event: Event) -> None:
+        """Record any event of a run: steps and evaluations as :meth:`append`, the others as attributes."""
+        if isinstance(event, StepMetrics | EvalMetrics):
+            self.append(event)
+        elif isinstance(event, RunStarted):
+            self.started = event
+            self.state = "running"
+        elif isinstance(event, CheckpointSaved):
+            self.checkpoints.append(event)
+        elif isinstance(event, StateChanged):
+            self.state = event.state
+        elif isinstance(event, RunEnded):
+            self.ended = event
+            self.state = (
+                "failed"
+                if isinstance(event, RunFailed)
+                else "finished"
+                if isinstance(event, RunFinished)
+                else "stopped"
+            )
 
     def smoothed_loss(self) -> np.ndarray:
         """Bias-corrected exponential moving average of the loss (as TensorBoard and Adam's m-hat do).
@@ -176,17 +271,23 @@ class History:
         """
         return self._cols["loss_smooth"].view()
 
+    def best_val_loss(self) -> float | None:
+        """Lowest validation loss recorded (``None`` without a finite one)."""
+        vals = self.val_loss
+        finite = vals[np.isfinite(vals)]
+        return float(finite.min()) if finite.size else None
+
     def display(self, max_points: int = 2000) -> dict[str, np.ndarray]:
         """A decimated copy of every series, at most ``max_points`` points each, for plotting.
 
         Step series share one set of indices chosen on the loss (see :func:`decimate_indices`), so
-        ``out["step"][i]`` lines up with ``out["loss"][i]``, ``out["lr"][i]``, ... ``loss_smooth`` is the
-        smoothed loss computed on the full series, then decimated. ``eval_step``/``val_loss`` are
-        decimated on the validation loss.
+        ``out["step"][i]`` lines up with ``out["loss"][i]``, ``out["lr"][i]``, ... The smoothed series are
+        computed on the full series, then decimated. ``eval_step``/``val_loss`` are decimated on the
+        validation loss.
         """
         idx = decimate_indices(self.loss, max_points)
-        out: dict[str, np.ndarray] = {name: np.array(self._cols[name].view()[idx]) for name in _STEP_FIELDS}
-        out["loss_smooth"] = np.array(self.smoothed_loss()[idx])
+        names = (*_STEP_FIELDS, *_SMOOTHED_FIELDS)
+        out: dict[str, np.ndarray] = {name: np.array(self._cols[name].view()[idx]) for name in names}
         eidx = decimate_indices(self.val_loss, max_points)
         out["eval_step"] = np.array(self.eval_step[eidx])
         out["val_loss"] = np.array(self.val_loss[eidx])

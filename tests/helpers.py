@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -83,3 +84,51 @@ class FakeLoop:
             self.now = max(self.now, when)
             cb()
         self.now = end
+
+
+class ScriptedRun:
+    """A :class:`~lora_widgets.events.RunSource` that publishes scripted events on a :class:`FakeLoop` clock.
+
+    After each ``StepMetrics`` the fake clock advances by ``step_s`` (running the dashboard's throttled
+    flushes that fall due), so tests and benchmarks feed a run of any length through the dashboard's own
+    path (``dash.watch(source)``) in no real time. Ends with the scripted terminal event, or a
+    ``RunFinished`` at the last step.
+    """
+
+    def __init__(self, events: Any, loop: FakeLoop, step_s: float) -> None:
+        self.events, self.loop, self.step_s = events, loop, step_s
+        self._subscribers: list[Callable[[Any], None]] = []
+        self.running = False
+
+    def subscribe(self, callback: Callable[[Any], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def stop(self) -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    async def run(self) -> Any:
+        from lora_widgets.events import RunEnded, RunFinished, StepMetrics
+
+        self.running = True
+        last: Any = None
+        for event in self.events:
+            for cb in list(self._subscribers):
+                cb(event)
+            if isinstance(event, RunEnded):
+                self.running = False
+                return event
+            if isinstance(event, StepMetrics):
+                last = event
+                self.loop.advance(self.step_s)
+        end = RunFinished(last.step if last else 0, self.loop.now, None, None, None, "done")
+        for cb in list(self._subscribers):
+            cb(end)
+        self.running = False
+        return end

@@ -71,7 +71,12 @@ class FakeTrainer:
         self.history = {"step": []}
         self.run_dir = "/tmp/fake-run"
         self.saved_to: list[str] = []
+        self._running = False
         FakeTrainer.instances.append(self)
+
+    @property
+    def running(self) -> bool:
+        return self._running
 
     def subscribe(self, callback: Callable[[Any], None]) -> Callable[[], None]:
         self._subscribers.append(callback)
@@ -101,6 +106,13 @@ class FakeTrainer:
         return path
 
     async def run(self) -> Any:
+        self._running = True
+        try:
+            return await self._run()
+        finally:
+            self._running = False
+
+    async def _run(self) -> Any:
         self._emit(
             RunStarted("r1", self.run_dir, {}, {}, "cpu", "CPU", 1000, 100000, self.total_steps, 128, 0.0)
         )
@@ -140,11 +152,12 @@ import ipywidgets  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lora_widgets.history import EMA, Column, History, debiased_ema, decimate_indices  # noqa: E402
 from lora_widgets.lora import LoRAConfig, apply_lora, has_lora  # noqa: E402
-from lora_widgets.widget.dashboard import DashboardPanel, DashboardRun, LoRADashboard, validate_settings  # noqa: E402
+from lora_widgets.widget.dashboard import DashboardPanel, LoRADashboard, validate_settings  # noqa: E402
 from lora_widgets.widget.static_summary import loss_curve_svg  # noqa: E402
-from lora_widgets.widget.throttle import EMA, Series, Throttle, debiased_ema, decimate_indices  # noqa: E402
-from tests.helpers import FakeLoop, tiny_llama  # noqa: E402
+from lora_widgets.widget.throttle import Throttle  # noqa: E402
+from tests.helpers import FakeLoop, ScriptedRun, tiny_llama  # noqa: E402
 
 
 def make_dash(factory: Callable[..., Any] = FakeTrainer, **train: Any) -> LoRADashboard:
@@ -226,13 +239,18 @@ def test_ema_is_debiased_and_incremental_matches_batch() -> None:
     assert [ema.update(v) for v in x] == pytest.approx(list(batch))
 
 
-def test_series_grows_and_fills_missing_with_nan() -> None:
-    s = Series("a", "b", capacity=2)
+def test_columns_grow_and_fill_missing_with_nan() -> None:
+    """The growable column (one implementation, in history.py) and the history's unknown fields."""
+    a, b = Column(capacity=2), Column(capacity=2)
     for i in range(5):
-        s.append(a=i)
-    assert list(s["a"]) == [0, 1, 2, 3, 4] and np.isnan(s["b"]).all() and s.last("a") == 4
-    with pytest.raises(KeyError, match="unknown columns"):
-        s.append(c=1)
+        a.append(i)
+        b.append(None)
+    assert list(a.view()) == [0, 1, 2, 3, 4] and np.isnan(b.view()).all() and a.view()[-1] == 4
+    h = History()
+    h.record(_step(1, 1))  # no reserved memory or GPU utilisation on a CPU
+    assert np.isnan(h.memory_reserved_bytes).all() and np.isnan(h.gpu_utilization).all()
+    with pytest.raises(AttributeError, match="arrays"):
+        h.no_such_column  # noqa: B018
 
 
 def test_static_svg_is_standalone_and_drops_non_finite_points() -> None:
@@ -342,9 +360,9 @@ def test_buttons_start_pause_resume_stop_and_double_click_starts_one_run() -> No
         dash._on_panel_msg(dash.panel, {"type": "pause"}, [])
         await asyncio.sleep(0.02)
         states.append(dash.state)
-        step_paused = dash.runs[-1].record.steps.last("step")
+        step_paused = len(dash.runs[-1].history)
         await asyncio.sleep(0.05)
-        assert dash.runs[-1].record.steps.last("step") == step_paused  # nothing moves while paused
+        assert len(dash.runs[-1].history) == step_paused  # nothing moves while paused
         dash._on_panel_msg(dash.panel, {"type": "resume"}, [])
         await asyncio.sleep(0.02)
         states.append(dash.state)
@@ -470,25 +488,31 @@ class SendCounter:
 
 
 def feed(dash: LoRADashboard, loop: FakeLoop, n_steps: int, steps_per_s: float) -> None:
-    """Run a fake run of n_steps through the dashboard's handler on a fake clock."""
-    dash._clock = loop.time
-    dash._call_later = loop.call_later
-    dash.runs.append(DashboardRun(1, "run 1", LoRAConfig(), FakeTrainConfig(), trainer=None))
-    dash._on_event(RunStarted("r", "/tmp/r", {}, {}, "cpu", "CPU", 10, 100, n_steps, 128, 0.0))
-    for i in range(1, n_steps + 1):
-        dash._on_event(_step(i, n_steps, 3.0 + math.sin(i)))
-        if i % 100 == 0:
-            dash._on_event(EvalMetrics(i, 2.5, math.exp(2.5), 2.5))
-        loop.advance(1.0 / steps_per_s)
-    loop.advance(1.0)
+    """Run a scripted run of n_steps through the dashboard (as any RunSource) on a fake clock."""
+    dash._flusher.clock, dash._flusher.call_later = loop.time, loop.call_later
+
+    def events() -> Any:
+        yield RunStarted("r", "/tmp/r", {}, {}, "cpu", "CPU", 10, 100, n_steps, 128, 0.0)
+        for i in range(1, n_steps + 1):
+            yield _step(i, n_steps, 3.0 + math.sin(i))
+            if i % 100 == 0:
+                yield EvalMetrics(i, 2.5, math.exp(2.5), 2.5)
+
+    run(watched(dash, ScriptedRun(events(), loop, 1.0 / steps_per_s)))
+
+
+async def watched(dash: LoRADashboard, source: Any) -> Any:
+    dash.watch(source)
+    return await dash.wait()
 
 
 def test_handler_only_records_and_flushes_are_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
     dash = make_dash()
+    dash.flush_interval = 0.25  # the throttle's policy at 4 per second (the default is 1 per second)
     counter = SendCounter(monkeypatch)
     loop = FakeLoop()
     feed(dash, loop, 5000, steps_per_s=500)  # 10 s of fake time
-    flushes = dash._throttle.flushes
+    flushes = dash._flusher.flushes - 1  # the run's final flush bypasses the throttle
     assert 35 <= flushes <= 42  # ~4 per second, not 5000
     assert len(dash.charts.raw_loss.x) <= dash.max_points
     assert dash.charts.raw_loss.x[-1] == 5000  # the latest step is always shown
@@ -690,12 +714,11 @@ def test_gpu_series_reach_the_memory_chart() -> None:
     dash.charts = Charts(gpu=True)  # what a CUDA device gets
     assert dash.charts.gpu_util in dash.charts.memory_figure.marks
     loop = FakeLoop()
-    dash._clock, dash._call_later = loop.time, loop.call_later
-    dash.runs.append(DashboardRun(1, "run 1", LoRAConfig(), FakeTrainConfig(), trainer=None))
-    for i in range(1, 11):
-        dash._on_event(StepMetrics(i, 10, i / 10, 2.0, 1e-3, 1.0, 1e4, i, 1.0, 2**30, 2**31, 87.0))
-        loop.advance(0.1)
-    loop.advance(1.0)
+    dash._flusher.clock, dash._flusher.call_later = loop.time, loop.call_later
+    steps = (
+        StepMetrics(i, 10, i / 10, 2.0, 1e-3, 1.0, 1e4, i, 1.0, 2**30, 2**31, 87.0) for i in range(1, 11)
+    )
+    run(watched(dash, ScriptedRun(steps, loop, 0.1)))
     assert list(dash.charts.memory.y) == [1024.0] * 10  # MiB
     assert list(dash.charts.memory_reserved.y) == [2048.0] * 10
     assert list(dash.charts.gpu_util.y) == [87.0] * 10
@@ -733,17 +756,17 @@ def test_validation_dots_are_capped_and_keep_the_best() -> None:
     """Each dot is an SVG element in the page, so a long run's validation points are capped lower."""
     dash = make_dash()
     loop = FakeLoop()
-    dash._clock = loop.time
-    dash._call_later = loop.call_later
-    dash.runs.append(DashboardRun(1, "run 1", LoRAConfig(), FakeTrainConfig(), trainer=None))
-    dash._on_event(RunStarted("r", "/tmp/r", {}, {}, "cpu", "CPU", 10, 100, 100_000, 128, 0.0))
+    dash._flusher.clock, dash._flusher.call_later = loop.time, loop.call_later
     n_evals = 1_000
-    for k in range(1, n_evals + 1):
-        val = 3.0 + 0.2 * math.sin(k / 7) + (-1.0 if k == 613 else 0.0)  # the best one, mid-run
-        dash._on_event(_step(100 * k, 100_000))
-        dash._on_event(EvalMetrics(100 * k, val, math.exp(val), min(val, 2.0)))
-        loop.advance(0.05)
-    loop.advance(1.0)
+
+    def events() -> Any:
+        yield RunStarted("r", "/tmp/r", {}, {}, "cpu", "CPU", 10, 100, 100_000, 128, 0.0)
+        for k in range(1, n_evals + 1):
+            val = 3.0 + 0.2 * math.sin(k / 7) + (-1.0 if k == 613 else 0.0)  # the best one, mid-run
+            yield _step(100 * k, 100_000)
+            yield EvalMetrics(100 * k, val, math.exp(val), min(val, 2.0))
+
+    run(watched(dash, ScriptedRun(events(), loop, 0.05)))
     x, y = dash.charts.val_loss.x, dash.charts.val_loss.y
     assert len(x) <= dash.max_markers < n_evals
     assert 61_300 in set(x.tolist()) and math.isclose(

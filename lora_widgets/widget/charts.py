@@ -1,11 +1,15 @@
-"""The dashboard's bqplot charts, built once and updated in place.
+"""The dashboard's bqplot charts: they own their marks, and are updated in place from a run's history.
 
-Every update sets a mark's ``x`` and ``y`` together inside ``mark.hold_sync()``, so the browser gets one
-message per mark per flush and never sees an x of one length with a y of another. Figures are never
-rebuilt: a finished run is overlaid by *adding* one labelled line to the loss figure.
+The dashboard calls :meth:`Charts.update` with a :class:`~lora_widgets.history.History`; only the charts
+touch their marks. Every update sets a mark's ``x`` and ``y`` together inside ``mark.hold_sync()``, so the
+browser gets one message per mark and never sees an x of one length with a y of another, and a mark is
+re-sent only when its data changed (the learning-rate schedule, drawn from the settings, is sent once).
+Figures are never rebuilt: a finished run is overlaid by *adding* one labelled line to the loss figure.
 
-Arrays are sent as float32 (y) and int32 (x), halving the bytes of bqplot's binary buffers compared with
-float64; a chart is a few hundred pixels wide, so 7 significant digits are more than enough.
+What one update costs the network is bounded, whatever the run's length: a line holds at most
+:data:`POINTS_PER_LINE` points, one per pixel column of a chart's plot area (min-max buckets of
+:func:`~lora_widgets.history.decimate_indices` keep every spike), and arrays are sent as float32 (y) and
+int32 (x), half the bytes of float64; a chart a few hundred pixels high needs no more than 7 digits.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from typing import Any
 
 import numpy as np
 from bqplot import Axis, Figure, LinearScale, Lines, LogScale, Scatter
-from ipywidgets import Layout
+from ipywidgets import GridBox, Layout
 
-__all__ = ["PALETTE", "Charts", "set_xy"]
+from lora_widgets.history import History, decimate_indices
+
+__all__ = ["CHART_WIDTH_PX", "MAX_MARKERS", "PALETTE", "POINTS_PER_LINE", "Charts", "set_xy"]
 
 PALETTE = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 """Colours of overlaid previous runs (matplotlib's tab10 without the current run's blue and red)."""
@@ -30,6 +36,14 @@ MAX_OVERLAID_RUNS = 12
 _EMPTY_X = np.zeros(0, dtype=np.int32)
 _EMPTY_Y = np.zeros(0, dtype=np.float32)
 _MARGIN = {"top": 36, "bottom": 40, "left": 62, "right": 16}
+
+CHART_WIDTH_PX = 440
+"""Narrowest width of a chart (the dashboard's grid gives each figure at least this many pixels)."""
+POINTS_PER_LINE = CHART_WIDTH_PX - _MARGIN["left"] - _MARGIN["right"]
+"""Points per line: one per pixel column of the narrowest plot area (362)."""
+MAX_MARKERS = 200
+"""Validation dots: each is an SVG element in the page (a line's points are not), so they are capped lower;
+the best validation loss always survives the min-max decimation."""
 
 
 def _xs(values: Any) -> np.ndarray:
@@ -47,8 +61,13 @@ def _figure(title: str, marks: list[Any], axes: list[Axis], legend: bool = False
         axes=axes,
         fig_margin=dict(_MARGIN),
         animation_duration=0,
-        legend_location="top-right",
-        legend_style={"fill": "white", "fill-opacity": 0.85, "stroke": "#ccc"} if legend else {},
+        # bqplot sizes the legend box in em of its text length and, at "top-right", shifts it left by that
+        # width in 16-px ems, so a long run label pushed it past the plot's left edge (clipped in JupyterLab).
+        # Anchored top-left it starts inside the plot; the box's font size makes its em match the text.
+        legend_location="top-left",
+        legend_style={"fill": "white", "fill-opacity": 0.85, "stroke": "#ccc", "font-size": "11px"}
+        if legend
+        else {},
         legend_text={"font-size": "11px"} if legend else {},
         layout=Layout(width="100%", height="270px", min_width="280px"),
     )
@@ -62,9 +81,17 @@ def set_xy(mark: Any, x: Any, y: Any) -> None:
 
 
 class Charts:
-    """Four figures: loss (raw, smoothed, validation, previous runs), LR schedule, memory, tokens/s."""
+    """Four figures: loss (raw, smoothed, validation, previous runs), LR schedule, memory, tokens/s.
 
-    def __init__(self, gpu: bool = False) -> None:
+    ``points_per_line`` and ``max_markers`` bound what one update sends (see the module docstring).
+    """
+
+    def __init__(
+        self, gpu: bool = False, points_per_line: int = POINTS_PER_LINE, max_markers: int = MAX_MARKERS
+    ) -> None:
+        self.points_per_line = points_per_line
+        self.max_markers = max_markers
+        self._sent: tuple[int, int] = (0, 0)  # (steps, evaluations) of the history last drawn
         # --- loss ---------------------------------------------------------------------------------
         self._loss_x = LinearScale()
         self._loss_y_linear = LinearScale()
@@ -145,6 +172,11 @@ class Charts:
             ],
         )
 
+    def grid(self) -> GridBox:
+        """The figures in a grid, each at least :data:`CHART_WIDTH_PX` wide (so lines match their pixels)."""
+        columns = f"repeat(auto-fit, minmax({CHART_WIDTH_PX}px, 1fr))"
+        return GridBox(children=self.figures, layout=Layout(grid_template_columns=columns, width="100%"))
+
     @property
     def figures(self) -> list[Figure]:
         """The four figures, in display order."""
@@ -167,32 +199,84 @@ class Charts:
         ]
 
     # --- updates ------------------------------------------------------------------------------------
-    def set_schedule(self, steps: Any, lrs: Any) -> None:
-        """Draw the whole learning-rate schedule (before training starts, and at each run start)."""
-        set_xy(self.lr_line, steps, lrs)
+    def update(self, history: History) -> None:
+        """Draw what ``history`` holds that was not drawn yet: the current run's lines, dots and LR marker.
+
+        Nothing is sent when nothing changed; each changed mark gets one message (x and y together).
+        """
+        n, n_evals = len(history), len(history.eval_step)
+        if (n, n_evals) == self._sent:
+            return
+        if n != self._sent[0]:
+            self._draw_steps(history)
+        if n_evals != self._sent[1]:
+            idx = decimate_indices(history.val_loss, self.max_markers)
+            set_xy(self.val_loss, history.eval_step[idx], history.val_loss[idx])
+        self._sent = (n, n_evals)
+        self.fit_loss_range(self.raw_loss.y, self.val_loss.y)
+
+    def _draw_steps(self, h: History) -> None:
+        steps, cap = h.step, self.points_per_line
+        idx = decimate_indices(h.loss, cap)
+        x = _xs(steps[idx])
+        with self.raw_loss.hold_sync():
+            self.raw_loss.x, self.raw_loss.y = x, _ys(h.loss[idx])
+        with self.smooth_loss.hold_sync():
+            self.smooth_loss.x, self.smooth_loss.y = x, _ys(h.smoothed_loss()[idx])
+        mem = h.memory_bytes / 2**20  # MiB
+        idx = decimate_indices(mem, cap)
+        set_xy(self.memory, steps[idx], mem[idx])
+        reserved = h.memory_reserved_bytes
+        if np.isfinite(reserved).any():
+            set_xy(self.memory_reserved, steps[idx], reserved[idx] / 2**20)
+        if self.gpu and np.isfinite(h.gpu_utilization).any():
+            set_xy(self.gpu_util, steps[idx], h.gpu_utilization[idx])
+        tps = h.tokens_per_s_smooth
+        idx = decimate_indices(tps, cap)
+        set_xy(self.tokens_per_s, steps[idx], tps[idx])
+        self.set_lr_marker(int(steps[-1]), float(h.lr[-1]))
+
+    def set_schedule(self, schedule: tuple[Any, Any] | None) -> None:
+        """Draw the whole learning-rate schedule ``(steps, rates)`` (decimated to the chart's width); sent
+        only when it changed. ``None`` (settings that make no schedule) leaves the chart as it is."""
+        if schedule is None:
+            return
+        steps, lrs = schedule[0], np.asarray(schedule[1], dtype=np.float64)
+        idx = decimate_indices(lrs, self.points_per_line)
+        x, y = _xs(np.asarray(steps)[idx]), _ys(lrs[idx])
+        if np.array_equal(x, self.lr_line.x) and np.array_equal(y, self.lr_line.y):
+            return
+        set_xy(self.lr_line, x, y)
 
     def set_lr_marker(self, step: int | None, lr: float | None) -> None:
         """Move the live marker to the current step (or hide it with ``None``)."""
         if step is None or lr is None or not math.isfinite(lr):
-            set_xy(self.lr_marker, _EMPTY_X, _EMPTY_Y)
+            x, y = _EMPTY_X, _EMPTY_Y
         else:
-            set_xy(self.lr_marker, [step], [lr])
+            x, y = _xs([step]), _ys([lr])
+        if not (np.array_equal(x, self.lr_marker.x) and np.array_equal(y, self.lr_marker.y)):
+            set_xy(self.lr_marker, x, y)
 
     def clear_current(self) -> None:
         """Empty the current run's marks (a new run starts)."""
         for mark in (self.raw_loss, self.smooth_loss, self.val_loss, self.memory, self.memory_reserved,
                      self.gpu_util, self.tokens_per_s):  # fmt: skip
-            set_xy(mark, _EMPTY_X, _EMPTY_Y)
+            if len(mark.x):
+                set_xy(mark, _EMPTY_X, _EMPTY_Y)
         self.set_lr_marker(None, None)
+        self._sent = (0, 0)
 
     def label_current(self, label: str) -> None:
         """Label the current run's smoothed line with its configuration (shown in the legend)."""
         self.smooth_loss.labels = [label]
 
-    def overlay_run(self, label: str, steps: Any, smoothed: Any) -> None:
-        """Keep a finished run on the loss chart as one labelled line (a rank sweep compares these)."""
-        if len(steps) == 0:
+    def overlay_run(self, label: str, history: History) -> None:
+        """Keep a finished run on the loss chart as one labelled line of its smoothed loss (a sweep compares
+        these)."""
+        if len(history) == 0:
             return
+        idx = decimate_indices(history.smoothed_loss(), self.points_per_line)
+        steps, smoothed = history.step[idx], history.smoothed_loss()[idx]
         color = PALETTE[len(self.previous_runs) % len(PALETTE)]
         scale = self._loss_y_log if self.log_scale else self._loss_y_linear
         line = Lines(

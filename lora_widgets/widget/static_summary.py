@@ -2,26 +2,31 @@
 
 GitHub, nbconvert HTML and nbval keep a cell's outputs but not live widgets, so when a run ends the
 dashboard writes these beside itself (an HTML table and a standalone SVG, no matplotlib needed).
+It reads plain :class:`~lora_widgets.widget.record.RunRecord` objects, never the dashboard.
 """
 
 from __future__ import annotations
 
 import html
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from IPython.display import display, update_display
 
+from lora_widgets.history import decimate_indices
 from lora_widgets.widget.charts import RAW_COLOR, SMOOTH_COLOR, VAL_COLOR
+from lora_widgets.widget.record import RunRecord
 
-if TYPE_CHECKING:
-    from lora_widgets.widget.dashboard import DashboardRun
+__all__ = ["StaticSummary", "loss_curve_svg", "run_curve_svg", "summary_table_html"]
 
-__all__ = ["loss_curve_svg", "summary_table_html"]
+SVG_POINTS = 600
+"""Points of the static loss curve (a 640-pixel-wide image)."""
 
 
-def summary_table_html(runs: Iterable[DashboardRun], summary: Mapping[str, Any]) -> str:
+def summary_table_html(runs: Iterable[RunRecord], summary: Mapping[str, Any]) -> str:
     """One row per run (state, steps, time, final train loss, best validation loss, perplexity, adapter path),
     under a line naming the device and the trainable-parameter share from the panel's ``summary``."""
     rows = []
@@ -142,3 +147,60 @@ def loss_curve_svg(
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def run_curve_svg(run: RunRecord | None) -> str:
+    """The loss curve of one run (raw, smoothed, validation) as a standalone SVG."""
+    if run is None:
+        return loss_curve_svg([], [])
+    h = run.history
+    idx = decimate_indices(h.loss, SVG_POINTS)
+    return loss_curve_svg(
+        h.step[idx], h.loss[idx], h.smoothed_loss()[idx], h.eval_step, h.val_loss, title=run.label
+    )
+
+
+class StaticSummary:
+    """Two outputs shown below the widget (a table and an SVG) that are replaced when a run ends.
+
+    ``show()`` displays placeholders (called from the widget's ``_ipython_display_``); ``update()`` writes
+    the current table and curve into them, by display id, so the saved notebook keeps the result.
+    """
+
+    def __init__(self, runs: Callable[[], list[RunRecord]], summary: Callable[[], Mapping[str, Any]]) -> None:
+        self._runs = runs
+        self._summary = summary
+        self._ids: tuple[str, str] | None = None
+
+    def html(self) -> str:
+        """The table of every run."""
+        return summary_table_html(self._runs(), self._summary())
+
+    def svg(self) -> str:
+        """The last run's loss curve."""
+        runs = self._runs()
+        return run_curve_svg(runs[-1] if runs else None)
+
+    def show(self, owner: object) -> None:
+        """Display the placeholders (once per display of the widget), filled if a run already ended."""
+        if self._ids is None:
+            stamp = f"{id(owner):x}-{time.time_ns():x}"
+            self._ids = (f"lora-dash-table-{stamp}", f"lora-dash-svg-{stamp}")
+        for display_id in self._ids:
+            display({"text/plain": ""}, raw=True, display_id=display_id)
+        if any(r.result is not None for r in self._runs()):
+            self.update()
+
+    def update(self) -> None:
+        """Write the table and curve into the placeholders (nothing before the widget was displayed)."""
+        runs = self._runs()
+        if self._ids is None or not runs:
+            return
+        table_id, svg_id = self._ids
+        text = "; ".join(
+            f"{r.label}: {r.result.kind if r.result else 'running'}, final loss "
+            f"{'–' if r.final_loss is None else f'{r.final_loss:.4f}'}"
+            for r in runs
+        )
+        update_display({"text/html": self.html(), "text/plain": text}, raw=True, display_id=table_id)
+        update_display({"image/svg+xml": self.svg(), "text/plain": "loss curve"}, raw=True, display_id=svg_id)

@@ -1,21 +1,24 @@
-"""Pure helpers behind the dashboard's streaming discipline: a flush throttle, decimation, smoothing.
-
-Nothing here imports a widget library, so each policy is unit-tested on plain numbers with a fake clock.
+"""When the dashboard pushes to the browser: a flush throttle and the scheduler that binds it to a loop.
 
 Why: a trainer can publish hundreds of steps per second, and JupyterLab's server drops iopub messages
-above 1,000/s (see NOTES). The dashboard's event handler therefore only *records* (into :class:`Series`);
-a :class:`Throttle` decides when the recorded data is pushed to the browser (at most once per
-``interval`` seconds, whatever the step rate), and :func:`decimate_indices` bounds what one push sends
-(a few thousand points, whatever the run length).
+above 1,000/s (see ``/work/shared/NOTES.md``: "jupyter_server rate-limits iopub"). The dashboard's event
+handler therefore only *records* (into a :class:`~lora_widgets.history.History`); a :class:`Throttle`
+decides when the recorded data is pushed to the browser (at most once per ``interval`` seconds, whatever
+the step rate), and the charts bound what one push sends (a line's points match the chart's pixels).
+
+:class:`Throttle` is pure (the caller owns the clock), so its policy is unit-tested on plain numbers;
+:class:`FlushScheduler` runs it on the kernel's asyncio loop, or on a fake clock in tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
-
-__all__ = ["EMA", "Series", "Throttle", "debiased_ema", "decimate_indices"]
+__all__ = ["FlushScheduler", "Throttle"]
 
 
 class Throttle:
@@ -61,104 +64,66 @@ class Throttle:
         self.pending = False
 
 
-def decimate_indices(y: np.ndarray, max_points: int = 2000) -> np.ndarray:
-    """Indices of at most ``max_points`` samples of ``y`` that keep its shape (min-max bucketing).
+class FlushScheduler:
+    """Calls ``flush()`` when a :class:`Throttle` says so, through the running asyncio loop's timer.
 
-    The series is cut into ``max_points // 2`` equal buckets and each keeps its minimum and its maximum
-    (in their original order), so a loss spike or a NaN-free dip survives decimation, unlike plain
-    striding. The first and last samples are always kept. Non-finite values never win a bucket unless
-    the bucket has nothing else. Returns a sorted int64 array; ``arange(n)`` when ``n <= max_points``.
-    """
-    if max_points < 4:
-        raise ValueError(f"max_points must be at least 4, got {max_points}")
-    n = int(y.shape[0])
-    if n <= max_points:
-        return np.arange(n, dtype=np.int64)
-    buckets = (max_points - 2) // 2
-    size = math.ceil(n / buckets)
-    padded = np.full(buckets * size, np.nan, dtype=np.float64)
-    padded[:n] = y
-    grid = padded.reshape(buckets, size)  # [buckets, size]
-    finite = np.isfinite(grid)
-    lo = np.where(finite, grid, np.inf).argmin(axis=1)  # [buckets]
-    hi = np.where(finite, grid, -np.inf).argmax(axis=1)  # [buckets]
-    base = np.arange(buckets, dtype=np.int64) * size
-    idx = np.concatenate([[0], base + lo, base + hi, [n - 1]])
-    idx = idx[idx < n]
-    return np.unique(idx)  # sorted, at most 2 * buckets + 2 <= max_points
-
-
-def debiased_ema(values: np.ndarray, beta: float = 0.9) -> np.ndarray:
-    """Exponential moving average with bias correction, as TensorBoard's smoothing slider.
-
-    ``m_t = beta * m_{t-1} + (1 - beta) * x_t`` with ``m_0 = 0``, reported as ``m_t / (1 - beta^t)``
-    (the correction of Kingma & Ba 2015, Adam, section 3), so the first points are not pulled towards
-    zero. Non-finite inputs are skipped (the average carries over).
-    """
-    out = np.empty(len(values), dtype=np.float64)
-    m = 0.0
-    weight = 0.0
-    for i, x in enumerate(np.asarray(values, dtype=np.float64)):
-        if math.isfinite(x):
-            m = beta * m + (1.0 - beta) * x
-            weight = beta * weight + (1.0 - beta)
-        out[i] = m / weight if weight > 0 else math.nan
-    return out
-
-
-class EMA:
-    """Incremental form of :func:`debiased_ema`: ``update(x)`` returns the smoothed value so far."""
-
-    def __init__(self, beta: float = 0.9) -> None:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-        self.beta = beta
-        self._m = 0.0
-        self._weight = 0.0
-
-    def update(self, x: float) -> float:
-        """Fold in one value (non-finite values are skipped) and return the debiased average."""
-        if math.isfinite(x):
-            self._m = self.beta * self._m + (1.0 - self.beta) * x
-            self._weight = self.beta * self._weight + (1.0 - self.beta)
-        return self._m / self._weight if self._weight > 0 else math.nan
-
-
-class Series:
-    """Append-only columns of floats with amortised O(1) appends (capacity doubling).
-
-    ``Series("step", "loss")`` then ``s.append(step=1, loss=2.3)``; ``s["loss"]`` is a view of the
-    recorded values. Missing columns in an append are recorded as NaN.
+    :meth:`request` after recording new data; :meth:`flush_now` at the end of a run (it cancels the
+    pending timer). Without a running loop (a synchronous caller) a request flushes at once. ``clock``
+    and ``call_later`` replace the loop's for tests and benchmarks (a fake clock decides exactly as a
+    live kernel would).
     """
 
-    def __init__(self, *columns: str, capacity: int = 256) -> None:
-        if not columns:
-            raise ValueError("Series needs at least one column name")
-        self.columns = tuple(columns)
-        self._data = {c: np.full(capacity, np.nan, dtype=np.float64) for c in columns}
-        self._n = 0
+    def __init__(
+        self,
+        flush: Callable[[], None],
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        call_later: Callable[[float, Callable[[], None]], Any] | None = None,
+    ) -> None:
+        self._flush = flush
+        self.throttle = Throttle(interval)
+        self.clock = clock
+        self.call_later = call_later
+        self._handle: Any = None
 
-    def __len__(self) -> int:
-        return self._n
+    @property
+    def flushes(self) -> int:
+        """Flushes made so far (throttled and final ones)."""
+        return self.throttle.flushes
 
-    def append(self, **values: float | None) -> None:
-        """Record one row; unknown column names raise ``KeyError`` naming them."""
-        unknown = set(values) - set(self.columns)
-        if unknown:
-            raise KeyError(f"unknown columns {sorted(unknown)}; this series has {list(self.columns)}")
-        if self._n == len(self._data[self.columns[0]]):
-            for c in self.columns:
-                grown = np.full(2 * self._n, np.nan, dtype=np.float64)
-                grown[: self._n] = self._data[c]
-                self._data[c] = grown
-        for c in self.columns:
-            v = values.get(c)
-            self._data[c][self._n] = math.nan if v is None else float(v)
-        self._n += 1
+    def reset(self, interval: float) -> None:
+        """Start afresh for a new run (the next request flushes at once)."""
+        self.cancel()
+        self.throttle = Throttle(interval)
 
-    def __getitem__(self, column: str) -> np.ndarray:
-        return self._data[column][: self._n]
+    def request(self) -> None:
+        """New data was recorded: flush now or later, at most once per interval."""
+        delay = self.throttle.request(self.clock())
+        if delay is None:
+            return
+        if self.call_later is not None:
+            self._handle = self.call_later(delay, self._run)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): flush now
+            self._run()
+            return
+        self._handle = loop.call_later(delay, self._run)
 
-    def last(self, column: str) -> float | None:
-        """The most recent value of ``column``, or ``None`` when empty."""
-        return float(self._data[column][self._n - 1]) if self._n else None
+    def flush_now(self) -> None:
+        """Flush at once, cancelling a pending timed flush (the end of a run)."""
+        self.cancel()
+        self._run()
+
+    def cancel(self) -> None:
+        """Drop the pending timed flush, if any."""
+        handle, self._handle = self._handle, None
+        if handle is not None and hasattr(handle, "cancel"):
+            handle.cancel()
+        self.throttle.cancel()
+
+    def _run(self) -> None:
+        self._handle = None
+        self.throttle.flushed(self.clock())
+        self._flush()

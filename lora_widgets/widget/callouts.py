@@ -1,0 +1,114 @@
+"""The dashboard's messages to the user: a small collection of callouts, one per key.
+
+Each part of the dashboard owns a key (``"status"`` for the run's state, ``"starting"`` while a run has
+not made its first step, ``"device"``, ``"preflight"``, ``"adapters"``) and sets or clears its callout by
+that key; nothing is found by its title. The panel shows them most severe first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from lora_widgets.events import RunEnded, RunFailed, RunFinished
+
+__all__ = ["ADAPTERS_GIVEN", "READY", "STARTING", "TRAINING", "Callout", "Callouts", "failure_callout",
+           "outcome_callout"]  # fmt: skip
+
+Kind = Literal["danger", "warning", "success", "info"]
+_ORDER: dict[str, int] = {"danger": 0, "warning": 1, "success": 2, "info": 3}
+_FAILURE_TITLES = {"oom": "Out of memory", "nan": "The loss became NaN", "bad_input": "Bad input"}
+
+
+@dataclass(frozen=True)
+class Callout:
+    """One message: its severity, a title, the text, and concrete suggestions."""
+
+    kind: Kind
+    title: str
+    message: str
+    suggestions: list[str] = field(default_factory=list)
+
+
+READY = Callout("info", "Ready", "Adjust the settings, then press Train.")
+STARTING = Callout("info", "Starting", "Preparing the run…")
+TRAINING = Callout(
+    "info",
+    "Training in the background",
+    "Other cells keep working while this runs; Pause holds it between steps, Stop ends it after the current "
+    "step and keeps the adapter.",
+)
+ADAPTERS_GIVEN = Callout(
+    "info",
+    "Training the model's own adapters",
+    "This model already carries LoRA adapters, so every run trains them as they are (as Trainer(lora=None) "
+    "does), continuing from their current weights; the rank, alpha, dropout and target-module controls do "
+    "not apply. To try other LoRA settings, pass the base model.",
+)
+
+
+def failure_callout(
+    error_type: str, message: str, suggestions: list[str] | tuple[str, ...] = (), reason: str = "error",
+    title: str = "",
+) -> Callout:  # fmt: skip
+    """A danger callout for a failure: a title from the failure's reason, the message with its error type."""
+    heading = title or _FAILURE_TITLES.get(reason, "The run failed")
+    text = f"{error_type}: {message}" if error_type and error_type not in message else message
+    return Callout("danger", heading, text, list(suggestions))
+
+
+def outcome_callout(
+    label: str, ended: RunEnded, final_loss: float | None, best_val_loss: float | None
+) -> Callout:
+    """How a run ended: success (finished), info (stopped) or danger (failed, with the suggestions)."""
+    if isinstance(ended, RunFailed):
+        return failure_callout(
+            ended.error_type or ended.reason, ended.message, ended.suggestions, ended.reason
+        )
+    parts = [ended.message.rstrip(". ")] if ended.message else []
+    if final_loss is not None:
+        parts.append(f"final training loss {final_loss:.4g}")
+    if best_val_loss is not None:
+        parts.append(f"best validation loss {best_val_loss:.4g} (perplexity {math.exp(best_val_loss):.4g})")
+    if ended.adapter_path:
+        parts.append(f"adapter saved in {ended.adapter_path}")
+    text = "; ".join(parts) + "."
+    if isinstance(ended, RunFinished):
+        return Callout("success", f"Finished {label}", text)
+    return Callout("info", f"Stopped at step {ended.step}", text)
+
+
+class Callouts:
+    """Callouts by key; :meth:`as_list` gives what the panel's ``callouts`` trait shows."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Callout] = {}
+
+    def set(self, key: str, callout: Callout) -> None:
+        """Show ``callout`` under ``key`` (replacing that key's previous one)."""
+        self._items[key] = callout
+
+    def put(self, key: str, callout: Callout | None) -> None:
+        """Show ``callout`` under ``key``, or clear that key when it is ``None``."""
+        if callout is None:
+            self.clear(key)
+        else:
+            self.set(key, callout)
+
+    def clear(self, *keys: str) -> None:
+        """Remove the callouts of ``keys`` (missing keys are fine)."""
+        for key in keys:
+            self._items.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> Callout | None:
+        """The callout under ``key``, if any."""
+        return self._items.get(key)
+
+    def as_list(self) -> list[dict[str, Any]]:
+        """Every callout as a dict, most severe first (danger, warning, success, info)."""
+        ordered = sorted(self._items.values(), key=lambda c: _ORDER[c.kind])
+        return [asdict(c) for c in ordered]

@@ -1,0 +1,142 @@
+"""What a dashboard needs before its first run: the model and tokenizer, the device, and the data blocks.
+
+One job: turn ``LoRADashboard``'s arguments into a model, a tokenizer and tokenised ``(train, val)`` blocks,
+with the same rules as the trainer (:func:`lora_widgets.data.train_val_blocks`), so bad data is reported
+when the dashboard is built rather than when Train is pressed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from lora_widgets.lora import LoRAConfig, count_parameters
+from lora_widgets.widget.callouts import Callout
+
+__all__ = [
+    "check_arguments",
+    "cpu_callout",
+    "guess_device_type",
+    "load_model",
+    "preflight_callout",
+    "prepare_blocks",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet_hub_progress() -> Iterator[None]:
+    """Switch transformers' progress bars off while the dashboard loads a model, then restore them."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def check_arguments(kwargs: dict[str, Any], lora: Any, train: Any, train_fields: tuple[str, ...]) -> None:
+    """Refuse unknown keyword arguments and configs of the wrong type, naming them and the fix."""
+    if kwargs:
+        valid = "model, tokenizer, train_data, eval_data, lora, train"
+        raise TypeError(
+            f"LoRADashboard() got unexpected keyword argument(s) {', '.join(sorted(kwargs))}; "
+            f"valid arguments are {valid} (LoRA settings go in lora=LoRAConfig(...), training "
+            "settings in train=TrainConfig(...))"
+        )
+    if lora is not None and not isinstance(lora, LoRAConfig):
+        raise TypeError(f"lora must be a LoRAConfig, got {type(lora).__name__}")
+    missing = [f for f in train_fields if not hasattr(train, f)]
+    if missing or not dataclasses.is_dataclass(train):
+        raise TypeError(f"train must be a TrainConfig, got {type(train).__name__}")
+
+
+def load_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from the dashboard's arguments.
+
+    ``None`` loads the shipped base model; a hub id or path loads it (no 'Loading weights' bar above the
+    widget); a model object is used as it is and then needs its tokenizer, unless the data are ready-made
+    token blocks (a tensor).
+    """
+    if model is None or isinstance(model, str | Path):
+        from lora_widgets import demo
+
+        if tokenizer is not None and model is not None:
+            raise TypeError("pass tokenizer only with a model object; a hub id or path loads its own")
+        with _quiet_hub_progress():
+            return demo.load_base_model() if model is None else demo.load_model(str(model))
+    if tokenizer is None and not isinstance(train_data, torch.Tensor):
+        raise TypeError(
+            "tokenizer is required when model is a model object; pass tokenizer=..., "
+            "or pass the model's hub id / local path instead"
+        )
+    return model, tokenizer
+
+
+def guess_device_type(train: Any) -> str:
+    """The device type (``cpu``, ``cuda``, ``mps``) the trainer will pick for ``train.device``."""
+    from lora_widgets.devices import select_device
+
+    pref = str(getattr(train, "device", "auto") or "auto")
+    try:
+        return select_device(pref).type
+    except (ValueError, RuntimeError) as exc:  # the trainer reports a bad device when it is built
+        logger.warning("device %r: %s; assuming its type for the dashboard", pref, exc)
+        return "cuda" if pref == "auto" and torch.cuda.is_available() else pref.split(":")[0]
+
+
+def prepare_blocks(train_source: Any, eval_source: Any, tokenizer: Any, train: Any) -> tuple[Any, Any]:
+    """Tokenise and split the data once (every run reuses it): ``(train_blocks [n, T], val_blocks | None)``."""
+    from lora_widgets.data import train_val_blocks  # the trainer's own rule (tokenizers load lazily)
+
+    return train_val_blocks(
+        train_source,
+        eval_source,
+        tokenizer,
+        int(getattr(train, "block_size", 128)),
+        float(getattr(train, "val_fraction", 0.1)),
+        int(getattr(train, "seed", 0)),
+    )
+
+
+def cpu_callout(model: Any) -> Callout:
+    """A warning: why training runs on the CPU here, and what that means for time per step."""
+    why = "No GPU was found" if not torch.cuda.is_available() else "The trainer is set to device='cpu'"
+    millions = count_parameters(model)[1] / 1e6
+    return Callout("warning", "Training on the CPU", (
+        f"{why}, so this runs on the CPU. That is fine for a model this small ({millions:.1f} M "
+        "parameters: a few thousand tokens/s on a laptop, a 200-step run in about a minute), but time "
+        "per step grows with the model: a hub model of 100 M+ parameters would be roughly 50-100x "
+        "slower per step. On Colab pick a GPU runtime (Runtime > Change runtime type)."
+    ))  # fmt: skip
+
+
+def preflight_callout(model: Any, lora: LoRAConfig | None, train: Any, device_type: str) -> Callout | None:
+    """A warning when the memory estimate says the run may not fit on the device (the user may still start)."""
+    from lora_widgets.memory import preflight
+
+    try:
+        result = preflight(
+            model,
+            lora,
+            batch_size=train.batch_size,
+            seq_len=int(getattr(train, "block_size", 128)),
+            dtype=train.precision,
+            device=device_type,
+            gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
+        )
+    except Exception as exc:  # the estimate is advice: never block a run on it, but say why it is missing
+        logger.warning("memory preflight skipped: %s: %s", type(exc).__name__, exc)
+        return None
+    if result.fits:
+        return None
+    return Callout("warning", "This run may not fit in memory", result.message(), list(result.suggestions))

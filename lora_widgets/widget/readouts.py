@@ -1,0 +1,172 @@
+"""What the panel's progress line and summary show, computed from a run's record or from the settings.
+
+Pure functions (no widgets): the dashboard assigns their results to the panel's ``progress`` and ``summary``
+traits. Before a run, the summary shows what the current settings *will* train (:func:`planned_params`,
+counted on a meta-device copy, never on the user's model) and the learning-rate schedule is drawn from
+the settings (:func:`schedule_preview`); during a run both follow the run's events.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from lora_widgets.history import History
+from lora_widgets.lora import LoRAConfig, count_parameters
+from lora_widgets.memory import format_bytes
+from lora_widgets.schedules import lr_schedule
+
+__all__ = [
+    "adapter_summary",
+    "idle_summary",
+    "planned_params",
+    "planned_total_steps",
+    "progress_of",
+    "schedule_preview",
+    "summary_of",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def planned_params(model: nn.Module, lora: LoRAConfig | None) -> tuple[int, int]:
+    """``(trainable, total)`` parameters a run with ``lora`` will train on ``model``, without touching it.
+
+    ``lora=None`` (a model that already carries its adapters, such as a PEFT model): counted as it is.
+    Otherwise the architecture is instantiated on the meta device with ``lora`` applied (the memory
+    planner's :func:`~lora_widgets.memory_arch.param_plan`, cached per architecture), whatever adapters an
+    earlier run left on the model. A model without a ``transformers`` config is counted as it is.
+    """
+    from lora_widgets.memory_arch import param_plan
+
+    config = getattr(model, "config", None)
+    if lora is None or not hasattr(config, "to_json_string"):
+        return count_parameters(model)
+    try:
+        plan = param_plan(config, None, lora)
+    except (ValueError, KeyError, TypeError) as exc:  # an architecture transformers cannot rebuild
+        logger.warning("could not plan the parameters of %s: %s", type(model).__name__, exc)
+        return count_parameters(model)
+    return plan.trainable, plan.total
+
+
+def params_summary(trainable: int, total: int) -> dict[str, Any]:
+    """The summary's parameter fields."""
+    return {
+        "trainable": int(trainable),
+        "total": int(total),
+        "trainable_pct": 100.0 * trainable / max(1, total),
+    }
+
+
+def idle_summary(device_type: str, trainable: int, total: int, n_train_blocks: int | None) -> dict[str, Any]:
+    """The summary before any run: the device, what the settings will train, the data's size."""
+    from lora_widgets.devices import describe_device
+
+    name = device_type.upper() if device_type == "cpu" else describe_device(device_type)
+    return {
+        "device": device_type,
+        "device_name": name,
+        **params_summary(trainable, total),
+        "train_blocks": n_train_blocks,
+    }
+
+
+def progress_of(history: History) -> dict[str, Any]:
+    """The progress line: step, total, elapsed, ETA, tokens/s, epoch and loss of the last step."""
+    last, started = history.last_step, history.started
+    if last is None:
+        return {"step": 0, "total": int(started.total_steps) if started else 0}
+    return {
+        "step": int(last.step),
+        "total": int(last.total_steps),
+        "elapsed": round(float(last.elapsed_s), 1),
+        "eta": _finite(round(float(last.eta_s), 1)),
+        "tokens_per_s": _finite(round(float(last.tokens_per_s), 1)),
+        "epoch": round(float(last.epoch), 3),
+        "loss": _finite(float(last.loss)),
+    }
+
+
+def summary_of(summary: Mapping[str, Any], history: History) -> dict[str, Any]:
+    """``summary`` updated with what the run's events say: device, parameters, adapter size, validation."""
+    out = dict(summary)
+    st = history.started
+    if st is not None:
+        out.update(device=st.device, device_name=st.device_name, run_dir=st.run_dir)
+        out.update(params_summary(st.trainable_params, st.total_params))
+        if out.get("adapter_estimated", True):
+            est = 4 * int(st.trainable_params)  # fp32 safetensors, before the file exists
+            out.update(adapter_bytes=est, adapter_size=f"≈{format_bytes(est)}", adapter_estimated=True)
+    ev = history.last_eval
+    if ev is not None:
+        out.update(
+            val_loss=_finite(ev.val_loss),
+            best_val_loss=_finite(ev.best_val_loss),
+            perplexity=_finite(ev.perplexity),
+        )
+    return out
+
+
+def adapter_summary(adapter_path: str | None) -> dict[str, Any]:
+    """The summary's adapter fields once the run has ended: its size on disk and its path."""
+    out: dict[str, Any] = {"adapter_path": adapter_path or ""}
+    size = _dir_bytes(adapter_path)
+    if size is not None:
+        out.update(adapter_bytes=size, adapter_size=format_bytes(size), adapter_estimated=False)
+    return out
+
+
+def _dir_bytes(path: str | None) -> int | None:
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if not p.is_dir():
+        return None
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def planned_total_steps(train: Any, n_train_blocks: int | None) -> int | None:
+    """Optimizer updates a run with ``train`` makes on ``n_train_blocks`` blocks (the trainer's rule:
+    ``max_steps``, else ``epochs`` x updates per epoch); ``None`` when unknown."""
+    if train.max_steps:
+        return int(train.max_steps)
+    if not n_train_blocks:
+        return None
+    per_epoch = n_train_blocks // max(1, train.batch_size * train.grad_accum_steps)
+    return max(1, per_epoch) * int(train.epochs)
+
+
+def schedule_preview(
+    config: Mapping[str, Any], total_steps: int | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(steps, rates)`` of the whole learning-rate schedule, steps 1-based as in ``StepMetrics``.
+
+    ``config`` holds ``learning_rate``, ``warmup_steps`` and ``schedule`` (a ``TrainConfig``'s fields, or
+    the ``config`` of a :class:`~lora_widgets.events.RunStarted`). ``None`` when they do not make a schedule
+    (the controls flag that separately).
+    """
+    if not total_steps:
+        return None
+    try:
+        lrs = lr_schedule(
+            int(total_steps),
+            float(config["learning_rate"]),
+            int(config["warmup_steps"]),
+            str(config["schedule"]),
+        )
+    except (KeyError, ValueError, TypeError):  # invalid settings: the panel's errors already say why
+        return None
+    return np.arange(1, len(lrs) + 1), lrs
