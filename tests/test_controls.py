@@ -248,6 +248,8 @@ def test_the_dashboard_maps_its_panel_through_the_table(dash: LoRADashboard) -> 
 
 
 def test_a_control_must_name_a_real_field() -> None:
+    with pytest.raises(ValueError, match=r"unknown control\(s\) \['lr'\]"):
+        validate_settings({"lr": 1e-3})
     with pytest.raises(ValueError, match="has no field 'rnak'"):
         controls.Control("rnak", "rank", "int", LoRAConfig, "rnak", help="typo")
     with pytest.raises(ValueError, match="needs choices"):

@@ -163,7 +163,7 @@ CONTROLS: tuple[Control, ...] = (
     Control("rank", "rank r", "int", LoRAConfig, "r", min=1, step=1,
             help="LoRA rank r: the inner dimension of B·A; trainable parameters grow in proportion to it."),
     Control("alpha", "alpha", "float", LoRAConfig, "alpha", min=0, step="any",
-            help="LoRA alpha: the update B·A is scaled by alpha / r."),
+            help="LoRA alpha: the update B·A is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."),
     Control("dropout", "dropout", "float", LoRAConfig, "dropout", min=0, max=0.99, step=0.05,
             help="Dropout on the LoRA branch's input (0 disables it)."),
     Control("target_modules", "target modules", "text", LoRAConfig, "target_modules",
@@ -268,11 +268,17 @@ def validate_settings(
     ``TrainConfig.check_data`` (one optimizer step must fit in the training blocks) under ``"batch_size"``.
 
     Args:
-        values: control values by name; missing ones are taken from ``lora`` and ``train``.
+        values: control values by name; missing ones are taken from ``lora`` and ``train``; an unknown
+            name raises ``ValueError``.
         device_type: ``"cpu"``, ``"cuda"`` or ``"mps"``: the device the run will use.
         n_train_blocks: training sequences available; ``None`` skips that check.
         lora, train: the configs the controls edit (default: ``LoRAConfig()``, ``TrainConfig()``).
     """
+    unknown = sorted(set(values) - set(CONTROL_NAMES))
+    if unknown:
+        raise ValueError(
+            f"validate_settings: unknown control(s) {unknown}; the controls are {list(CONTROL_NAMES)}"
+        )
     lora = LoRAConfig() if lora is None else lora
     train = TrainConfig() if train is None else train
     values = {**values_from_configs(lora, train), **values}
