@@ -36,14 +36,21 @@ class TrainConfig:
     """How to train. Defaults suit the shipped tiny base model on a CPU (a ~20 s LoRA run).
 
     Args:
-        learning_rate: peak AdamW rate, in (0, 1].
+        learning_rate: peak AdamW rate, in (0, 1). Adam divides each gradient coordinate by its running
+            RMS, so every update moves a weight by about the learning rate whatever the gradient's scale
+            (Kingma & Ba 2015, "Adam", arXiv:1412.6980, sec. 2.1: the step is approximately bounded by
+            the step size). A rate of 1 or more moves weights by more than their own magnitude (typically
+            well below 1) on every step and diverges; LoRA uses 1e-4 to 1e-2 (3e-3 here).
         batch_size: sequences per micro-batch (>= 1).
         grad_accum_steps: micro-batches whose gradients are summed before each update (>= 1); the
             effective batch is ``batch_size * grad_accum_steps`` sequences.
         epochs: passes over the training blocks (>= 1); ignored when ``max_steps`` is set.
         max_steps: optimizer updates to run (>= 1), overriding ``epochs`` (data is cycled as needed);
             ``None`` runs ``epochs`` full passes.
-        warmup_steps: updates of linear warm-up (>= 0), see :mod:`lora_widgets.schedules`.
+        warmup_steps: updates of linear warm-up (>= 0), see :mod:`lora_widgets.schedules`. It may be as
+            long as the run or longer, as in ``transformers``' schedules: the rate then rises for the whole
+            run and never reaches ``learning_rate`` (the dashboard's LR preview shows it). It is not an
+            error, so that a short trial run (``max_steps=5``) works with the default warm-up.
         schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay after warm-up.
         weight_decay: AdamW decoupled weight decay (>= 0); applied to matrices only, not to biases/norms.
         max_grad_norm: clip the global gradient norm to this (> 0); ``None`` disables clipping.
@@ -91,13 +98,18 @@ class TrainConfig:
             return ValueError(f"TrainConfig.{name}={value!r} is invalid: {name} must be {allowed}")
 
         lr = self.learning_rate
-        if not (_is_num(lr) and math.isfinite(lr) and 0 < lr <= 1):
-            raise bad("learning_rate", "a number in (0, 1], e.g. 3e-3 for LoRA")
+        if not (_is_num(lr) and math.isfinite(lr) and 0 < lr < 1):
+            raise bad(
+                "learning_rate",
+                "a number in (0, 1) (AdamW moves each weight by about this much per step), e.g. 3e-3 for LoRA",
+            )
         for name in ("batch_size", "grad_accum_steps", "epochs", "log_every"):
             v = getattr(self, name)
             if not (_is_int(v) and v >= 1):
                 raise bad(name, "an integer >= 1")
-        for name in ("max_steps", "eval_every", "eval_batches", "checkpoint_every"):
+        if self.max_steps is not None and not (_is_int(self.max_steps) and self.max_steps >= 1):
+            raise bad("max_steps", "None (run `epochs` passes over the data) or an integer >= 1")
+        for name in ("eval_every", "eval_batches", "checkpoint_every"):
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v >= 1):
                 raise bad(name, "None or an integer >= 1")
@@ -124,6 +136,40 @@ class TrainConfig:
             raise bad("device", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         if not isinstance(self.gradient_checkpointing, bool):
             raise bad("gradient_checkpointing", "True or False")
+
+    def check_device(self, device: str | torch.device) -> None:
+        """Raise ``ValueError`` if ``precision`` cannot run on ``device`` (a type such as ``"cpu"`` or a device).
+
+        Not part of ``__post_init__`` because a config does not know its device until a run resolves
+        ``device="auto"``: the trainer checks the device it will use, the dashboard the one it will offer.
+        fp16 needs CUDA (its GradScaler; CPU fp16 matmuls are unsupported or very slow); bf16 on CUDA needs
+        compute capability 8.0 or more.
+        """
+        d = torch.device(device)
+        if self.precision == "fp16" and d.type != "cuda":
+            raise ValueError(
+                f"TrainConfig.precision='fp16' needs a CUDA GPU (it uses a GradScaler); the device is "
+                f"{d.type!r}. Use precision='bf16' or 'fp32' here"
+            )
+        if self.precision == "bf16" and d.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                "TrainConfig.precision='bf16' is not supported by this GPU (it needs compute capability "
+                ">= 8.0, e.g. A100/L4/H100); use precision='fp16' on a T4/V100"
+            )
+
+    def check_data(self, n_train_blocks: int) -> None:
+        """Raise ``ValueError`` if one optimizer step needs more sequences than the ``n_train_blocks`` there are.
+
+        Not part of ``__post_init__`` because the number of blocks is known only once the data is packed.
+        """
+        need = self.batch_size * self.grad_accum_steps
+        if n_train_blocks < need:
+            blocks = "block" if n_train_blocks == 1 else "blocks"
+            raise ValueError(
+                f"TrainConfig.batch_size={self.batch_size} x grad_accum_steps={self.grad_accum_steps} = {need} "
+                f"sequences per step, but the training data has only {n_train_blocks} {blocks}; lower "
+                "batch_size or grad_accum_steps, lower block_size, or add data"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of every field."""

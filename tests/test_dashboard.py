@@ -279,9 +279,9 @@ def test_every_trait_is_documented_and_assets_exist() -> None:
             continue
         assert panel.traits()[name].help, f"trait {name} has no help"
     static = Path(__file__).resolve().parents[1] / "lora_widgets" / "widget" / "static"
-    js = (static / "dashboard.js").read_text()
-    for name in DashboardPanel.CONFIG_TRAITS:
-        assert f'name: "{name}"' in js, f"no control for {name}"
+    assert (static / "dashboard.js").is_file()
+    # the front end renders every control from the spec trait (tests/test_controls.py checks the JS side)
+    assert set(DashboardPanel.CONFIG_TRAITS) <= {s["name"] for s in panel.control_specs}
 
 
 def test_controls_start_from_the_given_configs() -> None:
@@ -303,7 +303,7 @@ def test_controls_start_from_the_given_configs() -> None:
         ({"rank": 0}, "rank"),
         ({"dropout": 1.0}, "dropout"),
         ({"learning_rate": 0.0}, "learning_rate"),
-        ({"warmup_steps": 20, "max_steps": 20}, "warmup_steps"),
+        ({"warmup_steps": -1}, "warmup_steps"),
         ({"precision": "fp16"}, "precision"),
         ({"grad_accum_steps": 0}, "grad_accum_steps"),
     ],

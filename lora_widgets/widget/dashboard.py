@@ -40,11 +40,11 @@ from lora_widgets.events import (
 )
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, count_parameters, has_lora, remove_lora
-from lora_widgets.widget import callouts, loading, readouts
+from lora_widgets.widget import callouts, controls, loading, readouts
 from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
 from lora_widgets.widget.labels import label_from_started, run_label
-from lora_widgets.widget.panel import DashboardPanel, _targets_from_text, _targets_to_text, validate_settings
+from lora_widgets.widget.panel import DashboardPanel, validate_settings
 from lora_widgets.widget.record import RunRecord
 from lora_widgets.widget.session import RunSession
 from lora_widgets.widget.static_summary import StaticSummary
@@ -57,8 +57,7 @@ __all__ = ["DashboardPanel", "LoRADashboard", "RunRecord", "validate_settings"]
 
 logger = logging.getLogger(__name__)
 
-_TRAIN_FIELDS = ("learning_rate", "schedule", "warmup_steps", "batch_size", "grad_accum_steps", "epochs",
-                 "max_steps", "precision", "seed")  # fmt: skip
+_TRAIN_FIELDS = controls.config_fields(controls.TrainConfig)
 _LORA_TRAITS = ["rank", "alpha", "dropout", "target_modules"]
 
 
@@ -154,52 +153,14 @@ class LoRADashboard(VBox):
     # ------------------------------------------------------------------ controls -> configs
     @staticmethod
     def _initial_controls(lora: LoRAConfig, train: Any) -> dict[str, Any]:
-        max_steps = getattr(train, "max_steps", None)
-        return {
-            "rank": int(lora.r),
-            "alpha": float(lora.alpha),
-            "dropout": float(lora.dropout),
-            "target_modules": _targets_to_text(lora.target_modules),
-            "target_choices": ["", "q_proj,v_proj", "q_proj,k_proj,v_proj,o_proj", "all-linear"],
-            "learning_rate": float(train.learning_rate),
-            "schedule": str(train.schedule),
-            "warmup_steps": int(train.warmup_steps),
-            "batch_size": int(train.batch_size),
-            "grad_accum_steps": int(train.grad_accum_steps),
-            "epochs": int(train.epochs),
-            "max_steps": 0 if max_steps is None else int(max_steps),
-            "precision": str(train.precision),
-            "seed": int(train.seed),
-        }
+        return controls.values_from_configs(lora, train)
 
     def _control_values(self) -> dict[str, Any]:
-        return {name: getattr(self.panel, name) for name in DashboardPanel.CONFIG_TRAITS}
+        return self.panel.control_values()
 
     def current_configs(self) -> tuple[LoRAConfig, Any]:
         """The ``(LoRAConfig, TrainConfig)`` the next run would use, from the controls' values."""
-        v = self._control_values()
-        targets_text = v["target_modules"]
-        targets: Any = (
-            self._lora0.target_modules
-            if targets_text == _targets_to_text(self._lora0.target_modules)
-            else _targets_from_text(targets_text)
-        )
-        lora = dataclasses.replace(
-            self._lora0, r=v["rank"], alpha=v["alpha"], dropout=v["dropout"], target_modules=targets
-        )
-        train = dataclasses.replace(
-            self._train0,
-            learning_rate=v["learning_rate"],
-            schedule=v["schedule"],
-            warmup_steps=v["warmup_steps"],
-            batch_size=v["batch_size"],
-            grad_accum_steps=v["grad_accum_steps"],
-            epochs=v["epochs"],
-            max_steps=v["max_steps"] or None,
-            precision=v["precision"],
-            seed=v["seed"],
-        )
-        return lora, train
+        return controls.to_configs(self._control_values(), self._lora0, self._train0)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -459,15 +420,10 @@ class LoRADashboard(VBox):
             getattr(self, kind)()
 
     def _on_controls(self, _change: Any = None) -> None:
-        errors = validate_settings(self._control_values(), self._device_type, self._n_train_blocks)
-        if not errors:
-            try:  # the configs' own checks have the last word (a message naming the field)
-                _, train = self.current_configs()
-            except (ValueError, TypeError) as exc:
-                errors["settings"] = str(exc)
-            else:
-                if not self.running:
-                    self._preview_schedule(None, train)
+        errors = validate_settings(self._control_values(), self._device_type, self._n_train_blocks,
+                                   lora=self._lora0, train=self._train0)  # fmt: skip
+        if not errors and not self.running:
+            self._preview_schedule(None, self.current_configs()[1])
         self.panel.errors = errors
 
     def _on_log_scale(self, change: Any) -> None:  # the log-scale checkbox

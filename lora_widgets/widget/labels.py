@@ -7,14 +7,14 @@ from typing import Any
 
 from lora_widgets.diagnosis import format_lr
 from lora_widgets.events import RunStarted
-from lora_widgets.widget.panel import _targets_to_text
+from lora_widgets.widget.controls import targets_to_text
 
 __all__ = ["label_from_started", "run_label"]
 
 
 def run_label(index: int, r: int, alpha: float, lr: float, targets: Any = None) -> str:
     """A short legend label: number, rank, alpha, learning rate, and the target modules when short."""
-    text = _targets_to_text(targets)
+    text = targets_to_text(targets)
     where = f" {text}" if text and len(text) <= 16 else (" custom" if text else "")
     return f"run {index}: r={r} α={alpha:g} lr={format_lr(lr)}{where}"
 

@@ -1,5 +1,6 @@
-// Typed view of the DashboardPanel model (lora_widgets/widget/dashboard.py): the synced traits that
-// dashboard.js reads and writes, and the messages it sends. Documentation only; nothing is compiled.
+// Typed view of the DashboardPanel model (lora_widgets/widget/panel.py): the synced traits that
+// dashboard.js reads and writes, and the messages it sends. Documentation only; nothing is compiled
+// (dashboard.js refers to these types in JSDoc, as `import("@anywidget/types").Render<DashboardModel>`).
 
 export type RunState = "idle" | "running" | "paused" | "stopped" | "finished" | "failed";
 
@@ -37,29 +38,32 @@ export interface Callout {
   suggestions: string[];
 }
 
+/** One control, as lora_widgets/widget/controls.py declares it (Control.spec()). */
+export interface ControlSpec {
+  name: string; // the trait holding its value, the <input>/<select> name, the key in `errors`
+  label: string;
+  kind: "int" | "float" | "text" | "select"; // int/float: a number input; select: one of `choices`
+  group: string; // "LoRA" | "Training": one <fieldset> per group, in order of first appearance
+  help: string; // tooltip
+  min?: number; // input hints only: the configs decide what is valid (see `errors`)
+  max?: number;
+  step?: number | "any";
+  placeholder?: string;
+  choices?: string[]; // select: the options; text: suggestions (a <datalist>)
+}
+
 export interface DashboardModel {
-  // LoRA controls
-  rank: number;
-  alpha: number;
-  dropout: number;
-  target_modules: string; // "" = default, "all-linear", or "q_proj,v_proj"
-  target_choices: string[];
-  // training controls
-  learning_rate: number;
-  schedule: "constant" | "linear" | "cosine";
-  warmup_steps: number;
-  batch_size: number;
-  grad_accum_steps: number;
-  epochs: number;
-  max_steps: number; // 0 = use epochs
-  precision: "fp32" | "bf16" | "fp16";
-  seed: number;
+  // controls: what to render, from Python; then one trait per control, named by ControlSpec.name
+  // (number for int/float, string for text/select). The names are not repeated here: the table in
+  // controls.py is their only list.
+  control_specs: ControlSpec[];
+  [control: string]: unknown;
   // run
   state: RunState;
   progress: Progress;
   summary: Summary;
   callouts: Callout[];
-  errors: Record<string, string>; // control name -> why it is invalid
+  errors: Record<string, string>; // control name (or "settings") -> the config's message
   log_scale: boolean;
   run_label: string;
 }

@@ -1,24 +1,14 @@
 // LoRADashboard panel: controls, Train/Pause/Stop, status, progress, callouts, summary.
 // A plain ES module for anywidget (no build step, no dependencies). All state lives in the Python
-// model's traits (see dashboard.py and dashboard.d.ts); buttons send {type: "train" | "pause" |
+// model's traits (see panel.py and dashboard.d.ts); buttons send {type: "train" | "pause" |
 // "resume" | "stop"} messages that Python handles. Text is always set with textContent (never
 // innerHTML), so messages from the trainer cannot inject markup.
+// The controls are not listed here: they are rendered from the `control_specs` trait, which Python
+// builds from the table in lora_widgets/widget/controls.py (names, labels, kinds, hints and choices).
+// Values are only parsed as numbers here; whether they are valid is for the configs to say (`errors`).
 
-const CONTROLS = [
-  { group: "LoRA", name: "rank", label: "rank r", kind: "int", min: 1, step: 1 },
-  { group: "LoRA", name: "alpha", label: "alpha", kind: "float", min: 0, step: "any" },
-  { group: "LoRA", name: "dropout", label: "dropout", kind: "float", min: 0, max: 0.99, step: 0.05 },
-  { group: "LoRA", name: "target_modules", label: "target modules", kind: "text", list: "target_choices", placeholder: "default" },
-  { group: "Training", name: "learning_rate", label: "learning rate", kind: "float", min: 0, step: "any" },
-  { group: "Training", name: "schedule", label: "schedule", kind: "select", options: ["constant", "linear", "cosine"] },
-  { group: "Training", name: "warmup_steps", label: "warm-up steps", kind: "int", min: 0, step: 1 },
-  { group: "Training", name: "batch_size", label: "batch size", kind: "int", min: 1, step: 1 },
-  { group: "Training", name: "grad_accum_steps", label: "grad. accumulation", kind: "int", min: 1, step: 1 },
-  { group: "Training", name: "max_steps", label: "max steps (0 = epochs)", kind: "int", min: 0, step: 1 },
-  { group: "Training", name: "epochs", label: "epochs", kind: "int", min: 1, step: 1 },
-  { group: "Training", name: "precision", label: "precision", kind: "select", options: ["fp32", "bf16", "fp16"] },
-  { group: "Training", name: "seed", label: "seed", kind: "int", step: 1 },
-];
+/** @typedef {import("./dashboard").DashboardModel} Model */
+/** @typedef {import("./dashboard").ControlSpec} ControlSpec */
 
 const IDLE_STATES = ["idle", "stopped", "finished", "failed"];
 
@@ -52,6 +42,53 @@ function count(x) {
   return Number(x).toLocaleString("en-US");
 }
 
+/**
+ * The input for one control: a <select> of its choices, or an <input> (number or text; a text with
+ * choices offers them as suggestions through a <datalist>). `name` and `data-control` are the trait's name.
+ * @param {ControlSpec} spec
+ * @param {HTMLElement} container where a datalist goes
+ * @returns {HTMLInputElement | HTMLSelectElement}
+ */
+function controlInput(spec, container) {
+  let input;
+  if (spec.kind === "select") {
+    input = h("select", { name: spec.name });
+    for (const opt of spec.choices || []) input.appendChild(h("option", { value: opt, text: opt }));
+  } else {
+    const attrs = { name: spec.name, type: spec.kind === "text" ? "text" : "number" };
+    for (const k of ["min", "max", "step", "placeholder"]) if (spec[k] !== undefined) attrs[k] = String(spec[k]);
+    if (spec.choices && spec.choices.length) {
+      const id = `lw-${spec.name}-${Math.random().toString(36).slice(2)}`;
+      container.appendChild(h("datalist", { id }, spec.choices.map((c) => h("option", { value: c }))));
+      attrs.list = id;
+    }
+    input = h("input", attrs);
+  }
+  input.classList.add("lw-input");
+  input.dataset.control = spec.name;
+  return input;
+}
+
+/**
+ * The value to send for what the user typed: a number for int/float controls (undefined when it is not
+ * one), the text otherwise.
+ * @param {ControlSpec} spec
+ * @param {string} text
+ * @returns {number | string | undefined}
+ */
+function parseInput(spec, text) {
+  if (spec.kind === "int") {
+    const value = Number(text);
+    return text.trim() !== "" && Number.isInteger(value) ? value : undefined;
+  }
+  if (spec.kind === "float") {
+    const value = Number(text);
+    return text.trim() !== "" && isFinite(value) ? value : undefined;
+  }
+  return text;
+}
+
+/** @type {import("@anywidget/types").Render<Model>} */
 function render({ model, el }) {
   let pending = false; // a Train click was sent and Python has not answered yet
   const root = h("div", { class: "lw-dash" });
@@ -79,53 +116,33 @@ function render({ model, el }) {
   const side = h("div", { class: "lw-side" });
   root.appendChild(h("div", { class: "lw-body" }, [controls, side]));
 
+  /** @type {ControlSpec[]} */
+  const specs = model.get("control_specs") || [];
   const inputs = {};
   const errorNodes = {};
-  let currentGroup = null;
-  let groupBox = null;
-  const datalistId = `lw-targets-${Math.random().toString(36).slice(2)}`;
-  const datalist = h("datalist", { id: datalistId });
-  controls.appendChild(datalist);
-  for (const spec of CONTROLS) {
-    if (spec.group !== currentGroup) {
-      currentGroup = spec.group;
-      groupBox = h("fieldset", { class: "lw-group" }, [h("legend", { text: spec.group })]);
-      controls.appendChild(groupBox);
+  const groups = {};
+  for (const spec of specs) {
+    if (!(spec.group in groups)) {
+      groups[spec.group] = h("fieldset", { class: "lw-group" }, [h("legend", { text: spec.group })]);
+      controls.appendChild(groups[spec.group]);
     }
-    let input;
-    if (spec.kind === "select") {
-      input = h("select", { name: spec.name });
-      for (const opt of spec.options) input.appendChild(h("option", { value: opt, text: opt }));
-    } else {
-      const attrs = { name: spec.name, type: spec.kind === "text" ? "text" : "number" };
-      for (const k of ["min", "max", "step", "placeholder"]) if (spec[k] !== undefined) attrs[k] = String(spec[k]);
-      if (spec.list) attrs.list = datalistId;
-      input = h("input", attrs);
-    }
-    input.classList.add("lw-input");
-    input.dataset.control = spec.name;
+    const input = controlInput(spec, controls);
     const err = h("div", { class: "lw-error" });
-    groupBox.appendChild(
-      h("label", { class: "lw-field" }, [h("span", { class: "lw-label", text: spec.label }), input, err]),
+    groups[spec.group].appendChild(
+      h("label", { class: "lw-field", title: spec.help || "" }, [
+        h("span", { class: "lw-label", text: spec.label }),
+        input,
+        err,
+      ]),
     );
     inputs[spec.name] = input;
     errorNodes[spec.name] = err;
     input.addEventListener("change", () => {
-      let value = input.value;
-      if (spec.kind === "int") {
-        value = Number(value);
-        if (!Number.isInteger(value)) {
-          err.textContent = `${spec.label} must be a whole number`;
-          input.classList.add("lw-invalid");
-          return;
-        }
-      } else if (spec.kind === "float") {
-        value = Number(value);
-        if (input.value.trim() === "" || !isFinite(value)) {
-          err.textContent = `${spec.label} must be a number`;
-          input.classList.add("lw-invalid");
-          return;
-        }
+      const value = parseInput(spec, input.value);
+      if (value === undefined) {
+        err.textContent = `${spec.label} must be ${spec.kind === "int" ? "a whole number" : "a number"}`;
+        input.classList.add("lw-invalid");
+        return;
       }
       model.set(spec.name, value);
       model.save_changes();
@@ -146,7 +163,7 @@ function render({ model, el }) {
   function renderControls() {
     const running = !IDLE_STATES.includes(model.get("state"));
     const errors = model.get("errors") || {};
-    for (const spec of CONTROLS) {
+    for (const spec of specs) {
       const input = inputs[spec.name];
       const value = model.get(spec.name);
       if (document.activeElement !== input || running) input.value = value === null || value === undefined ? "" : String(value);
@@ -160,7 +177,6 @@ function render({ model, el }) {
       .filter(([k]) => !(k in inputs))
       .map(([, v]) => v)
       .join("; ");
-    datalist.replaceChildren(...(model.get("target_choices") || []).map((c) => h("option", { value: c })));
   }
 
   function renderButtons() {
@@ -270,9 +286,8 @@ function render({ model, el }) {
     ["change:summary", renderSummary],
     ["change:run_label", renderButtons],
     ["change:log_scale", renderButtons],
-    ["change:target_choices", renderControls],
   ];
-  for (const spec of CONTROLS) listeners.push([`change:${spec.name}`, renderControls]);
+  for (const spec of specs) listeners.push([`change:${spec.name}`, renderControls]);
   for (const [name, fn] of listeners) model.on(name, fn);
 
   renderControls();
