@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_widgets.events import EvalMetrics, RunFinished, RunStarted, StepMetrics
 from lora_widgets.lora import LoRAConfig
-from lora_widgets.trainer import TrainConfig
+from lora_widgets.train_config import TrainConfig
 from lora_widgets.widget.dashboard import DashboardRun, LoRADashboard
 from lora_widgets.widget.throttle import Throttle
 from tests.helpers import FakeLoop, tiny_llama

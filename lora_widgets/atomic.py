@@ -85,7 +85,11 @@ def atomic_write(dest: str | os.PathLike[str], write: Callable[[Path], None]) ->
 
 def atomic_write_text(dest: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``dest`` atomically."""
-    return atomic_write(dest, lambda p: p.write_text(text, encoding="utf-8"))
+
+    def write(path: Path) -> None:
+        path.write_text(text, encoding="utf-8")
+
+    return atomic_write(dest, write)
 
 
 def atomic_write_json(dest: str | os.PathLike[str], data: Any, **dump_kwargs: Any) -> Path:

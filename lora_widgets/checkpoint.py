@@ -133,6 +133,10 @@ def _save_tensors(
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     try:
         save_file(plain, str(path), metadata=metadata or {"format": "pt"})
+    except OSError as exc:
+        if exc.errno is None or exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # name the file
     except SafetensorError as exc:  # safetensors reports a full disk as "... (os error 28)"
         code = re.search(r"os error (\d+)", str(exc))
         if code is None:

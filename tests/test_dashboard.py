@@ -528,7 +528,7 @@ def test_static_summary_lists_runs_with_an_svg_curve() -> None:
 
 # --- the real trainer ----------------------------------------------------------------------------------
 def test_a_short_real_run_on_a_tiny_model_finishes(tmp_path: Path) -> None:
-    trainer_mod = pytest.importorskip("lora_widgets.trainer")
+    trainer_mod = pytest.importorskip("lora_widgets.train_config")
     from tests.helpers import patterned_batch
 
     blocks = patterned_batch(8, 32).repeat(4, 1)  # [32, 32] learnable token ids

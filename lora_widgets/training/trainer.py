@@ -280,8 +280,7 @@ class Trainer:
         self.history = History()
         run: _Run | None = None
         try:
-            self._open_run_dir(resume_from)  # (a bad output_dir is bad input)
-            self._publish(StateChanged("running", 0))  # at once, so a UI shows the click was taken
+            self._start(resume_from)
             run = await self._prepare(p, resume_from)
             meter.start(p.step, c.batch_size * c.grad_accum_steps * run.blocks.block_size)
             self._publish(self._run_started(run, p))
@@ -324,6 +323,14 @@ class Trainer:
         if p.cancelled:
             raise asyncio.CancelledError
         return end
+
+    def _start(self, resume_from: str | os.PathLike[str] | None) -> None:
+        """Open the run directory, then say "running" at once (so a UI shows the click was taken; it is
+        the first line of metrics.jsonl). A bad ``output_dir`` raises after "running", as other bad input."""
+        try:
+            self._open_run_dir(resume_from)
+        finally:
+            self._publish(StateChanged("running", 0))
 
     def _open_run_dir(self, resume_from: str | os.PathLike[str] | None) -> None:
         self.run_dir, self.run_id, self._dir = None, None, None
