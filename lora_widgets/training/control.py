@@ -85,10 +85,10 @@ class RunControl:
             await self._wake.wait()
         return time.monotonic() - t0
 
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """``await asyncio.to_thread(fn, *args)``; if the awaiting task is cancelled, the thread is still
+    async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``await asyncio.to_thread(fn, *args, **kwargs)``; if the awaiting task is cancelled, the thread is still
         awaited (its result discarded, its work done) before ``CancelledError`` propagates."""
-        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

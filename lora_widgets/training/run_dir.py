@@ -23,6 +23,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from lora_widgets import checkpoint as ckpt
 from lora_widgets.atomic import atomic_write_json, remove_stale_temporaries
 from lora_widgets.diagnosis import format_lr
 from lora_widgets.events import EvalMetrics, Event, StepMetrics, event_from_dict
@@ -99,6 +100,22 @@ class RunDirectory:
     def checkpoint_dir(self, step: int) -> Path:
         """``checkpoints/step-NNNNNN`` for the checkpoint after ``step`` updates."""
         return self.path / "checkpoints" / f"step-{step:06d}"
+
+    def save_adapter(self, model: nn.Module, base_name: str | None) -> tuple[str | None, str]:
+        """Save the trained weights to ``adapter/`` (not non-finite ones); returns (path or ``None``, a note
+        for the run's end message saying why nothing was saved)."""
+        bad = [n for n, t in ckpt.trainable_parameters(model) if not bool(torch.isfinite(t).all())]
+        if bad:
+            return None, f" The weights hold non-finite values ({bad[0]}, ...), so no adapter was saved."
+        try:
+            path = ckpt.save_trained_weights(model, self.adapter_dir, base_name)
+        except (OSError, RuntimeError, ValueError) as exc:
+            logger.exception("saving the final adapter failed")
+            return (
+                None,
+                f" Saving the adapter to {str(self.adapter_dir)!r} failed: {type(exc).__name__}: {exc}.",
+            )
+        return str(path), ""
 
     def write_config(self, document: dict[str, Any]) -> None:
         """Write (or rewrite) ``config.json`` atomically."""

@@ -36,7 +36,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from torch import nn
 
 from lora_widgets import checkpoint as ckpt
 from lora_widgets.devices import describe_device, select_device
-from lora_widgets.diagnosis import Diagnosis, Phase, diagnose, nan_diagnosis
+from lora_widgets.diagnosis import Diagnosis, diagnose, nan_diagnosis
 from lora_widgets.events import (
     CheckpointSaved,
     EvalMetrics,
@@ -62,60 +61,20 @@ from lora_widgets.events import (
 )
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, LoRAReport, count_parameters, lora_layers
-from lora_widgets.schedules import lr_at, total_steps
 from lora_widgets.schedules import lr_schedule as _lr_schedule
+from lora_widgets.schedules import total_steps
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.training import ownership, precision
-from lora_widgets.training.batches import (
-    BatchOrder,
-    Blocks,
-    data_position,
-    eval_batches,
-    prepare_blocks,
-    vocab_size,
-)
+from lora_widgets.training.batches import Blocks, eval_batches, prepare_blocks, vocab_size
 from lora_widgets.training.control import RunControl
-from lora_widgets.training.meter import DeviceUsage, Meter
-from lora_widgets.training.run_dir import RunDirectory, config_document, read_metrics, run_stem
-from lora_widgets.training.step import StepResult, evaluate, make_optimizer, train_step
+from lora_widgets.training.meter import Meter
+from lora_widgets.training.run_dir import RunDirectory, config_document, run_stem
+from lora_widgets.training.session import Progress, Session
+from lora_widgets.training.step import evaluate
 
 __all__ = ["Trainer"]
 
 logger = logging.getLogger(__name__)
-
-Usage = tuple[int, int | None, float | None]  # memory bytes, reserved bytes, GPU utilisation %
-
-
-@dataclass
-class _Run:
-    """Everything one run allocates; dropped as a whole at the end so that nothing keeps memory alive."""
-
-    blocks: Blocks
-    order: BatchOrder
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]]
-    usage: DeviceUsage
-    first_bad: torch.Tensor  # [] long: first update with a non-finite loss, -1 while none
-    earlier: list[StepMetrics | EvalMetrics] = field(default_factory=list)  # a resumed run's history
-    resume_info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Progress:
-    """Where a run stands. ``step`` counts completed updates; the worker thread advances it as it applies
-    each one, so it is right however the run ends (even cancelled mid-step)."""
-
-    phase: Phase = "data"
-    step: int = 0
-    start_step: int = 0
-    total: int = 0
-    last_loss: float | None = None
-    best_val: float | None = None
-    evaluated_at: int = -1
-    checkpointed_at: int = -1
-    failure: Diagnosis | None = None
-    cancelled: bool = False
 
 
 class Trainer:
@@ -275,10 +234,10 @@ class Trainer:
     # -- the run, phase by phase ---------------------------------------------------------------------
 
     async def _run(self, resume_from: str | os.PathLike[str] | None) -> RunEnded:
-        c, p, meter = self.config, _Progress(), Meter()
+        c, p, meter = self.config, Progress(), Meter()
         mode = precision.ModelMode.of(self.model, c.gradient_checkpointing)
         self.history = History()
-        run: _Run | None = None
+        run: Session | None = None
         try:
             self._start(resume_from)
             run = await self._prepare(p, resume_from)
@@ -292,12 +251,12 @@ class Trainer:
                     continue
                 p.phase = "step"
                 log = (p.step + 1) % c.log_every == 0 or p.step + 1 == p.total
-                out, usage = await self._control.in_thread(self._update, run, p, log)
+                out, usage = await self._control.in_thread(run.update, p, log)
                 if out.bad_step is not None:
                     p.failure = nan_diagnosis(out.bad_step, not out.applied, config=c, total_steps=p.total)
                     break
                 if log:
-                    self._publish(self._step_metrics(run, p, out, usage, meter))
+                    self._publish(run.step_metrics(p, out, usage, meter.lap(p.step, p.total)))
                 if c.eval_every is not None and p.step % c.eval_every == 0:
                     await self._evaluate(run, p)
                 if c.checkpoint_every is not None and p.step % c.checkpoint_every == 0:
@@ -343,78 +302,37 @@ class Trainer:
         self._write_config(None, resume_from)
         self._dir.open_metrics()
 
-    async def _prepare(self, p: _Progress, resume_from: str | os.PathLike[str] | None) -> _Run:
+    async def _prepare(self, p: Progress, resume_from: str | os.PathLike[str] | None) -> Session:
         """Data (bad input ends the run here), then seed, adapters, model, optimizer and checkpoint."""
         p.phase = "data"
         blocks = await self._control.in_thread(self._blocks)
         self._write_config(blocks, resume_from)
         p.phase = "setup"
-        run = await self._control.in_thread(self._setup, blocks, resume_from, p)
+        run = await self._control.in_thread(
+            Session.open,
+            self.model,
+            self.config,
+            self.device,
+            blocks,
+            p,
+            adapters=self.report is not None,
+            fresh_adapters=self._owns_lora,
+            resume_from=resume_from,
+        )
         for event in run.earlier:  # a resumed run's plots show the whole curve
             self._record_history(event)
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
         return run
 
-    def _setup(self, blocks: Blocks, resume_from: str | os.PathLike[str] | None, p: _Progress) -> _Run:
-        """(worker thread) Seed, fresh adapters, the model on the device, optimizer; restore a checkpoint."""
-        c, model = self.config, self.model
-        ckpt.seed_everything(c.seed)
-        if self._owns_lora and resume_from is None:
-            for layer in lora_layers(model).values():  # fresh adapters drawn from the seed
-                layer.reset_lora_parameters()
-        precision.prepare_model(
-            model,
-            self.device,
-            adapters=self.report is not None,
-            precision=c.precision,
-            gradient_checkpointing=c.gradient_checkpointing,
-        )
-        run = _Run(
-            blocks=blocks,
-            order=BatchOrder(blocks, c, self.device),
-            optimizer=make_optimizer(model, c),
-            scaler=precision.grad_scaler(c.precision, self.device),
-            autocast=precision.autocast(c.precision, self.device),
-            usage=DeviceUsage(self.device),
-            first_bad=torch.full((), -1, dtype=torch.long, device=self.device),
-        )
-        if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from, model, run.optimizer, run.scaler)
-            p.step = p.start_step = state.step
-            run.resume_info = {"resumed_from": str(state.path), "resumed_step": state.step}
-            run.earlier = read_metrics(state.path, state.step)
-            state.restore_rng()
-        return run
-
-    def _update(self, run: _Run, p: _Progress, log: bool) -> tuple[StepResult, Usage | None]:
-        """(worker thread) Update number ``p.step + 1``; counts it in ``p`` once it is applied."""
-        c, step = self.config, p.step + 1
-        out = train_step(
-            self.model,
-            run.optimizer,
-            run.scaler,
-            run.order.micro_batches(step),
-            step=step,
-            lr=self._lr(step, p.total),
-            max_grad_norm=c.max_grad_norm,
-            autocast=run.autocast,
-            first_bad=run.first_bad,
-            read=log,
-        )
-        if out.applied:
-            p.step = step
-            p.last_loss = out.loss if out.loss is not None else p.last_loss
-        return out, (run.usage.sample() if log else None)
-
-    async def _hold(self, p: _Progress, meter: Meter) -> None:
+    async def _hold(self, p: Progress, meter: Meter) -> None:
         """Paused: publish it, wait for resume() or stop(), and leave the pause out of the clock."""
         self._publish(StateChanged("paused", p.step))
         meter.paused(await self._control.wait_while_paused())
         if not self._control.stop_requested:
             self._publish(StateChanged("running", p.step))
 
-    async def _evaluate(self, run: _Run, p: _Progress) -> None:
+    async def _evaluate(self, run: Session, p: Progress) -> None:
         val = run.blocks.val
         if val is None:
             return
@@ -428,16 +346,12 @@ class Trainer:
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
         self._publish(EvalMetrics(p.step, val_loss, ppl, p.best_val if p.best_val is not None else val_loss))
 
-    async def _checkpoint(self, run: _Run, p: _Progress) -> None:
+    async def _checkpoint(self, run: Session, p: Progress) -> None:
         assert self._dir is not None
         p.phase = "checkpoint"
-        extra = {
-            "config": self.config.to_dict(),
-            "lora": self.lora.to_dict() if self.lora is not None else None,
-            "run_id": self.run_id,
-            "data_position": data_position(p.step, self.config, run.blocks.steps_per_epoch),
-            **run.resume_info,
-        }
+        extra = run.checkpoint_extra(
+            p.step, self.lora.to_dict() if self.lora is not None else None, self.run_id
+        )
         path = await self._control.in_thread(
             ckpt.save_checkpoint,
             self._dir.checkpoint_dir(p.step),
@@ -450,29 +364,20 @@ class Trainer:
         p.checkpointed_at = p.step
         self._publish(CheckpointSaved(p.step, str(path)))
 
-    async def _save_final(self, run: _Run | None, p: _Progress) -> tuple[str | None, str]:
+    async def _save_final(self, run: Session | None, p: Progress) -> tuple[str | None, str]:
         """Save the trained weights to ``run_dir/adapter`` however the run ended (not if nothing trained
         or the weights are non-finite); returns (path, a note for the end message)."""
         if run is None or self._dir is None:
             return None, ""
         try:
-            return await asyncio.shield(asyncio.to_thread(self._write_adapter, self._dir.adapter_dir))
+            return await asyncio.shield(
+                asyncio.to_thread(self._dir.save_adapter, self.model, self._base_name())
+            )
         except asyncio.CancelledError:
             p.cancelled = True
             return None, " The run was cancelled while its adapter was being saved."
 
-    def _write_adapter(self, directory: Path) -> tuple[str | None, str]:
-        bad = [n for n, t in ckpt.trainable_parameters(self.model) if not bool(torch.isfinite(t).all())]
-        if bad:
-            return None, f" The weights hold non-finite values ({bad[0]}, ...), so no adapter was saved."
-        try:
-            path = ckpt.save_trained_weights(self.model, directory, self._base_name())
-        except (OSError, RuntimeError, ValueError) as exc:
-            logger.exception("saving the final adapter failed")
-            return None, f" Saving the adapter to {str(directory)!r} failed: {type(exc).__name__}: {exc}."
-        return str(path), ""
-
-    def _end(self, p: _Progress, meter: Meter, adapter: str | None, note: str) -> RunEnded:
+    def _end(self, p: Progress, meter: Meter, adapter: str | None, note: str) -> RunEnded:
         """Publish the end state and the terminal event; remember it as :attr:`last_event`."""
         base: dict[str, Any] = {
             "step": p.step,
@@ -522,7 +427,7 @@ class Trainer:
         if isinstance(event, StepMetrics | EvalMetrics):
             self.history.append(event)
 
-    def _diagnose(self, exc: Exception, p: _Progress, run: _Run | None) -> Diagnosis:
+    def _diagnose(self, exc: Exception, p: Progress, run: Session | None) -> Diagnosis:
         failure = diagnose(
             exc,
             p.step,
@@ -546,12 +451,7 @@ class Trainer:
                 )
             return self._blocks_cache
 
-    def _lr(self, step: int, total: int) -> float:
-        """Rate of update ``step`` (1-based; the schedule counts from 0)."""
-        c = self.config
-        return lr_at(step - 1, total, c.learning_rate, c.warmup_steps, c.schedule)
-
-    def _run_started(self, run: _Run, p: _Progress) -> RunStarted:
+    def _run_started(self, run: Session, p: Progress) -> RunStarted:
         assert self.run_id is not None and self.run_dir is not None
         c = self.config
         trainable, total_params = count_parameters(self.model)
@@ -567,27 +467,6 @@ class Trainer:
             total_steps=p.total,
             tokens_per_step=c.batch_size * c.grad_accum_steps * run.blocks.block_size,
             time=time.time(),
-        )
-
-    def _step_metrics(
-        self, run: _Run, p: _Progress, out: StepResult, usage: Usage | None, meter: Meter
-    ) -> StepMetrics:
-        assert out.loss is not None and out.grad_norm is not None and usage is not None
-        lap = meter.lap(p.step, p.total)
-        memory, reserved, utilization = usage
-        return StepMetrics(
-            step=p.step,
-            total_steps=p.total,
-            epoch=p.step / run.blocks.steps_per_epoch,
-            loss=out.loss,
-            learning_rate=self._lr(p.step, p.total),
-            grad_norm=out.grad_norm,
-            tokens_per_s=lap.tokens_per_s,
-            elapsed_s=lap.elapsed_s,
-            eta_s=lap.eta_s,
-            memory_bytes=memory,
-            memory_reserved_bytes=reserved,
-            gpu_utilization=utilization,
         )
 
     def _write_config(self, blocks: Blocks | None, resume_from: str | os.PathLike[str] | None) -> None:
