@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
+    "naming_file",
     "remove_stale_temporaries",
 ]
 
@@ -56,6 +57,17 @@ def _naming(exc: OSError, temp: Path, dest: Path) -> OSError:
     return renamed  # OSError(errno, ...) builds the matching subclass (FileNotFoundError, ...)
 
 
+@contextlib.contextmanager
+def naming_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Give an ``OSError`` raised inside without a file name (a full disk noticed at ``close()``) ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None or exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -71,7 +83,8 @@ def atomic_write(dest: str | os.PathLike[str], write: Callable[[Path], None]) ->
     os.close(fd)
     temp = Path(name)
     try:
-        write(temp)
+        with naming_file(temp):
+            write(temp)
         _fsync(temp)
         os.replace(temp, dest)
     except OSError as exc:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_widgets import lora as lora_mod
-from lora_widgets.atomic import atomic_directory
+from lora_widgets.atomic import atomic_directory, naming_file
 
 __all__ = [
     "CheckpointState",
@@ -132,11 +132,8 @@ def _save_tensors(
     # safetensors needs contiguous CPU tensors that share no storage.
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     try:
-        save_file(plain, str(path), metadata=metadata or {"format": "pt"})
-    except OSError as exc:
-        if exc.errno is None or exc.filename is not None:
-            raise
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # name the file
+        with naming_file(path):
+            save_file(plain, str(path), metadata=metadata or {"format": "pt"})
     except SafetensorError as exc:  # safetensors reports a full disk as "... (os error 28)"
         code = re.search(r"os error (\d+)", str(exc))
         if code is None:
@@ -237,7 +234,8 @@ def save_checkpoint(
             "scaler": (scaler.state_dict() or None) if scaler is not None else None,  # {} when disabled
             "extra": extra or {},
         }
-        (tmp / STATE_JSON).write_text(json.dumps(state))
+        with naming_file(tmp / STATE_JSON):
+            (tmp / STATE_JSON).write_text(json.dumps(state))
     return directory
 
 
