@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_widgets.events import EvalMetrics, RunStarted, StepMetrics
 from lora_widgets.lora import LoRAConfig
-from lora_widgets.trainer import TrainConfig
+from lora_widgets.train_config import TrainConfig
 from lora_widgets.widget.charts import Charts
 from lora_widgets.widget.dashboard import LoRADashboard
 from tests.helpers import FakeLoop, ScriptedRun, tiny_llama

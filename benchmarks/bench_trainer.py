@@ -41,7 +41,8 @@ from lora_widgets.checkpoint import seed_everything
 from lora_widgets.data import prepare_data
 from lora_widgets.lora import LoRAConfig, apply_lora, lora_layers
 from lora_widgets.schedules import lr_at
-from lora_widgets.trainer import TrainConfig, Trainer
+from lora_widgets.train_config import TrainConfig
+from lora_widgets.training.trainer import Trainer
 
 LR, BATCH, WARMUP, SEED, RANK, ALPHA, BLOCK = 3e-3, 8, 10, 42, 8, 16.0, 128
 TARGETS = ["q_proj", "v_proj"]

@@ -63,7 +63,7 @@ _EXPORTS: dict[str, str] = {
     "describe_device": "devices",
     "lr_schedule": "schedules",
     "TrainConfig": "train_config",
-    "Trainer": "trainer",
+    "Trainer": "training.trainer",
     "History": "history",
     # memory
     "estimate_memory": "memory",

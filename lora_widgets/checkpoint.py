@@ -11,9 +11,10 @@ Layout of one checkpoint directory (``<run_dir>/checkpoints/step-000100``)::
                                and NumPy RNG states, the run's configuration, parameter names and shapes
 
 Only safetensors and JSON are written and read: nothing is pickled or unpickled, so a checkpoint from an
-untrusted source cannot run code. The directory is first written under a temporary name next to its
-destination and then renamed with ``os.replace``, so a crash mid-write never leaves a half checkpoint
-under the final name.
+untrusted source cannot run code. The directory is written with :func:`lora_widgets.atomic.atomic_directory`
+(a temporary name next to its destination, every file fsynced, then ``os.replace``), so a crash mid-write
+never leaves a half checkpoint under the final name, and a failed write (a full disk) raises an ``OSError``
+naming the checkpoint's file while the previous checkpoint stays intact.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_widgets import lora as lora_mod
+from lora_widgets.atomic import atomic_directory, naming_file
 
 __all__ = [
     "CheckpointState",
@@ -129,7 +131,14 @@ def _save_tensors(
 ) -> None:
     # safetensors needs contiguous CPU tensors that share no storage.
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(plain, str(path), metadata=metadata or {"format": "pt"})
+    try:
+        with naming_file(path):
+            save_file(plain, str(path), metadata=metadata or {"format": "pt"})
+    except SafetensorError as exc:  # safetensors reports a full disk as "... (os error 28)"
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
 
 
 # -- optimizer ----------------------------------------------------------------------------------------
@@ -200,14 +209,15 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically (temporary directory, then ``os.replace``) and return its path.
 
+    Raises ``OSError`` naming the file under ``directory`` that could not be written (e.g. a full disk);
+    an earlier checkpoint at ``directory`` is then left as it was.
+
     ``extra`` is any JSON-able dict (the trainer stores its config and data position there). Call it
     between optimizer steps: the RNG states captured are the ones the next step would use.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
-        params = trainable_parameters(model)
+    params = trainable_parameters(model)
+    with atomic_directory(directory) as tmp:
         if lora_mod.lora_layers(model) or _is_peft_model(model):
             save_trained_weights(model, tmp / "adapter")
         _save_tensors({n: p for n, p in params}, tmp / TRAINABLE)
@@ -221,23 +231,11 @@ def save_checkpoint(
             "param_shapes": [list(p.shape) for _, p in params],
             "optimizer": opt_meta,
             "rng": rng_meta,
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "scaler": (scaler.state_dict() or None) if scaler is not None else None,  # {} when disabled
             "extra": extra or {},
         }
-        with open(tmp / STATE_JSON, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if directory.exists():  # os.replace cannot replace a non-empty directory: move the old one aside
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with naming_file(tmp / STATE_JSON):
+            (tmp / STATE_JSON).write_text(json.dumps(state))
     return directory
 
 

@@ -8,7 +8,7 @@ line and :func:`memory_in_use` / :func:`gpu_utilization` for the memory chart.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import platform
 import shutil
@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import psutil
 import torch
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 DeviceKind = Literal["cuda", "mps", "cpu"]
+
+logger = logging.getLogger(__name__)
 
 _GPU_HOWTO = (
     "To use a GPU: on Google Colab choose Runtime > Change runtime type > a GPU (e.g. T4), then restart; "
@@ -80,20 +83,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-def _ram() -> tuple[int | None, int | None]:
+def _ram() -> tuple[int, int]:
     """(total, used) system RAM in bytes."""
-    try:
-        import psutil
+    vm = psutil.virtual_memory()
+    return int(vm.total), int(vm.total - vm.available)
 
-        vm = psutil.virtual_memory()
-        return int(vm.total), int(vm.total - vm.available)
-    except Exception:
-        pass
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        return int(pages * size), None
-    except (ValueError, OSError, AttributeError):
-        return None, None
+
+def _cuda_name_and_memory(index: int) -> tuple[str, int]:
+    """The one place the GPU's name and total memory are read."""
+    props = torch.cuda.get_device_properties(index)
+    return str(props.name), int(props.total_memory)
 
 
 def _mps_available() -> bool:
@@ -106,23 +105,17 @@ def list_devices() -> list[DeviceInfo]:
     out: list[DeviceInfo] = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            used: int | None
+            name, total = _cuda_name_and_memory(i)
+            used: int | None = None
             try:
-                free, total = torch.cuda.mem_get_info(i)
+                free, _ = torch.cuda.mem_get_info(i)  # creates a context: fails on a busy exclusive-mode GPU
                 used = int(total - free)
-            except Exception:
-                used = None
-            out.append(
-                DeviceInfo(
-                    "cuda", i, str(props.name), int(props.total_memory), used, gpu_utilization(f"cuda:{i}")
-                )
-            )
+            except RuntimeError as exc:
+                logger.warning("cannot read the memory in use on cuda:%d: %s", i, exc)
+            out.append(DeviceInfo("cuda", i, name, total, used, gpu_utilization(f"cuda:{i}")))
     if _mps_available():
         ram_total, _ = _ram()  # unified memory: the GPU shares system RAM
-        used_mps: int | None = None
-        with contextlib.suppress(Exception):
-            used_mps = int(torch.mps.driver_allocated_memory())
+        used_mps = int(torch.mps.driver_allocated_memory())
         out.append(DeviceInfo("mps", None, f"Apple {platform.machine()} GPU (MPS)", ram_total, used_mps))
     ram_total, used_ram = _ram()
     out.append(DeviceInfo("cpu", None, _cpu_name(), ram_total, used_ram, None, torch.get_num_threads()))
@@ -198,7 +191,7 @@ def total_memory(device: str | torch.device) -> int | None:
     """Total memory in bytes of a CUDA GPU, or system RAM for the CPU and MPS (unified memory)."""
     d = _as_device(device)
     if d.type == "cuda":
-        return int(torch.cuda.get_device_properties(d).total_memory)
+        return _cuda_name_and_memory(d.index or 0)[1]
     return _ram()[0]
 
 
@@ -206,8 +199,8 @@ def describe_device(device: str | torch.device) -> str:
     """One line for a status bar: ``'NVIDIA A100-SXM4-40GB (cuda:0, 39.4 GiB)'`` or the CPU's model."""
     d = _as_device(device)
     if d.type == "cuda":
-        props = torch.cuda.get_device_properties(d)
-        return f"{props.name} ({d}, {_gib(int(props.total_memory))})"
+        name, total = _cuda_name_and_memory(d.index or 0)
+        return f"{name} ({d}, {_gib(total)})"
     if d.type == "mps":
         return f"Apple GPU (mps, unified memory {_gib(_ram()[0])})"
     return f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads, {_gib(_ram()[0])} RAM)"
@@ -215,13 +208,7 @@ def describe_device(device: str | torch.device) -> str:
 
 def _rss() -> int:
     """Resident set size of this process in bytes."""
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except Exception:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.Process().memory_info().rss)
 
 
 def memory_in_use(device: str | torch.device) -> tuple[int, int | None]:
@@ -231,10 +218,7 @@ def memory_in_use(device: str | torch.device) -> tuple[int, int | None]:
     if d.type == "cuda":
         return int(torch.cuda.memory_allocated(d)), int(torch.cuda.memory_reserved(d))
     if d.type == "mps":
-        try:
-            return int(torch.mps.current_allocated_memory()), int(torch.mps.driver_allocated_memory())
-        except Exception:
-            return _rss(), None
+        return int(torch.mps.current_allocated_memory()), int(torch.mps.driver_allocated_memory())
     return _rss(), None
 
 
@@ -249,14 +233,18 @@ def _nvml_utilization(index: int) -> float | None:
     if _nvml is False:
         return None
     try:
+        import pynvml  # optional (nvidia-ml-py); nvidia-smi is the fallback
+    except ImportError:
+        _nvml = False
+        return None
+    try:
         if _nvml is None:
-            import pynvml
-
             pynvml.nvmlInit()
             _nvml = pynvml
-        handle = _nvml.nvmlDeviceGetHandleByIndex(index)
-        return float(_nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-    except Exception:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except pynvml.NVMLError as exc:
+        logger.info("NVML cannot read GPU utilisation (%s); falling back to nvidia-smi", exc)
         _nvml = False
         return None
 
@@ -278,7 +266,8 @@ def _smi_utilization(index: int) -> float | None:
             check=True,
         ).stdout
         return float(out.strip().splitlines()[0])
-    except Exception:
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        logger.info("nvidia-smi cannot read GPU utilisation (%s); retrying in a minute", exc)
         _smi_failed_at = time.monotonic()
         return None
 

@@ -235,7 +235,7 @@ def estimate_memory(
         base_quantization: None, "8bit" or "4bit" (QLoRA: frozen Linear weights in NF4); requires ``lora``.
         weight_dtype: dtype of the parameters (and so of gradients and optimizer state). ``None``: ``dtype``.
             ``float32`` with ``dtype="bfloat16"``/``"float16"`` is mixed precision with ``torch.autocast``
-            (what :class:`~lora_widgets.trainer.Trainer` does with ``precision="bf16"`` on an fp32 model):
+            (what :class:`~lora_widgets.training.trainer.Trainer` does with ``precision="bf16"`` on an fp32 model):
             the residual stream stays fp32 and every matmul saves compute-dtype copies of its operands,
             including a copy of each (even frozen) weight whose input needs a gradient.
 

@@ -2,9 +2,11 @@ r"""Learning-rate schedules as pure functions of the step, so they can be previe
 
 The trainer asks :func:`lr_at` for the rate of every optimizer update, and the dashboard plots
 :func:`lr_schedule` before the Train button is pressed: both read the same function, so the preview is
-exactly what the run will use.
+exactly what the run will use. How many updates a run makes (:func:`total_steps`) is written here once too.
 
-Steps are 0-based *update indices*: ``lr_at(0, ...)`` is the rate of the first optimizer update. The
+Steps here are 0-based *update indices*, like array positions: ``lr_at(0, ...)`` is the rate of the first
+optimizer update, the one events report as ``StepMetrics.step == 1`` (so step ``s`` uses ``lr_at(s - 1, ...)``
+and ``lr_schedule(...)[s - 1]``). The
 shapes are the ones in Hugging Face ``transformers`` (``get_{constant,linear,cosine}_schedule_with_warmup``),
 so a run here and a ``transformers.Trainer`` run with the same settings use identical rates:
 
@@ -26,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["SCHEDULES", "Schedule", "lr_at", "lr_schedule"]
+__all__ = ["SCHEDULES", "Schedule", "lr_at", "lr_schedule", "steps_per_epoch", "total_steps"]
 
 Schedule = Literal["constant", "linear", "cosine"]
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
@@ -75,3 +77,15 @@ def lr_schedule(total_steps: int, base_lr: float, warmup_steps: int, schedule: s
         [float(base_lr) * _factor(s, total_steps, warmup_steps, schedule) for s in range(total_steps)],
         dtype=np.float64,
     )
+
+
+def steps_per_epoch(n_blocks: int, batch_size: int, grad_accum_steps: int) -> int:
+    """Optimizer updates in one pass over ``n_blocks`` training sequences: each update consumes
+    ``grad_accum_steps`` micro-batches of ``batch_size`` sequences, and a last partial batch is dropped."""
+    return (n_blocks // batch_size) // grad_accum_steps
+
+
+def total_steps(max_steps: int | None, epochs: int, per_epoch: int) -> int:
+    """Updates a run makes: ``max_steps`` when set (the data is cycled as needed), else ``epochs`` passes
+    of ``per_epoch`` updates. The one formula the trainer and the dashboard's preview share."""
+    return max_steps if max_steps is not None else epochs * per_epoch

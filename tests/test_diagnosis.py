@@ -6,7 +6,7 @@ import torch
 
 from lora_widgets.diagnosis import error_diagnosis, format_lr, nan_diagnosis, oom_diagnosis
 from lora_widgets.lora import LoRAConfig
-from lora_widgets.trainer import TrainConfig
+from lora_widgets.train_config import TrainConfig
 from tests.helpers import tiny_llama
 
 

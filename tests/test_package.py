@@ -53,7 +53,13 @@ CORE = [
 ]
 
 
-@pytest.mark.parametrize("module", [*CORE, "trainer", "demo"])
+TRAINING = [
+    f"training/{m}"
+    for m in ("trainer", "batches", "step", "precision", "control", "ownership", "run_dir", "meter")
+]
+
+
+@pytest.mark.parametrize("module", [*CORE, "diagnosis", "atomic", *TRAINING, "demo"])
 def test_headless_layers_never_import_ui_libraries(module: str) -> None:
     path = ROOT / "lora_widgets" / f"{module}.py"
     if not path.exists():
@@ -68,11 +74,11 @@ def test_core_modules_do_not_import_the_trainer(module: str) -> None:
     path = ROOT / "lora_widgets" / f"{module}.py"
     if not path.exists():
         pytest.skip(f"{path.name} not present")
-    assert "lora_widgets.trainer" not in _imports(path)
+    assert not {n for n in _imports(path) if n.startswith("lora_widgets.training")}
 
 
 def test_importing_the_trainer_loads_no_widget_stack() -> None:
-    code = f"import sys, lora_widgets.trainer; print([m for m in {list(UI_LIBS)!r} if m in sys.modules])"
+    code = f"import sys, lora_widgets.training.trainer; print([m for m in {list(UI_LIBS)!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

@@ -25,7 +25,8 @@ from lora_widgets.events import (
     event_from_dict,
 )
 from lora_widgets.lora import LoRAConfig, has_lora, load_adapter, lora_state_dict
-from lora_widgets.trainer import TrainConfig, Trainer
+from lora_widgets.train_config import TrainConfig
+from lora_widgets.training.trainer import Trainer
 from tests.helpers import tiny_gpt2, tiny_llama
 
 

@@ -11,7 +11,8 @@ import torch
 
 from lora_widgets.events import Event, RunFailed, RunFinished, RunStopped, StateChanged, StepMetrics
 from lora_widgets.lora import LoRAConfig, load_adapter, lora_state_dict
-from lora_widgets.trainer import TrainConfig, Trainer
+from lora_widgets.train_config import TrainConfig
+from lora_widgets.training.trainer import Trainer
 from tests.helpers import tiny_llama
 
 

@@ -42,7 +42,8 @@ def test_training_task_in_a_kernel(tmp_path: Path) -> None:
 import asyncio, torch
 from tests.helpers import tiny_llama
 from lora_widgets.lora import LoRAConfig
-from lora_widgets.trainer import TrainConfig, Trainer
+from lora_widgets.train_config import TrainConfig
+from lora_widgets.training.trainer import Trainer
 cfg = TrainConfig(max_steps=100_000, batch_size=4, eval_every=None, val_fraction=0.0,
                   output_dir={str(tmp_path)!r}, device="cpu")
 t = Trainer(tiny_llama(), None, torch.randint(0, 128, (64, 32)), lora=LoRAConfig(r=4), config=cfg)

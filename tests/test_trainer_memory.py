@@ -13,7 +13,8 @@ import torch
 
 from lora_widgets.events import RunFinished
 from lora_widgets.lora import LoRAConfig
-from lora_widgets.trainer import TrainConfig, Trainer
+from lora_widgets.train_config import TrainConfig
+from lora_widgets.training.trainer import Trainer
 from tests.helpers import tiny_llama
 
 

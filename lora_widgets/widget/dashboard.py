@@ -39,7 +39,7 @@ from lora_widgets.events import (
     StepMetrics,
 )
 from lora_widgets.history import History
-from lora_widgets.lora import LoRAConfig, count_parameters, has_lora, remove_lora
+from lora_widgets.lora import LoRAConfig, count_parameters, has_lora
 from lora_widgets.widget import callouts, controls, loading, readouts
 from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
@@ -51,7 +51,7 @@ from lora_widgets.widget.static_summary import StaticSummary
 from lora_widgets.widget.throttle import FlushScheduler
 
 if TYPE_CHECKING:
-    from lora_widgets.trainer import TrainConfig
+    from lora_widgets.train_config import TrainConfig
 
 __all__ = ["DashboardPanel", "LoRADashboard", "RunRecord", "validate_settings"]
 
@@ -79,7 +79,7 @@ class LoRADashboard(VBox):
             ``None`` starts from r=8, alpha=16 on all linear layers: on the shipped model that lowers
             the demo corpus's validation loss by ~21% in 200 steps, where q,v alone manage ~4%
             (adapting every linear layer is the QLoRA paper's recommendation, Dettmers et al. 2023, sec. 4).
-        train: the starting :class:`~lora_widgets.trainer.TrainConfig`; fields without a control
+        train: the starting :class:`~lora_widgets.train_config.TrainConfig`; fields without a control
             (eval_every, output_dir, block_size, ...) are kept for every run.
 
     Display it (last line of a cell) to show it. ``start()``, ``stop()``, ``pause()``, ``resume()`` and
@@ -105,7 +105,7 @@ class LoRADashboard(VBox):
         **kwargs: Any,
     ) -> None:
         if train is None:
-            from lora_widgets.trainer import TrainConfig
+            from lora_widgets.train_config import TrainConfig
 
             train = TrainConfig()
         loading.check_arguments(kwargs, lora, train, _TRAIN_FIELDS)
@@ -317,12 +317,12 @@ class LoRADashboard(VBox):
     def _build_run(self, lora: LoRAConfig, train: Any) -> RunRecord:
         """The next run: the previous run's adapters removed, the memory pre-flight, a Trainer to drive."""
         own = None if self._adapters_given else lora  # a model's own adapters train as they are
-        if self.runs and has_lora(self.model) and own is not None:
-            remove_lora(self.model)  # the previous adapter is already saved in its run_dir
+        # The Trainer replaces adapters an earlier run made (they are saved in its run_dir), and puts them
+        # back if the new settings fail, so a bad setting never costs the user a trained adapter.
         self._callouts.put("preflight", loading.preflight_callout(self.model, own, train, self._device_type))
         factory = self._trainer_factory
         if factory is None:
-            from lora_widgets.trainer import Trainer
+            from lora_widgets.training.trainer import Trainer
 
             factory = Trainer
         trainer = factory(self.model, self.tokenizer, *self._data, lora=own, config=train)

@@ -20,7 +20,7 @@ from torch import nn
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, count_parameters
 from lora_widgets.memory import format_bytes
-from lora_widgets.schedules import lr_schedule
+from lora_widgets.schedules import lr_schedule, steps_per_epoch, total_steps
 
 __all__ = [
     "adapter_summary",
@@ -145,8 +145,8 @@ def planned_total_steps(train: Any, n_train_blocks: int | None) -> int | None:
         return int(train.max_steps)
     if not n_train_blocks:
         return None
-    per_epoch = n_train_blocks // max(1, train.batch_size * train.grad_accum_steps)
-    return max(1, per_epoch) * int(train.epochs)
+    per_epoch = steps_per_epoch(n_train_blocks, train.batch_size, train.grad_accum_steps)
+    return total_steps(None, int(train.epochs), max(1, per_epoch))
 
 
 def schedule_preview(

@@ -1,0 +1,202 @@
+"""The run directory: what a run writes, so that nothing trained is lost.
+
+Layout of ``<output_dir>/<run_id>/``::
+
+    config.json        the settings, model, device, data sizes and versions (written atomically)
+    metrics.jsonl      every event, one JSON line each, appended and flushed as it happens
+    checkpoints/       step-NNNNNN/ resumable checkpoints (see lora_widgets.checkpoint)
+    adapter/           the trained weights at the end of the run (PEFT format for LoRA)
+
+``run_id`` is ``<date>-<time>-<r8|lora|full>-lr<rate>`` (``-2``, ``-3``, ... if taken). Creating one also
+removes the temporary entries that a killed run left behind in earlier run directories.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from lora_widgets import checkpoint as ckpt
+from lora_widgets.atomic import atomic_write_json, remove_stale_temporaries
+from lora_widgets.diagnosis import format_lr
+from lora_widgets.events import EvalMetrics, Event, StepMetrics, event_from_dict
+from lora_widgets.lora import LoRAConfig, count_parameters
+from lora_widgets.train_config import TrainConfig
+from lora_widgets.training.batches import Blocks
+
+__all__ = ["RunDirectory", "config_document", "read_metrics", "run_stem"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_stem(config: TrainConfig, rank: int | None, adapters: bool) -> str:
+    """``20260101-120000-r8-lr3e-3``: when, what (LoRA rank, ``lora`` or ``full``) and the rate."""
+    tag = f"r{rank}" if rank is not None else ("lora" if adapters else "full")
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}-lr{format_lr(config.learning_rate)}"
+
+
+def _output_root(output_dir: str | os.PathLike[str]) -> Path:
+    root = Path(output_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(
+            f"TrainConfig.output_dir={str(root)!r} is a file, not a directory; set output_dir to a folder "
+            "for the run directories (e.g. 'runs')"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"TrainConfig.output_dir={str(root)!r} cannot be created ({exc.strerror or exc}); set output_dir "
+            "to a folder you can write to"
+        ) from exc
+    return root
+
+
+class RunDirectory:
+    """One run's folder: its config, its event log and the paths of its checkpoints and adapter."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.run_id = path.name
+        self._metrics: IO[str] | None = None
+
+    @classmethod
+    def create(cls, output_dir: str | os.PathLike[str], stem: str) -> RunDirectory:
+        """A new, unique run directory under ``output_dir`` (created if needed); stale temporaries of
+        killed runs there are removed first. Raises ``ValueError`` naming ``output_dir`` if it is a file or
+        cannot be written."""
+        root = _output_root(output_dir)
+        for run in root.iterdir():
+            if run.is_dir():
+                for place in (run, run / "checkpoints", run / "adapter"):
+                    for path in remove_stale_temporaries(place):
+                        logger.info("removed %s, left by a run that was killed while writing it", path)
+        for n in range(1, 10_000):
+            path = root / (stem if n == 1 else f"{stem}-{n}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot create a run directory in TrainConfig.output_dir={str(root)!r}: "
+                    f"{exc.strerror or exc}; set output_dir to a folder you can write to"
+                ) from exc
+            return cls(path)
+        raise ValueError(f"could not create a unique run directory under {str(root)!r}; clean it up")
+
+    @property
+    def adapter_dir(self) -> Path:
+        """Where the final adapter goes."""
+        return self.path / "adapter"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        """``checkpoints/step-NNNNNN`` for the checkpoint after ``step`` updates."""
+        return self.path / "checkpoints" / f"step-{step:06d}"
+
+    def save_adapter(self, model: nn.Module, base_name: str | None) -> tuple[str | None, str]:
+        """Save the trained weights to ``adapter/`` (not non-finite ones); returns (path or ``None``, a note
+        for the run's end message saying why nothing was saved)."""
+        bad = [n for n, t in ckpt.trainable_parameters(model) if not bool(torch.isfinite(t).all())]
+        if bad:
+            return None, f" The weights hold non-finite values ({bad[0]}, ...), so no adapter was saved."
+        try:
+            path = ckpt.save_trained_weights(model, self.adapter_dir, base_name)
+        except Exception as exc:  # reported in the end message and logged: the run must still end cleanly
+            logger.exception("saving the final adapter failed")
+            return (
+                None,
+                f" Saving the adapter to {str(self.adapter_dir)!r} failed: {type(exc).__name__}: {exc}.",
+            )
+        return str(path), ""
+
+    def write_config(self, document: dict[str, Any]) -> None:
+        """Write (or rewrite) ``config.json`` atomically."""
+        atomic_write_json(self.path / "config.json", document, indent=2)
+
+    def open_metrics(self) -> None:
+        """Open ``metrics.jsonl`` for appending."""
+        self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def append(self, event: Event) -> None:
+        """Append ``event`` as one JSON line and flush it (a crash loses at most the line being written).
+        A failed write (a full disk) is logged; the run goes on."""
+        if self._metrics is None:
+            return
+        try:
+            self._metrics.write(json.dumps(event.to_dict()) + "\n")
+            self._metrics.flush()
+        except OSError as exc:
+            logger.error("could not append to %s: %s", self.path / "metrics.jsonl", exc)
+
+    def close(self) -> None:
+        """Close ``metrics.jsonl``."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+def config_document(
+    *,
+    run_id: str,
+    config: TrainConfig,
+    lora: LoRAConfig | None,
+    model: nn.Module,
+    base_name: str | None,
+    device: torch.device,
+    device_name: str,
+    blocks: Blocks | None,
+    resumed_from: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """What ``config.json`` holds: enough to tell later which settings, model, data and versions ran."""
+    import lora_widgets
+
+    trainable, total = count_parameters(model)
+    return {
+        "run_id": run_id,
+        "train": config.to_dict(),
+        "lora": lora.to_dict() if lora is not None else None,
+        "model": {"class": type(model).__name__, "name_or_path": base_name},
+        "trainable_params": trainable,
+        "total_params": total,
+        "device": str(device),
+        "device_name": device_name,
+        "resumed_from": str(resumed_from) if resumed_from is not None else None,
+        "data": None
+        if blocks is None
+        else {
+            "train_blocks": int(blocks.train.shape[0]),
+            "val_blocks": int(blocks.val.shape[0]) if blocks.val is not None else 0,
+            "block_size": blocks.block_size,
+            "steps_per_epoch": blocks.steps_per_epoch,
+        },
+        "versions": {"lora_widgets": lora_widgets.__version__, "torch": torch.__version__},
+    }
+
+
+def read_metrics(checkpoint_dir: Path, up_to_step: int) -> list[StepMetrics | EvalMetrics]:
+    """The step and evaluation events of the run a checkpoint belongs to, up to its step, read from that
+    run's ``metrics.jsonl`` (empty if it is gone). A damaged line ends the reading, with a warning."""
+    metrics = checkpoint_dir.parent.parent / "metrics.jsonl"
+    events: list[StepMetrics | EvalMetrics] = []
+    if not metrics.is_file():
+        return events
+    with open(metrics, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                event = event_from_dict(json.loads(line))
+            except (ValueError, TypeError, KeyError) as exc:
+                logger.warning(
+                    "%s line %d is damaged (%s); earlier history stops there", metrics, number, exc
+                )
+                break
+            if isinstance(event, StepMetrics | EvalMetrics) and event.step <= up_to_step:
+                events.append(event)
+    return events

@@ -1,0 +1,131 @@
+"""What one optimizer update and one evaluation do, as plain functions of their inputs.
+
+Nothing here knows about threads, events or files: ``train_step`` is the body of nanoGPT's loop
+(forward, backward per micro-batch, clip, step), ``evaluate`` the mean validation loss. The loss is the
+next-token cross-entropy (Radford et al. 2018, "Improving Language Understanding by Generative
+Pre-Training", sec. 3.1, eq. 1), averaged over the predicted tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_widgets import checkpoint as ckpt
+from lora_widgets.train_config import TrainConfig
+
+__all__ = ["StepResult", "evaluate", "forward_loss", "make_optimizer", "train_step"]
+
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+@dataclass
+class StepResult:
+    """What an update reports. ``loss``/``grad_norm`` are read only when asked (reading syncs the GPU)."""
+
+    applied: bool  # the optimizer update was made
+    loss: float | None = None
+    grad_norm: float | None = None
+    bad_step: int | None = None  # first update (1-based) whose loss/gradient was NaN/inf, once seen
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization") over the trainable
+    parameters; weight decay on matrices only, not on biases and norms (as nanoGPT and transformers do)."""
+    params = ckpt.trainable_parameters(model)
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def forward_loss(
+    model: nn.Module, x: torch.Tensor, autocast: Autocast, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy of ``x`` [B, T]: the mean over the B*(T-1) predicted tokens, or their sum."""
+    kwargs: dict[str, Any] = {}
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False  # no KV cache while training
+    with autocast():
+        out = model(input_ids=x, **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out  # [B, T, V]
+    # Targets are x shifted left by one; the last position has none (-100 is ignored). Padding the
+    # targets instead of slicing the logits avoids copying the [B, T, V] logits.
+    targets = F.pad(x[:, 1:], (0, 1), value=-100)  # [B, T]
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction
+    )
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    micro_batches: Sequence[torch.Tensor],
+    *,
+    step: int,
+    lr: float,
+    max_grad_norm: float | None,
+    autocast: Autocast,
+    first_bad: torch.Tensor,
+    read: bool,
+) -> StepResult:
+    """Update number ``step`` (1-based): gradients summed over the micro-batches ``[B, T]``, clipped,
+    one optimizer step at rate ``lr``.
+
+    Non-finite check without a GPU sync on every update: ``first_bad`` (a 0-d long tensor on the device,
+    -1 until then) records the first update whose loss -- or, without fp16 loss scaling, gradient norm --
+    was NaN/inf. With ``read`` the loss, norm and marker come back in one transfer *before* the update is
+    applied, so a NaN appearing on a read update never reaches the weights (``applied=False``); one
+    appearing on an unread update is reported at the next read one (the weights are spoiled by then).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=first_bad.device)
+    for x in micro_batches:
+        loss = forward_loss(model, x, autocast) / len(micro_batches)
+        scaler.scale(loss).backward()  # loss scaling: Micikevicius et al. 2018, sec. 3.2 (off: identity)
+        loss_sum += loss.detach()
+        del loss
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    finite = torch.isfinite(loss_sum)
+    if not scaler.is_enabled():  # with fp16 scaling, overflowing gradients are routine: the scaler skips them
+        finite = finite & torch.isfinite(grad_norm)
+    first_bad.copy_(torch.where((first_bad < 0) & ~finite, step, first_bad))
+    result = StepResult(applied=False)
+    if read:
+        loss_v, norm_v, bad_v = torch.stack([loss_sum.float(), grad_norm.float(), first_bad.float()]).tolist()
+        result.loss, result.grad_norm = loss_v, norm_v
+        result.bad_step = int(bad_v) if bad_v >= 0 else None
+    if result.bad_step != step:
+        scaler.step(optimizer)  # (scaling off: optimizer.step())
+        scaler.update()
+        result.applied = True
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], autocast: Autocast) -> float:
+    """Mean next-token cross-entropy (nats) over every predicted token of ``batches`` ``[b, T]``."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        for x in batches:
+            total = total.to(x.device) + forward_loss(model, x, autocast, reduction="sum").double()
+            count += x.shape[0] * (x.shape[1] - 1)
+        return float(total.item()) / max(count, 1)
+    finally:
+        model.train(was_training)

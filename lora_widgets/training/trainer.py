@@ -1,0 +1,489 @@
+"""``Trainer``: a headless, asyncio-native training loop for LoRA (or full) fine-tuning of causal LMs.
+
+:meth:`Trainer.run` reads top to bottom as the phases of a run, nanoGPT-style::
+
+    run()                                   on the caller's event loop (a Jupyter kernel's, or asyncio.run's)
+      open the run directory                -> StateChanged("running")
+      prepare: data, seed, model, optimizer -> RunStarted
+      evaluate the base model               -> EvalMetrics(step=0)
+      loop until the last step or stop():
+        wait if paused                      -> StateChanged("paused"), StateChanged("running")
+        one update in a worker thread       forward/backward per micro-batch, clip, AdamW
+        publish                             -> StepMetrics (every log_every steps and the last)
+        evaluate when due                   -> EvalMetrics
+        checkpoint when due                 -> CheckpointSaved
+      finish: save the adapter, release     -> StateChanged(<end>), RunFinished | RunStopped | RunFailed
+
+Steps are counted one way everywhere: ``step`` is the number of optimizer updates completed (so the first
+update publishes ``StepMetrics.step == 1``). Events are published from the loop's thread only: widget
+updates sent from other threads never reach the page in Colab (googlecolab/colabtools#3373).
+
+Failures never escape as exceptions: out-of-memory (on any device), a non-finite loss, bad input (data,
+settings, ``output_dir``), a failed checkpoint write and any other error end the run with
+:class:`~lora_widgets.events.RunFailed` (reason, message, suggestions), the adapter of the last completed
+step is saved, and the model is left usable. Misuse of the API (a second concurrent ``run()``,
+``run_sync()`` inside a running loop) raises. Every event is also appended to
+``<output_dir>/<run_id>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lora_widgets import checkpoint as ckpt
+from lora_widgets.devices import describe_device, select_device
+from lora_widgets.diagnosis import Diagnosis, diagnose, nan_diagnosis
+from lora_widgets.events import (
+    CheckpointSaved,
+    EvalMetrics,
+    Event,
+    RunEnded,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    RunState,
+    RunStopped,
+    StateChanged,
+    StepMetrics,
+)
+from lora_widgets.history import History
+from lora_widgets.lora import LoRAConfig, LoRAReport, count_parameters, lora_layers
+from lora_widgets.schedules import lr_schedule as _lr_schedule
+from lora_widgets.schedules import total_steps
+from lora_widgets.train_config import TrainConfig
+from lora_widgets.training import ownership, precision
+from lora_widgets.training.batches import Blocks, eval_batches, prepare_blocks, vocab_size
+from lora_widgets.training.control import RunControl
+from lora_widgets.training.meter import Meter
+from lora_widgets.training.run_dir import RunDirectory, config_document, run_stem
+from lora_widgets.training.session import Progress, Session
+from lora_widgets.training.step import evaluate
+
+__all__ = ["Trainer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Fine-tune ``model`` on ``train_data`` as an asyncio task that streams typed events.
+
+    Args:
+        model: a causal LM returning logits (``out.logits``, ``out[0]`` or a tensor) for ``input_ids``.
+        tokenizer: needed when the data is text (a corpus name, list of strings, file, dataset).
+        train_data: ``LongTensor[n_blocks, block_size]`` of token ids, a ``data.DataSplit`` (its ``val``
+            part then serves as validation data), or any source :func:`lora_widgets.data.as_blocks`
+            accepts.
+        eval_data: validation blocks or source; ``None`` holds out ``config.val_fraction`` of the training
+            blocks (deterministically from the seed).
+        lora: a :class:`LoRAConfig` to apply adapters now (each ``run()`` re-initialises them from the
+            seed; adapters an earlier Trainer made are replaced), or ``None`` to train whatever already has
+            ``requires_grad`` (adapters you applied yourself, a PEFT model, or the whole model).
+        config: a :class:`TrainConfig`.
+
+    Raises:
+        TypeError: a wrong type of model, lora or config.
+        ValueError: the model already has adapters the Trainer did not create (with ``lora`` given), its
+            adapters are merged, nothing is trainable, or the precision does not suit the device.
+        RuntimeError: the configured device is not available, or (with ``lora`` given) another run is
+            training this model right now.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        train_data: Any = None,
+        eval_data: Any = None,
+        lora: LoRAConfig | None = None,
+        config: TrainConfig | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if lora is not None and not isinstance(lora, LoRAConfig):
+            raise TypeError(f"lora must be a LoRAConfig or None, got {type(lora).__name__}")
+        config = TrainConfig() if config is None else config
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if train_data is None:
+            raise ValueError(
+                "train_data is required: token blocks, a DataSplit, texts, a file or a corpus name"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.config = config
+        self.lora = lora
+        self.device: torch.device = select_device(config.device)
+        precision.check_precision(config.precision, self.device)
+        self.report: LoRAReport | None
+        self.report, self._owns_lora = ownership.attach_adapters(model, lora)  # checks, then changes
+
+        self.state: RunState = "idle"
+        self.history = History()
+        self.run_dir: Path | None = None
+        self.run_id: str | None = None
+        self.last_event: RunEnded | None = None
+        self._dir: RunDirectory | None = None
+        self._control = RunControl()
+        self._blocks_cache: Blocks | None = None
+        self._blocks_lock = threading.Lock()
+        self._subscribers: list[Callable[[Event], None]] = [self._record_history]
+
+    # -- public API --------------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event, on the event loop's thread, in order.
+
+        Returns a function that unsubscribes. An exception in a callback is logged and does not stop
+        the run.
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):  # already unsubscribed
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    @property
+    def running(self) -> bool:
+        """True while ``run()`` is in progress (also while paused)."""
+        return self._control.running
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer updates the run will make (prepares the data on first use; ``ValueError`` if bad)."""
+        c = self.config
+        return total_steps(c.max_steps, c.epochs, self._blocks().steps_per_epoch)
+
+    def lr_schedule(self) -> np.ndarray:
+        """Learning rate of every update ``[total_steps]``, exactly as the run will use them.
+
+        Entry ``i`` is the rate of update ``i + 1``, i.e. of the :class:`StepMetrics` with ``step == i + 1``.
+        """
+        c = self.config
+        return _lr_schedule(self.total_steps, c.learning_rate, c.warmup_steps, c.schedule)
+
+    def stop(self) -> None:
+        """Ask the run to stop; it ends after the step in progress (at most one more update).
+
+        Safe to call from any thread and when no run is in progress (then it does nothing).
+        """
+        self._control.stop()
+
+    def pause(self) -> None:
+        """Pause after the step in progress; :meth:`resume` continues. Safe from any thread."""
+        self._control.pause()
+
+    def resume(self) -> None:
+        """Continue a paused run. Safe from any thread."""
+        self._control.resume()
+
+    async def run(self, resume_from: str | os.PathLike[str] | None = None) -> RunEnded:
+        """Train to the end (or until stopped or failed) and return the final event.
+
+        ``resume_from``: a checkpoint directory (``<run_dir>/checkpoints/step-NNNNNN``); the run continues
+        from its step with its optimizer, schedule, data order and RNG state, in a new run directory.
+
+        Raises:
+            RuntimeError: this Trainer (or another one on the same model) is already running.
+        """
+        self._control.begin()
+        try:
+            with ownership.training(self.model):
+                return await self._run(resume_from)
+        finally:
+            self._control.end()
+            if self._dir is not None:
+                self._dir.close()
+
+    def run_sync(self, resume_from: str | os.PathLike[str] | None = None) -> RunEnded:
+        """Run to the end from a script (blocks). In a notebook use ``await trainer.run()`` instead."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.run(resume_from))
+        raise RuntimeError(
+            "run_sync() cannot be used while an event loop is running (as in a Jupyter cell); "
+            "use `await trainer.run()` there, or `asyncio.get_running_loop().create_task(trainer.run())` "
+            "to train in the background"
+        )
+
+    def save_adapter(self, path: str | os.PathLike[str]) -> Path:
+        """Save the trained weights now (PEFT-format adapter for LoRA). Not while a step is in flight."""
+        if self.running and self.state != "paused":
+            raise RuntimeError("the run is in progress; pause() or stop() it before saving")
+        return ckpt.save_trained_weights(self.model, path, self._base_name())
+
+    # -- the run, phase by phase ---------------------------------------------------------------------
+
+    async def _run(self, resume_from: str | os.PathLike[str] | None) -> RunEnded:
+        c, p, meter = self.config, Progress(), Meter()
+        mode = precision.ModelMode.of(self.model, c.gradient_checkpointing)
+        self.history = History()
+        run: Session | None = None
+        try:
+            self._start(resume_from)
+            run = await self._prepare(p, resume_from)
+            meter.start(p.step, c.batch_size * c.grad_accum_steps * run.blocks.block_size)
+            self._publish(self._run_started(run, p))
+            if p.step == 0:
+                await self._evaluate(run, p)  # the base model's validation loss, for comparison
+            while p.step < p.total and not self._control.stop_requested:
+                if self._control.pause_requested:
+                    await self._hold(p, meter)
+                    continue
+                p.phase = "step"
+                log = (p.step + 1) % c.log_every == 0 or p.step + 1 == p.total
+                out, usage = await self._control.in_thread(run.update, p, log)
+                if out.bad_step is not None:
+                    p.failure = nan_diagnosis(out.bad_step, not out.applied, config=c, total_steps=p.total)
+                    break
+                if log:
+                    self._publish(run.step_metrics(p, out, usage, meter.lap(p.step, p.total)))
+                if c.eval_every is not None and p.step % c.eval_every == 0:
+                    await self._evaluate(run, p)
+                if c.checkpoint_every is not None and p.step % c.checkpoint_every == 0:
+                    await self._checkpoint(run, p)
+            # a run that ended normally: a closing evaluation and checkpoint, unless just done
+            if p.failure is None and not self._control.stop_requested and p.evaluated_at != p.step:
+                await self._evaluate(run, p)
+            if (
+                p.failure is None
+                and c.checkpoint_every is not None
+                and p.step not in (p.start_step, p.checkpointed_at)
+            ):
+                await self._checkpoint(run, p)
+        except asyncio.CancelledError:
+            p.cancelled = True
+        except Exception as exc:
+            p.failure = self._diagnose(exc, p, run)
+        adapter, note = await self._save_final(run, p)
+        run = None  # drops the optimizer state, the scaler and the batch order before memory is released
+        mode.restore(self.model)
+        precision.release_memory(self.device, collect=p.failure is not None or p.cancelled)
+        end = self._end(p, meter, adapter, note)
+        if p.cancelled:
+            raise asyncio.CancelledError
+        return end
+
+    def _start(self, resume_from: str | os.PathLike[str] | None) -> None:
+        """Open the run directory, then say "running" at once (so a UI shows the click was taken; it is
+        the first line of metrics.jsonl). A bad ``output_dir`` raises after "running", as other bad input."""
+        try:
+            self._open_run_dir(resume_from)
+        finally:
+            self._publish(StateChanged("running", 0))
+
+    def _open_run_dir(self, resume_from: str | os.PathLike[str] | None) -> None:
+        self.run_dir, self.run_id, self._dir = None, None, None
+        rank = self.report.config.r if self.report is not None and self.report.config is not None else None
+        if rank is None and lora_layers(self.model):
+            rank = next(iter(lora_layers(self.model).values())).r
+        stem = run_stem(self.config, rank, adapters=self.report is not None)
+        self._dir = RunDirectory.create(self.config.output_dir, stem)
+        self.run_dir, self.run_id = self._dir.path, self._dir.run_id
+        self._write_config(None, resume_from)
+        self._dir.open_metrics()
+
+    async def _prepare(self, p: Progress, resume_from: str | os.PathLike[str] | None) -> Session:
+        """Data (bad input ends the run here), then seed, adapters, model, optimizer and checkpoint."""
+        p.phase = "data"
+        blocks = await self._control.in_thread(self._blocks)
+        self._write_config(blocks, resume_from)
+        p.phase = "setup"
+        run = await self._control.in_thread(
+            Session.open,
+            self.model,
+            self.config,
+            self.device,
+            blocks,
+            p,
+            adapters=self.report is not None,
+            fresh_adapters=self._owns_lora,
+            resume_from=resume_from,
+        )
+        for event in run.earlier:  # a resumed run's plots show the whole curve
+            self._record_history(event)
+        c = self.config
+        p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
+        return run
+
+    async def _hold(self, p: Progress, meter: Meter) -> None:
+        """Paused: publish it, wait for resume() or stop(), and leave the pause out of the clock."""
+        self._publish(StateChanged("paused", p.step))
+        meter.paused(await self._control.wait_while_paused())
+        if not self._control.stop_requested:
+            self._publish(StateChanged("running", p.step))
+
+    async def _evaluate(self, run: Session, p: Progress) -> None:
+        val = run.blocks.val
+        if val is None:
+            return
+        p.phase = "eval"
+        c = self.config
+        batches = eval_batches(val, c.batch_size, c.eval_batches, self.device)
+        val_loss = await self._control.in_thread(evaluate, self.model, batches, run.autocast)
+        p.evaluated_at = p.step
+        if math.isfinite(val_loss):
+            p.best_val = val_loss if p.best_val is None else min(p.best_val, val_loss)
+        ppl = math.exp(val_loss) if val_loss < 700 else math.inf
+        self._publish(EvalMetrics(p.step, val_loss, ppl, p.best_val if p.best_val is not None else val_loss))
+
+    async def _checkpoint(self, run: Session, p: Progress) -> None:
+        assert self._dir is not None
+        p.phase = "checkpoint"
+        extra = run.checkpoint_extra(
+            p.step, self.lora.to_dict() if self.lora is not None else None, self.run_id
+        )
+        path = await self._control.in_thread(
+            ckpt.save_checkpoint,
+            self._dir.checkpoint_dir(p.step),
+            self.model,
+            run.optimizer,
+            p.step,
+            extra,
+            run.scaler,
+        )
+        p.checkpointed_at = p.step
+        self._publish(CheckpointSaved(p.step, str(path)))
+
+    async def _save_final(self, run: Session | None, p: Progress) -> tuple[str | None, str]:
+        """Save the trained weights to ``run_dir/adapter`` however the run ended (not if nothing trained
+        or the weights are non-finite); returns (path, a note for the end message)."""
+        if run is None or self._dir is None:
+            return None, ""
+        try:
+            return await asyncio.shield(
+                asyncio.to_thread(self._dir.save_adapter, self.model, self._base_name())
+            )
+        except asyncio.CancelledError:
+            p.cancelled = True
+            return None, " The run was cancelled while its adapter was being saved."
+
+    def _end(self, p: Progress, meter: Meter, adapter: str | None, note: str) -> RunEnded:
+        """Publish the end state and the terminal event; remember it as :attr:`last_event`."""
+        base: dict[str, Any] = {
+            "step": p.step,
+            "elapsed_s": meter.elapsed(),
+            "final_loss": p.last_loss,
+            "best_val_loss": p.best_val,
+            "adapter_path": adapter,
+        }
+        end: RunEnded
+        if p.failure is not None:
+            self._publish(StateChanged("failed", p.step))
+            f = p.failure
+            end = RunFailed(
+                **base,
+                message=f.message + note,
+                reason=f.reason,
+                error_type=f.error_type,
+                suggestions=tuple(f.suggestions),
+            )
+        elif p.cancelled or p.step < p.total:  # a stop() that arrives after the last step changes nothing
+            self._publish(StateChanged("stopped", p.step))
+            why = "cancelled" if p.cancelled else "stopped by the user"
+            end = RunStopped(**base, message=f"Run {why} after step {p.step}.{note}")
+        else:
+            self._publish(StateChanged("finished", p.step))
+            end = RunFinished(**base, message=f"Finished {p.step} steps in {meter.elapsed():.1f} s.{note}")
+        self._publish(end)
+        self.last_event = end
+        return end
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _publish(self, event: Event) -> None:
+        """Record ``event`` (state, metrics.jsonl) and hand it to every subscriber, in order."""
+        if isinstance(event, StateChanged):
+            self.state = event.state
+        if self._dir is not None:
+            self._dir.append(event)
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("a Trainer subscriber raised on %s; the run continues", event.kind)
+
+    def _record_history(self, event: Event) -> None:
+        """The first subscriber: the one place that feeds :attr:`history`."""
+        if isinstance(event, StepMetrics | EvalMetrics):
+            self.history.append(event)
+
+    def _diagnose(self, exc: Exception, p: Progress, run: Session | None) -> Diagnosis:
+        failure = diagnose(
+            exc,
+            p.step,
+            p.phase,
+            config=self.config,
+            device=self.device,
+            model=self.model,
+            lora=self.report.config if self.report is not None else None,
+            seq_len=run.blocks.block_size if run is not None else self.config.block_size,
+            checkpoint=self._dir.checkpoint_dir(p.step) if self._dir is not None else None,
+        )
+        if failure.reason == "error":
+            logger.error("the run failed %s", failure.message, exc_info=exc)
+        return failure
+
+    def _blocks(self) -> Blocks:
+        with self._blocks_lock:
+            if self._blocks_cache is None:
+                self._blocks_cache = prepare_blocks(
+                    self.train_data, self.eval_data, self.tokenizer, self.config, vocab_size(self.model)
+                )
+            return self._blocks_cache
+
+    def _run_started(self, run: Session, p: Progress) -> RunStarted:
+        assert self.run_id is not None and self.run_dir is not None
+        c = self.config
+        trainable, total_params = count_parameters(self.model)
+        return RunStarted(
+            run_id=self.run_id,
+            run_dir=str(self.run_dir),
+            config=c.to_dict(),
+            lora=self.lora.to_dict() if self.lora is not None else None,
+            device=str(self.device),
+            device_name=describe_device(self.device),
+            trainable_params=trainable,
+            total_params=total_params,
+            total_steps=p.total,
+            tokens_per_step=c.batch_size * c.grad_accum_steps * run.blocks.block_size,
+            time=time.time(),
+        )
+
+    def _write_config(self, blocks: Blocks | None, resume_from: str | os.PathLike[str] | None) -> None:
+        assert self._dir is not None
+        doc = config_document(
+            run_id=self._dir.run_id,
+            config=self.config,
+            lora=self.lora,
+            model=self.model,
+            base_name=self._base_name(),
+            device=self.device,
+            device_name=describe_device(self.device),
+            blocks=blocks,
+            resumed_from=resume_from,
+        )
+        self._dir.write_config(doc)
+
+    def _base_name(self) -> str | None:
+        name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        return str(name) if name else None
