@@ -68,13 +68,14 @@ def _peft_adapter(name: str, module: nn.Module) -> _Adapter | None:
     if not active or not isinstance(getattr(base, "weight", None), torch.Tensor):
         return None
     key = active[0]
-    a, b = lora_a[key].weight, lora_b[key].weight
+    a: torch.Tensor = lora_a[key].weight  # type: ignore[assignment]  # [r, d_in]
+    b: torch.Tensor = lora_b[key].weight  # type: ignore[assignment]  # [d_out, r]
     scaling = float(module.scaling[key])  # type: ignore[index]
     merged = bool(getattr(module, "merged", False))
     delta = (b.float() @ a.float()) * scaling if merged else None  # [d_out, d_in]
     if delta is not None and getattr(module, "fan_in_fan_out", False):
         delta = delta.T
-    return _Adapter(name, a, b, scaling, base.weight, delta)  # type: ignore[union-attr,arg-type]
+    return _Adapter(name, a, b, scaling, base.weight, delta)  # type: ignore[union-attr]
 
 
 def _adapters(model: nn.Module) -> list[_Adapter]:
@@ -138,7 +139,9 @@ class AdapterSnapshot:
 @torch.no_grad()
 def snapshot_adapters(model: nn.Module) -> AdapterSnapshot:
     """Copy A and B of every LoRA layer (call it just before ``optimizer.step()``)."""
-    return AdapterSnapshot({ad.name: (ad.a.detach().clone(), ad.b.detach().clone()) for ad in _adapters(model)})
+    return AdapterSnapshot(
+        {ad.name: (ad.a.detach().clone(), ad.b.detach().clone()) for ad in _adapters(model)}
+    )
 
 
 def _layer_index(name: str) -> int | None:
