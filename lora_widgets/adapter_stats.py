@@ -116,13 +116,19 @@ def lowrank_singular_values(b: torch.Tensor, a: torch.Tensor, scaling: float = 1
         b: ``[..., d_out, r]``; a: ``[..., r, d_in]``; computed in float32 (or float64 if given float64).
     """
     dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    r_b = torch.linalg.qr(b.to(dtype), mode="r").R  # [..., r, r]
-    r_a = torch.linalg.qr(a.to(dtype).mT, mode="r").R  # [..., r, r]
-    return torch.linalg.svdvals((r_b @ r_a.mT) * scaling)  # [..., r]
+    b, a = b.to(dtype), a.to(dtype)
+    # A diverged run has NaN/inf factors; the SVD refuses them, so those matrices get NaN singular values.
+    bad = ~(torch.isfinite(b).flatten(-2).all(-1) & torch.isfinite(a).flatten(-2).all(-1))  # [...]
+    b, a = b.masked_fill(bad[..., None, None], 0.0), a.masked_fill(bad[..., None, None], 0.0)
+    r_b = torch.linalg.qr(b, mode="r").R  # [..., r, r]
+    r_a = torch.linalg.qr(a.mT, mode="r").R  # [..., r, r]
+    sv = torch.linalg.svdvals((r_b @ r_a.mT) * scaling)  # [..., r]
+    return sv.masked_fill(bad[..., None], math.nan)
 
 
 def _lowrank_fro(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """||u @ v||_F for u [..., d_out, k], v [..., k, d_in] through the same QR identity (no d_out x d_in product)."""
+    """||u @ v||_F for u [..., d_out, k], v [..., k, d_in] through the same QR identity (no d_out x d_in product).
+    Non-finite inputs give NaN (QR propagates them; only the SVD refuses them)."""
     r_u = torch.linalg.qr(u, mode="r").R  # [..., k, k]
     r_v = torch.linalg.qr(v.mT, mode="r").R  # [..., k, k]
     return torch.linalg.matrix_norm(r_u @ r_v.mT)  # [...]
