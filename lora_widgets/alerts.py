@@ -235,9 +235,16 @@ def update_ratio_alert(
     """Median ``update_ratio`` over layers below ``low`` (learning rate likely too low) or above ``high`` (likely
     too high); thresholds and the measurements behind them: :data:`UPDATE_RATIO_LOW`. Needs stats taken with a
     snapshot (``adapter_stats(..., before=...)``); call it only while the rate is near its peak (the monitor
-    does so), since a schedule's warm-up and decay shrink every step by design."""
+    does so), since a schedule's warm-up and decay shrink every step by design. Layers that got no gradient are
+    left out (:func:`no_gradient_alert` speaks for them)."""
     ratios = [
-        x.update_ratio for x in stats.layers if x.update_ratio is not None and math.isfinite(x.update_ratio)
+        x.update_ratio
+        for x in stats.layers
+        if x.update_ratio is not None
+        and math.isfinite(x.update_ratio)
+        and not (
+            stats.after_backward and not (x.a_grad_norm or x.b_grad_norm)
+        )  # no gradient: not the rate's fault
     ]
     if not ratios:
         return None
