@@ -136,6 +136,7 @@ def test_stats_leave_the_model_and_its_gradients_untouched() -> None:
     assert all(torch.equal(g, dict(model.named_parameters())[n].grad) for n, g in grads.items())
 
 
+@torch.no_grad()
 def test_bfloat16_training_dtype_is_measured_in_float32() -> None:
     model = _adapted(tiny_llama).to(torch.bfloat16)
     stats = adapter_stats(model, 0)
@@ -158,6 +159,7 @@ def test_merged_adapters_are_measured_against_the_frozen_weight() -> None:
         assert b.weight_norm == pytest.approx(a.weight_norm, rel=1e-4)
 
 
+@torch.no_grad()
 def test_peft_layers_are_measured_too() -> None:
     peft = pytest.importorskip("peft")
     model = tiny_llama()
@@ -253,3 +255,17 @@ def test_loss_is_unaffected_by_measuring() -> None:
             opt.zero_grad(set_to_none=True)
         runs.append(model(input_ids=x).logits.detach())
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stats_on_cuda_equal_those_on_cpu() -> None:
+    model = _adapted(tiny_llama)
+    x = patterned_batch()
+    model(input_ids=x, labels=x).loss.backward()
+    on_cpu = adapter_stats(model, 1, before=snapshot_adapters(model), after_backward=True)
+    model.to("cuda")
+    on_gpu = adapter_stats(model, 1, before=snapshot_adapters(model), after_backward=True)
+    for a, b in zip(on_cpu.layers, on_gpu.layers, strict=True):
+        assert b.delta_norm == pytest.approx(a.delta_norm, rel=1e-4)
+        assert b.singular_values == pytest.approx(a.singular_values, rel=1e-4, abs=1e-6)
+        assert b.b_grad_norm == pytest.approx(a.b_grad_norm, rel=1e-4)
