@@ -228,7 +228,7 @@ def test_non_finite_numbers_survive_json() -> None:
 
 
 def test_clear_errors() -> None:
-    with pytest.raises(ValueError, match="no LoRA layers.*apply_lora"):
+    with pytest.raises(ValueError, match=r"no LoRA layers.*apply_lora"):
         adapter_stats(tiny_llama(), 0)
     model = _adapted(tiny_llama)
     with pytest.raises(ValueError, match="step must be an integer >= 0"):

@@ -40,7 +40,7 @@ class _Run:
     alerts: list[Alert] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
 
-    def keys(self) -> list[str]:
+    def seen(self) -> list[str]:
         return [a.key for a in self.alerts]
 
     def first(self, key: str) -> Alert:
@@ -105,8 +105,8 @@ def test_seed_bug_lora_not_in_forward_is_flagged_at_the_first_evaluation() -> No
     assert alert.step is not None and alert.step <= 2  # the first evaluation after step 0 is at step 2
     assert alert.severity == "danger" and alert.title == "No adapter receives a gradient"
     assert "6 of 6" in alert.evidence and "apply_lora" in alert.fix
-    assert run.keys().count("no_gradient") == 1  # never repeated
-    assert run.keys() == ["no_gradient"]  # the cause, said once: not also "B zero" or "learning rate too low"
+    assert run.seen().count("no_gradient") == 1  # never repeated
+    assert run.seen() == ["no_gradient"]  # the cause, said once: not also "B zero" or "learning rate too low"
 
 
 def test_healthy_run_raises_nothing() -> None:
@@ -156,8 +156,8 @@ def test_reentrant_checkpointing_without_input_grads_is_flagged() -> None:
     alert = run.first("no_gradient")
     assert alert.step == 1 and "4 of 4" in alert.evidence and "enable_input_require_grads" in alert.fix
     # Non-reentrant checkpoints (transformers' default) and the default input-grads hook both train the adapters.
-    assert "no_gradient" not in _train(_checkpointed(use_reentrant=False, input_grads=False), 3e-3, 2).keys()
-    assert "no_gradient" not in _train(_checkpointed(use_reentrant=True, input_grads=True), 3e-3, 2).keys()
+    assert "no_gradient" not in _train(_checkpointed(use_reentrant=False, input_grads=False), 3e-3, 2).seen()
+    assert "no_gradient" not in _train(_checkpointed(use_reentrant=True, input_grads=True), 3e-3, 2).seen()
 
 
 def test_b_still_zero_after_steps_with_learning_rate_zero() -> None:
@@ -167,7 +167,7 @@ def test_b_still_zero_after_steps_with_learning_rate_zero() -> None:
     alert = run.first("b_zero")
     assert alert.step == 2  # step 1 may legitimately use rate 0 (warm-up); step 2 may not
     assert "4 of 4" in alert.evidence and "learning rate 0" in alert.evidence
-    assert "no_gradient" not in run.keys()  # the gradients do arrive
+    assert "no_gradient" not in run.seen()  # the gradients do arrive
     # ... and the validation loss, exactly constant, is called flat after 3 evaluations without improvement
     assert run.first("val_flat").step == 3
 
@@ -202,7 +202,7 @@ def test_update_ratio_flags_a_learning_rate_far_off(lr: float, key: str, bound: 
         alert.step == 1 and f"{bound:.0e}" in alert.evidence and f"learning rate {lr:.3g}" in alert.evidence
     )
     other = "lr_too_high" if key == "lr_too_low" else "lr_too_low"
-    assert other not in run.keys()
+    assert other not in run.seen()
 
 
 def _stats(step: int, ratio: float, lr: float | None) -> AdapterStats:

@@ -135,7 +135,7 @@ def test_clear_errors(shipped) -> None:  # type: ignore[no-untyped-def]
         generate_samples(model, tokenizer, "def", step=0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         generate_samples(model, tokenizer, ["ok", []], step=0)
-    with pytest.raises(ValueError, match="max_new_tokens must be an int in 1..1024"):
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an int in 1\.\.1024"):
         generate_samples(model, tokenizer, ["ok"], step=0, max_new_tokens=0)
     from lora_widgets import demo
 
