@@ -17,6 +17,19 @@ key                    evidence
 ``lr_too_low``         the last update moved the adapted weights by less than :data:`UPDATE_RATIO_LOW` of their norm
 ``lr_too_high``        ... or by more than :data:`UPDATE_RATIO_HIGH`
 =====================  ==========================================================================================
+
+Where the evidence comes from, in a training loop (gradients exist only between ``backward()`` and
+``zero_grad()``, so the statistics are taken there, on the first update and at every evaluation)::
+
+    monitor = AlertMonitor(peak_learning_rate=config.learning_rate)
+    loss.backward(); clip_grad_norm_(params, max_norm)
+    snap = snapshot_adapters(model) if measure else None       # measure: step == 1 or an evaluation step
+    optimizer.step()
+    if measure:
+        publish(adapter_stats(model, step, before=snap, after_backward=True, learning_rate=lr))
+    optimizer.zero_grad(set_to_none=True)
+    ...
+    for event in published_events: alerts = monitor.feed(event)   # new alerts only, each once per run
 """
 
 from __future__ import annotations
