@@ -128,10 +128,12 @@ def generate_samples(
         max_new_tokens: generation length bound (1 .. 1024).
         eot_token_id: end-of-turn token (e.g. ``<|im_end|>``'s id): generation stops there and the record says
             whether each answer ended with it. Generation always stops at the tokenizer's EOS.
-        reuse_base: an earlier record for the same prompts and ``max_new_tokens``: its base answers are reused.
+        reuse_base: an earlier record for the same prompts and ``max_new_tokens`` (and ``eot_token_id``): its base
+            answers are reused.
 
     Raises:
-        ValueError: bad prompts or ``max_new_tokens``; a model without adapters, or with merged adapters.
+        ValueError: bad prompts, ``max_new_tokens``, ``eot_token_id`` or ``step``; a model without adapters, or
+            with merged adapters.
     """
     if (
         isinstance(max_new_tokens, bool)
@@ -139,6 +141,12 @@ def generate_samples(
         or not 1 <= max_new_tokens <= 1024
     ):
         raise ValueError(f"max_new_tokens must be an int in 1..1024, got {max_new_tokens!r}")
+    if eot_token_id is not None and (
+        isinstance(eot_token_id, bool) or not isinstance(eot_token_id, int) or eot_token_id < 0
+    ):
+        raise ValueError(f"eot_token_id must be a token id (int >= 0) or None, got {eot_token_id!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0 (updates completed), got {step!r}")
     layers = lora_layers(model)
     if not layers:
         raise ValueError(

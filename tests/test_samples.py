@@ -137,6 +137,10 @@ def test_clear_errors(shipped) -> None:  # type: ignore[no-untyped-def]
         generate_samples(model, tokenizer, ["ok", []], step=0)
     with pytest.raises(ValueError, match=r"max_new_tokens must be an int in 1\.\.1024"):
         generate_samples(model, tokenizer, ["ok"], step=0, max_new_tokens=0)
+    with pytest.raises(ValueError, match="eot_token_id must be a token id"):
+        generate_samples(model, tokenizer, ["ok"], step=0, eot_token_id="<|im_end|>")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="step must be an integer >= 0"):
+        generate_samples(model, tokenizer, ["ok"], step=-1)
     from lora_widgets import demo
 
     bare, _ = demo.load_base_model()
