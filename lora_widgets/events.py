@@ -166,6 +166,90 @@ class RunFailed(RunEnded):
     suggestions: tuple[str, ...] = field(default_factory=tuple)
 
 
+# -- issue 14: adapter statistics and sample generations (lora_widgets.adapter_stats, lora_widgets.samples) --
+
+
+def _nested(value: Any) -> Any:
+    """Undo JSON for a nested record: lists back to tuples, 'nan'/'inf' strings back to floats."""
+    if isinstance(value, list):
+        return tuple(_nested(v) for v in value)
+    return _from_json(value)
+
+
+@dataclass(frozen=True)
+class AdapterLayerStats:
+    """One LoRA layer at a step: ``||dW||_F / ||W||_F`` with ``dW = scaling * B A``, the factors' norms, their
+    gradient norms (None: no ``.grad``), ``dW``'s singular values (descending) and the last update's size
+    ``||dW_t - dW_(t-1)||_F / ||W||_F`` (None: not measured). ``layer``: block index; ``module``: its kind."""
+
+    name: str
+    layer: int | None
+    module: str
+    rank: int
+    scaling: float
+    weight_norm: float
+    delta_norm: float
+    relative_update: float
+    a_norm: float
+    b_norm: float
+    a_grad_norm: float | None
+    b_grad_norm: float | None
+    singular_values: tuple[float, ...]
+    update_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name not in ("name", "module"):
+                object.__setattr__(self, f.name, _nested(getattr(self, f.name)))
+
+
+@dataclass(frozen=True)
+class AdapterStats(_EventBase):
+    """Statistics of every LoRA layer after ``step`` updates. ``after_backward``: taken between ``backward()``
+    and ``zero_grad()``, so a missing gradient means none flowed; ``learning_rate``: of the last update."""
+
+    kind: ClassVar[str] = "adapter_stats"
+    step: int
+    layers: tuple[AdapterLayerStats, ...]
+    after_backward: bool = False
+    learning_rate: float | None = None
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        rows = tuple(r if isinstance(r, AdapterLayerStats) else AdapterLayerStats(**r) for r in self.layers)
+        object.__setattr__(self, "layers", rows)
+
+
+@dataclass(frozen=True)
+class SamplePair:
+    """One prompt's greedy answers from the base model (adapters off) and the current adapter. ``*_ended``:
+    whether the answer ended with the end-of-turn token (None when no such token was given)."""
+
+    prompt: str
+    base: str
+    current: str
+    base_ended: bool | None = None
+    current_ended: bool | None = None
+
+
+@dataclass(frozen=True)
+class SampleGenerations(_EventBase):
+    """Sample answers at ``step`` and their cost in seconds (``base_reused``: base answers of an earlier
+    record were reused, greedy decoding of a frozen base being deterministic)."""
+
+    kind: ClassVar[str] = "samples"
+    step: int
+    samples: tuple[SamplePair, ...]
+    max_new_tokens: int
+    base_seconds: float
+    current_seconds: float
+    base_reused: bool = False
+
+    def __post_init__(self) -> None:
+        rows = tuple(s if isinstance(s, SamplePair) else SamplePair(**s) for s in self.samples)
+        object.__setattr__(self, "samples", rows)
+
+
 Event = Union[  # noqa: UP007 - a runtime alias, kept readable on Python 3.10
     RunStarted,
     StepMetrics,
@@ -175,6 +259,8 @@ Event = Union[  # noqa: UP007 - a runtime alias, kept readable on Python 3.10
     RunFinished,
     RunStopped,
     RunFailed,
+    AdapterStats,
+    SampleGenerations,
 ]
 
 _BY_KIND: dict[str, type[_EventBase]] = {
@@ -188,6 +274,8 @@ _BY_KIND: dict[str, type[_EventBase]] = {
         RunFinished,
         RunStopped,
         RunFailed,
+        AdapterStats,
+        SampleGenerations,
     )
 }
 
