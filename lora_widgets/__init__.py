@@ -64,14 +64,14 @@ _EXPORTS: dict[str, str] = {
     "Trainer": "trainer",
     "History": "history",
     # memory
-    "estimate_memory": "memory",
-    "measure_memory": "memory",
-    "MemoryEstimate": "memory",
-    "known_models": "memory",
+    "estimate_memory": "memory_estimate",
+    "measure_memory": "memory_measure",
+    "MemoryEstimate": "memory_estimate",
+    "known_models": "memory_arch",
     "preflight": "memory",
     "suggest_fit": "memory",
     "PreflightResult": "memory",
-    "MemoryMeasurement": "memory",
+    "MemoryMeasurement": "memory_measure",
     # widgets (import anywidget/bqplot only when used)
     "LoRADashboard": "widget",
     "MemoryPlanner": "widget",
@@ -106,16 +106,10 @@ if TYPE_CHECKING:
         unmerge_lora,
     )
     from lora_widgets.lora_config import LoRAConfig
-    from lora_widgets.memory import (
-        MemoryEstimate,
-        MemoryMeasurement,
-        PreflightResult,
-        estimate_memory,
-        known_models,
-        measure_memory,
-        preflight,
-        suggest_fit,
-    )
+    from lora_widgets.memory import PreflightResult, preflight, suggest_fit
+    from lora_widgets.memory_arch import known_models
+    from lora_widgets.memory_estimate import MemoryEstimate, estimate_memory
+    from lora_widgets.memory_measure import MemoryMeasurement, measure_memory
     from lora_widgets.peft_format import load_adapter, lora_state_dict, save_adapter
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lora_widgets.lora import LoRAConfig, apply_lora
+from lora_widgets.lora import LoRAConfig, apply_lora, as_lora_config
 from lora_widgets.memory_arch import parse_dtype, resolve_config
 
 __all__ = ["LiveBytesTracker", "MemoryMeasurement", "measure_memory", "resolve_device", "storage_bytes"]
@@ -111,8 +111,13 @@ class LiveBytesTracker(TorchDispatchMode):
         return out
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``None``/"cpu" -> CPU; "auto" -> the first GPU if there is one (CUDA, then MPS), else the CPU."""
+def resolve_device(device: torch.device | str | None, present: bool = True) -> torch.device:
+    """``None``/"cpu" -> CPU; "auto" -> the first GPU if there is one (CUDA, then MPS), else the CPU.
+
+    With ``present`` (the default), a GPU that this torch build or machine does not have (``"cuda"`` on a
+    CPU-only build, ``"cuda:3"`` on a one-GPU machine, ``"mps"`` off a Mac) is refused here, naming the
+    value, rather than failing later; ``present=False`` only parses the name (planning for another machine).
+    """
     if device is None:
         return torch.device("cpu")
     if isinstance(device, str) and device.lower() == "auto":
@@ -122,11 +127,29 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(
             f"device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', 'auto' or None"
         ) from exc
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r} is not supported here; use 'cpu', 'cuda', 'mps' or 'auto'")
+    if not present:
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device={device!r}: this torch build or machine has no CUDA GPU (torch {torch.__version__}); "
+                "use device='cpu' or 'auto'"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device={device!r}: there are {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1}); pick one of them"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}: Apple MPS is not available here; use device='cpu' or 'auto'")
+    return dev
 
 
 def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
@@ -180,8 +203,12 @@ def measure_memory(
     """
     torch_dtype = parse_dtype(dtype)
     w_dtype = torch_dtype if weight_dtype is None else parse_dtype(weight_dtype)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got steps={steps!r}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    if not isinstance(gradient_checkpointing, bool):
+        raise ValueError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
+    lora = None if lora is None else as_lora_config(lora, "lora")
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     if cuda:  # only what this measurement allocates counts (not the caller's own tensors on the GPU)
