@@ -53,6 +53,8 @@ from lora_widgets.lora_config import (
     adaptable_modules,
     as_lora_config,
     check_hparams,
+    check_model,
+    in_out_features,
     is_adaptable,
     lora_scaling,
     resolve_targets,
@@ -85,30 +87,9 @@ __all__ = [
 ]
 
 
-def check_model(model: Any, function: str) -> nn.Module:
-    """``model`` if it is a torch module, else a ``TypeError`` naming ``function`` and the value."""
-    if not isinstance(model, nn.Module):
-        text = repr(model)
-        text = text if len(text) <= 60 else text[:57] + "..."
-        raise TypeError(
-            f"{function}: model must be a torch.nn.Module, got {type(model).__name__} {text}; load the model "
-            "first (e.g. transformers.AutoModelForCausalLM.from_pretrained(...) or lora_widgets.load_model(...))"
-        )
-    return model
-
-
 # ----------------------------------------------------------------------------------------------
 # The layer
 # ----------------------------------------------------------------------------------------------
-
-
-def in_out_features(layer: nn.Module) -> tuple[int, int]:
-    """(in, out) features of an ``nn.Linear`` or transformers ``Conv1D``."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    # transformers Conv1D: weight is [in, out]
-    weight: torch.Tensor = layer.weight  # type: ignore[assignment]
-    return int(weight.shape[0]), int(weight.shape[1])
 
 
 class LoRALinear(nn.Module):
@@ -373,11 +354,30 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
         for p in model.parameters():
             p.requires_grad_(False)
         _swap_modules(model, wrappers)
-    except BaseException:
+    except BaseException as exc:
         _set_flags(model, flags)  # the wrappers froze their base layers; the tree was restored by the swap
+        _raise_if_out_of_memory(exc, model, matched, config)
         raise
     trainable, total = count_parameters(model)
     return LoRAReport(matched=matched, trainable_params=trainable, total_params=total, config=config)
+
+
+def _raise_if_out_of_memory(
+    exc: BaseException, model: nn.Module, matched: list[str], config: LoRAConfig
+) -> None:
+    """An allocation failure while creating the adapters, restated with the rank and the bytes it needed."""
+    cpu_alloc = isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    if not (cpu_alloc or isinstance(exc, MemoryError | torch.OutOfMemoryError)):
+        return
+    elements = sum(config.r * sum(in_out_features(model.get_submodule(n))) for n in matched)
+    itemsize = next((p.element_size() for p in model.parameters()), 4)
+    message = (
+        f"apply_lora: not enough memory for the adapters at r={config.r}: A and B of {len(matched)} layers "
+        f"need {elements * itemsize:,} bytes. The model is unchanged; use a smaller r (typically 4 to 64)"
+    )
+    raise (
+        torch.OutOfMemoryError(message) if isinstance(exc, torch.OutOfMemoryError) else MemoryError(message)
+    ) from exc
 
 
 def _unwrap(model: nn.Module, layers: dict[str, LoRALinear], merge: bool) -> nn.Module:

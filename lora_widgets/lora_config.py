@@ -1,9 +1,10 @@
 """LoRA settings: what to adapt and how, the one scaling rule, and the exact conversion of a PEFT config.
 
-Split from :mod:`lora_widgets.lora` (the layer and model surgery) so each module keeps one job; every name
-here is re-exported there. The scaling rule (:func:`lora_scaling`) and the checks of r, alpha, dropout and
-use_rslora (:func:`check_hparams`) are written once and used by :class:`LoRAConfig`,
-:class:`~lora_widgets.lora.LoRALinear`, the PEFT file format and the memory estimator alike.
+Split from :mod:`lora_widgets.lora` (the layer and model surgery) so each module keeps one job; the public
+names here are re-exported there. The scaling rule (:func:`lora_scaling`) and the checks of r, alpha,
+dropout and use_rslora (:func:`check_hparams`) are written once and used by :class:`LoRAConfig`,
+:class:`~lora_widgets.lora.LoRALinear`, the PEFT file format and the memory estimator alike. The end of the
+module says what ``target_modules`` selects in a model (PEFT's rules) and checks that a model is a model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: y = x @ W + b with W stored as [in, out]
 
@@ -24,6 +26,8 @@ __all__ = [
     "adaptable_modules",
     "as_lora_config",
     "check_hparams",
+    "check_model",
+    "in_out_features",
     "is_adaptable",
     "lora_scaling",
     "resolve_targets",
@@ -284,6 +288,27 @@ def as_lora_config(value: Any, argument: str = "config") -> LoRAConfig:
 # ----------------------------------------------------------------------------------------------
 # What target_modules selects
 # ----------------------------------------------------------------------------------------------
+
+
+def in_out_features(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) features of an ``nn.Linear`` or transformers ``Conv1D``."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    # transformers Conv1D: weight is [in, out]
+    weight: torch.Tensor = layer.weight  # type: ignore[assignment]
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def check_model(model: Any, function: str) -> nn.Module:
+    """``model`` if it is a torch module, else a ``TypeError`` naming ``function`` and the value."""
+    if not isinstance(model, nn.Module):
+        text = repr(model)
+        text = text if len(text) <= 60 else text[:57] + "..."
+        raise TypeError(
+            f"{function}: model must be a torch.nn.Module, got {type(model).__name__} {text}; load the model "
+            "first (e.g. transformers.AutoModelForCausalLM.from_pretrained(...) or lora_widgets.load_model(...))"
+        )
+    return model
 
 
 def is_adaptable(module: nn.Module) -> bool:
