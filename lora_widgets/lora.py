@@ -302,8 +302,10 @@ def _set_flags(model: nn.Module, flags: Mapping[str, bool]) -> None:
             p.requires_grad_(flags[n])
 
 
-def _merge_all(layers: Iterable[LoRALinear], merge: bool) -> None:
-    """Merge (or unmerge) every layer, all or none: a failure undoes the layers already done."""
+def _merge_all(layers: Iterable[LoRALinear], merge: bool) -> list[LoRALinear]:
+    """Merge (or unmerge) every layer, all or none: a failure undoes the layers already done.
+
+    Returns the layers this call changed, so that a later failure can undo exactly those."""
     done: list[LoRALinear] = []
     try:
         for layer in layers:
@@ -311,9 +313,14 @@ def _merge_all(layers: Iterable[LoRALinear], merge: bool) -> None:
                 layer.merge() if merge else layer.unmerge()
                 done.append(layer)
     except BaseException:
-        for layer in reversed(done):
-            layer.unmerge() if merge else layer.merge()
+        _undo_merges(done, merge)
         raise
+    return done
+
+
+def _undo_merges(done: list[LoRALinear], merged: bool) -> None:
+    for layer in reversed(done):
+        layer.unmerge() if merged else layer.merge()
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport:
@@ -382,11 +389,11 @@ def _raise_if_out_of_memory(
 
 def _unwrap(model: nn.Module, layers: dict[str, LoRALinear], merge: bool) -> nn.Module:
     """Remove the wrappers, merging (or unmerging) first; restores the flags apply_lora recorded."""
-    _merge_all(layers.values(), merge)
+    changed = _merge_all(layers.values(), merge)
     try:
         _swap_modules(model, {name: layer.base_layer for name, layer in layers.items()})
     except BaseException:
-        _merge_all(reversed(layers.values()), not merge)
+        _undo_merges(changed, merge)
         raise
     flags = next((layer._flags_before for layer in layers.values() if layer._flags_before is not None), None)
     if flags is not None:
