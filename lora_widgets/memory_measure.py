@@ -173,6 +173,36 @@ def _build_model(model_or_config: Any, dtype: torch.dtype, device: torch.device)
     return model.to(dtype)
 
 
+def _measure_cuda(
+    phase_step: Callable[[Callable[[str], None]], None], dev: torch.device, baseline: int, steps: int
+) -> MemoryMeasurement:
+    """``steps`` steps on a GPU: the peak by ``max_memory_allocated``, per phase in the last step by resetting
+    the peak counter at each phase boundary; ``baseline`` (bytes allocated before the model) is subtracted."""
+    torch.cuda.synchronize(dev)
+    resident = torch.cuda.memory_allocated(dev) - baseline
+    torch.cuda.reset_peak_memory_stats(dev)
+    for _ in range(steps - 1):
+        phase_step(lambda _name: None)
+    torch.cuda.synchronize(dev)
+    overall = torch.cuda.max_memory_allocated(dev)
+    phase_peaks: dict[str, int] = {}
+    current = ["forward"]
+
+    def mark(name: str) -> None:
+        torch.cuda.synchronize(dev)
+        if name != "forward":
+            phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        current[0] = name
+
+    phase_step(mark)
+    torch.cuda.synchronize(dev)
+    phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
+    phase_peaks = {k: v - baseline for k, v in phase_peaks.items()}
+    peak = max(overall - baseline, *phase_peaks.values())
+    return MemoryMeasurement(peak, phase_peaks, "cuda.max_memory_allocated", resident, steps)
+
+
 def measure_memory(
     model: Any,
     lora: LoRAConfig | None = None,
@@ -211,6 +241,7 @@ def measure_memory(
     lora = None if lora is None else as_lora_config(lora, "lora")
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
+    baseline = 0
     if cuda:  # only what this measurement allocates counts (not the caller's own tensors on the GPU)
         torch.cuda.synchronize(dev)
         baseline = torch.cuda.memory_allocated(dev)
@@ -247,30 +278,7 @@ def measure_memory(
         opt.zero_grad(set_to_none=True)
 
     if cuda:
-        torch.cuda.synchronize(dev)
-        resident = torch.cuda.memory_allocated(dev) - baseline
-        torch.cuda.reset_peak_memory_stats(dev)
-        for _ in range(steps - 1):
-            phase_step(lambda _name: None)
-        torch.cuda.synchronize(dev)
-        overall = torch.cuda.max_memory_allocated(dev)
-        phase_peaks: dict[str, int] = {}
-        current = ["forward"]
-
-        def mark(name: str) -> None:
-            torch.cuda.synchronize(dev)
-            if name != "forward":
-                phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            current[0] = name
-
-        phase_step(mark)
-        torch.cuda.synchronize(dev)
-        phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
-        phase_peaks = {k: v - baseline for k, v in phase_peaks.items()}
-        peak = max(overall - baseline, *phase_peaks.values())
-        return MemoryMeasurement(peak, phase_peaks, "cuda.max_memory_allocated", resident, steps)
-
+        return _measure_cuda(phase_step, dev, baseline, steps)
     resident = storage_bytes(iter([*net.parameters(), *net.buffers(), batch]))
     tracker = LiveBytesTracker()
     with tracker:
