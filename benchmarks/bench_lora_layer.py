@@ -7,7 +7,7 @@ alike; the script prints medians and the ratios that matter:
 * ours / frozen   (target <= 1.15)
 
 The input requires grad, as it does for any layer inside a network, so the frozen layer's backward
-computes dX (its weight gets no gradient). Dropout is 0 (NOTES.md: dropout 0.05 costs ~35% more because
+computes dX (its weight gets no gradient). Dropout is 0 (measured on a 2-core CPU: dropout 0.05 costs ~35% more because
 it copies x, in every implementation).
 
 Usage: python benchmarks/bench_lora_layer.py [--d 2048] [--r 16] [--tokens 2048] [--rounds 15]

@@ -5,7 +5,7 @@ uses only the trainer never imports the widget stack (anywidget, ipywidgets, bqp
 
 Layers, imports pointing one way::
 
-    lora, data, corpora, devices, memory, events, schedules  <-  trainer  <-  widget  <-  notebooks/docs
+    lora_config, lora, peft_format, data, corpora, devices, memory, events, schedules  <-  trainer  <-  widget  <-  notebooks/docs
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
     # LoRA core
-    "LoRAConfig": "lora",
+    "LoRAConfig": "lora_config",
     "LoRALinear": "lora",
     "LoRAReport": "lora",
     "apply_lora": "lora",
@@ -31,9 +31,9 @@ _EXPORTS: dict[str, str] = {
     "lora_layers": "lora",
     "has_lora": "lora",
     "count_parameters": "lora",
-    "lora_state_dict": "lora",
-    "save_adapter": "lora",
-    "load_adapter": "lora",
+    "lora_state_dict": "peft_format",
+    "save_adapter": "peft_format",
+    "load_adapter": "peft_format",
     # events
     "RunStarted": "events",
     "StepMetrics": "events",
@@ -79,14 +79,14 @@ _EXPORTS: dict[str, str] = {
     "Trainer": "training.trainer",
     "History": "history",
     # memory
-    "estimate_memory": "memory",
-    "measure_memory": "memory",
-    "MemoryEstimate": "memory",
-    "known_models": "memory",
+    "estimate_memory": "memory_estimate",
+    "measure_memory": "memory_measure",
+    "MemoryEstimate": "memory_estimate",
+    "known_models": "memory_arch",
     "preflight": "memory",
     "suggest_fit": "memory",
     "PreflightResult": "memory",
-    "MemoryMeasurement": "memory",
+    "MemoryMeasurement": "memory_measure",
     # widgets (import anywidget/bqplot only when used)
     "LoRADashboard": "widget",
     "MemoryPlanner": "widget",
@@ -109,23 +109,25 @@ if TYPE_CHECKING:
         read_events,
     )
     from lora_widgets.lora import (
-        LoRAConfig,
         LoRALinear,
         LoRAReport,
         apply_lora,
         count_parameters,
         disable_adapters,
         has_lora,
-        load_adapter,
         lora_layers,
-        lora_state_dict,
         merge_and_unload,
         merge_lora,
         remove_lora,
-        save_adapter,
         set_adapters_enabled,
         unmerge_lora,
     )
+    from lora_widgets.lora_config import LoRAConfig
+    from lora_widgets.memory import PreflightResult, preflight, suggest_fit
+    from lora_widgets.memory_arch import known_models
+    from lora_widgets.memory_estimate import MemoryEstimate, estimate_memory
+    from lora_widgets.memory_measure import MemoryMeasurement, measure_memory
+    from lora_widgets.peft_format import load_adapter, lora_state_dict, save_adapter
 
 
 def __getattr__(name: str) -> Any:

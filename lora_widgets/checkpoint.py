@@ -35,6 +35,7 @@ from torch import nn
 
 from lora_widgets import lora as lora_mod
 from lora_widgets.atomic import atomic_directory, naming_file
+from lora_widgets.peft_format import save_adapter
 
 __all__ = [
     "CheckpointState",
@@ -111,13 +112,13 @@ def save_trained_weights(
 ) -> Path:
     """Save what training changed, in the format that loads elsewhere.
 
-    Our LoRA: :func:`lora_widgets.lora.save_adapter` (PEFT format). A PEFT-wrapped model: its own
+    Our LoRA: :func:`lora_widgets.peft_format.save_adapter` (PEFT format). A PEFT-wrapped model: its own
     ``save_pretrained`` (safetensors). Full fine-tuning of a transformers model: ``save_pretrained`` of the
     whole model; of any other module: ``trainable.safetensors`` with the trainable parameters.
     """
     directory = Path(directory)
     if lora_mod.lora_layers(model):
-        return lora_mod.save_adapter(model, directory, base_model_name_or_path)
+        return save_adapter(model, directory, base_model_name_or_path)
     directory.mkdir(parents=True, exist_ok=True)
     if _is_peft_model(model) or callable(getattr(model, "save_pretrained", None)):
         model.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]

@@ -27,6 +27,7 @@ import torch
 from lora_widgets.devices import describe_device, total_memory
 from lora_widgets.events import FailureReason
 from lora_widgets.lora import LoRAConfig
+from lora_widgets.memory_estimate import format_bytes
 from lora_widgets.schedules import lr_at
 from lora_widgets.train_config import TrainConfig
 
@@ -78,7 +79,7 @@ def format_lr(lr: float) -> str:
 
 
 def _gib(n: int | None) -> str:
-    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
+    return "unknown" if n is None else format_bytes(n)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

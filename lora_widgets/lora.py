@@ -28,177 +28,62 @@ W = W0 + scaling * B A, so inference costs nothing extra; unmerging subtracts it
 
 The wrapper is an ordinary ``nn.Module`` that owns the original layer as ``base_layer``: no monkey-patched
 ``forward``, no hidden merging on ``.eval()``. Parameter names follow PEFT (``lora_A``, ``lora_B``,
-``base_layer``) and :func:`save_adapter` writes ``adapter_config.json`` + ``adapter_model.safetensors``
-with keys ``base_model.model.<module path>.lora_A.weight``, so an adapter trained here loads with
-``peft.PeftModel.from_pretrained`` and the other way round. Only safetensors are read: nothing is unpickled.
+``base_layer``), so :mod:`lora_widgets.peft_format` saves and loads adapters that PEFT reads and writes.
+
+This module is the layer and the model surgery (apply, merge, unmerge, remove, enable/disable); the settings
+and the scaling rule are in :mod:`lora_widgets.lora_config`, the PEFT file format in
+:mod:`lora_widgets.peft_format`, as PEFT keeps ``tuners/lora/layer.py`` apart from ``utils/save_and_load.py``.
+Every operation that changes a model is all or nothing: if it fails, the model is as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import re
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored as [in, out]
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep the core importable
-    Conv1D = None  # type: ignore[assignment,misc]
+from lora_widgets.lora_config import (
+    DEFAULT_TARGET_MODULES,
+    LoRAConfig,
+    adaptable_modules,
+    as_lora_config,
+    check_hparams,
+    check_model,
+    in_out_features,
+    is_adaptable,
+    lora_scaling,
+    resolve_targets,
+    short_list,
+)
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "LoRAConfig",
     "LoRALinear",
     "LoRAReport",
+    "adaptable_modules",
     "apply_lora",
+    "as_lora_config",
+    "check_model",
     "count_parameters",
     "disable_adapters",
     "has_lora",
-    "load_adapter",
+    "has_peft_layers",
+    "in_out_features",
     "lora_layers",
-    "lora_state_dict",
+    "lora_scaling",
     "merge_and_unload",
     "merge_lora",
     "remove_lora",
-    "save_adapter",
+    "require_lora_layers",
     "set_adapters_enabled",
+    "short_list",
     "unmerge_lora",
 ]
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    # The same per-architecture defaults PEFT uses (peft.utils.constants), so `target_modules=None`
-    # means the same thing here and there.
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "olmo": ["q_proj", "v_proj"],
-    "smollm3": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "gpt_bigcode": ["c_attn"],
-    "opt": ["q_proj", "v_proj"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-}
-
-_ADAPTABLE: tuple[type[nn.Module], ...] = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """What to adapt and how.
-
-    Args:
-        r: rank of the update B A (>= 1). Trainable parameters per layer: r * (in + out).
-        alpha: scale numerator (> 0). The update is multiplied by ``alpha / r`` (or ``alpha / sqrt(r)``
-            with ``use_rslora``), so changing r does not change the update's initial magnitude much.
-        dropout: dropout probability on the adapter's input, in [0, 1).
-        target_modules: which Linear/Conv1D modules to wrap. ``None``: the architecture's default
-            (q and v projections for Llama-family models, ``c_attn`` for GPT-2, ...); a list of names,
-            each matching a module path exactly or as its last dotted components (``"q_proj"`` matches
-            ``model.layers.0.self_attn.q_proj``); a string: a regular expression that must match the
-            whole module path; or ``"all-linear"``: every Linear/Conv1D except the output head.
-        use_rslora: rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732, sec. 3).
-        bias: only ``"none"`` (biases stay frozen, as in PEFT's default).
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str | tuple[str, ...] | None = None
-    use_rslora: bool = False
-    bias: str = "none"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRAConfig.r must be an integer >= 1, got r={self.r!r}")
-        if not isinstance(self.alpha, int | float) or not self.alpha > 0:
-            raise ValueError(f"LoRAConfig.alpha must be > 0, got alpha={self.alpha!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(
-                f"LoRAConfig.dropout must be in [0, 1), got dropout={self.dropout!r}; use 0.0 to disable"
-            )
-        if self.bias != "none":
-            raise ValueError(
-                f"LoRAConfig.bias={self.bias!r} is not supported; lora_widgets trains adapters only, "
-                "use bias='none'"
-            )
-        tm = self.target_modules
-        if isinstance(tm, list):  # accept lists for convenience, store a hashable tuple
-            object.__setattr__(self, "target_modules", tuple(tm))
-            tm = self.target_modules
-        if isinstance(tm, tuple):
-            if not tm or not all(isinstance(t, str) and t for t in tm):
-                raise ValueError(
-                    f"LoRAConfig.target_modules must be a non-empty list of module names, got {tm!r}"
-                )
-        elif isinstance(tm, str):
-            if tm != "all-linear":
-                try:
-                    re.compile(tm)
-                except re.error as exc:
-                    raise ValueError(
-                        f"LoRAConfig.target_modules={tm!r} is not a valid regular expression ({exc}); "
-                        "pass a list of module names instead"
-                    ) from exc
-        elif tm is not None:
-            raise ValueError(
-                "LoRAConfig.target_modules must be None, a list of names, a regex string or "
-                f"'all-linear', got {tm!r}"
-            )
-
-    @property
-    def scaling(self) -> float:
-        """The factor applied to B A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict of the fields (target_modules as a list or string)."""
-        tm = list(self.target_modules) if isinstance(self.target_modules, tuple) else self.target_modules
-        return {
-            "r": self.r,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "target_modules": tm,
-            "use_rslora": self.use_rslora,
-            "bias": self.bias,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming them."""
-        unknown = set(data) - {"r", "alpha", "dropout", "target_modules", "use_rslora", "bias"}
-        if unknown:
-            raise TypeError(f"unknown LoRAConfig field(s) {sorted(unknown)}")
-        tm = data.get("target_modules")
-        return cls(**{**data, "target_modules": tuple(tm) if isinstance(tm, list) else tm})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,19 +91,13 @@ class LoRAConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def _in_out_features(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    # transformers Conv1D: weight is [in, out]
-    weight: torch.Tensor = layer.weight  # type: ignore[assignment]
-    return int(weight.shape[0]), int(weight.shape[1])
-
-
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` (or transformers ``Conv1D``) plus a trainable low-rank update.
 
     ``forward(x) = base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` unless the adapter is
-    merged into the base weight or disabled, in which case it is just ``base_layer(x)``.
+    merged into the base weight or disabled, in which case it is just ``base_layer(x)``. The arguments
+    are checked as :class:`LoRAConfig` checks them; the base layer is frozen only once the factors exist,
+    so a failed construction leaves it as it was.
     """
 
     def __init__(
@@ -230,18 +109,20 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, _ADAPTABLE):
+        if not is_adaptable(base_layer):
             raise TypeError(
-                f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}"
+                f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}; "
+                "pick a Linear layer (apply_lora(model, LoRAConfig(target_modules=[...])) lists them)"
             )
+        r, alpha, dropout = check_hparams("LoRALinear", r, alpha, dropout, use_rslora)
         self.base_layer = base_layer
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores W transposed
-        in_features, out_features = _in_out_features(base_layer)
+        in_features, out_features = in_out_features(base_layer)
         self.in_features = in_features
         self.out_features = out_features
         self.r = r
         self.alpha = alpha
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.use_rslora = use_rslora
         weight = base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -250,8 +131,15 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
         self.merged = False
         self.enabled = True
+        # requires_grad flags of the whole model before apply_lora (restored by remove_lora/merge_and_unload)
+        self._flags_before: dict[str, bool] | None = None
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
+
+    @property
+    def scaling(self) -> float:
+        """The factor applied to B A: :func:`lora_scaling` of this layer's alpha, r and rsLoRA flag."""
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
 
     def reset_lora_parameters(self) -> None:
         """A ~ Kaiming-uniform(a=sqrt(5)) as PEFT and nn.Linear do; B = 0 so that B A = 0 at the start."""
@@ -292,13 +180,16 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + scaling * B A. A no-op if already merged."""
+        """W <- W + scaling * B A. A no-op if already merged. The update is computed before W is touched."""
         if self.merged:
             return
         if not self.enabled:
-            raise RuntimeError("cannot merge a disabled adapter; enable it first")
+            raise RuntimeError(
+                "cannot merge a disabled adapter; call set_adapters_enabled(model, True) first"
+            )
+        delta = self.delta_weight()
         weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
-        weight.data += self.delta_weight()
+        weight.data += delta
         self.merged = True
 
     @torch.no_grad()
@@ -306,8 +197,9 @@ class LoRALinear(nn.Module):
         """W <- W - scaling * B A. A no-op if not merged."""
         if not self.merged:
             return
+        delta = self.delta_weight()
         weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
-        weight.data -= self.delta_weight()
+        weight.data -= delta
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -318,7 +210,7 @@ class LoRALinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Applying to a model
+# Finding the layers to adapt
 # ----------------------------------------------------------------------------------------------
 
 
@@ -346,6 +238,7 @@ class LoRAReport:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) parameters count once."""
+    check_model(model, "count_parameters")
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
@@ -360,70 +253,27 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every :class:`LoRALinear` in the model, by module path."""
+    check_model(model, "lora_layers")
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _has_peft_layers(model: nn.Module) -> bool:
+def has_peft_layers(model: nn.Module) -> bool:
+    """True if PEFT's LoRA layers (``lora_A`` as a ``ModuleDict``) are in the model."""
     return any(isinstance(getattr(m, "lora_A", None), nn.ModuleDict) for m in model.modules())
 
 
 def has_lora(model: nn.Module) -> bool:
     """True if the model carries LoRA adapters, ours or PEFT's."""
-    return bool(lora_layers(model)) or _has_peft_layers(model)
+    return bool(lora_layers(model)) or has_peft_layers(model)
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    if callable(get):
-        with contextlib.suppress(Exception):
-            head = get()
-            if isinstance(head, nn.Module):
-                return head
-    return None
-
-
-def _adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, _ADAPTABLE) and name and not isinstance(m, LoRALinear)
-    }
-
-
-def _resolve_targets(model: nn.Module, config: LoRAConfig) -> tuple[list[str], str]:
-    """Module paths that ``config.target_modules`` selects, and a description of the rule used."""
-    candidates = _adaptable_modules(model)
-    tm = config.target_modules
-    if tm is None:
-        model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
-        defaults = DEFAULT_TARGET_MODULES.get(model_type)
-        if defaults is None:
-            raise ValueError(
-                f"no default target_modules for model_type={model_type!r}; pass "
-                "LoRAConfig(target_modules=[...]) (e.g. ['q_proj', 'v_proj']) or 'all-linear'. "
-                f"Linear/Conv1D modules in this model: {_short_list(candidates)}"
-            )
-        tm = tuple(defaults)
-        rule = f"default for {model_type}: {list(defaults)}"
-    else:
-        rule = repr(tm if not isinstance(tm, tuple) else list(tm))
-    if tm == "all-linear":
-        head = _output_head(model)
-        matched = [n for n, m in candidates.items() if m is not head and n.split(".")[-1] != "lm_head"]
-    elif isinstance(tm, str):
-        pattern = re.compile(tm)
-        matched = [n for n in candidates if pattern.fullmatch(n)]
-    else:
-        matched = [n for n in candidates if any(n == t or n.endswith("." + t) for t in tm)]
-    return matched, rule
-
-
-def _short_list(names: Sequence[str] | dict[str, Any], limit: int = 12) -> str:
-    items = list(names)
-    # Show each distinct leaf name once, which is what users put in target_modules.
-    leaves = sorted({n.split(".")[-1] for n in items})
-    text = ", ".join(leaves[:limit])
-    return f"[{text}{', ...' if len(leaves) > limit else ''}] ({len(items)} modules)"
+# ----------------------------------------------------------------------------------------------
+# Model surgery: each operation is all or nothing
+# ----------------------------------------------------------------------------------------------
+# Each public operation checks its inputs first, then changes the model in steps that are undone, in
+# reverse, if a later step raises (out of memory, an interrupt, a fault): parameters, requires_grad flags,
+# the module tree and merge state are then as before the call. Nothing is written onto the user's model
+# but the wrappers themselves.
 
 
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -432,52 +282,130 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-_FROZEN_ATTR = "_lora_widgets_requires_grad"
+def _swap_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> None:
+    """Put each module in place at its path, all or none."""
+    previous: dict[str, nn.Module] = {}
+    try:
+        for path, new in replacements.items():
+            previous[path] = model.get_submodule(path)
+            _set_submodule(model, path, new)
+    except BaseException:
+        for path, old in reversed(previous.items()):
+            _set_submodule(model, path, old)
+        raise
+
+
+def _set_flags(model: nn.Module, flags: Mapping[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+
+
+def _merge_all(layers: Iterable[LoRALinear], merge: bool) -> list[LoRALinear]:
+    """Merge (or unmerge) every layer, all or none: a failure undoes the layers already done.
+
+    Returns the layers this call changed, so that a later failure can undo exactly those."""
+    done: list[LoRALinear] = []
+    try:
+        for layer in layers:
+            if layer.merged != merge:
+                layer.merge() if merge else layer.unmerge()
+                done.append(layer)
+    except BaseException:
+        _undo_merges(done, merge)
+        raise
+    return done
+
+
+def _undo_merges(done: list[LoRALinear], merged: bool) -> None:
+    for layer in reversed(done):
+        layer.unmerge() if merged else layer.merge()
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport:
     """Wrap the modules selected by ``config`` in :class:`LoRALinear`, in place, and freeze the rest.
 
     Every parameter that is not a LoRA factor gets ``requires_grad=False``; the previous flags are
-    remembered so that :func:`remove_lora` restores them.
+    remembered (by the wrappers) so that :func:`remove_lora` restores them. ``config`` may also be a PEFT
+    ``LoraConfig``, converted exactly (:meth:`LoRAConfig.from_peft`) or refused. All or nothing: if creating
+    an adapter fails (out of memory for a huge rank, an interrupt), the model is left as it was.
 
     Raises:
+        TypeError: ``model`` is not a torch module, or ``config`` is not a LoRA config.
         ValueError: the model already has LoRA adapters (ours or PEFT's), or nothing matched
             (the message lists the Linear/Conv1D module names the model does have).
     """
-    config = config or LoRAConfig()
+    check_model(model, "apply_lora")
+    config = LoRAConfig() if config is None else as_lora_config(config, "apply_lora: config")
     if has_lora(model):
         raise ValueError(
             "this model already has LoRA adapters; apply_lora will not wrap twice. "
             "Call remove_lora(model) first to start from the base model, or train the existing adapters."
         )
-    matched, rule = _resolve_targets(model, config)
+    matched, rule = resolve_targets(model, config)
     if not matched:
         raise ValueError(
             f"target_modules {rule} matched no Linear/Conv1D module. "
-            f"This model has: {_short_list(_adaptable_modules(model))}"
+            f"This model has: {short_list(adaptable_modules(model))}"
         )
-    setattr(model, _FROZEN_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in matched:
-        base = model.get_submodule(name)
-        _set_submodule(
-            model,
-            name,
-            LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora),
-        )
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        wrappers: dict[str, nn.Module] = {}
+        for name in matched:
+            layer = LoRALinear(
+                model.get_submodule(name), config.r, config.alpha, config.dropout, config.use_rslora
+            )
+            layer._flags_before = flags
+            wrappers[name] = layer
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _swap_modules(model, wrappers)
+    except BaseException as exc:
+        _set_flags(model, flags)  # the wrappers froze their base layers; the tree was restored by the swap
+        _raise_if_out_of_memory(exc, model, matched, config)
+        raise
     trainable, total = count_parameters(model)
     return LoRAReport(matched=matched, trainable_params=trainable, total_params=total, config=config)
 
 
-def remove_lora(model: nn.Module) -> nn.Module:
-    """Unwrap every adapter (unmerging first), restoring the base layers and their requires_grad flags."""
-    for name, layer in lora_layers(model).items():
-        layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
-    _restore_requires_grad(model)
+def _raise_if_out_of_memory(
+    exc: BaseException, model: nn.Module, matched: list[str], config: LoRAConfig
+) -> None:
+    """An allocation failure while creating the adapters, restated with the rank and the bytes it needed."""
+    cpu_alloc = isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    if not (cpu_alloc or isinstance(exc, MemoryError | torch.OutOfMemoryError)):
+        return
+    elements = sum(config.r * sum(in_out_features(model.get_submodule(n))) for n in matched)
+    itemsize = next((p.element_size() for p in model.parameters()), 4)
+    message = (
+        f"apply_lora: not enough memory for the adapters at r={config.r}: A and B of {len(matched)} layers "
+        f"need {elements * itemsize:,} bytes. The model is unchanged; use a smaller r (typically 4 to 64)"
+    )
+    raise (
+        torch.OutOfMemoryError(message) if isinstance(exc, torch.OutOfMemoryError) else MemoryError(message)
+    ) from exc
+
+
+def _unwrap(model: nn.Module, layers: dict[str, LoRALinear], merge: bool) -> nn.Module:
+    """Remove the wrappers, merging (or unmerging) first; restores the flags apply_lora recorded."""
+    changed = _merge_all(layers.values(), merge)
+    try:
+        _swap_modules(model, {name: layer.base_layer for name, layer in layers.items()})
+    except BaseException:
+        _undo_merges(changed, merge)
+        raise
+    flags = next((layer._flags_before for layer in layers.values() if layer._flags_before is not None), None)
+    if flags is not None:
+        _set_flags(model, flags)
     return model
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Unwrap every adapter (unmerging first), restoring the base layers and their requires_grad flags.
+
+    A model without adapters is returned unchanged. All or nothing, as :func:`apply_lora`.
+    """
+    return _unwrap(model, lora_layers(check_model(model, "remove_lora")), merge=False)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -486,49 +414,58 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Afterwards each adapted layer is its original ``nn.Linear``/``Conv1D`` holding W0 + scaling * B A, the
     model has no LoRA parameters, and ``save_pretrained`` writes an ordinary checkpoint that any
     ``transformers`` installation loads. The adapter itself is gone from the model: save it first
-    (:func:`save_adapter`) if you want to keep it. Parameters get back the ``requires_grad`` flags they had
-    before :func:`apply_lora`.
+    (:func:`~lora_widgets.peft_format.save_adapter`) if you want to keep it. Parameters get back the
+    ``requires_grad`` flags they had before :func:`apply_lora`. All or nothing, as :func:`apply_lora`.
     """
-    for name, layer in _require_layers(model).items():
-        layer.merge()
-        _set_submodule(model, name, layer.base_layer)
-    _restore_requires_grad(model)
-    return model
+    layers = require_lora_layers(model, "merge_and_unload")
+    _check_enabled(layers, "merge_and_unload")
+    return _unwrap(model, layers, merge=True)
 
 
-def _restore_requires_grad(model: nn.Module) -> None:
-    flags: dict[str, bool] | None = getattr(model, _FROZEN_ATTR, None)
-    if flags is not None:
-        for n, p in model.named_parameters():
-            if n in flags:
-                p.requires_grad_(flags[n])
-        delattr(model, _FROZEN_ATTR)
-
-
-def _require_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    layers = lora_layers(model)
+def require_lora_layers(model: nn.Module, function: str) -> dict[str, LoRALinear]:
+    """The model's LoRA layers, or a ValueError saying that ``function`` needs some and how to get them."""
+    layers = lora_layers(check_model(model, function))
     if not layers:
-        raise ValueError("the model has no lora_widgets LoRA layers; call apply_lora(model, config) first")
+        hint = (
+            "it carries PEFT adapters: use PEFT's own methods"
+            if has_peft_layers(model)
+            else "call apply_lora(model, config) first"
+        )
+        raise ValueError(f"{function}: the model has no lora_widgets LoRA layers; {hint}")
     return layers
 
 
+def _check_enabled(layers: dict[str, LoRALinear], function: str) -> None:
+    disabled = [n for n, layer in layers.items() if not layer.enabled and not layer.merged]
+    if disabled:
+        raise RuntimeError(
+            f"{function}: cannot merge disabled adapters ({short_list(disabled)}); "
+            "call set_adapters_enabled(model, True) first"
+        )
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (W <- W + scaling B A). Merging twice is a no-op."""
-    for layer in _require_layers(model).values():
-        layer.merge()
+    """Fold every adapter into its base weight (W <- W + scaling B A). Merging twice is a no-op.
+
+    All layers or none: if one fails, those already merged are unmerged again.
+    """
+    layers = require_lora_layers(model, "merge_lora")
+    _check_enabled(layers, "merge_lora")
+    _merge_all(layers.values(), merge=True)
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_lora` (W <- W - scaling B A). Unmerging an unmerged model is a no-op."""
-    for layer in _require_layers(model).values():
-        layer.unmerge()
+    _merge_all(require_lora_layers(model, "unmerge_lora").values(), merge=False)
     return model
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch all adapters on or off; off means the model computes exactly the base model."""
-    layers = _require_layers(model)
+    layers = require_lora_layers(model, "set_adapters_enabled")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_adapters_enabled: enabled must be True or False, got {enabled!r}")
     if not enabled and any(layer.merged for layer in layers.values()):
         raise RuntimeError(
             "the adapters are merged into the base weights, so they cannot be switched off; "
@@ -546,214 +483,3 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         set_adapters_enabled(model, True)
-
-
-# ----------------------------------------------------------------------------------------------
-# PEFT-format persistence
-# ----------------------------------------------------------------------------------------------
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights under PEFT's keys: ``base_model.model.<path>.lora_{A,B}.weight``."""
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in _require_layers(model).items():
-        out[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-        out[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
-    return out
-
-
-def _targets_for_saving(model: nn.Module, paths: list[str]) -> list[str] | str:
-    """Leaf names if they select exactly ``paths`` (PEFT's suffix rule), else an exact regex."""
-    leaves = sorted({p.split(".")[-1] for p in paths})
-    candidates = list(_adaptable_modules(model)) + list(lora_layers(model))
-    by_leaves = {n for n in candidates if any(n == t or n.endswith("." + t) for t in leaves)}
-    if by_leaves == set(paths):
-        return leaves
-    return "|".join(re.escape(p) for p in sorted(paths))
-
-
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def save_adapter(
-    model: nn.Module,
-    directory: str | os.PathLike[str],
-    base_model_name_or_path: str | None = None,
-) -> Path:
-    """Write the adapter in PEFT's format; each file is written to a temporary name, then renamed.
-
-    Files: ``adapter_config.json`` and ``adapter_model.safetensors``. Returns the directory.
-    """
-    layers = _require_layers(model)
-    first = next(iter(layers.values()))
-    config: LoRAConfig | None = None
-    scalings = {layer.scaling for layer in layers.values()}
-    ranks = {layer.r for layer in layers.values()}
-    if len(scalings) != 1 or len(ranks) != 1:
-        raise ValueError("save_adapter needs one rank and scaling for all layers (as apply_lora makes)")
-    use_rslora = not math.isclose(first.scaling, first.alpha / first.r)
-    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
-    config = LoRAConfig(r=first.r, alpha=first.alpha, dropout=dropout, use_rslora=use_rslora)
-    if base_model_name_or_path is None:
-        base_model_name_or_path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{ADAPTER_WEIGHTS_NAME}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, directory / ADAPTER_WEIGHTS_NAME)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": _targets_for_saving(model, list(layers)),
-        "use_rslora": config.use_rslora,
-        "bias": "none",
-        "fan_in_fan_out": first.fan_in_fan_out,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "revision": None,
-    }
-    _atomic_write_json(directory / ADAPTER_CONFIG_NAME, adapter_config)
-    return directory
-
-
-def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
-    cfg_path = directory / ADAPTER_CONFIG_NAME
-    weights_path = directory / ADAPTER_WEIGHTS_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{str(cfg_path)!r} is missing: not a PEFT/LoRA adapter directory")
-    if not weights_path.is_file():
-        hint = " (only .safetensors are read; re-save with safe_serialization=True)"
-        if (directory / "adapter_model.bin").exists():
-            raise FileNotFoundError(f"{str(weights_path)!r} is missing{hint}")
-        raise FileNotFoundError(f"{str(weights_path)!r} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(cfg_path)!r} is not valid JSON: {exc}") from exc
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"adapter peft_type is {cfg.get('peft_type')!r}; only 'LORA' is supported")
-    for unsupported in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(unsupported):
-            raise ValueError(f"adapter uses {unsupported}={cfg[unsupported]!r}, which is not supported")
-    if cfg.get("use_dora"):
-        raise ValueError("adapter uses DoRA (use_dora=true), which is not supported")
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(weights_path), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-            tensors[key] = f.get_tensor(key)
-    return cfg, tensors
-
-
-def _group_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {"A": tensor, "B": tensor}} from PEFT keys; unknown keys raise ValueError."""
-    pattern = re.compile(
-        r"^" + re.escape(_PEFT_PREFIX) + r"(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$"
-    )
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        m = pattern.match(key)
-        if m is None:
-            raise ValueError(
-                f"unexpected tensor {key!r} in the adapter; expected "
-                f"'{_PEFT_PREFIX}<module path>.lora_A.weight' / '.lora_B.weight' only"
-            )
-        groups.setdefault(m["path"], {})[m["ab"]] = value
-    for path, ab in groups.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"adapter has lora_{''.join(ab)} but not both factors for module {path!r}")
-    return groups
-
-
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> LoRAReport:
-    """Load a PEFT-format LoRA adapter into ``model``.
-
-    If the model has no adapters yet, they are created from ``adapter_config.json`` first. Everything is
-    validated (files present, keys map onto modules of this model, shapes match) before the model is
-    touched, so a bad adapter raises a clear error and leaves the model unchanged.
-    """
-    directory = Path(directory)
-    cfg, tensors = _read_adapter(directory)
-    groups = _group_tensors(tensors)
-    if not groups:
-        raise ValueError(f"adapter {str(directory)!r} contains no LoRA weights")
-    try:
-        config = LoRAConfig(
-            r=int(cfg["r"]),
-            alpha=float(cfg.get("lora_alpha", cfg["r"])),
-            dropout=float(cfg.get("lora_dropout", 0.0)),
-            target_modules=tuple(sorted(groups)),  # exactly the modules that have weights
-            use_rslora=bool(cfg.get("use_rslora", False)),
-        )
-    except KeyError as exc:
-        raise ValueError(f"adapter_config.json lacks the field {exc.args[0]!r}") from exc
-
-    existing = lora_layers(model)
-    if existing:
-        missing = sorted(set(groups) - set(existing))
-        extra = sorted(set(existing) - set(groups))
-        if missing or extra:
-            raise ValueError(
-                f"adapter modules do not match this model's adapters: in the adapter only {missing[:5]}, "
-                f"in the model only {extra[:5]}"
-            )
-        targets = {n: (layer.in_features, layer.out_features) for n, layer in existing.items()}
-    else:
-        if _has_peft_layers(model):
-            raise ValueError("this model is wrapped by PEFT; load the adapter with PEFT instead")
-        candidates = _adaptable_modules(model)
-        unknown = sorted(set(groups) - set(candidates))
-        if unknown:
-            raise ValueError(
-                f"adapter refers to modules this model does not have: {unknown[:5]}; "
-                f"the model has {_short_list(candidates)}. Is it the same base model?"
-            )
-        targets = {n: _in_out_features(candidates[n]) for n in groups}
-    for path, ab in groups.items():
-        k_in, d_out = targets[path]
-        if tuple(ab["A"].shape) != (config.r, k_in) or tuple(ab["B"].shape) != (d_out, config.r):
-            raise ValueError(
-                f"shape mismatch for {path!r}: adapter has lora_A {tuple(ab['A'].shape)}, lora_B "
-                f"{tuple(ab['B'].shape)}; this model needs ({config.r}, {k_in}) and ({d_out}, {config.r})"
-            )
-    # Validated: now change the model.
-    if not existing:
-        apply_lora(model, config)
-        existing = lora_layers(model)
-    with torch.no_grad():
-        for path, ab in groups.items():
-            layer = existing[path]
-            was_merged = layer.merged
-            layer.unmerge()
-            layer.lora_A.weight.copy_(ab["A"])
-            layer.lora_B.weight.copy_(ab["B"])
-            layer.alpha = config.alpha
-            layer.scaling = config.scaling
-            if was_merged:
-                layer.merge()
-    trainable, total = count_parameters(model)
-    return LoRAReport(sorted(groups), trainable, total, config)

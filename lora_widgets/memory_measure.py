@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lora_widgets.lora import LoRAConfig, apply_lora
+from lora_widgets.lora import LoRAConfig, apply_lora, as_lora_config
 from lora_widgets.memory_arch import parse_dtype, resolve_config
 
 __all__ = ["LiveBytesTracker", "MemoryMeasurement", "measure_memory", "resolve_device", "storage_bytes"]
@@ -111,8 +111,13 @@ class LiveBytesTracker(TorchDispatchMode):
         return out
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``None``/"cpu" -> CPU; "auto" -> the first GPU if there is one (CUDA, then MPS), else the CPU."""
+def resolve_device(device: torch.device | str | None, present: bool = True) -> torch.device:
+    """``None``/"cpu" -> CPU; "auto" -> the first GPU if there is one (CUDA, then MPS), else the CPU.
+
+    With ``present`` (the default), a GPU that this torch build or machine does not have (``"cuda"`` on a
+    CPU-only build, ``"cuda:3"`` on a one-GPU machine, ``"mps"`` off a Mac) is refused here, naming the
+    value, rather than failing later; ``present=False`` only parses the name (planning for another machine).
+    """
     if device is None:
         return torch.device("cpu")
     if isinstance(device, str) and device.lower() == "auto":
@@ -122,11 +127,29 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(
             f"device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', 'auto' or None"
         ) from exc
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r} is not supported here; use 'cpu', 'cuda', 'mps' or 'auto'")
+    if not present:
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device={device!r}: this torch build or machine has no CUDA GPU (torch {torch.__version__}); "
+                "use device='cpu' or 'auto'"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device={device!r}: there are {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1}); pick one of them"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}: Apple MPS is not available here; use device='cpu' or 'auto'")
+    return dev
 
 
 def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
@@ -148,6 +171,36 @@ def _build_model(model_or_config: Any, dtype: torch.dtype, device: torch.device)
     with torch.device(device):
         model: nn.Module = AutoModelForCausalLM.from_config(config)
     return model.to(dtype)
+
+
+def _measure_cuda(
+    phase_step: Callable[[Callable[[str], None]], None], dev: torch.device, baseline: int, steps: int
+) -> MemoryMeasurement:
+    """``steps`` steps on a GPU: the peak by ``max_memory_allocated``, per phase in the last step by resetting
+    the peak counter at each phase boundary; ``baseline`` (bytes allocated before the model) is subtracted."""
+    torch.cuda.synchronize(dev)
+    resident = torch.cuda.memory_allocated(dev) - baseline
+    torch.cuda.reset_peak_memory_stats(dev)
+    for _ in range(steps - 1):
+        phase_step(lambda _name: None)
+    torch.cuda.synchronize(dev)
+    overall = torch.cuda.max_memory_allocated(dev)
+    phase_peaks: dict[str, int] = {}
+    current = ["forward"]
+
+    def mark(name: str) -> None:
+        torch.cuda.synchronize(dev)
+        if name != "forward":
+            phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        current[0] = name
+
+    phase_step(mark)
+    torch.cuda.synchronize(dev)
+    phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
+    phase_peaks = {k: v - baseline for k, v in phase_peaks.items()}
+    peak = max(overall - baseline, *phase_peaks.values())
+    return MemoryMeasurement(peak, phase_peaks, "cuda.max_memory_allocated", resident, steps)
 
 
 def measure_memory(
@@ -180,10 +233,15 @@ def measure_memory(
     """
     torch_dtype = parse_dtype(dtype)
     w_dtype = torch_dtype if weight_dtype is None else parse_dtype(weight_dtype)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got steps={steps!r}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    if not isinstance(gradient_checkpointing, bool):
+        raise ValueError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
+    lora = None if lora is None else as_lora_config(lora, "lora")
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
+    baseline = 0
     if cuda:  # only what this measurement allocates counts (not the caller's own tensors on the GPU)
         torch.cuda.synchronize(dev)
         baseline = torch.cuda.memory_allocated(dev)
@@ -220,30 +278,7 @@ def measure_memory(
         opt.zero_grad(set_to_none=True)
 
     if cuda:
-        torch.cuda.synchronize(dev)
-        resident = torch.cuda.memory_allocated(dev) - baseline
-        torch.cuda.reset_peak_memory_stats(dev)
-        for _ in range(steps - 1):
-            phase_step(lambda _name: None)
-        torch.cuda.synchronize(dev)
-        overall = torch.cuda.max_memory_allocated(dev)
-        phase_peaks: dict[str, int] = {}
-        current = ["forward"]
-
-        def mark(name: str) -> None:
-            torch.cuda.synchronize(dev)
-            if name != "forward":
-                phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            current[0] = name
-
-        phase_step(mark)
-        torch.cuda.synchronize(dev)
-        phase_peaks[current[0]] = torch.cuda.max_memory_allocated(dev)
-        phase_peaks = {k: v - baseline for k, v in phase_peaks.items()}
-        peak = max(overall - baseline, *phase_peaks.values())
-        return MemoryMeasurement(peak, phase_peaks, "cuda.max_memory_allocated", resident, steps)
-
+        return _measure_cuda(phase_step, dev, baseline, steps)
     resident = storage_bytes(iter([*net.parameters(), *net.buffers(), batch]))
     tracker = LiveBytesTracker()
     with tracker:

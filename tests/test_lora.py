@@ -369,3 +369,32 @@ def test_merge_and_unload_exports_a_plain_model(tmp_path, make) -> None:  # type
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).eval()
     assert (_logits(reloaded, ids) - adapted).abs().max() < 1e-5
+
+
+def test_nothing_is_written_onto_the_users_model_and_a_copy_restores_its_flags() -> None:
+    """apply_lora records the previous requires_grad flags in its own wrappers, not on the model, so a
+    deep copy of an adapted model (as measure_memory makes) still gets them back from remove_lora."""
+    import copy
+
+    model = tiny_llama()
+    model.model.norm.weight.requires_grad_(False)
+    attrs = {n: sorted(vars(m)) for n, m in model.named_modules()}
+    apply_lora(model, LoRAConfig(r=2))
+    assert sorted(vars(model)) == attrs[""]  # no marker attribute on the model
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        remove_lora(m)
+        assert {n: sorted(vars(x)) for n, x in m.named_modules()} == attrs
+        assert [n for n, p in m.named_parameters() if not p.requires_grad] == ["model.norm.weight"]
+
+
+def test_layer_and_config_share_one_scaling_rule_and_one_validation() -> None:
+    base = nn.Linear(8, 8)
+    layer = LoRALinear(base, r=16, alpha=32, use_rslora=True)
+    assert layer.scaling == LoRAConfig(r=16, alpha=32, use_rslora=True).scaling == 8.0
+    with pytest.raises(ValueError, match="LoRALinear: r must be an integer >= 1, got r=0"):
+        LoRALinear(nn.Linear(8, 8), r=0, alpha=1)
+    fresh = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="use_rslora='no'"):
+        LoRALinear(fresh, r=2, alpha=4, use_rslora="no")
+    assert fresh.weight.requires_grad  # refused before the layer was frozen

@@ -367,3 +367,15 @@ def test_the_steady_state_step_is_the_peak() -> None:
     assert steady.phase_peaks["forward"] > first.phase_peaks["forward"]  # the moments are already there
     est = estimate_memory(tiny_llama(), batch_size=2, seq_len=16)
     assert abs(est.total - steady.peak_bytes) / steady.peak_bytes < 0.10
+
+
+def test_preflight_for_another_machines_gpu_needs_an_explicit_budget() -> None:
+    """device='cuda' with available_bytes plans for a GPU elsewhere; without it the GPU must be here."""
+    result = preflight(
+        "GPT-2", LoRAConfig(r=2), batch_size=1, seq_len=16, device="cuda", available_bytes=16 * 1024**3
+    )
+    assert result.fits and result.device == "cuda"
+    assert result.estimate.required_bytes(cuda=True) > result.estimate.total  # the CUDA allowance applies
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda'.*no CUDA GPU.*device='cpu'"):
+            preflight("GPT-2", LoRAConfig(r=2), device="cuda")

@@ -80,3 +80,33 @@ def test_a_peft_wrapped_model_is_refused_by_apply_lora() -> None:
     peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(peft_model, LoRAConfig(r=2))
+
+
+@pytest.mark.parametrize(("make", "cfg"), CASES, ids=["llama-qv", "llama-all-rslora", "gpt2"])
+def test_a_peft_lora_config_is_converted_exactly(make, cfg) -> None:  # type: ignore[no-untyped-def]
+    """apply_lora(model, peft.LoraConfig(...)) adapts the same modules with the same scale and init as PEFT."""
+    target = "all-linear" if cfg.target_modules == "all-linear" else None
+    peft_cfg = peft.LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, target_modules=target, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM"
+    )
+    assert LoRAConfig.from_peft(peft_cfg) == LoRAConfig(
+        r=cfg.r, alpha=cfg.alpha, target_modules=target, use_rslora=cfg.use_rslora
+    )
+    ours, base = make(), make()  # make() seeds the model's own init, so seed the adapters' init after it
+    torch.manual_seed(4)
+    report = apply_lora(ours, peft_cfg)
+    torch.manual_seed(4)
+    peft_model = peft.get_peft_model(base, peft_cfg)
+    assert report.trainable_params == peft_model.get_nb_trainable_parameters()[0]
+    theirs = {
+        n.removeprefix("base_model.model."): m
+        for n, m in peft_model.named_modules()
+        if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
+    }
+    assert sorted(theirs) == sorted(lora_layers(ours))
+    for name, layer in lora_layers(ours).items():
+        assert layer.scaling == pytest.approx(theirs[name].scaling["default"])
+        assert torch.equal(
+            layer.lora_A.weight, theirs[name].lora_A["default"].weight
+        )  # same init, same order
+        assert not layer.lora_B.weight.any()

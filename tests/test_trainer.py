@@ -24,7 +24,8 @@ from lora_widgets.events import (
     StepMetrics,
     event_from_dict,
 )
-from lora_widgets.lora import LoRAConfig, has_lora, load_adapter, lora_state_dict
+from lora_widgets.lora import LoRAConfig, has_lora
+from lora_widgets.peft_format import load_adapter, lora_state_dict
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.training.trainer import Trainer
 from tests.helpers import tiny_gpt2, tiny_llama

@@ -17,7 +17,8 @@ from lora_widgets import atomic
 from lora_widgets import checkpoint as ckpt
 from lora_widgets.diagnosis import is_out_of_memory
 from lora_widgets.events import CheckpointSaved, Event, RunFailed, RunFinished, RunSource, StepMetrics
-from lora_widgets.lora import LoRAConfig, apply_lora, load_adapter, lora_state_dict, merge_lora, unmerge_lora
+from lora_widgets.lora import LoRAConfig, apply_lora, merge_lora, unmerge_lora
+from lora_widgets.peft_format import load_adapter, lora_state_dict
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.training.trainer import Trainer
 from tests.helpers import tiny_llama

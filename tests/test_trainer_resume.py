@@ -11,7 +11,8 @@ import torch
 
 from lora_widgets import checkpoint as ckpt
 from lora_widgets.events import CheckpointSaved, Event, RunFinished, StepMetrics
-from lora_widgets.lora import LoRAConfig, load_adapter, lora_state_dict
+from lora_widgets.lora import LoRAConfig
+from lora_widgets.peft_format import load_adapter, lora_state_dict
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.training.trainer import Trainer
 from tests.helpers import tiny_gpt2, tiny_llama
