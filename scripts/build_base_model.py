@@ -4,6 +4,7 @@ Usage::
 
     python scripts/build_base_model.py                      # writes lora_widgets/assets/base_model/
     python scripts/build_base_model.py --out /tmp/rebuild   # rebuild elsewhere and compare with the shipped one
+    python scripts/build_base_model.py --tokenizer-files-only   # rewrite only the tokenizer config + chat template
 
 Steps (all seeded, CPU, fp32):
 
@@ -45,6 +46,27 @@ DEFAULT_OUT = REPO / "lora_widgets" / "assets" / "base_model"
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+
+#: The shipped chat template (ChatML-like; Jinja, rendered by ``tokenizer.apply_chat_template``). Each turn is
+#: ``<|role|>\n{content}<|endoftext|>\n``; the role markers are spelled with tokens the BPE vocabulary already has
+#: (``<``, ``|``, ``user``, ...), so no embedding is added and left untrained, and the end-of-turn token is the
+#: EOS token, so generation stops where a turn ends. The assistant's content, its end-of-turn token and the newline
+#: after it sit inside ``{% generation %}`` markers: TRL's ``assistant_only_loss=True`` and transformers'
+#: ``return_assistant_tokens_mask`` work with it as they are.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception('roles must be system, user or assistant, got ' + message['role']) }}"
+    "{%- endif %}"
+    "{{- '<|' + message['role'] + '|>\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{- message['content'] + eos_token + '\\n' }}{%- endgeneration %}"
+    "{%- else %}"
+    "{{- message['content'] + eos_token + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
 
 HPARAMS: dict[str, Any] = {
     "seed": 0,
@@ -97,7 +119,32 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         bos_token=EOS,
         pad_token=PAD,
         model_max_length=HPARAMS["max_position_embeddings"],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
     )
+
+
+def write_tokenizer_files(tokenizer: Any, out: Path) -> None:
+    """Write ``tokenizer.json`` and a ``tokenizer_config.json`` that every supported transformers loads.
+
+    ``save_pretrained`` under transformers 5 names the class ``TokenizersBackend``, which 4.x does not have,
+    and writes the chat template to ``chat_template.jinja``, which 4.45 does not read. The config written here
+    names ``PreTrainedTokenizerFast`` (4.x's class; 5.x maps it to its tokenizers backend), holds the chat
+    template itself, and pins ``clean_up_tokenization_spaces=False`` (4.x's default was True, which rewrites
+    " ." as "." when decoding), so 4.45-4.57 and 5.x tokenise, decode and render chats the same.
+    """
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    config = {
+        "bos_token": EOS,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": EOS,
+        "model_max_length": HPARAMS["max_position_embeddings"],
+        "pad_token": PAD,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
@@ -315,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=HPARAMS["steps"], help="pretraining steps")
     parser.add_argument("--skip-evidence", action="store_true", help="do not run the LoRA evidence fine-tune")
     parser.add_argument(
+        "--tokenizer-files-only",
+        action="store_true",
+        help="only rewrite the tokenizer files of the model in --out (its tokenizer.json is kept; the config and "
+        "chat template are written as a full build writes them); no training",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -322,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         "waiting for each other; a fixed count also keeps the float results reproducible)",
     )
     args = parser.parse_args(argv)
+    if args.tokenizer_files_only:
+        write_tokenizer_files(PreTrainedTokenizerFast(tokenizer_file=str(args.out / "tokenizer.json")), args.out)
+        print(f"rewrote the tokenizer files in {args.out}")
+        return 0
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -371,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    write_tokenizer_files(tokenizer, tmp)
 
     evidence = {} if args.skip_evidence else lora_evidence(tmp, log)
     summary: dict[str, Any] = {

@@ -1,0 +1,152 @@
+"""The built-in instruction set ``"python-instruct"``: questions about Python answered by Python's own docs.
+
+Every answer is text that ships with CPython, written by the Python developers (PSF licence), so the set is
+offline, deterministic within one interpreter, and written by no one here. Two sources:
+
+1. **Language topics** (``pydoc_data.topics``, what ``help("with")`` prints). The question is made from the
+   topic's title (``The "with" statement`` -> "Explain the `with` statement in Python."); the answer is the
+   opening of the topic's first prose paragraph: as many whole sentences as fit in
+   :data:`MAX_ANSWER_CHARS` (at least one).
+2. **Standard-library functions** of the modules in :data:`FUNCTION_MODULES`: the question is
+   "What does `module.name(signature)` do?", the answer is the docstring's summary, its first paragraph
+   (PEP 257: "the first line should be a short summary"). Functions with no docstring, a summary longer than
+   :data:`MAX_ANSWER_CHARS` or a signature that prints a memory address are left out.
+
+Rows are conversations, ``{"messages": [user question, assistant answer]}``. Rows with the same answer text
+(aliases, duplicated summaries) are grouped, and whole groups go to validation when the SHA-256 of their
+answer falls in the first :data:`VAL_FRACTION` of the hash range: no validation answer appears in training,
+and the split depends only on the text, not on the order or count of rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+import re
+from typing import Any, Literal
+
+__all__ = ["FUNCTION_MODULES", "MAX_ANSWER_CHARS", "VAL_FRACTION", "build_instructions"]
+
+#: Answers longer than this (characters) are cut at a sentence boundary (topics) or left out (functions), so
+#: that an answer fits well inside 128 generated tokens.
+MAX_ANSWER_CHARS = 300
+#: Share of answer groups held out for validation (chosen by answer hash).
+VAL_FRACTION = 0.1
+#: Pure-Python standard-library modules whose documented public functions become questions.
+FUNCTION_MODULES: tuple[str, ...] = (
+    "argparse", "ast", "base64", "bisect", "calendar", "codecs", "colorsys", "configparser", "contextlib",
+    "copy", "csv", "dataclasses", "difflib", "email.utils", "enum", "fnmatch", "fractions", "functools",
+    "getopt", "gettext", "glob", "gzip", "heapq", "html", "inspect", "ipaddress", "json", "linecache",
+    "locale", "logging", "mimetypes", "os", "pickle", "platform", "posixpath", "pprint", "quopri", "random",
+    "re", "reprlib", "shlex", "shutil", "statistics", "string", "subprocess", "sysconfig", "tarfile",
+    "tempfile", "textwrap", "threading", "tokenize", "traceback", "types", "typing", "urllib.parse", "uuid",
+    "warnings", "weakref", "zipfile",
+)  # fmt: skip
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(`])")
+
+
+def _message_rows(question: str, answer: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def _backquote(text: str) -> str:
+    """``"with"`` -> ```with```: pydoc's quoted code spans in Markdown style."""
+    return re.sub(r'"([^"\s]+)"', r"`\1`", text)
+
+
+def _opening(paragraph: str) -> str:
+    """The first sentences of ``paragraph`` that fit in :data:`MAX_ANSWER_CHARS` (at least one)."""
+    sentences = _SENTENCE_END.split(" ".join(paragraph.split()))
+    answer = sentences[0]
+    for sentence in sentences[1:]:
+        if len(answer) + 1 + len(sentence) > MAX_ANSWER_CHARS:
+            break
+        answer = f"{answer} {sentence}"
+    return answer
+
+
+def _topic_rows() -> list[dict[str, Any]]:
+    from pydoc_data.topics import topics
+
+    rows = []
+    for key in sorted(topics):
+        lines = topics[key].strip().splitlines()
+        if len(lines) < 3 or not set(lines[1]) <= set("*="):
+            continue  # no title underline: not a titled topic
+        title = _backquote(lines[0].strip())
+        paragraphs = "\n".join(lines[2:]).split("\n\n")
+        prose = next((p for p in paragraphs if p.strip() and not p.startswith((" ", "\t"))), "")
+        if len(prose) < 40:
+            continue
+        subject = title[0].lower() + title[1:] if title[1:2].islower() else title
+        rows.append(_message_rows(f"Explain {subject} in Python.", _opening(_backquote(prose.strip()))))
+    return rows
+
+
+def _function_rows() -> list[dict[str, Any]]:
+    rows = []
+    for module_name in FUNCTION_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a stripped-down installation: that module contributes no questions
+            continue
+        names = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
+        for name in sorted(set(names)):
+            func = getattr(module, name, None)
+            if not inspect.isfunction(func) or func.__module__ != module.__name__:
+                continue
+            doc = inspect.getdoc(func)
+            try:
+                signature = str(inspect.signature(func))
+            except (TypeError, ValueError):
+                continue
+            if not doc or " at 0x" in signature:
+                continue
+            summary = " ".join(doc.split("\n\n")[0].split())
+            if len(summary) < 15 or len(summary) > MAX_ANSWER_CHARS:
+                continue
+            if len(signature) > 60:
+                signature = "(...)"
+            rows.append(_message_rows(f"What does `{module_name}.{name}{signature}` do?", summary))
+    return rows
+
+
+def _is_validation(answer: str) -> bool:
+    digest = hashlib.sha256(answer.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < VAL_FRACTION
+
+
+@functools.cache
+def _split() -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
+    train: list[dict[str, Any]] = []
+    val: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for row in _topic_rows() + _function_rows():
+        question, answer = (m["content"] for m in row["messages"])
+        if (question, answer) in seen:
+            continue
+        seen.add((question, answer))
+        (val if _is_validation(answer) else train).append(row)
+    return tuple(train), tuple(val)
+
+
+def build_instructions(split: Literal["train", "validation"]) -> list[dict[str, Any]]:
+    """The rows of one split of ``"python-instruct"`` (fresh copies; same content every call).
+
+    Raises:
+        ValueError: ``split`` is not ``"train"`` or ``"validation"``, or this Python has no ``pydoc_data``.
+    """
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    try:
+        train, val = _split()
+    except ImportError as exc:
+        raise ValueError(
+            f"cannot build 'python-instruct': this Python installation has no pydoc_data module ({exc}); "
+            "install the full standard library (e.g. Debian's libpython3-stdlib)"
+        ) from exc
+    rows = train if split == "train" else val
+    return [{"messages": [dict(m) for m in row["messages"]]} for row in rows]
