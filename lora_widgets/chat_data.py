@@ -74,7 +74,9 @@ ALPACA_PROMPT: dict[str, str] = {
 }
 
 #: Where a row came from (its original format); the kind it becomes is :attr:`ChatRow.kind`.
-RowFormat = Literal["text", "prompt-completion", "conversational-prompt-completion", "messages", "sharegpt", "alpaca"]
+RowFormat = Literal[
+    "text", "prompt-completion", "conversational-prompt-completion", "messages", "sharegpt", "alpaca"
+]
 
 Message = dict[str, str]
 
@@ -216,7 +218,9 @@ def normalize_row(row: Any, index: int) -> ChatRow:
             raise ValueError(f"row {index} is an empty string; drop it")
         return ChatRow(index, "text", text=row)
     if not isinstance(row, Mapping):
-        raise ValueError(f"row {index} is {type(row).__name__} ({row!r:.60}), not a dict or str; {_FORMATS_HELP}")
+        raise ValueError(
+            f"row {index} is {type(row).__name__} ({row!r:.60}), not a dict or str; {_FORMATS_HELP}"
+        )
     if "messages" in row:
         return ChatRow(index, "messages", messages=_check_messages(row["messages"], index, "messages"))
     if "conversations" in row:
@@ -234,7 +238,12 @@ def normalize_row(row: Any, index: int) -> ChatRow:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"row {index}: 'text' must be a non-empty str, got {text!r:.60}")
         return ChatRow(index, "text", text=text)
-    partial = {"prompt": "completion", "completion": "prompt", "instruction": "output", "output": "instruction"}
+    partial = {
+        "prompt": "completion",
+        "completion": "prompt",
+        "instruction": "output",
+        "output": "instruction",
+    }
     missing = [f"{partial[k]!r} (it has {k!r})" for k in partial if k in row]
     detail = f"missing {missing[0]}; " if missing else ""
     raise ValueError(f"row {index} has keys {_keys(row)}: {detail}{_FORMATS_HELP}")

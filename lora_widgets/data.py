@@ -34,11 +34,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DataSplit",
-    "read_text_file",
     "as_blocks",
     "load_texts",
     "pack_blocks",
     "prepare_data",
+    "read_text_file",
     "split_blocks",
     "train_val_blocks",
 ]

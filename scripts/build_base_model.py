@@ -376,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.tokenizer_files_only:
-        write_tokenizer_files(PreTrainedTokenizerFast(tokenizer_file=str(args.out / "tokenizer.json")), args.out)
+        write_tokenizer_files(
+            PreTrainedTokenizerFast(tokenizer_file=str(args.out / "tokenizer.json")), args.out
+        )
         print(f"rewrote the tokenizer files in {args.out}")
         return 0
 
