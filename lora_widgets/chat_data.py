@@ -38,6 +38,7 @@ __all__ = [
     "SHAREGPT_ROLES",
     "ChatRow",
     "RowFormat",
+    "check_messages",
     "is_plain_text",
     "load_rows",
     "normalize_row",
@@ -130,9 +131,17 @@ def _keys(row: Mapping[str, Any]) -> str:
     return ", ".join(repr(k) for k in row) or "none"
 
 
-def _check_messages(messages: Any, index: int, field: str, sharegpt: bool = False) -> list[Message]:
-    """Validate a message list (converting ShareGPT ``from``/``value``); errors name the row and message."""
-    where = f"row {index}, field {field!r}"
+def check_messages(messages: Any, where: str = "messages", sharegpt: bool = False) -> list[Message]:
+    """Validate a message list and return fresh ``{"role", "content"}`` dicts (ShareGPT's converted).
+
+    Args:
+        where: how errors name the list (e.g. ``"row 3, field 'messages'"``).
+        sharegpt: the messages use ShareGPT's ``from``/``value`` keys and speaker names.
+
+    Raises:
+        ValueError: not a non-empty list of dicts, an unknown role, a non-str or empty content (each message
+            is named by its position and role).
+    """
     if not isinstance(messages, list) or not messages:
         raise ValueError(
             f"{where}: expected a non-empty list of messages, got {type(messages).__name__} ({messages!r:.80})"
@@ -183,8 +192,8 @@ def _prompt_completion(row: Mapping[str, Any], index: int) -> ChatRow:
         return ChatRow(
             index,
             "conversational-prompt-completion",
-            prompt=_check_messages(prompt, index, "prompt"),
-            completion=_check_messages(completion, index, "completion"),
+            prompt=check_messages(prompt, f"row {index}, field 'prompt'"),
+            completion=check_messages(completion, f"row {index}, field 'completion'"),
         )
     raise ValueError(
         f"row {index}: 'prompt' is {type(prompt).__name__} and 'completion' is {type(completion).__name__}; "
@@ -222,12 +231,14 @@ def normalize_row(row: Any, index: int) -> ChatRow:
             f"row {index} is {type(row).__name__} ({row!r:.60}), not a dict or str; {_FORMATS_HELP}"
         )
     if "messages" in row:
-        return ChatRow(index, "messages", messages=_check_messages(row["messages"], index, "messages"))
+        return ChatRow(
+            index, "messages", messages=check_messages(row["messages"], f"row {index}, field 'messages'")
+        )
     if "conversations" in row:
         conversation = row["conversations"]
         first = conversation[0] if isinstance(conversation, list) and conversation else None
         sharegpt = not (isinstance(first, Mapping) and "role" in first)
-        messages = _check_messages(conversation, index, "conversations", sharegpt=sharegpt)
+        messages = check_messages(conversation, f"row {index}, field 'conversations'", sharegpt)
         return ChatRow(index, "sharegpt", messages=messages)
     if "prompt" in row and "completion" in row:
         return _prompt_completion(row, index)

@@ -9,8 +9,10 @@ offline, deterministic within one interpreter, and written by no one here. Two s
    :data:`MAX_ANSWER_CHARS` (at least one).
 2. **Standard-library functions** of the modules in :data:`FUNCTION_MODULES`: the question is
    "What does `module.name(signature)` do?", the answer is the docstring's summary, its first paragraph
-   (PEP 257: "the first line should be a short summary"). Functions with no docstring, a summary longer than
-   :data:`MAX_ANSWER_CHARS` or a signature that prints a memory address are left out.
+   (PEP 257: "the first line should be a short summary"), read from the module's source with ``ast``.
+   Only functions defined at the module's top level and public (in its literal ``__all__``, or without a
+   leading underscore) count; those with no docstring or a summary longer than :data:`MAX_ANSWER_CHARS` are
+   left out; a signature longer than 60 characters is shown as ``(...)``.
 
 Rows are conversations, ``{"messages": [user question, assistant answer]}``. Rows with the same answer text
 (aliases, duplicated summaries) are grouped, and whole groups go to validation when the SHA-256 of their
@@ -20,11 +22,12 @@ and the split depends only on the text, not on the order or count of rows.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
-import importlib
-import inspect
+import importlib.util
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 __all__ = ["FUNCTION_MODULES", "MAX_ANSWER_CHARS", "VAL_FRACTION", "build_instructions"]
@@ -86,31 +89,45 @@ def _topic_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def _public_names(tree: ast.Module) -> set[str] | None:
+    """The module's literal ``__all__``, or None when it has none (or builds it at run time)."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            try:
+                return set(ast.literal_eval(node.value))
+            except ValueError:
+                return None
+    return None
+
+
 def _function_rows() -> list[dict[str, Any]]:
+    """Read from each module's source with ``ast``, not by importing it, so that nothing another library patched
+    at run time (torch replaces ``inspect.getfile``, for one) changes the set."""
     rows = []
     for module_name in FUNCTION_MODULES:
         try:
-            module = importlib.import_module(module_name)
+            spec = importlib.util.find_spec(module_name)
         except ImportError:  # a stripped-down installation: that module contributes no questions
             continue
-        names = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
-        for name in sorted(set(names)):
-            func = getattr(module, name, None)
-            if not inspect.isfunction(func) or func.__module__ != module.__name__:
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        public = _public_names(tree)
+        for node in sorted((n for n in tree.body if isinstance(n, ast.FunctionDef)), key=lambda n: n.name):
+            if (node.name not in public) if public is not None else node.name.startswith("_"):
                 continue
-            doc = inspect.getdoc(func)
-            try:
-                signature = str(inspect.signature(func))
-            except (TypeError, ValueError):
-                continue
-            if not doc or " at 0x" in signature:
+            doc = ast.get_docstring(node)
+            if not doc:
                 continue
             summary = " ".join(doc.split("\n\n")[0].split())
             if len(summary) < 15 or len(summary) > MAX_ANSWER_CHARS:
                 continue
+            signature = f"({ast.unparse(node.args)})"
             if len(signature) > 60:
                 signature = "(...)"
-            rows.append(_message_rows(f"What does `{module_name}.{name}{signature}` do?", summary))
+            rows.append(_message_rows(f"What does `{module_name}.{node.name}{signature}` do?", summary))
     return rows
 
 
