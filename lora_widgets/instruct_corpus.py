@@ -5,8 +5,8 @@ offline, deterministic within one interpreter, and written by no one here. Two s
 
 1. **Language topics** (``pydoc_data.topics``, what ``help("with")`` prints). The question is made from the
    topic's title (``The "with" statement`` -> "Explain the `with` statement in Python."); the answer is the
-   opening of the topic's first prose paragraph: as many whole sentences as fit in
-   :data:`MAX_ANSWER_CHARS` (at least one).
+   opening of the topic's first prose (not indented) paragraph: as many whole sentences as fit in
+   :data:`MAX_ANSWER_CHARS` (a topic whose first sentence is longer is left out).
 2. **Standard-library functions** of the modules in :data:`FUNCTION_MODULES`: the question is
    "What does `module.name(signature)` do?", the answer is the docstring's summary, its first paragraph
    (PEP 257: "the first line should be a short summary"), read from the module's source with ``ast``.
@@ -61,7 +61,7 @@ def _backquote(text: str) -> str:
 
 
 def _opening(paragraph: str) -> str:
-    """The first sentences of ``paragraph`` that fit in :data:`MAX_ANSWER_CHARS` (at least one)."""
+    """The first sentences of ``paragraph`` that fit in :data:`MAX_ANSWER_CHARS` (the first one in any case)."""
     sentences = _SENTENCE_END.split(" ".join(paragraph.split()))
     answer = sentences[0]
     for sentence in sentences[1:]:
@@ -80,12 +80,13 @@ def _topic_rows() -> list[dict[str, Any]]:
         if len(lines) < 3 or not set(lines[1]) <= set("*="):
             continue  # no title underline: not a titled topic
         title = _backquote(lines[0].strip())
-        paragraphs = "\n".join(lines[2:]).split("\n\n")
+        paragraphs = [p.strip("\n") for p in "\n".join(lines[2:]).split("\n\n")]
         prose = next((p for p in paragraphs if p.strip() and not p.startswith((" ", "\t"))), "")
-        if len(prose) < 40:
+        answer = _opening(_backquote(prose.strip()))
+        if len(prose) < 40 or len(answer) > MAX_ANSWER_CHARS:
             continue
         subject = title[0].lower() + title[1:] if title[1:2].islower() else title
-        rows.append(_message_rows(f"Explain {subject} in Python.", _opening(_backquote(prose.strip()))))
+        rows.append(_message_rows(f"Explain {subject} in Python.", answer))
     return rows
 
 

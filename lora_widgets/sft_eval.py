@@ -25,7 +25,9 @@ __all__ = ["answer_loss", "end_of_turn_share"]
 
 
 @torch.no_grad()
-def answer_loss(model: torch.nn.Module, examples: Sequence[SFTExample], pad_id: int, batch_size: int = 16) -> float:
+def answer_loss(
+    model: torch.nn.Module, examples: Sequence[SFTExample], pad_id: int, batch_size: int = 16
+) -> float:
     """Mean cross-entropy (nats) over the trained tokens of ``examples``; the model's mode is restored.
 
     Raises:
@@ -39,8 +41,12 @@ def answer_loss(model: torch.nn.Module, examples: Sequence[SFTExample], pad_id: 
     total, count = 0.0, 0
     try:
         for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+            batch = {
+                k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()
+            }
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits  # [B, T, V]
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += float(masked_lm_loss(logits, batch["labels"])) * n
             count += n

@@ -41,7 +41,10 @@ def test_every_format_is_recognised_and_normalised() -> None:
             "a plain string",
             {"text": "a text row"},
             {"prompt": "2+2=", "completion": "4"},
-            {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]},
+            {
+                "prompt": [{"role": "user", "content": "hi"}],
+                "completion": [{"role": "assistant", "content": "yo"}],
+            },
             {"messages": CHAT},
             {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
             {"conversations": [{"from": "system", "value": "s"}, {"from": "user", "value": "u"}]},
@@ -60,14 +63,22 @@ def test_every_format_is_recognised_and_normalised() -> None:
         "alpaca",
         "alpaca",
     ]
-    assert [r.kind for r in rows][:5] == ["text", "text", "prompt_completion", "prompt_completion", "conversation"]
+    assert [r.kind for r in rows][:5] == [
+        "text",
+        "text",
+        "prompt_completion",
+        "prompt_completion",
+        "conversation",
+    ]
     assert rows[5].messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert [m["role"] for m in rows[6].messages or []] == ["system", "user"]
     assert rows[7].prompt == ALPACA_PROMPT["prompt_input"].format(instruction="Add.", input="2 2")
     assert rows[8].prompt == ALPACA_PROMPT["prompt_no_input"].format(instruction="Say hi.")
     assert rows[7].completion == "4"
     assert rows[4].to_trl() == {"messages": CHAT}
-    assert is_plain_text(["a", {"text": "b"}]) and not is_plain_text(["a", {"prompt": "p", "completion": "c"}])
+    assert is_plain_text(["a", {"text": "b"}]) and not is_plain_text(
+        ["a", {"prompt": "p", "completion": "c"}]
+    )
 
 
 def test_rows_from_jsonl_json_and_datasets(tmp_path: Path) -> None:
@@ -108,11 +119,20 @@ def test_utf16_rows_file_is_decoded_and_said_so(tmp_path: Path) -> None:
     [
         ({"question": "q", "answer": "a"}, r"row 1 has keys 'question', 'answer': accepted rows"),
         ({"prompt": "q", "answer": "a"}, r"row 1 has keys 'prompt', 'answer': missing 'completion'"),
-        ({"messages": [{"role": "bot", "content": "x"}]}, r"row 1, field 'messages', message 0: unknown role 'bot'"),
-        ({"messages": [{"role": "gpt", "content": "x"}]}, r"unknown role 'gpt'.*ShareGPT's 'gpt' is 'assistant'"),
+        (
+            {"messages": [{"role": "bot", "content": "x"}]},
+            r"row 1, field 'messages', message 0: unknown role 'bot'",
+        ),
+        (
+            {"messages": [{"role": "gpt", "content": "x"}]},
+            r"unknown role 'gpt'.*ShareGPT's 'gpt' is 'assistant'",
+        ),
         ({"messages": [{"role": "user", "content": "  "}]}, r"message 0 \(user\): empty content"),
         ({"messages": []}, r"expected a non-empty list of messages"),
-        ({"messages": [{"role": "user"}]}, r"message 0: expected a dict with 'role' and 'content', got 'role'"),
+        (
+            {"messages": [{"role": "user"}]},
+            r"message 0: expected a dict with 'role' and 'content', got 'role'",
+        ),
         ({"conversations": [{"from": "robot", "value": "x"}]}, r"unknown ShareGPT speaker 'robot'"),
         ({"prompt": "q", "completion": ""}, r"row 1: empty 'completion'"),
         ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}, r"'prompt' is str and"),
@@ -140,7 +160,9 @@ def test_bad_arguments_are_named(tokenizer: Any) -> None:
 def test_conversation_without_template_or_assistant(tokenizer: Any) -> None:
     bare = AutoTokenizer.from_pretrained(BASE_MODEL_PATH)
     bare.chat_template = None
-    with pytest.raises(ValueError, match=r"row 0 is a conversation \(messages\) but the tokenizer has no chat"):
+    with pytest.raises(
+        ValueError, match=r"row 0 is a conversation \(messages\) but the tokenizer has no chat"
+    ):
         prepare_sft([{"messages": CHAT}], bare)
     with pytest.raises(ValueError, match=r"row 0 has no assistant message.*train_on='all'"):
         prepare_sft([{"messages": CHAT[:2]}], tokenizer)
@@ -149,11 +171,17 @@ def test_conversation_without_template_or_assistant(tokenizer: Any) -> None:
 
 
 def test_template_that_yields_no_assistant_span(tokenizer: Any) -> None:
-    hides_answers = "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}"
-    with pytest.raises(ValueError, match=r"row 0: the chat template yields no tokens for assistant message 2"):
+    hides_answers = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(
+        ValueError, match=r"row 0: the chat template yields no tokens for assistant message 2"
+    ):
         prepare_sft([{"messages": CHAT}], tokenizer, chat_template=hides_answers)
     empty_markers = "{% for m in messages %}{{ m['content'] }}{% generation %}{% endgeneration %}{% endfor %}"
-    with pytest.raises(ValueError, match=r"row 0: the chat template's \{% generation %\} markers cover no token"):
+    with pytest.raises(
+        ValueError, match=r"row 0: the chat template's \{% generation %\} markers cover no token"
+    ):
         prepare_sft([{"messages": CHAT}], tokenizer, chat_template=empty_markers)
     with pytest.raises(ValueError, match="needs a chat template with"):
         prepare_sft([{"messages": CHAT}], tokenizer, chat_template=hides_answers, assistant_spans="markers")
@@ -192,7 +220,10 @@ def test_prefix_rendering_works_with_a_template_without_markers(tokenizer: Any) 
         "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
     )
     (example,), _ = prepare_sft([{"messages": CHAT}], tokenizer, chat_template=zephyr_like)
-    assert trained_text(tokenizer, example) == "A mutable sequence.<|endoftext|>\nAn immutable one.<|endoftext|>\n"
+    assert (
+        trained_text(tokenizer, example)
+        == "A mutable sequence.<|endoftext|>\nAn immutable one.<|endoftext|>\n"
+    )
 
 
 def test_alpaca_and_sharegpt_rows_are_trained_on_their_answers(tokenizer: Any) -> None:
@@ -231,4 +262,6 @@ def test_builtin_instruction_set_prepares(tokenizer: Any) -> None:
     examples, stats = prepare_sft("python-instruct", tokenizer, max_length=256)
     assert stats.formats == {"messages": stats.n_rows} and stats.n_dropped == 0
     assert 0.2 < stats.trained_share < 0.7
-    assert all(e.labels[-2] == tokenizer.eos_token_id for e in examples)  # every answer's end-of-turn is trained
+    assert all(
+        e.labels[-2] == tokenizer.eos_token_id for e in examples
+    )  # every answer's end-of-turn is trained

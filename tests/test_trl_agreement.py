@@ -89,7 +89,9 @@ def tiny_model(tokenizer: Any) -> Any:
     return LlamaForCausalLM(config)
 
 
-def trl_prepared(rows: list[dict[str, Any]], tokenizer: Any, model: Any, tmp: Path, **config: Any) -> list[Any]:
+def trl_prepared(
+    rows: list[dict[str, Any]], tokenizer: Any, model: Any, tmp: Path, **config: Any
+) -> list[Any]:
     """``(input_ids, trained mask)`` per row as TRL's ``SFTTrainer`` prepares them."""
     from trl import SFTConfig, SFTTrainer
 
@@ -105,7 +107,9 @@ def ours(rows: list[dict[str, Any]], tokenizer: Any, **kwargs: Any) -> list[Any]
     return [(list(e.input_ids), [int(x != -100) for x in e.labels]) for e in examples]
 
 
-def test_prompt_completion_strings_truncation_and_drops(tokenizer: Any, tiny_model: Any, tmp_path: Path) -> None:
+def test_prompt_completion_strings_truncation_and_drops(
+    tokenizer: Any, tiny_model: Any, tmp_path: Path
+) -> None:
     theirs = trl_prepared(PROMPT_COMPLETION, tokenizer, tiny_model, tmp_path)
     mine = ours(PROMPT_COMPLETION, tokenizer)
     assert len(mine) == 3  # the row whose completion lies past max_length is dropped by both
@@ -114,7 +118,9 @@ def test_prompt_completion_strings_truncation_and_drops(tokenizer: Any, tiny_mod
 
 
 def test_conversational_prompt_completion(tokenizer: Any, tiny_model: Any, tmp_path: Path) -> None:
-    assert ours(CONVERSATIONAL_PC, tokenizer) == trl_prepared(CONVERSATIONAL_PC, tokenizer, tiny_model, tmp_path)
+    assert ours(CONVERSATIONAL_PC, tokenizer) == trl_prepared(
+        CONVERSATIONAL_PC, tokenizer, tiny_model, tmp_path
+    )
 
 
 @pytest.mark.parametrize("template", [None, INST_TEMPLATE], ids=["shipped", "inst"])
