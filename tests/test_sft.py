@@ -29,7 +29,11 @@ def tokenizer() -> Any:
 
 
 def trained_text(tokenizer: Any, example: SFTExample) -> str:
-    return str(tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != -100]))
+    return str(
+        tokenizer.decode(
+            [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != -100]
+        )
+    )
 
 
 # --- formats ----------------------------------------------------------------------------------------------
@@ -97,8 +101,8 @@ def test_rows_from_jsonl_json_and_datasets(tmp_path: Path) -> None:
     bad.write_text('{"prompt": "p", "completion": "c"}\n{oops\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not valid JSON"):
         load_rows(bad)
-    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
-        (tmp_path / "x.csv").write_text("a,b")
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.csv'"):
         load_rows(tmp_path / "x.csv")
     with pytest.raises(TypeError, match="unsupported data source"):
         load_rows(3.5)
