@@ -5,6 +5,7 @@ Usage::
     python scripts/build_base_model.py                      # writes lora_widgets/assets/base_model/
     python scripts/build_base_model.py --out /tmp/rebuild   # rebuild elsewhere and compare with the shipped one
     python scripts/build_base_model.py --tokenizer-files-only   # rewrite only the tokenizer config + chat template
+    python scripts/build_base_model.py --card-only   # re-measure the python-instruct baseline, rewrite the card
 
 Steps (all seeded, CPU, fp32):
 
@@ -254,13 +255,55 @@ def lora_evidence(model_dir: Path, log: Any) -> dict[str, Any]:
     return result
 
 
+def instruct_baseline(model_dir: Path, log: Any) -> dict[str, Any]:
+    """The base model on the ``"python-instruct"`` validation split: answer loss and end-of-turn share."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_widgets.corpora import read_instructions
+    from lora_widgets.sft import prepare_sft
+    from lora_widgets.sft_eval import answer_loss, end_of_turn_share
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    _, train_stats = prepare_sft("python-instruct", tokenizer, max_length=256)
+    rows = read_instructions("python-instruct", "validation")
+    val, _ = prepare_sft(rows, tokenizer, max_length=256)
+    result = {
+        "train_rows": train_stats.n_rows,
+        "val_rows": len(rows),
+        "train_trained_share": train_stats.trained_share,
+        "val_answer_loss": answer_loss(model, val, tokenizer.pad_token_id),
+        "val_end_of_turn_share": end_of_turn_share(model, tokenizer, rows, max_new_tokens=128),
+    }
+    log(
+        f"python-instruct baseline: answer loss {result['val_answer_loss']:.3f}, "
+        f"end-of-turn share {result['val_end_of_turn_share']:.0%}"
+    )
+    return result
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def _instruct_card(s: dict[str, Any]) -> str:
+    base = s.get("instruct_baseline")
+    if not base:
+        return "(Not measured in this build.)"
+    return (
+        f"{base['train_rows']} training rows ({base['train_trained_share']:.0%} of their tokens are answer tokens, "
+        f"the rest is chat markup and questions) and {base['val_rows']} validation rows. This base model on the "
+        f"validation rows: loss on the answer tokens **{base['val_answer_loss']:.3f}** nats; greedy replies that "
+        f"end with the end-of-turn token within 128 new tokens: **{base['val_end_of_turn_share']:.0%}**. "
+        "`benchmarks/bench_sft_evidence.py` fine-tunes it with LoRA on the training rows and prints both figures "
+        "before and after."
+    )
 
 
 def model_card(s: dict[str, Any]) -> str:
     hp, ev = s["hparams"], s["lora_evidence"]
     pre, fin = get_corpus_info("stdlib-code"), get_corpus_info("python-docs")
+    inst = get_corpus_info("python-instruct")
     return f"""---
 license: other
 license_name: psf-2.0
@@ -341,6 +384,29 @@ training blocks: validation loss on `python-docs` **{ev["finetune_val_loss_base"
 ({ev["relative_reduction"]:.1%} lower)**, in {ev["train_wall_s"]:.0f} s of training on the same shared 2-core CPU.
 `tests/test_evidence.py` repeats this run and asserts a reduction of at least 15%.
 
+## Chat template
+
+`tokenizer_config.json` carries a ChatML-like chat template, so `tokenizer.apply_chat_template` works offline as it
+does for a hub instruct model. Each turn is rendered as
+
+```
+<|system|>\\n{{content}}<|endoftext|>\\n<|user|>\\n{{content}}<|endoftext|>\\n<|assistant|>\\n{{content}}<|endoftext|>\\n
+```
+
+and `add_generation_prompt=True` appends `<|assistant|>\\n`. The role markers are spelled with tokens the vocabulary
+already has (`<`, `|`, `user`, `|`, `>`), so no embedding was added and none is left untrained; the end-of-turn token
+is the EOS token `<|endoftext|>` (id {s["eos_token_id"]}), so generation stops where a turn ends. Roles other than system,
+user and assistant are refused. The assistant's content, its end-of-turn token and the newline after it sit inside
+`{{% generation %}}` markers, so transformers' `return_assistant_tokens_mask` and TRL's `assistant_only_loss=True` work
+as they are. The base model was pretrained on code, not chats: it has never seen this format and does not end its
+turns until fine-tuned on it.
+
+## Instruction set: `python-instruct`
+
+{inst.description}
+
+{_instruct_card(s)}
+
 ## Limitations
 
 Tiny and trained on ~{s["pretrain_tokens"] / 1e6:.1f} M tokens of one codebase: it has no knowledge worth relying on, and it
@@ -362,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=HPARAMS["steps"], help="pretraining steps")
     parser.add_argument("--skip-evidence", action="store_true", help="do not run the LoRA evidence fine-tune")
     parser.add_argument(
+        "--card-only",
+        action="store_true",
+        help="only measure the python-instruct baseline of the model in --out and rewrite its training_summary.json "
+        "and README.md (no training)",
+    )
+    parser.add_argument(
         "--tokenizer-files-only",
         action="store_true",
         help="only rewrite the tokenizer files of the model in --out (its tokenizer.json is kept; the config and "
@@ -380,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
             PreTrainedTokenizerFast(tokenizer_file=str(args.out / "tokenizer.json")), args.out
         )
         print(f"rewrote the tokenizer files in {args.out}")
+        return 0
+    if args.card_only:
+        rewrite_card(args.out)
         return 0
 
     def log(msg: str) -> None:
@@ -433,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     write_tokenizer_files(tokenizer, tmp)
 
     evidence = {} if args.skip_evidence else lora_evidence(tmp, log)
+    baseline = {} if args.skip_evidence else instruct_baseline(tmp, log)
     summary: dict[str, Any] = {
         "hparams": {**hp, "betas": list(hp["betas"])},
         "n_params": n_params,
@@ -449,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_train_loss": curve[-1]["train_loss"] if curve else float("nan"),
         "curve": curve,
         "lora_evidence": evidence,
+        "instruct_baseline": baseline,
         "pretrain_wall_s": pretrain_wall,
         "total_wall_s": time.perf_counter() - t0,
         "python_version": python_version(),
@@ -469,6 +546,17 @@ def main(argv: list[str] | None = None) -> int:
     if out.resolve() != DEFAULT_OUT.resolve():
         compare_with_shipped(summary, log)
     return 0
+
+
+def rewrite_card(out: Path) -> None:
+    """Re-measure the ``python-instruct`` baseline of the model in ``out`` and rewrite its summary and card."""
+    summary = json.loads((out / "training_summary.json").read_text())
+    summary["instruct_baseline"] = instruct_baseline(out, print)
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(summary))
+    summary["size_bytes"] = dir_size(out)
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(summary))
 
 
 def compare_with_shipped(summary: dict[str, Any], log: Any) -> None:
