@@ -165,8 +165,11 @@ def load_corpus(role: str) -> list[str]:
     ``"finetune"``: the Python Language Reference prose (``pydoc_data.topics``), a different domain for
     LoRA to adapt to.
 
+    The ``"instruct"`` role's set (``"python-instruct"``) holds chat rows, not documents: read it with
+    ``lora_widgets.corpora.read_instructions("python-instruct", "train" | "validation")``.
+
     Raises:
-        ValueError: ``role`` is not ``"pretrain"`` or ``"finetune"``.
+        ValueError: ``role`` is not ``"pretrain"`` or ``"finetune"`` (``"instruct"`` says where to read it).
     """
     return read_corpus(corpus_for_role(role))
 
