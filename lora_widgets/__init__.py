@@ -70,6 +70,16 @@ _EXPORTS: dict[str, str] = {
     "load_base_model": "demo",
     "load_model": "demo",
     "generate": "demo",
+    # instruction and chat data (TRL's row formats, loss on the answers)
+    "load_rows": "chat_data",
+    "prepare_sft": "sft",
+    "SFTStats": "sft",
+    "collate": "sft_batches",
+    "iter_batches": "sft_batches",
+    "masked_lm_loss": "sft_batches",
+    "answer_loss": "sft_eval",
+    "end_of_turn_share": "sft_eval",
+    "read_instructions": "corpora",
     # devices, schedules, training
     "list_devices": "devices",
     "select_device": "devices",
