@@ -63,6 +63,11 @@ _EXPORTS: dict[str, str] = {
     "TrainConfig": "train_config",
     "Trainer": "trainer",
     "History": "history",
+    # Hugging Face / TRL trainers as a run source (imports transformers when used)
+    "HFRun": "hf_bridge",
+    "EventCallback": "hf_bridge",
+    "describe_settings": "hf_bridge",
+    "logging_advice": "hf_bridge",
     # memory
     "estimate_memory": "memory",
     "measure_memory": "memory",
