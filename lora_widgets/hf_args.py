@@ -345,4 +345,9 @@ def nan_failure(args: Any, bad_step: int, max_steps: int) -> Diagnosis:
         logger.info("no TrainConfig view of these TrainingArguments (%s); plain NaN report", why)
         message = f"The loss (or gradient) became NaN/inf by step {bad_step}."
         return Diagnosis("nan", message, ["lower learning_rate (a third of it)"], "FloatingPointError")
-    return _in_hf_words(nan_diagnosis(bad_step, False, config=config, total_steps=max_steps), args)
+    d = _in_hf_words(nan_diagnosis(bad_step, False, config=config, total_steps=max_steps), args)
+    d.message += (
+        " transformers applies every update, so the weights in memory may no longer be finite: start again from"
+        " a checkpoint (train(resume_from_checkpoint=...)) or the base model."
+    )
+    return d

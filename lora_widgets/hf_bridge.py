@@ -47,6 +47,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -90,6 +91,10 @@ logger = logging.getLogger(__name__)
 _STEP_KEYS = frozenset({"loss", "learning_rate", "grad_norm", "epoch", "step"})
 _UTIL_EVERY_S = 2.0  # GPU utilisation is read through NVML at most this often
 
+# Trainers an HFRun is training right now (two HFRuns of one trainer must not overlap). Not the trainer's own
+# ``is_in_train``: transformers leaves that True after train() raised, although train() may be called again.
+_TRAINING: weakref.WeakSet[Any] = weakref.WeakSet()
+
 
 def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
@@ -130,6 +135,7 @@ class _RunRecord:
     ckpt_path: str | None = None
     util: float | None = None
     util_t: float = -1e9
+    unwritten: list[Event] = field(default_factory=list)  # published before metrics.jsonl was opened
 
 
 class EventCallback(TrainerCallback):
@@ -209,7 +215,9 @@ class EventCallback(TrainerCallback):
     # -- TrainerCallback hooks (called in the training thread) ------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        announced = self._run.unwritten if self.state == "running" else []  # by begin()
         self._reset_run()
+        self._run.unwritten = announced
         self._run.started = True
         self._run.device = torch.device(str(args.device))
         self._run.max_steps = int(state.max_steps)
@@ -407,6 +415,8 @@ class EventCallback(TrainerCallback):
         try:
             os.makedirs(args.output_dir, exist_ok=True)
             self._file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+            for event in self._run.unwritten:
+                self._file.write(json.dumps(event.to_dict()) + "\n")
         except OSError:
             logger.exception(
                 "cannot open metrics.jsonl in %s; events are not written to disk", args.output_dir
@@ -415,7 +425,9 @@ class EventCallback(TrainerCallback):
     def _emit(self, event: Event) -> None:
         if isinstance(event, StateChanged):
             self.state = event.state
-        if self._file is not None:
+        if self._file is None and not self._run.started:
+            self._run.unwritten.append(event)
+        elif self._file is not None:
             try:
                 self._file.write(json.dumps(event.to_dict()) + "\n")
                 self._file.flush()
@@ -505,9 +517,10 @@ class HFRun:
         Raises:
             RuntimeError: a run of this trainer is already in progress.
         """
-        if self._running or getattr(self.hf_trainer, "is_in_train", False):
+        if self._running or self.hf_trainer in _TRAINING:
             raise RuntimeError("this trainer is already training; stop() it or await the run in progress")
         self._running = True
+        _TRAINING.add(self.hf_trainer)
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.history = History()
@@ -523,6 +536,7 @@ class HFRun:
             raise
         finally:
             self._running = False
+            _TRAINING.discard(self.hf_trainer)
         self.last_event = end
         return end
 
