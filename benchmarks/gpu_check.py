@@ -139,12 +139,15 @@ def cpu_grid() -> list[dict[str, Any]]:
 
 
 def make_plan(quick: bool, steps: int, oom_batch: int) -> Plan:
+    """The CUDA plan (SmolLM2-135M shape), or the quick one: a tiny Llama on the CPU, whatever the machine has."""
     if torch.cuda.is_available() and not quick:
-        return Plan(smollm2_135m_config(), torch.device("cuda"), 8, 512, steps, 5, ("bf16", "fp16"),
+        # bf16 needs Ampere or newer; fp16 runs everywhere CUDA does
+        precisions = ("bf16", "fp16") if torch.cuda.is_bf16_supported() else ("fp16",)
+        return Plan(smollm2_135m_config(), torch.device("cuda"), 8, 512, steps, 5, precisions,
                     oom_batch, 1024, cuda_grid())  # fmt: skip
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    precisions = ("fp32", "bf16") if device.type == "cpu" else ("bf16", "fp16")
-    return Plan(tiny_config(), device, 4, 32, min(steps, 6), 2, precisions, 4, 32, cpu_grid())
+    return Plan(
+        tiny_config(), torch.device("cpu"), 4, 32, min(steps, 6), 2, ("fp32", "bf16"), 4, 32, cpu_grid()
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,7 +173,7 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_gib(device: torch.device) -> str:
+def peak_memory(device: torch.device) -> str:
     if device.type != "cuda":
         return "n/a (CPU)"
     return format_bytes(torch.cuda.max_memory_allocated(device))
@@ -278,7 +281,7 @@ def training_rows(plan: Plan, tmp: str) -> tuple[list[Row], dict[str, float]]:
             speed[f"{who}-{precision}"] = tok_s
             ok = end.kind == "finished" and end.final_loss is not None and math.isfinite(end.final_loss)
             result = (
-                f"{end.kind}, loss {end.final_loss:.3f}, {tok_s:,.0f} tokens/s, peak {peak_gib(plan.device)}, "
+                f"{end.kind}, loss {end.final_loss:.3f}, {tok_s:,.0f} tokens/s, peak {peak_memory(plan.device)}, "
                 f"{wall:.1f} s"
                 if ok
                 else f"{end.kind}: {end.message[:160]}"
