@@ -65,9 +65,9 @@ _EXPORTS: dict[str, str] = {
     "History": "history",
     # Hugging Face / TRL trainers as a run source (imports transformers when used)
     "HFRun": "hf_bridge",
-    "EventCallback": "hf_bridge",
-    "describe_settings": "hf_bridge",
-    "logging_advice": "hf_bridge",
+    "EventCallback": "hf_callback",
+    "describe_settings": "hf_args",
+    "logging_advice": "hf_args",
     # memory
     "estimate_memory": "memory",
     "measure_memory": "memory",
