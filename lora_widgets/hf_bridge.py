@@ -135,7 +135,10 @@ class HFRun:
                 await work
             raise
         finally:
+            # Every event of this run was handed to the loop before the worker returned; from now on a
+            # train() called directly delivers in its own thread (this loop may be closed, as after asyncio.run).
             self._running = False
+            self._loop = self._loop_thread = None
             _TRAINING.discard(self.hf_trainer)
         self.last_event = end
         return end

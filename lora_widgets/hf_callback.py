@@ -190,6 +190,7 @@ class EventCallback(TrainerCallback):
             logger.exception("diagnosing the failure failed")
             reason, error_type = "error", type(exc).__name__
             message, suggestions = f"Training failed at step {step + 1}: {exc} (diagnosis failed: {why})", []
+        message = message if message.endswith(".") else message + "."
         end = self._failed(step, reason, message + self._saved_note(step), error_type, suggestions)
         self._finish("failed", end)
         return end
@@ -368,6 +369,9 @@ class EventCallback(TrainerCallback):
         )
 
     def _saved_note(self, step: int) -> str:
+        """Where the trained weights are, after the message (nothing when no step was trained)."""
+        if step <= self._run.start_step and self._run.ckpt_path is None:
+            return ""
         if self._run.ckpt_path is None:
             return (
                 " No checkpoint was written (save_strategy); the trained weights are in memory: "

@@ -259,12 +259,16 @@ def test_a_failure_in_compute_loss_ends_in_run_failed(tmp_path: Path, fault: str
     assert isinstance(again, RunFinished), again
 
 
-def test_bad_data_before_training_is_bad_input(tmp_path: Path) -> None:
+def test_bad_data_ends_in_run_failed_naming_the_problem(tmp_path: Path) -> None:
     hf = _hf_trainer(tmp_path)
-    hf.train_dataset = [{"text": "no input ids here"}] * 8
+    hf.train_dataset = []  # refused before training starts: bad input
     end = asyncio.run(HFRun(hf).run())
-    assert isinstance(end, RunFailed) and end.step == 0
-    assert end.reason in ("bad_input", "error")
+    assert isinstance(end, RunFailed) and end.step == 0 and end.reason == "bad_input"
+    assert "num_samples=0" in end.message and "save_model" not in end.message  # nothing was trained
+    hf.train_dataset = [{"text": "no input ids here"}] * 8  # refused by the model at the first step
+    end = asyncio.run(HFRun(hf).run())
+    assert isinstance(end, RunFailed) and end.step == 0 and end.reason == "error"
+    assert "input_ids" in end.message and end.error_type == "ValueError"
 
 
 def test_event_callback_alone_delivers_synchronously(tmp_path: Path) -> None:
