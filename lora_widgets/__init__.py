@@ -88,6 +88,11 @@ _EXPORTS: dict[str, str] = {
     "TrainConfig": "train_config",
     "Trainer": "training.trainer",
     "History": "history",
+    # Hugging Face / TRL trainers as a run source (imports transformers when used)
+    "HFRun": "hf_bridge",
+    "EventCallback": "hf_callback",
+    "describe_settings": "hf_args",
+    "logging_advice": "hf_args",
     # memory
     "estimate_memory": "memory_estimate",
     "measure_memory": "memory_measure",

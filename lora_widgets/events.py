@@ -98,6 +98,8 @@ class StepMetrics(_EventBase):
     memory_bytes: int
     memory_reserved_bytes: int | None = None
     gpu_utilization: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    """Further numeric metrics the producer logged, by its own names (e.g. TRL's ``mean_token_accuracy``)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ class EvalMetrics(_EventBase):
     val_loss: float
     perplexity: float
     best_val_loss: float
+    extra: dict[str, float] = field(default_factory=dict)
+    """Further numeric evaluation metrics, by the producer's names (e.g. ``eval_mean_token_accuracy``)."""
 
 
 @dataclass(frozen=True)
