@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lora_widgets.diagnosis import Diagnosis, error_diagnosis, nan_diagnosis, oom_diagnosis
+from lora_widgets.diagnosis import Diagnosis, error_diagnosis, is_out_of_memory, nan_diagnosis, oom_diagnosis
 from lora_widgets.lora import LoRAConfig
 from lora_widgets.train_config import TrainConfig
 
@@ -34,7 +34,6 @@ __all__ = [
     "describe_settings",
     "expected_max_steps",
     "failure_diagnosis",
-    "is_oom",
     "logging_advice",
     "nan_failure",
     "peft_lora_config",
@@ -94,7 +93,7 @@ _HF_WORDS = (
     (r"\blog_every\b", "logging_steps"),
     (r"precision='(bf16|fp16)'", r"\1=True"),
     (r"'fp16' on GPUs", "fp16=True on GPUs"),
-    (r"lora_widgets\.trainer\b", "lora_widgets.hf_bridge"),
+    (r"lora_widgets\.training\b", "lora_widgets.hf_bridge"),
 )
 
 
@@ -281,20 +280,6 @@ def _in_hf_words(d: Diagnosis, args: Any) -> Diagnosis:
     return d
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True for an out-of-memory error from any device: CUDA's ``OutOfMemoryError``, Python's ``MemoryError``,
-    MPS's "out of memory", and the CPU allocator's "can't allocate memory" / "not enough memory"."""
-    oom_types = tuple(
-        t for t in (getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError, MemoryError) if t
-    )
-    if isinstance(exc, oom_types):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("out of memory", "can't allocate memory", "not enough memory")
-    )
-
-
 def _model_device(model: Any, args: Any) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -311,7 +296,7 @@ def failure_diagnosis(
     ``TypeError``, ``KeyError``) before that is reported as bad input.
     """
     args = hf_trainer.args
-    if is_oom(exc):
+    if is_out_of_memory(exc):
         seq_len = sample_seq_len(getattr(hf_trainer, "train_dataset", None), args)
         try:
             config = train_config_view(args, max_steps or step or 1, seq_len)
