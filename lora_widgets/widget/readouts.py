@@ -19,7 +19,7 @@ from torch import nn
 
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, count_parameters
-from lora_widgets.memory import format_bytes
+from lora_widgets.devices import describe_device, format_bytes
 from lora_widgets.schedules import lr_schedule, steps_per_epoch, total_steps
 
 __all__ = [
@@ -71,8 +71,6 @@ def params_summary(trainable: int, total: int) -> dict[str, Any]:
 
 def idle_summary(device_type: str, trainable: int, total: int, n_train_blocks: int | None) -> dict[str, Any]:
     """The summary before any run: the device, what the settings will train, the data's size."""
-    from lora_widgets.devices import describe_device
-
     name = device_type.upper() if device_type == "cpu" else describe_device(device_type)
     return {
         "device": device_type,
