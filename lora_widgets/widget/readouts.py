@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from lora_widgets.devices import describe_device, format_bytes
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, count_parameters
-from lora_widgets.devices import describe_device, format_bytes
 from lora_widgets.schedules import lr_schedule, steps_per_epoch, total_steps
 
 __all__ = [
