@@ -139,12 +139,10 @@ def _dir_bytes(path: str | None) -> int | None:
 def planned_total_steps(train: Any, n_train_blocks: int | None) -> int | None:
     """Optimizer updates a run with ``train`` makes on ``n_train_blocks`` blocks (the trainer's rule:
     ``max_steps``, else ``epochs`` x updates per epoch); ``None`` when unknown."""
-    if train.max_steps:
-        return int(train.max_steps)
-    if not n_train_blocks:
+    if not (train.max_steps or n_train_blocks):
         return None
-    per_epoch = steps_per_epoch(n_train_blocks, train.batch_size, train.grad_accum_steps)
-    return total_steps(None, int(train.epochs), max(1, per_epoch))
+    per_epoch = steps_per_epoch(n_train_blocks or 0, train.batch_size, train.grad_accum_steps)
+    return total_steps(train.max_steps or None, int(train.epochs), max(1, per_epoch))
 
 
 def schedule_preview(
