@@ -23,9 +23,11 @@ import torch
 __all__ = [
     "DeviceInfo",
     "describe_device",
+    "format_bytes",
     "gpu_utilization",
     "list_devices",
     "memory_in_use",
+    "parse_device",
     "select_device",
     "total_memory",
 ]
@@ -63,13 +65,22 @@ class DeviceInfo:
         return torch.device(self.kind if self.index is None else f"{self.kind}:{self.index}")
 
     def __str__(self) -> str:
-        mem = f", {_gib(self.total_memory)} memory" if self.total_memory else ""
+        mem = f", {format_bytes(self.total_memory, digits=1)} memory" if self.total_memory else ""
         threads = f", {self.threads} threads" if self.threads else ""
         return f"{self.device}: {self.name}{threads}{mem}"
 
 
-def _gib(n: int | None) -> str:
-    return "unknown" if n is None else f"{n / 2**30:.1f} GiB"
+def format_bytes(n: float | None, digits: int = 2) -> str:
+    """Bytes as people read them: ``'1.23 GiB'``, ``'456.0 MiB'``, ``'12.0 KiB'``, ``'512 B'``; ``None`` (not
+    known) is ``'unknown'``. ``digits``: decimals of a GiB figure (``describe_device`` uses 1: ``'16.0 GiB'``);
+    MiB and KiB always show one. The one byte formatter of the package (memory estimates, failure messages,
+    the dashboard's adapter size and device line all use it)."""
+    if n is None:
+        return "unknown"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.{digits if unit == 'GiB' else 1}f} {unit}"
+    return f"{int(n)} B"
 
 
 def _cpu_name() -> str:
@@ -122,6 +133,32 @@ def list_devices() -> list[DeviceInfo]:
     return out
 
 
+def parse_device(preference: str | torch.device = "auto") -> torch.device:
+    """The device a name asks for, without checking that this machine has it (the one place ``"auto"`` is
+    resolved: the first CUDA GPU, else MPS, else the CPU).
+
+    Accepts ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device``. Raises
+    ``ValueError`` naming the value for anything else. :func:`select_device` adds the availability checks;
+    planning for another machine (the memory estimator) needs only this.
+    """
+    if isinstance(preference, torch.device):
+        wanted = preference
+    elif isinstance(preference, str) and preference.lower() == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda:0")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    else:
+        try:
+            wanted = torch.device(preference)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"device {preference!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:0' or 'mps'"
+            ) from exc
+    if wanted.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(wanted)!r} is not supported; use 'auto', 'cpu', 'cuda' or 'mps'")
+    return wanted
+
+
 def select_device(preference: str | torch.device = "auto", require_gpu: bool = False) -> torch.device:
     """The device to train on.
 
@@ -134,22 +171,7 @@ def select_device(preference: str | torch.device = "auto", require_gpu: bool = F
             message lists what was found and how to get a GPU.
         ValueError: ``preference`` is not a device name.
     """
-    if isinstance(preference, torch.device):
-        wanted = preference
-    elif preference == "auto":
-        if torch.cuda.is_available():
-            wanted = torch.device("cuda:0")
-        elif _mps_available():
-            wanted = torch.device("mps")
-        else:
-            wanted = torch.device("cpu")
-    else:
-        try:
-            wanted = torch.device(preference)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(
-                f"device {preference!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:0' or 'mps'"
-            ) from exc
+    wanted = parse_device(preference)
 
     def found() -> str:  # only computed for an error message (it may run nvidia-smi)
         return "; ".join(str(d) for d in list_devices())
@@ -171,8 +193,6 @@ def select_device(preference: str | torch.device = "auto", require_gpu: bool = F
         wanted = torch.device("cuda", index)
     elif wanted.type == "mps" and not _mps_available():
         raise RuntimeError(f"device 'mps' requested but MPS is not available. Found: {found()}. {_GPU_HOWTO}")
-    elif wanted.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {str(wanted)!r} is not supported; use 'auto', 'cpu', 'cuda' or 'mps'")
     if require_gpu and wanted.type == "cpu":
         raise RuntimeError(
             f"a GPU is required but none was found (or 'cpu' was requested). Found: {found()}. {_GPU_HOWTO}"
@@ -200,10 +220,10 @@ def describe_device(device: str | torch.device) -> str:
     d = _as_device(device)
     if d.type == "cuda":
         name, total = _cuda_name_and_memory(d.index or 0)
-        return f"{name} ({d}, {_gib(total)})"
+        return f"{name} ({d}, {format_bytes(total, digits=1)})"
     if d.type == "mps":
-        return f"Apple GPU (mps, unified memory {_gib(_ram()[0])})"
-    return f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads, {_gib(_ram()[0])} RAM)"
+        return f"Apple GPU (mps, unified memory {format_bytes(_ram()[0], digits=1)})"
+    return f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads, {format_bytes(_ram()[0], digits=1)} RAM)"
 
 
 def _rss() -> int:

@@ -24,10 +24,9 @@ from typing import Literal
 
 import torch
 
-from lora_widgets.devices import describe_device, total_memory
+from lora_widgets.devices import describe_device, format_bytes, total_memory
 from lora_widgets.events import FailureReason
 from lora_widgets.lora import LoRAConfig
-from lora_widgets.memory_estimate import format_bytes
 from lora_widgets.schedules import lr_at
 from lora_widgets.train_config import TrainConfig
 
@@ -78,10 +77,6 @@ def format_lr(lr: float) -> str:
     return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
 
 
-def _gib(n: int | None) -> str:
-    return "unknown" if n is None else format_bytes(n)
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for an allocation failure on any device: torch's ``OutOfMemoryError``, Python's ``MemoryError``,
     or a ``RuntimeError`` from the CUDA, MPS or CPU allocator."""
@@ -123,7 +118,7 @@ def oom_diagnosis(
     message = (
         f"Out of memory {where} on {describe_device(device)}: batch_size={c.batch_size} "
         f"(x grad_accum_steps {c.grad_accum_steps}), LoRA rank r={rank if rank is not None else 'n/a (full fine-tuning)'}, "
-        f"sequence length {seq_len}, precision {c.precision}; the {what} has {_gib(total)} in total. "
+        f"sequence length {seq_len}, precision {c.precision}; the {what} has {format_bytes(total)} in total. "
         f"{kept} ({first_line})"
     )
     suggestions: list[str] = []

@@ -48,7 +48,8 @@ _DTYPES: dict[str, torch.dtype] = {
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A floating torch dtype from a dtype or its name ("float32", "bf16", "float16", ...)."""
+    """A floating torch dtype from a dtype or its name ("float32", "bf16", "float16", ...): the one table of
+    dtype names (the estimator, the planner and ``load_model(dtype=...)`` accept the same names)."""
     if isinstance(dtype, torch.dtype):
         if dtype in _DTYPES.values():
             return dtype
@@ -57,7 +58,9 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
         key = dtype.lower().removeprefix("torch.")
         if key in _DTYPES:
             return _DTYPES[key]
-    raise ValueError(f"dtype={dtype!r} is not a supported dtype; valid names: {sorted(_DTYPES)}")
+    raise ValueError(
+        f"unknown dtype: dtype={dtype!r} is not a supported dtype; valid names: {sorted(_DTYPES)}"
+    )
 
 
 @functools.lru_cache(maxsize=1)

@@ -36,6 +36,27 @@ def test_bad_device_name() -> None:
         devices.select_device("gpu-please")
 
 
+def test_parse_device_names_without_checking_the_machine() -> None:
+    # planning for another machine: a GPU name parses even where there is none
+    assert devices.parse_device("cuda:1") == torch.device("cuda", 1)
+    assert devices.parse_device("mps") == torch.device("mps")
+    assert devices.parse_device(torch.device("cpu")) == torch.device("cpu")
+    assert devices.parse_device("AUTO") == devices.select_device("auto")
+    with pytest.raises(ValueError, match="'gpu-please' is not a device name"):
+        devices.parse_device("gpu-please")
+    with pytest.raises(ValueError, match="'meta' is not supported"):
+        devices.parse_device("meta")
+
+
+def test_format_bytes_is_the_one_byte_formatter() -> None:
+    assert devices.format_bytes(None) == "unknown"
+    assert devices.format_bytes(512) == "512 B"
+    assert devices.format_bytes(1536) == "1.5 KiB"
+    assert devices.format_bytes(456 * 2**20) == "456.0 MiB"
+    assert devices.format_bytes(1.234 * 2**30) == "1.23 GiB"
+    assert devices.format_bytes(16 * 2**30, digits=1) == "16.0 GiB"  # describe_device's form
+
+
 def test_memory_in_use_on_cpu_is_rss() -> None:
     allocated, reserved = devices.memory_in_use("cpu")
     assert reserved is None

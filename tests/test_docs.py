@@ -70,3 +70,15 @@ def test_notebook_structure(path: Path) -> None:
     sources = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     # notebooks use only the public namespace
     assert "from lora_widgets." not in sources and "import lora_widgets." not in sources
+
+
+def test_architecture_page_names_every_module() -> None:
+    """The module table of docs/architecture.md matches the tree: a new module must be described there."""
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    package = ROOT / "lora_widgets"
+    missing = [
+        rel
+        for rel in sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py"))
+        if f"`{rel}`" not in page
+    ]
+    assert not missing, f"docs/architecture.md's module table does not mention {missing}"

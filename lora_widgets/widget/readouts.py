@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from lora_widgets.devices import describe_device, format_bytes
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, count_parameters
-from lora_widgets.memory import format_bytes
 from lora_widgets.schedules import lr_schedule, steps_per_epoch, total_steps
 
 __all__ = [
@@ -71,8 +71,6 @@ def params_summary(trainable: int, total: int) -> dict[str, Any]:
 
 def idle_summary(device_type: str, trainable: int, total: int, n_train_blocks: int | None) -> dict[str, Any]:
     """The summary before any run: the device, what the settings will train, the data's size."""
-    from lora_widgets.devices import describe_device
-
     name = device_type.upper() if device_type == "cpu" else describe_device(device_type)
     return {
         "device": device_type,
@@ -141,12 +139,10 @@ def _dir_bytes(path: str | None) -> int | None:
 def planned_total_steps(train: Any, n_train_blocks: int | None) -> int | None:
     """Optimizer updates a run with ``train`` makes on ``n_train_blocks`` blocks (the trainer's rule:
     ``max_steps``, else ``epochs`` x updates per epoch); ``None`` when unknown."""
-    if train.max_steps:
-        return int(train.max_steps)
-    if not n_train_blocks:
+    if not (train.max_steps or n_train_blocks):
         return None
-    per_epoch = steps_per_epoch(n_train_blocks, train.batch_size, train.grad_accum_steps)
-    return total_steps(None, int(train.epochs), max(1, per_epoch))
+    per_epoch = steps_per_epoch(n_train_blocks or 0, train.batch_size, train.grad_accum_steps)
+    return total_steps(train.max_steps or None, int(train.epochs), max(1, per_epoch))
 
 
 def schedule_preview(
