@@ -5,7 +5,11 @@ uses only the trainer never imports the widget stack (anywidget, ipywidgets, bqp
 
 Layers, imports pointing one way::
 
-    lora_config, lora, peft_format, data, corpora, devices, memory, events, schedules  <-  trainer  <-  widget  <-  notebooks/docs
+    core: lora_config, lora, peft_format, data, chat_data, sft, corpora, devices, memory, events, schedules,
+          adapter_stats, alerts, diagnosis
+      <-  training/ (our Trainer) and hf_bridge (an attached transformers/TRL trainer)
+      <-  widget/ (views of the event stream)
+      <-  notebooks and docs
 """
 
 from __future__ import annotations

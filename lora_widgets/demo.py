@@ -36,22 +36,11 @@ __all__ = [
 #: Directory of the shipped pretrained base model (``save_pretrained`` output plus its model card).
 BASE_MODEL_PATH: Path = Path(__file__).resolve().parent / "assets" / "base_model"
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or one of {', '.join(_DTYPES)}")
+    """``None`` (the checkpoint's own dtype) or the one table of dtype names (``memory_arch.parse_dtype``)."""
+    from lora_widgets.memory_arch import parse_dtype  # memory_arch imports lora; keep demo's import light
+
+    return None if dtype is None else parse_dtype(dtype)
 
 
 def _looks_like_local_path(name: str) -> bool:

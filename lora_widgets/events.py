@@ -1,6 +1,6 @@
 """Typed events that a training run publishes, in order, to its subscribers.
 
-The trainer (``trainer.py``) produces these; the dashboard (``widget/``), scripts and tests consume them.
+Any run source produces these (our ``training/trainer.py``, an attached HF/TRL trainer via ``hf_bridge``, a :class:`Replay`); the dashboard (``widget/``), scripts and tests consume them.
 Keeping them in their own small module lets the widget depend on the event *shapes* without importing
 anything that trains, and lets ``metrics.jsonl`` be read back into the same objects
 (:func:`event_from_dict`) after a kernel crash.

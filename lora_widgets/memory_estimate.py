@@ -27,6 +27,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from lora_widgets.devices import format_bytes
 from lora_widgets.lora import LoRAConfig, as_lora_config
 from lora_widgets.memory_activations import ActivationModel, BlockBytes
 from lora_widgets.memory_arch import ArchInfo, ParamPlan, param_plan, parse_dtype, resolve_config
@@ -140,14 +141,6 @@ class MemoryEstimate:
             "notes": list(self.notes),
             "weight_dtype": self.weight_dtype or self.dtype,
         }
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable bytes: '1.23 GiB', '456.0 MiB', '12.0 KiB'."""
-    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def _weight_bytes(plan: ParamPlan, p: int, base_quantization: str | None) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """``TrainConfig``: every hyper-parameter of a training run, validated before anything runs.
 
-Kept apart from the loop in ``trainer.py`` so that the dashboard, notebooks and docs can build and
+Kept apart from the loop in ``training/`` so that the dashboard, notebooks and docs can build and
 check a configuration without touching the training code, and so each module holds one job.
 A bad value raises ``ValueError`` naming the field, the value and the allowed range.
 """

@@ -1,7 +1,7 @@
 """When the dashboard pushes to the browser: a flush throttle and the scheduler that binds it to a loop.
 
 Why: a trainer can publish hundreds of steps per second, and JupyterLab's server drops iopub messages
-above 1,000/s (see ``/work/shared/NOTES.md``: "jupyter_server rate-limits iopub"). The dashboard's event
+above 1,000/s (jupyter_server's ``iopub_msg_rate_limit``, averaged over a 3 s window; comm messages count). The dashboard's event
 handler therefore only *records* (into a :class:`~lora_widgets.history.History`); a :class:`Throttle`
 decides when the recorded data is pushed to the browser (at most once per ``interval`` seconds, whatever
 the step rate), and the charts bound what one push sends (a line's points match the chart's pixels).
