@@ -369,6 +369,39 @@ def read_events(path: str | os.PathLike[str]) -> list[Event]:
     return events
 
 
+class Subscribers:
+    """The subscriber list every :class:`RunSource` keeps (one rule, written once).
+
+    :meth:`add` returns an unsubscribe function; :meth:`deliver` calls every callback in order, and a
+    callback that raises is logged with the producer's name while the others (and the run) carry on: a
+    broken view must never end a training run.
+    """
+
+    def __init__(self, owner: str, *initial: Callable[[Event], None]) -> None:
+        self._owner = owner
+        self._callbacks: list[Callable[[Event], None]] = list(initial)
+
+    def add(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Subscribe ``callback``; returns a function that unsubscribes it (idempotent)."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        self._callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks.remove(callback)
+
+        return unsubscribe
+
+    def deliver(self, event: Event) -> None:
+        """Hand ``event`` to every subscriber, in subscription order."""
+        for callback in list(self._callbacks):
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("a %s subscriber raised on %s; the run continues", self._owner, event.kind)
+
+
 class Replay:
     """A :class:`RunSource` that publishes the events of a recorded run again, in order.
 
@@ -390,7 +423,7 @@ class Replay:
         if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval >= 0:
             raise ValueError(f"interval must be a number of seconds >= 0, got {interval!r}")
         self.interval = float(interval)
-        self._subscribers: list[Callable[[Event], None]] = []
+        self._subscribers = Subscribers("replay")
         self._running = False
         self._stop = threading.Event()
         self._resume: asyncio.Event | None = None
@@ -398,15 +431,7 @@ class Replay:
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for every replayed event; returns an unsubscribe function."""
-        if not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     @property
     def running(self) -> bool:
@@ -474,11 +499,7 @@ class Replay:
         return self._resume is None or self._resume.is_set()
 
     def _publish(self, event: Event) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:  # a broken view must not end the replay; said in the log
-                logger.exception("a replay subscriber raised on %s", event.kind)
+        self._subscribers.deliver(event)
 
     def _on_loop(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the replay's loop thread (asyncio.Event is not thread-safe)."""

@@ -26,7 +26,16 @@ from typing import Any
 
 import torch
 
-from lora_widgets.events import EvalMetrics, Event, RunEnded, RunFailed, RunState, StateChanged, StepMetrics
+from lora_widgets.events import (
+    EvalMetrics,
+    Event,
+    RunEnded,
+    RunFailed,
+    RunState,
+    StateChanged,
+    StepMetrics,
+    Subscribers,
+)
 from lora_widgets.hf_args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf_callback import EventCallback
 from lora_widgets.history import History
@@ -66,7 +75,7 @@ class HFRun:
         self.callback: EventCallback = found[0] if found else EventCallback()
         if not found:
             hf_trainer.add_callback(self.callback)
-        self._subscribers: list[Callable[[Event], None]] = []
+        self._subscribers = Subscribers("HFRun")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._running = False
@@ -80,15 +89,7 @@ class HFRun:
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for every event, on the event loop's thread, in order; returns an
         unsubscribe function. An exception in a callback is logged and does not stop the run."""
-        if not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     @property
     def running(self) -> bool:
@@ -206,8 +207,4 @@ class HFRun:
             self.state = event.state
         if isinstance(event, StepMetrics | EvalMetrics):
             self.history.append(event)
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                logger.exception("an HFRun subscriber raised on %s; the run continues", event.kind)
+        self._subscribers.deliver(event)

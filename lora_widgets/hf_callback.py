@@ -58,6 +58,7 @@ from lora_widgets.events import (
     RunStopped,
     StateChanged,
     StepMetrics,
+    Subscribers,
 )
 from lora_widgets.hf_args import (
     failure_diagnosis,
@@ -130,7 +131,7 @@ class EventCallback(TrainerCallback):
     """
 
     def __init__(self, *, metrics_file: bool = True) -> None:
-        self._subscribers: list[Callable[[Event], None]] = []
+        self._subscribers = Subscribers("EventCallback")
         self._metrics_file = metrics_file
         self._file: IO[str] | None = None
         self._stop = threading.Event()
@@ -145,15 +146,7 @@ class EventCallback(TrainerCallback):
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for every event, in order, in the training thread; returns an
         unsubscribe function. An exception in a callback is logged and does not stop training."""
-        if not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     def stop(self) -> None:
         """End training after the step in progress (also releases a pause). Safe from any thread."""
@@ -419,8 +412,4 @@ class EventCallback(TrainerCallback):
                 self._file.flush()
             except OSError:
                 logger.exception("could not append to metrics.jsonl")
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                logger.exception("an EventCallback subscriber raised on %s; training continues", event.kind)
+        self._subscribers.deliver(event)

@@ -29,7 +29,6 @@ step is saved, and the model is left usable. Misuse of the API (a second concurr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -58,6 +57,7 @@ from lora_widgets.events import (
     RunStopped,
     StateChanged,
     StepMetrics,
+    Subscribers,
 )
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, LoRAReport, count_parameters, lora_layers
@@ -141,7 +141,7 @@ class Trainer:
         self._control = RunControl()
         self._blocks_cache: Blocks | None = None
         self._blocks_lock = threading.Lock()
-        self._subscribers: list[Callable[[Event], None]] = [self._record_history]
+        self._subscribers = Subscribers("Trainer", self._record_history)
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -151,15 +151,7 @@ class Trainer:
         Returns a function that unsubscribes. An exception in a callback is logged and does not stop
         the run.
         """
-        if not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):  # already unsubscribed
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     @property
     def running(self) -> bool:
@@ -416,11 +408,7 @@ class Trainer:
             self.state = event.state
         if self._dir is not None:
             self._dir.append(event)
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                logger.exception("a Trainer subscriber raised on %s; the run continues", event.kind)
+        self._subscribers.deliver(event)
 
     def _record_history(self, event: Event) -> None:
         """The first subscriber: the one place that feeds :attr:`history`."""
