@@ -209,14 +209,8 @@ def _examples(rows: Any, tokenizer: Any, config: TrainConfig) -> Examples:
             "a tokenizer is needed to tokenise instruction/chat rows; pass the model's tokenizer"
         )
     c = config
-    items, stats = prepare_sft(
-        rows,
-        tokenizer,
-        c.max_length,
-        c.train_on,
-        batch_size=c.batch_size,
-        seed=c.seed,  # type: ignore[arg-type]
-    )
+    train_on: Any = c.train_on  # validated by TrainConfig against sft.TRAIN_ON
+    items, stats = prepare_sft(rows, tokenizer, c.max_length, train_on, batch_size=c.batch_size, seed=c.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Examples(tuple(items), int(pad), stats)
 

@@ -311,7 +311,6 @@ class Trainer:
         p.phase = "data"
         blocks = await self._control.in_thread(self._blocks)
         self._write_config(blocks, resume_from)
-        self._publish(data_prepared(blocks, self.config))  # what the data became, for views and metrics.jsonl
         p.phase = "setup"
         run = await self._control.in_thread(
             Session.open,
@@ -328,6 +327,7 @@ class Trainer:
             self._record_history(event)
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
+        self._publish(data_prepared(blocks, c))  # what the data became, for views and metrics.jsonl
         return run
 
     async def _hold(self, p: Progress, meter: Meter) -> None:
