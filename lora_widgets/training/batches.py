@@ -299,9 +299,11 @@ def prepare_blocks(
     return Blocks(train=train, val=val, steps_per_epoch=per_epoch)
 
 
-def data_prepared(blocks: Blocks, config: TrainConfig) -> DataPrepared:
-    """The data facts a run publishes (sequences, tokens, trained and padded shares, rows truncated/dropped)."""
-    train, val = blocks.train, blocks.val
+def data_prepared(
+    train: torch.Tensor | Examples, val: torch.Tensor | Examples | None, config: TrainConfig
+) -> DataPrepared:
+    """The data facts a run publishes (sequences, tokens, trained and padded shares, rows truncated/dropped);
+    padding is counted for ``config.batch_size`` as epoch 0 batches the examples."""
     n_val = 0 if val is None else int(val.shape[0])
     if not isinstance(train, Examples):
         n, width = int(train.shape[0]), int(train.shape[1])
@@ -313,7 +315,7 @@ def data_prepared(blocks: Blocks, config: TrainConfig) -> DataPrepared:
         "sft",
         len(train),
         n_val,
-        blocks.block_size,
+        int(train.shape[1]),
         tokens=sum(lengths),
         trained_tokens=sum(train.trained),
         padding_tokens=padding_count(lengths, batches),

@@ -327,7 +327,9 @@ class Trainer:
             self._record_history(event)
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
-        self._publish(data_prepared(blocks, c))  # what the data became, for views and metrics.jsonl
+        self._publish(
+            data_prepared(blocks.train, blocks.val, c)
+        )  # what the data became, for views and metrics.jsonl
         return run
 
     async def _hold(self, p: Progress, meter: Meter) -> None:
