@@ -92,9 +92,8 @@ class DataView:
         return ids, [t > 0 for t in range(len(ids))], None
 
     def _text(self, token_id: int) -> str:
-        if self.tokenizer is None:
-            return f"<{token_id}>"
-        return str(self.tokenizer.decode([token_id]))
+        decode = getattr(self.tokenizer, "decode", None)  # ready-made token blocks may come without one
+        return str(decode([token_id])) if callable(decode) else f"<{token_id}>"
 
     def payload(self, index: int) -> dict[str, Any]:
         """What the front end renders for example ``index`` (clamped to the examples there are): the facts,
