@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "RunFinished": "events",
     "RunStopped": "events",
     "RunFailed": "events",
+    "DataPrepared": "events",
     "event_from_dict": "events",
     "RunSource": "events",
     "Replay": "events",
@@ -76,6 +77,7 @@ _EXPORTS: dict[str, str] = {
     "generate": "demo",
     # instruction and chat data (TRL's row formats, loss on the answers)
     "load_rows": "chat_data",
+    "normalize_rows": "chat_data",
     "prepare_sft": "sft",
     "SFTStats": "sft",
     "collate": "sft_batches",

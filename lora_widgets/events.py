@@ -170,6 +170,41 @@ class RunFailed(RunEnded):
     suggestions: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class DataPrepared(_EventBase):
+    """The run's data once prepared. ``data_kind``: ``"packed"`` (text cut into blocks of ``seq_len`` tokens,
+    every token trained) or ``"sft"`` (instruction/chat rows padded per batch; ``seq_len`` is the longest
+    padded length, ``trained_tokens`` the loss positions, ``padding_tokens`` the padded positions of epoch
+    0's batches). ``tokens`` excludes padding. ``rows``/``truncated``/``dropped``/``formats``: the rows read,
+    those cut to ``max_length``, those left with no trained token, rows per source format (SFT only)."""
+
+    kind: ClassVar[str] = "data"
+    data_kind: Literal["packed", "sft"]
+    train_sequences: int
+    val_sequences: int
+    seq_len: int
+    tokens: int
+    trained_tokens: int
+    padding_tokens: int = 0
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+    train_on: str = "all"
+    max_length: int | None = None
+
+    @property
+    def trained_share(self) -> float:
+        """Share of the (non-padding) training tokens whose prediction is trained."""
+        return self.trained_tokens / self.tokens if self.tokens else 0.0
+
+    @property
+    def padding_share(self) -> float:
+        """Share of the batched positions that are padding."""
+        total = self.tokens + self.padding_tokens
+        return self.padding_tokens / total if total else 0.0
+
+
 # -- issue 14: adapter statistics and sample generations (lora_widgets.adapter_stats, lora_widgets.samples) --
 
 
@@ -265,6 +300,7 @@ Event = Union[  # noqa: UP007 - a runtime alias, kept readable on Python 3.10
     RunFailed,
     AdapterStats,
     SampleGenerations,
+    DataPrepared,
 ]
 
 _BY_KIND: dict[str, type[_EventBase]] = {
@@ -280,6 +316,7 @@ _BY_KIND: dict[str, type[_EventBase]] = {
         RunFailed,
         AdapterStats,
         SampleGenerations,
+        DataPrepared,
     )
 }
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lora_widgets.schedules import SCHEDULES
+from lora_widgets.sft import TRAIN_ON
 
 __all__ = ["PRECISIONS", "TrainConfig"]
 
@@ -69,6 +70,12 @@ class TrainConfig:
         val_fraction: share of the data held out for validation when no ``eval_data`` is given, in [0, 0.5].
         device: ``"auto"`` (best available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+        max_length: tokens per example at most for instruction/chat rows (2 .. 1,048,576), which are
+            padded per batch instead of packed into blocks; longer rows are cut (keeping the start, as
+            TRL's ``SFTConfig.max_length``) and rows left with no trained token are dropped and counted.
+        train_on: for instruction/chat rows, ``"answers"`` (the completions and every assistant turn with
+            its end-of-turn token, TRL's ``completion_only_loss``/``assistant_only_loss``) or ``"all"``
+            (every token); see :data:`lora_widgets.sft.TRAIN_ON`. Plain text trains every token either way.
     """
 
     learning_rate: float = 3e-3
@@ -91,6 +98,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     device: str = "auto"
     gradient_checkpointing: bool = False
+    max_length: int = 512
+    train_on: str = "answers"
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -136,6 +145,12 @@ class TrainConfig:
             raise bad("device", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         if not isinstance(self.gradient_checkpointing, bool):
             raise bad("gradient_checkpointing", "True or False")
+        if not (_is_int(self.max_length) and 2 <= self.max_length <= 2**20):
+            raise bad("max_length", "an integer in [2, 1048576] (tokens per instruction example), e.g. 512")
+        if self.train_on not in TRAIN_ON:
+            raise bad(
+                "train_on", f"one of {list(TRAIN_ON)}: 'answers' trains the replies only, 'all' every token"
+            )
 
     def check_device(self, device: str | torch.device) -> None:
         """Raise ``ValueError`` if ``precision`` cannot run on ``device`` (a type such as ``"cpu"`` or a device).

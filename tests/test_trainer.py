@@ -155,12 +155,12 @@ def test_run_publishes_ordered_events_and_writes_files(tmp_path: Path) -> None:
     assert isinstance(end, RunFinished) and end.step == 6 and end is events[-1]
     kinds = [e.kind for e in events]
     assert kinds == [
-        "state", "run_started", "eval",
+        "state", "data", "run_started", "eval",
         "step", "step", "step", "eval",
         "step", "step", "step", "eval",
         "state", "finished",
     ]  # fmt: skip
-    started = events[1]
+    started = events[2]
     assert isinstance(started, RunStarted)
     assert started.total_steps == 6 and started.tokens_per_step == 4 * 32 and started.device == "cpu"
     assert 0 < started.trainable_params < started.total_params

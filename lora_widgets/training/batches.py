@@ -1,38 +1,165 @@
-"""Token blocks for a run, and the order in which updates see them.
+"""A run's data, in one of two kinds, and the order in which updates see it.
 
-The order is a pure function of (seed, epoch): each epoch visits the training blocks in a permutation drawn
-from a generator seeded by those two numbers alone, so two runs with one seed see identical batches, and a
-run resumed from a checkpoint at step ``s`` continues with exactly the batches the uninterrupted run would
-have used from update ``s + 1`` on.
+* **packed** text (continued pre-training): the text is cut into blocks of ``block_size`` tokens,
+  ``Blocks.train`` is a ``LongTensor[n, T]`` and every token is trained.
+* **sft** (instruction and chat rows, any format :mod:`lora_widgets.chat_data` accepts): each row is one
+  example tokenised by :func:`lora_widgets.sft.prepare_sft` with its loss mask, ``Blocks.train`` is an
+  :class:`Examples`; micro-batches are padded to their longest example with an attention mask
+  (:class:`PaddedBatch`), grouped by length so that little is padding, and the loss is the mean over the
+  trained tokens only.
+
+The kind is chosen once, here, from what the user passed (:func:`load_run_data`); the step and the loop only
+see micro-batches (a tensor or a :class:`PaddedBatch`).
+
+The order is a pure function of (seed, epoch): each epoch visits the training data in an order drawn from
+a generator seeded by those two numbers alone, so two runs with one seed see identical batches, and a run
+resumed from a checkpoint at step ``s`` continues with exactly the batches the uninterrupted run would have
+used from update ``s + 1`` on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+import functools
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Union
 
 import torch
 from torch import nn
 
+from lora_widgets.events import DataPrepared
 from lora_widgets.schedules import steps_per_epoch
+from lora_widgets.sft import SFTStats
+from lora_widgets.sft_batches import SFTExample, collate, length_grouped_batches, padding_count
 from lora_widgets.train_config import TrainConfig
 
-__all__ = ["BatchOrder", "Blocks", "data_position", "eval_batches", "prepare_blocks", "vocab_size"]
+__all__ = [
+    "BatchOrder",
+    "Blocks",
+    "Examples",
+    "MicroBatch",
+    "PaddedBatch",
+    "data_position",
+    "data_prepared",
+    "eval_batches",
+    "load_run_data",
+    "prepare_blocks",
+    "vocab_size",
+]
+
+#: Row keys that make data instruction/chat rows rather than text to pack (see :mod:`lora_widgets.chat_data`).
+_ROW_KEYS = frozenset({"messages", "conversations", "prompt", "completion", "instruction", "output"})
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """One micro-batch of instruction examples, padded on the right (see :func:`lora_widgets.sft_batches.collate`).
+
+    ``step_items`` is the number of trained tokens of the whole optimizer update this micro-batch belongs to:
+    the loss divides by it, so that with gradient accumulation every trained token of the update weighs the
+    same (the Oct 2024 gradient-accumulation fix of transformers' ``num_items_in_batch``; see
+    :func:`lora_widgets.training.step.forward_loss`).
+    """
+
+    input_ids: torch.Tensor  # [B, T] token ids, padding = pad id
+    attention_mask: torch.Tensor  # [B, T] 1 = real token, 0 = padding
+    labels: torch.Tensor  # [B, T] token ids where trained, -100 elsewhere (prompts, padding)
+    step_items: int
+
+    def to(self, device: torch.device) -> PaddedBatch:
+        """The same batch on ``device``."""
+        move = functools.partial(torch.Tensor.to, device=device, non_blocking=True)
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            labels=move(self.labels),
+        )
+
+    @property
+    def shape(self) -> torch.Size:
+        """``[B, T]``, as a packed micro-batch's ``shape``."""
+        return self.input_ids.shape
+
+
+#: What one forward/backward pass consumes: packed blocks ``LongTensor[B, T]`` or a :class:`PaddedBatch`.
+MicroBatch = Union[torch.Tensor, PaddedBatch]  # noqa: UP007 - a runtime alias
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Tokenised instruction examples (from :func:`lora_widgets.sft.prepare_sft`), padded only per batch.
+
+    Attributes:
+        items: the examples, in row order.
+        pad_id: the id padding uses (never attended nor trained, so EOS serves when there is no pad token).
+        stats: what the preparation reported (rows read, truncated, dropped, formats), or ``None``.
+    """
+
+    items: tuple[SFTExample, ...]
+    pad_id: int
+    stats: SFTStats | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(examples, longest)``: the shape the examples would have padded together; the longest is the
+        padded length of the widest batch (what memory estimates take as ``seq_len``)."""
+        return len(self.items), max((len(e) for e in self.items), default=0)
+
+    @functools.cached_property
+    def lengths(self) -> list[int]:
+        """Tokens of each example (no padding)."""
+        return [len(e) for e in self.items]
+
+    @functools.cached_property
+    def trained(self) -> list[int]:
+        """Trained tokens (loss positions) of each example."""
+        return [e.n_trained for e in self.items]
+
+    def subset(self, indices: Sequence[int]) -> Examples:
+        """The examples at ``indices`` (same pad id and statistics)."""
+        return Examples(tuple(self.items[i] for i in indices), self.pad_id, self.stats)
+
+    def batch(self, indices: Sequence[int], step_items: int | None = None) -> PaddedBatch:
+        """The examples at ``indices`` collated (CPU); ``step_items`` defaults to their own trained tokens."""
+        cols = collate([self.items[i] for i in indices], self.pad_id)  # each [B, T]
+        items = sum(self.trained[i] for i in indices) if step_items is None else step_items
+        return PaddedBatch(cols["input_ids"], cols["attention_mask"], cols["labels"], int(items))
 
 
 @dataclass(frozen=True)
 class Blocks:
-    """A run's token ids: training and validation blocks, and how many updates one epoch makes."""
+    """A run's data: training and validation parts, and how many updates one epoch makes.
 
-    train: torch.Tensor  # [n_train, T] token ids (CPU)
-    val: torch.Tensor | None  # [n_val, T] or None
+    ``train``/``val`` are packed blocks ``LongTensor[n, T]`` or :class:`Examples` (see the module docstring);
+    both kinds have ``shape[0]`` (sequences) and ``shape[1]`` (the longest sequence).
+    """
+
+    train: torch.Tensor | Examples  # [n_train, T] token ids (CPU), or examples
+    val: torch.Tensor | Examples | None  # [n_val, T], examples, or None
     steps_per_epoch: int
 
     @property
+    def kind(self) -> Literal["packed", "sft"]:
+        """``"sft"`` for instruction/chat examples, ``"packed"`` for token blocks."""
+        return "sft" if isinstance(self.train, Examples) else "packed"
+
+    @property
     def block_size(self) -> int:
-        """Tokens per sequence (``T``)."""
+        """Tokens per sequence (``T``); for examples, the longest one (the widest padded batch)."""
         return int(self.train.shape[1])
+
+    def tokens_per_step(self, batch_size: int, grad_accum_steps: int) -> int:
+        """Non-padding tokens one update consumes: exact for blocks, the mean over an epoch for examples."""
+        sequences = batch_size * grad_accum_steps
+        if isinstance(self.train, Examples):
+            return round(sum(self.train.lengths) * sequences / max(len(self.train), 1))
+        return sequences * self.block_size
 
 
 def vocab_size(model: nn.Module) -> int | None:
@@ -47,40 +174,167 @@ def vocab_size(model: nn.Module) -> int | None:
     return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
 
 
+def _row_source(source: Any) -> list[Any] | str | None:
+    """``source`` as instruction/chat rows (or an instruction set's name), or ``None`` when it is text to pack
+    or token blocks. Rows are data with a field of a row format (``messages``, ``prompt``, ``instruction``,
+    ...); plain strings and ``{"text"}`` rows keep being packed, as before."""
+    from lora_widgets.chat_data import load_rows
+    from lora_widgets.corpora import instruction_corpus_names
+
+    if isinstance(source, str) and source in instruction_corpus_names():
+        return source
+    if isinstance(source, str | os.PathLike):
+        path = Path(source).expanduser()
+        if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
+            return None
+        rows = load_rows(path)
+    elif isinstance(source, list | tuple):
+        rows = list(source)
+    elif type(source).__module__.split(".")[0] == "datasets":
+        columns = getattr(source, "column_names", None)
+        if not isinstance(columns, list) or not _ROW_KEYS & set(columns):
+            return None  # a DatasetDict, or a text column: the packing path says what to do
+        rows = load_rows(source)
+    else:
+        return None
+    is_rows = any(isinstance(r, Mapping) and _ROW_KEYS & set(r) for r in rows)
+    return rows if is_rows else None
+
+
+def _examples(rows: Any, tokenizer: Any, config: TrainConfig) -> Examples:
+    from lora_widgets.sft import prepare_sft
+
+    if tokenizer is None:
+        raise ValueError(
+            "a tokenizer is needed to tokenise instruction/chat rows; pass the model's tokenizer"
+        )
+    c = config
+    train_on: Any = c.train_on  # validated by TrainConfig against sft.TRAIN_ON
+    items, stats = prepare_sft(rows, tokenizer, c.max_length, train_on, batch_size=c.batch_size, seed=c.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Examples(tuple(items), int(pad), stats)
+
+
+def _check_prepared(examples: Examples, config: TrainConfig, name: str) -> None:
+    s = examples.stats
+    if s is not None and (s.train_on, s.max_length) != (config.train_on, config.max_length):
+        raise ValueError(
+            f"{name} was prepared with train_on={s.train_on!r}, max_length={s.max_length} but the TrainConfig "
+            f"says train_on={config.train_on!r}, max_length={config.max_length}; prepare it again, or pass rows"
+        )
+
+
+def _sft_data(
+    train_data: Any, eval_data: Any, rows: Any, tokenizer: Any, config: TrainConfig
+) -> tuple[Examples, Examples | None]:
+    """Training and validation examples: ``eval_data`` as given; else the instruction set's validation split
+    (its answers never appear in training); else ``val_fraction`` of the examples held out (seeded)."""
+    from lora_widgets.corpora import instruction_corpus_names, read_instructions
+    from lora_widgets.data import split_blocks
+
+    train = train_data if isinstance(train_data, Examples) else _examples(rows, tokenizer, config)
+    _check_prepared(train, config, "train_data")
+    if isinstance(eval_data, Examples):
+        _check_prepared(eval_data, config, "eval_data")
+        return train, eval_data
+    if eval_data is not None:
+        return train, _examples(eval_data, tokenizer, config)
+    if isinstance(train_data, str) and train_data in instruction_corpus_names():
+        return train, _examples(read_instructions(train_data, "validation"), tokenizer, config)
+    if config.val_fraction == 0 or len(train) < 2:
+        return train, None
+    train_idx, val_idx = split_blocks(torch.arange(len(train)).unsqueeze(1), config.val_fraction, config.seed)
+    return train.subset(train_idx[:, 0].tolist()), train.subset(val_idx[:, 0].tolist())
+
+
+def load_run_data(
+    train_data: Any, eval_data: Any, tokenizer: Any, config: TrainConfig
+) -> tuple[torch.Tensor | Examples, torch.Tensor | Examples | None]:
+    """``(train, val)`` from whatever the user gave: instruction/chat rows (or :class:`Examples`) become
+    examples, anything else token blocks (:func:`lora_widgets.data.train_val_blocks`). The one rule the
+    trainer and the dashboard share; raises ``ValueError`` naming the problem."""
+    from lora_widgets import data as data_mod  # heavy deps (tokenizers) only when needed
+
+    rows = None if isinstance(train_data, Examples) else _row_source(train_data)
+    if isinstance(train_data, Examples) or rows is not None:
+        return _sft_data(train_data, eval_data, rows, tokenizer, config)
+    c = config
+    return data_mod.train_val_blocks(  # [n, T], [n_val, T] or None
+        train_data, eval_data, tokenizer, c.block_size, c.val_fraction, c.seed
+    )
+
+
+def _max_id(data: torch.Tensor | Examples) -> int:
+    if isinstance(data, Examples):
+        return max(max(e.input_ids) for e in data.items)
+    return int(data.max())
+
+
 def prepare_blocks(
     train_data: Any, eval_data: Any, tokenizer: Any, config: TrainConfig, vocab: int | None
 ) -> Blocks:
-    """Token blocks from whatever the user gave (see :func:`lora_widgets.data.train_val_blocks`), checked
-    against the model's vocabulary and the batch settings. Raises ``ValueError`` naming the argument."""
-    from lora_widgets import data as data_mod  # heavy deps (tokenizers) only when needed
-
+    """The run's data (:func:`load_run_data`), checked against the model's vocabulary and the batch settings.
+    Raises ``ValueError`` naming the argument."""
     c = config
-    train, val = data_mod.train_val_blocks(  # [n, T], [n_val, T] or None
-        train_data, eval_data, tokenizer, c.block_size, c.val_fraction, c.seed
-    )
-    for name, blocks in (("train_data", train), ("eval_data", val)):
-        if blocks is not None and vocab is not None and int(blocks.max()) >= vocab:
+    train, val = load_run_data(train_data, eval_data, tokenizer, config)
+    for name, part in (("train_data", train), ("eval_data", val)):
+        if part is not None and vocab is not None and _max_id(part) >= vocab:
             raise ValueError(
-                f"{name} holds token id {int(blocks.max())} but the model's vocabulary has {vocab} "
+                f"{name} holds token id {_max_id(part)} but the model's vocabulary has {vocab} "
                 "entries; tokenise with the model's own tokenizer"
             )
-    if val is not None and val.shape[1] != train.shape[1]:
+    if isinstance(train, torch.Tensor) and isinstance(val, torch.Tensor) and val.shape[1] != train.shape[1]:
         raise ValueError(
             f"eval_data blocks have {val.shape[1]} tokens but train_data blocks {train.shape[1]}; use one block_size"
         )
     per_epoch = steps_per_epoch(int(train.shape[0]), c.batch_size, c.grad_accum_steps)
     if per_epoch < 1:
         need = c.batch_size * c.grad_accum_steps
+        what = "example(s)" if isinstance(train, Examples) else f"block(s) of {train.shape[1]} tokens"
         raise ValueError(
-            f"train_data has {train.shape[0]} block(s) of {train.shape[1]} tokens, fewer than one "
-            f"update needs (batch_size {c.batch_size} x grad_accum_steps {c.grad_accum_steps} = {need}); "
-            "lower batch_size or grad_accum_steps, lower block_size, or add data"
+            f"train_data has {train.shape[0]} {what}, fewer than one update needs (batch_size "
+            f"{c.batch_size} x grad_accum_steps {c.grad_accum_steps} = {need}); lower batch_size or "
+            "grad_accum_steps, lower block_size, or add data"
         )
     return Blocks(train=train, val=val, steps_per_epoch=per_epoch)
 
 
+def data_prepared(
+    train: torch.Tensor | Examples, val: torch.Tensor | Examples | None, config: TrainConfig
+) -> DataPrepared:
+    """The data facts a run publishes (sequences, tokens, trained and padded shares, rows truncated/dropped);
+    padding is counted for ``config.batch_size`` as epoch 0 batches the examples."""
+    n_val = 0 if val is None else int(val.shape[0])
+    if not isinstance(train, Examples):
+        n, width = int(train.shape[0]), int(train.shape[1])
+        return DataPrepared("packed", n, n_val, width, tokens=n * width, trained_tokens=n * (width - 1))
+    lengths = train.lengths
+    batches = length_grouped_batches(lengths, config.batch_size, config.seed, 0)
+    s = train.stats
+    return DataPrepared(
+        "sft",
+        len(train),
+        n_val,
+        int(train.shape[1]),
+        tokens=sum(lengths),
+        trained_tokens=sum(train.trained),
+        padding_tokens=padding_count(lengths, batches),
+        rows=s.n_rows if s is not None else len(train),
+        truncated=s.n_truncated if s is not None else 0,
+        dropped=s.n_dropped if s is not None else 0,
+        formats=dict(s.formats) if s is not None else {},
+        train_on=s.train_on if s is not None else config.train_on,
+        max_length=s.max_length if s is not None else config.max_length,
+    )
+
+
 class BatchOrder:
-    """The micro-batches of every update, on the device, in the (seed, epoch) order."""
+    """The micro-batches of every update, on the device, in the (seed, epoch) order.
+
+    Blocks: a seeded permutation per epoch, cut into batches. Examples: the length-grouped batches of
+    :func:`lora_widgets.sft_batches.length_grouped_batches` (longest batch first), full batches before the
+    last partial one, so an epoch of ``steps_per_epoch`` updates uses full batches as packing does.
+    """
 
     def __init__(self, blocks: Blocks, config: TrainConfig, device: torch.device) -> None:
         self.blocks = blocks
@@ -90,6 +344,7 @@ class BatchOrder:
         self.device = device
         self._epoch = -1
         self._perm: torch.Tensor = torch.empty(0, dtype=torch.long)  # [n_train]
+        self._groups: list[list[int]] = []
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
@@ -98,24 +353,45 @@ class BatchOrder:
             self._epoch = epoch
         return self._perm
 
-    def micro_batches(self, step: int) -> list[torch.Tensor]:
-        """The ``grad_accum_steps`` micro-batches ``LongTensor[B, T]`` of update ``step`` (1-based)."""
+    def _grouped(self, examples: Examples, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            groups = length_grouped_batches(examples.lengths, self.batch_size, self.seed, epoch)
+            self._groups = [b for b in groups if len(b) == self.batch_size]
+            self._groups += [b for b in groups if len(b) < self.batch_size]
+            self._epoch = epoch
+        return self._groups
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        """The ``grad_accum_steps`` micro-batches of update ``step`` (1-based): ``LongTensor[B, T]`` blocks or
+        :class:`PaddedBatch` examples (each knowing the update's trained-token count)."""
         per_epoch = self.blocks.steps_per_epoch * self.grad_accum_steps  # micro-batches per epoch
-        out = []
-        for m in range(self.grad_accum_steps):
-            epoch, pos = divmod((step - 1) * self.grad_accum_steps + m, per_epoch)
+        where = [
+            divmod((step - 1) * self.grad_accum_steps + m, per_epoch) for m in range(self.grad_accum_steps)
+        ]
+        train = self.blocks.train
+        if isinstance(train, Examples):
+            groups = [self._grouped(train, epoch)[pos] for epoch, pos in where]
+            items = sum(train.trained[i] for group in groups for i in group)
+            return [train.batch(group, items).to(self.device) for group in groups]
+        out: list[MicroBatch] = []
+        for epoch, pos in where:
             idx = self._permutation(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]  # [B]
-            out.append(self.blocks.train[idx].to(self.device, non_blocking=True))  # [B, T]
+            out.append(train[idx].to(self.device, non_blocking=True))  # [B, T]
         return out
 
 
 def eval_batches(
-    val: torch.Tensor, batch_size: int, max_batches: int | None, device: torch.device
-) -> Iterator[torch.Tensor]:
-    """The first ``max_batches`` (all if ``None``) validation batches ``[b, T]``, always in the same order."""
-    n = -(-val.shape[0] // batch_size)
+    val: torch.Tensor | Examples, batch_size: int, max_batches: int | None, device: torch.device
+) -> Iterator[MicroBatch]:
+    """The first ``max_batches`` (all if ``None``) validation batches ``[b, T]``, always in the same order
+    (examples: in row order, each padded to its longest)."""
+    n = -(-int(val.shape[0]) // batch_size)
     for i in range(n if max_batches is None else min(n, max_batches)):
-        yield val[i * batch_size : (i + 1) * batch_size].to(device)  # [b, T]
+        rows = range(i * batch_size, min((i + 1) * batch_size, int(val.shape[0])))
+        if isinstance(val, Examples):
+            yield val.batch(rows).to(device)
+        else:
+            yield val[i * batch_size : (i + 1) * batch_size].to(device)  # [b, T]
 
 
 def data_position(step: int, config: TrainConfig, per_epoch: int) -> dict[str, int]:

@@ -19,8 +19,9 @@ from torch import nn
 
 from lora_widgets import checkpoint as ckpt
 from lora_widgets.train_config import TrainConfig
+from lora_widgets.training.batches import MicroBatch, PaddedBatch
 
-__all__ = ["StepResult", "evaluate", "forward_loss", "make_optimizer", "train_step"]
+__all__ = ["StepResult", "batch_loss", "evaluate", "forward_loss", "make_optimizer", "train_step"]
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
@@ -48,28 +49,65 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def forward_loss(
-    model: nn.Module, x: torch.Tensor, autocast: Autocast, reduction: str = "mean"
+    model: nn.Module,
+    x: torch.Tensor,
+    autocast: Autocast,
+    reduction: str = "mean",
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    num_items: int | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy of ``x`` [B, T]: the mean over the B*(T-1) predicted tokens, or their sum."""
+    """Next-token cross-entropy of ``x`` [B, T]: the mean over the predicted tokens, or their sum.
+
+    Without ``labels`` every token after the first is predicted (packed text). With ``labels`` [B, T]
+    (aligned with ``x``, ``-100`` where nothing is trained: prompts, padding) only the trained tokens count,
+    and ``attention_mask`` [B, T] keeps padding from being attended to. ``num_items`` replaces the count of
+    trained tokens in the mean: with gradient accumulation it is the trained tokens of the whole update, so
+    that each micro-batch's loss is its *sum* over that one count and the accumulated gradient is the mean
+    over every trained token of the update. Dividing each micro-batch by its own count instead weighs tokens
+    of short micro-batches more: the gradient-accumulation bug that Unsloth and Hugging Face reported and
+    fixed in Oct 2024 (unsloth.ai/blog/gradient; huggingface.co/blog/gradient_accumulation: transformers'
+    ``num_items_in_batch``). Equals :func:`lora_widgets.sft_batches.masked_lm_loss` for the same labels.
+    """
     kwargs: dict[str, Any] = {}
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False  # no KV cache while training
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
     with autocast():
         out = model(input_ids=x, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out  # [B, T, V]
-    # Targets are x shifted left by one; the last position has none (-100 is ignored). Padding the
+    # Targets are the labels shifted left by one; the last position has none (-100 is ignored). Padding the
     # targets instead of slicing the logits avoids copying the [B, T, V] logits.
-    targets = F.pad(x[:, 1:], (0, 1), value=-100)  # [B, T]
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction
+    targets = F.pad((x if labels is None else labels)[:, 1:], (0, 1), value=-100)  # [B, T]
+    if labels is None:
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction
+        )
+    total = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
     )
+    if reduction == "sum":
+        return total
+    return total / (int((targets != -100).sum()) if num_items is None else num_items)
+
+
+def batch_loss(model: nn.Module, batch: MicroBatch, autocast: Autocast, n_micro: int) -> torch.Tensor:
+    """One micro-batch's share of its update's loss; summed over the ``n_micro`` micro-batches of the update
+    it is the mean over the update's predicted (packed) or trained (examples) tokens."""
+    if isinstance(batch, PaddedBatch):
+        return forward_loss(
+            model, batch.input_ids, autocast, attention_mask=batch.attention_mask, labels=batch.labels,
+            num_items=batch.step_items,
+        )  # fmt: skip
+    return forward_loss(model, batch, autocast) / n_micro  # blocks of one size: the mean of the means
 
 
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    micro_batches: Sequence[torch.Tensor],
+    micro_batches: Sequence[MicroBatch],
     *,
     step: int,
     lr: float,
@@ -78,7 +116,7 @@ def train_step(
     first_bad: torch.Tensor,
     read: bool,
 ) -> StepResult:
-    """Update number ``step`` (1-based): gradients summed over the micro-batches ``[B, T]``, clipped,
+    """Update number ``step`` (1-based): gradients summed over the micro-batches (:func:`batch_loss`), clipped,
     one optimizer step at rate ``lr``.
 
     Non-finite check without a GPU sync on every update: ``first_bad`` (a 0-d long tensor on the device,
@@ -91,7 +129,7 @@ def train_step(
         group["lr"] = lr
     loss_sum = torch.zeros((), device=first_bad.device)
     for x in micro_batches:
-        loss = forward_loss(model, x, autocast) / len(micro_batches)
+        loss = batch_loss(model, x, autocast, len(micro_batches))
         scaler.scale(loss).backward()  # loss scaling: Micikevicius et al. 2018, sec. 3.2 (off: identity)
         loss_sum += loss.detach()
         del loss
@@ -116,16 +154,22 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], autocast: Autocast) -> float:
-    """Mean next-token cross-entropy (nats) over every predicted token of ``batches`` ``[b, T]``."""
+def evaluate(model: nn.Module, batches: Iterable[MicroBatch], autocast: Autocast) -> float:
+    """Mean next-token cross-entropy (nats) over every predicted token of ``batches`` ``[b, T]`` (examples:
+    over their trained tokens only, so on instruction data it is the loss on the answers)."""
     was_training = model.training
     model.eval()
     try:
         total = torch.zeros((), dtype=torch.float64)
         count = 0
         for x in batches:
-            total = total.to(x.device) + forward_loss(model, x, autocast, reduction="sum").double()
-            count += x.shape[0] * (x.shape[1] - 1)
+            if isinstance(x, PaddedBatch):
+                loss = forward_loss(model, x.input_ids, autocast, "sum", x.attention_mask, x.labels)
+                n = int((x.labels[:, 1:] != -100).sum())
+            else:
+                loss, n = forward_loss(model, x, autocast, reduction="sum"), x.shape[0] * (x.shape[1] - 1)
+            total = total.to(loss.device) + loss.double()
+            count += n
         return float(total.item()) / max(count, 1)
     finally:
         model.train(was_training)

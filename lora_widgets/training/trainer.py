@@ -4,7 +4,7 @@
 
     run()                                   on the caller's event loop (a Jupyter kernel's, or asyncio.run's)
       open the run directory                -> StateChanged("running")
-      prepare: data, seed, model, optimizer -> RunStarted
+      prepare: data, seed, model, optimizer -> DataPrepared, RunStarted
       evaluate the base model               -> EvalMetrics(step=0)
       loop until the last step or stop():
         wait if paused                      -> StateChanged("paused"), StateChanged("running")
@@ -65,7 +65,7 @@ from lora_widgets.schedules import lr_schedule as _lr_schedule
 from lora_widgets.schedules import total_steps
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.training import ownership, precision
-from lora_widgets.training.batches import Blocks, eval_batches, prepare_blocks, vocab_size
+from lora_widgets.training.batches import Blocks, data_prepared, eval_batches, prepare_blocks, vocab_size
 from lora_widgets.training.control import RunControl
 from lora_widgets.training.meter import Meter
 from lora_widgets.training.run_dir import RunDirectory, config_document, run_stem
@@ -85,9 +85,13 @@ class Trainer:
         tokenizer: needed when the data is text (a corpus name, list of strings, file, dataset).
         train_data: ``LongTensor[n_blocks, block_size]`` of token ids, a ``data.DataSplit`` (its ``val``
             part then serves as validation data), or any source :func:`lora_widgets.data.as_blocks`
-            accepts.
-        eval_data: validation blocks or source; ``None`` holds out ``config.val_fraction`` of the training
-            blocks (deterministically from the seed).
+            accepts (text, packed into blocks); or instruction/chat rows in any TRL format
+            (:mod:`lora_widgets.chat_data`: a list, ``.jsonl``/``.json``, ``datasets.Dataset``,
+            ``"python-instruct"``), tokenised by :func:`lora_widgets.sft.prepare_sft` with
+            ``config.max_length``/``config.train_on``, padded per batch, loss on the answers.
+        eval_data: validation blocks, source or rows; ``None`` holds out ``config.val_fraction`` of the
+            training data (deterministically from the seed), or for a built-in instruction set uses its
+            validation split.
         lora: a :class:`LoRAConfig` to apply adapters now (each ``run()`` re-initialises them from the
             seed; adapters an earlier Trainer made are replaced), or ``None`` to train whatever already has
             ``requires_grad`` (adapters you applied yourself, a PEFT model, or the whole model).
@@ -233,7 +237,7 @@ class Trainer:
         try:
             self._start(resume_from)
             run = await self._prepare(p, resume_from)
-            meter.start(p.step, c.batch_size * c.grad_accum_steps * run.blocks.block_size)
+            meter.start(p.step, run.blocks.tokens_per_step(c.batch_size, c.grad_accum_steps))
             self._publish(self._run_started(run, p))
             if p.step == 0:
                 await self._evaluate(run, p)  # the base model's validation loss, for comparison
@@ -315,6 +319,9 @@ class Trainer:
             self._record_history(event)
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
+        self._publish(
+            data_prepared(blocks.train, blocks.val, c)
+        )  # what the data became, for views and metrics.jsonl
         return run
 
     async def _hold(self, p: Progress, meter: Meter) -> None:
@@ -453,7 +460,7 @@ class Trainer:
             trainable_params=trainable,
             total_params=total_params,
             total_steps=p.total,
-            tokens_per_step=c.batch_size * c.grad_accum_steps * run.blocks.block_size,
+            tokens_per_step=run.blocks.tokens_per_step(c.batch_size, c.grad_accum_steps),
             time=time.time(),
         )
 

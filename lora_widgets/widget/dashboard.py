@@ -29,6 +29,7 @@ from ipywidgets import Layout, VBox
 
 from lora_widgets.diagnosis import format_lr
 from lora_widgets.events import (
+    DataPrepared,
     EvalMetrics,
     Event,
     Replay,
@@ -43,6 +44,7 @@ from lora_widgets.lora import LoRAConfig, count_parameters, has_lora
 from lora_widgets.widget import callouts, controls, loading, readouts
 from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
+from lora_widgets.widget.data_view import DataView, data_facts
 from lora_widgets.widget.labels import label_from_started, run_label
 from lora_widgets.widget.panel import DashboardPanel, validate_settings
 from lora_widgets.widget.record import RunRecord
@@ -123,11 +125,16 @@ class LoRADashboard(VBox):
             self._train_source, eval_data, self.tokenizer, train
         )
         self._n_train_blocks: int | None = int(self._data[0].shape[0])
+        self._data_view = DataView(
+            self._data[0], self.tokenizer, data_facts(loading.data_event(self._data, train))
+        )
 
         self._session = RunSession(self._on_event, self._end_run)
         self._flusher = FlushScheduler(lambda: self._flush(), self.flush_interval)
         self._callouts = Callouts()
-        self._static = StaticSummary(lambda: self.runs, lambda: self.panel.summary)
+        self._static = StaticSummary(
+            lambda: self.runs, lambda: self.panel.summary, lambda: self.panel.data_view.get("facts", {})
+        )
         self._trainer_factory: Any = None  # test hook: a stand-in Trainer class
 
         self.panel = DashboardPanel(**self._initial_controls(lora, train))
@@ -137,6 +144,8 @@ class LoRADashboard(VBox):
         self.panel.observe(self._on_controls, names=list(DashboardPanel.CONFIG_TRAITS))
         self.panel.observe(self._preview_params, names=_LORA_TRAITS)
         self.panel.observe(self._on_log_scale, names=["log_scale"])
+        self.panel.observe(self._show_example, names=["data_index"])
+        self._show_example()
         self.panel.on_msg(self._on_panel_msg)
         super().__init__(children=[self.panel, self.charts.grid()], layout=Layout(width="100%"))
         self.add_class("lw-dashboard")
@@ -319,7 +328,10 @@ class LoRADashboard(VBox):
         own = None if self._adapters_given else lora  # a model's own adapters train as they are
         # The Trainer replaces adapters an earlier run made (they are saved in its run_dir), and puts them
         # back if the new settings fail, so a bad setting never costs the user a trained adapter.
-        self._callouts.put("preflight", loading.preflight_callout(self.model, own, train, self._device_type))
+        seq_len = int(self._data[0].shape[1])  # block size, or the longest padded length of the examples
+        self._callouts.put(
+            "preflight", loading.preflight_callout(self.model, own, train, self._device_type, seq_len)
+        )
         factory = self._trainer_factory
         if factory is None:
             from lora_widgets.training.trainer import Trainer
@@ -370,6 +382,12 @@ class LoRADashboard(VBox):
                 self.panel.run_label = run.label
             self.charts.set_schedule(readouts.schedule_preview(event.config, event.total_steps))
             self._flusher.request()
+        elif isinstance(event, DataPrepared):
+            if run.train is None:  # a run this dashboard did not prepare: its facts, not our examples
+                self.panel.data_view = {"facts": data_facts(event)}
+            else:
+                self._data_view.with_facts(event)
+                self._show_example()
         elif isinstance(event, StateChanged) and event.state in ("running", "paused"):
             if event.state == "paused":
                 self._flusher.flush_now()  # show the step it holds at now, not up to a second later
@@ -425,6 +443,10 @@ class LoRADashboard(VBox):
         if not errors and not self.running:
             self._preview_schedule(None, self.current_configs()[1])
         self.panel.errors = errors
+
+    def _show_example(self, _change: Any = None) -> None:
+        """The data view: the facts and the example the panel's index selects."""
+        self.panel.data_view = self._data_view.payload(self.panel.data_index)
 
     def _on_log_scale(self, change: Any) -> None:  # the log-scale checkbox
         self.charts.set_log_scale(bool(change["new"]))

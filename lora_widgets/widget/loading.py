@@ -1,8 +1,9 @@
-"""What a dashboard needs before its first run: the model and tokenizer, the device, and the data blocks.
+"""What a dashboard needs before its first run: the model and tokenizer, the device, and the data.
 
-One job: turn ``LoRADashboard``'s arguments into a model, a tokenizer and tokenised ``(train, val)`` blocks,
-with the same rules as the trainer (:func:`lora_widgets.data.train_val_blocks`), so bad data is reported
-when the dashboard is built rather than when Train is pressed.
+One job: turn ``LoRADashboard``'s arguments into a model, a tokenizer and tokenised ``(train, val)`` data
+(token blocks, or instruction examples), with the same rules as the trainer
+(:func:`lora_widgets.training.batches.load_run_data`), so bad data is reported when the dashboard is built
+rather than when Train is pressed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
+from lora_widgets.events import DataPrepared
 from lora_widgets.lora import LoRAConfig, count_parameters
 from lora_widgets.widget.callouts import Callout
 
 __all__ = [
     "check_arguments",
     "cpu_callout",
+    "data_event",
     "guess_device_type",
     "load_model",
     "preflight_callout",
@@ -95,17 +98,20 @@ def guess_device_type(train: Any) -> str:
 
 
 def prepare_blocks(train_source: Any, eval_source: Any, tokenizer: Any, train: Any) -> tuple[Any, Any]:
-    """Tokenise and split the data once (every run reuses it): ``(train_blocks [n, T], val_blocks | None)``."""
-    from lora_widgets.data import train_val_blocks  # the trainer's own rule (tokenizers load lazily)
+    """Tokenise and split the data once (every run reuses it), by the trainer's own rule
+    (:func:`lora_widgets.training.batches.load_run_data`): ``(train, val | None)``, token blocks ``[n, T]``
+    for text, or :class:`~lora_widgets.training.batches.Examples` for instruction/chat rows (tokenised with
+    ``train.max_length`` and ``train.train_on``, which no control changes)."""
+    from lora_widgets.training.batches import load_run_data  # tokenizers load lazily
 
-    return train_val_blocks(
-        train_source,
-        eval_source,
-        tokenizer,
-        int(getattr(train, "block_size", 128)),
-        float(getattr(train, "val_fraction", 0.1)),
-        int(getattr(train, "seed", 0)),
-    )
+    return load_run_data(train_source, eval_source, tokenizer, train)
+
+
+def data_event(data: tuple[Any, Any], train: Any) -> DataPrepared:
+    """The facts of the prepared ``(train, val)`` data, as a run will publish them (one rule, the trainer's)."""
+    from lora_widgets.training.batches import data_prepared
+
+    return data_prepared(data[0], data[1], train)
 
 
 def cpu_callout(model: Any) -> Callout:
@@ -120,8 +126,15 @@ def cpu_callout(model: Any) -> Callout:
     ))  # fmt: skip
 
 
-def preflight_callout(model: Any, lora: LoRAConfig | None, train: Any, device_type: str) -> Callout | None:
-    """A warning when the memory estimate says the run may not fit on the device (the user may still start)."""
+def preflight_callout(
+    model: Any, lora: LoRAConfig | None, train: Any, device_type: str, seq_len: int | None = None
+) -> Callout | None:
+    """A warning when the memory estimate says the run may not fit on the device (the user may still start).
+
+    ``seq_len``: the data's longest sequence: the block size for packed text, the longest padded length for
+    instruction examples (the length-grouped order puts that batch first, so it is the peak); default
+    ``train.block_size``.
+    """
     from lora_widgets.memory import preflight
 
     try:
@@ -129,7 +142,7 @@ def preflight_callout(model: Any, lora: LoRAConfig | None, train: Any, device_ty
             model,
             lora,
             batch_size=train.batch_size,
-            seq_len=int(getattr(train, "block_size", 128)),
+            seq_len=int(seq_len if seq_len is not None else getattr(train, "block_size", 128)),
             dtype=train.precision,
             device=device_type,
             gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),

@@ -67,6 +67,11 @@ class DashboardPanel(_ControlTraits):
     ).tag(sync=True)
     log_scale = t.Bool(False, help="Show the loss chart on a logarithmic y axis.").tag(sync=True)
     run_label = t.Unicode("", help="Configuration label of the current or last run.").tag(sync=True)
+    data_view = t.Dict(
+        help="The data view (lora_widgets.widget.data_view): facts (examples, truncated, dropped, % trained, "
+        "% padding), and one example's tokens as [text, trained] pairs."
+    ).tag(sync=True)
+    data_index = t.Int(0, help="Which example the data view shows (set by its buttons).").tag(sync=True)
 
     CONFIG_TRAITS: ClassVar[tuple[str, ...]] = controls.CONTROL_NAMES
     """The control traits, in display order (the names of ``controls.CONTROLS``)."""

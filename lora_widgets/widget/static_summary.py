@@ -18,17 +18,22 @@ from IPython.display import display, update_display
 
 from lora_widgets.history import decimate_indices
 from lora_widgets.widget.charts import RAW_COLOR, SMOOTH_COLOR, VAL_COLOR
+from lora_widgets.widget.data_view import facts_rows
 from lora_widgets.widget.record import RunRecord
 
-__all__ = ["StaticSummary", "loss_curve_svg", "run_curve_svg", "summary_table_html"]
+__all__ = ["StaticSummary", "data_table_html", "loss_curve_svg", "run_curve_svg", "summary_table_html"]
 
 SVG_POINTS = 600
 """Points of the static loss curve (a 640-pixel-wide image)."""
 
 
-def summary_table_html(runs: Iterable[RunRecord], summary: Mapping[str, Any]) -> str:
+def summary_table_html(
+    runs: Iterable[RunRecord], summary: Mapping[str, Any], data: Mapping[str, Any] | None = None
+) -> str:
     """One row per run (state, steps, time, final train loss, best validation loss, perplexity, adapter path),
-    under a line naming the device and the trainable-parameter share from the panel's ``summary``."""
+    under a line naming the device and the trainable-parameter share from the panel's ``summary``; then the
+    data's facts (:func:`lora_widgets.widget.data_view.data_facts`: examples, truncated and dropped rows,
+    % tokens trained, % padding) when ``data`` has them."""
     rows = []
     for run in runs:
         res = run.result
@@ -57,8 +62,17 @@ def summary_table_html(runs: Iterable[RunRecord], summary: Mapping[str, Any]) ->
         )
     return (
         f"<div class='lora-dashboard-summary'><b>LoRA dashboard: static summary</b> "
-        f"(device {device}{params})<table>{head}{''.join(rows)}</table></div>"
+        f"(device {device}{params})<table>{head}{''.join(rows)}</table>{data_table_html(data or {})}</div>"
     )
+
+
+def data_table_html(facts: Mapping[str, Any]) -> str:
+    """The data's facts as a two-column table (empty string without facts)."""
+    lines = facts_rows(facts)
+    if not lines:
+        return ""
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in lines)
+    return f"<table class='lora-dashboard-data'>{body}</table>"
 
 
 def _fmt(value: float) -> str:
@@ -167,14 +181,20 @@ class StaticSummary:
     the current table and curve into them, by display id, so the saved notebook keeps the result.
     """
 
-    def __init__(self, runs: Callable[[], list[RunRecord]], summary: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        runs: Callable[[], list[RunRecord]],
+        summary: Callable[[], Mapping[str, Any]],
+        data: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
         self._runs = runs
         self._summary = summary
+        self._data = data
         self._ids: tuple[str, str] | None = None
 
     def html(self) -> str:
         """The table of every run."""
-        return summary_table_html(self._runs(), self._summary())
+        return summary_table_html(self._runs(), self._summary(), self._data() if self._data else None)
 
     def svg(self) -> str:
         """The last run's loss curve."""

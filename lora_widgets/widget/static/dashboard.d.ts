@@ -52,6 +52,34 @@ export interface ControlSpec {
   choices?: string[]; // select: the options; text: suggestions (a <datalist>)
 }
 
+/** The data's facts (lora_widgets/widget/data_view.py, data_facts). */
+export interface DataFacts {
+  kind: "packed" | "sft";
+  train: number; // training examples (sft) or blocks (packed)
+  val: number;
+  seq_len: number; // block size, or the longest padded length
+  tokens: number; // without padding
+  trained_pct: number;
+  padding_pct: number;
+  rows: number;
+  truncated: number;
+  dropped: number;
+  formats: Record<string, number>; // rows per source format
+  train_on: string;
+  max_length: number | null;
+}
+
+/** The data view: the facts, and (for the dashboard's own data) one example's tokens. */
+export interface DataViewPayload {
+  facts?: DataFacts;
+  index?: number; // 0-based
+  count?: number;
+  row?: number | null; // the source row of the example
+  length?: number; // tokens in the example
+  trained?: number; // of them trained
+  tokens?: Array<[string, boolean]>; // [text, trained], at most data_view.MAX_TOKENS
+}
+
 export interface DashboardModel {
   // controls: what to render, from Python; then one trait per control, named by ControlSpec.name
   // (number for int/float, string for text/select). The names are not repeated here: the table in
@@ -66,6 +94,8 @@ export interface DashboardModel {
   errors: Record<string, string>; // control name (or "settings") -> the config's message
   log_scale: boolean;
   run_label: string;
+  data_view: DataViewPayload;
+  data_index: number; // which example the data view shows (0-based); the buttons set it
 }
 
 export type DashboardMessage = { type: "train" } | { type: "pause" } | { type: "resume" } | { type: "stop" };

@@ -9,6 +9,8 @@
 
 /** @typedef {import("./dashboard").DashboardModel} Model */
 /** @typedef {import("./dashboard").ControlSpec} ControlSpec */
+/** @typedef {import("./dashboard").DataFacts} DataFacts */
+/** @typedef {import("./dashboard").DataViewPayload} DataViewPayload */
 
 const IDLE_STATES = ["idle", "stopped", "finished", "failed"];
 
@@ -88,6 +90,44 @@ function parseInput(spec, text) {
   return text;
 }
 
+/**
+ * The data facts as (label, value) lines: the same lines as lora_widgets/widget/data_view.py's facts_rows.
+ * @param {DataFacts} f
+ * @returns {string[][]}
+ */
+function factRows(f) {
+  if (!f || !f.kind) return [];
+  if (f.kind === "packed") {
+    return [
+      ["data", "text packed into blocks (every token trained)"],
+      ["blocks (train / validation)", `${count(f.train)} / ${count(f.val)} of ${f.seq_len} tokens`],
+      ["tokens", count(f.tokens)],
+    ];
+  }
+  const formats = Object.keys(f.formats || {})
+    .sort()
+    .map((k) => `${k} ${count(f.formats[k])}`)
+    .join(", ");
+  return [
+    ["data", `instruction/chat rows (${formats}); loss on ${f.train_on}`],
+    ["examples (train / validation)", `${count(f.train)} / ${count(f.val)}`],
+    ["rows truncated / dropped", `${count(f.truncated)} / ${count(f.dropped)} (max_length ${f.max_length})`],
+    ["tokens trained", `${Number(f.trained_pct).toFixed(1)}% of ${count(f.tokens)}`],
+    ["padding", `${Number(f.padding_pct).toFixed(1)}% (longest padded length ${f.seq_len})`],
+  ];
+}
+
+/**
+ * One example's tokens: trained ones highlighted, the rest (prompt, template markup) dimmed.
+ * @param {Array<[string, boolean]>} tokens
+ * @returns {HTMLElement[]}
+ */
+function tokenSpans(tokens) {
+  return tokens.map(([text, trained]) =>
+    h("span", { class: trained ? "lw-tok lw-tok-trained" : "lw-tok", text, title: trained ? "trained" : "not trained" }),
+  );
+}
+
 /** @type {import("@anywidget/types").Render<Model>} */
 function render({ model, el }) {
   let pending = false; // a Train click was sent and Python has not answered yet
@@ -158,6 +198,22 @@ function render({ model, el }) {
   side.appendChild(callouts);
   const summary = h("table", { class: "lw-summary" });
   side.appendChild(summary);
+
+  // --- data view: facts, and one example with its trained tokens (data_view / data_index traits) ----
+  const dataFacts = h("table", { class: "lw-data-facts" });
+  const prevBtn = h("button", { class: "lw-btn lw-data-prev", type: "button", text: "◀" });
+  const nextBtn = h("button", { class: "lw-btn lw-data-next", type: "button", text: "▶" });
+  const indexBox = h("input", { class: "lw-input lw-data-index", type: "number", min: "1", step: "1" });
+  const dataCaption = h("span", { class: "lw-data-caption" });
+  const dataTokens = h("div", { class: "lw-data-tokens" });
+  const dataNav = h("div", { class: "lw-data-nav" }, [prevBtn, h("span", { text: "example " }), indexBox, nextBtn, dataCaption]);
+  const dataBox = h("details", { class: "lw-data", open: "" }, [
+    h("summary", { text: "Data: what is trained" }),
+    dataFacts,
+    dataNav,
+    dataTokens,
+  ]);
+  side.appendChild(dataBox);
 
   // --- renderers ----------------------------------------------------------------------------
   function renderControls() {
@@ -245,6 +301,33 @@ function render({ model, el }) {
     );
   }
 
+  function renderData() {
+    /** @type {DataViewPayload} */
+    const d = model.get("data_view") || {};
+    dataFacts.replaceChildren(
+      ...factRows(d.facts).map(([k, v]) => h("tr", {}, [h("th", { text: k }), h("td", { text: String(v) })])),
+    );
+    dataBox.style.display = d.facts && d.facts.kind ? "" : "none";
+    const has = Array.isArray(d.tokens);
+    dataNav.style.display = has ? "" : "none";
+    dataTokens.style.display = has ? "" : "none";
+    if (!has) return;
+    indexBox.max = String(d.count);
+    if (document.activeElement !== indexBox) indexBox.value = String(d.index + 1);
+    prevBtn.disabled = d.index <= 0;
+    nextBtn.disabled = d.index >= d.count - 1;
+    const row = d.row === null || d.row === undefined ? "" : ` (row ${d.row})`;
+    const cut = d.tokens.length < d.length ? `; first ${d.tokens.length} shown` : "";
+    dataCaption.textContent = ` of ${count(d.count)}${row}: ${count(d.trained)} of ${count(d.length)} tokens trained${cut}`;
+    dataTokens.replaceChildren(...tokenSpans(d.tokens));
+  }
+
+  /** @param {number} index 0-based */
+  function selectExample(index) {
+    model.set("data_index", Math.max(0, index));
+    model.save_changes();
+  }
+
   // --- events ----------------------------------------------------------------------------------
   trainBtn.addEventListener("click", () => {
     if (trainBtn.disabled || pending) return; // a double click sends one message
@@ -258,6 +341,12 @@ function render({ model, el }) {
   stopBtn.addEventListener("click", () => {
     stopBtn.disabled = true;
     model.send({ type: "stop" });
+  });
+  prevBtn.addEventListener("click", () => selectExample((model.get("data_view").index || 0) - 1));
+  nextBtn.addEventListener("click", () => selectExample((model.get("data_view").index || 0) + 1));
+  indexBox.addEventListener("change", () => {
+    const value = Number(indexBox.value);
+    if (Number.isInteger(value)) selectExample(value - 1);
   });
   logBox.addEventListener("change", () => {
     model.set("log_scale", logBox.checked);
@@ -286,6 +375,7 @@ function render({ model, el }) {
     ["change:summary", renderSummary],
     ["change:run_label", renderButtons],
     ["change:log_scale", renderButtons],
+    ["change:data_view", renderData],
   ];
   for (const spec of specs) listeners.push([`change:${spec.name}`, renderControls]);
   for (const [name, fn] of listeners) model.on(name, fn);
@@ -295,6 +385,7 @@ function render({ model, el }) {
   renderProgress();
   renderCallouts();
   renderSummary();
+  renderData();
 
   return () => {
     for (const [name, fn] of listeners) model.off(name, fn);
