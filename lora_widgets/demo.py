@@ -36,6 +36,7 @@ __all__ = [
 #: Directory of the shipped pretrained base model (``save_pretrained`` output plus its model card).
 BASE_MODEL_PATH: Path = Path(__file__).resolve().parent / "assets" / "base_model"
 
+
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``None`` (the checkpoint's own dtype) or the one table of dtype names (``memory_arch.parse_dtype``)."""
     from lora_widgets.memory_arch import parse_dtype  # memory_arch imports lora; keep demo's import light
