@@ -40,7 +40,7 @@ from lora_widgets.events import (
 )
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, count_parameters, has_lora
-from lora_widgets.widget import callouts, controls, loading, readouts
+from lora_widgets.widget import attach, callouts, controls, loading, readouts
 from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
 from lora_widgets.widget.labels import label_from_started, run_label
@@ -81,6 +81,11 @@ class LoRADashboard(VBox):
             (adapting every linear layer is the QLoRA paper's recommendation, Dettmers et al. 2023, sec. 4).
         train: the starting :class:`~lora_widgets.train_config.TrainConfig`; fields without a control
             (eval_every, output_dir, block_size, ...) are kept for every run.
+        trainer: instead of all of the above, a ``transformers.Trainer`` or ``trl.SFTTrainer`` you built
+            (around a PEFT model): the dashboard attaches to it (:class:`~lora_widgets.hf_bridge.HFRun`), Train
+            runs its ``train()`` in a background thread, Pause/Stop act between its steps, and its
+            ``TrainingArguments`` are shown read-only. Any :class:`~lora_widgets.events.RunSource` is accepted
+            too (an ``HFRun`` you made).
 
     Display it (last line of a cell) to show it. ``start()``, ``stop()``, ``pause()``, ``resume()`` and
     ``await wait()`` do from Python what the buttons do. ``watch(source)`` shows any other
@@ -102,8 +107,13 @@ class LoRADashboard(VBox):
         eval_data: Any = None,
         lora: LoRAConfig | None = None,
         train: TrainConfig | None = None,
+        trainer: Any = None,
         **kwargs: Any,
     ) -> None:
+        self._attached: RunSource | None = None  # LoRADashboard(trainer=...): the source Train runs
+        if trainer is not None:
+            self._attached = attach.attached_source(trainer, model=model, tokenizer=tokenizer, lora=lora,
+                                                    train_data=train_data, eval_data=eval_data, train=train)  # fmt: skip
         if train is None:
             from lora_widgets.train_config import TrainConfig
 
@@ -111,18 +121,24 @@ class LoRADashboard(VBox):
         loading.check_arguments(kwargs, lora, train, _TRAIN_FIELDS)
         lora = lora if lora is not None else LoRAConfig(r=8, alpha=16, target_modules="all-linear")
 
-        self.model, self.tokenizer = loading.load_model(model, tokenizer, train_data)
-        self._adapters_given = has_lora(self.model)  # trained as they are (Trainer(lora=None))
-        self._train_source = "python-docs" if train_data is None else train_data
-        self._eval_source = eval_data
         self._lora0 = lora
         self._train0: Any = train
-        self._device_type = loading.guess_device_type(train)
-        # bad data raises here, naming the problem, before anything is shown
-        self._data: tuple[Any, Any] = loading.prepare_blocks(
-            self._train_source, eval_data, self.tokenizer, train
-        )
-        self._n_train_blocks: int | None = int(self._data[0].shape[0])
+        self._observed_lr = False  # the current run's schedule is not previewed: draw its logged rates
+        if self._attached is not None:  # the trainer owns its model, data and settings
+            self.model, self.tokenizer = attach.model_of(self._attached), None
+            self._adapters_given = True
+            self._device_type = attach.device_type_of(self.model)
+            self._data: tuple[Any, Any] = (None, None)
+            self._n_train_blocks: int | None = None
+        else:
+            self.model, self.tokenizer = loading.load_model(model, tokenizer, train_data)
+            self._adapters_given = has_lora(self.model)  # trained as they are (Trainer(lora=None))
+            self._train_source = "python-docs" if train_data is None else train_data
+            self._eval_source = eval_data
+            self._device_type = loading.guess_device_type(train)
+            # bad data raises here, naming the problem, before anything is shown
+            self._data = loading.prepare_blocks(self._train_source, eval_data, self.tokenizer, train)
+            self._n_train_blocks = int(self._data[0].shape[0])
 
         self._session = RunSession(self._on_event, self._end_run)
         self._flusher = FlushScheduler(lambda: self._flush(), self.flush_interval)
@@ -130,7 +146,8 @@ class LoRADashboard(VBox):
         self._static = StaticSummary(lambda: self.runs, lambda: self.panel.summary)
         self._trainer_factory: Any = None  # test hook: a stand-in Trainer class
 
-        self.panel = DashboardPanel(**self._initial_controls(lora, train))
+        read_only = {"control_specs": []} if self._attached is not None else {}  # its settings: a table
+        self.panel = DashboardPanel(**self._initial_controls(lora, train), **read_only)
         self.charts = Charts(
             gpu=self._device_type == "cuda", points_per_line=self.max_points, max_markers=self.max_markers
         )
@@ -145,6 +162,12 @@ class LoRADashboard(VBox):
             self._device_type, *count_parameters(self.model), self._n_train_blocks
         )
         self._preview_params()
+        if self._attached is not None:
+            self.panel.summary = {**self.panel.summary, "train_rows": attach.train_rows_of(self._attached)}
+            self._show_source(self._attached)
+            self._callouts.set("status", attach.ready_callout(self.panel.attached_settings))
+            self._publish_callouts()
+            return
         self._callouts.set("status", callouts.READY)
         self._callouts.put("device", loading.cpu_callout(self.model) if self._device_type == "cpu" else None)
         self._callouts.put("adapters", callouts.ADAPTERS_GIVEN if self._adapters_given else None)
@@ -171,9 +194,10 @@ class LoRADashboard(VBox):
     @property
     def trainer(self) -> RunSource | None:
         """The current (or last) run's source (its :class:`~lora_widgets.Trainer` for a run started with
-        Train); ``None`` before the first run."""
+        Train); before the first run, the attached source (``HFRun``) of ``LoRADashboard(trainer=...)``, else
+        ``None``."""
         run = self._session.current
-        return None if run is None else run.source
+        return self._attached if run is None else run.source
 
     @property
     def history(self) -> History | None:
@@ -198,8 +222,16 @@ class LoRADashboard(VBox):
         or when no asyncio loop is running (use it from a notebook, or ``await dash.run()`` in a
         script), and ``ValueError`` naming every invalid setting. Whatever stops a run from starting is
         also shown in the panel's callout, as when Train is clicked.
+
+        Attached to a trainer (``LoRADashboard(trainer=...)``): runs its ``train()`` (``watch`` of its source).
         """
         self._session.check_idle()
+        if self._attached is not None:
+            try:
+                return self.watch(self._attached)
+            except RuntimeError as exc:
+                self._show_start_failure(exc)
+                raise
         try:
             loop = self._running_loop()
             if self.panel.errors:
@@ -210,6 +242,8 @@ class LoRADashboard(VBox):
             self._show_start_failure(exc)
             raise
         self._archive_previous_run()
+        self.panel.attached_settings = {}  # a watched source's settings no longer describe the next run
+        self._callouts.clear("advice", "lr")
         try:
             record = self._build_run(lora, train)
         except Exception as exc:  # shown in the panel, then raised to the caller
@@ -224,13 +258,17 @@ class LoRADashboard(VBox):
         dashboard shows its own runs; the buttons steer it. Returns the task that awaits ``source.run()``.
 
         ``label`` names it in the legend (default: from its :class:`~lora_widgets.events.RunStarted`).
+        A source that describes its settings (``HFRun(hf_trainer)``) has them shown read-only, with its
+        logging advice, before its first event.
         """
         if not isinstance(source, RunSource):
             raise TypeError(f"source must be a lora_widgets.events.RunSource, got {type(source).__name__}")
         self._session.check_idle()
         loop = self._running_loop()
         self._archive_previous_run()
-        return self._begin(RunRecord(len(self.runs) + 1, label, None, None, source), loop, None)
+        self._show_source(source)
+        record = RunRecord(len(self.runs) + 1, label, None, None, source)
+        return self._begin(record, loop, attach.total_steps_of(source))
 
     def replay(self, events: str | Path | list[Event], interval: float = 0.0) -> asyncio.Task[Any]:
         """Show a finished run again from its ``<run_dir>/metrics.jsonl`` (or its events): the charts, progress
@@ -296,15 +334,15 @@ class LoRADashboard(VBox):
     ) -> asyncio.Task[RunEnded | None]:
         """Clear the current run's marks, show the new run as starting, and hand it to the session."""
         self._flusher.reset(self.flush_interval)
+        self._observed_lr = False  # until its RunStarted says whether its schedule can be previewed
         self.charts.clear_current()
         self.charts.label_current(record.label)
         self.panel.run_label = record.label
         if record.train is not None:
             self._preview_schedule(None, record.train)
         task = self._session.begin(record, loop)
-        summary = {
-            k: v for k, v in self.panel.summary.items() if k in ("device", "device_name", "train_blocks")
-        }
+        kept = ("device", "device_name", "train_blocks", "train_rows")
+        summary = {k: v for k, v in self.panel.summary.items() if k in kept}
         with self.panel.hold_sync():
             self.panel.summary = summary
             self.panel.state = "running"
@@ -368,7 +406,9 @@ class LoRADashboard(VBox):
                 run.label = label_from_started(run.index, event)
                 self.charts.label_current(run.label)
                 self.panel.run_label = run.label
-            self.charts.set_schedule(readouts.schedule_preview(event.config, event.total_steps))
+            preview = readouts.schedule_preview(event.config, event.total_steps)
+            self._observed_lr = preview is None  # then the flushes draw the rates the run logs
+            self.charts.set_schedule(preview)
             self._flusher.request()
         elif isinstance(event, StateChanged) and event.state in ("running", "paused"):
             if event.state == "paused":
@@ -381,6 +421,8 @@ class LoRADashboard(VBox):
         if run is None:
             return
         self.charts.update(run.history)
+        if self._observed_lr:
+            self.charts.set_schedule((run.history.step, run.history.lr))  # sent only when it changed
         if run.history.last_step is not None and "starting" in self._callouts:
             self._callouts.clear("starting")
             self._callouts.set("status", callouts.TRAINING)
@@ -420,6 +462,8 @@ class LoRADashboard(VBox):
             getattr(self, kind)()
 
     def _on_controls(self, _change: Any = None) -> None:
+        if self._attached is not None:
+            return  # no controls: the attached trainer's settings are shown read-only
         errors = validate_settings(self._control_values(), self._device_type, self._n_train_blocks,
                                    lora=self._lora0, train=self._train0)  # fmt: skip
         if not errors and not self.running:
@@ -428,6 +472,19 @@ class LoRADashboard(VBox):
 
     def _on_log_scale(self, change: Any) -> None:  # the log-scale checkbox
         self.charts.set_log_scale(bool(change["new"]))
+
+    def _show_source(self, source: Any) -> None:
+        """For a source that describes its settings (an attached trainer): show them read-only, its logging
+        advice, and the schedule it will follow, or why the chart will show only the logged rates."""
+        settings = attach.settings_of(source)
+        if not settings:
+            return
+        self.panel.attached_settings = settings
+        self._callouts.put("advice", attach.advice_callout(source))
+        self._callouts.put("lr", attach.lr_note_callout(settings))
+        preview = readouts.schedule_preview(settings, attach.total_steps_of(source))
+        self.charts.set_schedule(preview if preview is not None else ([], []))
+        self._publish_callouts()
 
     def _show_start_failure(self, exc: BaseException) -> None:
         callout = callouts.failure_callout(type(exc).__name__, str(exc), title="Could not start the run")

@@ -6,6 +6,10 @@ are plain files under ``static/`` (no build step). The control traits are genera
 ``control_specs`` trait, which ``dashboard.js`` renders: adding a control is one line there.
 Validation is the configs' own (:func:`~lora_widgets.widget.controls.validate_settings`); the panel shows
 their messages in ``errors``.
+
+Read-only mode: a dashboard attached to a trainer that owns its settings (``LoRADashboard(trainer=...)``)
+sends ``control_specs=[]`` (no inputs) and the trainer's settings in ``attached_settings``, which the front end
+shows as a table.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ class DashboardPanel(_ControlTraits):
     ).tag(sync=True)
     log_scale = t.Bool(False, help="Show the loss chart on a logarithmic y axis.").tag(sync=True)
     run_label = t.Unicode("", help="Configuration label of the current or last run.").tag(sync=True)
+    attached_settings = t.Dict(
+        help="The settings of an attached trainer (its TrainingArguments, flat name -> JSON value, 'trainer' "
+        "its class name), shown read-only as a table: it owns them. Empty for the dashboard's own runs."
+    ).tag(sync=True)
 
     CONFIG_TRAITS: ClassVar[tuple[str, ...]] = controls.CONTROL_NAMES
     """The control traits, in display order (the names of ``controls.CONTROLS``)."""
