@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from lora_widgets.events import RunSource
-from lora_widgets.widget.callouts import Callout
+from lora_widgets.widget.callouts import Callout, Callouts
 from lora_widgets.widget.loading import is_hf_trainer
-from lora_widgets.widget.readouts import schedule_note
+from lora_widgets.widget.readouts import schedule_note, schedule_preview
 
 __all__ = [
     "advice_callout",
@@ -29,8 +29,10 @@ __all__ = [
     "device_type_of",
     "lr_note_callout",
     "model_of",
+    "panel_traits",
     "ready_callout",
     "settings_of",
+    "show_source",
     "total_steps_of",
     "train_rows_of",
 ]
@@ -127,3 +129,25 @@ def lr_note_callout(config: Mapping[str, Any]) -> Callout | None:
     ``None`` when the schedule is previewed."""
     note = schedule_note(config)
     return None if note is None else Callout("info", "Learning rate: logged values only", note)
+
+
+def panel_traits(source: RunSource | None) -> dict[str, Any]:
+    """The panel's starting traits for an attached source: no control inputs (``control_specs=[]``), since
+    the trainer's settings are shown read-only instead; ``{}`` for the dashboard's own runs."""
+    return {} if source is None else {"control_specs": []}
+
+
+def show_source(source: Any, panel: Any, callouts: Callouts, charts: Any) -> bool:
+    """Show what a source that describes its settings says before it runs: the settings (``panel``'s
+    ``attached_settings``), its logging advice and learning-rate note (``callouts``), and its schedule on the
+    learning-rate chart (cleared when it cannot be previewed). Returns False, showing nothing, for a source
+    that describes no settings (a :class:`~lora_widgets.events.Replay`, our own ``Trainer``)."""
+    settings = settings_of(source)
+    if not settings:
+        return False
+    panel.attached_settings = settings
+    callouts.put("advice", advice_callout(source))
+    callouts.put("lr", lr_note_callout(settings))
+    preview = schedule_preview(settings, total_steps_of(source))
+    charts.set_schedule(preview if preview is not None else ([], []))
+    return True

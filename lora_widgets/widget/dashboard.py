@@ -81,11 +81,9 @@ class LoRADashboard(VBox):
             (adapting every linear layer is the QLoRA paper's recommendation, Dettmers et al. 2023, sec. 4).
         train: the starting :class:`~lora_widgets.train_config.TrainConfig`; fields without a control
             (eval_every, output_dir, block_size, ...) are kept for every run.
-        trainer: instead of all of the above, a ``transformers.Trainer`` or ``trl.SFTTrainer`` you built
-            (around a PEFT model): the dashboard attaches to it (:class:`~lora_widgets.hf_bridge.HFRun`), Train
-            runs its ``train()`` in a background thread, Pause/Stop act between its steps, and its
-            ``TrainingArguments`` are shown read-only. Any :class:`~lora_widgets.events.RunSource` is accepted
-            too (an ``HFRun`` you made).
+        trainer: instead of all of the above, your ``transformers.Trainer`` / ``trl.SFTTrainer`` (or any
+            :class:`~lora_widgets.events.RunSource`): Train runs its ``train()`` in a background thread
+            (:class:`~lora_widgets.hf_bridge.HFRun`), Pause/Stop act between steps, its settings are read-only.
 
     Display it (last line of a cell) to show it. ``start()``, ``stop()``, ``pause()``, ``resume()`` and
     ``await wait()`` do from Python what the buttons do. ``watch(source)`` shows any other
@@ -146,7 +144,7 @@ class LoRADashboard(VBox):
         self._static = StaticSummary(lambda: self.runs, lambda: self.panel.summary)
         self._trainer_factory: Any = None  # test hook: a stand-in Trainer class
 
-        read_only = {"control_specs": []} if self._attached is not None else {}  # its settings: a table
+        read_only = attach.panel_traits(self._attached)  # no inputs: the trainer's settings, as a table
         self.panel = DashboardPanel(**self._initial_controls(lora, train), **read_only)
         self.charts = Charts(
             gpu=self._device_type == "cuda", points_per_line=self.max_points, max_markers=self.max_markers
@@ -164,7 +162,7 @@ class LoRADashboard(VBox):
         self._preview_params()
         if self._attached is not None:
             self.panel.summary = {**self.panel.summary, "train_rows": attach.train_rows_of(self._attached)}
-            self._show_source(self._attached)
+            attach.show_source(self._attached, self.panel, self._callouts, self.charts)
             self._callouts.set("status", attach.ready_callout(self.panel.attached_settings))
             self._publish_callouts()
             return
@@ -221,9 +219,7 @@ class LoRADashboard(VBox):
         Raises ``RuntimeError`` when a run is already in progress (a double click never starts two runs)
         or when no asyncio loop is running (use it from a notebook, or ``await dash.run()`` in a
         script), and ``ValueError`` naming every invalid setting. Whatever stops a run from starting is
-        also shown in the panel's callout, as when Train is clicked.
-
-        Attached to a trainer (``LoRADashboard(trainer=...)``): runs its ``train()`` (``watch`` of its source).
+        also shown in the panel's callout, as when Train is clicked. Attached: ``watch`` of the trainer's source.
         """
         self._session.check_idle()
         if self._attached is not None:
@@ -258,15 +254,15 @@ class LoRADashboard(VBox):
         dashboard shows its own runs; the buttons steer it. Returns the task that awaits ``source.run()``.
 
         ``label`` names it in the legend (default: from its :class:`~lora_widgets.events.RunStarted`).
-        A source that describes its settings (``HFRun(hf_trainer)``) has them shown read-only, with its
-        logging advice, before its first event.
+        A source that describes its settings (``HFRun``) has them shown read-only, with its logging advice.
         """
         if not isinstance(source, RunSource):
             raise TypeError(f"source must be a lora_widgets.events.RunSource, got {type(source).__name__}")
         self._session.check_idle()
         loop = self._running_loop()
         self._archive_previous_run()
-        self._show_source(source)
+        if attach.show_source(source, self.panel, self._callouts, self.charts):  # settings, advice, schedule
+            self._publish_callouts()
         record = RunRecord(len(self.runs) + 1, label, None, None, source)
         return self._begin(record, loop, attach.total_steps_of(source))
 
@@ -472,19 +468,6 @@ class LoRADashboard(VBox):
 
     def _on_log_scale(self, change: Any) -> None:  # the log-scale checkbox
         self.charts.set_log_scale(bool(change["new"]))
-
-    def _show_source(self, source: Any) -> None:
-        """For a source that describes its settings (an attached trainer): show them read-only, its logging
-        advice, and the schedule it will follow, or why the chart will show only the logged rates."""
-        settings = attach.settings_of(source)
-        if not settings:
-            return
-        self.panel.attached_settings = settings
-        self._callouts.put("advice", attach.advice_callout(source))
-        self._callouts.put("lr", attach.lr_note_callout(settings))
-        preview = readouts.schedule_preview(settings, attach.total_steps_of(source))
-        self.charts.set_schedule(preview if preview is not None else ([], []))
-        self._publish_callouts()
 
     def _show_start_failure(self, exc: BaseException) -> None:
         callout = callouts.failure_callout(type(exc).__name__, str(exc), title="Could not start the run")

@@ -39,7 +39,12 @@ rest stay in the history only, so the progress trait stays a few numbers whateve
 
 # transformers' lr_scheduler_type -> the shape of lora_widgets.schedules that is the same function (both
 # implement get_{linear,cosine,constant}_schedule_with_warmup; "constant" there takes no warm-up).
-_HF_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant_with_warmup": "constant", "constant": "constant"}
+_HF_SCHEDULES = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant_with_warmup": "constant",
+    "constant": "constant",
+}
 
 logger = logging.getLogger(__name__)
 
