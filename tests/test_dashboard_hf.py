@@ -212,8 +212,14 @@ def test_sparse_logging_is_advised_before_the_run_and_the_advice_follows_the_arg
     assert asyncio.run(main()).kind == "finished"
 
 
-def test_bad_arguments_with_trainer_are_refused_naming_them(tmp_path: Path) -> None:
+def test_bad_arguments_are_refused_and_the_dashboard_replaces_the_progress_printer(tmp_path: Path) -> None:
     hf = _hf_trainer(tmp_path)
+    hf.add_callback(transformers.PrinterCallback)  # what disable_tqdm=True gives (a notebook: its progress bar)
+    hf.add_callback(transformers.trainer_callback.ProgressCallback)
+    dash = LoRADashboard(trainer=hf)  # prints from the worker thread would land in whichever cell ran last
+    kept = [type(c).__name__ for c in hf.callback_handler.callbacks]
+    assert "PrinterCallback" not in kept and "ProgressCallback" not in kept and "EventCallback" in kept
+    assert dash.trainer.callback in hf.callback_handler.callbacks  # type: ignore[union-attr]
     with pytest.raises(TypeError, match=r"got lora, train_data too.*TrainingArguments"):
         LoRADashboard(trainer=hf, lora=object(), train_data="python-docs")
     with pytest.raises(TypeError, match=r"trainer must be a transformers\.Trainer.*got str"):

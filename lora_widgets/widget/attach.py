@@ -37,6 +37,9 @@ __all__ = [
     "train_rows_of",
 ]
 
+_PROGRESS_VIEWS = frozenset({"NotebookProgressCallback", "ProgressCallback", "PrinterCallback"})
+"""transformers' own progress displays, which the dashboard replaces for a trainer attached to it."""
+
 
 def attached_source(trainer: Any, **others: Any) -> RunSource:
     """The run source for ``LoRADashboard(trainer=...)``: an ``HFRun`` around a transformers/TRL trainer, or
@@ -44,6 +47,10 @@ def attached_source(trainer: Any, **others: Any) -> RunSource:
 
     ``others``: the dashboard's other arguments; any that is set is refused (the trainer brings its model,
     data and settings).
+
+    The dashboard becomes the trainer's view: transformers' own progress display (``NotebookProgressCallback``,
+    ``ProgressCallback``, ``PrinterCallback``) is removed from it, since it would print from the worker thread
+    into whichever cell ran last; ``hf_trainer.add_callback(...)`` puts one back.
 
     Raises:
         TypeError: ``trainer`` is neither, or other arguments were given with it.
@@ -58,6 +65,9 @@ def attached_source(trainer: Any, **others: Any) -> RunSource:
     if is_hf_trainer(trainer):
         from lora_widgets.hf_bridge import HFRun  # imports transformers' Trainer: only for an attached one
 
+        for callback in list(trainer.callback_handler.callbacks):
+            if type(callback).__name__ in _PROGRESS_VIEWS:
+                trainer.remove_callback(callback)
         return HFRun(trainer)
     if isinstance(trainer, RunSource):
         return trainer
