@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 _TRAIN_FIELDS = controls.config_fields(controls.TrainConfig)
 _LORA_TRAITS = ["rank", "alpha", "dropout", "target_modules"]
+_LOGGED_LR_EVERY = 5  # flushes between redraws of a logged LR line (it moves slowly; its marker every flush)
 
 
 class LoRADashboard(VBox):
@@ -417,8 +418,8 @@ class LoRADashboard(VBox):
         if run is None:
             return
         self.charts.update(run.history)
-        if self._observed_lr:
-            self.charts.set_schedule((run.history.step, run.history.lr))  # sent only when it changed
+        if self._observed_lr and (self._flusher.flushes % _LOGGED_LR_EVERY == 1 or run.result is not None):
+            self.charts.set_schedule((run.history.step, run.history.lr))  # no preview: the logged rates
         if run.history.last_step is not None and "starting" in self._callouts:
             self._callouts.clear("starting")
             self._callouts.set("status", callouts.TRAINING)
