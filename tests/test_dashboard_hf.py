@@ -214,7 +214,9 @@ def test_sparse_logging_is_advised_before_the_run_and_the_advice_follows_the_arg
 
 def test_bad_arguments_are_refused_and_the_dashboard_replaces_the_progress_printer(tmp_path: Path) -> None:
     hf = _hf_trainer(tmp_path)
-    hf.add_callback(transformers.PrinterCallback)  # what disable_tqdm=True gives (a notebook: its progress bar)
+    hf.add_callback(
+        transformers.PrinterCallback
+    )  # what disable_tqdm=True gives (a notebook: its progress bar)
     hf.add_callback(transformers.trainer_callback.ProgressCallback)
     dash = LoRADashboard(trainer=hf)  # prints from the worker thread would land in whichever cell ran last
     kept = [type(c).__name__ for c in hf.callback_handler.callbacks]
@@ -255,7 +257,7 @@ def test_hf_schedule_preview_rules() -> None:
         assert readouts.schedule_preview(config, 8) is None
         assert "logs" in (readouts.schedule_note(config) or "")
     assert readouts.schedule_note({**base, "lr_scheduler_type": "cosine"}) is None
-    assert readouts.schedule_note({"schedule": "cosine"}) is None
+    assert readouts.schedule_note({"schedule": "cosine"}) is None and readouts.schedule_note({}) is None
 
 
 def test_the_dashboard_does_not_import_transformers_trainer() -> None:

@@ -404,7 +404,8 @@ class LoRADashboard(VBox):
                 self.charts.label_current(run.label)
                 self.panel.run_label = run.label
             preview = readouts.schedule_preview(event.config, event.total_steps)
-            self._observed_lr = preview is None  # then the flushes draw the rates the run logs
+            # a transformers run whose scheduler is not previewed: the flushes draw the rates it logs
+            self._observed_lr = preview is None and "lr_scheduler_type" in event.config
             self.charts.set_schedule(preview)
             self._flusher.request()
         elif isinstance(event, StateChanged) and event.state in ("running", "paused"):

@@ -215,14 +215,13 @@ def _hf_schedule(config: Mapping[str, Any], total_steps: int) -> dict[str, Any] 
 
 
 def schedule_note(config: Mapping[str, Any]) -> str | None:
-    """Why the learning-rate chart shows only the logged rates (no preview) for a run with these settings;
-    ``None`` when :func:`schedule_preview` draws the schedule."""
+    """Why the learning-rate chart shows only the logged rates (no preview) for a transformers run with these
+    settings; ``None`` when :func:`schedule_preview` draws the schedule, or the settings are not a
+    ``TrainingArguments`` description."""
     if "schedule" in config:
         return None
     name = config.get("lr_scheduler_type")
-    if name is None:
-        return "This run's settings do not describe its schedule: the chart shows the rates it logs."
-    if name in _HF_SCHEDULES and not config.get("lr_scheduler_kwargs"):
+    if name is None or (name in _HF_SCHEDULES and not config.get("lr_scheduler_kwargs")):
         return None
     return (
         f"lr_scheduler_type={name!r}"
