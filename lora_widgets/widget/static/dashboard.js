@@ -154,7 +154,7 @@ function render({ model, el }) {
   // --- an attached trainer's own settings, read-only ----------------------------------------------
   const settingsLegend = h("legend");
   const settingsTable = h("table", { class: "lw-settings-table" });
-  const settingsBox = h("fieldset", { class: "lw-group lw-settings" }, [settingsLegend, settingsTable]);
+  const settingsBox = h("fieldset", { class: "lw-settings" }, [settingsLegend, settingsTable]);
   controls.appendChild(settingsBox);
 
   const bar = h("div", { class: "lw-bar" }, [h("div", { class: "lw-fill" })]);
