@@ -53,6 +53,7 @@ _SHOWN = (
     "output_dir",
     "learning_rate",
     "lr_scheduler_type",
+    "lr_scheduler_kwargs",
     "warmup_steps",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
@@ -98,10 +99,13 @@ _HF_WORDS = (
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-safe, readable form of a settings value (enums by their value, sets as sorted lists)."""
+    """A JSON-safe, readable form of a settings value (enums by their value, sets as sorted lists, dicts with
+    string keys)."""
     value = getattr(value, "value", value)  # transformers' str enums (IntervalStrategy, SchedulerType)
     if isinstance(value, bool | int | float | str) or value is None:
         return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         items = [_plain(v) for v in value]
         return sorted(items, key=str) if isinstance(value, set | frozenset) else items

@@ -22,6 +22,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -159,6 +160,12 @@ class HFRun:
     def advice(self) -> str | None:
         """A warning with a suggested ``logging_steps`` when the chart would be nearly empty, else ``None``."""
         return logging_advice(self.hf_trainer.args, self.total_steps)
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write the model as it is now with ``hf_trainer.save_model(path)`` (a PEFT model: its adapter, in
+        PEFT's format); returns the path. What ``LoRADashboard.save_adapter`` calls for an attached trainer."""
+        self.hf_trainer.save_model(str(path))
+        return Path(path)
 
     def detach(self) -> None:
         """Remove the event bridge from the trainer (its own callbacks are untouched)."""

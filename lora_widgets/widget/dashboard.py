@@ -41,7 +41,7 @@ from lora_widgets.events import (
 )
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, count_parameters, has_lora
-from lora_widgets.widget import callouts, controls, loading, readouts
+from lora_widgets.widget import attach, callouts, controls, loading, readouts
 from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
 from lora_widgets.widget.data_view import DataView, data_facts
@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 _TRAIN_FIELDS = controls.config_fields(controls.TrainConfig)
 _LORA_TRAITS = ["rank", "alpha", "dropout", "target_modules"]
+_LOGGED_LR_EVERY = 5  # flushes between redraws of a logged LR line (it moves slowly; its marker every flush)
 
 
 class LoRADashboard(VBox):
@@ -83,6 +84,9 @@ class LoRADashboard(VBox):
             (adapting every linear layer is the QLoRA paper's recommendation, Dettmers et al. 2023, sec. 4).
         train: the starting :class:`~lora_widgets.train_config.TrainConfig`; fields without a control
             (eval_every, output_dir, block_size, ...) are kept for every run.
+        trainer: instead of all of the above, your ``transformers.Trainer`` / ``trl.SFTTrainer`` (or any
+            :class:`~lora_widgets.events.RunSource`): Train runs its ``train()`` in a background thread
+            (:class:`~lora_widgets.hf_bridge.HFRun`), Pause/Stop act between steps, its settings are read-only.
 
     Display it (last line of a cell) to show it. ``start()``, ``stop()``, ``pause()``, ``resume()`` and
     ``await wait()`` do from Python what the buttons do. ``watch(source)`` shows any other
@@ -104,8 +108,13 @@ class LoRADashboard(VBox):
         eval_data: Any = None,
         lora: LoRAConfig | None = None,
         train: TrainConfig | None = None,
+        trainer: Any = None,
         **kwargs: Any,
     ) -> None:
+        self._attached: RunSource | None = None  # LoRADashboard(trainer=...): the source Train runs
+        if trainer is not None:
+            self._attached = attach.attached_source(trainer, model=model, tokenizer=tokenizer, lora=lora,
+                                                    train_data=train_data, eval_data=eval_data, train=train)  # fmt: skip
         if train is None:
             from lora_widgets.train_config import TrainConfig
 
@@ -113,21 +122,28 @@ class LoRADashboard(VBox):
         loading.check_arguments(kwargs, lora, train, _TRAIN_FIELDS)
         lora = lora if lora is not None else LoRAConfig(r=8, alpha=16, target_modules="all-linear")
 
-        self.model, self.tokenizer = loading.load_model(model, tokenizer, train_data)
-        self._adapters_given = has_lora(self.model)  # trained as they are (Trainer(lora=None))
-        self._train_source = "python-docs" if train_data is None else train_data
-        self._eval_source = eval_data
         self._lora0 = lora
         self._train0: Any = train
-        self._device_type = loading.guess_device_type(train)
-        # bad data raises here, naming the problem, before anything is shown
-        self._data: tuple[Any, Any] = loading.prepare_blocks(
-            self._train_source, eval_data, self.tokenizer, train
-        )
-        self._n_train_blocks: int | None = int(self._data[0].shape[0])
-        self._data_view = DataView(
-            self._data[0], self.tokenizer, data_facts(loading.data_event(self._data, train))
-        )
+        self._observed_lr = False  # the current run's schedule is not previewed: draw its logged rates
+        if self._attached is not None:  # the trainer owns its model, data and settings
+            self.model, self.tokenizer = attach.model_of(self._attached), None
+            self._adapters_given = True
+            self._device_type = attach.device_type_of(self.model)
+            self._data: tuple[Any, Any] = (None, None)
+            self._n_train_blocks: int | None = None
+            self._data_view: DataView | None = None  # the attached trainer's DataPrepared facts only
+        else:
+            self.model, self.tokenizer = loading.load_model(model, tokenizer, train_data)
+            self._adapters_given = has_lora(self.model)  # trained as they are (Trainer(lora=None))
+            self._train_source = "python-docs" if train_data is None else train_data
+            self._eval_source = eval_data
+            self._device_type = loading.guess_device_type(train)
+            # bad data raises here, naming the problem, before anything is shown
+            self._data = loading.prepare_blocks(self._train_source, eval_data, self.tokenizer, train)
+            self._n_train_blocks = int(self._data[0].shape[0])
+            self._data_view = DataView(
+                self._data[0], self.tokenizer, data_facts(loading.data_event(self._data, train))
+            )
 
         self._session = RunSession(self._on_event, self._end_run)
         self._flusher = FlushScheduler(lambda: self._flush(), self.flush_interval)
@@ -137,7 +153,8 @@ class LoRADashboard(VBox):
         )
         self._trainer_factory: Any = None  # test hook: a stand-in Trainer class
 
-        self.panel = DashboardPanel(**self._initial_controls(lora, train))
+        read_only = attach.panel_traits(self._attached)  # no inputs: the trainer's settings, as a table
+        self.panel = DashboardPanel(**self._initial_controls(lora, train), **read_only)
         self.charts = Charts(
             gpu=self._device_type == "cuda", points_per_line=self.max_points, max_markers=self.max_markers
         )
@@ -154,6 +171,12 @@ class LoRADashboard(VBox):
             self._device_type, *count_parameters(self.model), self._n_train_blocks
         )
         self._preview_params()
+        if self._attached is not None:
+            self.panel.summary = {**self.panel.summary, "train_rows": attach.train_rows_of(self._attached)}
+            attach.show_source(self._attached, self.panel, self._callouts, self.charts)
+            self._callouts.set("status", attach.ready_callout(self.panel.attached_settings))
+            self._publish_callouts()
+            return
         self._callouts.set("status", callouts.READY)
         self._callouts.put("device", loading.cpu_callout(self.model) if self._device_type == "cpu" else None)
         self._callouts.put("adapters", callouts.ADAPTERS_GIVEN if self._adapters_given else None)
@@ -180,9 +203,10 @@ class LoRADashboard(VBox):
     @property
     def trainer(self) -> RunSource | None:
         """The current (or last) run's source (its :class:`~lora_widgets.Trainer` for a run started with
-        Train); ``None`` before the first run."""
+        Train); before the first run, the attached source (``HFRun``) of ``LoRADashboard(trainer=...)``, else
+        ``None``."""
         run = self._session.current
-        return None if run is None else run.source
+        return self._attached if run is None else run.source
 
     @property
     def history(self) -> History | None:
@@ -206,9 +230,15 @@ class LoRADashboard(VBox):
         Raises ``RuntimeError`` when a run is already in progress (a double click never starts two runs)
         or when no asyncio loop is running (use it from a notebook, or ``await dash.run()`` in a
         script), and ``ValueError`` naming every invalid setting. Whatever stops a run from starting is
-        also shown in the panel's callout, as when Train is clicked.
+        also shown in the panel's callout, as when Train is clicked. Attached: ``watch`` of the trainer's source.
         """
         self._session.check_idle()
+        if self._attached is not None:
+            try:
+                return self.watch(self._attached)
+            except RuntimeError as exc:
+                self._show_start_failure(exc)
+                raise
         try:
             loop = self._running_loop()
             if self.panel.errors:
@@ -219,6 +249,8 @@ class LoRADashboard(VBox):
             self._show_start_failure(exc)
             raise
         self._archive_previous_run()
+        self.panel.attached_settings = {}  # a watched source's settings no longer describe the next run
+        self._callouts.clear("advice", "lr")
         try:
             record = self._build_run(lora, train)
         except Exception as exc:  # shown in the panel, then raised to the caller
@@ -233,13 +265,17 @@ class LoRADashboard(VBox):
         dashboard shows its own runs; the buttons steer it. Returns the task that awaits ``source.run()``.
 
         ``label`` names it in the legend (default: from its :class:`~lora_widgets.events.RunStarted`).
+        A source that describes its settings (``HFRun``) has them shown read-only, with its logging advice.
         """
         if not isinstance(source, RunSource):
             raise TypeError(f"source must be a lora_widgets.events.RunSource, got {type(source).__name__}")
         self._session.check_idle()
         loop = self._running_loop()
         self._archive_previous_run()
-        return self._begin(RunRecord(len(self.runs) + 1, label, None, None, source), loop, None)
+        if attach.show_source(source, self.panel, self._callouts, self.charts):  # settings, advice, schedule
+            self._publish_callouts()
+        record = RunRecord(len(self.runs) + 1, label, None, None, source)
+        return self._begin(record, loop, attach.total_steps_of(source))
 
     def replay(self, events: str | Path | list[Event], interval: float = 0.0) -> asyncio.Task[Any]:
         """Show a finished run again from its ``<run_dir>/metrics.jsonl`` (or its events): the charts, progress
@@ -305,15 +341,15 @@ class LoRADashboard(VBox):
     ) -> asyncio.Task[RunEnded | None]:
         """Clear the current run's marks, show the new run as starting, and hand it to the session."""
         self._flusher.reset(self.flush_interval)
+        self._observed_lr = False  # until its RunStarted says whether its schedule can be previewed
         self.charts.clear_current()
         self.charts.label_current(record.label)
         self.panel.run_label = record.label
         if record.train is not None:
             self._preview_schedule(None, record.train)
         task = self._session.begin(record, loop)
-        summary = {
-            k: v for k, v in self.panel.summary.items() if k in ("device", "device_name", "train_blocks")
-        }
+        kept = ("device", "device_name", "train_blocks", "train_rows")
+        summary = {k: v for k, v in self.panel.summary.items() if k in kept}
         with self.panel.hold_sync():
             self.panel.summary = summary
             self.panel.state = "running"
@@ -380,10 +416,13 @@ class LoRADashboard(VBox):
                 run.label = label_from_started(run.index, event)
                 self.charts.label_current(run.label)
                 self.panel.run_label = run.label
-            self.charts.set_schedule(readouts.schedule_preview(event.config, event.total_steps))
+            preview = readouts.schedule_preview(event.config, event.total_steps)
+            # a transformers run whose scheduler is not previewed: the flushes draw the rates it logs
+            self._observed_lr = preview is None and "lr_scheduler_type" in event.config
+            self.charts.set_schedule(preview)
             self._flusher.request()
         elif isinstance(event, DataPrepared):
-            if run.train is None:  # a run this dashboard did not prepare: its facts, not our examples
+            if run.train is None or self._data_view is None:  # not our data: its facts, not our examples
                 self.panel.data_view = {"facts": data_facts(event)}
             else:
                 self._data_view.with_facts(event)
@@ -399,6 +438,8 @@ class LoRADashboard(VBox):
         if run is None:
             return
         self.charts.update(run.history)
+        if self._observed_lr and (self._flusher.flushes % _LOGGED_LR_EVERY == 1 or run.result is not None):
+            self.charts.set_schedule((run.history.step, run.history.lr))  # no preview: the logged rates
         if run.history.last_step is not None and "starting" in self._callouts:
             self._callouts.clear("starting")
             self._callouts.set("status", callouts.TRAINING)
@@ -438,6 +479,8 @@ class LoRADashboard(VBox):
             getattr(self, kind)()
 
     def _on_controls(self, _change: Any = None) -> None:
+        if self._attached is not None:
+            return  # no controls: the attached trainer's settings are shown read-only
         errors = validate_settings(self._control_values(), self._device_type, self._n_train_blocks,
                                    lora=self._lora0, train=self._train0)  # fmt: skip
         if not errors and not self.running:
@@ -446,7 +489,8 @@ class LoRADashboard(VBox):
 
     def _show_example(self, _change: Any = None) -> None:
         """The data view: the facts and the example the panel's index selects."""
-        self.panel.data_view = self._data_view.payload(self.panel.data_index)
+        if self._data_view is not None:
+            self.panel.data_view = self._data_view.payload(self.panel.data_index)
 
     def _on_log_scale(self, change: Any) -> None:  # the log-scale checkbox
         self.charts.set_log_scale(bool(change["new"]))

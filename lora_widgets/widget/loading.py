@@ -27,6 +27,7 @@ __all__ = [
     "cpu_callout",
     "data_event",
     "guess_device_type",
+    "is_hf_trainer",
     "load_model",
     "preflight_callout",
     "prepare_blocks",
@@ -50,7 +51,7 @@ def _quiet_hub_progress() -> Iterator[None]:
 def check_arguments(kwargs: dict[str, Any], lora: Any, train: Any, train_fields: tuple[str, ...]) -> None:
     """Refuse unknown keyword arguments and configs of the wrong type, naming them and the fix."""
     if kwargs:
-        valid = "model, tokenizer, train_data, eval_data, lora, train"
+        valid = "model, tokenizer, train_data, eval_data, lora, train (or trainer= alone)"
         raise TypeError(
             f"LoRADashboard() got unexpected keyword argument(s) {', '.join(sorted(kwargs))}; "
             f"valid arguments are {valid} (LoRA settings go in lora=LoRAConfig(...), training "
@@ -61,6 +62,15 @@ def check_arguments(kwargs: dict[str, Any], lora: Any, train: Any, train_fields:
     missing = [f for f in train_fields if not hasattr(train, f)]
     if missing or not dataclasses.is_dataclass(train):
         raise TypeError(f"train must be a TrainConfig, got {type(train).__name__}")
+
+
+def is_hf_trainer(obj: Any) -> bool:
+    """True for a ``transformers.Trainer`` or a subclass (TRL's ``SFTTrainer``, a user's own), told from the
+    class's ancestry, so the dashboard does not import transformers' trainer module to recognise one."""
+    return any(
+        cls.__name__ == "Trainer" and cls.__module__.split(".")[0] == "transformers"
+        for cls in type(obj).__mro__
+    )
 
 
 def load_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any]:

@@ -6,6 +6,10 @@ are plain files under ``static/`` (no build step). The control traits are genera
 ``control_specs`` trait, which ``dashboard.js`` renders: adding a control is one line there.
 Validation is the configs' own (:func:`~lora_widgets.widget.controls.validate_settings`); the panel shows
 their messages in ``errors``.
+
+Read-only mode: a dashboard attached to a trainer that owns its settings (``LoRADashboard(trainer=...)``)
+sends ``control_specs=[]`` (no inputs) and the trainer's settings in ``attached_settings``, which the front end
+shows as a table.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ class DashboardPanel(_ControlTraits):
         "% padding), and one example's tokens as [text, trained] pairs."
     ).tag(sync=True)
     data_index = t.Int(0, help="Which example the data view shows (set by its buttons).").tag(sync=True)
+    attached_settings = t.Dict(
+        help="The settings of an attached trainer (its TrainingArguments, flat name -> JSON value, 'trainer' "
+        "its class name), shown read-only as a table: it owns them. Empty for the dashboard's own runs."
+    ).tag(sync=True)
 
     CONFIG_TRAITS: ClassVar[tuple[str, ...]] = controls.CONTROL_NAMES
     """The control traits, in display order (the names of ``controls.CONTROLS``)."""

@@ -28,9 +28,23 @@ __all__ = [
     "planned_params",
     "planned_total_steps",
     "progress_of",
+    "schedule_note",
     "schedule_preview",
     "summary_of",
 ]
+
+SHOWN_EXTRAS: tuple[str, ...] = ("mean_token_accuracy", "entropy", "num_tokens")
+"""``StepMetrics.extra`` values the progress line shows when a run logs them (TRL's ``SFTTrainer`` does); the
+rest stay in the history only, so the progress trait stays a few numbers whatever a trainer logs."""
+
+# transformers' lr_scheduler_type -> the shape of lora_widgets.schedules that is the same function (both
+# implement get_{linear,cosine,constant}_schedule_with_warmup; "constant" there takes no warm-up).
+_HF_SCHEDULES = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant_with_warmup": "constant",
+    "constant": "constant",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +107,14 @@ def progress_of(history: History) -> dict[str, Any]:
         "tokens_per_s": _finite(round(float(last.tokens_per_s), 1)),
         "epoch": round(float(last.epoch), 3),
         "loss": _finite(float(last.loss)),
+        **_extras(last.extra),
     }
+
+
+def _extras(extra: Mapping[str, float]) -> dict[str, Any]:
+    """The :data:`SHOWN_EXTRAS` a step carries, under ``"extra"`` (nothing when it carries none)."""
+    shown = {k: _finite(float(extra[k])) for k in SHOWN_EXTRAS if k in extra}
+    return {"extra": shown} if shown else {}
 
 
 def summary_of(summary: Mapping[str, Any], history: History) -> dict[str, Any]:
@@ -113,6 +134,9 @@ def summary_of(summary: Mapping[str, Any], history: History) -> dict[str, Any]:
             best_val_loss=_finite(ev.best_val_loss),
             perplexity=_finite(ev.perplexity),
         )
+        accuracy = ev.extra.get("eval_mean_token_accuracy")
+        if accuracy is not None:
+            out["val_token_accuracy"] = _finite(float(accuracy))
     return out
 
 
@@ -151,11 +175,17 @@ def schedule_preview(
     """``(steps, rates)`` of the whole learning-rate schedule, steps 1-based as in ``StepMetrics``.
 
     ``config`` holds ``learning_rate``, ``warmup_steps`` and ``schedule`` (a ``TrainConfig``'s fields, or
-    the ``config`` of a :class:`~lora_widgets.events.RunStarted`). ``None`` when they do not make a schedule
-    (the controls flag that separately).
+    the ``config`` of a :class:`~lora_widgets.events.RunStarted`), or a transformers ``TrainingArguments``
+    description (``lr_scheduler_type``: the settings of an attached trainer, see :func:`schedule_note`).
+    ``None`` when they do not make a schedule (the controls flag that separately).
     """
     if not total_steps:
         return None
+    if "schedule" not in config and "lr_scheduler_type" in config:
+        hf = _hf_schedule(config, int(total_steps))
+        if hf is None:
+            return None
+        config = hf
     try:
         lrs = lr_schedule(
             int(total_steps),
@@ -166,3 +196,35 @@ def schedule_preview(
     except (KeyError, ValueError, TypeError):  # invalid settings: the panel's errors already say why
         return None
     return np.arange(1, len(lrs) + 1), lrs
+
+
+def _hf_schedule(config: Mapping[str, Any], total_steps: int) -> dict[str, Any] | None:
+    """Our schedule settings for a ``TrainingArguments`` description, when its scheduler is one we compute
+    identically (no ``lr_scheduler_kwargs``); ``None`` otherwise. A ``warmup_steps`` below 1 is a fraction of
+    the run, rounded up, as ``TrainingArguments.get_warmup_steps`` reads it."""
+    name = config.get("lr_scheduler_type")
+    if name not in _HF_SCHEDULES or config.get("lr_scheduler_kwargs"):
+        return None
+    warmup = float(config.get("warmup_steps") or 0)
+    steps = math.ceil(total_steps * warmup) if 0 < warmup < 1 else int(warmup)
+    return {
+        "learning_rate": config.get("learning_rate"),
+        "warmup_steps": 0 if name == "constant" else steps,
+        "schedule": _HF_SCHEDULES[name],
+    }
+
+
+def schedule_note(config: Mapping[str, Any]) -> str | None:
+    """Why the learning-rate chart shows only the logged rates (no preview) for a transformers run with these
+    settings; ``None`` when :func:`schedule_preview` draws the schedule, or the settings are not a
+    ``TrainingArguments`` description."""
+    if "schedule" in config:
+        return None
+    name = config.get("lr_scheduler_type")
+    if name is None or (name in _HF_SCHEDULES and not config.get("lr_scheduler_kwargs")):
+        return None
+    return (
+        f"lr_scheduler_type={name!r}"
+        + (" with lr_scheduler_kwargs" if config.get("lr_scheduler_kwargs") else "")
+        + " is not previewed here: the chart shows the rates the trainer logs."
+    )

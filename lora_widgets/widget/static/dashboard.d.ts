@@ -12,6 +12,14 @@ export interface Progress {
   tokens_per_s?: number | null;
   epoch?: number;
   loss?: number | null;
+  extra?: StepExtra; // present when the run logs any of them (TRL's SFTTrainer does)
+}
+
+/** TRL's per-step metrics (StepMetrics.extra), the ones the progress line shows. */
+export interface StepExtra {
+  mean_token_accuracy?: number | null; // 0..1
+  entropy?: number | null; // nats
+  num_tokens?: number | null; // tokens trained on so far
 }
 
 export interface Summary {
@@ -29,6 +37,8 @@ export interface Summary {
   perplexity?: number | null;
   run_dir?: string;
   train_blocks?: number | null;
+  train_rows?: number | null; // an attached trainer's training rows
+  val_token_accuracy?: number | null; // TRL's eval_mean_token_accuracy, 0..1
 }
 
 export interface Callout {
@@ -96,6 +106,8 @@ export interface DashboardModel {
   run_label: string;
   data_view: DataViewPayload;
   data_index: number; // which example the data view shows (0-based); the buttons set it
+  // an attached trainer's settings (TrainingArguments names), read-only; {} for the dashboard's own runs
+  attached_settings: Record<string, unknown> & { trainer?: string };
 }
 
 export type DashboardMessage = { type: "train" } | { type: "pause" } | { type: "resume" } | { type: "stop" };

@@ -6,6 +6,8 @@
 // The controls are not listed here: they are rendered from the `control_specs` trait, which Python
 // builds from the table in lora_widgets/widget/controls.py (names, labels, kinds, hints and choices).
 // Values are only parsed as numbers here; whether they are valid is for the configs to say (`errors`).
+// Attached to a trainer that owns its settings (LoRADashboard(trainer=...)), `control_specs` is empty and
+// `attached_settings` is shown instead, read-only, as a table.
 
 /** @typedef {import("./dashboard").DashboardModel} Model */
 /** @typedef {import("./dashboard").ControlSpec} ControlSpec */
@@ -189,6 +191,12 @@ function render({ model, el }) {
     });
   }
 
+  // --- an attached trainer's own settings, read-only ----------------------------------------------
+  const settingsLegend = h("legend");
+  const settingsTable = h("table", { class: "lw-settings-table" });
+  const settingsBox = h("fieldset", { class: "lw-settings" }, [settingsLegend, settingsTable]);
+  controls.appendChild(settingsBox);
+
   const bar = h("div", { class: "lw-bar" }, [h("div", { class: "lw-fill" })]);
   const progressText = h("div", { class: "lw-progress-text" });
   side.appendChild(h("div", { class: "lw-progress" }, [bar, progressText]));
@@ -263,7 +271,30 @@ function render({ model, el }) {
     parts.push(`${p.tokens_per_s ? count(Math.round(p.tokens_per_s)) : "–"} tokens/s`);
     parts.push(`epoch ${p.epoch !== undefined ? Number(p.epoch).toFixed(2) : "–"}`);
     if (p.loss !== undefined && p.loss !== null) parts.push(`loss ${num(p.loss)}`);
+    const x = p.extra || {}; // TRL's metrics, when the run logs them
+    if (isFinite(x.mean_token_accuracy) && x.mean_token_accuracy !== null) {
+      parts.push(`token accuracy ${(100 * x.mean_token_accuracy).toFixed(1)}%`);
+    }
+    if (isFinite(x.entropy) && x.entropy !== null) parts.push(`entropy ${num(x.entropy, 3)}`);
+    if (isFinite(x.num_tokens) && x.num_tokens !== null) parts.push(`${count(Math.round(x.num_tokens))} tokens trained`);
     progressText.textContent = parts.join(" · ");
+  }
+
+  function settingValue(v) {
+    if (v === null || v === undefined) return "None";
+    if (Array.isArray(v)) return v.join(", ");
+    if (typeof v === "object") return JSON.stringify(v);
+    return String(v);
+  }
+
+  function renderSettings() {
+    const settings = model.get("attached_settings") || {};
+    const names = Object.keys(settings).filter((k) => k !== "trainer");
+    settingsBox.hidden = names.length === 0;
+    settingsLegend.textContent = `${settings.trainer || "Trainer"} settings (read-only: its TrainingArguments own them)`;
+    settingsTable.replaceChildren(
+      ...names.map((k) => h("tr", {}, [h("th", { text: k }), h("td", { text: settingValue(settings[k]) })])),
+    );
   }
 
   function renderCallouts() {
@@ -295,7 +326,11 @@ function render({ model, el }) {
     rows.push(["Adapter size on disk", s.adapter_size || "–"]);
     rows.push(["Validation loss (current / best)", `${num(s.val_loss)} / ${num(s.best_val_loss)}`]);
     rows.push(["Perplexity", num(s.perplexity)]);
+    if (s.val_token_accuracy !== undefined && s.val_token_accuracy !== null) {
+      rows.push(["Validation token accuracy", `${(100 * s.val_token_accuracy).toFixed(1)}%`]);
+    }
     if (s.train_blocks) rows.push(["Training blocks", count(s.train_blocks)]);
+    if (s.train_rows) rows.push(["Training rows", count(s.train_rows)]);
     summary.replaceChildren(
       ...rows.map(([k, v]) => h("tr", {}, [h("th", { text: k }), h("td", { text: String(v) })])),
     );
@@ -376,6 +411,7 @@ function render({ model, el }) {
     ["change:run_label", renderButtons],
     ["change:log_scale", renderButtons],
     ["change:data_view", renderData],
+    ["change:attached_settings", renderSettings],
   ];
   for (const spec of specs) listeners.push([`change:${spec.name}`, renderControls]);
   for (const [name, fn] of listeners) model.on(name, fn);
@@ -386,6 +422,7 @@ function render({ model, el }) {
   renderCallouts();
   renderSummary();
   renderData();
+  renderSettings();
 
   return () => {
     for (const [name, fn] of listeners) model.off(name, fn);

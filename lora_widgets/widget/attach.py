@@ -1,0 +1,163 @@
+"""A dashboard attached to a trainer that owns its settings: ``LoRADashboard(trainer=hf_trainer)``.
+
+One job: turn the ``trainer=`` argument into the :class:`~lora_widgets.events.RunSource` the dashboard drives
+(a ``transformers.Trainer`` or TRL ``SFTTrainer`` is wrapped in :class:`~lora_widgets.hf_bridge.HFRun`, imported
+only then, so importing the dashboard does not import transformers' trainer), and say what the panel shows for
+it instead of its own controls: the trainer's settings read-only, the logging advice before the run starts, and
+why the learning-rate chart shows only the logged rates when the schedule cannot be previewed.
+
+A source "describes its settings" when it has a ``settings`` mapping (``HFRun.settings``); ``advice()`` and
+``total_steps`` are used when present. Nothing here reads anything else from a source: the run itself is seen
+through its events, as every run is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lora_widgets.events import RunSource
+from lora_widgets.widget.callouts import Callout, Callouts
+from lora_widgets.widget.loading import is_hf_trainer
+from lora_widgets.widget.readouts import schedule_note, schedule_preview
+
+__all__ = [
+    "advice_callout",
+    "attached_source",
+    "device_type_of",
+    "lr_note_callout",
+    "model_of",
+    "panel_traits",
+    "ready_callout",
+    "settings_of",
+    "show_source",
+    "total_steps_of",
+    "train_rows_of",
+]
+
+_PROGRESS_VIEWS = frozenset({"NotebookProgressCallback", "ProgressCallback", "PrinterCallback"})
+"""transformers' own progress displays, which the dashboard replaces for a trainer attached to it."""
+
+
+def attached_source(trainer: Any, **others: Any) -> RunSource:
+    """The run source for ``LoRADashboard(trainer=...)``: an ``HFRun`` around a transformers/TRL trainer, or
+    ``trainer`` itself when it already is a :class:`~lora_widgets.events.RunSource` (an ``HFRun``).
+
+    ``others``: the dashboard's other arguments; any that is set is refused (the trainer brings its model,
+    data and settings).
+
+    The dashboard becomes the trainer's view: transformers' own progress display (``NotebookProgressCallback``,
+    ``ProgressCallback``, ``PrinterCallback``) is removed from it, since it would print from the worker thread
+    into whichever cell ran last; ``hf_trainer.add_callback(...)`` puts one back.
+
+    Raises:
+        TypeError: ``trainer`` is neither, or other arguments were given with it.
+    """
+    given = sorted(k for k, v in others.items() if v is not None)
+    if given:
+        raise TypeError(
+            f"LoRADashboard(trainer=...) got {', '.join(given)} too; an attached trainer brings its own model, "
+            "data and settings: set them on the trainer (its TrainingArguments), or build the dashboard "
+            "without trainer= to train with lora_widgets' own Trainer"
+        )
+    if is_hf_trainer(trainer):
+        from lora_widgets.hf_bridge import HFRun  # imports transformers' Trainer: only for an attached one
+
+        for callback in list(trainer.callback_handler.callbacks):
+            if type(callback).__name__ in _PROGRESS_VIEWS:
+                trainer.remove_callback(callback)
+        return HFRun(trainer)
+    if isinstance(trainer, RunSource):
+        return trainer
+    raise TypeError(
+        f"trainer must be a transformers.Trainer or trl.SFTTrainer (or a lora_widgets RunSource such as "
+        f"HFRun(hf_trainer)), got {type(trainer).__name__}; to train with lora_widgets' own Trainer, pass "
+        "model=, train_data=, lora= and train= instead"
+    )
+
+
+def model_of(source: Any) -> Any:
+    """The model an attached source trains (``HFRun.hf_trainer.model``, or the source's ``model``); None if
+    it does not say."""
+    hf = getattr(source, "hf_trainer", None)
+    return getattr(hf, "model", None) if hf is not None else getattr(source, "model", None)
+
+
+def device_type_of(model: Any) -> str:
+    """Where ``model``'s parameters are (``cpu``, ``cuda``, ``mps``): transformers' Trainer placed them."""
+    try:
+        return str(next(model.parameters()).device.type)
+    except (AttributeError, StopIteration, TypeError):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def settings_of(source: Any) -> dict[str, Any]:
+    """The settings a source describes (``HFRun.settings``), or ``{}`` when it describes none."""
+    settings = getattr(source, "settings", None)
+    return dict(settings) if isinstance(settings, Mapping) else {}
+
+
+def total_steps_of(source: Any) -> int | None:
+    """Optimizer updates the source's next run will make, when it knows (``HFRun.total_steps``)."""
+    total = getattr(source, "total_steps", None)
+    return int(total) if isinstance(total, int) and total > 0 else None
+
+
+def train_rows_of(source: Any) -> int | None:
+    """Rows of an attached trainer's training dataset (``None`` when it has no length)."""
+    dataset = getattr(getattr(source, "hf_trainer", None), "train_dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def ready_callout(settings: Mapping[str, Any]) -> Callout:
+    """The status before the first run of an attached trainer: what Train does and who owns the settings."""
+    name = str(settings.get("trainer") or "trainer")
+    return Callout("info", f"Attached to your {name}", (
+        f"Train calls {name}.train() in a background thread, so other cells keep working; Pause holds it "
+        "between optimizer steps, Stop ends it after the current one (saved as save_strategy says). Its "
+        "TrainingArguments own the settings, shown read-only: change them on hf_trainer.args, then press Train."
+    ))  # fmt: skip
+
+
+def advice_callout(source: Any) -> Callout | None:
+    """The source's warning that ``logging_steps`` would leave the chart nearly empty (``HFRun.advice()``),
+    shown before the run starts; ``None`` when there is none."""
+    advice = getattr(source, "advice", None)
+    text = advice() if callable(advice) else None
+    if not text:
+        return None
+    return Callout("warning", "The loss chart will be nearly empty", str(text))
+
+
+def lr_note_callout(config: Mapping[str, Any]) -> Callout | None:
+    """Why the learning-rate chart shows only the logged rates (:func:`~lora_widgets.widget.readouts.schedule_note`);
+    ``None`` when the schedule is previewed."""
+    note = schedule_note(config)
+    return None if note is None else Callout("info", "Learning rate: logged values only", note)
+
+
+def panel_traits(source: RunSource | None) -> dict[str, Any]:
+    """The panel's starting traits for an attached source: no control inputs (``control_specs=[]``), since
+    the trainer's settings are shown read-only instead; ``{}`` for the dashboard's own runs."""
+    return {} if source is None else {"control_specs": []}
+
+
+def show_source(source: Any, panel: Any, callouts: Callouts, charts: Any) -> bool:
+    """Show what a source that describes its settings says before it runs: the settings (``panel``'s
+    ``attached_settings``), its logging advice and learning-rate note (``callouts``), and its schedule on the
+    learning-rate chart (cleared when it cannot be previewed). Returns False, showing nothing, for a source
+    that describes no settings (a :class:`~lora_widgets.events.Replay`, our own ``Trainer``)."""
+    settings = settings_of(source)
+    if not settings:
+        return False
+    panel.attached_settings = settings
+    callouts.put("advice", advice_callout(source))
+    callouts.put("lr", lr_note_callout(settings))
+    preview = schedule_preview(settings, total_steps_of(source))
+    charts.set_schedule(preview if preview is not None else ([], []))
+    return True
