@@ -1,7 +1,7 @@
-"""Built-in text corpora that ship with Python itself, so every machine has them offline.
+"""Built-in corpora that ship with Python itself, so every machine has them offline.
 
-Two corpora, two clearly different domains, both written by the Python developers (not by us) and
-distributed under the Python Software Foundation License:
+Two text corpora, two clearly different domains, and one instruction set, all written by the Python
+developers (not by us) and distributed under the Python Software Foundation License:
 
 ``"stdlib-code"`` (role ``"pretrain"``)
     The source of the standard library's top-level ``.py`` modules (``argparse.py``, ``json/`` is a
@@ -13,7 +13,14 @@ distributed under the Python Software Foundation License:
     one document per topic, in topic-name order. Mostly English prose about the language, with a few code
     examples: a different domain, which a LoRA fine-tune visibly adapts the base model to.
 
-Both are read from the running interpreter, so their exact content depends on the Python version (the
+``"python-instruct"`` (role ``"instruct"``)
+    Questions about Python answered by Python's own documentation, as chat rows
+    (``{"messages": [user, assistant]}``): "Explain the `with` statement in Python." -> the opening of that
+    ``pydoc_data.topics`` topic, and "What does `json.dumps(...)` do?" -> the function's docstring summary.
+    A fixed train/validation split by answer hash keeps every validation answer out of training. Read it with
+    :func:`read_instructions`; its construction is documented in :mod:`lora_widgets.instruct_corpus`.
+
+All are read from the running interpreter, so their exact content depends on the Python version (the
 shipped model was built from CPython 3.11; see its model card). Within one interpreter the result is
 deterministic: the same documents in the same order every time.
 """
@@ -25,7 +32,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "MAX_CODE_CHARS",
@@ -34,12 +41,14 @@ __all__ = [
     "CorpusRole",
     "corpus_for_role",
     "get_corpus_info",
+    "instruction_corpus_names",
     "list_corpora",
     "python_version",
     "read_corpus",
+    "read_instructions",
 ]
 
-CorpusRole = Literal["pretrain", "finetune"]
+CorpusRole = Literal["pretrain", "finetune", "instruct"]
 
 #: Files larger than this (characters) are skipped: the few giants (``_pydecimal.py``, ``turtle.py``)
 #: would otherwise dominate the corpus.
@@ -84,9 +93,23 @@ _CORPORA: dict[str, CorpusInfo] = {
         source="pydoc_data.topics (part of the standard library)",
         licence=_PSF,
     ),
+    "python-instruct": CorpusInfo(
+        name="python-instruct",
+        role="instruct",
+        description=(
+            "Instruction set of chat rows {'messages': [user, assistant]}: 'Explain <topic title> in Python.' -> "
+            "the opening sentences (up to 300 characters) of that pydoc_data.topics topic's first paragraph, and "
+            "'What does `module.function(signature)` do?' -> the docstring summary of public functions of ~60 "
+            "pure-Python stdlib modules. Rows with the same answer are grouped; whole groups go to validation "
+            "when the SHA-256 of the answer falls in the first 10% of its range, so no validation answer "
+            "appears in training. Read with read_instructions('python-instruct', 'train' | 'validation')."
+        ),
+        source="pydoc_data.topics and the docstrings and signatures of standard-library functions",
+        licence=_PSF,
+    ),
 }
 
-_ROLES: dict[str, str] = {"pretrain": "stdlib-code", "finetune": "python-docs"}
+_ROLES: dict[str, str] = {"pretrain": "stdlib-code", "finetune": "python-docs", "instruct": "python-instruct"}
 
 
 def list_corpora() -> list[CorpusInfo]:
@@ -107,16 +130,17 @@ def get_corpus_info(name: str) -> CorpusInfo:
 
 
 def corpus_for_role(role: str) -> str:
-    """Name of the corpus used for ``role`` (``"pretrain"`` or ``"finetune"``).
+    """Name of the corpus used for ``role`` (``"pretrain"``, ``"finetune"`` or ``"instruct"``).
 
     Raises:
-        ValueError: unknown role (the message lists the two roles).
+        ValueError: unknown role (the message lists the roles).
     """
     try:
         return _ROLES[role]
     except (KeyError, TypeError):
         raise ValueError(
-            f"unknown corpus role {role!r}; use 'pretrain' (stdlib-code) or 'finetune' (python-docs)"
+            f"unknown corpus role {role!r}; use 'pretrain' (stdlib-code), 'finetune' (python-docs) or "
+            "'instruct' (python-instruct)"
         ) from None
 
 
@@ -178,11 +202,38 @@ def read_corpus(name: str) -> list[str]:
     the first read, which takes well under a second).
 
     Raises:
-        ValueError: unknown corpus name (the message lists the known ones), or the installation lacks
-            the files the corpus is read from.
+        ValueError: unknown corpus name (the message lists the known ones), an instruction set (read it with
+            :func:`read_instructions`), or the installation lacks the files the corpus is read from.
     """
-    get_corpus_info(name)
+    if get_corpus_info(name).role == "instruct":
+        raise ValueError(
+            f"{name!r} is an instruction set of chat rows, not a list of documents; read it with "
+            f"read_instructions({name!r}, 'train') or read_instructions({name!r}, 'validation')"
+        )
     return list(_read(name))
+
+
+def instruction_corpus_names() -> list[str]:
+    """Names of the built-in instruction sets (role ``"instruct"``)."""
+    return [info.name for info in _CORPORA.values() if info.role == "instruct"]
+
+
+def read_instructions(name: str, split: str = "train") -> list[dict[str, Any]]:
+    """The rows of a built-in instruction set's ``split`` (``"train"`` or ``"validation"``), as fresh dicts.
+
+    Raises:
+        ValueError: unknown corpus, a corpus that is not an instruction set, or an unknown split.
+    """
+    from lora_widgets.instruct_corpus import build_instructions
+
+    if get_corpus_info(name).role != "instruct":
+        raise ValueError(
+            f"{name!r} is a text corpus, not an instruction set; read it with read_corpus({name!r}). "
+            f"Instruction sets: {', '.join(instruction_corpus_names())}"
+        )
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    return build_instructions("train" if split == "train" else "validation")
 
 
 def python_version() -> str:

@@ -15,9 +15,11 @@ the tokenizer, ``block_size``, ``val_fraction`` and ``seed``.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lora_widgets.corpora import list_corpora, read_corpus
+from lora_widgets.corpora import get_corpus_info, list_corpora, read_corpus
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -36,6 +38,7 @@ __all__ = [
     "load_texts",
     "pack_blocks",
     "prepare_data",
+    "read_text_file",
     "split_blocks",
     "train_val_blocks",
 ]
@@ -80,10 +83,47 @@ def _is_hf_dataset(obj: object) -> bool:
     return type(obj).__module__.split(".")[0] == "datasets"
 
 
+def _universal_newlines(text: str) -> str:
+    """``\\r\\n`` and ``\\r`` become ``\\n``, as ``open(..., encoding=...)`` in text mode does."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_text_file(path: Path) -> str:
+    """The text of ``path``: UTF-8, or UTF-16 when the file starts with a UTF-16 byte-order mark.
+
+    Line endings are normalised to ``\\n`` as text-mode ``open`` does.
+
+    Windows editors save "Unicode" text as UTF-16 with a byte-order mark; such a file is decoded as UTF-16 and
+    a warning says so. A UTF-8 byte-order mark is skipped.
+
+    Raises:
+        ValueError: the file is neither (the message names the file, the first bad byte's offset and the fix:
+            re-save it as UTF-8).
+    """
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        warnings.warn(
+            f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark, as Windows saves 'Unicode' text); "
+            "decoded it as UTF-16. Re-save it as UTF-8 to make this warning go away",
+            UnicodeWarning,
+            stacklevel=3,
+        )
+        return _universal_newlines(raw.decode("utf-16"))
+    try:
+        return _universal_newlines(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {exc.start} is {raw[exc.start : exc.start + 1]!r}); re-save it as "
+            "UTF-8 (in most editors: Save As -> Encoding: UTF-8) and load it again"
+        ) from None
+
+
 def _check_rows(rows: Sequence[Any], where: str) -> list[str]:
-    """Validate that every row is a ``str``; drop empty/whitespace-only rows; refuse an empty result."""
+    """Validate that every row is a ``str`` (or a ``{"text": str}`` dict); drop blank rows; refuse an empty result."""
     texts: list[str] = []
     for i, row in enumerate(rows):
+        if isinstance(row, Mapping) and set(row) == {"text"}:
+            row = row["text"]
         if not isinstance(row, str):
             raise ValueError(
                 f"row {i} of {where} is {type(row).__name__} ({row!r:.60}), not text; "
@@ -98,25 +138,25 @@ def _check_rows(rows: Sequence[Any], where: str) -> list[str]:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     rows: list[Any] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}, line {lineno}: expected a JSON object with a {text_field!r} field, "
-                    f"got {type(record).__name__}"
-                )
-            if text_field not in record:
-                raise ValueError(
-                    f"{path}, line {lineno}: no {text_field!r} field (fields: {', '.join(map(str, record))}); "
-                    "pass text_field=<the field that holds the text>"
-                )
-            rows.append(record[text_field])
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}, line {lineno}: expected a JSON object with a {text_field!r} field, "
+                f"got {type(record).__name__}"
+            )
+        if text_field not in record:
+            raise ValueError(
+                f"{path}, line {lineno}: no {text_field!r} field (fields: {', '.join(map(str, record))}); "
+                "pass text_field=<the field that holds the text>, or use lora_widgets.sft.prepare_sft for "
+                "prompt/completion, messages, ShareGPT or Alpaca rows"
+            )
+        rows.append(record[text_field])
     return _check_rows(rows, f"{path} (field {text_field!r})")
 
 
@@ -127,7 +167,7 @@ def _load_path(path: Path, text_field: str) -> list[str]:
         raise ValueError(f"{str(path)!r} is a directory; pass a .txt or .jsonl file, or a list of texts")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return _check_rows([path.read_text(encoding="utf-8")], str(path))
+        return _check_rows([read_text_file(path)], str(path))
     if suffix == ".jsonl":
         return _read_jsonl(path, text_field)
     raise ValueError(
@@ -141,7 +181,7 @@ def load_texts(source: Any, text_field: str = "text") -> list[str]:
 
     Args:
         source: one of
-            - a list or tuple of strings (one document each);
+            - a list or tuple of strings (one document each) or of ``{"text": str}`` dicts;
             - a path (``str`` or ``os.PathLike``) to a ``.txt`` file (the whole file is one document) or a
               ``.jsonl`` file (one JSON object per line; the document is its ``text_field``);
             - the name of a built-in corpus (``"stdlib-code"``, ``"python-docs"``);
@@ -158,6 +198,11 @@ def load_texts(source: Any, text_field: str = "text") -> list[str]:
         TypeError: ``source`` is of an unsupported type.
     """
     if isinstance(source, str) and source in _corpus_names():
+        if get_corpus_info(source).role == "instruct":
+            raise ValueError(
+                f"{source!r} is an instruction set (prompt/answer rows), not text to pack into blocks; use "
+                f"lora_widgets.sft.prepare_sft(load_rows({source!r}), tokenizer, ...)"
+            )
         return read_corpus(source)
     if isinstance(source, os.PathLike):
         return _load_path(Path(source), text_field)

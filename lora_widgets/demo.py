@@ -9,12 +9,14 @@ swaps one string.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from lora_widgets.chat_data import check_messages
 from lora_widgets.corpora import CorpusInfo, corpus_for_role, read_corpus
 from lora_widgets.corpora import list_corpora as _list_corpora
 
@@ -28,6 +30,7 @@ __all__ = [
     "load_base_model",
     "load_corpus",
     "load_model",
+    "stop_token_ids",
 ]
 
 #: Directory of the shipped pretrained base model (``save_pretrained`` output plus its model card).
@@ -168,43 +171,99 @@ def load_corpus(role: str) -> list[str]:
     return read_corpus(corpus_for_role(role))
 
 
-def generate(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    max_new_tokens: int = 40,
-    temperature: float = 0.8,
-    top_k: int = 50,
-    seed: int = 0,
-    include_prompt: bool = True,
-) -> str:
-    """Sample a continuation of ``prompt``; the same seed gives the same text.
-
-    ``temperature == 0`` decodes greedily; otherwise tokens are sampled from the softmax of
-    ``logits / temperature`` restricted to the ``top_k`` most likely tokens (``top_k=0``: no restriction).
-    The global RNG state is saved and restored, so sampling does not disturb a training run's seed; the
-    model's train/eval mode is restored too. Generation stops early at the EOS token.
-
-    Returns:
-        ``prompt`` followed by the generated text (only the generated text if ``include_prompt=False``).
-
-    Raises:
-        ValueError: ``max_new_tokens < 1``, ``temperature < 0`` or ``top_k < 0``.
-    """
+def _check_generate_args(
+    prompt: Any, max_new_tokens: Any, temperature: Any, top_k: Any, seed: Any, include_prompt: Any
+) -> None:
+    if not isinstance(prompt, (str, list)):
+        raise TypeError(
+            f"prompt must be a str or a list of {{'role', 'content'}} messages, got {type(prompt).__name__} "
+            f"({prompt!r:.60}); pass '' to start from nothing"
+        )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(
+            f"temperature must be a number >= 0 (0 = greedy, 0.7 a common choice), got {temperature!r}"
+        )
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filtering), got {top_k!r}")
-    device = next(model.parameters()).device
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not isinstance(include_prompt, bool):
+        raise ValueError(f"include_prompt must be True or False, got {include_prompt!r}")
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end a generation: the tokenizer's EOS and every EOS id in the model's generation config.
+
+    An instruct model's end-of-turn token (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``) is listed in its
+    ``generation_config.eos_token_id``; the shipped model's end-of-turn token is its EOS.
+    """
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    for token_id in [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]:
+        if token_id is not None and int(token_id) not in ids:
+            ids.append(int(token_id))
+    return ids
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]]) -> list[int]:
+    if isinstance(prompt, list):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "prompt is a list of messages but the tokenizer has no chat template; set "
+                "tokenizer.chat_template, or pass the prompt as a str"
+            )
+        messages = check_messages(prompt, "prompt")
+        encoded: Any = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
     ids: list[int] = tokenizer(prompt)["input_ids"] if prompt else []
     if not ids:  # start a fresh document
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:
             raise ValueError("the prompt is empty and the tokenizer has no BOS/EOS token to start from")
         ids = [int(start)]
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
+    return ids
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | list[dict[str, str]],
+    max_new_tokens: int = 40,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    include_prompt: bool = True,
+) -> str:
+    """Sample a continuation of ``prompt`` (text or a chat); the same seed gives the same text.
+
+    A str prompt is continued as text. A list of ``{"role", "content"}`` messages is rendered by the tokenizer's
+    chat template with the generation prompt (``apply_chat_template(..., add_generation_prompt=True)``), and the
+    assistant's reply is returned. Generation stops at the end-of-turn / EOS token (:func:`stop_token_ids`).
+
+    ``temperature == 0`` decodes greedily; otherwise tokens are sampled from the softmax of
+    ``logits / temperature`` restricted to the ``top_k`` most likely tokens (``top_k=0``: no restriction).
+    The global RNG state is saved and restored, so sampling does not disturb a training run's seed; the
+    model's train/eval mode is restored too.
+
+    Returns:
+        For a str prompt: ``prompt`` followed by the generated text (only the generated text if
+        ``include_prompt=False``). For messages: only the reply, special tokens left out.
+
+    Raises:
+        TypeError: ``prompt`` is neither a str nor a list (``None`` included).
+        ValueError: ``max_new_tokens < 1``, a ``temperature`` that is not a number >= 0, ``top_k < 0``, a
+            non-int ``seed``, a bad message list, or messages with a tokenizer that has no chat template.
+    """
+    _check_generate_args(prompt, max_new_tokens, temperature, top_k, seed, include_prompt)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([_prompt_ids(tokenizer, prompt)], dtype=torch.long, device=device)  # [1, T]
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         options.update(temperature=float(temperature), top_k=top_k, top_p=1.0)
@@ -219,10 +278,12 @@ def generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_token_ids(model, tokenizer),
                 **options,
             )  # [1, T + new]
     finally:
         model.train(was_training)
     new_text = str(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True))
+    if isinstance(prompt, list):
+        return new_text
     return prompt + new_text if include_prompt else new_text

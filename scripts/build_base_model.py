@@ -4,6 +4,8 @@ Usage::
 
     python scripts/build_base_model.py                      # writes lora_widgets/assets/base_model/
     python scripts/build_base_model.py --out /tmp/rebuild   # rebuild elsewhere and compare with the shipped one
+    python scripts/build_base_model.py --tokenizer-files-only   # rewrite only the tokenizer config + chat template
+    python scripts/build_base_model.py --card-only   # re-measure the python-instruct baseline, rewrite the card
 
 Steps (all seeded, CPU, fp32):
 
@@ -37,14 +39,38 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lora_widgets.corpora import get_corpus_info, python_version, read_corpus
+from lora_widgets.corpora import python_version, read_corpus
 from lora_widgets.data import prepare_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from base_model_card import model_card
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "lora_widgets" / "assets" / "base_model"
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+
+#: The shipped chat template (ChatML-like; Jinja, rendered by ``tokenizer.apply_chat_template``). Each turn is
+#: ``<|role|>\n{content}<|endoftext|>\n``; the role markers are spelled with tokens the BPE vocabulary already has
+#: (``<``, ``|``, ``user``, ...), so no embedding is added and left untrained, and the end-of-turn token is the
+#: EOS token, so generation stops where a turn ends. The assistant's content, its end-of-turn token and the newline
+#: after it sit inside ``{% generation %}`` markers: TRL's ``assistant_only_loss=True`` and transformers'
+#: ``return_assistant_tokens_mask`` work with it as they are.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception('roles must be system, user or assistant, got ' + message['role']) }}"
+    "{%- endif %}"
+    "{{- '<|' + message['role'] + '|>\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{- message['content'] + eos_token + '\\n' }}{%- endgeneration %}"
+    "{%- else %}"
+    "{{- message['content'] + eos_token + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
 
 HPARAMS: dict[str, Any] = {
     "seed": 0,
@@ -97,7 +123,32 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         bos_token=EOS,
         pad_token=PAD,
         model_max_length=HPARAMS["max_position_embeddings"],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
     )
+
+
+def write_tokenizer_files(tokenizer: Any, out: Path) -> None:
+    """Write ``tokenizer.json`` and a ``tokenizer_config.json`` that every supported transformers loads.
+
+    ``save_pretrained`` under transformers 5 names the class ``TokenizersBackend``, which 4.x does not have,
+    and writes the chat template to ``chat_template.jinja``, which 4.45 does not read. The config written here
+    names ``PreTrainedTokenizerFast`` (4.x's class; 5.x maps it to its tokenizers backend), holds the chat
+    template itself, and pins ``clean_up_tokenization_spaces=False`` (4.x's default was True, which rewrites
+    " ." as "." when decoding), so 4.45-4.57 and 5.x tokenise, decode and render chats the same.
+    """
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    config = {
+        "bos_token": EOS,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": EOS,
+        "model_max_length": HPARAMS["max_position_embeddings"],
+        "pad_token": PAD,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
@@ -207,104 +258,35 @@ def lora_evidence(model_dir: Path, log: Any) -> dict[str, Any]:
     return result
 
 
+def instruct_baseline(model_dir: Path, log: Any) -> dict[str, Any]:
+    """The base model on the ``"python-instruct"`` validation split: answer loss and end-of-turn share."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_widgets.corpora import read_instructions
+    from lora_widgets.sft import prepare_sft
+    from lora_widgets.sft_eval import answer_loss, end_of_turn_share
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    _, train_stats = prepare_sft("python-instruct", tokenizer, max_length=256)
+    rows = read_instructions("python-instruct", "validation")
+    val, _ = prepare_sft(rows, tokenizer, max_length=256)
+    result = {
+        "train_rows": train_stats.n_rows,
+        "val_rows": len(rows),
+        "train_trained_share": train_stats.trained_share,
+        "val_answer_loss": answer_loss(model, val, tokenizer.pad_token_id),
+        "val_end_of_turn_share": end_of_turn_share(model, tokenizer, rows, max_new_tokens=128),
+    }
+    log(
+        f"python-instruct baseline: answer loss {result['val_answer_loss']:.3f}, "
+        f"end-of-turn share {result['val_end_of_turn_share']:.0%}"
+    )
+    return result
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-
-
-def model_card(s: dict[str, Any]) -> str:
-    hp, ev = s["hparams"], s["lora_evidence"]
-    pre, fin = get_corpus_info("stdlib-code"), get_corpus_info("python-docs")
-    return f"""---
-license: other
-license_name: psf-2.0
-library_name: transformers
-pipeline_tag: text-generation
----
-
-# lora_widgets tiny base model
-
-A {s["n_params"] / 1e6:.2f} M-parameter Llama-architecture causal language model, pretrained from scratch on
-the Python standard library's source code. It ships inside the `lora_widgets` package so that every notebook,
-test and dashboard can fine-tune a *pretrained* model offline, on a CPU, in minutes. It is a teaching model:
-it writes plausible-looking Python-flavoured text, not working programs.
-
-Load it like any hub model (this directory is what `save_pretrained` wrote):
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(path)
-tokenizer = AutoTokenizer.from_pretrained(path)
-# or: from lora_widgets.demo import load_base_model; model, tokenizer = load_base_model()
-```
-
-## Model
-
-| | |
-|---|---|
-| Architecture | `LlamaForCausalLM`, {hp["num_hidden_layers"]} layers, hidden {hp["hidden_size"]}, MLP {hp["intermediate_size"]}, {hp["num_attention_heads"]} heads, RoPE, untied embeddings |
-| Parameters | {s["n_params"]:,} (fp32, `model.safetensors`) |
-| Tokenizer | byte-level BPE (`tokenizers`), vocabulary {hp["vocab_size"]:,}, trained on the pretraining corpus; `<|endoftext|>` = EOS/BOS (id {s["eos_token_id"]}), `<|pad|>` = padding (id {s["pad_token_id"]}); no BOS is prepended |
-| Context | trained on {hp["block_size"]}-token blocks (positions up to {hp["max_position_embeddings"]} are accepted, but beyond {hp["block_size"]} quality drops) |
-| Size on disk | {s["size_bytes"] / 1e6:.1f} MB (this directory) |
-
-## Training data
-
-* **Pretraining: `stdlib-code`** — {pre.description} Read from CPython {s["python_version"]}.
-  {s["pretrain_tokens"]:,} tokens, packed into {hp["block_size"]}-token blocks with EOS between files;
-  {s["pretrain_train_blocks"]:,} training blocks, {s["pretrain_val_blocks"]:,} held-out validation blocks
-  (`prepare_data("stdlib-code", tokenizer, block_size={hp["block_size"]}, val_fraction=0.1, seed=0)`).
-  The tokenizer was trained on the whole corpus, validation text included.
-* **Fine-tuning target (not seen in pretraining): `python-docs`** — {fin.description}
-  {s["finetune_tokens"]:,} tokens; {s["finetune_val_blocks"]} validation blocks.
-
-Both corpora are written by the Python developers and distributed with Python under the
-{pre.licence}.
-
-## Training
-
-{hp["steps"]:,} steps of AdamW (peak learning rate {hp["learning_rate"]}, betas {tuple(hp["betas"])}, weight decay
-{hp["weight_decay"]} on matrices, {hp["warmup_steps"]} warm-up steps then cosine decay to {hp["min_lr_ratio"]:.0%} of the peak,
-gradient clipping at {hp["max_grad_norm"]}), batch {hp["batch_size"]} × {hp["block_size"]} tokens, fp32, seed {hp["seed"]},
-≈ {hp["steps"] * hp["batch_size"] * hp["block_size"] / 1e6:.1f} M tokens
-(≈ {hp["steps"] * hp["batch_size"] / max(1, s["pretrain_train_blocks"]):.1f} epochs).
-Rebuild with `python scripts/build_base_model.py` (torch {s["torch_version"]}, transformers {s["transformers_version"]});
-`--out /tmp/rebuild` builds elsewhere and prints how far the rebuild's losses are from these. With the same
-library versions and thread count a rebuild has come out bit-identical (weights and tokenizer).
-
-Wall time: **{s["pretrain_wall_s"] / 60:.1f} min** of pretraining ({s["total_wall_s"] / 60:.1f} min for the whole script) on a
-2-core CPU ({s["machine"]}, {s["torch_threads"]} torch thread{"s" if s["torch_threads"] != 1 else ""}) that other jobs were
-sharing at the time, so these figures are pessimistic. One thread is the default on purpose: on a shared 2-core
-machine two threads spent most of their time waiting for each other (measured: 7.6× more CPU time per step);
-a fixed thread count also keeps the floating-point results reproducible.
-
-## Results (validation loss, nats per token)
-
-| | loss | perplexity |
-|---|---|---|
-| uniform guess, ln({hp["vocab_size"]}) | {s["uniform_loss"]:.3f} | {hp["vocab_size"]:,} |
-| held-out `stdlib-code` (pretraining domain) | **{s["pretrain_val_loss"]:.3f}** | {math.exp(s["pretrain_val_loss"]):.1f} |
-| `python-docs` validation (fine-tuning domain) | {s["finetune_val_loss"]:.3f} | {math.exp(s["finetune_val_loss"]):.1f} |
-| final training loss (mean of the last 100 steps) | {s["final_train_loss"]:.3f} | |
-
-### LoRA evidence
-
-LoRA r={ev["r"]}, alpha={ev["alpha"]:g}, on all linear layers of the blocks ({ev["trainable_params"]:,} trainable parameters),
-{ev["steps"]} steps of AdamW (lr {ev["learning_rate"]}, constant), batch {ev["batch_size"]} × {hp["block_size"]}, on the `python-docs`
-training blocks: validation loss on `python-docs` **{ev["finetune_val_loss_base"]:.3f} → {ev["finetune_val_loss_lora"]:.3f}
-({ev["relative_reduction"]:.1%} lower)**, in {ev["train_wall_s"]:.0f} s of training on the same shared 2-core CPU.
-`tests/test_evidence.py` repeats this run and asserts a reduction of at least 15%.
-
-## Limitations
-
-Tiny and trained on ~{s["pretrain_tokens"] / 1e6:.1f} M tokens of one codebase: it has no knowledge worth relying on, and it
-will repeat stdlib idioms. The corpora, and therefore a rebuild's exact numbers, differ slightly between Python
-versions. Use it to learn and test fine-tuning, not for anything else.
-
-## Licence
-
-Weights and tokenizer are derived from Python's standard library and documentation
-({pre.licence}); they are distributed with `lora_widgets` under the same terms as its corpora.
-"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=HPARAMS["steps"], help="pretraining steps")
     parser.add_argument("--skip-evidence", action="store_true", help="do not run the LoRA evidence fine-tune")
     parser.add_argument(
+        "--card-only",
+        action="store_true",
+        help="only measure the python-instruct baseline of the model in --out and rewrite its training_summary.json "
+        "and README.md (no training)",
+    )
+    parser.add_argument(
+        "--tokenizer-files-only",
+        action="store_true",
+        help="only rewrite the tokenizer files of the model in --out (its tokenizer.json is kept; the config and "
+        "chat template are written as a full build writes them); no training",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -322,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         "waiting for each other; a fixed count also keeps the float results reproducible)",
     )
     args = parser.parse_args(argv)
+    if args.tokenizer_files_only:
+        write_tokenizer_files(
+            PreTrainedTokenizerFast(tokenizer_file=str(args.out / "tokenizer.json")), args.out
+        )
+        print(f"rewrote the tokenizer files in {args.out}")
+        return 0
+    if args.card_only:
+        rewrite_card(args.out)
+        return 0
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -371,9 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    write_tokenizer_files(tokenizer, tmp)
 
     evidence = {} if args.skip_evidence else lora_evidence(tmp, log)
+    baseline = {} if args.skip_evidence else instruct_baseline(tmp, log)
     summary: dict[str, Any] = {
         "hparams": {**hp, "betas": list(hp["betas"])},
         "n_params": n_params,
@@ -390,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_train_loss": curve[-1]["train_loss"] if curve else float("nan"),
         "curve": curve,
         "lora_evidence": evidence,
+        "instruct_baseline": baseline,
         "pretrain_wall_s": pretrain_wall,
         "total_wall_s": time.perf_counter() - t0,
         "python_version": python_version(),
@@ -410,6 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     if out.resolve() != DEFAULT_OUT.resolve():
         compare_with_shipped(summary, log)
     return 0
+
+
+def rewrite_card(out: Path) -> None:
+    """Re-measure the ``python-instruct`` baseline of the model in ``out`` and rewrite its summary and card."""
+    summary = json.loads((out / "training_summary.json").read_text())
+    summary["instruct_baseline"] = instruct_baseline(out, print)
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(summary))
+    summary["size_bytes"] = dir_size(out)
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(summary))
 
 
 def compare_with_shipped(summary: dict[str, Any], log: Any) -> None:

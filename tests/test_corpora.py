@@ -12,19 +12,22 @@ from lora_widgets.corpora import (
     get_corpus_info,
     list_corpora,
     read_corpus,
+    read_instructions,
 )
 
 
 def test_two_corpora_with_roles_and_licence() -> None:
     infos = {info.name: info for info in list_corpora()}
-    assert set(infos) == {"stdlib-code", "python-docs"}
+    assert set(infos) == {"stdlib-code", "python-docs", "python-instruct"}
     assert infos["stdlib-code"].role == "pretrain"
     assert infos["python-docs"].role == "finetune"
+    assert infos["python-instruct"].role == "instruct"
     for info in infos.values():
         assert "Python Software Foundation" in info.licence
         assert info.description and info.source
     assert corpus_for_role("pretrain") == "stdlib-code"
     assert corpus_for_role("finetune") == "python-docs"
+    assert corpus_for_role("instruct") == "python-instruct"
 
 
 @pytest.mark.parametrize("name", ["stdlib-code", "python-docs"])
@@ -68,9 +71,41 @@ def test_docs_corpus_is_prose_from_pydoc_topics() -> None:
 
 
 def test_unknown_names_and_roles_are_explained() -> None:
-    with pytest.raises(ValueError, match=r"unknown corpus 'wiki'.*stdlib-code, python-docs"):
+    with pytest.raises(ValueError, match=r"unknown corpus 'wiki'.*stdlib-code, python-docs, python-instruct"):
         read_corpus("wiki")
     with pytest.raises(ValueError, match="unknown corpus"):
         get_corpus_info("")
-    with pytest.raises(ValueError, match=r"unknown corpus role 'train'.*'pretrain'.*'finetune'"):
+    with pytest.raises(ValueError, match=r"unknown corpus role 'train'.*'pretrain'.*'finetune'.*'instruct'"):
         corpus_for_role("train")
+    with pytest.raises(ValueError, match=r"instruction set.*read_instructions\('python-instruct', 'train'\)"):
+        read_corpus("python-instruct")
+    with pytest.raises(ValueError, match=r"'python-docs' is a text corpus"):
+        read_instructions("python-docs")
+    with pytest.raises(ValueError, match="split must be 'train' or 'validation'"):
+        read_instructions("python-instruct", "test")
+
+
+def test_instruction_set_is_real_deterministic_and_split_without_leaks() -> None:
+    from pydoc_data.topics import topics
+
+    train = read_instructions("python-instruct", "train")
+    val = read_instructions("python-instruct", "validation")
+    assert len(train) > 300 and 30 <= len(val) <= 0.2 * len(train)
+    assert read_instructions("python-instruct", "train") == train  # deterministic
+    train[0]["messages"][0]["content"] = "mutated"
+    assert read_instructions("python-instruct", "train")[0]["messages"][0]["content"] != "mutated"
+    answers = lambda rows: {r["messages"][1]["content"] for r in rows}  # noqa: E731
+    assert not answers(train) & answers(val)  # no validation answer appears in training
+    for rows in (train, val):
+        assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+        assert all(len(r["messages"][1]["content"]) <= 300 for r in rows)
+    questions = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in train + val}
+    with_stmt = questions["Explain the `with` statement in Python."]
+    assert with_stmt.startswith("The `with` statement is used to wrap the execution of a block")
+    assert " ".join(topics["with"].split()).find(with_stmt.replace("`", '"')[:60]) > 0  # Python's own words
+    import json as json_module
+
+    summary = " ".join(json_module.dumps.__doc__.strip().split("\n\n")[0].split())
+    assert questions["What does `json.dumps(...)` do?"] == summary
+    assert any(q.startswith("Explain") for q in map(lambda r: r["messages"][0]["content"], val))
+    assert any(q.startswith("What does") for q in map(lambda r: r["messages"][0]["content"], val))

@@ -257,3 +257,38 @@ def test_train_val_blocks_follows_one_rule_for_trainer_and_dashboard(tokenizer) 
     t_train, t_val = train_val_blocks(texts, None, tokenizer, 16, val_fraction=0.2, seed=0)
     expected = prepare_data(texts, tokenizer, block_size=16, val_fraction=0.2, seed=0)
     assert torch.equal(t_train, expected.train) and t_val is not None and torch.equal(t_val, expected.val)
+
+
+# --- file encodings and text rows -------------------------------------------------------------------------
+
+
+def test_utf16_text_file_is_decoded_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes("héllo\r\nwörld\r\n".encode("utf-16"))  # what Windows Notepad's "Unicode" writes
+    with pytest.warns(UnicodeWarning, match=r"notes.txt is UTF-16.*decoded it as UTF-16.*UTF-8"):
+        assert load_texts(path) == ["héllo\nwörld\n"]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_bytes(json.dumps({"text": "ä"}).encode("utf-16-be").join([b"\xfe\xff", b""]))
+    with pytest.warns(UnicodeWarning, match="rows.jsonl is UTF-16"):
+        assert load_texts(jsonl) == ["ä"]
+
+
+def test_non_utf8_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte 3 .*re-save it as UTF-8"):
+        load_texts(path)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfhi\r\n")
+    assert load_texts(bom) == ["hi\n"]  # UTF-8 byte-order mark skipped, newlines as text mode reads them
+
+
+def test_text_dict_rows_pack_like_strings(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    assert load_texts([{"text": "a"}, "b"]) == ["a", "b"]
+    with pytest.raises(ValueError, match=r"row 0 .* is dict"):
+        load_texts([{"prompt": "p", "completion": "c"}])
+
+
+def test_instruction_set_is_not_packed() -> None:
+    with pytest.raises(ValueError, match=r"'python-instruct' is an instruction set.*prepare_sft"):
+        load_texts("python-instruct")

@@ -127,7 +127,7 @@ def test_load_model_errors_say_what_was_tried(tmp_path: Path) -> None:
 def test_corpora_by_role() -> None:
     assert load_corpus("pretrain")[0].startswith(("#", '"""', "import", "from", "r'''", "'''", '"'))
     assert load_corpus("finetune") == load_corpus("finetune")
-    assert {c.role for c in list_corpora()} == {"pretrain", "finetune"}
+    assert {c.role for c in list_corpora()} == {"pretrain", "finetune", "instruct"}
     with pytest.raises(ValueError, match=r"unknown corpus role 'code'"):
         load_corpus("code")
 
@@ -160,9 +160,59 @@ def test_generate_is_seeded_greedy_and_side_effect_free(base) -> None:  # type: 
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": -1.0}, "temperature"),
         ({"top_k": -5}, "top_k"),
+        ({"temperature": "hot"}, r"temperature must be a number >= 0 .* got 'hot'"),
+        ({"temperature": float("nan")}, "temperature must be a number >= 0"),
+        ({"temperature": float("inf")}, "temperature must be finite"),
+        ({"seed": "1"}, "seed must be an int"),
+        ({"include_prompt": "no"}, "include_prompt must be True or False"),
     ],
 )
 def test_generate_rejects_bad_arguments(base, kwargs, message) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = base
     with pytest.raises(ValueError, match=message):
         generate(model, tokenizer, "x", **kwargs)
+
+
+def test_generate_prompt_none_is_named(base) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = base
+    with pytest.raises(TypeError, match=r"prompt must be a str or a list of .* got NoneType"):
+        generate(model, tokenizer, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"prompt, message 0: unknown role 'bot'"):
+        generate(model, tokenizer, [{"role": "bot", "content": "hi"}])
+
+
+def test_generate_from_messages_uses_the_chat_template_and_stops_at_end_of_turn(base) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = base
+    messages = [{"role": "user", "content": "Explain the `with` statement in Python."}]
+    prompt_ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    assert tokenizer.decode(prompt_ids["input_ids"]).endswith("<|assistant|>\n")
+    reply = generate(model, tokenizer, messages, max_new_tokens=8, temperature=0)
+    assert "<|user|>" not in reply and "Explain the" not in reply  # only the new text
+    expected = model.generate(
+        torch.tensor([prompt_ids["input_ids"]]), max_new_tokens=8, do_sample=False, pad_token_id=1
+    )[0, len(prompt_ids["input_ids"]) :]
+    assert reply == tokenizer.decode(expected, skip_special_tokens=True)
+    # a model that ends its turn stops there: make EOS the only possible next token
+    with torch.no_grad():
+        saved = model.lm_head.weight.clone()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tokenizer.eos_token_id] = 1.0
+        try:
+            assert generate(model, tokenizer, messages, max_new_tokens=20, temperature=0) == ""
+        finally:
+            model.lm_head.weight.copy_(saved)
+
+
+def test_shipped_chat_template_uses_known_tokens_and_eos_as_end_of_turn() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL_PATH)
+    config = json.loads((BASE_MODEL_PATH / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4.x and 5.x both load it
+    assert "{% generation %}" in config["chat_template"].replace("{%- generation %}", "{% generation %}")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    assert tokenizer.decode(ids) == "<|user|>\nhi<|endoftext|>\n<|assistant|>\nyo<|endoftext|>\n"
+    assert max(ids) < 2048 and len(tokenizer) == 2048  # no token added
+    assert ids.count(tokenizer.eos_token_id) == 2
+    assert "Chat template" in (BASE_MODEL_PATH / "README.md").read_text()
