@@ -227,8 +227,7 @@ class PreflightResult:
         head = (
             f"Predicted peak {format_bytes(self.estimate.total)} ({self.estimate.peak_phase}) + "
             f"{format_bytes(allowance)} for {what} vs {format_bytes(self.available_bytes)} available on "
-            f"{self.device}: "
-            + ("fits." if self.fits else "will NOT fit.")
+            f"{self.device}: " + ("fits." if self.fits else "will NOT fit.")
         )
         if self.fits:
             return head

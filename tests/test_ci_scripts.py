@@ -34,7 +34,9 @@ def test_ci_run_runs_the_readme_command_then_the_lowest_versions_job(tmp_path: P
     (bin_dir / "chromium").write_text("#!/bin/sh\n")
     (bin_dir / "chromium").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(["bash", ".ci/run"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["bash", ".ci/run"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
     lines = out.stdout.splitlines()
     assert lines.index("README-COMMAND-RAN") < lines.index("LOWEST-JOB-RAN"), out.stdout
 

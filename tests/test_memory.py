@@ -389,7 +389,11 @@ def test_a_cpu_run_needs_torchs_runtime_on_top_of_its_tensors() -> None:
     est = estimate_memory(model, lora, batch_size=2, seq_len=16)
     assert est.required_bytes(cuda=False) == est.total + CPU_RUNTIME_BYTES
     bf16 = estimate_memory(model, lora, batch_size=2, seq_len=16, dtype="bfloat16")
-    assert bf16.required_bytes(cuda=False) == bf16.total + CPU_RUNTIME_BYTES_16BIT > bf16.total + CPU_RUNTIME_BYTES
+    assert (
+        bf16.required_bytes(cuda=False)
+        == bf16.total + CPU_RUNTIME_BYTES_16BIT
+        > bf16.total + CPU_RUNTIME_BYTES
+    )
     # a budget that holds the tensors but not the runtime does not fit, and the message says why
     short = preflight(model, lora, 2, 16, device="cpu", available_bytes=est.total + CPU_RUNTIME_BYTES // 2)
     assert not short.fits and "torch's CPU runtime" in short.message()
