@@ -221,10 +221,13 @@ class PreflightResult:
 
     def message(self) -> str:
         """One paragraph for a UI: fits / does not fit, the breakdown and the suggestions."""
+        cuda = self.device.startswith("cuda")
+        allowance = self.estimate.required_bytes(cuda) - self.estimate.total
+        what = "the CUDA context and fragmentation" if cuda else "torch's CPU runtime"
         head = (
-            f"Predicted peak {format_bytes(self.estimate.total)} ({self.estimate.peak_phase}) vs "
-            f"{format_bytes(self.available_bytes)} available on {self.device}: "
-            + ("fits." if self.fits else "will NOT fit.")
+            f"Predicted peak {format_bytes(self.estimate.total)} ({self.estimate.peak_phase}) + "
+            f"{format_bytes(allowance)} for {what} vs {format_bytes(self.available_bytes)} available on "
+            f"{self.device}: " + ("fits." if self.fits else "will NOT fit.")
         )
         if self.fits:
             return head

@@ -25,6 +25,7 @@ from lora_widgets.lora import LoRAConfig, apply_lora, has_lora, lora_layers
 __all__ = [
     "ArchInfo",
     "ParamPlan",
+    "attention_implementation",
     "known_model_config",
     "known_models",
     "lookup_known",
@@ -133,6 +134,24 @@ def resolve_config(model_or_config: Any) -> tuple[Any, nn.Module | None]:
     )
 
 
+def attention_implementation(config: Any) -> str:
+    """The attention implementation transformers will build for ``config``: its explicit choice, else "sdpa".
+
+    The explicit choice is ``config._attn_implementation_internal`` (set by ``attn_implementation=...`` or by
+    building a model, which records what it picked). It is read directly because the public-looking
+    ``config._attn_implementation`` differs by version for a config nobody set: transformers 4.x answers
+    "eager" (then builds the model with SDPA anyway, ``_autoset_attn_implementation``), 5.x answers None.
+    Both build SDPA for every architecture the estimator models when torch has it (torch >= 2.1.1), so an
+    unset choice means SDPA. Reading the property made 4.x estimates count eager attention's saved
+    ``s x s`` softmax that no model built from the config keeps (12-28% too high on the bf16 grid).
+    """
+    if "_attn_implementation_internal" in config.__dict__:
+        impl = config.__dict__["_attn_implementation_internal"]
+    else:  # a config class that keeps no internal field: its property is all there is
+        impl = getattr(config, "_attn_implementation", None)
+    return str(impl or "sdpa")
+
+
 @dataclass(frozen=True)
 class ArchInfo:
     """The dimensions that shape activation memory, read from a transformers config."""
@@ -175,7 +194,7 @@ class ArchInfo:
             kv_heads = int(get("num_key_value_heads") or heads)
             dropout = float(get("attention_dropout") or 0.0)
         head_dim = int(get("head_dim") or hidden // heads)
-        impl = str(getattr(config, "_attn_implementation", None) or "sdpa")
+        impl = attention_implementation(config)
         return cls(
             family=family,
             model_type=model_type,

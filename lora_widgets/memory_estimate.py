@@ -32,7 +32,16 @@ from lora_widgets.lora import LoRAConfig, as_lora_config
 from lora_widgets.memory_activations import ActivationModel, BlockBytes
 from lora_widgets.memory_arch import ArchInfo, ParamPlan, param_plan, parse_dtype, resolve_config
 
-__all__ = ["CUDA_CONTEXT_BYTES", "GiB", "MemoryEstimate", "estimate_memory", "format_bytes"]
+__all__ = [
+    "CPU_RUNTIME_BYTES",
+    "CPU_RUNTIME_BYTES_16BIT",
+    "CUDA_CONTEXT_BYTES",
+    "GiB",
+    "MemoryEstimate",
+    "cpu_runtime_bytes",
+    "estimate_memory",
+    "format_bytes",
+]
 
 Phase = Literal["forward", "backward", "optimizer"]
 
@@ -44,6 +53,21 @@ GiB = 1024**3
 #: plus the caching allocator's fragmentation; added before comparing an estimate with a GPU's capacity.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 FRAGMENTATION = 0.05
+#: Resident memory torch's CPU runtime adds to a process's first training steps beyond the tensors
+#: (thread pools, oneDNN/BLAS packing buffers, autograd's engine): added to a CPU estimate before comparing it
+#: with free RAM. ``benchmarks/bench_cpu_runtime.py`` measures it (fresh child process, glibc told to return
+#: freed memory, peak ``VmHWM`` growth over two AdamW steps minus the live tensor bytes' growth): 14.7-22.7 MiB
+#: with fp32 compute on Llama models of 0.9-21.5 M parameters (LoRA and full, 2 threads, torch 2.13), roughly
+#: constant in the model's size; rounded up.
+CPU_RUNTIME_BYTES = 24 * 1024**2
+#: The same with bf16/fp16 compute, which loads more of the runtime: 31.8-33.8 MiB measured on 0.9-21.5 M
+#: parameter Llamas (pure bf16 and LoRA), rounded up.
+CPU_RUNTIME_BYTES_16BIT = 36 * 1024**2
+
+
+def cpu_runtime_bytes(dtype: str) -> int:
+    """Torch's CPU runtime overhead for a step computed in ``dtype`` (a :class:`MemoryEstimate` dtype name)."""
+    return CPU_RUNTIME_BYTES if dtype == "float32" else CPU_RUNTIME_BYTES_16BIT
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -93,13 +117,14 @@ class MemoryEstimate:
 
     def fits(self, capacity_bytes: int, cuda: bool = True) -> bool:
         """Whether the peak fits in ``capacity_bytes`` of device memory (allowing for the CUDA context and
-        allocator fragmentation when ``cuda``)."""
+        allocator fragmentation when ``cuda``, for torch's CPU runtime otherwise)."""
         return self.required_bytes(cuda) <= capacity_bytes
 
     def required_bytes(self, cuda: bool = True) -> int:
-        """Device memory needed: ``total`` plus the CUDA context and ~5% fragmentation on a GPU."""
+        """Device memory needed: ``total`` plus the CUDA context and ~5% fragmentation on a GPU, plus torch's
+        CPU runtime overhead (:data:`CPU_RUNTIME_BYTES`, more with 16-bit compute) on a CPU."""
         if not cuda:
-            return self.total
+            return self.total + cpu_runtime_bytes(self.dtype)
         return int(self.total * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
 
     def as_table(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from lora_widgets.memory import (
     suggest_fit,
 )
 from lora_widgets.memory_arch import known_model_config
+from lora_widgets.memory_estimate import CPU_RUNTIME_BYTES, CPU_RUNTIME_BYTES_16BIT
 from tests.helpers import tiny_gpt2, tiny_llama
 
 # Parameter counts of the published checkpoints (sum of the tensors in their safetensors files).
@@ -322,12 +324,11 @@ def test_advice_for_a_model_that_already_carries_the_adapters() -> None:
     model = tiny_llama()
     fresh = estimate_memory(model, lora, batch_size=64, seq_len=128)
     apply_lora(model, lora)
-    result = preflight(
-        model, lora, batch_size=64, seq_len=128, device="cpu", available_bytes=fresh.total // 2
-    )
+    half = fresh.required_bytes(cuda=False) // 2  # half of what the run needs on a CPU, runtime included
+    result = preflight(model, lora, batch_size=64, seq_len=128, device="cpu", available_bytes=half)
     assert result.estimate.total == fresh.total
     assert not result.fits and result.suggestions[0].startswith("batch_size=")
-    assert suggest_fit(model, lora, 64, 128, "fp32", fresh.total // 2, cuda=False) == result.suggestions
+    assert suggest_fit(model, lora, 64, 128, "fp32", half, cuda=False) == result.suggestions
 
 
 def test_device_auto_and_bad_devices() -> None:
@@ -379,3 +380,37 @@ def test_preflight_for_another_machines_gpu_needs_an_explicit_budget() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device='cuda'.*no CUDA GPU.*device='cpu'"):
             preflight("GPT-2", LoRAConfig(r=2), device="cuda")
+
+
+def test_a_cpu_run_needs_torchs_runtime_on_top_of_its_tensors() -> None:
+    """The estimate's ``total`` is tensor bytes (what the accuracy grid measures); on a CPU the process also
+    grows by torch's runtime (benchmarks/bench_cpu_runtime.py), so pre-flight adds it before comparing."""
+    model, lora = tiny_llama(), LoRAConfig(r=4)
+    est = estimate_memory(model, lora, batch_size=2, seq_len=16)
+    assert est.required_bytes(cuda=False) == est.total + CPU_RUNTIME_BYTES
+    bf16 = estimate_memory(model, lora, batch_size=2, seq_len=16, dtype="bfloat16")
+    assert (
+        bf16.required_bytes(cuda=False)
+        == bf16.total + CPU_RUNTIME_BYTES_16BIT
+        > bf16.total + CPU_RUNTIME_BYTES
+    )
+    # a budget that holds the tensors but not the runtime does not fit, and the message says why
+    short = preflight(model, lora, 2, 16, device="cpu", available_bytes=est.total + CPU_RUNTIME_BYTES // 2)
+    assert not short.fits and "torch's CPU runtime" in short.message()
+    enough = preflight(model, lora, 2, 16, device="cpu", available_bytes=est.required_bytes(cuda=False))
+    assert enough.fits and not est.fits(est.total, cuda=False)
+
+
+def test_an_unset_attention_choice_is_estimated_as_the_sdpa_model_transformers_builds() -> None:
+    """transformers 4.x's ``config._attn_implementation`` answers "eager" for a config nobody set, then builds
+    the model with SDPA; the estimate follows what is built (eager would add the saved s x s softmax)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama().config
+    config._attn_implementation_internal = None  # as a fresh config (or AutoConfig.from_pretrained) has it
+    unset = estimate_memory(copy.deepcopy(config), batch_size=2, seq_len=64)
+    built = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    assert built.config._attn_implementation == "sdpa"
+    assert estimate_memory(built, batch_size=2, seq_len=64).total == unset.total
+    config._attn_implementation_internal = "eager"
+    assert estimate_memory(config, batch_size=2, seq_len=64).total > unset.total

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,12 +42,60 @@ def test_every_trait_is_documented_and_assets_are_files() -> None:
     assert str(MemoryPlanner._css) == CSS_PATH.read_text()
 
 
-def test_display_shows_controls_and_figure_together() -> None:
+@pytest.fixture
+def shell() -> Iterator[Any]:
+    """An IPython shell, so that ``display()`` publishes display data (cleared afterwards)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    existed = InteractiveShell.initialized()
+    yield InteractiveShell.instance()
+    if not existed:
+        InteractiveShell.clear_instance()
+
+
+def displayed(obj: Any) -> list[dict[str, Any]]:
+    """The display data ``IPython.display.display(obj)`` publishes (through whichever protocol it uses)."""
+    from IPython.display import display
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as captured:
+        display(obj)
+    return [out.data for out in captured.outputs]
+
+
+def test_display_shows_controls_and_figure_together(shell: Any) -> None:
+    """Through IPython's display protocol, as a notebook shows it, under ipywidgets 7 (Colab's) and 8."""
     planner = MemoryPlanner()
-    bundle = planner._repr_mimebundle_()
-    view = bundle["application/vnd.jupyter.widget-view+json"]
+    (data,) = displayed(planner)
+    view = data["application/vnd.jupyter.widget-view+json"]
     assert view["model_id"] == planner.widget.model_id
     assert planner.widget.children == (planner, planner.figure)
+
+
+def test_publish_view_shows_a_widget_that_overrides_its_own_display(shell: Any) -> None:
+    """A widget class whose ``_ipython_display_`` adds output (as the dashboard's static summary does)
+    still shows its standard view first; a closed widget shows only its text."""
+    import ipywidgets
+
+    from lora_widgets.widget.view import publish_view
+
+    class Annotated(ipywidgets.VBox):
+        def _ipython_display_(self, **kwargs: Any) -> None:
+            from IPython.display import display
+
+            publish_view(self, **kwargs)
+            display({"text/plain": "summary"}, raw=True)
+
+    box = Annotated([ipywidgets.Label("x")])
+    view, summary = displayed(box)
+    assert view["application/vnd.jupyter.widget-view+json"]["model_id"] == box.model_id
+    assert summary == {"text/plain": "summary"}
+    box.close()
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as captured:
+        publish_view(box)
+    assert [set(out.data) for out in captured.outputs] == [{"text/plain"}]
 
 
 def test_bars_are_stacked_phases_and_match_the_estimate() -> None:

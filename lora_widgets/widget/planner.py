@@ -23,6 +23,7 @@ from bqplot import Axis, Bars, Figure, LinearScale, OrdinalScale
 from lora_widgets.lora import LoRAConfig
 from lora_widgets.memory import GPUS, MemoryEstimate, estimate_memory, known_models
 from lora_widgets.memory_arch import lookup_known
+from lora_widgets.widget.view import publish_view
 
 __all__ = ["MemoryPlanner", "PlannerValueError"]
 
@@ -189,9 +190,14 @@ class MemoryPlanner(anywidget.AnyWidget):
         return name if name not in known_models() else f"{name} (custom)"
 
     # ---- display: controls and figure together -----------------------------------------------------
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        """Displaying the planner shows the VBox of controls and figure."""
-        return self.widget._repr_mimebundle_(**kwargs)
+    def _ipython_display_(self, **kwargs: Any) -> None:
+        """Displaying the planner shows the VBox of controls and figure.
+
+        ``_ipython_display_`` (which IPython asks before any ``_repr_*_``) rather than ``_repr_mimebundle_``:
+        ipywidgets 7 (Colab's) has no ``_repr_mimebundle_``; :func:`~lora_widgets.widget.view.publish_view`
+        uses whichever protocol the installed ipywidgets has.
+        """
+        publish_view(self.widget, **kwargs)
 
     # ---- validation ---------------------------------------------------------------------------------
     @traitlets.validate("model_name")
