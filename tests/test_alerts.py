@@ -138,9 +138,16 @@ def _checkpointed(use_reentrant: bool, input_grads: bool) -> nn.Module:
     model.lm_head.weight.requires_grad_(
         True
     )  # trained outside the checkpoints (as modules_to_save=['lm_head'])
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 (also enables input grads)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 4.x: the older name, and input grads left to the caller
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    hooked = hasattr(model, "_require_grads_hook")
+    if input_grads and not hooked:
+        model.enable_input_require_grads()
     if (
-        not input_grads
+        not input_grads and hooked
     ):  # what transformers < 4.35 / PEFT without prepare_model_for_kbit_training left you with
         model.disable_input_require_grads()
     return model

@@ -611,7 +611,9 @@ def test_headless_execution_completes_and_keeps_the_static_summary(tmp_path: Pat
     nbclient.NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
-    assert nb.cells[1].outputs[0]["text"].strip() == "finished finished"
+    # stdout only: transformers 4.x logs a warning about fp32 logits to stderr when the model runs without labels
+    stdout = [o["text"] for o in nb.cells[1].outputs if o.get("name") == "stdout"]
+    assert "".join(stdout).strip() == "finished finished"
     kinds = [list(o.get("data", {})) for o in nb.cells[0].outputs]
     assert any("application/vnd.jupyter.widget-view+json" in k for k in kinds)
     html = next(o["data"]["text/html"] for o in nb.cells[0].outputs if "text/html" in o.get("data", {}))

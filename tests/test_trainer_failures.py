@@ -255,10 +255,11 @@ def test_out_of_memory_suggestions_from_the_memory_estimator(
     from lora_widgets import diagnosis, memory
 
     t = make(tmp_path, data=blocks(80, 64), batch_size=32)
-    need = memory.estimate_memory(tiny_llama(), LoRAConfig(r=4), batch_size=32, seq_len=64).required_bytes(
-        False
-    )
-    monkeypatch.setattr(diagnosis, "total_memory", lambda device: need // 3)  # a device a third too small
+    from lora_widgets.memory_estimate import CPU_RUNTIME_BYTES
+
+    tensors = memory.estimate_memory(tiny_llama(), LoRAConfig(r=4), batch_size=32, seq_len=64).total
+    # a device whose memory beyond torch's CPU runtime is a third of what the step's tensors need
+    monkeypatch.setattr(diagnosis, "total_memory", lambda device: tensors // 3 + CPU_RUNTIME_BYTES)
     fault_on_call(t.model, 1, raise_(torch.OutOfMemoryError("out of memory")))
     end = t.run_sync()
     assert isinstance(end, RunFailed) and end.reason == "oom"

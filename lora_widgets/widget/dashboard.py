@@ -51,6 +51,7 @@ from lora_widgets.widget.record import RunRecord
 from lora_widgets.widget.session import RunSession
 from lora_widgets.widget.static_summary import StaticSummary
 from lora_widgets.widget.throttle import FlushScheduler
+from lora_widgets.widget.view import publish_view
 
 if TYPE_CHECKING:
     from lora_widgets.train_config import TrainConfig
@@ -507,9 +508,7 @@ class LoRADashboard(VBox):
     # ------------------------------------------------------------------ static summary
     def _ipython_display_(self) -> None:
         """Show the widget, then placeholders that the static summary replaces when a run ends."""
-        from IPython.display import display
-
-        display(self._repr_mimebundle_(), raw=True)
+        publish_view(self)  # ipywidgets 7 (Colab's) has no _repr_mimebundle_; 8 has no _ipython_display_
         self._static.show(self)
 
     def static_summary_html(self) -> str:
