@@ -95,7 +95,8 @@ class Insight:
         lora = has_lora(model)
         self.monitor = AlertMonitor(peak_learning_rate=config.learning_rate) if lora else None
         self.stats = lora and config.adapter_stats
-        if tokenizer is not None and lora_layers(model) and callable(getattr(model, "generate", None)):
+        decodes = callable(getattr(tokenizer, "decode", None))
+        if decodes and lora_layers(model) and callable(getattr(model, "generate", None)):
             given = config.sample_prompts
             self.prompts = list(given) if given is not None else _default_prompts(val)
         self.end_of_turn = end_of_turn_id(tokenizer) if self.prompts else None

@@ -67,6 +67,14 @@ class DashboardPanel(_ControlTraits):
     ).tag(sync=True)
     log_scale = t.Bool(False, help="Show the loss chart on a logarithmic y axis.").tag(sync=True)
     run_label = t.Unicode("", help="Configuration label of the current or last run.").tag(sync=True)
+    samples = t.List(
+        t.Dict(),
+        help="The last sample answers: one {prompt, base, current, base_ended, current_ended, step} per prompt "
+        "(*_ended: whether the answer ended with the end-of-turn token; null when unknown).",
+    ).tag(sync=True)
+    samples_note = t.Unicode("", help="What the sample answers cost: prompts, tokens, seconds.").tag(
+        sync=True
+    )
 
     CONFIG_TRAITS: ClassVar[tuple[str, ...]] = controls.CONTROL_NAMES
     """The control traits, in display order (the names of ``controls.CONTROLS``)."""

@@ -52,6 +52,16 @@ export interface ControlSpec {
   choices?: string[]; // select: the options; text: suggestions (a <datalist>)
 }
 
+/** One prompt's greedy answers (lora_widgets.events.SamplePair, with the step they were generated at). */
+export interface SamplePair {
+  prompt: string;
+  base: string; // the base model's answer (adapters off)
+  current: string; // the current adapter's answer
+  base_ended: boolean | null; // ended with the end-of-turn token; null when unknown (plain text)
+  current_ended: boolean | null;
+  step: number;
+}
+
 export interface DashboardModel {
   // controls: what to render, from Python; then one trait per control, named by ControlSpec.name
   // (number for int/float, string for text/select). The names are not repeated here: the table in
@@ -66,6 +76,8 @@ export interface DashboardModel {
   errors: Record<string, string>; // control name (or "settings") -> the config's message
   log_scale: boolean;
   run_label: string;
+  samples: SamplePair[]; // the last sample answers, one per prompt ([] before the first)
+  samples_note: string; // what they cost
 }
 
 export type DashboardMessage = { type: "train" } | { type: "pause" } | { type: "resume" } | { type: "stop" };
