@@ -31,6 +31,7 @@ NULL_COLOR = "#e5e7eb"
 _MODULE_ORDER = ("q", "k", "v", "qkv", "o", "out", "gate", "up", "down", "fc1", "fc2", "wi", "wo")
 _MARGIN = {"top": 36, "bottom": 46, "left": 56, "right": 74}
 _CELL_TEXT_MAX = 64  # cells with their value written in them: more would be unreadable
+# A cell that is not adapted is NaN: bqplot's colour scale gives it no fill, and dashboard.css paints it grey.
 
 
 def _module_key(kind: str) -> int:
@@ -154,7 +155,8 @@ class AdapterCharts:
                 color, row, column = _mark_data(new.values, new.rows, new.columns)
                 self.heatmap.color = color
                 self.heatmap.row, self.heatmap.column = row, column
-                self.heatmap.display_format = ".1e" if new.values.size <= _CELL_TEXT_MAX else None
+                written = color.size <= _CELL_TEXT_MAX and not np.isnan(color).any()  # d3 writes NaN as "NaN"
+                self.heatmap.display_format = ".1e" if written else None
                 self.heatmap_figure.layout.height = f"{min(600, max(300, 90 + 22 * len(new.rows)))}px"
             else:
                 self.heatmap.color = _mark_data(new.values, new.rows, new.columns)[0]
