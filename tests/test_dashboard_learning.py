@@ -96,10 +96,12 @@ def test_the_heatmap_shows_the_last_statistics_by_layer_and_module() -> None:
     largest = max(last.layers, key=lambda x: x.relative_update)
     np.testing.assert_allclose(dash.adapter_charts.spectrum.y, largest.singular_values, rtol=1e-6)
     assert dash.adapter_charts.detail_figure.title.startswith("layer 3 down_proj")
-    mark.selected = np.array([[1, 0]])  # what a click in the browser sends: [[row, column]]
+    mark.set_state({"selected": [[1, 0]]})  # what a click in the browser sends: [[row, column]] as JSON
     assert dash.adapter_charts.detail_figure.title.startswith("layer 1 q_proj")
     assert "grad A 1.00e-02, B 2.00e-02" in dash.adapter_charts._detail_axis.label
     assert len(dash.adapter_charts.spectrum.x) == 8  # r singular values
+    mark.set_state({"selected": None})  # a click on the background clears the selection
+    assert dash.adapter_charts.detail_figure.title.startswith("layer 3 down_proj")
 
 
 def test_sample_answers_and_alerts_reach_the_panel() -> None:

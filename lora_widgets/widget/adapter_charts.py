@@ -4,8 +4,8 @@ Both figures draw one :class:`~lora_widgets.events.AdapterStats` event: the last
 next flush, so they change only when the trainer measures (the first update, every evaluation, the last
 update) and cost the network nothing in between. Rows are block indices (layer 0 on top), columns the adapted
 module kinds in the usual order (q, k, v, o, gate, up, down, then the others); a cell that is not adapted stays
-grey. Hovering a cell shows its numbers; clicking it (before any click: the adapter that moved most) shows
-its detail beside the heatmap: the singular values of ``dW = scaling * B A`` (Hu et al. 2021, "LoRA",
+grey; up to 64 cells have their value written in them. Clicking a cell (before any click: the adapter that
+moved most) shows its detail beside the heatmap: the singular values of ``dW = scaling * B A`` (Hu et al. 2021, "LoRA",
 arXiv:2106.09685, sec. 7.2: one or two large values mean the update's intrinsic rank is small, so a smaller r
 would do; a flat spectrum that r may be limiting), the gradient norms of A and B and the size of the last
 update. The figures own their marks and update them in place under ``hold_sync``, re-sending only what changed.
@@ -17,19 +17,22 @@ import math
 from typing import Any
 
 import numpy as np
-from bqplot import Axis, Bars, ColorAxis, ColorScale, Figure, GridHeatMap, LinearScale, OrdinalScale, Tooltip
+from bqplot import Axis, Bars, ColorScale, Figure, GridHeatMap, LinearScale, OrdinalScale
+from bqplot.traits import array_from_json, array_to_json
 from ipywidgets import GridBox, Layout
+from traittypes import Array
 
 from lora_widgets.events import AdapterLayerStats, AdapterStats
 from lora_widgets.widget.charts import CHART_WIDTH_PX, SMOOTH_COLOR
 
 __all__ = ["HEATMAP_COLORS", "AdapterCharts", "Heatmap", "heatmap_of"]
 
-HEATMAP_COLORS = ("#f7fbff", "#6baed6", "#08306b")
-"""Light (no change) to dark blue (the largest ``||dW||/||W||`` of the run so far), ColorBrewer's Blues."""
+HEATMAP_COLORS = ("#f7fbff", "#9ecae1", "#2171b5")
+"""White (no change) to blue (the largest ``||dW||/||W||`` drawn), from ColorBrewer's Blues; dark enough for the
+values written in the cells to stay readable."""
 NULL_COLOR = "#e5e7eb"
 _MODULE_ORDER = ("q", "k", "v", "qkv", "o", "out", "gate", "up", "down", "fc1", "fc2", "wi", "wo")
-_MARGIN = {"top": 36, "bottom": 46, "left": 56, "right": 74}
+_MARGIN = {"top": 36, "bottom": 46, "left": 56, "right": 16}
 _CELL_TEXT_MAX = 64  # cells with their value written in them: more would be unreadable
 # A cell that is not adapted is NaN: bqplot's colour scale gives it no fill, and dashboard.css paints it grey.
 
@@ -83,6 +86,21 @@ def _mark_data(values: np.ndarray, rows: list[str], columns: list[str]) -> tuple
 _EMPTY = _mark_data(np.full((1, 1), np.nan, dtype=np.float32), [""], [""])
 
 
+def _cells_from_json(value: Any, widget: Any = None) -> np.ndarray | None:
+    """``[[row, column], ...]`` as the browser sends a click, as an int array (bqplot makes it an object array)."""
+    if isinstance(value, list):
+        return np.asarray(value, dtype=np.int32).reshape(-1, 2)  # [cells, 2]
+    return array_from_json(value, widget)
+
+
+class _GridHeatMap(GridHeatMap):
+    """bqplot's GridHeatMap with a ``selected`` that survives a click: bqplot 0.13 reads the browser's
+    ``[[row, column]]`` into an object array that its own serializer then refuses (``ValueError: Unsupported
+    dtype object`` in the kernel, and no change event), so the selection is read as integers here."""
+
+    selected = Array(None, allow_none=True).tag(sync=True, to_json=array_to_json, from_json=_cells_from_json)
+
+
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.2e}" if math.isfinite(x) else str(x)
 
@@ -100,20 +118,16 @@ class AdapterCharts:
     def __init__(self) -> None:
         rows, columns = OrdinalScale(reverse=True), OrdinalScale()
         self._color = ColorScale(min=0.0, colors=list(HEATMAP_COLORS))
-        self.heatmap = GridHeatMap(
+        self.heatmap = _GridHeatMap(
             color=_EMPTY[0], row=_EMPTY[1], column=_EMPTY[2],
             scales={"row": rows, "column": columns, "color": self._color}, null_color=NULL_COLOR,
             stroke="white", interactions={"click": "select"}, selected_style={"stroke": "#d62728", "stroke-width": 3},
             font_style={"font-size": "10px"},
-            tooltip=Tooltip(fields=["row", "column", "color"], formats=["", "", ".2e"],
-                            labels=["layer", "module", "||ΔW||/||W||"]),
         )  # fmt: skip
         self.heatmap_figure = _figure(
             "||ΔW|| / ||W|| per adapter: appears at the first update",
             [self.heatmap],
-            [Axis(scale=rows, side="left", label="layer"),
-             Axis(scale=columns, label="module"),
-             ColorAxis(scale=self._color, side="right", tick_format=".1e")],
+            [Axis(scale=rows, side="left", label="layer"), Axis(scale=columns, label="module")],
         )  # fmt: skip
         sv_x, sv_y = OrdinalScale(), LinearScale(min=0.0)
         self.spectrum = Bars(x=np.zeros(0, dtype=np.int32), y=np.zeros(0, dtype=np.float32),
@@ -160,7 +174,10 @@ class AdapterCharts:
                 self.heatmap_figure.layout.height = f"{min(600, max(300, 90 + 22 * len(new.rows)))}px"
             else:
                 self.heatmap.color = _mark_data(new.values, new.rows, new.columns)[0]
-        self.heatmap_figure.title = f"||ΔW|| / ||W|| per adapter at step {stats.step}"
+        finite = new.values[np.isfinite(new.values)]
+        top = f"{float(finite.max()):.1e}" if finite.size else "–"
+        # bqplot draws a vertical colour bar 200 px shorter than the plot: the title states the scale instead
+        self.heatmap_figure.title = f"||ΔW|| / ||W|| per adapter, step {stats.step}: white 0, darkest {top}"
         self._show_detail()
 
     def clear(self) -> None:

@@ -173,7 +173,7 @@ def adapter_heatmap_svg(stats: AdapterStats | None, cell: int = 34) -> str:
         return ""
     hm = heatmap_of(stats)
     left, top, cw = 48, 40, max(cell, 8 + 7 * max(len(c) for c in hm.columns))
-    width, height = left + cw * len(hm.columns) + 12, top + cell * len(hm.rows) + 30
+    width, height = max(320, left + cw * len(hm.columns) + 12), top + cell * len(hm.rows) + 30
     finite = hm.values[np.isfinite(hm.values)]
     peak = float(finite.max()) if finite.size else 0.0
     parts = [
@@ -181,7 +181,7 @@ def adapter_heatmap_svg(stats: AdapterStats | None, cell: int = 34) -> str:
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="10">',
         f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
         f'<text x="8" y="16" font-size="13" font-weight="bold">||ΔW|| / ||W|| per adapter, step {stats.step}</text>',
-        f'<text x="8" y="30">light: unchanged; darkest: {_fmt(peak)}</text>',
+        f'<text x="8" y="30">white: unchanged; darkest: {_fmt(peak)}</text>',
     ]
     for j, name in enumerate(hm.columns):
         parts.append(
@@ -218,14 +218,15 @@ def learning_html(run: RunRecord | None) -> str:
         )
     if run.samples is not None:
         mark = {True: " ✓", False: " ✗", None: ""}
+        left = "style='text-align:left;vertical-align:top'"
         rows = "".join(
-            f"<tr><td><code>{html.escape(p.prompt)}</code></td><td><code>{html.escape(p.base)}</code>"
-            f"{mark[p.base_ended]}</td><td><code>{html.escape(p.current)}</code>{mark[p.current_ended]}</td></tr>"
+            f"<tr><td {left}><code>{html.escape(p.prompt)}</code></td><td {left}><code>{html.escape(p.base)}</code>"
+            f"{mark[p.base_ended]}</td><td {left}><code>{html.escape(p.current)}</code>{mark[p.current_ended]}</td></tr>"
             for p in run.samples.samples
         )
         out.append(
-            f"<table class='lora-samples'><tr><th>prompt</th><th>base model</th><th>current adapter @ step "
-            f"{run.samples.step}</th></tr>{rows}</table>"
+            f"<table class='lora-samples'><tr><th {left}>prompt</th><th {left}>base model</th><th {left}>current "
+            f"adapter @ step {run.samples.step}</th></tr>{rows}</table>"
         )
     return "".join(out)
 
