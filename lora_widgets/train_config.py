@@ -77,7 +77,8 @@ class TrainConfig:
             (:mod:`lora_widgets.alerts`) from them. Costs well under 1% of training time at the defaults.
         sample_prompts: prompts answered greedily at each evaluation by the base model and the current
             adapter (:class:`~lora_widgets.events.SampleGenerations`); at most 8 non-empty strings. ``None``:
-            the first 16 tokens of the first 2 validation blocks; ``()``: no samples.
+            the first 16 tokens of the first 2 validation blocks; ``()``: no samples. The base model's answers
+            are generated once; the adapter's cost about 2% of training time for the shipped model at the defaults.
         sample_max_new_tokens: tokens generated per sample answer (1 .. 1024), bounding their cost.
     """
 

@@ -28,7 +28,7 @@ from lora_widgets.events import (
 )
 from lora_widgets.lora import LoRAConfig, lora_layers
 from lora_widgets.train_config import TrainConfig
-from lora_widgets.training.insight import PROMPT_TOKENS, end_of_turn_id
+from lora_widgets.training.insight import PROMPT_TOKENS, Insight, end_of_turn_id
 from lora_widgets.training.trainer import Trainer
 from tests.helpers import patterned_batch, tiny_llama
 from tests.test_alerts import _seed_bug_model
@@ -199,3 +199,17 @@ def test_end_of_turn_token_of_a_chat_tokenizer(tokenizer: Any) -> None:
     chat.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
     chat.chat_template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
     assert end_of_turn_id(chat) == chat.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_batch_with_every_label_masked_raises_nothing_is_trained_once(tmp_path: Path) -> None:
+    """The hook for data with loss masks (prompt/completion, chat): all -100 labels, said once per run."""
+    model = tiny_llama()
+    Trainer(model, None, _data(128), lora=LoRAConfig(r=2), config=_config(tmp_path))  # adds the adapters
+    insight = Insight.for_run(model, None, _config(tmp_path), None, total=6)
+    labels = torch.full((2, 16), -100)
+    labels[1, 0] = 5  # position 0 is never a target (the model shifts labels): still nothing trained
+    alerts = insight.check_labels(labels, step=3)
+    assert [(a.key, a.step, a.severity) for a in alerts] == [("no_trained_tokens", 3, "danger")]
+    assert "30 target positions" in alerts[0].evidence
+    assert insight.check_labels(labels, step=4) == []  # once per run
+    assert Insight().check_labels(labels, step=1) == []  # no run prepared: nothing

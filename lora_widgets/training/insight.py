@@ -147,6 +147,14 @@ class Insight:
             return None
         return self._last
 
+    def check_labels(self, labels: torch.Tensor, step: int) -> list[AlertRaised]:
+        """The "nothing is trained" alert for a batch's ``labels`` ``[B, T]`` (Hugging Face convention, -100 =
+        ignored) whose every target is masked, once per run: for data with loss masks (prompt/completion, chat),
+        where a template that matches nothing or a truncation that cuts every answer trains nothing."""
+        if self.monitor is None:
+            return []
+        return [AlertRaised(**alert.to_dict()) for alert in self.monitor.check_labels(labels, step)]
+
     def alerts(self, event: Event) -> list[AlertRaised]:
         """The alerts ``event`` raises that this run has not raised before."""
         if self.monitor is None or isinstance(event, AlertRaised):

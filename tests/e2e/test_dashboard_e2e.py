@@ -289,7 +289,7 @@ def _is_lora_learning(page: Any, shots: Path) -> Path:
     )
     assert len(set(fills)) > 3, fills  # coloured by value, not one flat colour
     heatmap = page.locator(".lw-dashboard .bqplot").nth(4)
-    assert "per adapter at step" in heatmap.inner_text()
+    assert "per adapter, step" in heatmap.inner_text()
     detail = page.locator(".lw-dashboard .bqplot").nth(5)
     cells.nth(7).click()  # layer 1, q_proj
     page.wait_for_function(
