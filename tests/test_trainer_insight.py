@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +215,13 @@ def test_a_batch_with_every_label_masked_raises_nothing_is_trained_once(tmp_path
     assert "30 target positions" in alerts[0].evidence
     assert insight.check_labels(labels, step=4) == []  # once per run
     assert Insight().check_labels(labels, step=1) == []  # no run prepared: nothing
+
+
+def test_importing_the_trainer_keeps_the_public_adapter_stats_a_function() -> None:
+    """The module and the function share the name ``adapter_stats``; the trainer's import must not hide the function."""
+    code = (
+        "import types, lora_widgets.training.trainer\n"
+        "from lora_widgets import adapter_stats\n"
+        "assert callable(adapter_stats) and not isinstance(adapter_stats, types.ModuleType), adapter_stats\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

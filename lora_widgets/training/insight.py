@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import lora_widgets
 from lora_widgets.adapter_stats import adapter_stats, snapshot_adapters
 from lora_widgets.alerts import AlertMonitor
 from lora_widgets.events import AlertRaised, Event, SampleGenerations
@@ -37,6 +38,12 @@ from lora_widgets.training.step import Probe
 __all__ = ["DEFAULT_PROMPTS", "PROMPT_TOKENS", "Insight", "end_of_turn_id"]
 
 logger = logging.getLogger(__name__)
+
+# The package exports the function ``adapter_stats`` from the module of the same name, lazily. Importing the
+# module (above) makes Python set ``lora_widgets.adapter_stats`` to the module, so that after any Trainer
+# import ``from lora_widgets import adapter_stats`` would give users a module. Put the public function back,
+# as the package's own loader does (``lora_widgets.__getattr__``); renaming the module would end the clash.
+lora_widgets.adapter_stats = adapter_stats  # type: ignore[assignment]
 
 DEFAULT_PROMPTS = 2
 PROMPT_TOKENS = 16
