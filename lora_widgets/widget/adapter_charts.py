@@ -2,7 +2,8 @@
 
 Both figures draw one :class:`~lora_widgets.events.AdapterStats` event: the last of the run, at the dashboard's
 next flush, so they change only when the trainer measures (the first update, every evaluation, the last
-update) and cost the network nothing in between. Rows are block indices (layer 0 on top), columns the adapted
+update), and at most once per :data:`REDRAW_S` seconds however often it evaluates (the run's last statistics
+are always drawn when it ends): four messages per redraw, nothing in between. Rows are block indices (layer 0 on top), columns the adapted
 module kinds in the usual order (q, k, v, o, gate, up, down, then the others); a cell that is not adapted stays
 grey; up to 64 cells have their value written in them. Clicking a cell (before any click: the adapter that
 moved most) shows its detail beside the heatmap: the singular values of ``dW = scaling * B A`` (Hu et al. 2021, "LoRA",
@@ -34,6 +35,9 @@ NULL_COLOR = "#e5e7eb"
 _MODULE_ORDER = ("q", "k", "v", "qkv", "o", "out", "gate", "up", "down", "fc1", "fc2", "wi", "wo")
 _MARGIN = {"top": 36, "bottom": 46, "left": 56, "right": 16}
 _CELL_TEXT_MAX = 64  # cells with their value written in them: more would be unreadable
+REDRAW_S = 10.0
+"""Seconds between two redraws while a run trains (fast runs evaluate every second or two: issue 11's budget
+of 10 messages per second leaves the heatmap no more than this)."""
 # A cell that is not adapted is NaN: bqplot's colour scale gives it no fill, and dashboard.css paints it grey.
 
 
@@ -102,13 +106,16 @@ class _GridHeatMap(GridHeatMap):
 
 
 def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2e}" if math.isfinite(x) else str(x)
+    """``1.8e-1``: short enough for the detail's one-line title."""
+    if x is None:
+        return "–"
+    return f"{x:.1e}".replace("e-0", "e-").replace("e+0", "e+") if math.isfinite(x) else str(x)
 
 
-def _figure(title: str, marks: list[Any], axes: list[Any]) -> Figure:
+def _figure(title: str, marks: list[Any], axes: list[Any], font: str = "13px") -> Figure:
     return Figure(
         title=title, marks=marks, axes=axes, fig_margin=dict(_MARGIN), animation_duration=0,
-        title_style={"font-size": "13px"}, layout=Layout(width="100%", height="300px", min_width="280px"),
+        title_style={"font-size": font}, layout=Layout(width="100%", height="300px", min_width="280px"),
     )  # fmt: skip
 
 
@@ -132,14 +139,16 @@ class AdapterCharts:
         sv_x, sv_y = OrdinalScale(), LinearScale(min=0.0)
         self.spectrum = Bars(x=np.zeros(0, dtype=np.int32), y=np.zeros(0, dtype=np.float32),
                              scales={"x": sv_x, "y": sv_y}, colors=[SMOOTH_COLOR], padding=0.15)  # fmt: skip
-        self._detail_axis = Axis(scale=sv_x, label="singular values of ΔW")
+        self._detail_axis = Axis(scale=sv_x, label="singular values σ_i of ΔW = (alpha/r) B A")
         self.detail_figure = _figure(
             "One adapter: click a cell of the heatmap",
             [self.spectrum],
             [self._detail_axis, Axis(scale=sv_y, side="left", tick_format=".1e")],
+            font="12px",
         )
         self.stats: AdapterStats | None = None
         self.map: Heatmap | None = None
+        self._drawn_at = -math.inf
         self.heatmap.observe(lambda _change: self._show_detail(), names=["selected"])
 
     def grid(self) -> GridBox:
@@ -152,11 +161,13 @@ class AdapterCharts:
         """The heatmap, then the detail."""
         return [self.heatmap_figure, self.detail_figure]
 
-    def update(self, stats: AdapterStats | None) -> None:
-        """Draw ``stats`` (a run's last AdapterStats; nothing is sent when it is the one already drawn)."""
-        if stats is self.stats:
+    def update(self, stats: AdapterStats | None, now: float | None = None) -> None:
+        """Draw ``stats`` (a run's last AdapterStats; nothing is sent when it is the one already drawn). With
+        ``now`` (the flush clock's time, while a run trains), not sooner than :data:`REDRAW_S` after the last
+        redraw: a later flush draws it."""
+        if stats is self.stats or (now is not None and now - self._drawn_at < REDRAW_S):
             return
-        self.stats = stats
+        self.stats, self._drawn_at = stats, -math.inf if now is None else now
         if stats is None or not stats.layers:
             self.clear()
             return
@@ -206,16 +217,14 @@ class AdapterCharts:
         layer = self.selected_layer()
         if layer is None:
             x, y = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
-            title, label = "One adapter: click a cell of the heatmap", "singular values of ΔW"
+            title = "One adapter: click a cell of the heatmap"
         else:
             y = np.asarray(layer.singular_values, dtype=np.float32)  # [r]
             x = np.arange(1, y.size + 1, dtype=np.int32)
             where = f"layer {layer.layer}" if layer.layer is not None else layer.name
-            title = f"{where} {layer.module}: ||ΔW||/||W|| {_fmt(layer.relative_update)}"
-            label = (f"σ_i of ΔW (r={layer.rank}) · grad A {_fmt(layer.a_grad_norm)}, B {_fmt(layer.b_grad_norm)}"
-                     f" · last step {_fmt(layer.update_ratio)}")  # fmt: skip
+            title = (f"{where} {layer.module}: ΔW/W {_fmt(layer.relative_update)} · grad A {_fmt(layer.a_grad_norm)}"
+                     f" B {_fmt(layer.b_grad_norm)} · last update {_fmt(layer.update_ratio)}")  # fmt: skip
         if not (np.array_equal(x, self.spectrum.x) and np.array_equal(y, self.spectrum.y)):
             with self.spectrum.hold_sync():
                 self.spectrum.x, self.spectrum.y = x, y
-        self.detail_figure.title = title
-        self._detail_axis.label = label
+        self.detail_figure.title = title  # one message for the words; the axis label stays

@@ -394,7 +394,9 @@ class LoRADashboard(VBox):
         if run is None:
             return
         self.charts.update(run.history)
-        self.adapter_charts.update(run.adapter_stats)  # sends only when a new one arrived (evaluations)
+        self.adapter_charts.update(
+            run.adapter_stats, self._flusher.clock()
+        )  # new statistics, every 10 s at most
         if run.history.last_step is not None and "starting" in self._callouts:
             self._callouts.clear("starting")
             self._callouts.set("status", callouts.TRAINING)
@@ -409,6 +411,9 @@ class LoRADashboard(VBox):
         ended = run.result
         assert ended is not None  # the session records a terminal event before calling this
         self._flusher.flush_now()
+        self.adapter_charts.update(
+            run.adapter_stats
+        )  # the run's last statistics, whenever the last redraw was
         summary = {**self.panel.summary, **readouts.adapter_summary(ended.adapter_path)}
         self._callouts.clear("starting")
         self._callouts.set(
