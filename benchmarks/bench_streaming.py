@@ -1,8 +1,9 @@
 """What a long run costs the network: comm messages and bytes a LoRADashboard sends per second of training.
 
 A run of N steps is fed through the dashboard's own path (``dash.watch(source)``) by a scripted
-:class:`~lora_widgets.events.RunSource` on a fake clock (``StepMetrics`` every step, an ``EvalMetrics``
-every 100 steps, a loss spike a third of the way in), so the throttle and decimation decide exactly as in a
+:class:`~lora_widgets.events.RunSource` on a fake clock (``StepMetrics`` every step; every 100 steps an
+``EvalMetrics`` with the adapter statistics of the shipped model's 28 adapters and two sample answers, as the
+trainer publishes them; a loss spike a third of the way in), so the throttle and decimation decide exactly as in a
 live kernel. Every message a widget sends is counted by patching ``ipywidgets.Widget._send`` (JSON part +
 binary buffers).
 
@@ -33,7 +34,7 @@ from lora_widgets.lora import LoRAConfig
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.widget.charts import Charts
 from lora_widgets.widget.dashboard import LoRADashboard
-from tests.helpers import FakeLoop, ScriptedRun, tiny_llama
+from tests.helpers import FakeLoop, ScriptedRun, scripted_adapter_stats, scripted_samples, tiny_llama
 
 STEPS_PER_S = 50.0  # a small model on a GPU; the shipped model on this CPU does ~5-20
 POLICIES = {"after": (LoRADashboard.flush_interval, LoRADashboard.max_points), "before": (0.25, 2000)}
@@ -61,7 +62,9 @@ def events(n_steps: int, gpu: bool = False) -> Any:
         yield StepMetrics(i, n_steps, i / n_steps, loss, 1e-3, 1.0, 5e4, i / STEPS_PER_S, 1.0,
                           300 * 2**20 + 2**16 * (i % 5), reserved, util)  # fmt: skip
         if i % 100 == 0:
+            yield scripted_adapter_stats(i)
             yield EvalMetrics(i, loss, math.exp(loss), loss)
+            yield scripted_samples(i)
 
 
 def simulate(n_steps: int, policy: str, gpu: bool = False) -> dict[str, float]:

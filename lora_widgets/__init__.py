@@ -6,7 +6,7 @@ uses only the trainer never imports the widget stack (anywidget, ipywidgets, bqp
 Layers, imports pointing one way::
 
     core: lora_config, lora, peft_format, data, chat_data, sft, corpora, devices, memory, events, schedules,
-          adapter_stats, alerts, diagnosis
+          adapter_statistics, alerts, diagnosis
       <-  training/ (our Trainer) and hf_bridge (an attached transformers/TRL trainer)
       <-  widget/ (views of the event stream)
       <-  notebooks and docs
@@ -57,11 +57,11 @@ _EXPORTS: dict[str, str] = {
     "AdapterLayerStats": "events",
     "SampleGenerations": "events",
     "SamplePair": "events",
-    "adapter_stats": "adapter_stats",
-    "snapshot_adapters": "adapter_stats",
-    "summarize_adapter_stats": "adapter_stats",
-    "lowrank_singular_values": "adapter_stats",
-    "AdapterSummary": "adapter_stats",
+    "adapter_stats": "adapter_statistics",
+    "snapshot_adapters": "adapter_statistics",
+    "summarize_adapter_stats": "adapter_statistics",
+    "lowrank_singular_values": "adapter_statistics",
+    "AdapterSummary": "adapter_statistics",
     "Alert": "alerts",
     "AlertMonitor": "alerts",
     "generate_samples": "samples",

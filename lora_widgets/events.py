@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, Union, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, Union, get_args, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +289,21 @@ class SampleGenerations(_EventBase):
         object.__setattr__(self, "samples", rows)
 
 
+@dataclass(frozen=True)
+class AlertRaised(_EventBase):
+    """An "is it training?" finding (:mod:`lora_widgets.alerts`), published once per ``key`` per run: the
+    ``evidence`` with its numbers, the ``fix``, the ``step`` it was seen at; ``severity`` "danger" (nothing
+    trains) or "warning" (training works badly)."""
+
+    kind: ClassVar[str] = "alert"
+    key: str
+    title: str
+    evidence: str
+    fix: str
+    step: int | None = None
+    severity: Literal["warning", "danger"] = "warning"
+
+
 Event = Union[  # noqa: UP007 - a runtime alias, kept readable on Python 3.10
     RunStarted,
     StepMetrics,
@@ -301,24 +316,11 @@ Event = Union[  # noqa: UP007 - a runtime alias, kept readable on Python 3.10
     AdapterStats,
     SampleGenerations,
     DataPrepared,
+    AlertRaised,
 ]
 
-_BY_KIND: dict[str, type[_EventBase]] = {
-    cls.kind: cls
-    for cls in (
-        RunStarted,
-        StepMetrics,
-        EvalMetrics,
-        CheckpointSaved,
-        StateChanged,
-        RunFinished,
-        RunStopped,
-        RunFailed,
-        AdapterStats,
-        SampleGenerations,
-        DataPrepared,
-    )
-}
+_BY_KIND: dict[str, type[_EventBase]] = {cls.kind: cls for cls in get_args(Event)}
+"""Every event class by its ``kind`` (read back from metrics.jsonl): the members of :data:`Event`."""
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -132,3 +133,40 @@ class ScriptedRun:
             cb(end)
         self.running = False
         return end
+
+
+LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def scripted_adapter_stats(step: int, n_layers: int = 4, rank: int = 8) -> Any:
+    """Deterministic :class:`~lora_widgets.events.AdapterStats` of a Llama-shaped model with LoRA on all 7 linear
+    kinds of each block (the shipped model: 4 blocks, 28 adapters); ``||dW||/||W||`` grows with the step, the
+    layer and the module, so every cell of a heatmap differs."""
+    from lora_widgets.events import AdapterLayerStats, AdapterStats
+
+    layers = []
+    for i in range(n_layers):
+        for j, module in enumerate(LLAMA_MODULES):
+            rel = 1e-3 * math.sqrt(step) * (1 + i) * (1 + j / 7)
+            part = "self_attn" if j < 4 else "mlp"
+            layers.append(
+                AdapterLayerStats(
+                    name=f"model.layers.{i}.{part}.{module}", layer=i, module=module, rank=rank, scaling=2.0,
+                    weight_norm=10.0, delta_norm=10 * rel, relative_update=rel, a_norm=1.0, b_norm=rel,
+                    a_grad_norm=1e-2, b_grad_norm=2e-2, singular_values=tuple(10 * rel / (k + 1) for k in range(rank)),
+                    update_ratio=1e-3,
+                )
+            )  # fmt: skip
+    return AdapterStats(step, tuple(layers), True, 1e-3, 0.01)
+
+
+def scripted_samples(step: int) -> Any:
+    """Two prompts' answers of about 100 characters each, the current one changing with the step."""
+    from lora_widgets.events import SampleGenerations, SamplePair
+
+    pairs = tuple(
+        SamplePair(f"def function_{k}(x):", "    return x  # the base model's answer, the same every time " * 2,
+                   f"    return x + {step}  # the adapter's answer after {step} steps " * 2, None, None)
+        for k in range(2)
+    )  # fmt: skip
+    return SampleGenerations(step, pairs, 32, 0.0, 0.25, base_reused=step > 0)

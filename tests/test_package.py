@@ -50,7 +50,7 @@ CORE = [
     "history",
     "checkpoint",
     "train_config",
-    "adapter_stats",
+    "adapter_statistics",
     "alerts",
     "samples",
 ]

@@ -154,10 +154,11 @@ def test_run_publishes_ordered_events_and_writes_files(tmp_path: Path) -> None:
 
     assert isinstance(end, RunFinished) and end.step == 6 and end is events[-1]
     kinds = [e.kind for e in events]
+    # adapter statistics on the first update, every eval_every and the last; no tokenizer, so no samples
     assert kinds == [
         "state", "data", "run_started", "eval",
-        "step", "step", "step", "eval",
-        "step", "step", "step", "eval",
+        "step", "adapter_stats", "step", "step", "adapter_stats", "eval",
+        "step", "step", "step", "adapter_stats", "eval",
         "state", "finished",
     ]  # fmt: skip
     started = events[2]

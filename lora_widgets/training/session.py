@@ -3,31 +3,35 @@
 A :class:`Session` holds the optimizer, the loss scaler, the batch order and the non-finite marker of
 one run and nothing else, so that dropping it at the end frees all of them at once. Its methods are the
 blocking phases the trainer runs in a worker thread: :meth:`Session.open` (seed, adapters, model,
-optimizer, checkpoint) and :meth:`Session.update` (one optimizer update).
+optimizer, checkpoint) and :meth:`Session.update` (one optimizer update); it also words the run's
+:class:`~lora_widgets.events.RunStarted` and :class:`~lora_widgets.events.StepMetrics`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lora_widgets import checkpoint as ckpt
+from lora_widgets.devices import describe_device
 from lora_widgets.diagnosis import Diagnosis, Phase
-from lora_widgets.events import EvalMetrics, StepMetrics
-from lora_widgets.lora import lora_layers
+from lora_widgets.events import EvalMetrics, RunStarted, StepMetrics
+from lora_widgets.lora import LoRAConfig, count_parameters, lora_layers
 from lora_widgets.schedules import lr_at
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.training import precision
 from lora_widgets.training.batches import BatchOrder, Blocks, data_position
 from lora_widgets.training.meter import DeviceUsage, Lap
 from lora_widgets.training.run_dir import read_metrics
-from lora_widgets.training.step import StepResult, make_optimizer, train_step
+from lora_widgets.training.step import Probe, StepResult, make_optimizer, train_step
 
 __all__ = ["Progress", "Session", "Usage"]
 
@@ -118,9 +122,12 @@ class Session:
         c = self.config
         return lr_at(step - 1, total, c.learning_rate, c.warmup_steps, c.schedule)
 
-    def update(self, progress: Progress, read: bool) -> tuple[StepResult, Usage | None]:
+    def update(
+        self, progress: Progress, read: bool, probe: Probe | None = None
+    ) -> tuple[StepResult, Usage | None]:
         """(worker thread) Update number ``progress.step + 1``; counts it in ``progress`` once applied.
-        With ``read``: the loss and gradient norm, and the device's memory afterwards."""
+        With ``read``: the loss and gradient norm, and the device's memory afterwards; with ``probe``, what it
+        found (``StepResult.probed``)."""
         step = progress.step + 1
         out = train_step(
             self.model,
@@ -133,6 +140,7 @@ class Session:
             autocast=self.autocast,
             first_bad=self.first_bad,
             read=read,
+            probe=probe,
         )
         if out.applied:
             progress.step = step
@@ -157,6 +165,26 @@ class Session:
             memory_bytes=memory,
             memory_reserved_bytes=reserved,
             gpu_utilization=utilization,
+        )
+
+    def run_started(
+        self, progress: Progress, run_id: str, run_dir: Path, lora: LoRAConfig | None, device: torch.device
+    ) -> RunStarted:
+        """The event that opens the run: what it trains, where, and how long it will take."""
+        c = self.config
+        trainable, total_params = count_parameters(self.model)
+        return RunStarted(
+            run_id=run_id,
+            run_dir=str(run_dir),
+            config=c.to_dict(),
+            lora=lora.to_dict() if lora is not None else None,
+            device=str(device),
+            device_name=describe_device(device),
+            trainable_params=trainable,
+            total_params=total_params,
+            total_steps=progress.total,
+            tokens_per_step=self.blocks.tokens_per_step(c.batch_size, c.grad_accum_steps),
+            time=time.time(),
         )
 
     def checkpoint_extra(self, step: int, lora: dict[str, Any] | None, run_id: str | None) -> dict[str, Any]:

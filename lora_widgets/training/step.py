@@ -21,9 +21,13 @@ from lora_widgets import checkpoint as ckpt
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.training.batches import MicroBatch, PaddedBatch
 
-__all__ = ["StepResult", "batch_loss", "evaluate", "forward_loss", "make_optimizer", "train_step"]
+__all__ = ["Probe", "StepResult", "batch_loss", "evaluate", "forward_loss", "make_optimizer", "train_step"]
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+Probe = Callable[[], Callable[[], object]]
+"""A look inside an update: called after clipping, just before ``optimizer.step()`` (e.g. to copy the adapters);
+what it returns is called after the step and before ``zero_grad`` (the gradients exist only until then), and
+its result is :attr:`StepResult.probed`."""
 
 
 @dataclass
@@ -34,6 +38,7 @@ class StepResult:
     loss: float | None = None
     grad_norm: float | None = None
     bad_step: int | None = None  # first update (1-based) whose loss/gradient was NaN/inf, once seen
+    probed: Any = None  # what the probe found (None without one)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -115,6 +120,7 @@ def train_step(
     autocast: Autocast,
     first_bad: torch.Tensor,
     read: bool,
+    probe: Probe | None = None,
 ) -> StepResult:
     """Update number ``step`` (1-based): gradients summed over the micro-batches (:func:`batch_loss`), clipped,
     one optimizer step at rate ``lr``.
@@ -145,10 +151,13 @@ def train_step(
         loss_v, norm_v, bad_v = torch.stack([loss_sum.float(), grad_norm.float(), first_bad.float()]).tolist()
         result.loss, result.grad_norm = loss_v, norm_v
         result.bad_step = int(bad_v) if bad_v >= 0 else None
+    after = probe() if probe is not None else None
     if result.bad_step != step:
         scaler.step(optimizer)  # (scaling off: optimizer.step())
         scaler.update()
         result.applied = True
+    if after is not None:
+        result.probed = after()
     optimizer.zero_grad(set_to_none=True)
     return result
 

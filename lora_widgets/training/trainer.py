@@ -10,7 +10,8 @@
         wait if paused                      -> StateChanged("paused"), StateChanged("running")
         one update in a worker thread       forward/backward per micro-batch, clip, AdamW
         publish                             -> StepMetrics (every log_every steps and the last)
-        evaluate when due                   -> EvalMetrics
+                                               AdapterStats (first update, every eval_every, last)
+        evaluate when due                   -> EvalMetrics, SampleGenerations
         checkpoint when due                 -> CheckpointSaved
       finish: save the adapter, release     -> StateChanged(<end>), RunFinished | RunStopped | RunFailed
 
@@ -23,7 +24,8 @@ settings, ``output_dir``), a failed checkpoint write and any other error end the
 :class:`~lora_widgets.events.RunFailed` (reason, message, suggestions), the adapter of the last completed
 step is saved, and the model is left usable. Misuse of the API (a second concurrent ``run()``,
 ``run_sync()`` inside a running loop) raises. Every event is also appended to
-``<output_dir>/<run_id>/metrics.jsonl``.
+``<output_dir>/<run_id>/metrics.jsonl``; "is it training?" alerts (:mod:`lora_widgets.alerts`) on what the
+events show follow them as :class:`~lora_widgets.events.AlertRaised` (see :mod:`.insight`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import logging
 import math
 import os
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,6 @@ from lora_widgets.events import (
     RunEnded,
     RunFailed,
     RunFinished,
-    RunStarted,
     RunState,
     RunStopped,
     StateChanged,
@@ -60,13 +60,14 @@ from lora_widgets.events import (
     Subscribers,
 )
 from lora_widgets.history import History
-from lora_widgets.lora import LoRAConfig, LoRAReport, count_parameters, lora_layers
+from lora_widgets.lora import LoRAConfig, LoRAReport, lora_layers
 from lora_widgets.schedules import lr_schedule as _lr_schedule
 from lora_widgets.schedules import total_steps
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.training import ownership, precision
 from lora_widgets.training.batches import Blocks, data_prepared, eval_batches, prepare_blocks, vocab_size
 from lora_widgets.training.control import RunControl
+from lora_widgets.training.insight import Insight
 from lora_widgets.training.meter import Meter
 from lora_widgets.training.run_dir import RunDirectory, config_document, run_stem
 from lora_widgets.training.session import Progress, Session
@@ -145,6 +146,7 @@ class Trainer:
         self._control = RunControl()
         self._blocks_cache: Blocks | None = None
         self._blocks_lock = threading.Lock()
+        self._insight = Insight()  # the run's adapter statistics, samples and alerts (from _prepare on)
         self._subscribers = Subscribers("Trainer", self._record_history)
 
     # -- public API --------------------------------------------------------------------------------
@@ -232,13 +234,14 @@ class Trainer:
     async def _run(self, resume_from: str | os.PathLike[str] | None) -> RunEnded:
         c, p, meter = self.config, Progress(), Meter()
         mode = precision.ModelMode.of(self.model, c.gradient_checkpointing)
-        self.history = History()
+        self.history, self._insight = History(), Insight()
         run: Session | None = None
         try:
             self._start(resume_from)
             run = await self._prepare(p, resume_from)
             meter.start(p.step, run.blocks.tokens_per_step(c.batch_size, c.grad_accum_steps))
-            self._publish(self._run_started(run, p))
+            assert self.run_id is not None and self.run_dir is not None
+            self._publish(run.run_started(p, self.run_id, self.run_dir, self.lora, self.device))
             if p.step == 0:
                 await self._evaluate(run, p)  # the base model's validation loss, for comparison
             while p.step < p.total and not self._control.stop_requested:
@@ -247,12 +250,15 @@ class Trainer:
                     continue
                 p.phase = "step"
                 log = (p.step + 1) % c.log_every == 0 or p.step + 1 == p.total
-                out, usage = await self._control.in_thread(run.update, p, log)
+                probe = self._insight.probe(p.step + 1, run.lr(p.step + 1, p.total))
+                out, usage = await self._control.in_thread(run.update, p, log, probe)
                 if out.bad_step is not None:
                     p.failure = nan_diagnosis(out.bad_step, not out.applied, config=c, total_steps=p.total)
                     break
                 if log:
                     self._publish(run.step_metrics(p, out, usage, meter.lap(p.step, p.total)))
+                if out.probed is not None:  # AdapterStats of a measured update
+                    self._publish(out.probed)
                 if c.eval_every is not None and p.step % c.eval_every == 0:
                     await self._evaluate(run, p)
                 if c.checkpoint_every is not None and p.step % c.checkpoint_every == 0:
@@ -322,6 +328,7 @@ class Trainer:
         self._publish(
             data_prepared(blocks.train, blocks.val, c)
         )  # what the data became, for views and metrics.jsonl
+        self._insight = Insight.for_run(self.model, self.tokenizer, c, blocks.val, p.total)
         return run
 
     async def _hold(self, p: Progress, meter: Meter) -> None:
@@ -344,6 +351,8 @@ class Trainer:
             p.best_val = val_loss if p.best_val is None else min(p.best_val, val_loss)
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
         self._publish(EvalMetrics(p.step, val_loss, ppl, p.best_val if p.best_val is not None else val_loss))
+        if samples := await self._control.in_thread(self._insight.samples, p.step, run.autocast):
+            self._publish(samples)
 
     async def _checkpoint(self, run: Session, p: Progress) -> None:
         assert self._dir is not None
@@ -416,6 +425,8 @@ class Trainer:
         if self._dir is not None:
             self._dir.append(event)
         self._subscribers.deliver(event)
+        for alert in self._insight.alerts(event):
+            self._publish(alert)
 
     def _record_history(self, event: Event) -> None:
         """The first subscriber: the one place that feeds :attr:`history`."""
@@ -445,24 +456,6 @@ class Trainer:
                     self.train_data, self.eval_data, self.tokenizer, self.config, vocab_size(self.model)
                 )
             return self._blocks_cache
-
-    def _run_started(self, run: Session, p: Progress) -> RunStarted:
-        assert self.run_id is not None and self.run_dir is not None
-        c = self.config
-        trainable, total_params = count_parameters(self.model)
-        return RunStarted(
-            run_id=self.run_id,
-            run_dir=str(self.run_dir),
-            config=c.to_dict(),
-            lora=self.lora.to_dict() if self.lora is not None else None,
-            device=str(self.device),
-            device_name=describe_device(self.device),
-            trainable_params=trainable,
-            total_params=total_params,
-            total_steps=p.total,
-            tokens_per_step=run.blocks.tokens_per_step(c.batch_size, c.grad_accum_steps),
-            time=time.time(),
-        )
 
     def _write_config(self, blocks: Blocks | None, resume_from: str | os.PathLike[str] | None) -> None:
         assert self._dir is not None

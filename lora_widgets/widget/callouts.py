@@ -1,8 +1,9 @@
 """The dashboard's messages to the user: a small collection of callouts, one per key.
 
 Each part of the dashboard owns a key (``"status"`` for the run's state, ``"starting"`` while a run has
-not made its first step, ``"device"``, ``"preflight"``, ``"adapters"``) and sets or clears its callout by
-that key; nothing is found by its title. The panel shows them most severe first.
+not made its first step, ``"device"``, ``"preflight"``, ``"adapters"``, ``"alert:<key>"`` for each "is it
+training?" alert of the run, :func:`alert_callout`) and sets or clears its callout by that key; nothing is
+found by its title. The panel shows them most severe first.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from lora_widgets.events import RunEnded, RunFailed, RunFinished
+from lora_widgets.events import AlertRaised, RunEnded, RunFailed, RunFinished
 
-__all__ = ["ADAPTERS_GIVEN", "READY", "STARTING", "TRAINING", "Callout", "Callouts", "failure_callout",
-           "outcome_callout"]  # fmt: skip
+__all__ = ["ADAPTERS_GIVEN", "ALERT_PREFIX", "READY", "STARTING", "TRAINING", "Callout", "Callouts",
+           "alert_callout", "failure_callout", "outcome_callout"]  # fmt: skip
 
 Kind = Literal["danger", "warning", "success", "info"]
 _ORDER: dict[str, int] = {"danger": 0, "warning": 1, "success": 2, "info": 3}
@@ -56,6 +57,16 @@ def failure_callout(
     heading = title or _FAILURE_TITLES.get(reason, "The run failed")
     text = f"{error_type}: {message}" if error_type and error_type not in message else message
     return Callout("danger", heading, text, list(suggestions))
+
+
+ALERT_PREFIX = "alert:"
+"""Keys of the alerts' callouts: ``"alert:no_gradient"``, ... (cleared together when a new run starts)."""
+
+
+def alert_callout(alert: AlertRaised) -> Callout:
+    """An "is it training?" alert as a callout: its title (with the step), the evidence, the fix to try."""
+    seen = f" (step {alert.step})" if alert.step is not None else ""
+    return Callout(alert.severity, f"{alert.title}{seen}", alert.evidence, [alert.fix])
 
 
 def outcome_callout(
@@ -100,6 +111,11 @@ class Callouts:
         """Remove the callouts of ``keys`` (missing keys are fine)."""
         for key in keys:
             self._items.pop(key, None)
+
+    def clear_prefix(self, prefix: str) -> None:
+        """Remove every callout whose key starts with ``prefix`` (e.g. :data:`ALERT_PREFIX`)."""
+        for key in [k for k in self._items if k.startswith(prefix)]:
+            del self._items[key]
 
     def __contains__(self, key: object) -> bool:
         return key in self._items

@@ -6,10 +6,11 @@ run's ``metrics.jsonl``, a bridge to another trainer) and reads nothing from it 
 
     controls --configs--> Trainer ----+
                           Replay -----+--events--> RunSession --> RunRecord (History) --flush--> Charts, panel
-                          any source -+
+                          any source -+                                                          AdapterCharts
 
 Each job has its module in ``widget/``: loading (model, data), session (the run's task), record (what the
-events said), throttle (when to push), charts (the marks), readouts (progress, summary), callouts,
+events said), throttle (when to push), charts (the marks), adapter_charts (is LoRA learning? the heatmap of
+``||dW||/||W||``), readouts (progress, summary, sample answers), callouts (including the run's alerts),
 static_summary. This class wires them.
 
 Network: the event handler only records; a push happens at most once per ``flush_interval`` (1 s) and
@@ -29,6 +30,8 @@ from ipywidgets import Layout, VBox
 
 from lora_widgets.diagnosis import format_lr
 from lora_widgets.events import (
+    AdapterStats,
+    AlertRaised,
     DataPrepared,
     EvalMetrics,
     Event,
@@ -36,12 +39,14 @@ from lora_widgets.events import (
     RunEnded,
     RunSource,
     RunStarted,
+    SampleGenerations,
     StateChanged,
     StepMetrics,
 )
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, count_parameters, has_lora
 from lora_widgets.widget import attach, callouts, controls, loading, readouts
+from lora_widgets.widget.adapter_charts import AdapterCharts
 from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
 from lora_widgets.widget.data_view import DataView, data_facts
@@ -159,13 +164,15 @@ class LoRADashboard(VBox):
         self.charts = Charts(
             gpu=self._device_type == "cuda", points_per_line=self.max_points, max_markers=self.max_markers
         )
+        self.adapter_charts = AdapterCharts()
         self.panel.observe(self._on_controls, names=list(DashboardPanel.CONFIG_TRAITS))
         self.panel.observe(self._preview_params, names=_LORA_TRAITS)
         self.panel.observe(self._on_log_scale, names=["log_scale"])
         self.panel.observe(self._show_example, names=["data_index"])
         self._show_example()
         self.panel.on_msg(self._on_panel_msg)
-        super().__init__(children=[self.panel, self.charts.grid()], layout=Layout(width="100%"))
+        children = [self.panel, self.charts.grid(), self.adapter_charts.grid()]
+        super().__init__(children=children, layout=Layout(width="100%"))
         self.add_class("lw-dashboard")
         self._on_controls()
         self.panel.summary = readouts.idle_summary(
@@ -344,6 +351,8 @@ class LoRADashboard(VBox):
         self._flusher.reset(self.flush_interval)
         self._observed_lr = False  # until its RunStarted says whether its schedule can be previewed
         self.charts.clear_current()
+        self.adapter_charts.update(None)
+        self._callouts.clear_prefix(callouts.ALERT_PREFIX)
         self.charts.label_current(record.label)
         self.panel.run_label = record.label
         if record.train is not None:
@@ -355,6 +364,7 @@ class LoRADashboard(VBox):
             self.panel.summary = summary
             self.panel.state = "running"
             self.panel.progress = {"step": 0, "total": int(total or 0)}
+            self.panel.samples, self.panel.samples_note = [], ""
             self._callouts.clear("status")
             self._callouts.set("starting", callouts.STARTING)
             self._publish_callouts()
@@ -410,7 +420,10 @@ class LoRADashboard(VBox):
     # ------------------------------------------------------------------ events -> records (no sends)
     def _on_event(self, run: RunRecord, event: Event) -> None:
         """Session callback, after ``run`` recorded ``event``: ask for a flush; pushing is the flush's job."""
-        if isinstance(event, StepMetrics | EvalMetrics):
+        if isinstance(event, StepMetrics | EvalMetrics | AdapterStats | SampleGenerations):
+            self._flusher.request()
+        elif isinstance(event, AlertRaised):  # shown at the next flush, with the evidence that raised it
+            self._callouts.set(callouts.ALERT_PREFIX + event.key, callouts.alert_callout(event))
             self._flusher.request()
         elif isinstance(event, RunStarted):
             if not run.label:  # a run started elsewhere: named and previewed from its own settings
@@ -441,12 +454,16 @@ class LoRADashboard(VBox):
         self.charts.update(run.history)
         if self._observed_lr and (self._flusher.flushes % _LOGGED_LR_EVERY == 1 or run.result is not None):
             self.charts.set_schedule((run.history.step, run.history.lr))  # no preview: the logged rates
+        self.adapter_charts.update(
+            run.adapter_stats, self._flusher.clock()
+        )  # new statistics, every 10 s at most
         if run.history.last_step is not None and "starting" in self._callouts:
             self._callouts.clear("starting")
             self._callouts.set("status", callouts.TRAINING)
         with self.panel.hold_sync():
             self.panel.progress = readouts.progress_of(run.history)
             self.panel.summary = readouts.summary_of(self.panel.summary, run.history)
+            self.panel.samples, self.panel.samples_note = readouts.samples_of(run.samples)
             self._publish_callouts()
 
     def _end_run(self, run: RunRecord) -> None:
@@ -454,6 +471,9 @@ class LoRADashboard(VBox):
         ended = run.result
         assert ended is not None  # the session records a terminal event before calling this
         self._flusher.flush_now()
+        self.adapter_charts.update(
+            run.adapter_stats
+        )  # the run's last statistics, whenever the last redraw was
         summary = {**self.panel.summary, **readouts.adapter_summary(ended.adapter_path)}
         self._callouts.clear("starting")
         self._callouts.set(
@@ -518,3 +538,7 @@ class LoRADashboard(VBox):
     def static_summary_svg(self) -> str:
         """The last run's loss curve as a standalone SVG."""
         return self._static.svg()
+
+    def static_summary_heatmap_svg(self) -> str:
+        """The last run's last ``||dW||/||W||`` heatmap as a standalone SVG (empty without adapter statistics)."""
+        return self._static.heatmap_svg()

@@ -80,6 +80,14 @@ class DashboardPanel(_ControlTraits):
         help="The settings of an attached trainer (its TrainingArguments, flat name -> JSON value, 'trainer' "
         "its class name), shown read-only as a table: it owns them. Empty for the dashboard's own runs."
     ).tag(sync=True)
+    samples = t.List(
+        t.Dict(),
+        help="The last sample answers: one {prompt, base, current, base_ended, current_ended, step} per prompt "
+        "(*_ended: whether the answer ended with the end-of-turn token; null when unknown).",
+    ).tag(sync=True)
+    samples_note = t.Unicode("", help="What the sample answers cost: prompts, tokens, seconds.").tag(
+        sync=True
+    )
 
     CONFIG_TRAITS: ClassVar[tuple[str, ...]] = controls.CONTROL_NAMES
     """The control traits, in display order (the names of ``controls.CONTROLS``)."""

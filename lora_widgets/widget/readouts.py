@@ -8,6 +8,7 @@ the settings (:func:`schedule_preview`); during a run both follow the run's even
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ import numpy as np
 from torch import nn
 
 from lora_widgets.devices import describe_device, format_bytes
+from lora_widgets.events import SampleGenerations
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, count_parameters
 from lora_widgets.schedules import lr_schedule, steps_per_epoch, total_steps
@@ -28,6 +30,7 @@ __all__ = [
     "planned_params",
     "planned_total_steps",
     "progress_of",
+    "samples_of",
     "schedule_note",
     "schedule_preview",
     "summary_of",
@@ -228,3 +231,18 @@ def schedule_note(config: Mapping[str, Any]) -> str | None:
         + (" with lr_scheduler_kwargs" if config.get("lr_scheduler_kwargs") else "")
         + " is not previewed here: the chart shows the rates the trainer logs."
     )
+
+
+def samples_of(record: SampleGenerations | None) -> tuple[list[dict[str, Any]], str]:
+    """The panel's ``samples`` (one dict per prompt, with the step) and ``samples_note`` (what they cost)."""
+    if record is None:
+        return [], ""
+    rows = [{**dataclasses.asdict(pair), "step": record.step} for pair in record.samples]
+    seconds = record.base_seconds + record.current_seconds
+    n = len(record.samples)
+    base = "base answers reused" if record.base_reused else "base and current generated"
+    note = (
+        f"{n} prompt{'s' if n != 1 else ''}, up to {record.max_new_tokens} new tokens each, greedy; {base} in "
+        f"{seconds:.2f} s at step {record.step}"
+    )
+    return rows, note

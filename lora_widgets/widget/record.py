@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_widgets.events import Event, RunEnded, RunSource
+from lora_widgets.events import AdapterStats, AlertRaised, Event, RunEnded, RunSource, SampleGenerations
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig
 
@@ -25,7 +25,8 @@ class RunRecord:
     ``lora``/``train`` are the settings it was started with (``None`` for a run the dashboard did not start,
     such as a replay: its settings are in ``history.started.config``). ``source`` is the
     :class:`~lora_widgets.events.RunSource` that produced the events (a :class:`~lora_widgets.Trainer`, a
-    :class:`~lora_widgets.events.Replay`, ...). ``history`` holds every event recorded so far.
+    :class:`~lora_widgets.events.Replay`, ...). ``history`` holds every event recorded so far; what shows whether
+    the adapters learn is kept beside it: the last ``adapter_stats`` and ``samples``, and every alert.
     """
 
     index: int
@@ -35,10 +36,20 @@ class RunRecord:
     source: RunSource | None = None
     history: History = field(default_factory=History, repr=False)
     overlaid: bool = field(default=False, repr=False)
+    adapter_stats: AdapterStats | None = field(default=None, repr=False)
+    samples: SampleGenerations | None = field(default=None, repr=False)
+    alerts: list[AlertRaised] = field(default_factory=list, repr=False)
 
     def record(self, event: Event) -> None:
-        """Record one event of the run (into :attr:`history`)."""
-        self.history.record(event)
+        """Record one event of the run (into :attr:`history`, or the adapter statistics, samples and alerts)."""
+        if isinstance(event, AdapterStats):
+            self.adapter_stats = event
+        elif isinstance(event, SampleGenerations):
+            self.samples = event
+        elif isinstance(event, AlertRaised):
+            self.alerts.append(event)
+        else:
+            self.history.record(event)
 
     @property
     def trainer(self) -> RunSource | None:

@@ -1,8 +1,10 @@
-"""What a saved notebook shows where widgets do not render: a table of runs and the loss curve as SVG.
+"""What a saved notebook shows where widgets do not render: a table of runs, the loss curve, is LoRA learning.
 
 GitHub, nbconvert HTML and nbval keep a cell's outputs but not live widgets, so when a run ends the
-dashboard writes these beside itself (an HTML table and a standalone SVG, no matplotlib needed).
-It reads plain :class:`~lora_widgets.widget.record.RunRecord` objects, never the dashboard.
+dashboard writes these beside itself (an HTML table, then standalone SVGs, no matplotlib needed): the runs'
+outcomes with the last run's alerts and sample answers, its loss curve, and the heatmap of its last adapter
+statistics (``||dW||/||W||`` by layer and module). It reads plain
+:class:`~lora_widgets.widget.record.RunRecord` objects, never the dashboard.
 """
 
 from __future__ import annotations
@@ -16,12 +18,22 @@ from typing import Any
 import numpy as np
 from IPython.display import display, update_display
 
+from lora_widgets.events import AdapterStats
 from lora_widgets.history import decimate_indices
+from lora_widgets.widget.adapter_charts import HEATMAP_COLORS, NULL_COLOR, heatmap_of
 from lora_widgets.widget.charts import RAW_COLOR, SMOOTH_COLOR, VAL_COLOR
 from lora_widgets.widget.data_view import facts_rows
 from lora_widgets.widget.record import RunRecord
 
-__all__ = ["StaticSummary", "data_table_html", "loss_curve_svg", "run_curve_svg", "summary_table_html"]
+__all__ = [
+    "StaticSummary",
+    "adapter_heatmap_svg",
+    "data_table_html",
+    "learning_html",
+    "loss_curve_svg",
+    "run_curve_svg",
+    "summary_table_html",
+]
 
 SVG_POINTS = 600
 """Points of the static loss curve (a 640-pixel-wide image)."""
@@ -163,6 +175,83 @@ def loss_curve_svg(
     return "".join(parts)
 
 
+def _blend(value: float, top: float) -> str:
+    """The heatmap's colour of ``value`` on a linear scale from 0 to ``top`` (light to dark blue)."""
+    if not math.isfinite(value):
+        return NULL_COLOR
+    t = min(max(value / top, 0.0), 1.0) * (len(HEATMAP_COLORS) - 1) if top > 0 else 0.0
+    i = min(int(t), len(HEATMAP_COLORS) - 2)
+    a = [int(HEATMAP_COLORS[i][j : j + 2], 16) for j in (1, 3, 5)]  # RGB of the stops around t
+    b = [int(HEATMAP_COLORS[i + 1][j : j + 2], 16) for j in (1, 3, 5)]
+    f = t - i
+    return "#" + "".join(f"{round(x + (y - x) * f):02x}" for x, y in zip(a, b, strict=True))
+
+
+def adapter_heatmap_svg(stats: AdapterStats | None, cell: int = 34) -> str:
+    """``||dW||/||W||`` of every adapter as a small standalone SVG: rows are layers, columns module kinds (as
+    the dashboard's heatmap; grey: not adapted), with each value written in its cell. Empty text without stats."""
+    if stats is None or not stats.layers:
+        return ""
+    hm = heatmap_of(stats)
+    left, top, cw = 48, 40, max(cell, 8 + 7 * max(len(c) for c in hm.columns))
+    width, height = max(320, left + cw * len(hm.columns) + 12), top + cell * len(hm.rows) + 30
+    finite = hm.values[np.isfinite(hm.values)]
+    peak = float(finite.max()) if finite.size else 0.0
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="10">',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+        f'<text x="8" y="16" font-size="13" font-weight="bold">||ΔW|| / ||W|| per adapter, step {stats.step}</text>',
+        f'<text x="8" y="30">white: unchanged; darkest: {_fmt(peak)}</text>',
+    ]
+    for j, name in enumerate(hm.columns):
+        parts.append(
+            f'<text x="{left + cw * j + cw / 2:.0f}" y="{height - 12}" text-anchor="middle">{html.escape(name)}</text>'
+        )
+    for i, row in enumerate(hm.rows):
+        y = top + cell * i
+        parts.append(
+            f'<text x="{left - 6}" y="{y + cell / 2 + 4:.0f}" text-anchor="end">layer {html.escape(row)}</text>'
+        )
+        for j in range(len(hm.columns)):
+            v = float(hm.values[i, j])
+            fill = _blend(v, peak)
+            ink = "white" if math.isfinite(v) and peak > 0 and v / peak > 0.55 else "#222"
+            parts.append(
+                f'<rect x="{left + cw * j}" y="{y}" width="{cw - 1}" height="{cell - 1}" fill="{fill}"/>'
+            )
+            if math.isfinite(v):
+                parts.append(f'<text x="{left + cw * j + cw / 2:.0f}" y="{y + cell / 2 + 3:.0f}" '
+                             f'text-anchor="middle" fill="{ink}">{v:.1e}</text>')  # fmt: skip
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def learning_html(run: RunRecord | None) -> str:
+    """The run's alerts (title, evidence, fix) and its last sample answers (prompt, base, current) as HTML."""
+    if run is None:
+        return ""
+    out = []
+    for a in run.alerts:
+        out.append(
+            f"<p class='lora-alert lora-alert-{a.severity}'><b>{html.escape(a.title)}</b> (step {a.step}): "
+            f"{html.escape(a.evidence)} <i>Fix:</i> {html.escape(a.fix)}</p>"
+        )
+    if run.samples is not None:
+        mark = {True: " ✓", False: " ✗", None: ""}
+        left = "style='text-align:left;vertical-align:top'"
+        rows = "".join(
+            f"<tr><td {left}><code>{html.escape(p.prompt)}</code></td><td {left}><code>{html.escape(p.base)}</code>"
+            f"{mark[p.base_ended]}</td><td {left}><code>{html.escape(p.current)}</code>{mark[p.current_ended]}</td></tr>"
+            for p in run.samples.samples
+        )
+        out.append(
+            f"<table class='lora-samples'><tr><th {left}>prompt</th><th {left}>base model</th><th {left}>current "
+            f"adapter @ step {run.samples.step}</th></tr>{rows}</table>"
+        )
+    return "".join(out)
+
+
 def run_curve_svg(run: RunRecord | None) -> str:
     """The loss curve of one run (raw, smoothed, validation) as a standalone SVG."""
     if run is None:
@@ -190,11 +279,18 @@ class StaticSummary:
         self._runs = runs
         self._summary = summary
         self._data = data
-        self._ids: tuple[str, str] | None = None
+        self._ids: tuple[str, str, str] | None = None
 
     def html(self) -> str:
-        """The table of every run."""
-        return summary_table_html(self._runs(), self._summary(), self._data() if self._data else None)
+        """The table of every run (and the data's facts), then the last run's alerts and sample answers."""
+        runs = self._runs()
+        table = summary_table_html(runs, self._summary(), self._data() if self._data else None)
+        return table + learning_html(runs[-1] if runs else None)
+
+    def heatmap_svg(self) -> str:
+        """The heatmap of the last run's last adapter statistics (empty without them)."""
+        runs = self._runs()
+        return adapter_heatmap_svg(runs[-1].adapter_stats if runs else None)
 
     def svg(self) -> str:
         """The last run's loss curve."""
@@ -205,7 +301,7 @@ class StaticSummary:
         """Display the placeholders (once per display of the widget), filled if a run already ended."""
         if self._ids is None:
             stamp = f"{id(owner):x}-{time.time_ns():x}"
-            self._ids = (f"lora-dash-table-{stamp}", f"lora-dash-svg-{stamp}")
+            self._ids = (f"lora-dash-table-{stamp}", f"lora-dash-svg-{stamp}", f"lora-dash-heatmap-{stamp}")
         for display_id in self._ids:
             display({"text/plain": ""}, raw=True, display_id=display_id)
         if any(r.result is not None for r in self._runs()):
@@ -216,7 +312,7 @@ class StaticSummary:
         runs = self._runs()
         if self._ids is None or not runs:
             return
-        table_id, svg_id = self._ids
+        table_id, svg_id, heatmap_id = self._ids
         text = "; ".join(
             f"{r.label}: {r.result.kind if r.result else 'running'}, final loss "
             f"{'–' if r.final_loss is None else f'{r.final_loss:.4f}'}"
@@ -224,3 +320,7 @@ class StaticSummary:
         )
         update_display({"text/html": self.html(), "text/plain": text}, raw=True, display_id=table_id)
         update_display({"image/svg+xml": self.svg(), "text/plain": "loss curve"}, raw=True, display_id=svg_id)
+        heatmap = self.heatmap_svg()
+        if heatmap:
+            data = {"image/svg+xml": heatmap, "text/plain": "adapter update heatmap"}
+            update_display(data, raw=True, display_id=heatmap_id)

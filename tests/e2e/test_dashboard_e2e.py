@@ -2,12 +2,15 @@
 
 One scripted session: open a notebook, build a LoRADashboard on the shipped model, click Train, see the
 loss line and the progress advance, execute another cell while it trains (timed against the same cell
-when idle), pause and resume, click Stop and see 'stopped' within seconds, start a second, shorter run that finishes with
-the first one overlaid, open the MemoryPlanner, and check the browser console stayed clean. A second, shorter
+when idle), pause and resume, click Stop and see 'stopped' within seconds, start a second, shorter run on all
+linear layers that finishes with the first one overlaid, its adapter heatmap filled in and sample answers shown
+(a click on a cell shows that adapter's spectrum), open the MemoryPlanner, and check the browser console stayed
+clean. A second, shorter
 session does the same core (render, Train, progress, Stop) in Notebook 7's interface.
 
 Screenshots go to a temporary directory; with ``LORA_WIDGETS_SCREENSHOT_DIR`` set they are also written
-there, the finished run is copied to ``docs/img/dashboard.png`` and the timings to ``e2e_timings.json``.
+there, the finished run is copied to ``docs/img/dashboard.png`` (and its "is LoRA learning?" part, samples to
+heatmap, to ``docs/img/dashboard_learning.png``) and the timings to ``e2e_timings.json``.
 """
 
 from __future__ import annotations
@@ -174,7 +177,7 @@ def _session(
     train.wait_for(state="visible", timeout=120_000)
     page.wait_for_function("() => !document.querySelector('.lw-dash .lw-train').disabled", timeout=30_000)
     assert status(page) == "idle"
-    assert page.locator(".lw-dashboard .bqplot").count() == 4  # loss, LR, memory, throughput
+    assert page.locator(".lw-dashboard .bqplot").count() == 6  # loss, LR, memory, throughput, heatmap, detail
     idle = [timed_trivial_cell(page, k) for k in range(3)]
     shoot(page, "01-idle.png", shots)
 
@@ -228,7 +231,7 @@ def _session(
 
     # --- a second, shorter run that finishes, overlaid on the first -------------------------------
     steps2 = 250 if keep_dir else 40
-    for name, value in (("max_steps", steps2), ("rank", 4)):
+    for name, value in (("max_steps", steps2), ("rank", 4), ("target_modules", "all-linear")):
         box = page.locator(f".lw-dash input[name={name}]")
         box.fill(str(value))
         box.dispatch_event("change")
@@ -243,10 +246,12 @@ def _session(
     assert page.locator(".lw-dash .lw-callout.lw-success").count() == 1
     page.wait_for_timeout(300)  # let the last flush paint
     finished = shoot(page, "03-finished.png", shots, element=_cell(page, 0).locator(".jp-OutputArea").first)
+    learning = _is_lora_learning(page, shots)
     if keep_dir:
         target = ROOT / "docs" / "img" / "dashboard.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(finished, target)
+        shutil.copyfile(learning, target.parent / "dashboard_learning.png")
 
     # --- the memory planner renders too --------------------------------------------------------------
     run_cell(page, 2)
@@ -268,6 +273,48 @@ def _session(
     noise = [e for e in console_errors if KNOWN_NOISE in e]
     other = [e for e in console_errors if KNOWN_NOISE not in e]
     assert len(noise) <= 2 and other == [], console_errors
+
+
+def _is_lora_learning(page: Any, shots: Path) -> Path:
+    """The finished all-linear run: sample answers in the panel, a filled 4 x 7 heatmap, a cell's detail on click.
+    Returns a screenshot from the samples down to the heatmap."""
+    samples = page.locator(".lw-dash .lw-samples tr.lw-sample")
+    assert samples.count() == 2, samples.count()  # the first 16 tokens of two validation blocks
+    assert "current adapter @ step" in page.locator(".lw-dash .lw-samples th").nth(2).inner_text()
+    assert page.locator(".lw-dash .lw-samples-note").inner_text().startswith("2 prompts")
+    cells = page.locator(".lw-dashboard .heatmapcell")
+    assert cells.count() == 4 * 7, cells.count()  # 4 blocks x q, k, v, o, gate, up, down
+    fills = page.evaluate(
+        "() => [...document.querySelectorAll('.lw-dashboard .heatmapcell')].map(c => c.style.fill)"
+    )
+    assert len(set(fills)) > 3, fills  # coloured by value, not one flat colour
+    heatmap = page.locator(".lw-dashboard .bqplot").nth(4)
+    assert "per adapter, step" in heatmap.inner_text()
+    detail = page.locator(".lw-dashboard .bqplot").nth(5)
+    cells.nth(7).click()  # layer 1, q_proj
+    page.wait_for_function(
+        "() => /layer 1 q_proj/.test(document.querySelectorAll('.lw-dashboard .bqplot')[5].textContent)",
+        timeout=10_000,
+    )
+    assert (
+        detail.locator("rect.bargroup, .bargroup rect, rect.bar").count() >= 1 or "σ_i" in detail.inner_text()
+    )
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(300)
+    top = page.locator(".lw-dash .lw-samples").bounding_box()
+    bottom = detail.bounding_box()
+    assert top is not None and bottom is not None
+    left = page.locator(".lw-dashboard").first.bounding_box()
+    assert left is not None
+    path = shots / "05-is-lora-learning.png"
+    clip = {
+        "x": left["x"],
+        "y": top["y"] - 6,
+        "width": left["width"],
+        "height": bottom["y"] + bottom["height"] - top["y"] + 12,
+    }
+    page.screenshot(path=str(path), clip=clip, full_page=True)
+    return path
 
 
 def run_first_cell_when_connected(page: Any, timeout_s: float = 90.0) -> None:
@@ -305,7 +352,7 @@ def test_dashboard_trains_and_stops_in_notebook7(
         run_first_cell_when_connected(page)
         page.locator(".lw-dash .lw-train").wait_for(state="visible", timeout=120_000)
         page.wait_for_function("() => !document.querySelector('.lw-dash .lw-train').disabled", timeout=30_000)
-        assert page.locator(".lw-dashboard .bqplot").count() == 4
+        assert page.locator(".lw-dashboard .bqplot").count() == 6
         page.locator(".lw-dash .lw-train").click()
         page.wait_for_function(
             "() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) >= 5", timeout=60_000

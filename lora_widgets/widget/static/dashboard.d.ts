@@ -90,6 +90,16 @@ export interface DataViewPayload {
   tokens?: Array<[string, boolean]>; // [text, trained], at most data_view.MAX_TOKENS
 }
 
+/** One prompt's greedy answers (lora_widgets.events.SamplePair, with the step they were generated at). */
+export interface SamplePair {
+  prompt: string;
+  base: string; // the base model's answer (adapters off)
+  current: string; // the current adapter's answer
+  base_ended: boolean | null; // ended with the end-of-turn token; null when unknown (plain text)
+  current_ended: boolean | null;
+  step: number;
+}
+
 export interface DashboardModel {
   // controls: what to render, from Python; then one trait per control, named by ControlSpec.name
   // (number for int/float, string for text/select). The names are not repeated here: the table in
@@ -108,6 +118,8 @@ export interface DashboardModel {
   data_index: number; // which example the data view shows (0-based); the buttons set it
   // an attached trainer's settings (TrainingArguments names), read-only; {} for the dashboard's own runs
   attached_settings: Record<string, unknown> & { trainer?: string };
+  samples: SamplePair[]; // the last sample answers, one per prompt ([] before the first)
+  samples_note: string; // what they cost
 }
 
 export type DashboardMessage = { type: "train" } | { type: "pause" } | { type: "resume" } | { type: "stop" };

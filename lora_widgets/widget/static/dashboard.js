@@ -1,4 +1,4 @@
-// LoRADashboard panel: controls, Train/Pause/Stop, status, progress, callouts, summary.
+// LoRADashboard panel: controls, Train/Pause/Stop, status, progress, callouts, summary, sample answers.
 // A plain ES module for anywidget (no build step, no dependencies). All state lives in the Python
 // model's traits (see panel.py and dashboard.d.ts); buttons send {type: "train" | "pause" |
 // "resume" | "stop"} messages that Python handles. Text is always set with textContent (never
@@ -13,6 +13,7 @@
 /** @typedef {import("./dashboard").ControlSpec} ControlSpec */
 /** @typedef {import("./dashboard").DataFacts} DataFacts */
 /** @typedef {import("./dashboard").DataViewPayload} DataViewPayload */
+/** @typedef {import("./dashboard").SamplePair} SamplePair */
 
 const IDLE_STATES = ["idle", "stopped", "finished", "failed"];
 
@@ -130,6 +131,28 @@ function tokenSpans(tokens) {
   );
 }
 
+/**
+ * One answer's cell: the text, then ✓ or ✗ when it is known whether the answer ended with the end-of-turn
+ * token (chat data); nothing when it is not known (plain text).
+ * @param {string} text
+ * @param {boolean | null | undefined} ended
+ * @param {string} cls
+ * @returns {HTMLTableCellElement}
+ */
+function answerCell(text, ended, cls) {
+  const cell = h("td", { class: `lw-sample-text ${cls}` }, [h("span", { text: text || "" })]);
+  if (ended === true || ended === false) {
+    cell.appendChild(
+      h("span", {
+        class: ended ? "lw-ended lw-ended-yes" : "lw-ended lw-ended-no",
+        text: ended ? " ✓" : " ✗",
+        title: ended ? "ended with the end-of-turn token" : "did not end with the end-of-turn token (cut at the token limit)",
+      }),
+    );
+  }
+  return /** @type {HTMLTableCellElement} */ (cell);
+}
+
 /** @type {import("@anywidget/types").Render<Model>} */
 function render({ model, el }) {
   let pending = false; // a Train click was sent and Python has not answered yet
@@ -206,6 +229,9 @@ function render({ model, el }) {
   side.appendChild(callouts);
   const summary = h("table", { class: "lw-summary" });
   side.appendChild(summary);
+  // sample answers, full width under the body: prompt | base model | current adapter @ step
+  const samplesBox = h("div", { class: "lw-samples" });
+  root.appendChild(samplesBox);
 
   // --- data view: facts, and one example with its trained tokens (data_view / data_index traits) ----
   const dataFacts = h("table", { class: "lw-data-facts" });
@@ -363,6 +389,33 @@ function render({ model, el }) {
     model.save_changes();
   }
 
+  function renderSamples() {
+    /** @type {SamplePair[]} */
+    const list = model.get("samples") || [];
+    samplesBox.hidden = list.length === 0;
+    if (list.length === 0) {
+      samplesBox.replaceChildren();
+      return;
+    }
+    const head = h("tr", {}, [
+      h("th", { text: "prompt" }),
+      h("th", { text: "base model" }),
+      h("th", { text: `current adapter @ step ${count(list[0].step)}` }),
+    ]);
+    const rows = list.map((s) =>
+      h("tr", { class: "lw-sample" }, [
+        h("td", { class: "lw-sample-text lw-sample-prompt", text: s.prompt || "" }),
+        answerCell(s.base, s.base_ended, "lw-sample-base"),
+        answerCell(s.current, s.current_ended, "lw-sample-current"),
+      ]),
+    );
+    samplesBox.replaceChildren(
+      h("div", { class: "lw-samples-title", text: "What the model says now (greedy)" }),
+      h("table", { class: "lw-samples-table" }, [h("thead", {}, [head]), h("tbody", {}, rows)]),
+      h("div", { class: "lw-samples-note", text: model.get("samples_note") || "" }),
+    );
+  }
+
   // --- events ----------------------------------------------------------------------------------
   trainBtn.addEventListener("click", () => {
     if (trainBtn.disabled || pending) return; // a double click sends one message
@@ -412,6 +465,8 @@ function render({ model, el }) {
     ["change:log_scale", renderButtons],
     ["change:data_view", renderData],
     ["change:attached_settings", renderSettings],
+    ["change:samples", renderSamples],
+    ["change:samples_note", renderSamples],
   ];
   for (const spec of specs) listeners.push([`change:${spec.name}`, renderControls]);
   for (const [name, fn] of listeners) model.on(name, fn);
@@ -423,6 +478,7 @@ function render({ model, el }) {
   renderSummary();
   renderData();
   renderSettings();
+  renderSamples();
 
   return () => {
     for (const [name, fn] of listeners) model.off(name, fn);
