@@ -50,8 +50,8 @@ _EXPORTS: dict[str, str] = {
     "DataPrepared": "events",
     "event_from_dict": "events",
     "RunSource": "events",
-    "Replay": "events",
-    "read_events": "events",
+    "Replay": "replay",
+    "read_events": "replay",
     # adapter statistics, "is it training?" alerts, sample generations (issue 14)
     "AdapterStats": "events",
     "AdapterLayerStats": "events",
@@ -119,7 +119,6 @@ if TYPE_CHECKING:
     from lora_widgets.events import (
         CheckpointSaved,
         EvalMetrics,
-        Replay,
         RunFailed,
         RunFinished,
         RunStarted,
@@ -127,7 +126,6 @@ if TYPE_CHECKING:
         StateChanged,
         StepMetrics,
         event_from_dict,
-        read_events,
     )
     from lora_widgets.lora import (
         LoRALinear,
@@ -149,6 +147,7 @@ if TYPE_CHECKING:
     from lora_widgets.memory_estimate import MemoryEstimate, estimate_memory
     from lora_widgets.memory_measure import MemoryMeasurement, measure_memory
     from lora_widgets.peft_format import load_adapter, lora_state_dict, save_adapter
+    from lora_widgets.replay import Replay, read_events
 
 
 def __getattr__(name: str) -> Any:

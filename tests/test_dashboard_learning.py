@@ -23,8 +23,8 @@ from lora_widgets.events import (
     RunStarted,
     SampleGenerations,
     StepMetrics,
-    read_events,
 )
+from lora_widgets.replay import read_events
 from lora_widgets.training.trainer import Trainer
 from lora_widgets.widget.adapter_charts import heatmap_of
 from lora_widgets.widget.static_summary import adapter_heatmap_svg

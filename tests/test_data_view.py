@@ -11,8 +11,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from lora_widgets.demo import BASE_MODEL_PATH
-from lora_widgets.events import DataPrepared, Replay, RunFinished
+from lora_widgets.events import DataPrepared, RunFinished
 from lora_widgets.lora import LoRAConfig
+from lora_widgets.replay import Replay
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.widget import loading
 from lora_widgets.widget.dashboard import LoRADashboard

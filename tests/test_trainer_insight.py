@@ -26,9 +26,9 @@ from lora_widgets.events import (
     RunFinished,
     SampleGenerations,
     event_from_dict,
-    read_events,
 )
 from lora_widgets.lora import LoRAConfig, lora_layers
+from lora_widgets.replay import read_events
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.training.insight import PROMPT_TOKENS, Insight, end_of_turn_id
 from lora_widgets.training.trainer import Trainer

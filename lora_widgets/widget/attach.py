@@ -20,7 +20,7 @@ import torch
 
 from lora_widgets.events import RunSource
 from lora_widgets.widget.callouts import Callout, Callouts
-from lora_widgets.widget.loading import is_hf_trainer
+from lora_widgets.widget.loading import Loaded, is_hf_trainer
 from lora_widgets.widget.readouts import schedule_note, schedule_preview
 
 __all__ = [
@@ -151,7 +151,7 @@ def show_source(source: Any, panel: Any, callouts: Callouts, charts: Any) -> boo
     """Show what a source that describes its settings says before it runs: the settings (``panel``'s
     ``attached_settings``), its logging advice and learning-rate note (``callouts``), and its schedule on the
     learning-rate chart (cleared when it cannot be previewed). Returns False, showing nothing, for a source
-    that describes no settings (a :class:`~lora_widgets.events.Replay`, our own ``Trainer``)."""
+    that describes no settings (a :class:`~lora_widgets.replay.Replay`, our own ``Trainer``)."""
     settings = settings_of(source)
     if not settings:
         return False
@@ -161,3 +161,9 @@ def show_source(source: Any, panel: Any, callouts: Callouts, charts: Any) -> boo
     preview = schedule_preview(settings, total_steps_of(source))
     charts.set_schedule(preview if preview is not None else ([], []))
     return True
+
+
+def loaded_of(source: Any) -> Loaded:
+    """What the dashboard works on for an attached trainer: its model, and no data of our own."""
+    model = model_of(source)
+    return Loaded(model, None, True, device_type_of(model))

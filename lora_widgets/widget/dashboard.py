@@ -1,7 +1,7 @@
 """``LoRADashboard``: controls, Train/Pause/Stop, progress, summary and live charts for a LoRA fine-tune.
 
 The dashboard is a view of an event stream. It drives any :class:`~lora_widgets.events.RunSource` (the
-:class:`~lora_widgets.Trainer` its Train button builds, a :class:`~lora_widgets.events.Replay` of a finished
+:class:`~lora_widgets.Trainer` its Train button builds, a :class:`~lora_widgets.replay.Replay` of a finished
 run's ``metrics.jsonl``, a bridge to another trainer) and reads nothing from it but its typed events::
 
     controls --configs--> Trainer ----+
@@ -28,14 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from ipywidgets import Layout, VBox
 
-from lora_widgets.diagnosis import format_lr
 from lora_widgets.events import (
     AdapterStats,
     AlertRaised,
     DataPrepared,
     EvalMetrics,
     Event,
-    Replay,
     RunEnded,
     RunSource,
     RunStarted,
@@ -44,19 +42,19 @@ from lora_widgets.events import (
     StepMetrics,
 )
 from lora_widgets.history import History
-from lora_widgets.lora import LoRAConfig, count_parameters, has_lora
+from lora_widgets.lora import LoRAConfig, count_parameters
+from lora_widgets.replay import Replay
 from lora_widgets.widget import attach, callouts, controls, loading, readouts
 from lora_widgets.widget.adapter_charts import AdapterCharts
 from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
 from lora_widgets.widget.data_view import DataView, data_facts
-from lora_widgets.widget.labels import label_from_started, run_label
+from lora_widgets.widget.labels import label_from_started
 from lora_widgets.widget.panel import DashboardPanel, validate_settings
 from lora_widgets.widget.record import RunRecord
-from lora_widgets.widget.session import RunSession
-from lora_widgets.widget.static_summary import StaticSummary
+from lora_widgets.widget.session import RunSession, new_trainer_run, running_loop
+from lora_widgets.widget.static_summary import StaticSummary, StaticSummaryViews
 from lora_widgets.widget.throttle import FlushScheduler
-from lora_widgets.widget.view import publish_view
 
 if TYPE_CHECKING:
     from lora_widgets.train_config import TrainConfig
@@ -70,7 +68,7 @@ _LORA_TRAITS = ["rank", "alpha", "dropout", "target_modules"]
 _LOGGED_LR_EVERY = 5  # flushes between redraws of a logged LR line (it moves slowly; its marker every flush)
 
 
-class LoRADashboard(VBox):
+class LoRADashboard(VBox, StaticSummaryViews):
     """Train a LoRA adapter live in a notebook: controls, Train/Pause/Stop, progress, summary, charts.
 
     Args:
@@ -131,25 +129,16 @@ class LoRADashboard(VBox):
         self._lora0 = lora
         self._train0: Any = train
         self._observed_lr = False  # the current run's schedule is not previewed: draw its logged rates
-        if self._attached is not None:  # the trainer owns its model, data and settings
-            self.model, self.tokenizer = attach.model_of(self._attached), None
-            self._adapters_given = True
-            self._device_type = attach.device_type_of(self.model)
-            self._data: tuple[Any, Any] = (None, None)
-            self._n_train_blocks: int | None = None
-            self._data_view: DataView | None = None  # the attached trainer's DataPrepared facts only
-        else:
-            self.model, self.tokenizer = loading.load_model(model, tokenizer, train_data)
-            self._adapters_given = has_lora(self.model)  # trained as they are (Trainer(lora=None))
-            self._train_source = "python-docs" if train_data is None else train_data
-            self._eval_source = eval_data
-            self._device_type = loading.guess_device_type(train)
-            # bad data raises here, naming the problem, before anything is shown
-            self._data = loading.prepare_blocks(self._train_source, eval_data, self.tokenizer, train)
-            self._n_train_blocks = int(self._data[0].shape[0])
-            self._data_view = DataView(
-                self._data[0], self.tokenizer, data_facts(loading.data_event(self._data, train))
-            )
+        # the model, the prepared data and its view (an attached trainer owns its model, data and settings)
+        loaded = (
+            attach.loaded_of(self._attached)
+            if self._attached is not None
+            else loading.load(model, tokenizer, train_data, eval_data, train)
+        )
+        self.model, self.tokenizer, self._data = loaded.model, loaded.tokenizer, loaded.data
+        self._adapters_given, self._device_type = loaded.adapters_given, loaded.device_type
+        self._n_train_blocks: int | None = loaded.n_train_blocks
+        self._data_view: DataView | None = loaded.data_view
 
         self._session = RunSession(self._on_event, self._end_run)
         self._flusher = FlushScheduler(lambda: self._flush(), self.flush_interval)
@@ -248,7 +237,7 @@ class LoRADashboard(VBox):
                 self._show_start_failure(exc)
                 raise
         try:
-            loop = self._running_loop()
+            loop = running_loop()
             if self.panel.errors:
                 problems = "; ".join(f"{k}: {v}" for k, v in self.panel.errors.items())
                 raise ValueError(f"invalid settings, fix them before training: {problems}")
@@ -269,7 +258,7 @@ class LoRADashboard(VBox):
 
     def watch(self, source: RunSource, label: str = "") -> asyncio.Task[RunEnded | None]:
         """Show a run that ``source`` produces (any :class:`~lora_widgets.events.RunSource`: a ``Trainer``
-        built in code, a :class:`~lora_widgets.events.Replay`, a bridge to another trainer) as this
+        built in code, a :class:`~lora_widgets.replay.Replay`, a bridge to another trainer) as this
         dashboard shows its own runs; the buttons steer it. Returns the task that awaits ``source.run()``.
 
         ``label`` names it in the legend (default: from its :class:`~lora_widgets.events.RunStarted`).
@@ -278,7 +267,7 @@ class LoRADashboard(VBox):
         if not isinstance(source, RunSource):
             raise TypeError(f"source must be a lora_widgets.events.RunSource, got {type(source).__name__}")
         self._session.check_idle()
-        loop = self._running_loop()
+        loop = running_loop()
         self._archive_previous_run()
         if attach.show_source(source, self.panel, self._callouts, self.charts):  # settings, advice, schedule
             self._publish_callouts()
@@ -290,7 +279,7 @@ class LoRADashboard(VBox):
         and summary end as they were at the end of the live run. ``interval`` seconds pass between two
         steps (0: as fast as the notebook allows). ``await`` the returned task, or ``dash.wait()``.
 
-        Same as ``dash.watch(lora_widgets.events.Replay(events, interval=interval))``.
+        Same as ``dash.watch(lora_widgets.replay.Replay(events, interval=interval))``.
         """
         return self.watch(Replay(events, interval=interval))
 
@@ -334,16 +323,6 @@ class LoRADashboard(VBox):
         raise ValueError(f"{run.label} was not trained here; its adapter was saved to {where or 'no path'}")
 
     # ------------------------------------------------------------------ run plumbing
-    @staticmethod
-    def _running_loop() -> asyncio.AbstractEventLoop:
-        try:
-            return asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                "start() needs a running asyncio loop, as in a Jupyter kernel; in a plain script use "
-                "asyncio.run(dash.run()) or the headless Trainer.run_sync()"
-            ) from None
-
     def _begin(
         self, record: RunRecord, loop: asyncio.AbstractEventLoop, total: int | None
     ) -> asyncio.Task[RunEnded | None]:
@@ -371,26 +350,12 @@ class LoRADashboard(VBox):
         return task
 
     def _build_run(self, lora: LoRAConfig, train: Any) -> RunRecord:
-        """The next run: the previous run's adapters removed, the memory pre-flight, a Trainer to drive."""
+        """The next run: the memory pre-flight (as a callout), then a Trainer to drive."""
         own = None if self._adapters_given else lora  # a model's own adapters train as they are
-        # The Trainer replaces adapters an earlier run made (they are saved in its run_dir), and puts them
-        # back if the new settings fail, so a bad setting never costs the user a trained adapter.
-        seq_len = int(self._data[0].shape[1])  # block size, or the longest padded length of the examples
-        self._callouts.put(
-            "preflight", loading.preflight_callout(self.model, own, train, self._device_type, seq_len)
-        )
-        factory = self._trainer_factory
-        if factory is None:
-            from lora_widgets.training.trainer import Trainer
-
-            factory = Trainer
-        trainer = factory(self.model, self.tokenizer, *self._data, lora=own, config=train)
-        index = len(self.runs) + 1
-        if own is None:
-            label = f"run {index}: model's adapters lr={format_lr(train.learning_rate)}"
-        else:
-            label = run_label(index, lora.r, lora.alpha, train.learning_rate, lora.target_modules)
-        return RunRecord(index, label, own, train, trainer)
+        self._callouts.put("preflight", loading.preflight_callout(self.model, own, train, self._device_type,
+                                                                  int(self._data[0].shape[1])))  # fmt: skip
+        return new_trainer_run(self.model, self.tokenizer, self._data, lora, own, train, len(self.runs) + 1,
+                               self._trainer_factory)  # fmt: skip
 
     def _preview_schedule(self, _source: Any, train: Any) -> None:
         """Draw the schedule the settings ``train`` give (from the config, with :mod:`lora_widgets.schedules`)."""
@@ -454,9 +419,7 @@ class LoRADashboard(VBox):
         self.charts.update(run.history)
         if self._observed_lr and (self._flusher.flushes % _LOGGED_LR_EVERY == 1 or run.result is not None):
             self.charts.set_schedule((run.history.step, run.history.lr))  # no preview: the logged rates
-        self.adapter_charts.update(
-            run.adapter_stats, self._flusher.clock()
-        )  # new statistics, every 10 s at most
+        self.adapter_charts.update(run.adapter_stats, self._flusher.clock())  # new statistics: 10 s at most
         if run.history.last_step is not None and "starting" in self._callouts:
             self._callouts.clear("starting")
             self._callouts.set("status", callouts.TRAINING)
@@ -524,21 +487,3 @@ class LoRADashboard(VBox):
 
     def _publish_callouts(self) -> None:
         self.panel.callouts = self._callouts.as_list()
-
-    # ------------------------------------------------------------------ static summary
-    def _ipython_display_(self) -> None:
-        """Show the widget, then placeholders that the static summary replaces when a run ends."""
-        publish_view(self)  # ipywidgets 7 (Colab's) has no _repr_mimebundle_; 8 has no _ipython_display_
-        self._static.show(self)
-
-    def static_summary_html(self) -> str:
-        """An HTML table of every run's outcome (what the saved notebook shows without widgets)."""
-        return self._static.html()
-
-    def static_summary_svg(self) -> str:
-        """The last run's loss curve as a standalone SVG."""
-        return self._static.svg()
-
-    def static_summary_heatmap_svg(self) -> str:
-        """The last run's last ``||dW||/||W||`` heatmap as a standalone SVG (empty without adapter statistics)."""
-        return self._static.heatmap_svg()

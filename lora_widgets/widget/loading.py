@@ -19,7 +19,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from lora_widgets.events import DataPrepared
-from lora_widgets.lora import LoRAConfig, count_parameters
+from lora_widgets.lora import LoRAConfig, count_parameters, has_lora
 from lora_widgets.widget.callouts import Callout
 
 __all__ = [
@@ -163,3 +163,33 @@ def preflight_callout(
     if result.fits:
         return None
     return Callout("warning", "This run may not fit in memory", result.message(), list(result.suggestions))
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What a dashboard works on: the model and tokenizer, the prepared data and its view, where it trains.
+
+    For an attached trainer (``LoRADashboard(trainer=...)``) the trainer owns model, data and settings: no
+    data is prepared here and the data view shows only the facts its ``DataPrepared`` event reports.
+    """
+
+    model: Any
+    tokenizer: Any
+    adapters_given: bool  # the model already carries adapters: trained as they are (Trainer(lora=None))
+    device_type: str
+    data: tuple[Any, Any] = (None, None)  # (train, eval) blocks or examples
+    n_train_blocks: int | None = None
+    data_view: Any = None  # a widget.data_view.DataView for our own data
+
+
+def load(model: Any, tokenizer: Any, train_data: Any, eval_data: Any, train: Any) -> Loaded:
+    """Load the model (or the shipped one) and prepare the data; bad data raises here, naming the problem,
+    before anything is shown."""
+    from lora_widgets.widget.data_view import DataView, data_facts
+
+    model, tokenizer = load_model(model, tokenizer, train_data)
+    source = "python-docs" if train_data is None else train_data
+    data = prepare_blocks(source, eval_data, tokenizer, train)
+    view = DataView(data[0], tokenizer, data_facts(data_event(data, train)))
+    adapters = has_lora(model)
+    return Loaded(model, tokenizer, adapters, guess_device_type(train), data, int(data[0].shape[0]), view)

@@ -25,7 +25,7 @@ class RunRecord:
     ``lora``/``train`` are the settings it was started with (``None`` for a run the dashboard did not start,
     such as a replay: its settings are in ``history.started.config``). ``source`` is the
     :class:`~lora_widgets.events.RunSource` that produced the events (a :class:`~lora_widgets.Trainer`, a
-    :class:`~lora_widgets.events.Replay`, ...). ``history`` holds every event recorded so far; what shows whether
+    :class:`~lora_widgets.replay.Replay`, ...). ``history`` holds every event recorded so far; what shows whether
     the adapters learn is kept beside it: the last ``adapter_stats`` and ``samples``, and every alert.
     """
 

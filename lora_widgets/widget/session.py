@@ -14,7 +14,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from lora_widgets.diagnosis import format_lr
 from lora_widgets.events import Event, RunEnded, RunFailed, RunSource, RunStopped
+from lora_widgets.widget.labels import run_label
 from lora_widgets.widget.record import RunRecord
 
 __all__ = ["RunSession"]
@@ -130,3 +132,42 @@ class RunSession:
         record = self.current
         if self.running and record is not None and record.source is not None:
             record.source.resume()
+
+
+def running_loop() -> asyncio.AbstractEventLoop:
+    """The running asyncio loop a run's task goes on (a Jupyter kernel's); a clear error without one."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            "start() needs a running asyncio loop, as in a Jupyter kernel; in a plain script use "
+            "asyncio.run(dash.run()) or the headless Trainer.run_sync()"
+        ) from None
+
+
+def new_trainer_run(
+    model: Any,
+    tokenizer: Any,
+    data: tuple[Any, Any],
+    lora: Any,
+    own: Any,
+    train: Any,
+    index: int,
+    factory: Any,
+) -> RunRecord:
+    """Run number ``index`` of our own :class:`~lora_widgets.Trainer` (``factory``: a stand-in class in tests).
+
+    ``own`` is the LoRA config the Trainer applies (``None``: the model's own adapters train as they are).
+    The Trainer replaces adapters an earlier run made (they are saved in its run_dir) and puts them back if
+    the new settings fail, so a bad setting never costs the user a trained adapter.
+    """
+    if factory is None:
+        from lora_widgets.training.trainer import Trainer
+
+        factory = Trainer
+    trainer = factory(model, tokenizer, *data, lora=own, config=train)
+    if own is None:
+        label = f"run {index}: model's adapters lr={format_lr(train.learning_rate)}"
+    else:
+        label = run_label(index, lora.r, lora.alpha, train.learning_rate, lora.target_modules)
+    return RunRecord(index, label, own, train, trainer)

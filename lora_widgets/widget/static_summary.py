@@ -24,9 +24,11 @@ from lora_widgets.widget.adapter_charts import HEATMAP_COLORS, NULL_COLOR, heatm
 from lora_widgets.widget.charts import RAW_COLOR, SMOOTH_COLOR, VAL_COLOR
 from lora_widgets.widget.data_view import facts_rows
 from lora_widgets.widget.record import RunRecord
+from lora_widgets.widget.view import publish_view
 
 __all__ = [
     "StaticSummary",
+    "StaticSummaryViews",
     "adapter_heatmap_svg",
     "data_table_html",
     "learning_html",
@@ -324,3 +326,27 @@ class StaticSummary:
         if heatmap:
             data = {"image/svg+xml": heatmap, "text/plain": "adapter update heatmap"}
             update_display(data, raw=True, display_id=heatmap_id)
+
+
+class StaticSummaryViews:
+    """What a saved notebook shows of a dashboard without widgets, as methods of the dashboard (it mixes
+    this in and sets ``_static``): displaying it writes placeholders that :class:`StaticSummary` fills."""
+
+    _static: StaticSummary
+
+    def _ipython_display_(self) -> None:
+        """Show the widget, then placeholders that the static summary replaces when a run ends."""
+        publish_view(self)  # ipywidgets 7 (Colab's) has no _repr_mimebundle_; 8 has no _ipython_display_
+        self._static.show(self)
+
+    def static_summary_html(self) -> str:
+        """An HTML table of every run's outcome (what the saved notebook shows without widgets)."""
+        return self._static.html()
+
+    def static_summary_svg(self) -> str:
+        """The last run's loss curve as a standalone SVG."""
+        return self._static.svg()
+
+    def static_summary_heatmap_svg(self) -> str:
+        """The last run's last ``||dW||/||W||`` heatmap as a standalone SVG (empty without adapter statistics)."""
+        return self._static.heatmap_svg()
