@@ -92,7 +92,14 @@ class Charts:
         self.points_per_line = points_per_line
         self.max_markers = max_markers
         self._sent: tuple[int, int] = (0, 0)  # (steps, evaluations) of the history last drawn
-        # --- loss ---------------------------------------------------------------------------------
+        self.gpu = gpu
+        self._build_loss()
+        self._build_lr()
+        self._build_memory(gpu)
+        self._build_throughput()
+
+    def _build_loss(self) -> None:
+        """The loss figure: raw and smoothed training loss, validation dots, earlier runs overlaid."""
         self._loss_x = LinearScale()
         self._loss_y_linear = LinearScale()
         self._loss_y_log = LogScale()
@@ -119,7 +126,9 @@ class Charts:
             [Axis(scale=self._loss_x, label="step", tick_format="~s"), self._loss_y_axis],
             legend=True,
         )
-        # --- learning rate -------------------------------------------------------------------------
+
+    def _build_lr(self) -> None:
+        """The learning-rate figure: the whole schedule (previewed, or logged) and a marker at the step."""
         lr_x, lr_y = LinearScale(), LinearScale(min=0.0)
         self.lr_line = Lines(x=_EMPTY_X, y=_EMPTY_Y, scales={"x": lr_x, "y": lr_y}, colors=["#555"])
         self.lr_marker = Scatter(
@@ -133,9 +142,10 @@ class Charts:
                 Axis(scale=lr_y, side="left", tick_format=".1e"),
             ],
         )
-        # --- memory --------------------------------------------------------------------------------
+
+    def _build_memory(self, gpu: bool) -> None:
+        """The memory figure: process RSS on a CPU; allocated, reserved and utilisation on a GPU."""
         mem_x, mem_y = LinearScale(), LinearScale(min=0.0)
-        self.gpu = gpu
         self.memory = Lines(
             x=_EMPTY_X, y=_EMPTY_Y, scales={"x": mem_x, "y": mem_y}, colors=["#2ca02c"],
             labels=["GPU allocated" if gpu else "process RSS"], display_legend=gpu,
@@ -160,7 +170,9 @@ class Charts:
         self.memory_figure = _figure(
             "GPU memory" if gpu else "Memory (CPU)", mem_marks, mem_axes, legend=True
         )
-        # --- throughput ----------------------------------------------------------------------------
+
+    def _build_throughput(self) -> None:
+        """The throughput figure: smoothed tokens per second."""
         tps_x, tps_y = LinearScale(), LinearScale(min=0.0)
         self.tokens_per_s = Lines(x=_EMPTY_X, y=_EMPTY_Y, scales={"x": tps_x, "y": tps_y}, colors=["#9467bd"])
         self.tokens_figure = _figure(
