@@ -152,10 +152,10 @@ def parse_device(preference: str | torch.device = "auto") -> torch.device:
             wanted = torch.device(preference)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(
-                f"device {preference!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:0' or 'mps'"
+                f"device={preference!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:0' or 'mps'"
             ) from exc
     if wanted.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {str(wanted)!r} is not supported; use 'auto', 'cpu', 'cuda' or 'mps'")
+        raise ValueError(f"device={str(wanted)!r} is not supported; use 'auto', 'cpu', 'cuda' or 'mps'")
     return wanted
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lora_widgets.devices import parse_device
 from lora_widgets.lora import LoRAConfig, apply_lora, as_lora_config
 from lora_widgets.memory_arch import parse_dtype, resolve_config
 
@@ -118,22 +119,8 @@ def resolve_device(device: torch.device | str | None, present: bool = True) -> t
     CPU-only build, ``"cuda:3"`` on a one-GPU machine, ``"mps"`` off a Mac) is refused here, naming the
     value, rather than failing later; ``present=False`` only parses the name (planning for another machine).
     """
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, str) and device.lower() == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', 'auto' or None"
-        ) from exc
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device={device!r} is not supported here; use 'cpu', 'cuda', 'mps' or 'auto'")
+    # parse_device: the one place a device name is parsed and "auto" resolved
+    dev = torch.device("cpu") if device is None else parse_device(device)
     if not present:
         return dev
     if dev.type == "cuda":

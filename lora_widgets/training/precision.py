@@ -25,7 +25,6 @@ __all__ = [
     "AUTOCAST_DTYPES",
     "ModelMode",
     "autocast",
-    "check_precision",
     "grad_scaler",
     "prepare_model",
     "release_memory",
@@ -35,20 +34,6 @@ logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``TrainConfig.precision`` -> the dtype matmuls run in under ``torch.autocast`` (``None``: no autocast)."""
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse a precision the device cannot train in (``ValueError`` naming both and the fix)."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(
-            f"TrainConfig.precision='fp16' needs a CUDA GPU (it uses a GradScaler); the device is "
-            f"{device.type!r}. Use precision='bf16' or 'fp32' here"
-        )
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(
-            "TrainConfig.precision='bf16' is not supported by this GPU (it needs compute capability "
-            ">= 8.0, e.g. A100/L4/H100); use precision='fp16' on a T4/V100"
-        )
 
 
 def autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:

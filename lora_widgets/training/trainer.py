@@ -133,7 +133,7 @@ class Trainer:
         self.config = config
         self.lora = lora
         self.device: torch.device = select_device(config.device)
-        precision.check_precision(config.precision, self.device)
+        config.check_device(self.device)  # the one precision-vs-device rule (the dashboard uses it too)
         self.report: LoRAReport | None
         self.report, self._owns_lora = ownership.attach_adapters(model, lora)  # checks, then changes
 
