@@ -474,6 +474,9 @@ class SendCounter:
     """Counts messages and bytes that widgets send (patches ``Widget._send``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        if int(ipywidgets.__version__.split(".")[0]) < 8:  # the lowest-versions job (Colab's 7.7.1)
+            pytest.skip("ipywidgets 7 sends nothing from a widget whose comm has no kernel, so there is nothing "
+                        "to count here; the main job (ipywidgets 8) counts the messages")  # fmt: skip
         self.messages = 0
         self.bytes = 0
         counter = self

@@ -186,6 +186,9 @@ def test_the_summary_shows_what_the_settings_will_train_before_the_first_run() -
 # --- the network diet --------------------------------------------------------------------------------
 class _Sent:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        if int(ipywidgets.__version__.split(".")[0]) < 8:  # the lowest-versions job (Colab's 7.7.1)
+            pytest.skip("ipywidgets 7 sends nothing from a widget whose comm has no kernel, so there is nothing "
+                        "to count here; the main job (ipywidgets 8) counts the messages")  # fmt: skip
         self.messages: list[tuple[Any, int]] = []
         sent = self
 

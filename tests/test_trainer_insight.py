@@ -170,7 +170,8 @@ def test_a_failing_sample_generation_is_logged_and_training_goes_on(
 
 
 def test_peft_adapters_are_measured(tmp_path: Path) -> None:
-    from peft import LoraConfig as PeftLoraConfig
+    peft = pytest.importorskip("peft")
+    PeftLoraConfig = peft.LoraConfig
     from peft import get_peft_model
 
     model = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

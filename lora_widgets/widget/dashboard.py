@@ -68,7 +68,9 @@ _LORA_TRAITS = ["rank", "alpha", "dropout", "target_modules"]
 _LOGGED_LR_EVERY = 5  # flushes between redraws of a logged LR line (it moves slowly; its marker every flush)
 
 
-class LoRADashboard(VBox, StaticSummaryViews):
+class LoRADashboard(
+    StaticSummaryViews, VBox
+):  # the mixin first: ipywidgets 7's VBox has an _ipython_display_ too
     """Train a LoRA adapter live in a notebook: controls, Train/Pause/Stop, progress, summary, charts.
 
     Args:
