@@ -434,16 +434,11 @@ def test_nan_detected_is_reported_even_with_the_loss_filter(tmp_path: Path) -> N
 def test_training_in_a_real_kernel_leaves_cells_free(tmp_path: Path) -> None:
     """HFRun as a background task in an IPython kernel: later cells execute while it trains, see it progress,
     and stop it; every event was delivered on the kernel's own thread."""
-    jupyter_client = pytest.importorskip("jupyter_client")
+    pytest.importorskip("jupyter_client")
     pytest.importorskip("ipykernel")
-    from tests.test_trainer_kernel import REPO, _run_cell
+    from tests.test_trainer_kernel import _run_cell, running_kernel
 
-    km = jupyter_client.KernelManager(kernel_name="python3")
-    km.start_kernel(cwd=str(REPO))
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=120)
+    with running_kernel() as kc:
         _run_cell(
             kc,
             f"""
@@ -479,9 +474,6 @@ task = asyncio.get_event_loop().create_task(run.run())
             kc, "run.stop()\nend = await task\nprint(end.kind, run.state, threads == {threading.get_ident()})"
         )
         assert out.splitlines()[-1] == "stopped stopped True"
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 @pytest.mark.parametrize("module", ["hf_args", "hf_callback", "hf_bridge"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,21 @@ jupyter_client = pytest.importorskip("jupyter_client")
 pytest.importorskip("ipykernel")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def running_kernel() -> Iterator[Any]:
+    """A real IPython kernel started in the repository (so ``tests.helpers`` imports), ready; its client."""
+    km = jupyter_client.KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(REPO))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=120)
+        yield kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def _run_cell(kc: Any, code: str) -> str:
@@ -30,12 +47,7 @@ def _run_cell(kc: Any, code: str) -> str:
 
 
 def test_training_task_in_a_kernel(tmp_path: Path) -> None:
-    km = jupyter_client.KernelManager(kernel_name="python3")
-    km.start_kernel(cwd=str(REPO))
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=120)
+    with running_kernel() as kc:
         _run_cell(
             kc,
             f"""
@@ -68,6 +80,3 @@ task = asyncio.get_event_loop().create_task(t.run())
         assert first is not None and latest > first, (first, latest)
         out = _run_cell(kc, "t.stop()\nend = await task\nprint(end.kind, t.state, end.step >= len(steps))")
         assert out == "stopped stopped True"
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
