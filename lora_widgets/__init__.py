@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "CheckpointSaved": "events",
     "StateChanged": "events",
     "RunFinished": "events",
+    "RunEarlyStopped": "events",
     "RunStopped": "events",
     "RunFailed": "events",
     "DataPrepared": "events",
@@ -93,6 +94,7 @@ _EXPORTS: dict[str, str] = {
     "lr_schedule": "schedules",
     "TrainConfig": "train_config",
     "Trainer": "training.trainer",
+    "EarlyStopping": "training.early_stopping",
     "History": "history",
     # Hugging Face / TRL trainers as a run source (imports transformers when used)
     "HFRun": "hf_bridge",

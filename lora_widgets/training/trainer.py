@@ -13,7 +13,9 @@
                                                AdapterStats (first update, every eval_every, last)
         evaluate when due                   -> EvalMetrics, SampleGenerations
         checkpoint when due                 -> CheckpointSaved
-      finish: save the adapter, release     -> StateChanged(<end>), RunFinished | RunStopped | RunFailed
+        early stopping (config.early_stopping) watches the logged losses and evaluations
+      finish: save the adapter, release     -> StateChanged(<end>), RunFinished | RunEarlyStopped
+                                               | RunStopped | RunFailed
 
 Steps are counted one way everywhere: ``step`` is the number of optimizer updates completed (so the first
 update publishes ``StepMetrics.step == 1``). Events are published from the loop's thread only: widget
@@ -50,6 +52,7 @@ from lora_widgets.events import (
     CheckpointSaved,
     EvalMetrics,
     Event,
+    RunEarlyStopped,
     RunEnded,
     RunFailed,
     RunFinished,
@@ -72,6 +75,7 @@ from lora_widgets.training.meter import Meter
 from lora_widgets.training.run_dir import RunDirectory, config_document, run_stem
 from lora_widgets.training.session import Progress, Session
 from lora_widgets.training.step import evaluate
+from lora_widgets.training.stopping import RunStopping
 
 __all__ = ["Trainer"]
 
@@ -147,6 +151,7 @@ class Trainer:
         self._blocks_cache: Blocks | None = None
         self._blocks_lock = threading.Lock()
         self._insight = Insight()  # the run's adapter statistics, samples and alerts (from _prepare on)
+        self._stopping = RunStopping(None)  # the run's early stopping (from _prepare on)
         self._subscribers = Subscribers("Trainer", self._record_history)
 
     # -- public API --------------------------------------------------------------------------------
@@ -234,7 +239,7 @@ class Trainer:
     async def _run(self, resume_from: str | os.PathLike[str] | None) -> RunEnded:
         c, p, meter = self.config, Progress(), Meter()
         mode = precision.ModelMode.of(self.model, c.gradient_checkpointing)
-        self.history, self._insight = History(), Insight()
+        self.history, self._insight, self._stopping = History(), Insight(), RunStopping(None)
         run: Session | None = None
         try:
             self._start(resume_from)
@@ -244,7 +249,7 @@ class Trainer:
             self._publish(run.run_started(p, self.run_id, self.run_dir, self.lora, self.device))
             if p.step == 0:
                 await self._evaluate(run, p)  # the base model's validation loss, for comparison
-            while p.step < p.total and not self._control.stop_requested:
+            while p.step < p.total and not self._control.stop_requested and self._stopping.verdict is None:
                 if self._control.pause_requested:
                     await self._hold(p, meter)
                     continue
@@ -253,10 +258,15 @@ class Trainer:
                 probe = self._insight.probe(p.step + 1, run.lr(p.step + 1, p.total))
                 out, usage = await self._control.in_thread(run.update, p, log, probe)
                 if out.bad_step is not None:
-                    p.failure = nan_diagnosis(out.bad_step, not out.applied, config=c, total_steps=p.total)
+                    if not self._stopping.on_loss(out.bad_step, math.nan):  # a divergence stop if watched
+                        p.failure = nan_diagnosis(
+                            out.bad_step, not out.applied, config=c, total_steps=p.total
+                        )
                     break
                 if log:
                     self._publish(run.step_metrics(p, out, usage, meter.lap(p.step, p.total)))
+                    if out.loss is not None and self._stopping.on_loss(p.step, out.loss):
+                        break
                 if out.probed is not None:  # AdapterStats of a measured update
                     self._publish(out.probed)
                 if c.eval_every is not None and p.step % c.eval_every == 0:
@@ -264,10 +274,11 @@ class Trainer:
                 if c.checkpoint_every is not None and p.step % c.checkpoint_every == 0:
                     await self._checkpoint(run, p)
             # a run that ended normally: a closing evaluation and checkpoint, unless just done
-            if p.failure is None and not self._control.stop_requested and p.evaluated_at != p.step:
+            ended = p.failure is not None or self._stopping.verdict is not None
+            if not ended and not self._control.stop_requested and p.evaluated_at != p.step:
                 await self._evaluate(run, p)
             if (
-                p.failure is None
+                not ended
                 and c.checkpoint_every is not None
                 and p.step not in (p.start_step, p.checkpointed_at)
             ):
@@ -276,6 +287,8 @@ class Trainer:
             p.cancelled = True
         except Exception as exc:
             p.failure = self._diagnose(exc, p, run)
+        if self._stopping.verdict is not None and p.failure is None and not p.cancelled:
+            await asyncio.to_thread(self._stopping.restore_best, self.model)  # the best evaluation's adapter
         adapter, note = await self._save_final(run, p)
         run = None  # drops the optimizer state, the scaler and the batch order before memory is released
         mode.restore(self.model)
@@ -329,6 +342,8 @@ class Trainer:
             data_prepared(blocks.train, blocks.val, c)
         )  # what the data became, for views and metrics.jsonl
         self._insight = Insight.for_run(self.model, self.tokenizer, c, blocks.val, p.total)
+        self._stopping = RunStopping(c.early_stopping)
+        self._stopping.check_data(blocks.val is not None)
         return run
 
     async def _hold(self, p: Progress, meter: Meter) -> None:
@@ -353,6 +368,7 @@ class Trainer:
         self._publish(EvalMetrics(p.step, val_loss, ppl, p.best_val if p.best_val is not None else val_loss))
         if samples := await self._control.in_thread(self._insight.samples, p.step, run.autocast):
             self._publish(samples)
+        await self._control.in_thread(self._stopping.on_eval, p.step, val_loss, self.model)
 
     async def _checkpoint(self, run: Session, p: Progress) -> None:
         assert self._dir is not None
@@ -405,6 +421,9 @@ class Trainer:
                 error_type=f.error_type,
                 suggestions=tuple(f.suggestions),
             )
+        elif (v := self._stopping.verdict) is not None and not p.cancelled:
+            self._publish(StateChanged("finished", p.step))
+            end = RunEarlyStopped(**base, message=v.message + note, reason=v.reason, best_step=v.best_step)
         elif p.cancelled or p.step < p.total:  # a stop() that arrives after the last step changes nothing
             self._publish(StateChanged("stopped", p.step))
             why = "cancelled" if p.cancelled else "stopped by the user"
