@@ -95,6 +95,13 @@ _EXPORTS: dict[str, str] = {
     "TrainConfig": "train_config",
     "Trainer": "training.trainer",
     "EarlyStopping": "training.early_stopping",
+    # sweeps (issue 22)
+    "Sweep": "sweep",
+    "Grid": "sweep",
+    "Points": "sweep",
+    "RandomSearch": "sweep",
+    "LogUniform": "sweep",
+    "Halving": "sweep",
     "History": "history",
     # Hugging Face / TRL trainers as a run source (imports transformers when used)
     "HFRun": "hf_bridge",
