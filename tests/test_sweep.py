@@ -57,7 +57,10 @@ class _Recorder(list):  # type: ignore[type-arg]
         ({"space": []}, "list of points is empty"),
         ({"space": {"rank": [4]}}, r"unknown sweep setting 'rank'.*did you mean \['r'\]"),
         ({"space": {"learnig_rate": [1e-3]}}, r"did you mean \['learning_rate'\]"),
-        ({"space": {"r": [4, 0]}}, r'the sweep point \{"r": 0\} is refused: LoRAConfig: r must be an integer >= 1'),
+        (
+            {"space": {"r": [4, 0]}},
+            r'the sweep point \{"r": 0\} is refused: LoRAConfig: r must be an integer >= 1',
+        ),
         ({"space": {"learning_rate": [3e-3, 2.0]}}, "TrainConfig.learning_rate=2.0 is invalid"),
         ({"space": {"seed": [1, 2]}}, r"set by the sweep itself: use Sweep\(seeds"),
         ({"space": {"r": 4}}, "must be a list of values"),
