@@ -1,0 +1,104 @@
+"""The sweep view: a 3 x 2 grid with two seeds on the shipped model, started from the dashboard, live."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lora_widgets import EarlyStopping, LoRAConfig, TrainConfig, load_base_model
+from lora_widgets.widget.dashboard import LoRADashboard
+from lora_widgets.widget.sweep_state import CURVE_POINTS
+from lora_widgets.widget.sweep_static import log_axis, scatter_svg, table_html
+from lora_widgets.widget.sweep_view import SweepView, sweep_from_dashboard
+from tests.test_sweep import _FakeTrainer, _sweep
+
+
+def test_a_3x2_grid_with_two_seeds_runs_from_the_dashboard_while_the_loop_stays_free(tmp_path: Path) -> None:
+    model, tokenizer = load_base_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = TrainConfig(max_steps=6, batch_size=4, eval_every=2, eval_batches=2, warmup_steps=0, block_size=64,
+                        adapter_stats=False, sample_prompts=(), device="cpu", output_dir=str(tmp_path),
+                        early_stopping=EarlyStopping(patience=2))  # fmt: skip
+    dash = LoRADashboard(model, tokenizer, "python-docs", lora=LoRAConfig(r=4, alpha=8), train=train)
+    view = sweep_from_dashboard(dash, {"r": [2, 4, 8], "learning_rate": [3e-3, 0.5]}, seeds=[0, 1],
+                                directory=tmp_path / "sweep")  # fmt: skip
+    sent: list[Any] = []
+    view.send = lambda content, buffers=None: sent.append(content)  # type: ignore[method-assign]
+    seen_rows: list[int] = []
+    view.observe(lambda change: seen_rows.append(len(change["new"])), names=["rows"])
+
+    async def main() -> tuple[Any, int, float]:
+        ticks, worst, t0 = 0, 0.0, time.perf_counter()
+        task = view.start()
+        with pytest.raises(RuntimeError, match="already running"):
+            view.start()
+        last = time.perf_counter()
+        while not task.done():  # another cell's work, meanwhile
+            await asyncio.sleep(0.02)
+            now = time.perf_counter()
+            ticks, worst, last = ticks + 1, max(worst, now - last), now
+        print(
+            f"\n12 runs in {time.perf_counter() - t0:.1f} s; loop ticked {ticks} times, longest gap {worst:.2f} s"
+        )
+        return await view.wait(), ticks, worst
+
+    rows, ticks, _worst = asyncio.run(main())
+    assert ticks > 50  # the loop stayed free (the steps run in a worker thread)
+    assert len(rows) == 12 and len(view.rows) == 12
+    assert sorted(set(seen_rows))[:3] == [1, 2, 3]  # the table filled in run by run, live
+    too_high = [r for r in view.rows if r["settings"]["learning_rate"] == 0.5]
+    assert all(r["outcome"] == "early_stopped" and r["step"] < 6 for r in too_high)
+    assert all(r["outcome"] == "finished" and r["step"] == 6 for r in view.rows if r not in too_high)
+    assert all(r["std_val"] is not None for r in view.rows)  # spread over the two seeds
+    best = next(r for r in view.rows if r["index"] == view.best_index)
+    assert best["settings"]["learning_rate"] == 3e-3 and view.state == "finished"
+    curves = {k: c for m in sent if m["type"] == "curves" for k, c in m["curves"].items()}
+    assert sorted(map(int, curves)) == list(range(12)) and all(
+        0 < len(c) <= CURVE_POINTS for c in curves.values()
+    )
+    html = view.static_html()
+    assert html.count("<tr") == 13 and "<svg" in html and "learning_rate (log scale)" in html
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # bit-identical base
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_the_page_buttons_skip_and_stop(tmp_path: Path) -> None:
+    sweep = _sweep(tmp_path, space={"r": [2, 4, 8]})
+    sweep.trainer_factory = _FakeTrainer
+    view = SweepView(sweep)
+
+    async def main() -> None:
+        _FakeTrainer.hold = True
+        task = view.start()
+        await asyncio.sleep(0.05)
+        view._on_msg(view, {"type": "skip"}, [])  # what the "Skip this run" button sends
+        await asyncio.sleep(0.05)
+        view._on_msg(view, {"type": "stop"}, [])  # "Stop sweep"
+        await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        _FakeTrainer.hold = False
+    assert [r["outcome"] for r in view.rows] == ["skipped"] and view.state == "stopped"
+
+
+def test_the_static_summary_table_and_scatter() -> None:
+    rows = [
+        {"index": i, "point": i, "settings": {"learning_rate": lr, "target_modules": ["q_proj"]}, "seed": 0,
+         "rung": 0, "best_val": v, "mean_val": v, "std_val": None, "step": 10, "max_steps": 10, "elapsed_s": 1.0,
+         "adapter_bytes": 2048, "outcome": "failed" if v is None else "finished", "reason": "oom" if v is None else "",
+         "message": "<boom>"}
+        for i, (lr, v) in enumerate([(1e-4, 3.0), (1e-3, 2.5), (1e-2, None)])
+    ]  # fmt: skip
+    html = table_html(rows, 1, "done")
+    assert "font-weight:bold" in html.split("<tr")[3] and "failed (oom)" in html and "&lt;boom&gt;" in html
+    svg = scatter_svg(rows, "learning_rate", 1)
+    assert svg.count("<circle") == 2 and "(log scale)" in svg  # the failed run has no loss to plot
+    assert scatter_svg(rows, "target_modules", 1) == ""  # not numeric: no scatter
+    assert log_axis("r", [4, 128]) and not log_axis("r", [4, 8]) and log_axis("learning_rate", [1e-3, 2e-3])
