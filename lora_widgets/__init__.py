@@ -120,6 +120,8 @@ _EXPORTS: dict[str, str] = {
     # widgets (import anywidget/bqplot only when used)
     "LoRADashboard": "widget",
     "MemoryPlanner": "widget",
+    "SweepView": "widget.sweep_view",
+    "sweep_from_dashboard": "widget.sweep_view",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -101,13 +101,16 @@ class Sweep:
     """Run every point of ``space`` for every seed, sequentially on ``model`` (see the module docstring).
 
     Args:
-        model, tokenizer, train_data, eval_data: as for :class:`~lora_widgets.training.trainer.Trainer`; the
-            model must have no adapters (the sweep adds and removes its own).
+        model: the base model, without adapters (the sweep adds and removes its own).
+        tokenizer: as for :class:`~lora_widgets.training.trainer.Trainer`.
+        train_data: as for the ``Trainer``.
+        eval_data: as for the ``Trainer``.
         space: a dict of axes (a grid), a list of dicts, or a :class:`~lora_widgets.sweep.space.Grid`,
             :class:`~lora_widgets.sweep.space.Points`, :class:`~lora_widgets.sweep.space.RandomSearch`; keys
             are ``LoRAConfig``/``TrainConfig`` field names (``"lora.r"``, ``"train.learning_rate"`` also work).
         seeds: the seeds every point runs with (results are averaged over them).
-        lora, config: the settings a point does not change (defaults ``LoRAConfig()``, ``TrainConfig()``).
+        lora: the LoRA settings a point does not change (default ``LoRAConfig()``).
+        config: the training settings a point does not change (default ``TrainConfig()``).
         halving: successive halving (:class:`~lora_widgets.sweep.results.Halving`), or ``None`` (every point
             runs ``config.max_steps``).
         directory: where ``sweep.json`` and the runs' directories go; a sweep.json of the same plan resumes.
