@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ from lora_widgets.widget.sweep_state import CURVE_POINTS
 from lora_widgets.widget.sweep_static import log_axis, scatter_svg, table_html
 from lora_widgets.widget.sweep_view import SweepView, sweep_from_dashboard
 from tests.test_sweep import _FakeTrainer, _sweep
+
+STATIC = Path(__file__).resolve().parents[1] / "lora_widgets" / "widget" / "static"
 
 
 def test_a_3x2_grid_with_two_seeds_runs_from_the_dashboard_while_the_loop_stays_free(tmp_path: Path) -> None:
@@ -45,7 +50,12 @@ def test_a_3x2_grid_with_two_seeds_runs_from_the_dashboard_while_the_loop_stays_
         print(
             f"\n12 runs in {time.perf_counter() - t0:.1f} s; loop ticked {ticks} times, longest gap {worst:.2f} s"
         )
-        return await view.wait(), ticks, worst
+        rows = await view.wait()
+        view._on_msg(
+            view, {"type": "select", "index": 0}, []
+        )  # a clicked row: the run's charts in the dashboard
+        await dash.wait()
+        return rows, ticks, worst
 
     rows, ticks, _worst = asyncio.run(main())
     assert ticks > 50  # the loop stayed free (the steps run in a worker thread)
@@ -63,14 +73,22 @@ def test_a_3x2_grid_with_two_seeds_runs_from_the_dashboard_while_the_loop_stays_
     )
     html = view.static_html()
     assert html.count("<tr") == 13 and "<svg" in html and "learning_rate (log scale)" in html
+    shown = dash.runs[-1]
+    assert (
+        list(shown.history.step) == [1, 2, 3, 4, 5, 6] and shown.result is not None and shown.result.step == 6
+    )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # bit-identical base
     assert model.state_dict().keys() == before.keys()
 
 
-def test_the_page_buttons_skip_and_stop(tmp_path: Path) -> None:
+def test_the_page_buttons_skip_and_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sweep = _sweep(tmp_path, space={"r": [2, 4, 8]})
     sweep.trainer_factory = _FakeTrainer
     view = SweepView(sweep)
+    written: list[tuple[dict[str, str], str]] = []
+    monkeypatch.setattr("lora_widgets.widget.sweep_view.update_display",
+                        lambda data, raw, display_id: written.append((data, display_id)))  # fmt: skip
+    view._display_id = "sweep-summary"  # as _ipython_display_ leaves it
 
     async def main() -> None:
         _FakeTrainer.hold = True
@@ -86,6 +104,12 @@ def test_the_page_buttons_skip_and_stop(tmp_path: Path) -> None:
     finally:
         _FakeTrainer.hold = False
     assert [r["outcome"] for r in view.rows] == ["skipped"] and view.state == "stopped"
+    data, display_id = written[-1]  # the saved notebook's table, written when the sweep ended
+    assert (
+        display_id == "sweep-summary"
+        and "skipped" in data["text/html"]
+        and "Sweep stopped" in data["text/html"]
+    )
 
 
 def test_the_static_summary_table_and_scatter() -> None:
@@ -102,3 +126,97 @@ def test_the_static_summary_table_and_scatter() -> None:
     assert svg.count("<circle") == 2 and "(log scale)" in svg  # the failed run has no loss to plot
     assert scatter_svg(rows, "target_modules", 1) == ""  # not numeric: no scatter
     assert log_axis("r", [4, 128]) and not log_axis("r", [4, 8]) and log_axis("learning_rate", [1e-3, 2e-3])
+
+
+# -- the view in a real browser, without Jupyter: a fake anywidget model drives sweep.js --------------------
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><style>{css}</style></head><body>
+<div id="root"></div>
+<script type="module">
+const state = {state};
+const handlers = {{}};
+window.sent = []; window.msgs = [];
+const model = {{
+  get: (k) => state[k],
+  set: (k, v) => {{ window.sent.push([k, v]); window.update(k, v); }},
+  save_changes: () => {{}},
+  send: (m) => window.msgs.push(m),
+  on: (ev, f) => {{ (handlers[ev] = handlers[ev] || []).push(f); }},
+}};
+window.update = (k, v) => {{ state[k] = v; (handlers["change:" + k] || []).forEach((f) => f()); }};
+window.custom = (m) => (handlers["msg:custom"] || []).forEach((f) => f(m));
+const mod = await import("data:text/javascript;base64,{js}");
+mod.default.render({{ model, el: document.getElementById("root") }});
+window.ready = true;
+</script></body></html>"""
+
+
+def _board_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    from lora_widgets.events import StepMetrics
+    from lora_widgets.sweep.events import SweepRunEnded, SweepRunStarted, SweepStarted
+    from lora_widgets.widget.sweep_state import SweepBoard
+
+    board = SweepBoard()
+    board.on_event(SweepStarted("/s", ("learning_rate", "r"), 3, (0,), 3))
+    for k, (lr, val) in enumerate([(1e-4, 3.0), (1e-3, 2.5), (1e-1, None)]):
+        board.on_event(SweepRunStarted(k, k, {"learning_rate": lr, "r": 4}, 0, 0, 10, f"run {k}"))
+        for i in range(1, 11):
+            board.on_event(StepMetrics(i, 10, 0.0, 4.0 - i * 0.1 * (k + 1), lr, 1.0, 1.0, 0.0, 0.0, 0))
+        board.on_event(SweepRunEnded(k, k, {"learning_rate": lr, "r": 4}, 0, 0, 10,
+                                     "failed" if val is None else "finished", 10, 1.0, val, 3.0,
+                                     "out of memory" if val is None else "done", "oom" if val is None else "",
+                                     None, f"/r{k}", 4096))  # fmt: skip
+    state = {"rows": board.rows, "settings": ["learning_rate", "r"], "scatter_setting": "learning_rate",
+             "best_index": board.best_index, "live": {}, "state": "running", "message": ""}  # fmt: skip
+    curves = {str(k): board.curve(k) for k in range(3)}
+    return state, curves
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
+def test_the_page_sorts_highlights_overlays_and_sends_the_buttons(tmp_path: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    state, curves = _board_state()
+    js = base64.b64encode((STATIC / "sweep.js").read_bytes()).decode()
+    page_file = tmp_path / "sweep.html"
+    page_file.write_text(_PAGE.format(css=(STATIC / "sweep.css").read_text(), state=json.dumps(state), js=js))
+    errors: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium"), args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(page_file.as_uri())
+        page.wait_for_function("window.ready === true", timeout=10_000)
+        assert page.evaluate("window.msgs") == [{"type": "curves"}]  # asks for the finished curves once
+        page.evaluate(f"window.custom({{type: 'curves', curves: {json.dumps(curves)}}})")
+        rows = page.locator(".lw-sweep-table tr[data-index]")
+        assert rows.count() == 3
+        assert page.locator("tr.lw-sweep-best").get_attribute("data-index") == "1"
+        assert (
+            page.locator(".lw-sweep-line").count() == 3 and page.locator(".lw-sweep-line.best").count() == 1
+        )
+        assert (
+            page.locator(".lw-sweep-dot").count() == 2
+            and "log scale" in page.locator(".lw-sweep-scatter").inner_text()
+        )
+        page.click("th[data-key=best_val]")  # sort by best validation loss, then descending
+        assert [rows.nth(i).get_attribute("data-index") for i in range(3)] == ["1", "0", "2"]
+        page.click("th[data-key=best_val]")
+        assert [rows.nth(i).get_attribute("data-index") for i in range(3)] == ["0", "1", "2"]  # missing last
+        page.click("tr[data-index='0']")
+        assert page.locator(".lw-sweep-line.selected").count() == 1
+        page.click(".lw-sweep-skip")
+        page.click(".lw-sweep-stop")
+        assert page.evaluate("window.msgs")[1:] == [
+            {"type": "select", "index": 0},
+            {"type": "skip"},
+            {"type": "stop"},
+        ]
+        page.select_option(".lw-sweep-setting", "r")
+        assert ["scatter_setting", "r"] in page.evaluate("window.sent")
+        page.evaluate("window.update('state', 'finished')")
+        assert page.locator(".lw-sweep-stop").is_disabled()
+        browser.close()
+    assert errors == []

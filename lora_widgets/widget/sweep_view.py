@@ -9,7 +9,7 @@ progress as one small ``live`` trait; the table is resent only when it changed.
 
 In the page: the table sorts by any column (click its header), the best run is highlighted, clicking a row
 emphasises that run's curve; the scatter shows a chosen setting against best validation loss (log axis for a
-learning rate); Stop sweep and Skip this run. A saved notebook keeps the table and the scatter as HTML + SVG
+learning rate); Stop sweep and Skip this run; ``on_select`` is told which finished run was clicked. A saved notebook keeps the table and the scatter as HTML + SVG
 (:mod:`lora_widgets.widget.sweep_static`), written below the widget when the sweep ends.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import anywidget
 import traitlets
 from IPython.display import display, update_display
 
+from lora_widgets.sweep.events import SweepRunEnded
 from lora_widgets.sweep.runner import Sweep
 from lora_widgets.widget.session import running_loop
 from lora_widgets.widget.sweep_state import SweepBoard
@@ -68,6 +70,8 @@ class SweepView(anywidget.AnyWidget):
         self._dirty = False
         self._flusher = FlushScheduler(self._flush, self.flush_interval)
         self._display_id: str | None = None
+        self.on_select: Callable[[SweepRunEnded], None] | None = None
+        """Called with a finished run's row when its table row is clicked (a dashboard replays the run)."""
         sweep.subscribe(self._on_event)
         self.on_msg(self._on_msg)
 
@@ -143,6 +147,10 @@ class SweepView(anywidget.AnyWidget):
             self.stop()
         elif kind == "skip":
             self.skip()
+        elif kind == "select" and self.on_select is not None:  # a row was clicked
+            row = next((r for r in self.board.ended if r.index == content.get("index")), None)
+            if row is not None:
+                self.on_select(row)
         elif kind == "curves":  # a page (re)opened: every finished run's curve, once
             curves = {str(r.index): self.board.curve(r.index) for r in self.board.ended}
             self.send({"type": "curves", "curves": curves})
@@ -160,7 +168,8 @@ def sweep_from_dashboard(dashboard: Any, space: Any, **kwargs: Any) -> SweepView
 
     ``kwargs`` go to :class:`~lora_widgets.sweep.runner.Sweep` (``seeds``, ``halving``, ``directory``). Raises
     ``RuntimeError`` while the dashboard trains (one model, one run at a time) and the sweep's ``ValueError``
-    for bad input, before anything runs.
+    for bad input, before anything runs. Clicking a finished run's row replays that run in the dashboard, so
+    its charts (loss, learning rate, adapter statistics) show as for any run.
     """
     if dashboard.running:
         raise RuntimeError("the dashboard is training; stop it or await dash.wait() before a sweep")
@@ -168,4 +177,13 @@ def sweep_from_dashboard(dashboard: Any, space: Any, **kwargs: Any) -> SweepView
     train_data, eval_data = dashboard._data  # the data the dashboard prepared (blocks or rows)
     sweep = Sweep(dashboard.model, dashboard.tokenizer, train_data, eval_data, space=space, lora=lora, config=train,
                   **kwargs)  # fmt: skip
-    return SweepView(sweep)
+    view = SweepView(sweep)
+
+    def show(
+        row: SweepRunEnded,
+    ) -> None:  # a clicked row's charts: its metrics.jsonl replayed in the dashboard
+        if row.run_dir is not None and not dashboard.running:
+            dashboard.replay(Path(row.run_dir) / "metrics.jsonl")
+
+    view.on_select = show
+    return view

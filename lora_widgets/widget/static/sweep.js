@@ -104,7 +104,11 @@ function render({ model, el: root }) {
       if (r.index === best) tr.classList.add("lw-sweep-best");
       if (r.index === view.selected) tr.classList.add("lw-sweep-selected");
       if (r.outcome === "failed") tr.classList.add("lw-sweep-failed");
-      tr.onclick = () => { view.selected = view.selected === r.index ? -1 : r.index; drawTable(); drawCurves(); };
+      tr.onclick = () => {
+        view.selected = view.selected === r.index ? -1 : r.index;
+        if (view.selected >= 0) model.send({ type: "select", index: r.index }); // Python may show its charts
+        drawTable(); drawCurves();
+      };
       for (const [key] of COLUMNS) tr.append(el("td", {}, cell(key, r)));
       table.append(tr);
     }
