@@ -124,6 +124,9 @@ def test_runs_are_normal_runs_and_the_base_is_untouched(tmp_path: Path) -> None:
     for r in rows:  # each its own run directory, with its events
         assert r.run_dir is not None and (Path(r.run_dir) / "metrics.jsonl").is_file()
         assert r.adapter_bytes is not None and r.adapter_bytes > 0
+        assert (
+            r.trainable_params == r.settings["r"] * (32 + 32) * 2
+        )  # q_proj of 2 layers: r (d + k), d = k = 32
     assert len({r.run_dir for r in rows}) == 4
     kinds = [e.kind for e in rec]  # sweep events around each run's own events
     assert kinds[0] == "sweep_started" and kinds[1] == "sweep_run_started" and kinds[2] == "state"

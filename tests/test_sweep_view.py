@@ -220,3 +220,27 @@ def test_the_page_sorts_highlights_overlays_and_sends_the_buttons(tmp_path: Path
         assert page.locator(".lw-sweep-stop").is_disabled()
         browser.close()
     assert errors == []
+
+
+def test_a_sweep_after_a_dashboard_run_replaces_its_adapters_but_refuses_your_own(tmp_path: Path) -> None:
+    from lora_widgets import apply_lora, has_lora
+    from tests.helpers import patterned_batch, tiny_llama
+
+    model = tiny_llama()
+    train = TrainConfig(max_steps=2, batch_size=4, warmup_steps=0, eval_every=None, adapter_stats=False,
+                        sample_prompts=(), device="cpu", output_dir=str(tmp_path))  # fmt: skip
+    dash = LoRADashboard(model, None, patterned_batch(32, 16), lora=LoRAConfig(r=2), train=train)
+
+    async def main() -> Any:
+        dash.start()
+        return await dash.wait()
+
+    end = asyncio.run(main())
+    assert has_lora(model) and end is not None and end.adapter_path is not None  # saved in its run directory
+    view = sweep_from_dashboard(dash, {"r": [2, 4]}, directory=tmp_path / "s")
+    assert not has_lora(model) and view.sweep.lora.r == 2 and view.settings == ["r"]
+    mine = tiny_llama()
+    apply_lora(mine, LoRAConfig(r=2))
+    dash2 = LoRADashboard(mine, None, patterned_batch(32, 16), train=train)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        sweep_from_dashboard(dash2, {"r": [2]}, directory=tmp_path / "s2")

@@ -66,7 +66,8 @@ class SweepRunStarted(_EventBase):
 class SweepRunEnded(_EventBase):
     """Run ``index`` ended: one row of the results table. ``point`` numbers its settings (seeds share it);
     ``reason``: a failure's diagnosis (``oom``, ``nan``, ``bad_input``, ``error``) or an early stop's
-    (``patience``, ``diverged``); ``adapter_bytes``: the saved adapter's size on disk."""
+    (``patience``, ``diverged``); ``adapter_bytes``: the saved adapter's size on disk (every file of its directory);
+    ``trainable_params``: the adapters' parameter count."""
 
     kind: ClassVar[str] = "sweep_run_ended"
     index: int
@@ -86,6 +87,7 @@ class SweepRunEnded(_EventBase):
     run_dir: str | None = None
     adapter_bytes: int | None = None
     suggestions: tuple[str, ...] = field(default_factory=tuple)
+    trainable_params: int | None = None
 
     @property
     def key(self) -> tuple[int, int, int]:

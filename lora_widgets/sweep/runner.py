@@ -56,6 +56,7 @@ from lora_widgets.sweep.results import Halving, SettingResult, best_point, promo
 from lora_widgets.sweep.space import Space, as_space, configs_for, expand
 from lora_widgets.sweep.store import SweepStore
 from lora_widgets.train_config import TrainConfig
+from lora_widgets.training import ownership
 
 __all__ = ["Sweep", "base_checksum"]
 
@@ -240,10 +241,11 @@ class Sweep:
     async def run(self) -> list[SweepRunEnded]:
         """Run what is left of the sweep; returns every row (earlier sessions' included).
 
-        Raises ``RuntimeError`` if this sweep is already running.
+        Raises ``RuntimeError`` if this sweep is already running, or another run is training the model now.
         """
         if self._running:
             raise RuntimeError("this sweep is already running; sweep.stop() it or await the first run()")
+        ownership.refuse_if_training(self.model)  # not one failed row per point: refused once, before any run
         self._running, self._stop, t0 = True, False, time.monotonic()
         before = await asyncio.to_thread(base_checksum, self.model) if self.check_base else None
         stopped = True
@@ -320,6 +322,7 @@ class Sweep:
             run_dir=str(getattr(trainer, "run_dir", None) or "") or None,
             adapter_bytes=_adapter_bytes(end.adapter_path),
             suggestions=end.suggestions if isinstance(end, RunFailed) else (),
+            trainable_params=getattr(getattr(trainer, "report", None), "trainable_params", None),
         )  # fmt: skip
 
     # -- helpers -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import anywidget
 import traitlets
 from IPython.display import display, update_display
 
+from lora_widgets.lora import has_lora, remove_lora
 from lora_widgets.sweep.events import SweepRunEnded
 from lora_widgets.sweep.runner import Sweep
 from lora_widgets.widget.session import running_loop
@@ -168,12 +169,15 @@ def sweep_from_dashboard(dashboard: Any, space: Any, **kwargs: Any) -> SweepView
 
     ``kwargs`` go to :class:`~lora_widgets.sweep.runner.Sweep` (``seeds``, ``halving``, ``directory``). Raises
     ``RuntimeError`` while the dashboard trains (one model, one run at a time) and the sweep's ``ValueError``
-    for bad input, before anything runs. Clicking a finished run's row replays that run in the dashboard, so
+    for bad input, before anything runs. Adapters an earlier dashboard run made are removed from the model first
+    (each run saved its adapter in its run directory); adapters you applied yourself are refused. Clicking a finished run's row replays that run in the dashboard, so
     its charts (loss, learning rate, adapter statistics) show as for any run.
     """
     if dashboard.running:
         raise RuntimeError("the dashboard is training; stop it or await dash.wait() before a sweep")
     lora, train = dashboard.current_configs()
+    if has_lora(dashboard.model) and any(run.lora is not None for run in dashboard.runs):
+        remove_lora(dashboard.model)  # the dashboard's last run made them and saved them in its run directory
     train_data, eval_data = dashboard._data  # the data the dashboard prepared (blocks or rows)
     sweep = Sweep(dashboard.model, dashboard.tokenizer, train_data, eval_data, space=space, lora=lora, config=train,
                   **kwargs)  # fmt: skip
