@@ -228,3 +228,13 @@ def test_the_hf_callback_stops_where_transformers_callback_does(tmp_path: Path) 
     end = ours_cb.last_event
     assert isinstance(end, RunEarlyStopped) and end.reason == "patience" and end.step == ours
     assert "restored: load_best_model_at_end" in end.message
+
+
+def test_the_dashboard_says_stopped_early_with_the_best_step() -> None:
+    from lora_widgets.widget.callouts import outcome_callout
+
+    end = RunEarlyStopped(4, 1.0, 8.4, 4.6, "/runs/x/adapter", "Stopped early at step 4, best at step 0 (...)",
+                          reason="patience", best_step=0)  # fmt: skip
+    callout = outcome_callout("run 1", end, 8.4, 4.6)
+    assert callout.kind == "success" and callout.title == "Stopped early: run 1"
+    assert "best at step 0" in callout.message and "adapter saved in /runs/x/adapter" in callout.message

@@ -75,6 +75,15 @@ def test_bad_input_is_named_before_any_run(tmp_path: Path, kw: dict[str, Any], m
     assert not (tmp_path / "sweep").exists()  # nothing ran, nothing was written
 
 
+def test_bad_data_is_refused_before_any_run(tmp_path: Path) -> None:
+    sweep = Sweep(tiny_llama(), None, "no-such-corpus", space={"r": [2]}, directory=tmp_path / "sweep")
+    rec = _Recorder()
+    sweep.subscribe(rec)
+    with pytest.raises(ValueError, match="a tokenizer is needed"):  # text without a tokenizer
+        sweep.run_sync()
+    assert rec == [] and not sweep.running and sweep.rows == []
+
+
 def test_a_model_with_adapters_and_another_sweeps_directory_are_refused(tmp_path: Path) -> None:
     model = tiny_llama()
     apply_lora(model, LoRAConfig(r=2))
@@ -128,6 +137,12 @@ def test_runs_are_normal_runs_and_the_base_is_untouched(tmp_path: Path) -> None:
             r.trainable_params == r.settings["r"] * (32 + 32) * 2
         )  # q_proj of 2 layers: r (d + k), d = k = 32
     assert len({r.run_dir for r in rows}) == 4
+    from lora_widgets import read_events
+    from lora_widgets.events import EvalMetrics
+
+    base_evals = {next(e.val_loss for e in read_events(Path(r.run_dir) / "metrics.jsonl")
+                       if isinstance(e, EvalMetrics)) for r in rows}  # fmt: skip
+    assert len(base_evals) == 1  # every run, every seed, validates on the same held-out blocks
     kinds = [e.kind for e in rec]  # sweep events around each run's own events
     assert kinds[0] == "sweep_started" and kinds[1] == "sweep_run_started" and kinds[2] == "state"
     assert kinds.count("run_started") == 4 and kinds[-1] == "sweep_ended"

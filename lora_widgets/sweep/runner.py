@@ -53,12 +53,14 @@ from lora_widgets.sweep.events import (
     SweepStarted,
 )
 from lora_widgets.sweep.results import Halving, SettingResult, best_point, promoted, table
-from lora_widgets.sweep.space import Space, as_space, configs_for, expand
+from lora_widgets.sweep.space import Space, as_space, configs_for, expand, resolve
 from lora_widgets.sweep.store import SweepStore
 from lora_widgets.train_config import TrainConfig
 from lora_widgets.training import ownership
 
 __all__ = ["Sweep", "base_checksum"]
+
+_DATA_SETTINGS = ("block_size", "val_fraction", "max_length", "train_on")  # settings that change the data
 
 
 def base_checksum(model: nn.Module) -> str:
@@ -119,7 +121,9 @@ class Sweep:
 
     Raises:
         ValueError: naming an empty space, an unknown setting, a value a config refuses, bad seeds, a model that
-            already has adapters, or a directory that holds another sweep.
+            already has adapters, or a directory that holds another sweep. Bad data raises from :meth:`run`,
+            before any run: the data is prepared once (with ``config``'s seed) so that every run validates on
+            the same blocks, unless a data setting (``block_size``, ``val_fraction``, ...) is swept.
     """
 
     def __init__(
@@ -166,6 +170,7 @@ class Sweep:
         self._subscribers = Subscribers("Sweep")
         self._trainer: Any = None
         self._stop = self._skip = self._running = False
+        self._data: tuple[Any, Any] = (train_data, eval_data)
         self.trainer_factory: Callable[..., Any] | None = None  # a stand-in Trainer class (tests, benchmarks)
 
     # -- public API ------------------------------------------------------------------------------------
@@ -247,7 +252,12 @@ class Sweep:
             raise RuntimeError("this sweep is already running; sweep.stop() it or await the first run()")
         ownership.refuse_if_training(self.model)  # not one failed row per point: refused once, before any run
         self._running, self._stop, t0 = True, False, time.monotonic()
-        before = await asyncio.to_thread(base_checksum, self.model) if self.check_base else None
+        try:
+            self._data = await asyncio.to_thread(self._fixed_data)  # bad data raises here, before any run
+            before = await asyncio.to_thread(base_checksum, self.model) if self.check_base else None
+        except BaseException:
+            self._running = False
+            raise
         stopped = True
         try:
             self._publish(self._started())
@@ -295,9 +305,7 @@ class Sweep:
         row: dict[str, Any] = {"index": index, "point": p, "settings": point, "seed": seed, "rung": rung,
                                "max_steps": train.max_steps}  # fmt: skip
         try:
-            trainer = self._factory()(
-                self.model, self.tokenizer, self.train_data, self.eval_data, lora=lora, config=train
-            )
+            trainer = self._factory()(self.model, self.tokenizer, *self._data, lora=lora, config=train)
         except (ValueError, TypeError, RuntimeError) as exc:  # a combination no config can check alone
             reason = "bad_input" if isinstance(exc, ValueError | TypeError) else "error"
             msg = f"The run could not start: {exc}"
@@ -333,6 +341,16 @@ class Sweep:
         from lora_widgets.training.trainer import Trainer
 
         return Trainer
+
+    def _fixed_data(self) -> tuple[Any, Any]:
+        """The data every run trains and validates on: prepared once, so that every run (every seed) is
+        validated on the same held-out blocks. Without ``eval_data`` the validation share would otherwise be
+        drawn from each run's seed. Left to each run when a data setting (``block_size``, ...) is swept."""
+        if self.eval_data is not None or any(resolve(n)[1] in _DATA_SETTINGS for n in self.settings):
+            return self.train_data, self.eval_data
+        from lora_widgets.training.batches import load_run_data
+
+        return load_run_data(self.train_data, None, self.tokenizer, self.config)
 
     def _budgets(self) -> list[int | None]:
         if self.halving is None:

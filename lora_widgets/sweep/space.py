@@ -24,7 +24,17 @@ from typing import Any, Union
 from lora_widgets.lora_config import LoRAConfig
 from lora_widgets.train_config import TrainConfig
 
-__all__ = ["Grid", "LogUniform", "Points", "RandomSearch", "Space", "as_space", "configs_for", "expand"]
+__all__ = [
+    "Grid",
+    "LogUniform",
+    "Points",
+    "RandomSearch",
+    "Space",
+    "as_space",
+    "configs_for",
+    "expand",
+    "resolve",
+]
 
 _RESERVED = ("output_dir", "seed")
 _OTHER_NAMES = {
