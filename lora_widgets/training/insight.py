@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_widgets.adapter_statistics import adapter_stats, snapshot_adapters
-from lora_widgets.alerts import AlertMonitor
-from lora_widgets.events import AlertRaised, Event, SampleGenerations
-from lora_widgets.lora import has_lora, lora_layers
-from lora_widgets.samples import generate_samples
-from lora_widgets.sft_batches import IGNORE_INDEX
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.lora.statistics import adapter_stats, snapshot_adapters
+from lora_widgets.health.alerts import AlertMonitor
+from lora_widgets.events.types import AlertRaised, Event, SampleGenerations
+from lora_widgets.lora.layers import has_lora, lora_layers
+from lora_widgets.health.samples import generate_samples
+from lora_widgets.data.sft_batches import IGNORE_INDEX
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.batches import Examples
 from lora_widgets.training.step import Probe
 
@@ -127,7 +127,7 @@ class Insight:
 
     def probe(self, step: int, lr: float) -> Probe | None:
         """For a measured update ``step`` at rate ``lr``: the step function's probe whose result is the update's
-        :class:`~lora_widgets.events.AdapterStats`; ``None`` for the others."""
+        :class:`~lora_widgets.events.types.AdapterStats`; ``None`` for the others."""
         model = self.model
         if model is None or not self.measures(step):
             return None
