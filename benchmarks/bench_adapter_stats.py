@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 
 from lora_widgets import models as demo
-from lora_widgets.lora.statistics import adapter_stats, snapshot_adapters
 from lora_widgets.data.text import prepare_data
 from lora_widgets.events.types import AdapterStats, Event, SampleGenerations
-from lora_widgets.lora.layers import LoRAConfig, apply_lora, remove_lora
 from lora_widgets.health.samples import generate_samples
+from lora_widgets.lora.layers import LoRAConfig, apply_lora, remove_lora
+from lora_widgets.lora.statistics import adapter_stats, snapshot_adapters
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.trainer import LoRATrainer
 

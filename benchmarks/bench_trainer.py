@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from lora_widgets import models as demo
-from lora_widgets.training.checkpoint import seed_everything
 from lora_widgets.data.text import prepare_data
 from lora_widgets.lora.layers import LoRAConfig, apply_lora, lora_layers
-from lora_widgets.training.schedules import lr_at
+from lora_widgets.training.checkpoint import seed_everything
 from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.schedules import lr_at
 from lora_widgets.training.trainer import LoRATrainer
 
 LR, BATCH, WARMUP, SEED, RANK, ALPHA, BLOCK = 3e-3, 8, 10, 42, 8, 16.0, 128
@@ -211,7 +211,7 @@ def main() -> None:
             results["c"] = hf_trainer(split.train, args.steps, out)
             print(f"  (c): {results['c'][0]:.2f} s")
 
-    labels = {"a": "bare PyTorch loop", "b": "lora_widgets.Trainer", "c": "transformers.Trainer + PEFT"}
+    labels = {"a": "bare PyTorch loop", "b": "lora_widgets.LoRATrainer", "c": "transformers.Trainer + PEFT"}
     summary: dict[str, dict[str, Any]] = {}
     print(f"\n{'run':32s} {'time s':>8s} {'steps/s':>8s} {'last-20 loss':>13s} {'val loss':>9s}")
     for key, (secs, losses, model) in results.items():

@@ -3,7 +3,7 @@ estimate right, and how fast are we against transformers.Trainer + PEFT? Prints 
 
 On CUDA (about 3-5 minutes on one H100; a ``--budget-s`` deadline skips what would not fit in 8 minutes):
 
-1. our ``lora_widgets.Trainer`` and an ``HFRun``-attached ``transformers.Trainer`` + PEFT, each in bf16 and fp16
+1. our ``lora_widgets.LoRATrainer`` and an ``HFRun``-attached ``transformers.Trainer`` + PEFT, each in bf16 and fp16
    (fp32 weights under autocast, as both do), on a SmolLM2-135M-shaped Llama built from its config (random
    weights, no download): the run must finish with a finite loss; tokens/s and peak memory are reported;
 2. tokens/s ours / HF in bf16 (the same model, LoRA r=8 on q/v, batch, sequence length and steps; measured from
@@ -53,9 +53,9 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lora_widgets import LoRAConfig, LoRATrainer, TrainConfig, estimate_memory, measure_memory
-from lora_widgets.hf import HFRun
 from lora_widgets.events.types import Event, RunEnded, StepMetrics
-from lora_widgets.memory.preflight import format_bytes
+from lora_widgets.hf import HFRun
+from lora_widgets.memory.fit import format_bytes
 
 
 def smollm2_135m_config() -> LlamaConfig:

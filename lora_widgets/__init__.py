@@ -6,7 +6,7 @@ The names here are the ones a notebook uses; everything else lives in a namespac
 ``lora_widgets.lora.layers``           the LoRA core: ``LoRALinear``, statistics, PEFT-format state dicts
 ``lora_widgets.data.text``           corpora, text blocks, instruction rows and their loss masks (TRL's formats)
 ``lora_widgets.events.types``         the typed event stream (``StepMetrics`` ... ``RunEnded``), ``History``, ``Replay``
-``lora_widgets.memory.preflight``         estimate, measurement and pre-flight of a run's memory
+``lora_widgets.memory.fit``         estimate, measurement and pre-flight of a run's memory
 ``lora_widgets.health``         failure diagnoses, "is it training?" alerts, sample generations
 ``lora_widgets.hf``             watching and steering a transformers / TRL trainer (``EventCallback``, ``HFRun``)
 ``lora_widgets.training``       the trainer's phases (``LoRATrainer`` and ``TrainConfig`` are exported here)

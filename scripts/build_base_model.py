@@ -39,7 +39,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lora_widgets.data.corpora import python_version, load_corpus
+from lora_widgets.data.corpora import load_corpus, python_version
 from lora_widgets.data.text import prepare_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

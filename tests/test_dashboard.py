@@ -628,7 +628,7 @@ def test_headless_execution_completes_and_keeps_the_static_summary(tmp_path: Pat
 
 
 def test_preflight_that_does_not_fit_warns_but_lets_the_run_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lora_widgets.memory.preflight as memory
+    import lora_widgets.memory.fit as memory
 
     class NoFit:
         fits = False
@@ -755,8 +755,11 @@ def test_colab_widget_support_is_switched_on(monkeypatch: pytest.MonkeyPatch) ->
 def test_outside_colab_nothing_is_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    monkeypatch.delitem(sys.modules, "google.colab.output", raising=False)
-    make_dash()  # no Colab module is imported or required
+    for name in [m for m in sys.modules if m == "google" or m.startswith("google.")]:
+        monkeypatch.delitem(sys.modules, name)
+    make_dash()
+    # no Colab module is imported or required outside Colab (anywidget switches Colab's widget manager on there)
+    assert not [m for m in sys.modules if m.startswith("google.colab")]
 
 
 def test_validation_dots_are_capped_and_keep_the_best() -> None:

@@ -20,7 +20,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lora_widgets import HFRun, LoRADashboard, describe_settings  # noqa: E402
+from lora_widgets import LoRADashboard  # noqa: E402
+from lora_widgets.hf import HFRun, describe_settings  # noqa: E402
 from lora_widgets.lora.layers import count_parameters  # noqa: E402
 from lora_widgets.widget import readouts  # noqa: E402
 from tests.helpers import tiny_llama  # noqa: E402

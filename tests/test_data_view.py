@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from lora_widgets.models import BASE_MODEL_PATH
+from lora_widgets.events.replay import Replay
 from lora_widgets.events.types import DataPrepared, RunFinished
 from lora_widgets.lora.layers import LoRAConfig
-from lora_widgets.events.replay import Replay
+from lora_widgets.models import BASE_MODEL_PATH
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.widget import loading
 from lora_widgets.widget.dashboard import LoRADashboard
@@ -95,10 +95,10 @@ def test_rows_train_end_to_end_and_the_static_summary_has_the_data(tokenizer: An
 def test_the_memory_preflight_gets_the_longest_padded_length(
     tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lora_widgets.memory.preflight as memory
+    import lora_widgets.memory.fit as memory
 
     seen: list[int] = []
-    real = memory.preflight
+    real = memory.fit
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs["seq_len"])

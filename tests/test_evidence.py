@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lora_widgets.data.text import prepare_data
-from lora_widgets.models import load_base_model
 from lora_widgets.lora.layers import LoRAConfig, apply_lora, count_parameters
+from lora_widgets.models import load_base_model
 
 STEPS = 200
 BATCH_SIZE = 8
@@ -97,7 +97,8 @@ def test_instruction_tuning_through_the_trainer_learns_the_answers_and_to_stop(
     greedy reply ends with the end-of-turn token within 128 new tokens rises to >= 80%. Settings of
     ``benchmarks/bench_sft_evidence.py`` (LoRA r=8, alpha=16, all linear layers; AdamW 5e-3, 10 warm-up
     steps then cosine; 150 steps of 8 examples; max_length 256)."""
-    from lora_widgets import TrainConfig, LoRATrainer, end_of_turn_share, read_instructions
+    from lora_widgets import LoRATrainer, TrainConfig
+    from lora_widgets.data import end_of_turn_share, read_instructions
 
     start = time.perf_counter()
     model, tokenizer = load_base_model()

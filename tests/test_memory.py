@@ -12,7 +12,9 @@ import torch
 from transformers import LlamaConfig
 
 from lora_widgets.lora.layers import LoRAConfig, apply_lora, count_parameters
-from lora_widgets.memory.preflight import (
+from lora_widgets.memory.arch import known_model_config
+from lora_widgets.memory.estimate import CPU_RUNTIME_BYTES, CPU_RUNTIME_BYTES_16BIT
+from lora_widgets.memory.fit import (
     GPUS,
     MemoryEstimate,
     estimate_memory,
@@ -22,8 +24,6 @@ from lora_widgets.memory.preflight import (
     preflight,
     suggest_fit,
 )
-from lora_widgets.memory.arch import known_model_config
-from lora_widgets.memory.estimate import CPU_RUNTIME_BYTES, CPU_RUNTIME_BYTES_16BIT
 from tests.helpers import tiny_gpt2, tiny_llama
 
 # Parameter counts of the published checkpoints (sum of the tensors in their safetensors files).
@@ -290,7 +290,7 @@ def test_tracker_agrees_with_the_cpu_allocator() -> None:
     """The dispatch tracker's live bytes equal the allocator's own count (torch.profiler memory events)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lora_widgets.memory.preflight import LiveBytesTracker
+    from lora_widgets.memory.fit import LiveBytesTracker
 
     torch.manual_seed(0)
     x = torch.randn(64, 256, requires_grad=True)

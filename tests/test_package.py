@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import ast
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -66,7 +63,11 @@ def test_imports_point_one_way(module: str) -> None:
     if module == "__init__":
         return  # the top-level namespace re-exports from every layer, lazily
     mine = LAYERS.index(_layer(module))
-    above = {n for n in _package_imports(module) if LAYERS.index(_layer(n.split(".", 1)[1].replace(".", "/"))) > mine}
+    above = {
+        n
+        for n in _package_imports(module)
+        if LAYERS.index(_layer(n.split(".", 1)[1].replace(".", "/"))) > mine
+    }
     assert not above, f"{module} ({_layer(module)}) imports a higher layer: {sorted(above)}"
 
 
@@ -113,7 +114,9 @@ def test_public_function_names_are_unique() -> None:
         path = ROOT / "lora_widgets" / module
         path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
         for node in ast.parse(path.read_text()).body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            if isinstance(
+                node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+            ) and not node.name.startswith("_"):
                 where.setdefault(node.name, []).append(module)
     clashes = {n: ms for n, ms in where.items() if len(ms) > 1}
     assert not clashes, f"public names defined in more than one module: {clashes}"

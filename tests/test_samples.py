@@ -7,18 +7,11 @@ import json
 import pytest
 import torch
 
-from lora_widgets import (
-    LoRAConfig,
-    SampleGenerations,
-    apply_lora,
-    event_from_dict,
-    generate_samples,
-    load_base_model,
-    lora_layers,
-    merge_lora,
-    set_adapters_enabled,
-)
+from lora_widgets import LoRAConfig, apply_lora, load_base_model, lora_layers, merge_lora
+from lora_widgets.events import SampleGenerations, event_from_dict
+from lora_widgets.health import generate_samples
 from lora_widgets.health.samples import MAX_PROMPTS
+from lora_widgets.lora.layers import set_adapters_enabled
 
 PROMPTS = ["def main(", "The with statement"]
 

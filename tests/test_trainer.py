@@ -50,7 +50,9 @@ def config(tmp_path: Path, **changes: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def make(tmp_path: Path, model: torch.nn.Module | None = None, data: Any = None, **changes: Any) -> LoRATrainer:
+def make(
+    tmp_path: Path, model: torch.nn.Module | None = None, data: Any = None, **changes: Any
+) -> LoRATrainer:
     return LoRATrainer(
         model if model is not None else tiny_llama(),
         None,
@@ -119,7 +121,9 @@ def test_constructor_errors(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"nn\.Module"):
         LoRATrainer("not a model", None, blocks())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fp16"):
-        LoRATrainer(tiny_llama(), None, blocks(), lora=LoRAConfig(), config=config(tmp_path, precision="fp16"))
+        LoRATrainer(
+            tiny_llama(), None, blocks(), lora=LoRAConfig(), config=config(tmp_path, precision="fp16")
+        )
     frozen = tiny_llama().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         LoRATrainer(frozen, None, blocks(), config=config(tmp_path))
@@ -380,7 +384,9 @@ def test_new_trainer_replaces_adapters_a_trainer_made(tmp_path: Path) -> None:
 
 
 def test_gpt2_bf16_and_gradient_checkpointing(tmp_path: Path) -> None:
-    t = LoRATrainer(tiny_gpt2(), None, blocks(), lora=LoRAConfig(r=4), config=config(tmp_path, precision="bf16"))
+    t = LoRATrainer(
+        tiny_gpt2(), None, blocks(), lora=LoRAConfig(r=4), config=config(tmp_path, precision="bf16")
+    )
     end = t.run_sync()
     assert isinstance(end, RunFinished) and np.isfinite(t.history.loss).all()
     plain = _losses(tmp_path, dropout=0.0)
@@ -402,7 +408,9 @@ def test_peft_model_is_trained_as_is(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
-    t = LoRATrainer(model, None, blocks(), lora=None, config=config(tmp_path, max_steps=3, learning_rate=1e-2))
+    t = LoRATrainer(
+        model, None, blocks(), lora=None, config=config(tmp_path, max_steps=3, learning_rate=1e-2)
+    )
     end = t.run_sync()
     assert isinstance(end, RunFinished) and end.adapter_path is not None
     assert Path(end.adapter_path, "adapter_model.safetensors").exists()
@@ -420,7 +428,9 @@ def test_token_blocks_from_text_source(tmp_path: Path) -> None:
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]")
     texts = [" ".join(f"w{(i * 7 + j) % 127}" for j in range(60)) for i in range(40)]
-    t = LoRATrainer(tiny_llama(), tokenizer, texts, lora=LoRAConfig(r=4), config=config(tmp_path, block_size=32))
+    t = LoRATrainer(
+        tiny_llama(), tokenizer, texts, lora=LoRAConfig(r=4), config=config(tmp_path, block_size=32)
+    )
     end = t.run_sync()
     assert isinstance(end, RunFinished), end.message
 

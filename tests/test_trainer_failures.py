@@ -21,7 +21,9 @@ def blocks(n: int = 40, seq: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def make(tmp_path: Path, model: torch.nn.Module | None = None, data: Any = None, **changes: Any) -> LoRATrainer:
+def make(
+    tmp_path: Path, model: torch.nn.Module | None = None, data: Any = None, **changes: Any
+) -> LoRATrainer:
     cfg: dict[str, Any] = {
         "max_steps": 8,
         "batch_size": 4,
@@ -111,7 +113,7 @@ def test_out_of_memory(tmp_path: Path, oom_type: type[Exception]) -> None:
 def test_out_of_memory_suggestions_survive_a_broken_estimator(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lora_widgets.memory import preflight as memory
+    from lora_widgets.memory import fit as memory
 
     def broken(*args: Any, **kwargs: Any) -> list[str]:
         raise RuntimeError("estimator unavailable")
@@ -252,8 +254,8 @@ def test_out_of_memory_before_the_first_step(tmp_path: Path, monkeypatch: pytest
 def test_out_of_memory_suggestions_from_the_memory_estimator(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from lora_widgets.memory import fit as memory
     from lora_widgets.training import diagnosis
-    from lora_widgets.memory import preflight as memory
 
     t = make(tmp_path, data=blocks(80, 64), batch_size=32)
     from lora_widgets.memory.estimate import CPU_RUNTIME_BYTES

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from lora_widgets import atomic
-from lora_widgets.training import checkpoint as ckpt
-from lora_widgets.training.diagnosis import is_out_of_memory
 from lora_widgets.events.types import CheckpointSaved, Event, RunFailed, RunFinished, RunSource, StepMetrics
 from lora_widgets.lora.layers import LoRAConfig, apply_lora, merge_lora, unmerge_lora
 from lora_widgets.lora.peft_format import load_adapter, lora_state_dict
+from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.diagnosis import is_out_of_memory
 from lora_widgets.training.trainer import LoRATrainer
 from tests.helpers import tiny_llama
 
@@ -123,7 +123,9 @@ def test_replacing_a_trainers_adapters_with_a_bad_config_keeps_the_trained_ones(
     make(tmp_path, model=model, learning_rate=1e-2).run_sync()
     before = snapshot(model)
     with pytest.raises(ValueError, match="matched no"):
-        LoRATrainer(model, None, blocks(), lora=LoRAConfig(r=2, target_modules=["nope"]), config=TrainConfig())
+        LoRATrainer(
+            model, None, blocks(), lora=LoRAConfig(r=2, target_modules=["nope"]), config=TrainConfig()
+        )
     assert_same(snapshot(model), before)
     t = LoRATrainer(model, None, blocks(), lora=LoRAConfig(r=2), config=TrainConfig(device="cpu"))
     assert (

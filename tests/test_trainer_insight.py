@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from lora_widgets import models as demo
+from lora_widgets.events.replay import read_events
 from lora_widgets.events.types import (
     AdapterStats,
     AlertRaised,
@@ -28,7 +29,6 @@ from lora_widgets.events.types import (
     event_from_dict,
 )
 from lora_widgets.lora.layers import LoRAConfig, lora_layers
-from lora_widgets.events.replay import read_events
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.insight import PROMPT_TOKENS, Insight, end_of_turn_id
 from lora_widgets.training.trainer import LoRATrainer
@@ -134,7 +134,9 @@ def test_the_seed_bug_is_flagged_at_the_first_update_headless(tmp_path: Path) ->
 def test_user_prompts_and_switching_it_off(tmp_path: Path, tokenizer: Any) -> None:
     prompts = ("def main(", "The with statement")
     config = _config(tmp_path, sample_prompts=prompts, max_steps=3, eval_every=None)
-    trainer = LoRATrainer(tiny_llama(vocab_size=VOCAB), tokenizer, _data(), lora=LoRAConfig(r=2), config=config)
+    trainer = LoRATrainer(
+        tiny_llama(vocab_size=VOCAB), tokenizer, _data(), lora=LoRAConfig(r=2), config=config
+    )
     samples = [e for e in _run(trainer) if isinstance(e, SampleGenerations)]
     assert [e.step for e in samples] == [0, 3]
     assert [s.prompt for s in samples[0].samples] == list(prompts)
@@ -146,7 +148,9 @@ def test_user_prompts_and_switching_it_off(tmp_path: Path, tokenizer: Any) -> No
 
 
 def test_full_fine_tuning_publishes_no_adapter_events(tmp_path: Path, tokenizer: Any) -> None:
-    trainer = LoRATrainer(tiny_llama(vocab_size=VOCAB), tokenizer, _data(), lora=None, config=_config(tmp_path))
+    trainer = LoRATrainer(
+        tiny_llama(vocab_size=VOCAB), tokenizer, _data(), lora=None, config=_config(tmp_path)
+    )
     kinds = {e.kind for e in _run(trainer)}
     assert not kinds & {"adapter_stats", "samples", "alert"}
 

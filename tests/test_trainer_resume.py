@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.events.types import CheckpointSaved, Event, RunFinished, StepMetrics
 from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.lora.peft_format import load_adapter, lora_state_dict
+from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.trainer import LoRATrainer
 from tests.helpers import tiny_gpt2, tiny_llama

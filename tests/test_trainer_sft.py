@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lora_widgets.models import BASE_MODEL_PATH
-from lora_widgets.events.types import DataPrepared, EvalMetrics, Event, RunFailed, RunFinished, RunStarted
-from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.data.sft import prepare_sft
 from lora_widgets.data.sft_batches import collate, masked_lm_loss
 from lora_widgets.data.sft_eval import answer_loss
-from lora_widgets.training.config import TrainConfig
+from lora_widgets.events.types import DataPrepared, EvalMetrics, Event, RunFailed, RunFinished, RunStarted
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.models import BASE_MODEL_PATH
 from lora_widgets.training.batches import BatchOrder, Blocks, Examples, PaddedBatch
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.step import batch_loss, forward_loss
 from lora_widgets.training.trainer import LoRATrainer
 from tests.helpers import tiny_llama

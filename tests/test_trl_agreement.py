@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lora_widgets.models import BASE_MODEL_PATH
 from lora_widgets.data.sft import prepare_sft
+from lora_widgets.models import BASE_MODEL_PATH
 
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 datasets = pytest.importorskip("datasets")

@@ -43,8 +43,8 @@ __all__ = [
     "get_corpus_info",
     "instruction_corpus_names",
     "list_corpora",
-    "python_version",
     "load_corpus",
+    "python_version",
     "read_instructions",
 ]
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lora_widgets.data.rows import check_messages
-from lora_widgets.models import stop_token_ids
 from lora_widgets.data.sft_batches import IGNORE_INDEX, SFTExample, collate, masked_lm_loss
+from lora_widgets.models import stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -83,7 +83,9 @@ class Replay:
         self.events: list[Event] = list(events)
         bad = [e for e in self.events if not isinstance(e, _EventBase)]
         if bad:
-            raise TypeError(f"events must be run events (lora_widgets.events.types), got {type(bad[0]).__name__}")
+            raise TypeError(
+                f"events must be run events (lora_widgets.events.types), got {type(bad[0]).__name__}"
+            )
         if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval >= 0:
             raise ValueError(f"interval must be a number of seconds >= 0, got {interval!r}")
         self.interval = float(interval)

@@ -25,9 +25,15 @@ from typing import Any
 
 import torch
 
-from lora_widgets.training.diagnosis import Diagnosis, error_diagnosis, is_out_of_memory, nan_diagnosis, oom_diagnosis
 from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.diagnosis import (
+    Diagnosis,
+    error_diagnosis,
+    is_out_of_memory,
+    nan_diagnosis,
+    oom_diagnosis,
+)
 
 __all__ = [
     "MIN_CHART_POINTS",

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lora_widgets.events.history import History
 from lora_widgets.events.types import (
     EvalMetrics,
     Event,
@@ -39,7 +40,6 @@ from lora_widgets.events.types import (
 )
 from lora_widgets.hf.args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf.callback import EventCallback
-from lora_widgets.events.history import History
 
 __all__ = ["EventCallback", "HFRun", "describe_settings", "logging_advice"]
 

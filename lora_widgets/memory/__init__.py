@@ -5,7 +5,7 @@
 ``activations``    activation bytes saved for backward, per transformer block (Korthikanti et al. 2022, §4.1)
 ``estimate``       :func:`estimate_memory`: the peak of a training step, phase by phase
 ``measure``        :func:`measure_memory`: the same peak, measured on the device
-``preflight``      :func:`preflight` before a run and :func:`suggest_fit` when it does not fit
+``fit``            :func:`preflight` before a run and :func:`suggest_fit` when it does not fit
 =================  ==========================================================================================
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from lora_widgets.memory.arch import known_models
 from lora_widgets.memory.estimate import MemoryEstimate, estimate_memory
 from lora_widgets.memory.measure import MemoryMeasurement, measure_memory
-from lora_widgets.memory.preflight import PreflightResult, preflight, suggest_fit
+from lora_widgets.memory.fit import PreflightResult, preflight, suggest_fit
 
 __all__ = [
     "MemoryEstimate",

@@ -1,6 +1,6 @@
 r"""Activation memory of one training step: the bytes autograd saves for backward, block by block.
 
-The model behind :func:`lora_widgets.memory.preflight.estimate_memory`'s forward and backward phases. It follows
+The model behind :func:`lora_widgets.memory.fit.estimate_memory`'s forward and backward phases. It follows
 Korthikanti et al. 2022 (sec. 4.1): walk a transformer block and count each tensor an operator saves for
 its backward once, with the terms adapted to Llama- and GPT-2-style blocks as transformers runs them,
 to LoRA (frozen linears save no input), to fp32 logits, and to mixed precision. Every term is explained

@@ -2,7 +2,7 @@ r"""The memory estimator: the predicted peak of one training step, phase by phas
 
 :func:`estimate_memory` predicts the **peak** bytes of one steady-state training step (forward, backward,
 optimizer step), which is what ``torch.cuda.max_memory_allocated`` or an out-of-memory error sees. It and
-:class:`MemoryEstimate` are re-exported by :mod:`lora_widgets.memory.preflight`, with the measurement and the advice.
+:class:`MemoryEstimate` are re-exported by :mod:`lora_widgets.memory.fit`, with the measurement and the advice.
 The formulas, their sources and a table of estimates against measurements are in ``docs/memory.md``.
 
 Why phases

@@ -1,7 +1,7 @@
 """Measuring the memory of real training steps: exact live-bytes accounting on any device.
 
-:func:`measure_memory` is the measured counterpart of :func:`lora_widgets.memory.preflight.estimate_memory`; both are
-re-exported from :mod:`lora_widgets.memory.preflight`. The CPU method (:class:`LiveBytesTracker`) is justified in its
+:func:`measure_memory` is the measured counterpart of :func:`lora_widgets.memory.fit.estimate_memory`; both are
+re-exported from :mod:`lora_widgets.memory.fit`. The CPU method (:class:`LiveBytesTracker`) is justified in its
 docstring and in ``docs/memory.md``.
 """
 

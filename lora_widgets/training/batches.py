@@ -29,11 +29,11 @@ from typing import Any, Literal, Union
 import torch
 from torch import nn
 
-from lora_widgets.events.types import DataPrepared
-from lora_widgets.training.schedules import steps_per_epoch
 from lora_widgets.data.sft import SFTStats
 from lora_widgets.data.sft_batches import SFTExample, collate, length_grouped_batches, padding_count
+from lora_widgets.events.types import DataPrepared
 from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.schedules import steps_per_epoch
 
 __all__ = [
     "BatchOrder",
@@ -178,8 +178,8 @@ def _row_source(source: Any) -> list[Any] | str | None:
     """``source`` as instruction/chat rows (or an instruction set's name), or ``None`` when it is text to pack
     or token blocks. Rows are data with a field of a row format (``messages``, ``prompt``, ``instruction``,
     ...); plain strings and ``{"text"}`` rows keep being packed, as before."""
-    from lora_widgets.data.rows import load_rows
     from lora_widgets.data.corpora import instruction_corpus_names
+    from lora_widgets.data.rows import load_rows
 
     if isinstance(source, str) and source in instruction_corpus_names():
         return source

@@ -33,8 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_widgets.lora import layers as lora_mod
 from lora_widgets.atomic import atomic_directory, naming_file
+from lora_widgets.lora import layers as lora_mod
 from lora_widgets.lora.peft_format import save_adapter
 
 __all__ = [

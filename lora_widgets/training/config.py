@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_widgets.data.sft import TRAIN_ON
 from lora_widgets.health.samples import MAX_PROMPTS
 from lora_widgets.training.schedules import SCHEDULES
-from lora_widgets.data.sft import TRAIN_ON
 
 __all__ = ["PRECISIONS", "TrainConfig"]
 

@@ -10,7 +10,7 @@ Steps are counted as the events count them: ``step`` is the number of optimizer 
 fault during an update happened "at step ``step + 1``", and ``BEFORE_FIRST_STEP`` (-1) marks the set-up
 (data, model, optimizer) before any update.
 
-For out-of-memory errors the memory estimator (:func:`lora_widgets.memory.preflight.suggest_fit`) is asked for
+For out-of-memory errors the memory estimator (:func:`lora_widgets.memory.fit.suggest_fit`) is asked for
 settings that fit the device's total memory, when it can model the architecture; simple halvings
 follow in any case.
 """
@@ -27,8 +27,8 @@ import torch
 from lora_widgets.devices import describe_device, format_bytes, total_memory
 from lora_widgets.events.types import FailureReason
 from lora_widgets.lora.layers import LoRAConfig
-from lora_widgets.training.schedules import lr_at
 from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.schedules import lr_at
 
 __all__ = [
     "BEFORE_FIRST_STEP",
@@ -123,7 +123,7 @@ def oom_diagnosis(
     )
     suggestions: list[str] = []
     try:  # the memory estimator's concrete fits, when it can model this model
-        from lora_widgets.memory import preflight as memory
+        from lora_widgets.memory import fit as memory
 
         if total:
             suggestions += memory.suggest_fit(

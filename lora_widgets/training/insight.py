@@ -26,14 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_widgets.lora.statistics import adapter_stats, snapshot_adapters
-from lora_widgets.health.alerts import AlertMonitor
-from lora_widgets.events.types import AlertRaised, Event, SampleGenerations
-from lora_widgets.lora.layers import has_lora, lora_layers
-from lora_widgets.health.samples import generate_samples
 from lora_widgets.data.sft_batches import IGNORE_INDEX
-from lora_widgets.training.config import TrainConfig
+from lora_widgets.events.types import AlertRaised, Event, SampleGenerations
+from lora_widgets.health.alerts import AlertMonitor
+from lora_widgets.health.samples import generate_samples
+from lora_widgets.lora.layers import has_lora, lora_layers
+from lora_widgets.lora.statistics import adapter_stats, snapshot_adapters
 from lora_widgets.training.batches import Examples
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.step import Probe
 
 __all__ = ["DEFAULT_PROMPTS", "PROMPT_TOKENS", "Insight", "end_of_turn_id"]

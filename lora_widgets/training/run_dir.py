@@ -23,13 +23,13 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.atomic import atomic_write_json, remove_stale_temporaries
-from lora_widgets.training.diagnosis import format_lr
 from lora_widgets.events.types import EvalMetrics, Event, StepMetrics, event_from_dict
 from lora_widgets.lora.layers import LoRAConfig, count_parameters
-from lora_widgets.training.config import TrainConfig
+from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training.batches import Blocks
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.diagnosis import format_lr
 
 __all__ = ["RunDirectory", "config_document", "read_metrics", "run_stem"]
 

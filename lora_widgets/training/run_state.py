@@ -20,17 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.devices import describe_device
-from lora_widgets.training.diagnosis import Diagnosis, Phase
 from lora_widgets.events.types import EvalMetrics, RunStarted, StepMetrics
 from lora_widgets.lora.layers import LoRAConfig, count_parameters, lora_layers
-from lora_widgets.training.schedules import lr_at
-from lora_widgets.training.config import TrainConfig
+from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import precision
 from lora_widgets.training.batches import BatchOrder, Blocks, data_position
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.diagnosis import Diagnosis, Phase
 from lora_widgets.training.meter import DeviceUsage, Lap
 from lora_widgets.training.run_dir import read_metrics
+from lora_widgets.training.schedules import lr_at
 from lora_widgets.training.step import Probe, StepResult, make_optimizer, train_step
 
 __all__ = ["Progress", "Session", "Usage"]

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_widgets.training import checkpoint as ckpt
-from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.batches import MicroBatch, PaddedBatch
+from lora_widgets.training.config import TrainConfig
 
 __all__ = ["Probe", "StepResult", "batch_loss", "evaluate", "forward_loss", "make_optimizer", "train_step"]
 

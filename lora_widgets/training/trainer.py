@@ -43,9 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.devices import describe_device, select_device
-from lora_widgets.training.diagnosis import Diagnosis, diagnose, nan_diagnosis
+from lora_widgets.events.history import History
 from lora_widgets.events.types import (
     CheckpointSaved,
     EvalMetrics,
@@ -59,18 +58,19 @@ from lora_widgets.events.types import (
     StepMetrics,
     Subscribers,
 )
-from lora_widgets.events.history import History
 from lora_widgets.lora.layers import LoRAConfig, LoRAReport, lora_layers
-from lora_widgets.training.schedules import lr_schedule as _lr_schedule
-from lora_widgets.training.schedules import total_steps
-from lora_widgets.training.config import TrainConfig
+from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import ownership, precision
 from lora_widgets.training.batches import Blocks, data_prepared, eval_batches, prepare_blocks, vocab_size
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.control import RunControl
+from lora_widgets.training.diagnosis import Diagnosis, diagnose, nan_diagnosis
 from lora_widgets.training.insight import Insight
 from lora_widgets.training.meter import Meter
 from lora_widgets.training.run_dir import RunDirectory, config_document, run_stem
 from lora_widgets.training.run_state import Progress, Session
+from lora_widgets.training.schedules import lr_schedule as _lr_schedule
+from lora_widgets.training.schedules import total_steps
 from lora_widgets.training.step import evaluate
 
 __all__ = ["LoRATrainer"]

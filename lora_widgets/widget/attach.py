@@ -31,8 +31,8 @@ __all__ = [
     "model_of",
     "panel_traits",
     "ready_callout",
-    "settings_of",
     "show_source",
+    "source_settings",
     "total_steps_of",
     "train_rows_of",
 ]

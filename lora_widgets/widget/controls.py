@@ -47,8 +47,8 @@ from typing import Any, Literal
 import traitlets as t
 
 from lora_widgets.lora.layers import LoRAConfig
-from lora_widgets.training.schedules import SCHEDULES
 from lora_widgets.training.config import PRECISIONS, TrainConfig
+from lora_widgets.training.schedules import SCHEDULES
 
 __all__ = [
     "CONTROLS",

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from ipywidgets import Layout, VBox
 
+from lora_widgets.events.history import History
+from lora_widgets.events.replay import Replay
 from lora_widgets.events.types import (
     AdapterStats,
     AlertRaised,
@@ -41,9 +43,7 @@ from lora_widgets.events.types import (
     StateChanged,
     StepMetrics,
 )
-from lora_widgets.events.history import History
 from lora_widgets.lora.layers import LoRAConfig, count_parameters
-from lora_widgets.events.replay import Replay
 from lora_widgets.widget import attach, callouts, controls, loading, readouts
 from lora_widgets.widget.adapter_charts import AdapterCharts
 from lora_widgets.widget.callouts import Callouts
@@ -267,7 +267,9 @@ class LoRADashboard(
         A source that describes its settings (``HFRun``) has them shown read-only, with its logging advice.
         """
         if not isinstance(source, RunSource):
-            raise TypeError(f"source must be a lora_widgets.events.types.RunSource, got {type(source).__name__}")
+            raise TypeError(
+                f"source must be a lora_widgets.events.types.RunSource, got {type(source).__name__}"
+            )
         self._session.check_idle()
         loop = running_loop()
         self._archive_previous_run()

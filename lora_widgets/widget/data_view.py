@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from lora_widgets.events.types import DataPrepared
 from lora_widgets.data.sft_batches import IGNORE_INDEX
+from lora_widgets.events.types import DataPrepared
 from lora_widgets.training.batches import Examples
 
 __all__ = ["MAX_TOKENS", "DataView", "data_facts"]

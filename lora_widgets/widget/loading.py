@@ -28,9 +28,9 @@ __all__ = [
     "data_event",
     "guess_device_type",
     "is_hf_trainer",
-    "load_model",
     "preflight_callout",
-    "prepare_blocks",
+    "resolve_data",
+    "resolve_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def preflight_callout(
     instruction examples (the length-grouped order puts that batch first, so it is the peak); default
     ``train.block_size``.
     """
-    from lora_widgets.memory.preflight import preflight
+    from lora_widgets.memory.fit import preflight
 
     try:
         result = preflight(

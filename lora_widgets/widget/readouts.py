@@ -19,8 +19,8 @@ import numpy as np
 from torch import nn
 
 from lora_widgets.devices import describe_device, format_bytes
-from lora_widgets.events.types import SampleGenerations
 from lora_widgets.events.history import History
+from lora_widgets.events.types import SampleGenerations
 from lora_widgets.lora.layers import LoRAConfig, count_parameters
 from lora_widgets.training.schedules import lr_schedule, steps_per_epoch, total_steps
 

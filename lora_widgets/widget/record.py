@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_widgets.events.types import AdapterStats, AlertRaised, Event, RunEnded, RunSource, SampleGenerations
 from lora_widgets.events.history import History
+from lora_widgets.events.types import AdapterStats, AlertRaised, Event, RunEnded, RunSource, SampleGenerations
 from lora_widgets.lora.layers import LoRAConfig
 
 __all__ = ["RunRecord"]

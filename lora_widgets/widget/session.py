@@ -14,8 +14,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from lora_widgets.training.diagnosis import format_lr
 from lora_widgets.events.types import Event, RunEnded, RunFailed, RunSource, RunStopped
+from lora_widgets.training.diagnosis import format_lr
 from lora_widgets.widget.labels import run_label
 from lora_widgets.widget.record import RunRecord
 
