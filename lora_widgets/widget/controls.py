@@ -53,6 +53,7 @@ from lora_widgets.training.schedules import SCHEDULES
 __all__ = [
     "CONTROLS",
     "CONTROL_NAMES",
+    "LORA_CONTROL_NAMES",
     "TARGET_PRESETS",
     "Control",
     "config_fields",
@@ -194,6 +195,8 @@ CONTROLS: tuple[Control, ...] = (
 # fmt: on
 
 CONTROL_NAMES: tuple[str, ...] = tuple(c.name for c in CONTROLS)
+LORA_CONTROL_NAMES: tuple[str, ...] = tuple(c.name for c in CONTROLS if c.config is LoRAConfig)
+"""The controls that change the adapter (the planned-parameters readout follows them)."""
 
 
 def config_fields(config: type) -> tuple[str, ...]:

@@ -64,7 +64,6 @@ __all__ = ["DashboardPanel", "LoRADashboard", "RunRecord", "validate_settings"]
 logger = logging.getLogger(__name__)
 
 _TRAIN_FIELDS = controls.config_fields(controls.TrainConfig)
-_LORA_TRAITS = ["rank", "alpha", "dropout", "target_modules"]
 _LOGGED_LR_EVERY = 5  # flushes between redraws of a logged LR line (it moves slowly; its marker every flush)
 
 
@@ -157,7 +156,7 @@ class LoRADashboard(
         )
         self.adapter_charts = AdapterCharts()
         self.panel.observe(self._on_controls, names=list(DashboardPanel.CONFIG_TRAITS))
-        self.panel.observe(self._preview_params, names=_LORA_TRAITS)
+        self.panel.observe(self._preview_params, names=list(controls.LORA_CONTROL_NAMES))
         self.panel.observe(self._on_log_scale, names=["log_scale"])
         self.panel.observe(self._show_example, names=["data_index"])
         self._show_example()
