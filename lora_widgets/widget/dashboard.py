@@ -172,11 +172,11 @@ class LoRADashboard(
         if self._attached is not None:
             self.panel.summary = {**self.panel.summary, "train_rows": attach.train_rows_of(self._attached)}
             attach.show_source(self._attached, self.panel, self._callouts, self.charts)
-            self._callouts.set("status", attach.ready_callout(self.panel.attached_settings))
+            self._callouts.set("status", callouts.ready_callout(self.panel.attached_settings))
             self._publish_callouts()
             return
         self._callouts.set("status", callouts.READY)
-        self._callouts.put("device", loading.cpu_callout(self.model) if self._device_type == "cpu" else None)
+        self._callouts.put("device", callouts.cpu_callout(self.model) if self._device_type == "cpu" else None)
         self._callouts.put("adapters", callouts.ADAPTERS_GIVEN if self._adapters_given else None)
         self._publish_callouts()
 
@@ -355,7 +355,7 @@ class LoRADashboard(
     def _build_run(self, lora: LoRAConfig, train: Any) -> RunRecord:
         """The next run: the memory pre-flight (as a callout), then a LoRATrainer to drive."""
         own = None if self._adapters_given else lora  # a model's own adapters train as they are
-        self._callouts.put("preflight", loading.preflight_callout(self.model, own, train, self._device_type,
+        self._callouts.put("preflight", callouts.preflight_callout(self.model, own, train, self._device_type,
                                                                   int(self._data[0].shape[1])))  # fmt: skip
         return new_trainer_run(self.model, self.tokenizer, self._data, lora, own, train, len(self.runs) + 1,
                                self._trainer_factory)  # fmt: skip
