@@ -31,17 +31,8 @@ def make(
         "schedule": "constant",  # so a shorter reference run uses the same rates
         "eval_every": None,
         "val_fraction": 0.0,  # no evaluation: every forward below is a training micro-batch
-        "output_dir": str(tmp_path / "runs"),
-        "device": "cpu",
     }
-    cfg.update(changes)
-    return LoRATrainer(
-        model if model is not None else tiny_llama(),
-        None,
-        blocks() if data is None else data,
-        lora=LoRAConfig(r=4),
-        config=TrainConfig(**cfg),
-    )
+    return tiny_trainer(tmp_path, model, blocks() if data is None else data, **{**cfg, **changes})
 
 
 def fault_on_call(model: torch.nn.Module, n: int, effect: Any) -> torch.utils.hooks.RemovableHandle:

@@ -35,17 +35,8 @@ def make(tmp_path: Path, model: torch.nn.Module | None = None, **changes: Any) -
         "warmup_steps": 0,
         "eval_every": None,
         "val_fraction": 0.0,
-        "output_dir": str(tmp_path / "runs"),
-        "device": "cpu",
     }
-    cfg.update(changes)
-    return LoRATrainer(
-        model if model is not None else tiny_llama(),
-        None,
-        blocks(),
-        lora=LoRAConfig(r=4),
-        config=TrainConfig(**cfg),
-    )
+    return tiny_trainer(tmp_path, model, blocks(), **{**cfg, **changes})
 
 
 def record(trainer: LoRATrainer) -> list[Event]:
