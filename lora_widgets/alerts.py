@@ -131,8 +131,8 @@ def no_gradient_alert(report: GradientReport, step: int) -> Alert | None:
     """
     if not report.missing:
         return None
-    return Alert("no_gradient", report.title(), report.evidence(step), " ".join(
-        s + "." for s in fix_steps(report)), step, "danger")  # fmt: skip
+    fix = " ".join(f"{advice}." for advice in fix_steps(report))
+    return Alert("no_gradient", report.title(), report.evidence(step), fix, step, "danger")
 
 
 def b_zero_alert(stats: AdapterStats, after: int = B_ZERO_AFTER) -> Alert | None:

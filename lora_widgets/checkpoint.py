@@ -48,8 +48,8 @@ __all__ = [
     "save_checkpoint",
     "save_trained_weights",
     "seed_everything",
-    "trained_weights_kind",
     "trainable_parameters",
+    "trained_weights_kind",
 ]
 
 FORMAT_VERSION = 1

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -128,9 +128,7 @@ class GradientReport:
             "called), or its module's output is detached: training cannot change it"
         )
         if self.adapters:
-            meaning += (
-                f". These look like adapters (named lora/adapter, or low-rank shapes): {ADAPTERS_NEVER_CALLED}"
-            )
+            meaning += f". These look like adapters (named lora/adapter, or low-rank shapes): {ADAPTERS_NEVER_CALLED}"
         return f"{seen}: {self.summary()}. {meaning}."
 
 
@@ -165,7 +163,9 @@ def fix_steps(report: GradientReport) -> list[str]:
         "a re-entrant gradient checkpoint whose inputs do not require grad (model.enable_input_require_grads(), "
         "or gradient_checkpointing_kwargs={'use_reentrant': False})"
     )
-    frozen = "Parameters meant to stay fixed: set requires_grad=False on them, so they are not counted as trained"
+    frozen = (
+        "Parameters meant to stay fixed: set requires_grad=False on them, so they are not counted as trained"
+    )
     steps = [call, detached] if report.adapters else [detached, call]
     return [*steps, frozen]
 
@@ -242,8 +242,8 @@ def looks_like_adapter(pattern: str, shapes: Iterable[tuple[int, ...]]) -> bool:
 class _Acc:
     tensors: int = 0
     parameters: int = 0
-    indices: set[tuple[str, ...]] | None = None
-    shapes: list[tuple[int, ...]] | None = None
+    indices: set[tuple[str, ...]] = field(default_factory=set)  # layer-index tuples seen
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def group_unused(model: nn.Module, missing: Iterable[tuple[str, nn.Parameter]]) -> list[UnusedGroup]:
@@ -253,16 +253,15 @@ def group_unused(model: nn.Module, missing: Iterable[tuple[str, nn.Parameter]]) 
     acc: dict[str, _Acc] = {}
     for name, p in missing:
         pattern, indices = _pattern(_owner_path(model, name))
-        a = acc.setdefault(pattern, _Acc(indices=set(), shapes=[]))
+        a = acc.setdefault(pattern, _Acc())
         a.tensors += 1
         a.parameters += p.numel()
-        assert a.indices is not None and a.shapes is not None
         a.indices.add(indices)
         a.shapes.append(tuple(p.shape))
     siblings: dict[tuple[str, frozenset[tuple[str, ...]]], list[str]] = {}
     for pattern, a in acc.items():
         parent = pattern.rpartition(".")[0]
-        key = (parent, frozenset(a.indices or ())) if parent else (pattern, frozenset())
+        key = (parent, frozenset(a.indices)) if parent else (pattern, frozenset())
         siblings.setdefault(key, []).append(pattern)
     groups = []
     for (parent, _), patterns in siblings.items():
@@ -271,14 +270,14 @@ def group_unused(model: nn.Module, missing: Iterable[tuple[str, nn.Parameter]]) 
             pattern = patterns[0]
         else:
             pattern = f"{parent}.{{{','.join(p.rpartition('.')[2] for p in patterns)}}}"
-        indices = set().union(*(m.indices or set() for m in members))
-        shapes = [s for m in members for s in (m.shapes or [])]
+        layers: set[tuple[str, ...]] = set().union(*(m.indices for m in members))
+        shapes = [s for m in members for s in m.shapes]
         groups.append(
             UnusedGroup(
                 pattern=pattern,
                 tensors=sum(m.tensors for m in members),
                 parameters=sum(m.parameters for m in members),
-                layers=len({i for i in indices if i}),
+                layers=len({i for i in layers if i}),
                 look_like_adapter=looks_like_adapter(pattern, shapes),
             )
         )

@@ -37,8 +37,8 @@ from lora_widgets.events import (
     StepMetrics,
     Subscribers,
 )
-from lora_widgets.hf_args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.gradient_check import is_no_gradient_error
+from lora_widgets.hf_args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf_callback import EventCallback
 from lora_widgets.history import History
 

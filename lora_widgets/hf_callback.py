@@ -46,8 +46,8 @@ from typing import IO, Any
 import torch
 from transformers import TrainerCallback
 
-from lora_widgets.devices import describe_device, gpu_utilization, memory_in_use
 from lora_widgets.alerts import no_gradient_alert
+from lora_widgets.devices import describe_device, gpu_utilization, memory_in_use
 from lora_widgets.events import (
     AlertRaised,
     CheckpointSaved,
@@ -64,6 +64,7 @@ from lora_widgets.events import (
     StepMetrics,
     Subscribers,
 )
+from lora_widgets.gradient_check import gradient_report
 from lora_widgets.hf_args import (
     failure_diagnosis,
     logging_advice,
@@ -72,7 +73,6 @@ from lora_widgets.hf_args import (
     sample_seq_len,
     settings_of,
 )
-from lora_widgets.gradient_check import gradient_report
 from lora_widgets.lora import count_parameters
 
 __all__ = ["EventCallback"]

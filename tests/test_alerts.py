@@ -108,8 +108,9 @@ def test_seed_bug_lora_not_in_forward_is_flagged_at_the_first_update() -> None:
     assert alert.step == 1  # read from the first update's gradients
     assert alert.severity == "danger" and alert.title == "12 of 27 trainable tensors receive no gradient"
     for proj in TARGETS:  # grouped by module, layer indices collapsed
-        assert f"unused_adapters.model_layers_*_self_attn_{proj}.{{lora_A,lora_B}}: 4 tensors in 2 layers" in (
-            alert.evidence
+        assert (
+            f"unused_adapters.model_layers_*_self_attn_{proj}.{{lora_A,lora_B}}: 4 tensors in 2 layers"
+            in (alert.evidence)
         )
     assert "the adapters exist but the forward never calls them" in alert.evidence
     assert "apply_lora" in alert.fix

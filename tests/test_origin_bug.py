@@ -107,7 +107,9 @@ def _alerts(events: list[Event]) -> list[AlertRaised]:
 # -- our trainer -----------------------------------------------------------------------------------------------
 
 
-def test_reviewed_notebook_code_ends_at_step_1_naming_the_adapters_the_forward_never_calls(tmp_path: Path) -> None:
+def test_reviewed_notebook_code_ends_at_step_1_naming_the_adapters_the_forward_never_calls(
+    tmp_path: Path,
+) -> None:
     model = _reviewed_notebook_code()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer, events = _trainer(tmp_path, model)

@@ -124,7 +124,9 @@ def test_the_seed_bug_is_flagged_at_the_first_update_headless(tmp_path: Path) ->
     alert = alerts[0]
     assert alert.step == 1 and alert.severity == "danger"
     assert alert.title == "12 of 27 trainable tensors receive no gradient"
-    assert "the adapters exist but the forward never calls them" in alert.evidence and "apply_lora" in alert.fix
+    assert (
+        "the adapters exist but the forward never calls them" in alert.evidence and "apply_lora" in alert.fix
+    )
     first_step = next(e for e in events if isinstance(e, StepMetrics))
     assert events.index(alert) < events.index(first_step)  # read from the first update's gradients
     assert trainer.run_dir is not None
