@@ -255,9 +255,13 @@ class EventCallback(TrainerCallback):
                 control.should_save = True
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # after backward (and clipping), before the update: the one moment the gradients can be read
+        # after backward (and clipping), before the update: the gradients exist until zero_grad()
         if not self._run.gradients_checked:
             self._check_gradients(kwargs.get("model"), int(state.global_step) + 1)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after the update, before zero_grad(): the same check where on_pre_optimizer_step is not called
+        self.on_pre_optimizer_step(args, state, control, **kwargs)
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any

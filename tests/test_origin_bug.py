@@ -79,7 +79,7 @@ def _llama(layers: int = 4) -> LlamaForCausalLM:
 
 
 def _reviewed_notebook_code() -> nn.Module:
-    model = _llama()
+    model: nn.Module = _llama()
     for p in model.parameters():  # the base frozen
         p.requires_grad = False
     model, _ = inject_lora(model, rank=4)
@@ -162,7 +162,7 @@ def test_the_dashboard_shows_the_diagnosis_and_the_alert(tmp_path: Path) -> None
 
 def test_a_correct_adapter_trains_on_and_the_unused_k_proj_modules_are_named(tmp_path: Path) -> None:
     model = _llama()
-    apply_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))  # in the forward: they train
+    apply_lora(model, LoRAConfig(r=4, target_modules=("q_proj", "v_proj")))  # in the forward: they train
     inject_lora(model, rank=4, targets=("k_proj",))  # the reviewed code's mistake, on k_proj only
     trainer, events = _trainer(tmp_path, model)
     end = trainer.run_sync()
