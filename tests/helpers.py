@@ -88,7 +88,7 @@ class FakeLoop:
 
 
 class ScriptedRun:
-    """A :class:`~lora_widgets.events.RunSource` that publishes scripted events on a :class:`FakeLoop` clock.
+    """A :class:`~lora_widgets.events.types.RunSource` that publishes scripted events on a :class:`FakeLoop` clock.
 
     After each ``StepMetrics`` the fake clock advances by ``step_s`` (running the dashboard's throttled
     flushes that fall due), so tests and benchmarks feed a run of any length through the dashboard's own
@@ -115,7 +115,7 @@ class ScriptedRun:
         pass
 
     async def run(self) -> Any:
-        from lora_widgets.events import RunEnded, RunFinished, StepMetrics
+        from lora_widgets.events.types import RunEnded, RunFinished, StepMetrics
 
         self.running = True
         last: Any = None
@@ -139,10 +139,10 @@ LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def scripted_adapter_stats(step: int, n_layers: int = 4, rank: int = 8) -> Any:
-    """Deterministic :class:`~lora_widgets.events.AdapterStats` of a Llama-shaped model with LoRA on all 7 linear
+    """Deterministic :class:`~lora_widgets.events.types.AdapterStats` of a Llama-shaped model with LoRA on all 7 linear
     kinds of each block (the shipped model: 4 blocks, 28 adapters); ``||dW||/||W||`` grows with the step, the
     layer and the module, so every cell of a heatmap differs."""
-    from lora_widgets.events import AdapterLayerStats, AdapterStats
+    from lora_widgets.events.types import AdapterLayerStats, AdapterStats
 
     layers = []
     for i in range(n_layers):
@@ -162,7 +162,7 @@ def scripted_adapter_stats(step: int, n_layers: int = 4, rank: int = 8) -> Any:
 
 def scripted_samples(step: int) -> Any:
     """Two prompts' answers of about 100 characters each, the current one changing with the step."""
-    from lora_widgets.events import SampleGenerations, SamplePair
+    from lora_widgets.events.types import SampleGenerations, SamplePair
 
     pairs = tuple(
         SamplePair(f"def function_{k}(x):", "    return x  # the base model's answer, the same every time " * 2,

@@ -29,8 +29,8 @@ from lora_widgets import (
     lora_layers,
     snapshot_adapters,
 )
-from lora_widgets.alerts import UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW, count_trained_tokens, val_loss_alert
-from lora_widgets.gradient_check import gradient_report
+from lora_widgets.health.alerts import UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW, count_trained_tokens, val_loss_alert
+from lora_widgets.health.gradient_check import gradient_report
 from tests.helpers import patterned_batch, tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj"]  # what the seed notebook adapted

@@ -46,7 +46,7 @@ from lora_widgets import (
     suggest_fit,
     unmerge_lora,
 )
-from lora_widgets import lora as lora_mod
+from lora_widgets.lora import layers as lora_mod
 from tests.helpers import tiny_llama
 
 peft = pytest.importorskip("peft")

@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lora_widgets import LoRADashboard, TrainConfig, demo
-from lora_widgets.events import (
+from lora_widgets.events.types import (
     AdapterStats,
     AlertRaised,
     EvalMetrics,
@@ -24,8 +24,8 @@ from lora_widgets.events import (
     SampleGenerations,
     StepMetrics,
 )
-from lora_widgets.replay import read_events
-from lora_widgets.training.trainer import Trainer
+from lora_widgets.events.replay import read_events
+from lora_widgets.training.trainer import LoRATrainer
 from lora_widgets.widget.adapter_charts import heatmap_of
 from lora_widgets.widget.static_summary import adapter_heatmap_svg
 from tests.helpers import (
@@ -188,11 +188,11 @@ def test_a_gpt2_heatmap_tells_its_two_c_proj_apart_and_pads_one_block() -> None:
 
 
 def test_replaying_a_recorded_run_shows_its_heatmap_samples_and_alerts(tmp_path: Path) -> None:
-    """The seed notebook's bug, recorded by the real Trainer, then replayed from metrics.jsonl only."""
+    """The seed notebook's bug, recorded by the real LoRATrainer, then replayed from metrics.jsonl only."""
     tokenizer = AutoTokenizer.from_pretrained(demo.BASE_MODEL_PATH)  # decodes the tiny model's ids < 128
     config = TrainConfig(max_steps=4, batch_size=4, warmup_steps=1, eval_every=2, eval_batches=1,
                          output_dir=str(tmp_path), device="cpu", sample_max_new_tokens=4)  # fmt: skip
-    trainer = Trainer(
+    trainer = LoRATrainer(
         _seed_bug_model(), tokenizer, patterned_batch(8, 32).repeat(4, 1), lora=None, config=config
     )
     trainer.run_sync()

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from lora_widgets.data import prepare_data
-from lora_widgets.demo import (
+from lora_widgets.data.text import prepare_data
+from lora_widgets.models import (
     BASE_MODEL_PATH,
     generate,
     list_corpora,

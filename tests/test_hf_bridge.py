@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from lora_widgets import EventCallback, HFRun, describe_settings, logging_advice  # noqa: E402
-from lora_widgets.events import (  # noqa: E402
+from lora_widgets.events.types import (  # noqa: E402
     Event,
     RunFailed,
     RunFinished,
@@ -240,7 +240,7 @@ def test_a_failure_in_compute_loss_ends_in_run_failed(tmp_path: Path, fault: str
     assert end.suggestions and end.message
     if fault == "raise":
         assert end.reason == "error" and end.error_type == "ValueError" and end.step == 2
-        assert "weights" in end.message and "lora_widgets.hf_bridge" in " ".join(end.suggestions)
+        assert "weights" in end.message and "lora_widgets.hf.run" in " ".join(end.suggestions)
     elif fault == "oom":
         assert end.reason == "oom" and end.step == 2
         assert "per_device_train_batch_size=4" in end.message

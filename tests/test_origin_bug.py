@@ -5,7 +5,7 @@ The notebook this project grew from (its review: ``shared/seed/review_llm_finetu
 q/k/v projection as ``module._lora`` and never changed ``forward``: the adapters are counted and handed to the
 optimizer, and never called. :func:`_reviewed_notebook_code` is that code as the review shows it (without the
 review's proposed monkey-patch). Each test runs it, or a variant, through a trainer a user would use: ours with
-``lora=None`` and an attached ``transformers.Trainer``.
+``lora=None`` (``LoRATrainer``) and an attached ``transformers.Trainer``.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora_widgets.events import AlertRaised, Event, RunFailed, RunFinished, StepMetrics, event_from_dict
-from lora_widgets.gradient_check import (
+from lora_widgets.events.types import AlertRaised, Event, RunFailed, RunFinished, StepMetrics, event_from_dict
+from lora_widgets.health.gradient_check import (
     ADAPTERS_NEVER_CALLED,
     gradient_report,
     is_no_gradient_error,
     looks_like_adapter,
 )
-from lora_widgets.lora import LoRAConfig, apply_lora, lora_layers
-from lora_widgets.train_config import TrainConfig
-from lora_widgets.training.trainer import Trainer
+from lora_widgets.lora.layers import LoRAConfig, apply_lora, lora_layers
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.trainer import LoRATrainer
 from tests.helpers import patterned_batch
 
 TORCH_SAYS = "element 0 of tensors does not require grad"
@@ -90,11 +90,11 @@ def _data() -> torch.Tensor:
     return patterned_batch(8, 32).repeat(4, 1)  # [32, 32]
 
 
-def _trainer(tmp_path: Path, model: nn.Module, **changes: Any) -> tuple[Trainer, list[Event]]:
+def _trainer(tmp_path: Path, model: nn.Module, **changes: Any) -> tuple[LoRATrainer, list[Event]]:
     settings: dict[str, Any] = dict(max_steps=4, batch_size=4, warmup_steps=0, eval_every=None, val_fraction=0.0,
                                     output_dir=str(tmp_path / "runs"), device="cpu", learning_rate=1e-2)  # fmt: skip
     settings.update(changes)
-    trainer = Trainer(model, None, _data(), lora=None, config=TrainConfig(**settings))
+    trainer = LoRATrainer(model, None, _data(), lora=None, config=TrainConfig(**settings))
     events: list[Event] = []
     trainer.subscribe(events.append)
     return trainer, events
@@ -140,7 +140,7 @@ def test_reviewed_notebook_code_ends_at_step_1_naming_the_adapters_the_forward_n
 
 
 def test_the_dashboard_shows_the_diagnosis_and_the_alert(tmp_path: Path) -> None:
-    from lora_widgets.widget.dashboard import LoRADashboard
+    from lora_widgets import LoRADashboard
 
     trainer, _ = _trainer(tmp_path, _reviewed_notebook_code())
     trainer.run_sync()
@@ -232,7 +232,7 @@ def test_full_fine_tuning_says_it_saved_the_whole_model(tmp_path: Path) -> None:
 
 def _hf_run(tmp_path: Path, model: nn.Module) -> tuple[Any, list[Event]]:
     transformers = pytest.importorskip("transformers")
-    from lora_widgets import HFRun
+    from lora_widgets.hf import HFRun
 
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
                                           learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",

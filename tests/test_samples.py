@@ -18,7 +18,7 @@ from lora_widgets import (
     merge_lora,
     set_adapters_enabled,
 )
-from lora_widgets.samples import MAX_PROMPTS
+from lora_widgets.health.samples import MAX_PROMPTS
 
 PROMPTS = ["def main(", "The with statement"]
 
@@ -141,7 +141,7 @@ def test_clear_errors(shipped) -> None:  # type: ignore[no-untyped-def]
         generate_samples(model, tokenizer, ["ok"], step=0, eot_token_id="<|im_end|>")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="step must be an integer >= 0"):
         generate_samples(model, tokenizer, ["ok"], step=-1)
-    from lora_widgets import demo
+    from lora_widgets import models as demo
 
     bare, _ = demo.load_base_model()
     with pytest.raises(ValueError, match="needs a model with LoRA layers"):

@@ -1,4 +1,4 @@
-"""The Trainer as a background task in a real IPython kernel: other cells run while it trains, stop() works."""
+"""The LoRATrainer as a background task in a real IPython kernel: other cells run while it trains, stop() works."""
 
 from __future__ import annotations
 
@@ -53,12 +53,12 @@ def test_training_task_in_a_kernel(tmp_path: Path) -> None:
             f"""
 import asyncio, torch
 from tests.helpers import tiny_llama
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.train_config import TrainConfig
-from lora_widgets.training.trainer import Trainer
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.trainer import LoRATrainer
 cfg = TrainConfig(max_steps=100_000, batch_size=4, eval_every=None, val_fraction=0.0,
                   output_dir={str(tmp_path)!r}, device="cpu")
-t = Trainer(tiny_llama(), None, torch.randint(0, 128, (64, 32)), lora=LoRAConfig(r=4), config=cfg)
+t = LoRATrainer(tiny_llama(), None, torch.randint(0, 128, (64, 32)), lora=LoRAConfig(r=4), config=cfg)
 steps = []
 t.subscribe(lambda e: steps.append(e.step) if e.kind == "step" else None)
 task = asyncio.get_event_loop().create_task(t.run())

@@ -10,7 +10,7 @@ The trainer asks one :class:`Insight` per run at three points of its loop, each 
                                                                                           -> SampleGenerations
     every published event          alerts(event)     an AlertMonitor; each alert once per run -> AlertRaised
     the run's first update         gradient_alerts   trainable parameters without a gradient (any model,
-                                                     lora_widgets.gradient_check)            -> AlertRaised
+                                                     lora_widgets.health.gradient_check)            -> AlertRaised
 
 Statistics and the alerts read from them need LoRA layers (ours or PEFT's); samples need ours (they switch the adapters off for
 the base model's answers), a tokenizer and a model with ``generate``. What runs is what :class:`TrainConfig`
@@ -28,14 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_widgets.adapter_statistics import adapter_stats, snapshot_adapters
-from lora_widgets.alerts import AlertMonitor
-from lora_widgets.events import AlertRaised, Event, SampleGenerations
-from lora_widgets.gradient_check import GradientReport
-from lora_widgets.lora import has_lora, lora_layers
-from lora_widgets.samples import generate_samples
-from lora_widgets.sft_batches import IGNORE_INDEX
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.lora.statistics import adapter_stats, snapshot_adapters
+from lora_widgets.health.alerts import AlertMonitor
+from lora_widgets.events.types import AlertRaised, Event, SampleGenerations
+from lora_widgets.health.gradient_check import GradientReport
+from lora_widgets.lora.layers import has_lora, lora_layers
+from lora_widgets.health.samples import generate_samples
+from lora_widgets.data.sft_batches import IGNORE_INDEX
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.batches import Examples
 from lora_widgets.training.step import Probe
 
@@ -131,7 +131,7 @@ class Insight:
 
     def probe(self, step: int, lr: float) -> Probe | None:
         """For a measured update ``step`` at rate ``lr``: the step function's probe whose result is the update's
-        :class:`~lora_widgets.events.AdapterStats`; ``None`` for the others."""
+        :class:`~lora_widgets.events.types.AdapterStats`; ``None`` for the others."""
         model = self.model
         if model is None or not self.measures(step):
             return None

@@ -4,7 +4,7 @@ Layout of ``<output_dir>/<run_id>/``::
 
     config.json        the settings, model, device, data sizes and versions (written atomically)
     metrics.jsonl      every event, one JSON line each, appended and flushed as it happens
-    checkpoints/       step-NNNNNN/ resumable checkpoints (see lora_widgets.checkpoint)
+    checkpoints/       step-NNNNNN/ resumable checkpoints (see lora_widgets.training.checkpoint)
     adapter/           the trained weights at the end of the run (PEFT format for LoRA; the whole model for
                        full fine-tuning; trainable.safetensors, the trainable tensors by name, otherwise)
 
@@ -24,12 +24,12 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from lora_widgets import checkpoint as ckpt
+from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.atomic import atomic_write_json, remove_stale_temporaries
-from lora_widgets.diagnosis import format_lr
-from lora_widgets.events import EvalMetrics, Event, StepMetrics, event_from_dict
-from lora_widgets.lora import LoRAConfig, count_parameters
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.training.diagnosis import format_lr
+from lora_widgets.events.types import EvalMetrics, Event, StepMetrics, event_from_dict
+from lora_widgets.lora.layers import LoRAConfig, count_parameters
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.batches import Blocks
 
 __all__ = ["RunDirectory", "config_document", "read_metrics", "run_stem"]

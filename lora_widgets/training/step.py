@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_widgets import checkpoint as ckpt
-from lora_widgets.gradient_check import GradientReport, NoGradientError, gradient_report
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.health.gradient_check import GradientReport, NoGradientError, gradient_report
+from lora_widgets.training import checkpoint as ckpt
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.batches import MicroBatch, PaddedBatch
 
 __all__ = ["Probe", "StepResult", "batch_loss", "evaluate", "forward_loss", "make_optimizer", "train_step"]
@@ -74,7 +74,7 @@ def forward_loss(
     over every trained token of the update. Dividing each micro-batch by its own count instead weighs tokens
     of short micro-batches more: the gradient-accumulation bug that Unsloth and Hugging Face reported and
     fixed in Oct 2024 (unsloth.ai/blog/gradient; huggingface.co/blog/gradient_accumulation: transformers'
-    ``num_items_in_batch``). Equals :func:`lora_widgets.sft_batches.masked_lm_loss` for the same labels.
+    ``num_items_in_batch``). Equals :func:`lora_widgets.data.sft_batches.masked_lm_loss` for the same labels.
     """
     kwargs: dict[str, Any] = {}
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:

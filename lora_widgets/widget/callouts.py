@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from lora_widgets.events import AlertRaised, RunEnded, RunFailed, RunFinished
+from lora_widgets.events.types import AlertRaised, RunEnded, RunFailed, RunFinished
 
 __all__ = ["ADAPTERS_GIVEN", "ALERT_PREFIX", "READY", "STARTING", "TRAINING", "Callout", "Callouts",
            "alert_callout", "failure_callout", "outcome_callout"]  # fmt: skip
@@ -48,7 +48,7 @@ TRAINING = Callout(
 ADAPTERS_GIVEN = Callout(
     "info",
     "Training the model's own adapters",
-    "This model already carries LoRA adapters, so every run trains them as they are (as Trainer(lora=None) "
+    "This model already carries LoRA adapters, so every run trains them as they are (as LoRATrainer(lora=None) "
     "does), continuing from their current weights; the rank, alpha, dropout and target-module controls do "
     "not apply. To try other LoRA settings, pass the base model.",
 )

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from lora_widgets.events import DataPrepared
-from lora_widgets.lora import LoRAConfig, count_parameters, has_lora
+from lora_widgets.events.types import DataPrepared
+from lora_widgets.lora.layers import LoRAConfig, count_parameters, has_lora
 from lora_widgets.widget.callouts import Callout
 
 __all__ = [
@@ -73,7 +73,7 @@ def is_hf_trainer(obj: Any) -> bool:
     )
 
 
-def load_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any]:
+def resolve_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from the dashboard's arguments.
 
     ``None`` loads the shipped base model; a hub id or path loads it (no 'Loading weights' bar above the
@@ -81,7 +81,7 @@ def load_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any]:
     token blocks (a tensor).
     """
     if model is None or isinstance(model, str | Path):
-        from lora_widgets import demo
+        from lora_widgets import models as demo
 
         if tokenizer is not None and model is not None:
             raise TypeError("pass tokenizer only with a model object; a hub id or path loads its own")
@@ -107,7 +107,7 @@ def guess_device_type(train: Any) -> str:
         return "cuda" if pref == "auto" and torch.cuda.is_available() else pref.split(":")[0]
 
 
-def prepare_blocks(train_source: Any, eval_source: Any, tokenizer: Any, train: Any) -> tuple[Any, Any]:
+def resolve_data(train_source: Any, eval_source: Any, tokenizer: Any, train: Any) -> tuple[Any, Any]:
     """Tokenise and split the data once (every run reuses it), by the trainer's own rule
     (:func:`lora_widgets.training.batches.load_run_data`): ``(train, val | None)``, token blocks ``[n, T]``
     for text, or :class:`~lora_widgets.training.batches.Examples` for instruction/chat rows (tokenised with
@@ -145,7 +145,7 @@ def preflight_callout(
     instruction examples (the length-grouped order puts that batch first, so it is the peak); default
     ``train.block_size``.
     """
-    from lora_widgets.memory import preflight
+    from lora_widgets.memory.preflight import preflight
 
     try:
         result = preflight(
@@ -175,7 +175,7 @@ class Loaded:
 
     model: Any
     tokenizer: Any
-    adapters_given: bool  # the model already carries adapters: trained as they are (Trainer(lora=None))
+    adapters_given: bool  # the model already carries adapters: trained as they are (LoRATrainer(lora=None))
     device_type: str
     data: tuple[Any, Any] = (None, None)  # (train, eval) blocks or examples
     n_train_blocks: int | None = None
@@ -187,9 +187,9 @@ def load(model: Any, tokenizer: Any, train_data: Any, eval_data: Any, train: Any
     before anything is shown."""
     from lora_widgets.widget.data_view import DataView, data_facts
 
-    model, tokenizer = load_model(model, tokenizer, train_data)
+    model, tokenizer = resolve_model(model, tokenizer, train_data)
     source = "python-docs" if train_data is None else train_data
-    data = prepare_blocks(source, eval_data, tokenizer, train)
+    data = resolve_data(source, eval_data, tokenizer, train)
     view = DataView(data[0], tokenizer, data_facts(data_event(data, train)))
     adapters = has_lora(model)
     return Loaded(model, tokenizer, adapters, guess_device_type(train), data, int(data[0].shape[0]), view)

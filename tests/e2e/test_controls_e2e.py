@@ -14,8 +14,8 @@ from typing import Any
 
 from ipywidgets import DOMWidget
 
-from lora_widgets.schedules import SCHEDULES
-from lora_widgets.train_config import PRECISIONS
+from lora_widgets.training.schedules import SCHEDULES
+from lora_widgets.training.config import PRECISIONS
 from lora_widgets.widget import controls
 from lora_widgets.widget.panel import DashboardPanel
 
