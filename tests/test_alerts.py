@@ -15,22 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-from lora_widgets import (
-    AdapterLayerStats,
-    AdapterStats,
-    Alert,
-    AlertMonitor,
-    EvalMetrics,
-    LoRAConfig,
-    RunStarted,
-    StepMetrics,
-    adapter_stats,
-    apply_lora,
-    lora_layers,
-    snapshot_adapters,
+from lora_widgets import LoRAConfig, apply_lora, lora_layers
+from lora_widgets.events import AdapterLayerStats, AdapterStats, EvalMetrics, RunStarted, StepMetrics
+from lora_widgets.health import Alert, AlertMonitor
+from lora_widgets.health.alerts import (
+    UPDATE_RATIO_HIGH,
+    UPDATE_RATIO_LOW,
+    count_trained_tokens,
+    val_loss_alert,
 )
-from lora_widgets.health.alerts import UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW, count_trained_tokens, val_loss_alert
 from lora_widgets.health.gradient_check import gradient_report
+from lora_widgets.lora import adapter_stats, snapshot_adapters
 from tests.helpers import patterned_batch, tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj"]  # what the seed notebook adapted

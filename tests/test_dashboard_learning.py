@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from lora_widgets import LoRADashboard, TrainConfig, demo
+from lora_widgets import LoRADashboard, TrainConfig
+from lora_widgets import models as demo
+from lora_widgets.events.replay import read_events
 from lora_widgets.events.types import (
     AdapterStats,
     AlertRaised,
@@ -24,7 +26,6 @@ from lora_widgets.events.types import (
     SampleGenerations,
     StepMetrics,
 )
-from lora_widgets.events.replay import read_events
 from lora_widgets.training.trainer import LoRATrainer
 from lora_widgets.widget.adapter_charts import heatmap_of
 from lora_widgets.widget.static_summary import adapter_heatmap_svg

@@ -17,7 +17,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lora_widgets import EventCallback, HFRun, describe_settings, logging_advice  # noqa: E402
 from lora_widgets.events.types import (  # noqa: E402
     Event,
     RunFailed,
@@ -26,6 +25,7 @@ from lora_widgets.events.types import (  # noqa: E402
     RunStopped,
     event_from_dict,
 )
+from lora_widgets.hf import EventCallback, HFRun, describe_settings, logging_advice  # noqa: E402
 from tests.helpers import patterned_batch, tiny_llama  # noqa: E402
 
 CHAT_TEMPLATE = (
