@@ -12,9 +12,8 @@ import torch
 from lora_widgets.events.types import Event, RunFailed, RunFinished, RunStopped, StateChanged, StepMetrics
 from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.lora.peft_format import load_adapter, lora_state_dict
-from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.trainer import LoRATrainer
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama, tiny_trainer
 
 
 def blocks(n: int = 40, seq: int = 32, seed: int = 0) -> torch.Tensor:

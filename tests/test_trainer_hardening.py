@@ -21,7 +21,7 @@ from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.diagnosis import is_out_of_memory
 from lora_widgets.training.trainer import LoRATrainer
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama, tiny_trainer
 
 
 def blocks(n: int = 40, seq: int = 32, seed: int = 0) -> torch.Tensor:

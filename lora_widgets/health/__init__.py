@@ -1,9 +1,10 @@
 """Is the run learning? "Is it training?" alerts and sample generations, from any run's model and events.
 
-=============  ==============================================================================================
-``alerts``     rules that watch a run's events and say when it is not learning, and why
-``samples``    generations from fixed prompts at each evaluation, to read what the model learned
-=============  ==============================================================================================
+==================  =========================================================================================
+``alerts``          rules that watch a run's events and say when it is not learning, and why
+``samples``         generations from fixed prompts at each evaluation, to read what the model learned
+``gradient_check``  trainable parameters that got no gradient, grouped by module: the origin bug, any model
+==================  =========================================================================================
 
 Failures (out of memory, NaN, bad input) are diagnosed in :mod:`lora_widgets.training.diagnosis`.
 """

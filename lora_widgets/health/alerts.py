@@ -9,7 +9,7 @@ the loss moved by noise and nothing said so. Each function below looks at one ki
 =====================  ==========================================================================================
 key                    evidence
 =====================  ==========================================================================================
-``no_gradient``        after ``backward()``, the gradients of A and B of some (or all) adapters are missing or zero
+``no_gradient``        after the first ``backward()``, trainable parameters (any module) have no gradient
 ``b_zero``             B is still exactly zero after :data:`B_ZERO_AFTER` updates, although gradients arrive
 ``no_trained_tokens``  a batch in which every label is ``-100``: nothing is trained
 ``val_flat``           validation loss has not improved by ``tolerance`` for ``window`` evaluations
@@ -23,6 +23,7 @@ Where the evidence comes from, in a training loop (gradients exist only between 
 
     monitor = AlertMonitor(peak_learning_rate=config.learning_rate)
     loss.backward(); clip_grad_norm_(params, max_norm)
+    if step == 1: alerts = monitor.check_gradients(gradient_report(model), step)
     snap = snapshot_adapters(model) if measure else None       # measure: step == 1 or an evaluation step
     optimizer.step()
     if measure:
@@ -43,6 +44,7 @@ from typing import Any, Literal
 import torch
 
 from lora_widgets.events.types import AdapterStats, EvalMetrics, Event, RunStarted, StepMetrics
+from lora_widgets.health.gradient_check import GradientReport, fix_steps
 
 __all__ = [
     "B_ZERO_AFTER",
@@ -117,40 +119,26 @@ def _names(names: Sequence[str], limit: int = 4) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def no_gradient_alert(stats: AdapterStats) -> Alert | None:
-    """Adapters whose A and B have no (or an all-zero) gradient after ``backward()``.
+def no_gradient_alert(report: GradientReport, step: int) -> Alert | None:
+    """Trainable parameters that received no gradient in update ``step``, whatever module holds them (this
+    package's LoRA layers, PEFT's, a user's own, any trainable tensor): named and grouped by module pattern
+    (:mod:`lora_widgets.health.gradient_check`). Read ``report`` between ``backward()`` and ``zero_grad()``.
 
     Causes seen in the field: a LoRA layer that was created but is not in the forward pass (the seed notebook
     attached it as an attribute and never called it); gradient checkpointing with re-entrant checkpoints and
-    frozen embeddings, where no checkpoint input requires grad (transformers#26221, peft#1142); adapters
-    frozen by ``requires_grad_(False)``. Only read when ``stats.after_backward`` (otherwise gradients are
-    legitimately absent).
+    frozen embeddings, where no checkpoint input requires grad (transformers#26221, peft#1142); an output
+    detached from the graph.
     """
-    if not stats.after_backward:
+    if not report.missing:
         return None
-    dead = [x.name for x in stats.layers if not (x.a_grad_norm or x.b_grad_norm)]
-    if not dead:
-        return None
-    n, total = len(dead), len(stats.layers)
-    title = "No adapter receives a gradient" if n == total else f"{n} of {total} adapters receive no gradient"
-    return Alert(
-        "no_gradient",
-        title,
-        f"After the backward pass of step {stats.step}, lora_A and lora_B of {n} of {total} LoRA layers have no "
-        f"gradient (None or 0): {_names(dead)}. Training cannot change them; the loss moves only through other "
-        "parameters, or by noise.",
-        "Check that the LoRA layers are in the forward pass (wrap modules with apply_lora rather than attaching "
-        "new modules as attributes; print(model) shows LoRALinear where the Linear was). With gradient "
-        "checkpointing, call model.enable_input_require_grads() or use non-reentrant checkpoints "
-        "(gradient_checkpointing_kwargs={'use_reentrant': False}). Check that requires_grad is True on lora_A/lora_B.",
-        stats.step,
-        "danger",
-    )
+    fix = " ".join(f"{advice}." for advice in fix_steps(report))
+    return Alert("no_gradient", report.title(), report.evidence(step), fix, step, "danger")
 
 
 def b_zero_alert(stats: AdapterStats, after: int = B_ZERO_AFTER) -> Alert | None:
     """B still exactly zero after ``after`` updates (LoRA starts from B = 0, so the adapter still computes
-    nothing). Layers without a gradient are left to :func:`no_gradient_alert`: here gradients arrive but the
+    nothing). Layers without a gradient are left to :func:`no_gradient_alert` (read from the gradients
+    themselves, not from these statistics): here gradients arrive but the
     optimizer does not apply them (learning rate 0, the adapters not in the optimizer, every update skipped)."""
     if stats.step < after:
         return None
@@ -295,8 +283,9 @@ def update_ratio_alert(
 class AlertMonitor:
     """Feed it a run's events; it returns each alert once, when first seen. A ``RunStarted`` starts afresh.
 
-    Reads ``AdapterStats`` (no gradient, B zero, update size), ``EvalMetrics`` (flat or rising validation loss)
-    and ``StepMetrics`` (the learning rate, to know its peak); :meth:`check_labels` takes a batch's labels. The
+    Reads ``AdapterStats`` (B zero, update size), ``EvalMetrics`` (flat or rising validation loss)
+    and ``StepMetrics`` (the learning rate, to know its peak); :meth:`check_labels` takes a batch's labels and
+    :meth:`check_gradients` a :class:`~lora_widgets.health.gradient_check.GradientReport` read after ``backward()``. The
     update-size rule runs only while the learning rate is at least half its peak (``peak_learning_rate``, else
     the ``learning_rate`` of ``RunStarted.config``, else the largest rate seen so far).
     """
@@ -357,7 +346,7 @@ class AlertMonitor:
         if isinstance(event, AdapterStats):
             if event.learning_rate is not None:
                 self._max_lr = max(self._max_lr, event.learning_rate)
-            found = [no_gradient_alert(event), b_zero_alert(event)]
+            found = [b_zero_alert(event)]
             if self._lr_near_peak(event.learning_rate):
                 found.append(update_ratio_alert(event, self._settings[2], self._settings[3]))
             return self._new(found)
@@ -368,3 +357,8 @@ class AlertMonitor:
     ) -> list[Alert]:
         """Take a batch's labels ([B, T], Hugging Face convention); alert if no token in it is trained."""
         return self._new([no_trained_tokens_alert(*count_trained_tokens(labels, ignore_index), step)])
+
+    def check_gradients(self, report: GradientReport, step: int) -> list[Alert]:
+        """Take what the gradients of update ``step`` show (read after ``backward()``); alert, once per run,
+        if trainable parameters got none."""
+        return self._new([no_gradient_alert(report, step)])

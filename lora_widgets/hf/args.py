@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from lora_widgets.health.gradient_check import gradient_report, is_no_gradient_error
 from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.diagnosis import (
@@ -33,6 +34,7 @@ from lora_widgets.training.diagnosis import (
     error_diagnosis,
     is_out_of_memory,
     nan_diagnosis,
+    no_gradient_diagnosis,
     oom_diagnosis,
 )
 
@@ -331,9 +333,15 @@ def failure_diagnosis(
     """What ``train()`` raising ``exc`` after ``step`` completed updates means, in ``TrainingArguments`` words.
 
     ``started``: ``on_train_begin`` was reached; an error of the kind bad data raises (``ValueError``,
-    ``TypeError``, ``KeyError``) before that is reported as bad input.
+    ``TypeError``, ``KeyError``) before that is reported as bad input. torch's "element 0 of tensors does not
+    require grad" from ``backward()`` becomes the "no gradient" diagnosis, naming the trainable parameters that
+    the loss does not reach (:mod:`lora_widgets.health.gradient_check`).
     """
     args = hf_trainer.args
+    model = getattr(hf_trainer, "model", None)
+    if started and is_no_gradient_error(exc) and isinstance(model, torch.nn.Module):
+        # torch's "element 0 of tensors does not require grad": no trainable parameter is on the loss's path
+        return _in_hf_words(no_gradient_diagnosis(gradient_report(model), step + 1), args)
     if is_out_of_memory(exc):
         seq_len = sample_seq_len(getattr(hf_trainer, "train_dataset", None), args)
         try:

@@ -5,6 +5,8 @@ The trainer's hooks become the events our own trainer publishes (:mod:`lora_widg
     on_train_begin  -> RunStarted            on_evaluate -> EvalMetrics
     on_log (loss)   -> StepMetrics           on_save     -> CheckpointSaved
     on_step_end     -> honours stop()/pause() (StateChanged "paused"/"running")
+    on_pre_optimizer_step (the first of a train()) -> AlertRaised "no_gradient" when trainable parameters
+                       got no gradient (lora_widgets.health.gradient_check; read after backward, before the update)
     on_train_end    -> StateChanged(<end>), RunFinished | RunStopped | RunFailed (NaN seen)
 
 Subscribers are called synchronously, in the thread that runs ``train()``; :class:`lora_widgets.hf.run.HFRun`
@@ -46,6 +48,7 @@ from transformers import TrainerCallback
 
 from lora_widgets.devices import describe_device, gpu_utilization, memory_in_use
 from lora_widgets.events.types import (
+    AlertRaised,
     CheckpointSaved,
     EvalMetrics,
     Event,
@@ -60,6 +63,8 @@ from lora_widgets.events.types import (
     StepMetrics,
     Subscribers,
 )
+from lora_widgets.health.alerts import no_gradient_alert
+from lora_widgets.health.gradient_check import gradient_report
 from lora_widgets.hf.args import (
     failure_diagnosis,
     logging_advice,
@@ -114,6 +119,7 @@ class _RunRecord:
     last_loss: float | None = None
     best_val: float | None = None
     nan_step: int | None = None
+    gradients_checked: bool = False  # the first update's gradients were read
     ckpt_step: int | None = None
     ckpt_path: str | None = None
     util: float | None = None
@@ -184,6 +190,8 @@ class EventCallback(TrainerCallback):
             reason, error_type = "error", type(exc).__name__
             message, suggestions = f"Training failed at step {step + 1}: {exc} (diagnosis failed: {why})", []
         message = message if message.endswith(".") else message + "."
+        if reason == "no_gradient" and not self._run.gradients_checked:  # the alert names them in the events
+            self._check_gradients(getattr(hf_trainer, "model", None), step + 1)
         end = self._failed(step, reason, message + self._saved_note(step), error_type, suggestions)
         self._finish("failed", end)
         return end
@@ -245,6 +253,15 @@ class EventCallback(TrainerCallback):
             control.should_log = True  # chart the last step
             if str(getattr(args.save_strategy, "value", args.save_strategy)) in ("steps", "epoch"):
                 control.should_save = True
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after backward (and clipping), before the update: the gradients exist until zero_grad()
+        if not self._run.gradients_checked:
+            self._check_gradients(kwargs.get("model"), int(state.global_step) + 1)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after the update, before zero_grad(): the same check where on_pre_optimizer_step is not called
+        self.on_pre_optimizer_step(args, state, control, **kwargs)
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
@@ -373,6 +390,14 @@ class EventCallback(TrainerCallback):
         if self._run.ckpt_step == step:
             return f" Checkpoint of step {step}: {self._run.ckpt_path}."
         return f" Last checkpoint: {self._run.ckpt_path} (step {self._run.ckpt_step}); later steps are in memory only."
+
+    def _check_gradients(self, model: Any, step: int) -> None:
+        """Publish the "no gradient" alert if trainable parameters of ``model`` have none (once per run)."""
+        self._run.gradients_checked = True
+        if isinstance(model, torch.nn.Module):
+            alert = no_gradient_alert(gradient_report(model), step)
+            if alert is not None:
+                self._emit(AlertRaised(**alert.to_dict()))
 
     def _clear_controls(self) -> None:
         self._stop.clear()

@@ -38,6 +38,7 @@ from lora_widgets.events.types import (
     StepMetrics,
     Subscribers,
 )
+from lora_widgets.health.gradient_check import is_no_gradient_error
 from lora_widgets.hf.args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf.callback import EventCallback
 
@@ -181,7 +182,10 @@ class HFRun:
         try:
             self.hf_trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         except Exception as exc:
-            logger.exception("hf_trainer.train() failed")
+            if is_no_gradient_error(exc):  # diagnosed in full in the RunFailed; torch's traceback says less
+                logger.info("hf_trainer.train() failed: no trainable parameter receives a gradient")
+            else:
+                logger.exception("hf_trainer.train() failed")
             failed = self.callback.report_failure(exc, self.hf_trainer)
         if failed is not None:  # outside the handler, so the traceback's tensors can be freed
             self._release_memory()

@@ -46,6 +46,7 @@ from torch import nn
 from lora_widgets.devices import describe_device, select_device
 from lora_widgets.events.history import History
 from lora_widgets.events.types import (
+    AlertRaised,
     CheckpointSaved,
     EvalMetrics,
     Event,
@@ -58,7 +59,8 @@ from lora_widgets.events.types import (
     StepMetrics,
     Subscribers,
 )
-from lora_widgets.lora.layers import LoRAConfig, LoRAReport, lora_layers
+from lora_widgets.health.gradient_check import NoGradientError
+from lora_widgets.lora.layers import LoRAConfig, LoRAReport, count_parameters, lora_layers
 from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import ownership, precision
 from lora_widgets.training.batches import Blocks, data_prepared, eval_batches, prepare_blocks, vocab_size
@@ -252,6 +254,8 @@ class LoRATrainer:
                 log = (p.step + 1) % c.log_every == 0 or p.step + 1 == p.total
                 probe = self._insight.probe(p.step + 1, run.lr(p.step + 1, p.total))
                 out, usage = await self._control.in_thread(run.update, p, log, probe)
+                if out.gradients is not None:  # the first update: trainable parameters without a gradient
+                    self._publish_all(self._insight.gradient_alerts(out.gradients, p.start_step + 1))
                 if out.bad_step is not None:
                     p.failure = nan_diagnosis(out.bad_step, not out.applied, config=c, total_steps=p.total)
                     break
@@ -298,7 +302,8 @@ class LoRATrainer:
         rank = self.report.config.r if self.report is not None and self.report.config is not None else None
         if rank is None and lora_layers(self.model):
             rank = next(iter(lora_layers(self.model).values())).r
-        stem = run_stem(self.config, rank, adapters=self.report is not None)
+        trainable = count_parameters(self.model)
+        stem = run_stem(self.config, rank, adapters=self.report is not None, trainable=trainable)
         self._dir = RunDirectory.create(self.config.output_dir, stem)
         self.run_dir, self.run_id = self._dir.path, self._dir.run_id
         self._write_config(None, resume_from)
@@ -377,6 +382,8 @@ class LoRATrainer:
         or the weights are non-finite); returns (path, a note for the end message)."""
         if run is None or self._dir is None:
             return None, ""
+        if p.failure is not None and p.failure.reason == "no_gradient":
+            return None, " Nothing was trained, so nothing was saved."
         try:
             return await asyncio.shield(
                 asyncio.to_thread(self._dir.save_adapter, self.model, self._base_name())
@@ -393,6 +400,7 @@ class LoRATrainer:
             "final_loss": p.last_loss,
             "best_val_loss": p.best_val,
             "adapter_path": adapter,
+            "saved": ckpt.trained_weights_kind(self.model) if adapter is not None else "",
         }
         end: RunEnded
         if p.failure is not None:
@@ -428,6 +436,10 @@ class LoRATrainer:
         for alert in self._insight.alerts(event):
             self._publish(alert)
 
+    def _publish_all(self, events: list[AlertRaised]) -> None:
+        for event in events:
+            self._publish(event)
+
     def _record_history(self, event: Event) -> None:
         """The first subscriber: the one place that feeds :attr:`history`."""
         if isinstance(event, StepMetrics | EvalMetrics):
@@ -445,6 +457,8 @@ class LoRATrainer:
             seq_len=run.blocks.block_size if run is not None else self.config.block_size,
             checkpoint=self._dir.checkpoint_dir(p.step) if self._dir is not None else None,
         )
+        if isinstance(exc, NoGradientError):  # the run ends; the alert names the parameters in the events too
+            self._publish_all(self._insight.gradient_alerts(exc.report, exc.step))
         if failure.reason == "error":
             logger.error("the run failed %s", failure.message, exc_info=exc)
         return failure

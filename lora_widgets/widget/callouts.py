@@ -29,7 +29,12 @@ __all__ = ["ADAPTERS_GIVEN", "ALERT_PREFIX", "READY", "STARTING", "TRAINING", "C
 
 Kind = Literal["danger", "warning", "success", "info"]
 _ORDER: dict[str, int] = {"danger": 0, "warning": 1, "success": 2, "info": 3}
-_FAILURE_TITLES = {"oom": "Out of memory", "nan": "The loss became NaN", "bad_input": "Bad input"}
+_FAILURE_TITLES = {
+    "oom": "Out of memory",
+    "nan": "The loss became NaN",
+    "bad_input": "Bad input",
+    "no_gradient": "No trainable parameter receives a gradient",
+}
 
 
 @dataclass(frozen=True)
