@@ -16,8 +16,15 @@ import torch
 from torch import nn
 
 from lora_widgets import LoRAConfig, apply_lora, lora_layers
-from lora_widgets.events import AdapterLayerStats, AdapterStats, EvalMetrics, RunStarted, StepMetrics
-from lora_widgets.health import Alert, AlertMonitor
+from lora_widgets.events import (
+    AdapterLayerStats,
+    AdapterStats,
+    AlertRaised,
+    EvalMetrics,
+    RunStarted,
+    StepMetrics,
+)
+from lora_widgets.health import AlertMonitor
 from lora_widgets.health.alerts import (
     UPDATE_RATIO_HIGH,
     UPDATE_RATIO_LOW,
@@ -33,13 +40,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj"]  # what the seed notebook adapted
 
 @dataclass
 class _Run:
-    alerts: list[Alert] = field(default_factory=list)
+    alerts: list[AlertRaised] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
 
     def seen(self) -> list[str]:
         return [a.key for a in self.alerts]
 
-    def first(self, key: str) -> Alert:
+    def first(self, key: str) -> AlertRaised:
         return next(a for a in self.alerts if a.key == key)
 
 

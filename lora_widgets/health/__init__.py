@@ -11,7 +11,7 @@ Failures (out of memory, NaN, bad input) are diagnosed in :mod:`lora_widgets.tra
 
 from __future__ import annotations
 
-from lora_widgets.health.alerts import Alert, AlertMonitor
+from lora_widgets.health.alerts import AlertMonitor
 from lora_widgets.health.samples import generate_samples
 
-__all__ = ["Alert", "AlertMonitor", "generate_samples"]
+__all__ = ["AlertMonitor", "generate_samples"]

@@ -2,7 +2,7 @@
 
 The notebook this project grew from trained for minutes with LoRA layers that the forward pass never called:
 the loss moved by noise and nothing said so. Each function below looks at one kind of evidence and returns an
-:class:`Alert` or ``None``; they are pure, so a script, a test or the dashboard can call them directly.
+:class:`AlertRaised` or ``None``; they are pure, so a script, a test or the dashboard can call them directly.
 :class:`AlertMonitor` feeds them from a run's event stream (``AdapterStats``, ``EvalMetrics``, ``StepMetrics``,
 ``RunStarted``) and reports each alert once.
 
@@ -38,12 +38,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
 
 import torch
 
-from lora_widgets.events.types import AdapterStats, EvalMetrics, Event, RunStarted, StepMetrics
+from lora_widgets.events.types import AdapterStats, AlertRaised, EvalMetrics, Event, RunStarted, StepMetrics
 from lora_widgets.health.gradient_check import GradientReport, fix_steps
 
 __all__ = [
@@ -52,7 +50,6 @@ __all__ = [
     "UPDATE_RATIO_LOW",
     "VAL_TOLERANCE",
     "VAL_WINDOW",
-    "Alert",
     "AlertMonitor",
     "b_zero_alert",
     "count_trained_tokens",
@@ -96,30 +93,12 @@ VAL_TOLERANCE = 0.005
 3 evaluations without such an improvement it is flat (or rising, if the latest is 0.5% above the best)."""
 
 
-@dataclass(frozen=True)
-class Alert:
-    """A finding: ``key`` (stable id, one alert per key per run), a ``title``, the ``evidence`` with its
-    numbers, the ``fix``, the ``step`` it was seen at, and ``severity`` (``"danger"``: nothing is being trained;
-    ``"warning"``: training works badly)."""
-
-    key: str
-    title: str
-    evidence: str
-    fix: str
-    step: int | None = None
-    severity: Literal["warning", "danger"] = "warning"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict of the fields."""
-        return asdict(self)
-
-
 def _names(names: Sequence[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def no_gradient_alert(report: GradientReport, step: int) -> Alert | None:
+def no_gradient_alert(report: GradientReport, step: int) -> AlertRaised | None:
     """Trainable parameters that received no gradient in update ``step``, whatever module holds them (this
     package's LoRA layers, PEFT's, a user's own, any trainable tensor): named and grouped by module pattern
     (:mod:`lora_widgets.health.gradient_check`). Read ``report`` between ``backward()`` and ``zero_grad()``.
@@ -132,10 +111,10 @@ def no_gradient_alert(report: GradientReport, step: int) -> Alert | None:
     if not report.missing:
         return None
     fix = " ".join(f"{advice}." for advice in fix_steps(report))
-    return Alert("no_gradient", report.title(), report.evidence(step), fix, step, "danger")
+    return AlertRaised("no_gradient", report.title(), report.evidence(step), fix, step, "danger")
 
 
-def b_zero_alert(stats: AdapterStats, after: int = B_ZERO_AFTER) -> Alert | None:
+def b_zero_alert(stats: AdapterStats, after: int = B_ZERO_AFTER) -> AlertRaised | None:
     """B still exactly zero after ``after`` updates (LoRA starts from B = 0, so the adapter still computes
     nothing). Layers without a gradient are left to :func:`no_gradient_alert` (read from the gradients
     themselves, not from these statistics): here gradients arrive but the
@@ -150,7 +129,7 @@ def b_zero_alert(stats: AdapterStats, after: int = B_ZERO_AFTER) -> Alert | None
     if not zero:
         return None
     lr = f" (learning rate {stats.learning_rate:.3g})" if stats.learning_rate is not None else ""
-    return Alert(
+    return AlertRaised(
         "b_zero",
         "The adapters have not changed: B is still zero",
         f"After {stats.step} optimizer updates{lr}, lora_B of {len(zero)} of {len(stats.layers)} layers is exactly "
@@ -172,11 +151,11 @@ def count_trained_tokens(labels: torch.Tensor, ignore_index: int = -100) -> tupl
     return int((targets != ignore_index).sum()), int(targets.numel())
 
 
-def no_trained_tokens_alert(trained: int, predicted: int, step: int | None = None) -> Alert | None:
+def no_trained_tokens_alert(trained: int, predicted: int, step: int | None = None) -> AlertRaised | None:
     """A batch with ``predicted`` target positions of which ``trained`` are not masked: alert when none is."""
     if trained > 0:
         return None
-    return Alert(
+    return AlertRaised(
         "no_trained_tokens",
         "Nothing is trained: every label is masked",
         f"A batch{'' if step is None else f' at step {step}'} has {predicted} target positions and all of them are "
@@ -191,7 +170,7 @@ def no_trained_tokens_alert(trained: int, predicted: int, step: int | None = Non
 
 def val_loss_alert(
     evals: Sequence[tuple[int, float]], window: int = VAL_WINDOW, tolerance: float = VAL_TOLERANCE
-) -> Alert | None:
+) -> AlertRaised | None:
     """Validation loss flat or rising: no evaluation of the last ``window`` beat the best before them by more
     than ``tolerance`` (relative). ``evals``: (step, val_loss) in order. Rising: the latest is above the best by
     more than ``tolerance``."""
@@ -211,7 +190,7 @@ def val_loss_alert(
     (best_step, best), (step, last) = finite[best_i], finite[-1]
     seen = f"over the last {window} evaluations (steps {finite[-window][0]}-{step})"
     if last > best * (1 + tolerance):
-        return Alert(
+        return AlertRaised(
             "val_rising",
             "Validation loss is rising: overfitting",
             f"Validation loss {last:.4f} at step {step} is {100 * (last / best - 1):.1f}% above its best, {best:.4f} "
@@ -221,7 +200,7 @@ def val_loss_alert(
             step,
         )
     start = "since the first evaluation" if best_i == 0 else f"since step {best_step}"
-    return Alert(
+    return AlertRaised(
         "val_flat",
         "Validation loss is flat",
         f"Validation loss {last:.4f} at step {step} has not improved by more than {100 * tolerance:.1f}% {start} "
@@ -234,7 +213,7 @@ def val_loss_alert(
 
 def update_ratio_alert(
     stats: AdapterStats, low: float = UPDATE_RATIO_LOW, high: float = UPDATE_RATIO_HIGH
-) -> Alert | None:
+) -> AlertRaised | None:
     """Median ``update_ratio`` over layers below ``low`` (learning rate likely too low) or above ``high`` (likely
     too high); thresholds and the measurements behind them: :data:`UPDATE_RATIO_LOW`. Needs stats taken with a
     snapshot (``adapter_stats(..., before=...)``); call it only while the rate is near its peak (the monitor
@@ -258,7 +237,7 @@ def update_ratio_alert(
         f"their norm (||dW_t - dW_(t-1)|| / ||W|| over {len(ratios)} layers; range {min(ratios):.1e}-{max(ratios):.1e})"
     )
     if median < low:
-        return Alert(
+        return AlertRaised(
             "lr_too_low",
             "Updates are tiny: the learning rate is likely too low",
             f"{measured}, below {low:.0e}. Healthy LoRA runs of the shipped model step 2e-3 .. 3e-2; Karpathy's "
@@ -268,7 +247,7 @@ def update_ratio_alert(
             stats.step,
         )
     if median > high:
-        return Alert(
+        return AlertRaised(
             "lr_too_high",
             "Updates are huge: the learning rate is likely too high",
             f"{measured}, above {high:.0e}. Healthy LoRA runs of the shipped model step 2e-3 .. 3e-2; Karpathy's "
@@ -306,7 +285,7 @@ class AlertMonitor:
         val_loss_alert([], val_window, val_tolerance)  # validates window and tolerance
         self._given_peak = peak_learning_rate
         self._settings = (val_window, val_tolerance, ratio_low, ratio_high)
-        self.alerts: list[Alert] = []
+        self.alerts: list[AlertRaised] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -316,7 +295,7 @@ class AlertMonitor:
         self._peak = self._given_peak
         self._max_lr = 0.0
 
-    def _new(self, candidates: Sequence[Alert | None]) -> list[Alert]:
+    def _new(self, candidates: Sequence[AlertRaised | None]) -> list[AlertRaised]:
         fresh = [a for a in candidates if a is not None and a.key not in self._keys]
         for a in fresh:
             self._keys.add(a.key)
@@ -329,7 +308,7 @@ class AlertMonitor:
         peak = self._peak if self._peak is not None else self._max_lr
         return lr > 0 and lr >= 0.5 * peak
 
-    def feed(self, event: Event) -> list[Alert]:
+    def feed(self, event: Event) -> list[AlertRaised]:
         """Take one event; return the alerts it raised that were not raised before in this run."""
         if isinstance(event, RunStarted):
             self._reset()
@@ -354,11 +333,11 @@ class AlertMonitor:
 
     def check_labels(
         self, labels: torch.Tensor, step: int | None = None, ignore_index: int = -100
-    ) -> list[Alert]:
+    ) -> list[AlertRaised]:
         """Take a batch's labels ([B, T], Hugging Face convention); alert if no token in it is trained."""
         return self._new([no_trained_tokens_alert(*count_trained_tokens(labels, ignore_index), step)])
 
-    def check_gradients(self, report: GradientReport, step: int) -> list[Alert]:
+    def check_gradients(self, report: GradientReport, step: int) -> list[AlertRaised]:
         """Take what the gradients of update ``step`` show (read after ``backward()``); alert, once per run,
         if trainable parameters got none."""
         return self._new([no_gradient_alert(report, step)])

@@ -48,7 +48,6 @@ from transformers import TrainerCallback
 
 from lora_widgets.devices import describe_device, gpu_utilization, memory_in_use
 from lora_widgets.events.types import (
-    AlertRaised,
     CheckpointSaved,
     EvalMetrics,
     Event,
@@ -397,7 +396,7 @@ class EventCallback(TrainerCallback):
         if isinstance(model, torch.nn.Module):
             alert = no_gradient_alert(gradient_report(model), step)
             if alert is not None:
-                self._emit(AlertRaised(**alert.to_dict()))
+                self._emit(alert)
 
     def _clear_controls(self) -> None:
         self._stop.clear()

@@ -175,15 +175,15 @@ class Insight:
         where a template that matches nothing or a truncation that cuts every answer trains nothing."""
         if self.monitor is None:
             return []
-        return [AlertRaised(**alert.to_dict()) for alert in self.monitor.check_labels(labels, step)]
+        return list(self.monitor.check_labels(labels, step))
 
     def alerts(self, event: Event) -> list[AlertRaised]:
         """The alerts ``event`` raises that this run has not raised before."""
         if self.monitor is None or isinstance(event, AlertRaised):
             return []
-        return [AlertRaised(**alert.to_dict()) for alert in self.monitor.feed(event)]
+        return list(self.monitor.feed(event))
 
     def gradient_alerts(self, report: GradientReport, step: int) -> list[AlertRaised]:
         """The "no gradient" alert for what update ``step``'s gradients show (any model: this package's LoRA,
         PEFT's, the user's own modules), once per run."""
-        return [AlertRaised(**alert.to_dict()) for alert in self.gradients.check_gradients(report, step)]
+        return list(self.gradients.check_gradients(report, step))
