@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_widgets import LoRAConfig, TrainConfig, Trainer, load_base_model, lora_state_dict
-from lora_widgets.events import EvalMetrics, Event, RunEarlyStopped, RunFailed, event_from_dict
+from lora_widgets import LoRAConfig, LoRATrainer, TrainConfig, load_base_model
+from lora_widgets.events.types import EvalMetrics, Event, RunEarlyStopped, RunFailed, event_from_dict
+from lora_widgets.lora import lora_state_dict
 from lora_widgets.training.early_stopping import EarlyStopper, EarlyStopping
 from tests.helpers import patterned_batch, tiny_llama
 
@@ -92,7 +93,7 @@ def test_bad_settings_are_named() -> None:
 # -- our trainer -------------------------------------------------------------------------------------------
 
 
-def _weights_at_evals(trainer: Trainer) -> dict[int, dict[str, torch.Tensor]]:
+def _weights_at_evals(trainer: LoRATrainer) -> dict[int, dict[str, torch.Tensor]]:
     """The adapter's tensors after each evaluation (the loop awaits its subscribers: nothing trains meanwhile)."""
     seen: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -137,7 +138,7 @@ def test_a_run_stops_early_and_keeps_its_best_adapter(
 ) -> None:
     model, tokenizer = shipped
     config = _config(tmp_path, learning_rate=lr, early_stopping=rule)
-    trainer = Trainer(model, tokenizer, "python-docs", lora=LoRAConfig(r=4, alpha=8), config=config)
+    trainer = LoRATrainer(model, tokenizer, "python-docs", lora=LoRAConfig(r=4, alpha=8), config=config)
     weights = _weights_at_evals(trainer)
     end = trainer.run_sync()
     assert isinstance(end, RunEarlyStopped), end.message
@@ -171,7 +172,7 @@ def test_a_nan_is_a_divergence_stop_when_watched_and_a_failure_when_not(tmp_path
         config = TrainConfig(max_steps=10, batch_size=4, eval_every=2, val_fraction=0.25, warmup_steps=0,
                              adapter_stats=False, sample_prompts=(), device="cpu", output_dir=str(tmp_path),
                              early_stopping=rule)  # fmt: skip
-        end = Trainer(
+        end = LoRATrainer(
             model, None, data, lora=LoRAConfig(r=2, target_modules=["q_proj"]), config=config
         ).run_sync()
         handle.remove()
@@ -185,7 +186,9 @@ def test_a_nan_is_a_divergence_stop_when_watched_and_a_failure_when_not(tmp_path
 def test_patience_without_validation_data_is_bad_input(tmp_path: Path) -> None:
     config = TrainConfig(max_steps=4, batch_size=4, val_fraction=0.0, device="cpu", output_dir=str(tmp_path),
                          early_stopping=EarlyStopping(), adapter_stats=False, sample_prompts=())  # fmt: skip
-    end = Trainer(tiny_llama(), None, patterned_batch(16, 16), lora=LoRAConfig(r=2), config=config).run_sync()
+    end = LoRATrainer(
+        tiny_llama(), None, patterned_batch(16, 16), lora=LoRAConfig(r=2), config=config
+    ).run_sync()
     assert isinstance(end, RunFailed) and end.reason == "bad_input" and "no validation data" in end.message
 
 
@@ -195,7 +198,7 @@ def test_patience_without_validation_data_is_bad_input(tmp_path: Path) -> None:
 def test_the_hf_callback_stops_where_transformers_callback_does(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from lora_widgets import EventCallback
+    from lora_widgets.hf import EventCallback
 
     rows = [{"input_ids": r, "labels": r} for r in patterned_batch(32, 32)]
 

@@ -137,8 +137,7 @@ def test_runs_are_normal_runs_and_the_base_is_untouched(tmp_path: Path) -> None:
             r.trainable_params == r.settings["r"] * (32 + 32) * 2
         )  # q_proj of 2 layers: r (d + k), d = k = 32
     assert len({r.run_dir for r in rows}) == 4
-    from lora_widgets import read_events
-    from lora_widgets.events import EvalMetrics
+    from lora_widgets.events import EvalMetrics, read_events
 
     base_evals = {next(e.val_loss for e in read_events(Path(r.run_dir) / "metrics.jsonl")
                        if isinstance(e, EvalMetrics)) for r in rows}  # fmt: skip

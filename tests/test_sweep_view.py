@@ -17,7 +17,7 @@ from lora_widgets import EarlyStopping, LoRAConfig, TrainConfig, load_base_model
 from lora_widgets.widget.dashboard import LoRADashboard
 from lora_widgets.widget.sweep_state import CURVE_POINTS
 from lora_widgets.widget.sweep_static import log_axis, scatter_svg, table_html
-from lora_widgets.widget.sweep_view import SweepView, sweep_from_dashboard
+from lora_widgets.widget.sweep_view import SweepView
 from tests.test_sweep import _FakeTrainer, _sweep
 
 STATIC = Path(__file__).resolve().parents[1] / "lora_widgets" / "widget" / "static"
@@ -30,7 +30,7 @@ def test_a_3x2_grid_with_two_seeds_runs_from_the_dashboard_while_the_loop_stays_
                         adapter_stats=False, sample_prompts=(), device="cpu", output_dir=str(tmp_path),
                         early_stopping=EarlyStopping(patience=2))  # fmt: skip
     dash = LoRADashboard(model, tokenizer, "python-docs", lora=LoRAConfig(r=4, alpha=8), train=train)
-    view = sweep_from_dashboard(dash, {"r": [2, 4, 8], "learning_rate": [3e-3, 0.5]}, seeds=[0, 1],
+    view = SweepView.from_dashboard(dash, {"r": [2, 4, 8], "learning_rate": [3e-3, 0.5]}, seeds=[0, 1],
                                 directory=tmp_path / "sweep")  # fmt: skip
     sent: list[Any] = []
     view.send = lambda content, buffers=None: sent.append(content)  # type: ignore[method-assign]
@@ -223,7 +223,8 @@ def test_the_page_sorts_highlights_overlays_and_sends_the_buttons(tmp_path: Path
 
 
 def test_a_sweep_after_a_dashboard_run_replaces_its_adapters_but_refuses_your_own(tmp_path: Path) -> None:
-    from lora_widgets import apply_lora, has_lora
+    from lora_widgets import apply_lora
+    from lora_widgets.lora import has_lora
     from tests.helpers import patterned_batch, tiny_llama
 
     model = tiny_llama()
@@ -237,10 +238,10 @@ def test_a_sweep_after_a_dashboard_run_replaces_its_adapters_but_refuses_your_ow
 
     end = asyncio.run(main())
     assert has_lora(model) and end is not None and end.adapter_path is not None  # saved in its run directory
-    view = sweep_from_dashboard(dash, {"r": [2, 4]}, directory=tmp_path / "s")
+    view = SweepView.from_dashboard(dash, {"r": [2, 4]}, directory=tmp_path / "s")
     assert not has_lora(model) and view.sweep.lora.r == 2 and view.settings == ["r"]
     mine = tiny_llama()
     apply_lora(mine, LoRAConfig(r=2))
     dash2 = LoRADashboard(mine, None, patterned_batch(32, 16), train=train)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
-        sweep_from_dashboard(dash2, {"r": [2]}, directory=tmp_path / "s2")
+        SweepView.from_dashboard(dash2, {"r": [2]}, directory=tmp_path / "s2")

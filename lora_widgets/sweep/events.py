@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, Union, get_args
 
-from lora_widgets.events import _EventBase, _from_json
+from lora_widgets.events.types import _EventBase, _from_json
 
 __all__ = [
     "Outcome",

@@ -7,7 +7,7 @@
     rows = await sweep.run()          # or sweep.run_sync() in a script
     print(sweep.format_table())
 
-Each run is our :class:`~lora_widgets.training.trainer.Trainer` with the point's settings: it applies fresh
+Each run is our :class:`~lora_widgets.training.trainer.LoRATrainer` with the point's settings: it applies fresh
 adapters (replacing the previous run's), writes its own run directory under ``<directory>/runs`` and publishes
 its own events; the sweep forwards them between its own (:mod:`lora_widgets.sweep.events`). The base weights
 are never trained (adapters only); after the sweep the adapters are removed and, with ``check_base``, a
@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_widgets.diagnosis import format_lr
-from lora_widgets.events import (
+from lora_widgets.events.types import (
     Event,
     RunEarlyStopped,
     RunEnded,
@@ -43,7 +42,7 @@ from lora_widgets.events import (
     Subscribers,
 )
 from lora_widgets.lora import has_lora, lora_layers, remove_lora
-from lora_widgets.lora_config import LoRAConfig
+from lora_widgets.lora.config import LoRAConfig
 from lora_widgets.sweep.events import (
     Outcome,
     SweepEnded,
@@ -55,8 +54,9 @@ from lora_widgets.sweep.events import (
 from lora_widgets.sweep.results import Halving, SettingResult, best_point, promoted, table
 from lora_widgets.sweep.space import Space, as_space, configs_for, expand, resolve
 from lora_widgets.sweep.store import SweepStore
-from lora_widgets.train_config import TrainConfig
 from lora_widgets.training import ownership
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.diagnosis import format_lr
 
 __all__ = ["Sweep", "base_checksum"]
 
@@ -105,9 +105,9 @@ class Sweep:
 
     Args:
         model: the base model, without adapters (the sweep adds and removes its own).
-        tokenizer: as for :class:`~lora_widgets.training.trainer.Trainer`.
-        train_data: as for the ``Trainer``.
-        eval_data: as for the ``Trainer``.
+        tokenizer: as for :class:`~lora_widgets.training.trainer.LoRATrainer`.
+        train_data: as for the ``LoRATrainer``.
+        eval_data: as for the ``LoRATrainer``.
         space: a dict of axes (a grid), a list of dicts, or a :class:`~lora_widgets.sweep.space.Grid`,
             :class:`~lora_widgets.sweep.space.Points`, :class:`~lora_widgets.sweep.space.RandomSearch`; keys
             are ``LoRAConfig``/``TrainConfig`` field names (``"lora.r"``, ``"train.learning_rate"`` also work).
@@ -171,7 +171,7 @@ class Sweep:
         self._trainer: Any = None
         self._stop = self._skip = self._running = False
         self._data: tuple[Any, Any] = (train_data, eval_data)
-        self.trainer_factory: Callable[..., Any] | None = None  # a stand-in Trainer class (tests, benchmarks)
+        self.trainer_factory: Callable[..., Any] | None = None  # a stand-in class (tests, benchmarks)
 
     # -- public API ------------------------------------------------------------------------------------
 
@@ -338,9 +338,9 @@ class Sweep:
     def _factory(self) -> Callable[..., Any]:
         if self.trainer_factory is not None:
             return self.trainer_factory
-        from lora_widgets.training.trainer import Trainer
+        from lora_widgets.training.trainer import LoRATrainer
 
-        return Trainer
+        return LoRATrainer
 
     def _fixed_data(self) -> tuple[Any, Any]:
         """The data every run trains and validates on: prepared once, so that every run (every seed) is

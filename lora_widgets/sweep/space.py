@@ -1,7 +1,7 @@
 """What a sweep tries: a grid, a list or a random sample of settings, checked before any run starts.
 
-A *setting* is a field of :class:`~lora_widgets.lora_config.LoRAConfig` (``r``, ``alpha``, ``target_modules``,
-...) or of :class:`~lora_widgets.train_config.TrainConfig` (``learning_rate``, ``warmup_steps``, ...), named
+A *setting* is a field of :class:`~lora_widgets.lora.config.LoRAConfig` (``r``, ``alpha``, ``target_modules``,
+...) or of :class:`~lora_widgets.training.config.TrainConfig` (``learning_rate``, ``warmup_steps``, ...), named
 as the field (``"r"``) or with its config's prefix (``"lora.r"``, ``"train.learning_rate"``). Seeds are a
 separate axis (``Sweep(seeds=...)``) so that results can be averaged over them.
 
@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from lora_widgets.lora_config import LoRAConfig
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.lora.config import LoRAConfig
+from lora_widgets.training.config import TrainConfig
 
 __all__ = [
     "Grid",

@@ -15,8 +15,8 @@ Two rules, each its own outcome (a run that stops early has done its job; it is 
   recover within a short run (a rate too high for Adam, Kingma & Ba 2015 sec. 2.1), so waiting is wasted
   time.
 
-No clock and no I/O, as :mod:`lora_widgets.schedules`: our trainer and the attached HF/TRL callback
-(:mod:`lora_widgets.hf_callback`) both feed an :class:`EarlyStopper` and act on its :class:`Verdict`, so
+No clock and no I/O, as :mod:`lora_widgets.training.schedules`: our trainer and the attached HF/TRL callback
+(:mod:`lora_widgets.hf.callback`) both feed an :class:`EarlyStopper` and act on its :class:`Verdict`, so
 the rule is written once.
 """
 

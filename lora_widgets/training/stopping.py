@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_widgets.checkpoint import trainable_parameters
+from lora_widgets.training.checkpoint import trainable_parameters
 from lora_widgets.training.early_stopping import EarlyStopper, EarlyStopping, Verdict
 
 __all__ = ["RunStopping"]
@@ -20,10 +20,11 @@ __all__ = ["RunStopping"]
 class RunStopping:
     """Feeds the rule (``None``: no early stopping, every method does nothing) and keeps the best weights."""
 
-    def __init__(self, rule: EarlyStopping | None) -> None:
+    def __init__(self, rule: EarlyStopping | None, has_validation: bool = True) -> None:
         self._stopper = EarlyStopper(rule) if rule is not None else None
         self._best: dict[str, torch.Tensor] | None = None  # name -> CPU copy of each trainable parameter
         self.verdict: Verdict | None = None
+        self.check_data(has_validation)
 
     @property
     def enabled(self) -> bool:

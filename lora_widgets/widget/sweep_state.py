@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from lora_widgets.events import EvalMetrics, StepMetrics
-from lora_widgets.history import decimate_indices
+from lora_widgets.events.history import decimate_indices
 from lora_widgets.sweep.events import SweepEnded, SweepRunEnded, SweepRunStarted, SweepStarted
 from lora_widgets.sweep.results import best_point, table
 

@@ -34,7 +34,7 @@ from lora_widgets.widget.sweep_static import scatter_svg, table_html
 from lora_widgets.widget.throttle import FlushScheduler
 from lora_widgets.widget.view import publish_view
 
-__all__ = ["SweepView", "sweep_from_dashboard"]
+__all__ = ["SweepView"]
 
 _STATIC = Path(__file__).parent / "static"
 
@@ -75,6 +75,33 @@ class SweepView(anywidget.AnyWidget):
         """Called with a finished run's row when its table row is clicked (a dashboard replays the run)."""
         sweep.subscribe(self._on_event)
         self.on_msg(self._on_msg)
+
+    @classmethod
+    def from_dashboard(cls, dashboard: Any, space: Any, **kwargs: Any) -> SweepView:
+        """A :class:`SweepView` of a sweep on a dashboard's model and data, from its current settings.
+
+        ``kwargs`` go to :class:`~lora_widgets.sweep.runner.Sweep` (``seeds``, ``halving``, ``directory``). Raises
+        ``RuntimeError`` while the dashboard trains (one model, one run at a time) and the sweep's ``ValueError``
+        for bad input, before anything runs. Adapters an earlier dashboard run made are removed from the model
+        first (each run saved its adapter in its run directory); adapters you applied yourself are refused.
+        Clicking a finished run's row replays that run in the dashboard, so its charts show as for any run.
+        """
+        if dashboard.running:
+            raise RuntimeError("the dashboard is training; stop it or await dash.wait() before a sweep")
+        lora, train = dashboard.current_configs()
+        if has_lora(dashboard.model) and any(run.lora is not None for run in dashboard.runs):
+            remove_lora(dashboard.model)  # a dashboard run made them and saved them in its run directory
+        train_data, eval_data = dashboard._data  # the data the dashboard prepared (blocks or rows)
+        sweep = Sweep(dashboard.model, dashboard.tokenizer, train_data, eval_data, space=space, lora=lora, config=train,
+                      **kwargs)  # fmt: skip
+        view = cls(sweep)
+
+        def show(row: SweepRunEnded) -> None:  # a clicked row's charts: its metrics.jsonl replayed
+            if row.run_dir is not None and not dashboard.running:
+                dashboard.replay(Path(row.run_dir) / "metrics.jsonl")
+
+        view.on_select = show
+        return view
 
     # -- public API ------------------------------------------------------------------------------------
 
@@ -162,32 +189,3 @@ class SweepView(anywidget.AnyWidget):
             update_display(
                 {"text/html": self.static_html(), "text/plain": text}, raw=True, display_id=self._display_id
             )
-
-
-def sweep_from_dashboard(dashboard: Any, space: Any, **kwargs: Any) -> SweepView:
-    """A :class:`SweepView` of a sweep on a dashboard's model and data, from its current settings.
-
-    ``kwargs`` go to :class:`~lora_widgets.sweep.runner.Sweep` (``seeds``, ``halving``, ``directory``). Raises
-    ``RuntimeError`` while the dashboard trains (one model, one run at a time) and the sweep's ``ValueError``
-    for bad input, before anything runs. Adapters an earlier dashboard run made are removed from the model first
-    (each run saved its adapter in its run directory); adapters you applied yourself are refused. Clicking a finished run's row replays that run in the dashboard, so
-    its charts (loss, learning rate, adapter statistics) show as for any run.
-    """
-    if dashboard.running:
-        raise RuntimeError("the dashboard is training; stop it or await dash.wait() before a sweep")
-    lora, train = dashboard.current_configs()
-    if has_lora(dashboard.model) and any(run.lora is not None for run in dashboard.runs):
-        remove_lora(dashboard.model)  # the dashboard's last run made them and saved them in its run directory
-    train_data, eval_data = dashboard._data  # the data the dashboard prepared (blocks or rows)
-    sweep = Sweep(dashboard.model, dashboard.tokenizer, train_data, eval_data, space=space, lora=lora, config=train,
-                  **kwargs)  # fmt: skip
-    view = SweepView(sweep)
-
-    def show(
-        row: SweepRunEnded,
-    ) -> None:  # a clicked row's charts: its metrics.jsonl replayed in the dashboard
-        if row.run_dir is not None and not dashboard.running:
-            dashboard.replay(Path(row.run_dir) / "metrics.jsonl")
-
-    view.on_select = show
-    return view
