@@ -52,6 +52,15 @@ function fmt(v) {
   return String(Number(v.toPrecision(3)));
 }
 
+/** A chart's title; a long one (an adapter's detail) goes on two lines, split at its first " · ". */
+function title(svg, text) {
+  const cut = text.length > 56 ? text.indexOf(" · ") : -1;
+  const lines = cut > 0 ? [text.slice(0, cut), text.slice(cut + 3)] : [text];
+  const node = s("text", { x: W / 2, y: lines.length > 1 ? 12 : 20, "text-anchor": "middle", class: "lw-chart-title" });
+  lines.forEach((line, i) => node.appendChild(s("tspan", { x: W / 2, dy: i ? 14 : 0, class: i ? "lw-subtitle" : "" }, line)));
+  svg.appendChild(node);
+}
+
 function extent(lists, zero) {
   let lo = zero ? 0 : Infinity;
   let hi = -Infinity;
@@ -62,14 +71,14 @@ function extent(lists, zero) {
 }
 
 /**
- * Draw one chart into `svg`. spec: {title, yLabel, lines: [{name, x, y, color, width, dash, label}],
+ * Draw one chart into `svg`. spec: {title, xLabel (default "step"), yLabel, lines: [{name, x, y, color, width, dash, label}],
  * dots: [{name, x, y, color, r, label}], domain: [lo, hi] or null, zero: y starts at 0, log: log10 y, legend}.
  */
 function draw(svg, spec) {
   svg.replaceChildren();
   const pw = W - M.left - M.right;
   const ph = H - M.top - M.bottom;
-  svg.appendChild(s("text", { x: W / 2, y: 20, "text-anchor": "middle", class: "lw-chart-title" }, spec.title));
+  title(svg, spec.title);
   const all = [...spec.lines, ...spec.dots];
   const xs = extent(all.map((d) => d.x), false);
   const fy = spec.log ? (v) => (v > 0 ? Math.log10(v) : NaN) : (v) => v;
@@ -93,7 +102,7 @@ function draw(svg, spec) {
     axes.appendChild(s("line", { x1: M.left, x2: M.left + pw, y1: y, y2: y, class: "lw-grid" }));
     axes.appendChild(s("text", { x: M.left - 6, y: y + 4, "text-anchor": "end" }, fmt(t)));
   }
-  axes.appendChild(s("text", { x: M.left + pw / 2, y: H - 6, "text-anchor": "middle" }, "step"));
+  axes.appendChild(s("text", { x: M.left + pw / 2, y: H - 6, "text-anchor": "middle" }, spec.xLabel || "step"));
   const yl = s("text", { x: 14, y: M.top + ph / 2, "text-anchor": "middle", transform: `rotate(-90 14 ${M.top + ph / 2})` }, spec.yLabel || "");
   axes.appendChild(yl);
   svg.appendChild(axes);
@@ -151,14 +160,13 @@ function drawHeatmap(svg, detailSvg, map, model) {
   const rows = map.rows || [];
   const cols = map.columns || [];
   if (!rows.length) {
-    svg.appendChild(s("text", { x: W / 2, y: 20, "text-anchor": "middle", class: "lw-chart-title" }, "||ΔW|| / ||W|| per adapter: appears at the first update"));
+    title(svg, "||ΔW|| / ||W|| per adapter: appears at the first update");
     draw(detailSvg, { title: "One adapter: click a cell of the heatmap", lines: [], dots: [] });
     return;
   }
   const values = arr(map.values, Float32Array);
   const top = map.max || 0;
-  svg.appendChild(s("text", { x: W / 2, y: 20, "text-anchor": "middle", class: "lw-chart-title" },
-    `||ΔW|| / ||W|| per adapter, step ${map.step}: white 0, darkest ${top ? top.toExponential(1) : "–"}`));
+  title(svg, `||ΔW||/||W|| per adapter, step ${map.step} · white 0, darkest ${top ? top.toExponential(1) : "–"}`);
   const cw = (W - 56 - 16) / cols.length;
   const ch = Math.min(22, (H - 36 - 46) / rows.length);
   const sel = map.selected || [];
@@ -177,7 +185,7 @@ function drawHeatmap(svg, detailSvg, map, model) {
   cols.forEach((c, j) => svg.appendChild(s("text", { x: 56 + (j + 0.5) * cw, y: 36 + rows.length * ch + 14, "text-anchor": "middle" }, c)));
   const sv = arr((map.detail || {}).y, Float32Array);
   const xs = Int32Array.from(sv, (_, i) => i + 1);
-  draw(detailSvg, { title: (map.detail || {}).title || "One adapter", yLabel: "singular values σ_i of ΔW",
+  draw(detailSvg, { title: (map.detail || {}).title || "One adapter", yLabel: "σ_i", xLabel: "i: singular values of ΔW = (alpha/r) B A",
     lines: [], dots: [{ name: "singular_values", x: xs, y: sv, color: COLORS.smooth_loss, r: 4 }], zero: true });
 }
 
