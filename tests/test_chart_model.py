@@ -29,8 +29,10 @@ from tests.helpers import FakeLoop, ScriptedRun, patterned_batch, scripted_adapt
 LINES = ("raw_loss", "smooth_loss", "val_loss", "memory", "tokens_per_s", "lr_marker")
 
 
-def _decoded(wire: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    return np.frombuffer(wire["x"], dtype=np.int32), np.frombuffer(wire["y"], dtype=np.float32)
+def _decoded(wire: dict[str, Any], sent: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A series as the browser reads it (its steps from another series when it names one in ``x_ref``)."""
+    x = sent[wire["x_ref"]]["x"] if "x_ref" in wire and sent is not None else wire["x"]
+    return np.frombuffer(x, dtype=np.int32), np.frombuffer(wire["y"], dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +69,11 @@ def test_a_replay_gives_bqplot_and_the_svg_charts_the_same_points(
     monkeypatch.setattr(LoRADashboard, "max_markers", 4)
     jupyter, marimo = _replayed(metrics, "bqplot", times=2), _replayed(metrics, "svg", times=2)
     assert isinstance(jupyter.charts, Charts) and isinstance(marimo.charts, WebCharts)
-    sent = marimo.panel.chart_live["series"]
+    sent = {**marimo.panel.chart_live["series"], **marimo.panel.chart_evals}
+    assert sent["smooth_loss"]["x_ref"] == "raw_loss"  # the same steps are sent once
     for name in LINES:
         mark, series = getattr(jupyter.charts, name), marimo.charts.series[name]
-        x, y = _decoded(sent[name])
+        x, y = _decoded(sent[name], sent)
         assert len(mark.x) > 0, name
         np.testing.assert_array_equal(series.x, mark.x, err_msg=name)
         np.testing.assert_array_equal(series.y, mark.y, err_msg=name)
@@ -112,9 +115,13 @@ def test_the_run_state_says_when_the_run_ended_and_where_its_adapter_is(metrics:
 
 def test_marimo_is_detected_and_the_dashboard_shows_as_one_anywidget(monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[Any] = []
+
+    def anywidget(widget: Any) -> tuple[str, Any]:  # mo.ui.anywidget
+        made.append(widget)
+        return ("ui", widget)
+
     fake = types.SimpleNamespace(
-        running_in_notebook=lambda: True,
-        ui=types.SimpleNamespace(anywidget=lambda w: made.append(w) or ("ui", w)),
+        running_in_notebook=lambda: True, ui=types.SimpleNamespace(anywidget=anywidget)
     )
     monkeypatch.setitem(sys.modules, "marimo", fake)
     dash = LoRADashboard(model=tiny_llama(), tokenizer=object(), train_data=patterned_batch(8, 32))

@@ -46,8 +46,8 @@ class DashboardPanel(_ControlTraits):
     Python.
     """
 
-    _esm = _STATIC / "dashboard.js"
-    _css = _STATIC / "dashboard.css"
+    _esm: str | Path = _STATIC / "dashboard.js"  # a path (hot reload); marimo's subclass composes a string
+    _css: str | Path = _STATIC / "dashboard.css"
 
     control_specs = t.List(
         t.Dict(),

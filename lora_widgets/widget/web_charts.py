@@ -9,8 +9,8 @@ their points from the same functions (:mod:`lora_widgets.widget.chart_model`), s
 points for a run.
 
 Traffic, per flush: one message (``chart_live``: the current run's lines as int32/float32 binary buffers),
-plus ``chart_fixed`` (the schedule and earlier runs) and ``chart_axes`` (log scale, loss range) only when they
-change; the heatmap as bqplot's, at most once per :data:`~lora_widgets.widget.adapter_charts.REDRAW_S`.
+plus ``chart_evals`` (validation dots), ``chart_fixed`` (the schedule and earlier runs) and ``chart_axes`` (log
+scale, loss range) only when they change; the heatmap as bqplot's, at most once per :data:`~lora_widgets.widget.adapter_charts.REDRAW_S`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def compose_esm(*paths: Path) -> str:
 
 def wire(series: Series) -> dict[str, memoryview]:
     """A series as the browser gets it: binary buffers (ipywidgets sends bytes in a trait as buffers)."""
-    return {"x": memoryview(np.ascontiguousarray(series.x)), "y": memoryview(np.ascontiguousarray(series.y))}
+    return {"x": np.ascontiguousarray(series.x).data, "y": np.ascontiguousarray(series.y).data}
 
 
 class WebDashboardPanel(DashboardPanel):
@@ -83,6 +83,9 @@ class WebDashboardPanel(DashboardPanel):
 
     chart_live = t.Dict(
         help="The current run's series by name ({x: int32 bytes, y: float32 bytes}), label, gpu."
+    ).tag(sync=True)
+    chart_evals = t.Dict(
+        help="The validation dots ({val_loss: {x, y}}), sent when an evaluation adds one."
     ).tag(sync=True)
     chart_fixed = t.Dict(help="The learning-rate schedule and the earlier runs' smoothed losses.").tag(
         sync=True
@@ -125,13 +128,12 @@ class WebCharts:
         n, n_evals = len(history), len(history.eval_step)
         if (n, n_evals) == self._sent:
             return
-        series = dict(self.series)
+        if n_evals != self._sent[1]:  # apart: the dots change at evaluations only
+            self.series["val_loss"] = eval_series(history, self.max_markers)
+            self.panel.chart_evals = {"val_loss": wire(self.series["val_loss"])}
         if n != self._sent[0] and n:
-            series.update(step_series(history, self.points_per_line, self.gpu))
-        if n_evals != self._sent[1]:
-            series["val_loss"] = eval_series(history, self.max_markers)
+            self._send_live({**self.series, **step_series(history, self.points_per_line, self.gpu)})
         self._sent = (n, n_evals)
-        self._send_live(series)
         self._fit()
 
     def set_schedule(self, schedule: tuple[Any, Any] | None) -> None:
@@ -154,6 +156,7 @@ class WebCharts:
         self._sent = (0, 0)
         if self.series:
             self._send_live({})
+            self.panel.chart_evals = {}
 
     def label_current(self, label: str) -> None:
         """Name the current run's smoothed line in the legend."""
@@ -194,12 +197,16 @@ class WebCharts:
             self.panel.chart_axes = {"log": self.log_scale, "loss_domain": None if new is None else list(new)}
 
     def _send_live(self, series: dict[str, Series]) -> None:
+        """One message; a line whose steps equal an earlier line's (smoothed and raw loss, the memory lines)
+        names that line (``x_ref``) instead of sending its steps again."""
         self.series = series
-        self.panel.chart_live = {
-            "series": {k: wire(v) for k, v in series.items()},
-            "label": self.label,
-            "gpu": self.gpu,
-        }
+        sent: dict[str, Any] = {}
+        for name, line in series.items():
+            if name == "val_loss":
+                continue
+            same = next((k for k in sent if "x" in sent[k] and np.array_equal(series[k].x, line.x)), None)
+            sent[name] = wire(line) if same is None else {"x_ref": same, "y": wire(line)["y"]}
+        self.panel.chart_live = {"series": sent, "label": self.label, "gpu": self.gpu}
 
     def _send_fixed(self) -> None:
         self.panel.chart_fixed = {
@@ -266,13 +273,13 @@ class WebAdapterCharts:
             detail = {
                 "title": f"{where} {layer.module}: ΔW/W {_fmt(layer.relative_update)} · grad A "
                 f"{_fmt(layer.a_grad_norm)} B {_fmt(layer.b_grad_norm)} · last update {_fmt(layer.update_ratio)}",
-                "y": memoryview(np.asarray(layer.singular_values, dtype=np.float32)),  # [r]
+                "y": np.ascontiguousarray(layer.singular_values, dtype=np.float32).data,  # [r]
             }
         finite = self.map.values[np.isfinite(self.map.values)]
         self.panel.adapter_map = {
             "rows": self.map.rows,
             "columns": self.map.columns,
-            "values": memoryview(np.ascontiguousarray(self.map.values, dtype=np.float32)),  # [rows * columns]
+            "values": np.ascontiguousarray(self.map.values, dtype=np.float32).data,  # [rows * columns]
             "max": float(finite.max()) if finite.size else None,
             "colors": list(HEATMAP_COLORS),
             "null_color": NULL_COLOR,

@@ -140,7 +140,9 @@ def _session(page: Any, url: str, root: Path, shots: Path, keep_dir: str | None)
     page.keyboard.press("ArrowRight")
     wait_for(lambda: (probe.text_content() or "").startswith("r = 9"), 20, "the slider's cell while training")
     assert status.text_content() == "running"  # the run kept going while that cell ran
-    wait_for(lambda: loss_points(page) > max(later, 24), 90, "the loss line to advance after the other cell ran")
+    wait_for(
+        lambda: loss_points(page) > max(later, 24), 90, "the loss line to advance after the other cell ran"
+    )
     _screenshot(page, shots / "marimo-running.png", keep_dir)
 
     page.locator(".lw-stop").click()

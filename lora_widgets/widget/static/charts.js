@@ -2,7 +2,7 @@
 // step, no dependencies, nothing fetched): web_charts.py composes it with dashboard.js into one anywidget.
 // Every point comes from Python's chart model (lora_widgets/widget/chart_model.py), the same points bqplot
 // draws in Jupyter: x int32 and y float32 arrays sent as binary buffers, drawn here as they are.
-// Traits: chart_live (the current run's series), chart_fixed (schedule, earlier runs), chart_axes (log
+// Traits: chart_live (the current run's series), chart_evals (validation dots), chart_fixed (schedule, earlier runs), chart_axes (log
 // scale, loss range), adapter_map (heatmap and one adapter's singular values), run_state (echoed back as
 // run_state_seen, so marimo re-runs the cells that read the dashboard's value when a run changes state).
 
@@ -201,7 +201,11 @@ function render({ model, el }) {
   const redraw = () => {
     const live = model.get("chart_live") || {};
     const ser = live.series || {};
-    const get = (k) => series(ser[k]);
+    const evals = model.get("chart_evals") || {};
+    const get = (k) => {
+      const v = k === "val_loss" ? evals.val_loss : ser[k];
+      return series(v && v.x_ref ? { x: (ser[v.x_ref] || {}).x, y: v.y } : v);  // steps shared with another line
+    };
     const fixed = model.get("chart_fixed") || {};
     const axes = model.get("chart_axes") || {};
     const overlays = (fixed.overlays || []).map((o, i) => ({ name: `overlay-${i}`, ...series(o), color: o.color, width: 1.5, label: o.label }));
@@ -226,7 +230,7 @@ function render({ model, el }) {
       model.save_changes();
     }
   };
-  const listeners = [["change:chart_live", redraw], ["change:chart_fixed", redraw], ["change:chart_axes", redraw],
+  const listeners = [["change:chart_live", redraw], ["change:chart_fixed", redraw], ["change:chart_evals", redraw], ["change:chart_axes", redraw],
     ["change:adapter_map", redrawMap], ["change:run_state", echo]];
   for (const [name, fn] of listeners) model.on(name, fn);
   redraw();
