@@ -83,8 +83,8 @@ def loss_points(page: Any) -> int:
     path = page.locator("path.lw-line-raw_loss")
     if path.count() == 0:  # an empty chart says "no data yet" and draws no line
         return 0
-    n = int(path.get_attribute("data-points") or 0)
-    d = path.get_attribute("d") or ""
+    points, d = path.evaluate("p => [p.getAttribute('data-points'), p.getAttribute('d')]")  # one redraw's
+    n = int(points or 0)
     assert n == 0 or len(re.findall(r"[ML]", d)) == n, (n, d[:200])
     return n
 
