@@ -3,7 +3,7 @@
 ``marimo run`` serves the notebook as an app on 127.0.0.1 (its cells run at once); the test opens it, checks
 that the dashboard renders as marimo shows anywidgets (no "Jupyter widgets are not supported" notice, six SVG
 charts), clicks Train, sees the loss line drawn and advancing (the points of its SVG path), moves a slider whose
-cell answers while the run trains, clicks Stop and sees the reactive cell that reads ``board.value["run_state"]``
+cell answers while the run trains, pauses and resumes, clicks Stop and sees the reactive cell that reads ``board.value["run_state"]``
 run again with the saved adapter's path. The MemoryPlanner renders too, and the console stays clean.
 
 With ``LORA_WIDGETS_SCREENSHOT_DIR`` set, the running dashboard's screenshot is also copied to
@@ -144,6 +144,15 @@ def _session(page: Any, url: str, root: Path, shots: Path, keep_dir: str | None)
         lambda: loss_points(page) > max(later, 24), 90, "the loss line to advance after the other cell ran"
     )
     _screenshot(page, shots / "marimo-running.png", keep_dir)
+
+    pause = page.locator(".lw-pause")
+    pause.click()
+    wait_for(lambda: status.text_content() == "paused", 30, "status 'paused'")
+    held = loss_points(page)
+    time.sleep(3)
+    assert loss_points(page) == held  # held between two steps
+    pause.click()  # now "Resume"
+    wait_for(lambda: status.text_content() == "running", 30, "status 'running' again")
 
     page.locator(".lw-stop").click()
     wait_for(lambda: status.text_content() == "stopped", 60, "status 'stopped'")
