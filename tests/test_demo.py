@@ -10,13 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from lora_widgets.data import prepare_data
-from lora_widgets.demo import (
+from lora_widgets.data.corpora import list_corpora, load_corpus
+from lora_widgets.data.text import prepare_data
+from lora_widgets.models import (
     BASE_MODEL_PATH,
     generate,
-    list_corpora,
     load_base_model,
-    load_corpus,
     load_model,
 )
 from tests.helpers import tiny_llama

@@ -7,7 +7,7 @@ call the functions here and nothing else decides which points a line holds, so t
 for the same run (``tests/test_chart_model.py`` replays one run into both and compares the arrays).
 
 A line holds at most ``points_per_line`` points, one per pixel column of a chart's plot area (min-max buckets of
-:func:`~lora_widgets.history.decimate_indices` keep every spike); x is sent as int32 steps and y as float32, half
+:func:`~lora_widgets.events.history.decimate_indices` keep every spike); x is sent as int32 steps and y as float32, half
 the bytes of float64 (a chart a few hundred pixels high needs no more than 7 digits).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_widgets.history import History, decimate_indices
+from lora_widgets.events.history import History, decimate_indices
 
 __all__ = [
     "LIVE_SERIES",

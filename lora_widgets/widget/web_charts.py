@@ -24,7 +24,7 @@ import numpy as np
 import traitlets as t
 
 from lora_widgets.events import AdapterLayerStats, AdapterStats
-from lora_widgets.history import History
+from lora_widgets.events.history import History
 from lora_widgets.widget.adapter_charts import HEATMAP_COLORS, NULL_COLOR, REDRAW_S, Heatmap, heatmap_of
 from lora_widgets.widget.chart_model import (
     Series,
