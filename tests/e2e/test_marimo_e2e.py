@@ -4,7 +4,8 @@
 that the dashboard renders as marimo shows anywidgets (no "Jupyter widgets are not supported" notice, six SVG
 charts), clicks Train, sees the loss line drawn and advancing (the points of its SVG path), moves a slider whose
 cell answers while the run trains, pauses and resumes, clicks Stop and sees the reactive cell that reads ``board.value["run_state"]``
-run again with the saved adapter's path. The MemoryPlanner renders too, and the console stays clean.
+run again with the saved adapter's path; asking for a GPU on a machine without one stops the notebook with a
+callout (``mo.stop``). The MemoryPlanner renders too, and the console stays clean.
 
 With ``LORA_WIDGETS_SCREENSHOT_DIR`` set, the running dashboard's screenshot is also copied to
 ``docs/img/dashboard_marimo.png``.
@@ -161,6 +162,13 @@ def _session(page: Any, url: str, root: Path, shots: Path, keep_dir: str | None)
     adapter = re.search(r"`?(/\S+/adapter)`?", done.text_content() or "")
     assert adapter and Path(adapter.group(1)).is_relative_to(root)
     assert (Path(adapter.group(1)) / "adapter_model.safetensors").is_file()
+
+    import torch
+
+    if not torch.cuda.is_available():  # ask for the GPU this machine lacks: mo.stop shows the callout
+        page.locator("select").first.select_option(label="GPU (CUDA)")
+        page.get_by_text("No GPU found.").wait_for(timeout=30_000)
+        assert page.locator(".lw-train").count() == 0  # the cells under it did not run
 
 
 def _screenshot(page: Any, path: Path, keep_dir: str | None) -> None:
