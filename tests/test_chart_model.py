@@ -164,6 +164,7 @@ def test_a_click_on_a_heatmap_cell_shows_that_adapter() -> None:
     assert dash.panel.adapter_map["selected"] == [3, 0]
     assert charts.selected_layer() is charts.map.cells[(3, 0)] and charts.map.cells[(3, 0)] is not largest
     charts._on_msg(dash.panel, {"type": "adapter_cell", "row": 99, "column": 0}, [])  # not a cell: ignored
+    charts._on_msg(dash.panel, {"type": "adapter_cell", "row": "x", "column": None}, [])  # malformed: ignored
     assert dash.panel.adapter_map["selected"] == [3, 0]
 
 

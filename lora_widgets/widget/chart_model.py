@@ -23,7 +23,6 @@ import numpy as np
 from lora_widgets.events.history import History, decimate_indices
 
 __all__ = [
-    "LIVE_SERIES",
     "Series",
     "eval_series",
     "loss_domain",
@@ -32,18 +31,6 @@ __all__ = [
     "schedule_series",
     "step_series",
 ]
-
-LIVE_SERIES = (
-    "raw_loss",
-    "smooth_loss",
-    "val_loss",
-    "memory",
-    "memory_reserved",
-    "gpu_util",
-    "tokens_per_s",
-    "lr_marker",
-)
-"""The current run's series, in the order a renderer draws them (the schedule and earlier runs are apart)."""
 
 
 def as_x(values: Any) -> np.ndarray:

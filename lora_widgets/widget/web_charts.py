@@ -257,7 +257,13 @@ class WebAdapterCharts:
 
     def _on_msg(self, _widget: Any, content: Any, _buffers: Any) -> None:
         if isinstance(content, dict) and content.get("type") == "adapter_cell" and self.map is not None:
-            cell = (int(content.get("row", -1)), int(content.get("column", -1)))
+            try:
+                cell = (int(content.get("row", -1)), int(content.get("column", -1)))
+            except (
+                TypeError,
+                ValueError,
+            ):  # not a cell the front end sends: ignored, as a click off the cells
+                return
             if cell in self.map.cells:
                 self.selected = cell
                 self._send()
