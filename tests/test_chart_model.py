@@ -172,6 +172,8 @@ def test_the_svg_charts_cost_at_most_10_messages_and_20_kb_per_second(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Counted on a fake clock at 50 steps/s for 5,000 steps, an evaluation every 100 (as the bqplot test)."""
+    if int(ipywidgets.__version__.split(".")[0]) < 8:  # the lowest-versions job (Colab's 7.7.1)
+        pytest.skip("ipywidgets 7 sends nothing from a widget whose comm has no kernel: nothing to count")
     dash = LoRADashboard(
         model=tiny_llama(), tokenizer=object(), train_data=patterned_batch(8, 32), renderer="svg"
     )
