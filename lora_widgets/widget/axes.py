@@ -3,13 +3,17 @@
 bqplot 0.12 (what Colab ships: 0.12.47) syncs an axis's ``orientation`` as a trait of its own, defaulting to
 ``"horizontal"``, beside ``side``; only bqplot 0.13 derives one from the other in Python. So
 ``Axis(side="left")`` under 0.12 leaves the kernel's model saying *horizontal, left*. The browser's AxisModel
-corrects its own copy when it is created (``validate_orientation``: left means vertical), but whenever the
-kernel's state is applied to a model that already exists (ipywidgets 7's widget manager restores models from
-the kernel when a notebook opens or reconnects; Notebook 6 does it while "Run All" builds the dashboard) the
-kernel's *horizontal* wins, and the model's other validator (``validate_side``: horizontal means bottom or
-top) moves the axis to the bottom and saves ``side="bottom"`` back to the kernel: the value axis is drawn along
-the bottom, over the step axis, for good. With both traits set here, the two copies agree from the start and no
-state the kernel sends can flip an axis (issue 20, seen on Colab's stack in the classic Notebook 6).
+corrects its own copy when it is created (``validate_orientation``: left means vertical) and sends the
+correction to the kernel, but until the kernel has read it, the kernel's state still says *horizontal*. When
+that state is applied to a model the browser already has (the classic Notebook's ipywidgets-7 manager asks the
+kernel for every widget's state as a notebook opens; a "Run All" right away creates the dashboard before the
+answer comes, and the answer carries the uncorrected axes), *horizontal* wins, and the model's other validator
+(``validate_side``: horizontal means bottom or top) moves the axis to the bottom and saves ``side="bottom"``
+back to the kernel: the value axis is drawn along the bottom, over the step axis, for good (a heatmap's layer
+labels then run along the bottom too). Logged in the browser: ``set_state({orientation: "horizontal", side:
+"left"})`` then ``validate_side`` -> ``side="bottom"`` on the memory, throughput, layer and detail axes of one
+run. With both traits set here, the two copies agree from the start and no state the kernel sends can flip an
+axis (issue 20).
 """
 
 from __future__ import annotations

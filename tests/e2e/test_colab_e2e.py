@@ -90,30 +90,74 @@ def open_and_run_all(page: Any, server: JupyterServer, notebook: str, timeout_s:
     raise AssertionError(f"the cells never started within {timeout_s:.0f} s")
 
 
-def timed_tick(page: Any, index: int, expected: int) -> float:
-    """Seconds from executing the trivial cell ``index`` until its output reads ``tick <expected>``."""
+def timed_tick(page: Any, index: int) -> float:
+    """Seconds from executing the trivial cell ``index`` until it has run again and shows ``tick <n>``."""
+    cell = f"document.querySelectorAll('#notebook-container .cell')[{index}]"
+    before = page.evaluate(f"() => {cell}.querySelector('.input_prompt').textContent")
     t0 = time.perf_counter()
     page.evaluate(f"() => Jupyter.notebook.execute_cells([{index}])")
     page.wait_for_function(
-        """([i, n]) => {
-            const out = document.querySelectorAll('#notebook-container .cell')[i].querySelector('.output_area');
-            return out && out.textContent.trim() === 'tick ' + n;
-        }""",
-        arg=[index, expected],
+        f"""([before]) => {{
+            const prompt = {cell}.querySelector('.input_prompt').textContent;
+            const out = {cell}.querySelector('.output_area');
+            return prompt !== before && /\\[\\d+\\]/.test(prompt) && out && /^tick \\d+$/.test(out.textContent.trim());
+        }}""",
+        arg=[before],
         polling=10,
         timeout=30_000,
     )
     return time.perf_counter() - t0
 
 
-def wait_for_dashboard(page: Any) -> None:
-    """The dashboard's Train button shown and enabled (the model loaded), its six figures drawn."""
-    page.locator(".lw-dash .lw-train").wait_for(state="visible", timeout=150_000)
+UPSTREAM_BLANK = ("Could not add child view to box", "processPhosphorMessage")
+"""What the classic Notebook 6's widget manager (ipywidgets 7) logs when it leaves a box blank: while it loads
+the kernel's widgets at start-up, "Run All" creating widgets races it, with or without this package (a plain
+VBox of bqplot figures did the same in 1 of 6 runs). A user sees an empty output and runs the cell again."""
+
+
+def wait_for_dashboard(page: Any, errors: list[str], timeout_s: float = 180.0) -> int:
+    """The dashboard's Train button shown and enabled (the model loaded), its six figures drawn.
+
+    When the first cell has finished but its output stayed blank, with :data:`UPSTREAM_BLANK` in the console or
+    silently for 20 s (seen once in 8 runs, with no message), the cell is run again, as a user would. Returns how
+    many times that was needed.
+    """
+    reruns, deadline, seen = 0, time.monotonic() + timeout_s, 0
+
+    def upstream() -> int:  # the manager's blank-render errors logged so far
+        return sum(any(m in e for m in UPSTREAM_BLANK) for e in errors)
+
+    done = "() => /\\[\\d+\\]/.test(document.querySelector('#notebook-container .cell .input_prompt').textContent)"
+    train, finished_at = page.locator(".lw-dash .lw-train"), None
+    while not train.is_visible():
+        if finished_at is None and page.evaluate(done):
+            finished_at = time.monotonic()
+        silent = finished_at is not None and time.monotonic() - finished_at > 20 and not train.count()
+        if finished_at is not None and (upstream() > seen or silent) and reruns < 2:
+            page.wait_for_timeout(3000)  # a late render is not a blank one
+            if not train.is_visible():
+                finished_at = None
+                reruns, seen = reruns + 1, upstream()
+                errors.append(f"(re-ran the first cell after a blank render, {reruns})")
+                page.evaluate("() => Jupyter.notebook.execute_cells([0])")
+                page.wait_for_function(f"() => !({done})()", timeout=30_000)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the dashboard did not render within {timeout_s:.0f} s ({reruns} re-runs)")
+        page.wait_for_timeout(500)
     page.wait_for_function("() => !document.querySelector('.lw-dash .lw-train').disabled", timeout=30_000)
     page.wait_for_function(
         "() => document.querySelectorAll('.lw-dashboard .bqplot .plotarea_background').length === 6"
     )
     assert status(page) == "idle"
+    return reruns
+
+
+def unexpected_console_errors(errors: list[str], reruns: int) -> list[str]:
+    """Console errors that are neither JupyterLab's 404 noise nor, after a blank render, the manager's own."""
+    return [
+        e for e in errors
+        if KNOWN_NOISE not in e and not e.startswith("(re-ran") and not (reruns and any(m in e for m in UPSTREAM_BLANK))
+    ]  # fmt: skip
 
 
 def assert_axes_read_right(page: Any, when: str, heatmap: bool = False) -> None:
@@ -153,7 +197,7 @@ def test_dashboard_trains_and_stops_in_notebook6_with_colabs_widgets(
     write_notebook(notebook6_server.root / "colab.ipynb", [config, 'print(f"tick {next(_tick)}")'])
     try:
         open_and_run_all(page, notebook6_server, "colab.ipynb")
-        wait_for_dashboard(page)
+        reruns = wait_for_dashboard(page, console_errors)
         assert_axes_read_right(page, "rendered")
 
         page.locator(".lw-dash .lw-train").click()
@@ -168,7 +212,7 @@ def test_dashboard_trains_and_stops_in_notebook6_with_colabs_widgets(
             timeout=30_000,
         )
         first_step, first_len = progress_step(page), loss_path_length(page)
-        busy = timed_tick(page, 1, 1)  # the cell ran once in "run all": tick 0
+        busy = timed_tick(page, 1)
         page.wait_for_function(
             f"() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) >= {first_step + 5}",
             timeout=30_000,
@@ -187,9 +231,10 @@ def test_dashboard_trains_and_stops_in_notebook6_with_colabs_widgets(
     except Exception as exc:
         raise _failure(page, exc, tmp_path, notebook6_server, console_errors) from exc
     print(
-        f"\nNotebook 6 + Colab widgets: trivial cell while training {busy:.2f} s; Stop to stopped {stop_s:.2f} s"
+        f"\nNotebook 6 + Colab widgets: trivial cell while training {busy:.2f} s; Stop to stopped {stop_s:.2f} s; "
+        f"first cell re-run after a blank render: {reruns}"
     )
-    assert [e for e in console_errors if KNOWN_NOISE not in e] == [], console_errors
+    assert unexpected_console_errors(console_errors, reruns) == [], console_errors
 
 
 def test_an_attached_hf_trainer_in_notebook6_with_colabs_widgets(
@@ -203,7 +248,7 @@ def test_an_attached_hf_trainer_in_notebook6_with_colabs_widgets(
     )
     try:
         open_and_run_all(page, notebook6_server, "colab_hf.ipynb")
-        wait_for_dashboard(page)
+        reruns = wait_for_dashboard(page, console_errors)
         assert "Trainer settings (read-only" in page.locator(".lw-dash .lw-settings").inner_text()
         assert page.locator(".lw-dash .lw-input:visible").count() == 0
         page.locator(".lw-dash .lw-train").click()
@@ -212,7 +257,7 @@ def test_an_attached_hf_trainer_in_notebook6_with_colabs_widgets(
         )
         first_step, first_path = progress_step(page), raw_loss_path(page)
         assert first_path  # the logged points are drawn
-        busy = timed_tick(page, 1, 1)
+        busy = timed_tick(page, 1)
         page.wait_for_function(
             f"() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) >= {first_step + 3}",
             timeout=60_000,
@@ -224,5 +269,6 @@ def test_an_attached_hf_trainer_in_notebook6_with_colabs_widgets(
         assert page.locator(".lw-dash .lw-callout", has_text="Stopped").count() >= 1
     except Exception as exc:
         raise _failure(page, exc, tmp_path, notebook6_server, console_errors) from exc
-    print(f"\nattached HF trainer, Notebook 6: trivial cell while training {busy:.2f} s; Stop {stop_s:.2f} s")
-    assert [e for e in console_errors if KNOWN_NOISE not in e] == [], console_errors
+    print(f"\nattached HF trainer, Notebook 6: trivial cell while training {busy:.2f} s; Stop {stop_s:.2f} s; "
+          f"re-runs after a blank render: {reruns}")  # fmt: skip
+    assert unexpected_console_errors(console_errors, reruns) == [], console_errors
