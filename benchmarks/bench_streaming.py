@@ -1,7 +1,7 @@
 """What a long run costs the network: comm messages and bytes a LoRADashboard sends per second of training.
 
 A run of N steps is fed through the dashboard's own path (``dash.watch(source)``) by a scripted
-:class:`~lora_widgets.events.RunSource` on a fake clock (``StepMetrics`` every step; every 100 steps an
+:class:`~lora_widgets.events.types.RunSource` on a fake clock (``StepMetrics`` every step; every 100 steps an
 ``EvalMetrics`` with the adapter statistics of the shipped model's 28 adapters and two sample answers, as the
 trainer publishes them; a loss spike a third of the way in), so the throttle and decimation decide exactly as in a
 live kernel. Every message a widget sends is counted by patching ``ipywidgets.Widget._send`` (JSON part +
@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_widgets.events import EvalMetrics, RunStarted, StepMetrics
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.events.types import EvalMetrics, RunStarted, StepMetrics
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.widget.charts import Charts
 from lora_widgets.widget.dashboard import LoRADashboard
 from tests.helpers import FakeLoop, ScriptedRun, scripted_adapter_stats, scripted_samples, tiny_llama

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.schedules import SCHEDULES
-from lora_widgets.train_config import PRECISIONS, TrainConfig
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.training.config import PRECISIONS, TrainConfig
+from lora_widgets.training.schedules import SCHEDULES
 from lora_widgets.widget import controls
 from lora_widgets.widget.controls import (
     CONTROL_NAMES,

@@ -1,18 +1,18 @@
 """The dashboard's controls, declared once; the panel's traits, the front end and both config mappings come from here.
 
-Each :class:`Control` in :data:`CONTROLS` names a field of :class:`~lora_widgets.lora.LoRAConfig` or
-:class:`~lora_widgets.train_config.TrainConfig` and says how to show it (label, kind, input hints, help).
+Each :class:`Control` in :data:`CONTROLS` names a field of :class:`~lora_widgets.lora.layers.LoRAConfig` or
+:class:`~lora_widgets.training.config.TrainConfig` and says how to show it (label, kind, input hints, help).
 From that one table:
 
 * :func:`traits` builds one synced trait per control for ``DashboardPanel`` (type, default and help);
 * :func:`specs` is what ``static/dashboard.js`` renders (the panel's ``control_specs`` trait): the JS holds no
   list of controls and no choices, so schedules and precisions are the tuples the configs validate against
-  (:data:`~lora_widgets.schedules.SCHEDULES`, :data:`~lora_widgets.train_config.PRECISIONS`);
+  (:data:`~lora_widgets.training.schedules.SCHEDULES`, :data:`~lora_widgets.training.config.PRECISIONS`);
 * :func:`values_from_configs` and :func:`to_configs` map configs to control values and back;
 * :func:`validate_settings` checks the values by constructing the configs, so every rule lives in the
   config classes and the panel shows their ``ValueError`` message word for word. Only what a config cannot
   know is checked against the run's context: the device (``TrainConfig.check_device``) and the number of
-  training blocks (``TrainConfig.check_data``); the Trainer applies the same two methods.
+  training blocks (``TrainConfig.check_data``); the LoRATrainer applies the same two methods.
 
 The ``min``/``max``/``step`` of a control are hints for the browser's number input (its spinner), not rules:
 a value outside them still reaches the config, which decides.
@@ -46,13 +46,14 @@ from typing import Any, Literal
 
 import traitlets as t
 
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.schedules import SCHEDULES
-from lora_widgets.train_config import PRECISIONS, TrainConfig
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.training.config import PRECISIONS, TrainConfig
+from lora_widgets.training.schedules import SCHEDULES
 
 __all__ = [
     "CONTROLS",
     "CONTROL_NAMES",
+    "LORA_CONTROL_NAMES",
     "TARGET_PRESETS",
     "Control",
     "config_fields",
@@ -194,6 +195,8 @@ CONTROLS: tuple[Control, ...] = (
 # fmt: on
 
 CONTROL_NAMES: tuple[str, ...] = tuple(c.name for c in CONTROLS)
+LORA_CONTROL_NAMES: tuple[str, ...] = tuple(c.name for c in CONTROLS if c.config is LoRAConfig)
+"""The controls that change the adapter (the planned-parameters readout follows them)."""
 
 
 def config_fields(config: type) -> tuple[str, ...]:
