@@ -132,6 +132,9 @@ def wait_for_dashboard(page: Any, errors: list[str], timeout_s: float = 180.0) -
     while not train.is_visible():
         if finished_at is None and page.evaluate(done):
             finished_at = time.monotonic()
+            failed = page.locator("#notebook-container .cell").first.locator(".output_error")
+            if failed.count():
+                raise AssertionError(f"the first cell failed:\n{failed.first.inner_text()[-1500:]}")
         silent = finished_at is not None and time.monotonic() - finished_at > 20 and not train.count()
         if finished_at is not None and (upstream() > seen or silent) and reruns < 2:
             page.wait_for_timeout(3000)  # a late render is not a blank one
