@@ -61,6 +61,7 @@ from lora_widgets.events import (
 )
 from lora_widgets.history import History
 from lora_widgets.lora import LoRAConfig, LoRAReport, lora_layers
+from lora_widgets.quantization import base_of
 from lora_widgets.schedules import lr_schedule as _lr_schedule
 from lora_widgets.schedules import total_steps
 from lora_widgets.train_config import TrainConfig
@@ -130,10 +131,12 @@ class Trainer:
         self.tokenizer = tokenizer
         self.train_data = train_data
         self.eval_data = eval_data
-        self.config = config
         self.lora = lora
         self.device: torch.device = select_device(config.device)
         config.check_device(self.device)  # the one precision-vs-device rule (the dashboard uses it too)
+        config = config.resolved(self.device)  # precision="auto" -> what this device supports
+        config.check_model(base_of(model))
+        self.config = config
         self.report: LoRAReport | None
         self.report, self._owns_lora = ownership.attach_adapters(model, lora)  # checks, then changes
 
