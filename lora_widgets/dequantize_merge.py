@@ -1,11 +1,11 @@
-"""Merging adapters trained on a quantized base: dequantize into a 16-bit copy, then merge, and say so.
+"""Merging adapters trained on a quantized base: dequantize into plain (16- or 32-bit) layers, then merge, and say so.
 
 A 4-bit (or 8-bit) weight cannot take W0 + scaling * B A in place: rounding the sum back to 16 levels per block
 would change the base the adapter was trained against, and the small update would mostly round away (the NF4
 step between levels is about 1/8 of a block's absmax, QLoRA sec. 3, while one LoRA update is typically 1e-3 of
 the weight). So :func:`merge_into_dequantized` replaces every quantized linear layer of the model by a plain
-``nn.Linear`` holding its dequantized weight in the compute dtype (bf16 / fp16 on a GPU, fp32 on a CPU), adds
-the adapters there, and removes the model's quantization config so that ``save_pretrained`` writes an ordinary
+``nn.Linear`` holding its dequantized weight in the dtype the activations flow in (:func:`activation_dtype`:
+the unquantized layers' dtype, bf16 for a model loaded in bf16), adds the adapters there, and removes the model's quantization config so that ``save_pretrained`` writes an ordinary
 checkpoint. The adapted model's outputs are unchanged up to float rounding: the base computed with exactly
 these dequantized weights during training.
 """
@@ -18,23 +18,36 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lora_widgets.quantization import frozen_weight, layer_base, layer_compute_dtype, quantized_layers
+from lora_widgets.quantization import frozen_weight, layer_base, quantized_layers
 
 if TYPE_CHECKING:
     from lora_widgets.lora import LoRALinear
 
-__all__ = ["dequantized_linear", "merge_into_dequantized"]
+__all__ = ["activation_dtype", "dequantized_linear", "merge_into_dequantized"]
+
+
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations flow in through ``model``: its input embeddings' (the unquantized layers' dtype,
+    fp32 after the trainer's k-bit preparation); a plain ``nn.Linear`` must hold its weight in it, since it
+    does not cast its input as a bitsandbytes layer does. Falls back to the first floating parameter's dtype."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 @torch.no_grad()
-def dequantized_linear(layer: nn.Module, delta: torch.Tensor | None = None) -> nn.Linear:
-    """A plain ``nn.Linear`` with ``layer``'s dequantized weight (+ ``delta``, [out, in]) in its compute dtype."""
-    dtype = layer_compute_dtype(layer)
+def dequantized_linear(layer: nn.Module, dtype: torch.dtype, delta: torch.Tensor | None = None) -> nn.Linear:
+    """A plain ``nn.Linear`` in ``dtype`` with ``layer``'s dequantized weight (+ ``delta``, [out, in])."""
     weight = frozen_weight(layer).float()  # [out, in]
     if delta is not None:
         weight = weight + delta.float()
     bias = getattr(layer, "bias", None)
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+    out = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype
+    )
     out.weight.copy_(weight.to(dtype))
     if bias is not None:
         out.bias.copy_(bias.detach().to(dtype))
@@ -53,11 +66,12 @@ def merge_into_dequantized(model: nn.Module, layers: dict[str, LoRALinear]) -> n
 
     replacements: dict[str, nn.Module] = {}
     kinds: set[str] = set()
+    dtype = activation_dtype(model)
     for name, layer in layers.items():
         base = layer.base_layer
         if layer.quantized:
             kinds.add(layer.quantized)
-            replacements[name] = dequantized_linear(base, layer.delta_weight())
+            replacements[name] = dequantized_linear(base, dtype, layer.delta_weight())
         else:  # an unquantized adapted layer (the head, say) merges as usual
             layer.merge()
             replacements[name] = base
@@ -65,7 +79,7 @@ def merge_into_dequantized(model: nn.Module, layers: dict[str, LoRALinear]) -> n
     for name, module in quantized_layers(model).items():
         if id(module) not in wrapped:
             kinds.add(str(layer_base(module)))
-            replacements[name] = dequantized_linear(module)
+            replacements[name] = dequantized_linear(module, dtype)
     _swap_modules(model, replacements)
     flags = next((layer._flags_before for layer in layers.values() if layer._flags_before is not None), None)
     if flags is not None:

@@ -184,7 +184,7 @@ class LoRALinear(nn.Module):
         if self.quantized:
             raise ValueError(
                 f"cannot merge into a {self.quantized} weight in place (rounding W + dW back to {self.quantized} "
-                "changes the base); merge_and_unload(model) dequantizes it into a 16-bit copy and merges there"
+                "changes the base); merge_and_unload(model) dequantizes it into plain Linear layers and merges there"
             )
 
     @torch.no_grad()
