@@ -48,6 +48,7 @@ INVALID: dict[str, tuple[Any, Any]] = {
     "max_steps": (-5, -5),
     "epochs": (0, 0),
     "precision": ("fp8", "fp8"),
+    "base": ("2-bit", "2-bit"),
     "seed": (-1, -1),
 }
 
