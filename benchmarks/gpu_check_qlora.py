@@ -100,10 +100,10 @@ def _speed(events: list[Event], tokens_per_step: int, warmup: int) -> float:
 
 def _memory_row(name: str, model: Any, plan: Any, precision: str, peak: int | None) -> Row:
     config = model.config
-    layers = quantized_layers(model).values()
+    layers: list[Any] = list(quantized_layers(model).values())
     label = f"{name} 4-bit, b{plan.batch}x{plan.seq}, {precision}"
     if peak is None:  # CPU: the quantized weights
-        est = quantized_weight_bytes([(int(m.out_features), int(m.in_features)) for m in layers], "4bit")
+        est = quantized_weight_bytes([(m.out_features, m.in_features) for m in layers], "4bit")
         got = measured_quantized_bytes(model)
         what = "bitsandbytes storage"
     else:
