@@ -74,7 +74,8 @@ class ModelMode:
 
     training: bool
     switches_checkpointing: bool  # the run switches gradient checkpointing on (it was off)
-    kbit: KbitState = field(default_factory=KbitState)  # a quantized base's compute dtypes and input-grad hook before the run
+    # a quantized base's compute dtypes and input-grad hook before the run
+    kbit: KbitState = field(default_factory=KbitState)
 
     @classmethod
     def of(cls, model: nn.Module, gradient_checkpointing: bool) -> ModelMode:
