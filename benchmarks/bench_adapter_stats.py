@@ -13,7 +13,7 @@ that machine noise hits both alike (medians reported):
 Printed: the ratio stats / step, and the share of training time at one statistics call every
 ``--every`` steps (default 50, ``TrainConfig.eval_every``). Target (issue 14): <= 2%.
 
-With ``--trainer``, the whole thing as users get it: the real :class:`~lora_widgets.Trainer` on the shipped
+With ``--trainer``, the whole thing as users get it: the real :class:`~lora_widgets.LoRATrainer` on the shipped
 model (r=8, alpha=16, all linear layers, ``--steps`` updates, the default ``eval_every=50``) with its adapter
 statistics, alerts and samples on (the defaults) and off (``adapter_stats=False, sample_prompts=()``), runs
 interleaved ``--repeats`` times, fastest of each reported; plus the run's own accounting from its events
@@ -41,14 +41,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lora_widgets import demo
-from lora_widgets.adapter_statistics import adapter_stats, snapshot_adapters
-from lora_widgets.data import prepare_data
-from lora_widgets.events import AdapterStats, Event, SampleGenerations
-from lora_widgets.lora import LoRAConfig, apply_lora, remove_lora
-from lora_widgets.samples import generate_samples
-from lora_widgets.train_config import TrainConfig
-from lora_widgets.training.trainer import Trainer
+from lora_widgets import models as demo
+from lora_widgets.data.text import prepare_data
+from lora_widgets.events.types import AdapterStats, Event, SampleGenerations
+from lora_widgets.health.samples import generate_samples
+from lora_widgets.lora.layers import LoRAConfig, apply_lora, remove_lora
+from lora_widgets.lora.statistics import adapter_stats, snapshot_adapters
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.trainer import LoRATrainer
 
 
 def _sync(device: torch.device) -> None:
@@ -57,11 +57,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _trainer_run(insight: bool, steps: int, device: str, out: str) -> tuple[float, float, float, float]:
-    """One Trainer run; returns (wall s, run elapsed s, statistics s, samples s)."""
+    """One LoRATrainer run; returns (wall s, run elapsed s, statistics s, samples s)."""
     model, tokenizer = demo.load_base_model()
     off: dict[str, Any] = {} if insight else {"adapter_stats": False, "sample_prompts": ()}
     config = TrainConfig(max_steps=steps, device=device, output_dir=out, **off)
-    trainer = Trainer(model, tokenizer, "python-docs", lora=LoRAConfig(r=8, alpha=16.0, target_modules="all-linear"),
+    trainer = LoRATrainer(model, tokenizer, "python-docs", lora=LoRAConfig(r=8, alpha=16.0, target_modules="all-linear"),
                       config=config)  # fmt: skip
     events: list[Event] = []
     trainer.subscribe(events.append)
@@ -86,7 +86,7 @@ def trainer_main(steps: int, repeats: int, device: str) -> None:
                     best[insight] = got
     (off, _, _, _), (on, elapsed, stats_s, samples_s) = best[False], best[True]
     print(
-        f"Trainer, shipped model, r=8 all-linear, {steps} steps, eval_every=50, {device}; fastest of {repeats}:"
+        f"LoRATrainer, shipped model, r=8 all-linear, {steps} steps, eval_every=50, {device}; fastest of {repeats}:"
     )
     print(f"  statistics, alerts and samples off: {off:7.2f} s")
     print(f"  on (the defaults):                  {on:7.2f} s   ratio on/off = {on / off:.3f}")
@@ -96,7 +96,7 @@ def trainer_main(steps: int, repeats: int, device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trainer", action="store_true", help="time the real Trainer with it on and off")
+    parser.add_argument("--trainer", action="store_true", help="time the real LoRATrainer with it on and off")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20)

@@ -34,7 +34,7 @@ CHECKPOINTS = (1_000, 10_000, 20_000, 40_000)
 SETUP = """\
 import math, torch
 from lora_widgets import LoRAConfig, LoRADashboard, TrainConfig
-from lora_widgets.events import EvalMetrics, RunStarted, StepMetrics
+from lora_widgets.events.types import EvalMetrics, RunStarted, StepMetrics
 from tests.helpers import tiny_llama
 
 N = {n}

@@ -6,11 +6,11 @@ For each configuration a fresh child process (so nothing of an earlier step is c
 its batch and AdamW, reads its resident set (``VmRSS``), resets the peak mark
 (``/proc/self/clear_refs`` = 5), runs two training steps and reads the peak (``VmHWM``). The growth of the
 resident set, minus the growth of live tensor bytes over the same steps (the dispatch tracker of
-:func:`lora_widgets.memory.measure_memory`, exact), is what torch's CPU runtime adds: thread pools and
+:func:`lora_widgets.memory.fit.measure_memory`, exact), is what torch's CPU runtime adds: thread pools and
 their stacks, oneDNN/BLAS packing buffers, autograd's engine, allocator slack. The child runs with
 ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so that glibc returns freed tensor memory at
 once (otherwise a peak-RSS read is both above and below the live bytes, by tens of percent; see
-docs/memory.md). The median of the rows is ``lora_widgets.memory_estimate.CPU_RUNTIME_BYTES``.
+docs/memory.md). The median of the rows is ``lora_widgets.memory.estimate.CPU_RUNTIME_BYTES``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, {root!r})
 from transformers import AutoModelForCausalLM
-from lora_widgets.lora import LoRAConfig, apply_lora
-from lora_widgets.memory import measure_memory
-from lora_widgets.memory_measure import storage_bytes
+from lora_widgets.lora.layers import LoRAConfig, apply_lora
+from lora_widgets.memory.fit import measure_memory
+from lora_widgets.memory.measure import storage_bytes
 from tests.test_memory_accuracy import MODELS
 
 def status(key):

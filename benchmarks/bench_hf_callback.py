@@ -46,7 +46,8 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from transformers.utils.notebook import NotebookProgressCallback
 
-from lora_widgets import HFRun, load_base_model
+from lora_widgets import load_base_model
+from lora_widgets.hf import HFRun
 
 VARIANTS = ("none", "notebook", "progress", "hfrun")
 
@@ -103,7 +104,7 @@ def timed(variant: str, trainer: transformers.Trainer) -> float:
 def hook_cost_us(trainer: transformers.Trainer, calls: int = 2000) -> float:
     """Microseconds of ``EventCallback`` work per logged step (``on_step_end`` + ``on_log``: memory read, event,
     metrics.jsonl line, one subscriber), timed in a tight loop: a figure the machine's load barely moves."""
-    from lora_widgets import EventCallback
+    from lora_widgets.hf import EventCallback
 
     cb = EventCallback()
     seen: list[Any] = []

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lora_widgets import LoRAConfig
-from lora_widgets.lora import LoRALinear
+from lora_widgets.lora.layers import LoRALinear
 
 
 def _peft_layer(base: nn.Linear, r: int, alpha: float) -> nn.Module:

@@ -4,7 +4,7 @@
     python benchmarks/bench_memory.py --markdown  # as a Markdown table (for docs/memory.md)
     python benchmarks/bench_memory.py --device cuda
 
-Measured: :func:`lora_widgets.memory.measure_memory` (two AdamW steps; dispatch-level live-bytes tracker
+Measured: :func:`lora_widgets.memory.fit.measure_memory` (two AdamW steps; dispatch-level live-bytes tracker
 on CPU, ``torch.cuda.max_memory_allocated`` on a GPU). "Naive" is the textbook sum of weights, gradients,
 optimizer state and activations, the figure the phase model replaces. The extra rows (not in the test,
 because a 21.5 M model or bf16 matmuls are slow on a CPU, or because they show a CPU-only effect) are
@@ -22,7 +22,7 @@ from transformers import GPT2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_widgets.lora import LoRAConfig
+from lora_widgets.lora.layers import LoRAConfig
 from tests.test_memory_accuracy import GRID, MODELS, Case, run_case
 
 

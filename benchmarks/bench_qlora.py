@@ -17,11 +17,11 @@ import warnings
 import torch
 import transformers
 
-from lora_widgets import LoRAConfig, TrainConfig, Trainer
-from lora_widgets.demo import load_base_model
-from lora_widgets.lora import merge_and_unload
-from lora_widgets.memory import estimate_memory, format_bytes
-from lora_widgets.memory_quant import measured_quantized_bytes
+from lora_widgets import LoRAConfig, LoRATrainer, TrainConfig
+from lora_widgets.lora.layers import merge_lora
+from lora_widgets.memory.fit import estimate_memory, format_bytes
+from lora_widgets.memory.quant import measured_quantized_bytes
+from lora_widgets.models import load_base_model
 from lora_widgets.quantization import quantized_layers
 from lora_widgets.training.step import evaluate
 
@@ -41,7 +41,7 @@ def one_run(base: str, steps: int, tmp: str) -> dict[str, float | str]:
     config = TrainConfig(max_steps=steps, eval_every=steps, eval_batches=8, batch_size=8, warmup_steps=2,
                          learning_rate=5e-3, output_dir=tmp, sample_prompts=(), seed=0, adapter_stats=False)  # fmt: skip
     lora = LoRAConfig(r=8, alpha=16, target_modules="all-linear")
-    trainer = Trainer(model, tokenizer, "python-docs", lora=lora, config=config)
+    trainer = LoRATrainer(model, tokenizer, "python-docs", lora=lora, config=config)
     t0 = time.perf_counter()
     end = trainer.run_sync()
     wall = time.perf_counter() - t0
@@ -68,7 +68,7 @@ def one_run(base: str, steps: int, tmp: str) -> dict[str, float | str]:
         quantized_val = evaluate(model, batches, contextlib.nullcontext)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            merge_and_unload(model)
+            merge_lora(model, unload=True)
         out["val merged"] = evaluate(model, batches, contextlib.nullcontext)
         out["val 4-bit (same batches)"] = quantized_val
         out["merged - 4-bit val"] = f"{out['val merged'] - quantized_val:+.2e}"

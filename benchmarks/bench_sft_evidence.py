@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from lora_widgets.corpora import read_instructions
-from lora_widgets.demo import load_base_model
-from lora_widgets.lora import LoRAConfig, apply_lora
-from lora_widgets.sft import prepare_sft
-from lora_widgets.sft_batches import iter_batches, masked_lm_loss
-from lora_widgets.sft_eval import answer_loss, end_of_turn_share
+from lora_widgets.data.corpora import read_instructions
+from lora_widgets.data.sft import prepare_sft
+from lora_widgets.data.sft_batches import iter_batches, masked_lm_loss
+from lora_widgets.data.sft_eval import answer_loss, end_of_turn_share
+from lora_widgets.lora.layers import LoRAConfig, apply_lora
+from lora_widgets.models import load_base_model
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The same LoRA fine-tune three ways: (a) a bare PyTorch loop, (b) our Trainer, (c) transformers.Trainer + PEFT.
 
-Model: the shipped tiny base model (lora_widgets.demo), LoRA r=8 alpha=16 on q_proj/v_proj, the
+Model: the shipped tiny base model (lora_widgets.models), LoRA r=8 alpha=16 on q_proj/v_proj, the
 "python-docs" fine-tuning corpus in 128-token blocks, batch 8, AdamW lr 3e-3, 10 warm-up steps then
 cosine decay, gradient clipping at 1.0, no weight decay, fp32 on the CPU, seed 42 (the TrainConfig
 defaults). (a) and (b) visit the data in the same order and start from the same adapter initialisation,
@@ -36,13 +36,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lora_widgets import demo
-from lora_widgets.checkpoint import seed_everything
-from lora_widgets.data import prepare_data
-from lora_widgets.lora import LoRAConfig, apply_lora, lora_layers
-from lora_widgets.schedules import lr_at
-from lora_widgets.train_config import TrainConfig
-from lora_widgets.training.trainer import Trainer
+from lora_widgets import models as demo
+from lora_widgets.data.text import prepare_data
+from lora_widgets.lora.layers import LoRAConfig, apply_lora, lora_layers
+from lora_widgets.training.checkpoint import seed_everything
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.schedules import lr_at
+from lora_widgets.training.trainer import LoRATrainer
 
 LR, BATCH, WARMUP, SEED, RANK, ALPHA, BLOCK = 3e-3, 8, 10, 42, 8, 16.0, 128
 TARGETS = ["q_proj", "v_proj"]
@@ -96,7 +96,7 @@ def bare_loop(train: torch.Tensor, steps: int) -> tuple[float, list[float], torc
 
 
 def our_trainer(train: torch.Tensor, steps: int, out: str) -> tuple[float, list[float], torch.nn.Module]:
-    """(b): lora_widgets.Trainer, headless, via run_sync()."""
+    """(b): lora_widgets.LoRATrainer, headless, via run_sync()."""
     model, tok = demo.load_base_model()
     config = TrainConfig(
         learning_rate=LR,
@@ -112,7 +112,7 @@ def our_trainer(train: torch.Tensor, steps: int, out: str) -> tuple[float, list[
         output_dir=out,
         device="cpu",
     )
-    trainer = Trainer(
+    trainer = LoRATrainer(
         model, tok, train, lora=LoRAConfig(r=RANK, alpha=ALPHA, target_modules=tuple(TARGETS)), config=config
     )
     t0 = time.perf_counter()
@@ -211,7 +211,7 @@ def main() -> None:
             results["c"] = hf_trainer(split.train, args.steps, out)
             print(f"  (c): {results['c'][0]:.2f} s")
 
-    labels = {"a": "bare PyTorch loop", "b": "lora_widgets.Trainer", "c": "transformers.Trainer + PEFT"}
+    labels = {"a": "bare PyTorch loop", "b": "lora_widgets.LoRATrainer", "c": "transformers.Trainer + PEFT"}
     summary: dict[str, dict[str, Any]] = {}
     print(f"\n{'run':32s} {'time s':>8s} {'steps/s':>8s} {'last-20 loss':>13s} {'val loss':>9s}")
     for key, (secs, losses, model) in results.items():

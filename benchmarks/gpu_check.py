@@ -3,7 +3,7 @@ estimate right, and how fast are we against transformers.Trainer + PEFT? Prints 
 
 On CUDA (about 3-5 minutes on one H100; a ``--budget-s`` deadline skips what would not fit in 8 minutes):
 
-1. our ``lora_widgets.Trainer`` and an ``HFRun``-attached ``transformers.Trainer`` + PEFT, each in bf16 and fp16
+1. our ``lora_widgets.LoRATrainer`` and an ``HFRun``-attached ``transformers.Trainer`` + PEFT, each in bf16 and fp16
    (fp32 weights under autocast, as both do), on a SmolLM2-135M-shaped Llama built from its config (random
    weights, no download): the run must finish with a finite loss; tokens/s and peak memory are reported;
 2. tokens/s ours / HF in bf16 (the same model, LoRA r=8 on q/v, batch, sequence length and steps; measured from
@@ -54,9 +54,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora_widgets import HFRun, LoRAConfig, TrainConfig, Trainer, estimate_memory, measure_memory
-from lora_widgets.events import Event, RunEnded, StepMetrics
-from lora_widgets.memory import format_bytes
+from lora_widgets import LoRAConfig, LoRATrainer, TrainConfig, estimate_memory, measure_memory
+from lora_widgets.events.types import Event, RunEnded, StepMetrics
+from lora_widgets.hf import HFRun
+from lora_widgets.memory.fit import format_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check_qlora import qlora_rows  # a sibling script: its QLoRA rows
@@ -211,7 +212,7 @@ def run_ours(
         device=str(plan.device),
     )
     data = token_rows(plan, batch, seq, n_batches or plan.steps)
-    trainer = Trainer(fresh_model(plan), None, data, lora=LoRAConfig(r=8, alpha=16), config=config)
+    trainer = LoRATrainer(fresh_model(plan), None, data, lora=LoRAConfig(r=8, alpha=16), config=config)
     events: list[Event] = []
     trainer.subscribe(events.append)
     return trainer.run_sync(), events
@@ -291,7 +292,7 @@ def training_rows(plan: Plan, tmp: str) -> tuple[list[Row], dict[str, float]]:
                 if ok
                 else f"{end.kind}: {end.message[:160]}"
             )
-            label = "ours (lora_widgets.Trainer)" if who == "ours" else "HF Trainer + PEFT via HFRun"
+            label = "ours (lora_widgets.LoRATrainer)" if who == "ours" else "HF Trainer + PEFT via HFRun"
             rows.append((f"train {label} {precision}", shape, result, "ok" if ok else "FAIL"))
     for precision in plan.precisions:
         ours, hf = speed.get(f"ours-{precision}", math.nan), speed.get(f"HF-{precision}", math.nan)

@@ -22,11 +22,11 @@ import transformers
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, prepare_model_for_kbit_training
 
-from lora_widgets import HFRun, LoRAConfig, TrainConfig, Trainer, estimate_memory
+from lora_widgets import HFRun, LoRAConfig, LoRATrainer, TrainConfig, estimate_memory
 from lora_widgets.events import Event, RunEnded, StepMetrics
-from lora_widgets.memory import format_bytes
-from lora_widgets.memory_arch import known_model_config
-from lora_widgets.memory_quant import measured_quantized_bytes, quantized_weight_bytes
+from lora_widgets.memory.arch import known_model_config
+from lora_widgets.memory.fit import format_bytes
+from lora_widgets.memory.quant import measured_quantized_bytes, quantized_weight_bytes
 from lora_widgets.quantization import keep_cpu_layout, quantization_config, quantized_layers
 
 Row = tuple[str, str, str, str]
@@ -63,7 +63,7 @@ def _ours(model: Any, plan: Any, precision: str, tmp: str) -> tuple[RunEnded, li
                          output_dir=tmp, block_size=plan.seq, device=str(plan.device), adapter_stats=False,
                          sample_prompts=())  # fmt: skip
     data = _tokens(model.config, plan.batch, plan.seq, plan.steps)
-    trainer = Trainer(model, None, data, lora=LoRAConfig(r=8, alpha=16), config=config)
+    trainer = LoRATrainer(model, None, data, lora=LoRAConfig(r=8, alpha=16), config=config)
     events: list[Event] = []
     trainer.subscribe(events.append)
     return trainer.run_sync(), events
@@ -129,7 +129,7 @@ def qlora_rows(plan: Any, tmp: str, deadline: float) -> list[Row]:
             f"{name} 4-bit NF4, {plan.batch}x{plan.seq} tokens, LoRA r=8 q/v, {precision}, {plan.steps} steps"
         )
         speed: dict[str, float] = {}
-        for who, runner in (("ours (lora_widgets.Trainer)", _ours), ("HF Trainer + PEFT via HFRun", _hf)):
+        for who, runner in (("ours (lora_widgets.Trainer)", _ours), ("HF LoRATrainer + PEFT via HFRun", _hf)):
             model = quantized(config, plan.device, directory)
             if plan.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(plan.device)

@@ -1,13 +1,25 @@
 """lora_widgets: a live LoRA fine-tuning dashboard for Jupyter, a correct LoRA core, and a memory planner.
 
-Public names are loaded lazily (PEP 562), so ``import lora_widgets`` is instant and a headless script that
-uses only the trainer never imports the widget stack (anywidget, ipywidgets, bqplot).
+The names here are the ones a notebook uses; everything else lives in a namespace that says what it holds:
 
-Layers, imports pointing one way::
+==============================  ===============================================================================
+``lora_widgets.lora.layers``           the LoRA core: ``LoRALinear``, statistics, PEFT-format state dicts
+``lora_widgets.data.text``           corpora, text blocks, instruction rows and their loss masks (TRL's formats)
+``lora_widgets.events.types``         the typed event stream (``StepMetrics`` ... ``RunEnded``), ``History``, ``Replay``
+``lora_widgets.memory.fit``         estimate, measurement and pre-flight of a run's memory
+``lora_widgets.health``         failure diagnoses, "is it training?" alerts, sample generations
+``lora_widgets.hf``             watching and steering a transformers / TRL trainer (``EventCallback``, ``HFRun``)
+``lora_widgets.training``       the trainer's phases (``LoRATrainer`` and ``TrainConfig`` are exported here)
+``lora_widgets.sweep``          many runs compared: ``Grid``, ``Points``, ``RandomSearch``, ``Halving`` (``Sweep`` here)
+``lora_widgets.widget``         the dashboard and the planner (``LoRADashboard``, ``MemoryPlanner`` here)
+==============================  ===============================================================================
 
-    core: lora_config, lora, peft_format, data, chat_data, sft, corpora, devices, memory, events, schedules,
-          adapter_statistics, alerts, diagnosis
-      <-  training/ (our Trainer) and hf_bridge (an attached transformers/TRL trainer)
+Names are loaded lazily (PEP 562): ``import lora_widgets`` is instant, and a script that uses only the
+trainer never imports the widget stack (anywidget, ipywidgets, bqplot). Imports point one way::
+
+    core: lora/, data/, events/, memory/, health/, models, devices, atomic
+      <-  training/ (LoRATrainer) and hf/ (an attached transformers/TRL trainer)
+      <-  sweep/ (many LoRATrainer runs)
       <-  widget/ (views of the event stream)
       <-  notebooks and docs
 """
@@ -19,145 +31,91 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> submodule that defines it
+# public name -> submodule that defines it (the one place a top-level name is declared)
 _EXPORTS: dict[str, str] = {
     # LoRA core
-    "LoRAConfig": "lora_config",
-    "LoRALinear": "lora",
-    "LoRAReport": "lora",
-    "apply_lora": "lora",
-    "merge_lora": "lora",
-    "merge_and_unload": "lora",
-    "unmerge_lora": "lora",
-    "remove_lora": "lora",
-    "set_adapters_enabled": "lora",
-    "disable_adapters": "lora",
-    "lora_layers": "lora",
-    "has_lora": "lora",
-    "count_parameters": "lora",
-    "lora_state_dict": "peft_format",
-    "save_adapter": "peft_format",
-    "load_adapter": "peft_format",
-    # events
-    "RunStarted": "events",
-    "StepMetrics": "events",
-    "EvalMetrics": "events",
-    "CheckpointSaved": "events",
-    "StateChanged": "events",
-    "RunFinished": "events",
-    "RunStopped": "events",
-    "RunFailed": "events",
-    "DataPrepared": "events",
-    "event_from_dict": "events",
-    "RunSource": "events",
-    "Replay": "replay",
-    "read_events": "replay",
-    # adapter statistics, "is it training?" alerts, sample generations (issue 14)
-    "AdapterStats": "events",
-    "AdapterLayerStats": "events",
-    "SampleGenerations": "events",
-    "SamplePair": "events",
-    "adapter_stats": "adapter_statistics",
-    "snapshot_adapters": "adapter_statistics",
-    "summarize_adapter_stats": "adapter_statistics",
-    "lowrank_singular_values": "adapter_statistics",
-    "AdapterSummary": "adapter_statistics",
-    "Alert": "alerts",
-    "AlertMonitor": "alerts",
-    "generate_samples": "samples",
-    # data, corpora and the shipped demo model
-    "prepare_data": "data",
-    "load_texts": "data",
-    "pack_blocks": "data",
-    "DataSplit": "data",
-    "list_corpora": "demo",
-    "load_corpus": "demo",
-    "load_base_model": "demo",
-    "load_model": "demo",
-    "generate": "demo",
-    # instruction and chat data (TRL's row formats, loss on the answers)
-    "load_rows": "chat_data",
-    "normalize_rows": "chat_data",
-    "prepare_sft": "sft",
-    "SFTStats": "sft",
-    "collate": "sft_batches",
-    "iter_batches": "sft_batches",
-    "masked_lm_loss": "sft_batches",
-    "answer_loss": "sft_eval",
-    "end_of_turn_share": "sft_eval",
-    "read_instructions": "corpora",
-    # devices, schedules, training
+    "LoRAConfig": "lora.config",
+    "apply_lora": "lora.layers",
+    "merge_lora": "lora.layers",
+    "unmerge_lora": "lora.layers",
+    "remove_lora": "lora.layers",
+    "disable_adapters": "lora.layers",
+    "lora_layers": "lora.layers",
+    "count_parameters": "lora.layers",
+    "save_adapter": "lora.peft_format",
+    "load_adapter": "lora.peft_format",
+    # training
+    "LoRATrainer": "training.trainer",
+    "TrainConfig": "training.config",
+    "EarlyStopping": "training.early_stopping",
+    # sweeps (issue 22): the rest is in lora_widgets.sweep (Grid, Points, RandomSearch, LogUniform, Halving)
+    "Sweep": "sweep.runner",
+    # models and data
+    "load_base_model": "models",
+    "load_model": "models",
+    "generate": "models",
+    "load_corpus": "data.corpora",
+    "prepare_data": "data.text",
+    "load_rows": "data.rows",
+    # memory
+    "estimate_memory": "memory.estimate",
+    "measure_memory": "memory.measure",
+    "known_models": "memory.arch",
+    # devices
     "list_devices": "devices",
     "select_device": "devices",
     "describe_device": "devices",
-    "lr_schedule": "schedules",
-    "TrainConfig": "train_config",
-    "Trainer": "training.trainer",
-    "History": "history",
-    # Hugging Face / TRL trainers as a run source (imports transformers when used)
-    "HFRun": "hf_bridge",
-    "EventCallback": "hf_callback",
-    "describe_settings": "hf_args",
-    "logging_advice": "hf_args",
-    # memory
-    "estimate_memory": "memory_estimate",
-    "measure_memory": "memory_measure",
-    "MemoryEstimate": "memory_estimate",
-    "known_models": "memory_arch",
-    "preflight": "memory",
-    "suggest_fit": "memory",
-    "PreflightResult": "memory",
-    "MemoryMeasurement": "memory_measure",
     # widgets (import anywidget/bqplot only when used)
-    "LoRADashboard": "widget",
-    "MemoryPlanner": "widget",
+    "LoRADashboard": "widget.dashboard",
+    "MemoryPlanner": "widget.planner",
+    "SweepView": "widget.sweep_view",
 }
+
+# namespaces reachable as attributes (``lora_widgets.events.types.StepMetrics``) without a separate import
+_NAMESPACES = ("lora", "data", "events", "memory", "health", "hf", "training", "sweep", "widget")
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
-    from lora_widgets.events import (
-        CheckpointSaved,
-        EvalMetrics,
-        RunFailed,
-        RunFinished,
-        RunStarted,
-        RunStopped,
-        StateChanged,
-        StepMetrics,
-        event_from_dict,
-    )
-    from lora_widgets.lora import (
-        LoRALinear,
-        LoRAReport,
+    from lora_widgets import data, events, health, hf, lora, memory, sweep, training, widget
+    from lora_widgets.data.corpora import load_corpus
+    from lora_widgets.data.rows import load_rows
+    from lora_widgets.data.text import prepare_data
+    from lora_widgets.devices import describe_device, list_devices, select_device
+    from lora_widgets.lora.config import LoRAConfig
+    from lora_widgets.lora.layers import (
         apply_lora,
         count_parameters,
         disable_adapters,
-        has_lora,
         lora_layers,
-        merge_and_unload,
         merge_lora,
         remove_lora,
-        set_adapters_enabled,
         unmerge_lora,
     )
-    from lora_widgets.lora_config import LoRAConfig
-    from lora_widgets.memory import PreflightResult, preflight, suggest_fit
-    from lora_widgets.memory_arch import known_models
-    from lora_widgets.memory_estimate import MemoryEstimate, estimate_memory
-    from lora_widgets.memory_measure import MemoryMeasurement, measure_memory
-    from lora_widgets.peft_format import load_adapter, lora_state_dict, save_adapter
-    from lora_widgets.replay import Replay, read_events
+    from lora_widgets.lora.peft_format import load_adapter, save_adapter
+    from lora_widgets.memory.arch import known_models
+    from lora_widgets.memory.estimate import estimate_memory
+    from lora_widgets.memory.measure import measure_memory
+    from lora_widgets.models import generate, load_base_model, load_model
+    from lora_widgets.sweep.runner import Sweep
+    from lora_widgets.training.config import TrainConfig
+    from lora_widgets.training.early_stopping import EarlyStopping
+    from lora_widgets.training.trainer import LoRATrainer
+    from lora_widgets.widget.dashboard import LoRADashboard
+    from lora_widgets.widget.planner import MemoryPlanner
+    from lora_widgets.widget.sweep_view import SweepView
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name in _NAMESPACES:
+        value = importlib.import_module(f"lora_widgets.{name}")
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(f"lora_widgets.{_EXPORTS[name]}"), name)
+    else:
         raise AttributeError(f"module 'lora_widgets' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"lora_widgets.{module}"), name)
     globals()[name] = value  # cache: later lookups skip __getattr__
     return value
 
 
 def __dir__() -> list[str]:
-    return __all__
+    return sorted([*__all__, *_NAMESPACES])

@@ -39,7 +39,7 @@ _TEMP = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:-.*)?$")
 # What releases before the pid was added left: ".<name>.tmp-<8 random characters>" (tempfile.mkdtemp).
 _LEGACY = re.compile(r"^\..+\.tmp-[a-z0-9_]{8}$")
 
-# Temporary directories this process is writing right now (another Trainer may be checkpointing).
+# Temporary directories this process is writing right now (another LoRATrainer may be checkpointing).
 _IN_PROGRESS: set[Path] = set()
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "layer_compute_dtype",
     "quantization_config",
     "quantized_layers",
+    "refuse_inplace_merge",
     "require_bitsandbytes",
 ]
 
@@ -205,6 +206,16 @@ def frozen_weight(layer: nn.Module) -> torch.Tensor:
     layer_state: Any = layer.state
     scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer_state.SCB
     return bf.int8_vectorwise_dequant(weight.data, scb)  # [out, in] float32
+
+
+def refuse_inplace_merge(kind: str | None) -> None:
+    """A ``ValueError`` for merging an adapter into a ``kind`` (``"4-bit"``/``"8-bit"``) weight in place; nothing
+    for ``None`` (a plain weight)."""
+    if kind:
+        raise ValueError(
+            f"cannot merge into a {kind} weight in place (rounding W + dW back to {kind} changes the base); "
+            "merge_lora(model, unload=True) dequantizes it into plain Linear layers and merges there"
+        )
 
 
 def layer_compute_dtype(layer: nn.Module) -> torch.dtype:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lora_widgets.corpora import get_corpus_info
+from lora_widgets.data.corpora import get_corpus_info
 
 
 def _instruct_card(s: dict[str, Any]) -> str:
@@ -49,7 +49,7 @@ Load it like any hub model (this directory is what `save_pretrained` wrote):
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(path)
 tokenizer = AutoTokenizer.from_pretrained(path)
-# or: from lora_widgets.demo import load_base_model; model, tokenizer = load_base_model()
+# or: from lora_widgets.models import load_base_model; model, tokenizer = load_base_model()
 ```
 
 ## Model

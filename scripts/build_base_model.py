@@ -39,8 +39,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lora_widgets.corpora import python_version, read_corpus
-from lora_widgets.data import prepare_data
+from lora_widgets.data.corpora import load_corpus, python_version
+from lora_widgets.data.text import prepare_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from base_model_card import model_card
@@ -224,7 +224,7 @@ def lora_evidence(model_dir: Path, log: Any) -> dict[str, Any]:
     """LoRA r=8 for 200 steps on the finetune corpus; returns base and adapted target-domain val loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_widgets.lora import LoRAConfig, apply_lora
+    from lora_widgets.lora.layers import LoRAConfig, apply_lora
 
     ev = EVIDENCE
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -262,9 +262,9 @@ def instruct_baseline(model_dir: Path, log: Any) -> dict[str, Any]:
     """The base model on the ``"python-instruct"`` validation split: answer loss and end-of-turn share."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_widgets.corpora import read_instructions
-    from lora_widgets.sft import prepare_sft
-    from lora_widgets.sft_eval import answer_loss, end_of_turn_share
+    from lora_widgets.data.corpora import read_instructions
+    from lora_widgets.data.sft import prepare_sft
+    from lora_widgets.data.sft_eval import answer_loss, end_of_turn_share
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(hp["seed"])
 
-    pre_texts = read_corpus("stdlib-code")
+    pre_texts = load_corpus("stdlib-code")
     tokenizer = train_tokenizer(pre_texts, hp["vocab_size"])
     log(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - t0:.1f} s")
     pre = prepare_data("stdlib-code", tokenizer, hp["block_size"], hp["val_fraction"], hp["seed"])

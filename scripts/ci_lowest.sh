@@ -11,6 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
+# Isolate this job from whatever environment started it: IPython (the notebook's kernel) adds the site-packages
+# of any virtualenv still named in VIRTUAL_ENV to sys.path ("Attempting to work in a virtualenv"), which put
+# the newest peft and accelerate beside numpy 1.24 when a contributor ran this from an activated venv.
+unset VIRTUAL_ENV PYTHONPATH PYTHONHOME CONDA_PREFIX
 venv="${LOWEST_VENV:-/tmp/lora_widgets_lowest}"
 wheels="${TORCH_WHEELS:-/opt/wheels}"
 

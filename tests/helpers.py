@@ -88,7 +88,7 @@ class FakeLoop:
 
 
 class ScriptedRun:
-    """A :class:`~lora_widgets.events.RunSource` that publishes scripted events on a :class:`FakeLoop` clock.
+    """A :class:`~lora_widgets.events.types.RunSource` that publishes scripted events on a :class:`FakeLoop` clock.
 
     After each ``StepMetrics`` the fake clock advances by ``step_s`` (running the dashboard's throttled
     flushes that fall due), so tests and benchmarks feed a run of any length through the dashboard's own
@@ -115,7 +115,7 @@ class ScriptedRun:
         pass
 
     async def run(self) -> Any:
-        from lora_widgets.events import RunEnded, RunFinished, StepMetrics
+        from lora_widgets.events.types import RunEnded, RunFinished, StepMetrics
 
         self.running = True
         last: Any = None
@@ -139,10 +139,10 @@ LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def scripted_adapter_stats(step: int, n_layers: int = 4, rank: int = 8) -> Any:
-    """Deterministic :class:`~lora_widgets.events.AdapterStats` of a Llama-shaped model with LoRA on all 7 linear
+    """Deterministic :class:`~lora_widgets.events.types.AdapterStats` of a Llama-shaped model with LoRA on all 7 linear
     kinds of each block (the shipped model: 4 blocks, 28 adapters); ``||dW||/||W||`` grows with the step, the
     layer and the module, so every cell of a heatmap differs."""
-    from lora_widgets.events import AdapterLayerStats, AdapterStats
+    from lora_widgets.events.types import AdapterLayerStats, AdapterStats
 
     layers = []
     for i in range(n_layers):
@@ -162,7 +162,7 @@ def scripted_adapter_stats(step: int, n_layers: int = 4, rank: int = 8) -> Any:
 
 def scripted_samples(step: int) -> Any:
     """Two prompts' answers of about 100 characters each, the current one changing with the step."""
-    from lora_widgets.events import SampleGenerations, SamplePair
+    from lora_widgets.events.types import SampleGenerations, SamplePair
 
     pairs = tuple(
         SamplePair(f"def function_{k}(x):", "    return x  # the base model's answer, the same every time " * 2,
@@ -170,3 +170,29 @@ def scripted_samples(step: int) -> Any:
         for k in range(2)
     )  # fmt: skip
     return SampleGenerations(step, pairs, 32, 0.0, 0.25, base_reused=step > 0)
+
+
+def random_blocks(n: int = 40, seq: int = 32, seed: int = 0, vocab_size: int = 128) -> torch.Tensor:
+    """Seeded random token blocks ``[n, seq]`` for a tiny model's training data."""
+    return torch.randint(0, vocab_size, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def cpu_config(tmp_path: Any, **fields: Any) -> Any:
+    """A ``TrainConfig`` that trains on the CPU and writes its runs under ``tmp_path / "runs"``."""
+    from lora_widgets import TrainConfig
+
+    return TrainConfig(**{"output_dir": str(tmp_path / "runs"), "device": "cpu", **fields})
+
+
+def tiny_trainer(tmp_path: Any, model: Any = None, data: Any = None, r: int = 4, **fields: Any) -> Any:
+    """A ``LoRATrainer`` with rank-``r`` adapters on a tiny Llama (or ``model``) over random blocks (or
+    ``data``), configured by :func:`cpu_config`: the one factory the trainer tests share."""
+    from lora_widgets import LoRAConfig, LoRATrainer
+
+    return LoRATrainer(
+        model if model is not None else tiny_llama(),
+        None,
+        random_blocks() if data is None else data,
+        lora=LoRAConfig(r=r),
+        config=cpu_config(tmp_path, **fields),
+    )

@@ -10,15 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_widgets import (
-    AdapterStats,
-    LoRAConfig,
+from lora_widgets import LoRAConfig, apply_lora, lora_layers, merge_lora
+from lora_widgets.events import AdapterStats, event_from_dict
+from lora_widgets.lora import (
     adapter_stats,
-    apply_lora,
-    event_from_dict,
-    lora_layers,
     lowrank_singular_values,
-    merge_lora,
     snapshot_adapters,
     summarize_adapter_stats,
 )

@@ -30,23 +30,20 @@ from torch import nn
 
 from lora_widgets import (
     LoRAConfig,
-    LoRALinear,
     apply_lora,
     estimate_memory,
     load_adapter,
     lora_layers,
     measure_memory,
-    merge_and_unload,
     merge_lora,
-    peft_format,
-    preflight,
     remove_lora,
     save_adapter,
-    set_adapters_enabled,
-    suggest_fit,
     unmerge_lora,
 )
-from lora_widgets import lora as lora_mod
+from lora_widgets.lora import LoRALinear, peft_format
+from lora_widgets.lora import layers as lora_mod
+from lora_widgets.lora.layers import set_adapters_enabled
+from lora_widgets.memory import preflight, suggest_fit
 from tests.helpers import tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -331,7 +328,7 @@ CASES = [
         "merge-and-unload-fails-at-3rd-merge",
         RuntimeError,
         "injected fault",
-        lambda m, d: faulty(LoRALinear, "merge", 3, merge_and_unload, m),
+        lambda m, d: faulty(LoRALinear, "merge", 3, lambda m: merge_lora(m, unload=True), m),
         model=adapted,
         atol=ROUNDING,
     ),
@@ -339,7 +336,7 @@ CASES = [
         "merge-and-unload-swap-fails",
         RuntimeError,
         "injected fault",
-        lambda m, d: faulty(lora_mod, "_set_submodule", 2, merge_and_unload, m),
+        lambda m, d: faulty(lora_mod, "_set_submodule", 2, lambda m: merge_lora(m, unload=True), m),
         model=adapted,
         atol=ROUNDING,
     ),
@@ -347,7 +344,7 @@ CASES = [
         "merge-and-unload-disabled",
         RuntimeError,
         "q_proj",
-        lambda m, d: merge_and_unload(m),
+        lambda m, d: merge_lora(m, unload=True),
         model=one_disabled,
     ),
     Case("enable-string", TypeError, "'no'", lambda m, d: set_adapters_enabled(m, "no"), model=adapted),

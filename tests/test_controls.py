@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.schedules import SCHEDULES
-from lora_widgets.train_config import PRECISIONS, TrainConfig
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.training.config import PRECISIONS, TrainConfig
+from lora_widgets.training.schedules import SCHEDULES
 from lora_widgets.widget import controls
 from lora_widgets.widget.controls import (
     CONTROL_NAMES,
@@ -49,6 +49,7 @@ INVALID: dict[str, tuple[Any, Any]] = {
     "epochs": (0, 0),
     "precision": ("fp8", "fp8"),
     "base": ("2-bit", "2-bit"),
+    "early_stopping": (-1, {"patience": -1}),  # the panel builds EarlyStopping(patience=-1)
     "seed": (-1, -1),
 }
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from lora_widgets.corpora import (
+from lora_widgets.data.corpora import (
     _is_code_module,
     corpus_for_role,
     get_corpus_info,
     list_corpora,
-    read_corpus,
+    load_corpus,
     read_instructions,
 )
 
@@ -32,15 +32,15 @@ def test_two_corpora_with_roles_and_licence() -> None:
 
 @pytest.mark.parametrize("name", ["stdlib-code", "python-docs"])
 def test_read_is_deterministic_and_returns_a_fresh_list(name: str) -> None:
-    first = read_corpus(name)
+    first = load_corpus(name)
     assert len(first) > 50
     assert all(isinstance(doc, str) and doc.strip() for doc in first)
     first.append("mutated")
-    assert read_corpus(name) == first[:-1]
+    assert load_corpus(name) == first[:-1]
 
 
 def test_code_corpus_is_code_without_tests_or_build_data() -> None:
-    docs = read_corpus("stdlib-code")
+    docs = load_corpus("stdlib-code")
     text = "\n".join(docs)
     assert len(text) > 1_000_000
     assert text.count("\ndef ") > 1000
@@ -61,24 +61,24 @@ def test_code_corpus_is_code_without_tests_or_build_data() -> None:
 def test_docs_corpus_is_prose_from_pydoc_topics() -> None:
     from pydoc_data.topics import topics
 
-    docs = read_corpus("python-docs")
+    docs = load_corpus("python-docs")
     assert docs == [topics[key].strip() for key in sorted(topics) if topics[key].strip()]
     text = "\n".join(docs)
     assert "statement" in text and "The " in text
     # prose, not code: far fewer definitions per character than the stdlib source
-    code = "\n".join(read_corpus("stdlib-code"))
+    code = "\n".join(load_corpus("stdlib-code"))
     assert text.count("def ") / len(text) < 0.2 * code.count("def ") / len(code)
 
 
 def test_unknown_names_and_roles_are_explained() -> None:
     with pytest.raises(ValueError, match=r"unknown corpus 'wiki'.*stdlib-code, python-docs, python-instruct"):
-        read_corpus("wiki")
+        load_corpus("wiki")
     with pytest.raises(ValueError, match="unknown corpus"):
         get_corpus_info("")
     with pytest.raises(ValueError, match=r"unknown corpus role 'train'.*'pretrain'.*'finetune'.*'instruct'"):
         corpus_for_role("train")
     with pytest.raises(ValueError, match=r"instruction set.*read_instructions\('python-instruct', 'train'\)"):
-        read_corpus("python-instruct")
+        load_corpus("python-instruct")
     with pytest.raises(ValueError, match=r"'python-docs' is a text corpus"):
         read_instructions("python-docs")
     with pytest.raises(ValueError, match="split must be 'train' or 'validation'"):

@@ -1,6 +1,6 @@
-"""A scripted stand-in for the Trainer and a fake loop clock, to drive LoRADashboard without training.
+"""A scripted stand-in for the LoRATrainer and a fake loop clock, to drive LoRADashboard without training.
 
-The fake publishes the same typed events as the real trainer (``lora_widgets.events``), in the same
+The fake publishes the same typed events as the real trainer (``lora_widgets.events.types``), in the same
 order, so the dashboard's handler, throttle and callouts are exercised exactly as in a real run.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from lora_widgets.events import (
+from lora_widgets.events.types import (
     EvalMetrics,
     RunFailed,
     RunFinished,
@@ -42,6 +42,7 @@ class FakeTrainConfig:
     val_fraction: float = 0.1
     device: str = "cpu"
     eval_every: int = 5
+    early_stopping: Any = None  # the early-stop patience control's field (None: off)
 
 
 class FakeTrainer:
@@ -153,8 +154,8 @@ import ipywidgets  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lora_widgets.history import EMA, Column, History, debiased_ema, decimate_indices  # noqa: E402
-from lora_widgets.lora import LoRAConfig, apply_lora, has_lora  # noqa: E402
+from lora_widgets.events.history import EMA, Column, History, debiased_ema, decimate_indices  # noqa: E402
+from lora_widgets.lora.layers import LoRAConfig, apply_lora, has_lora  # noqa: E402
 from lora_widgets.widget.dashboard import DashboardPanel, LoRADashboard, validate_settings  # noqa: E402
 from lora_widgets.widget.static_summary import loss_curve_svg  # noqa: E402
 from lora_widgets.widget.throttle import Throttle  # noqa: E402
@@ -438,7 +439,7 @@ def test_second_run_leaves_replacing_the_adapter_to_the_trainer_and_overlays_the
     apply_lora(dash.model, LoRAConfig(r=2))  # what the real trainer leaves on the model
     dash.panel.rank = 16
     run(dash.run())
-    # The dashboard never strips the first run's adapter itself: the next Trainer replaces it, and puts it
+    # The dashboard never strips the first run's adapter itself: the next LoRATrainer replaces it, and puts it
     # back if the new settings fail (tests/test_trainer_hardening.py), so a bad setting loses nothing.
     assert has_lora(dash.model)
     assert [r.lora.r for r in dash.runs] == [4, 16]
@@ -558,7 +559,7 @@ def test_static_summary_lists_runs_with_an_svg_curve() -> None:
 
 # --- the real trainer ----------------------------------------------------------------------------------
 def test_a_short_real_run_on_a_tiny_model_finishes(tmp_path: Path) -> None:
-    trainer_mod = pytest.importorskip("lora_widgets.train_config")
+    trainer_mod = pytest.importorskip("lora_widgets.training.config")
     from tests.helpers import patterned_batch
 
     blocks = patterned_batch(8, 32).repeat(4, 1)  # [32, 32] learnable token ids
@@ -601,7 +602,7 @@ def test_headless_execution_completes_and_keeps_the_static_summary(tmp_path: Pat
     """What nbval / ``jupyter nbconvert --execute`` do: no front end, ``start()`` then ``await wait()``."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("lora_widgets.demo")
+    pytest.importorskip("lora_widgets.models")
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell(
@@ -629,7 +630,7 @@ def test_headless_execution_completes_and_keeps_the_static_summary(tmp_path: Pat
 
 
 def test_preflight_that_does_not_fit_warns_but_lets_the_run_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lora_widgets.memory as memory
+    import lora_widgets.memory.fit as memory
 
     class NoFit:
         fits = False
@@ -702,7 +703,7 @@ def test_a_config_check_the_form_does_not_know_still_disables_train() -> None:
 
 def test_stop_right_after_train_is_not_lost() -> None:
     class NotYetRunning(FakeTrainer):
-        running = False  # like the real Trainer before its task is first scheduled
+        running = False  # like the real LoRATrainer before its task is first scheduled
 
     dash = make_dash(NotYetRunning)
 
@@ -756,8 +757,11 @@ def test_colab_widget_support_is_switched_on(monkeypatch: pytest.MonkeyPatch) ->
 def test_outside_colab_nothing_is_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    monkeypatch.delitem(sys.modules, "google.colab.output", raising=False)
-    make_dash()  # no Colab module is imported or required
+    for name in [m for m in sys.modules if m == "google" or m.startswith("google.")]:
+        monkeypatch.delitem(sys.modules, name)
+    make_dash()
+    # no Colab module is imported or required outside Colab (anywidget switches Colab's widget manager on there)
+    assert not [m for m in sys.modules if m.startswith("google.colab")]
 
 
 def test_validation_dots_are_capped_and_keep_the_best() -> None:
@@ -784,7 +788,7 @@ def test_validation_dots_are_capped_and_keep_the_best() -> None:
 
 
 def test_a_data_split_is_accepted_with_its_own_validation_part() -> None:
-    from lora_widgets.data import DataSplit
+    from lora_widgets.data.text import DataSplit
 
     blocks = torch.randint(0, 128, (40, 32))
     split = DataSplit(train=blocks[:30], val=blocks[30:], block_size=32, n_tokens=40 * 32)

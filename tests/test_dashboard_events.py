@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from lora_widgets import LoRAConfig, LoRADashboard, TrainConfig
-from lora_widgets.events import EvalMetrics, RunFinished, RunStarted, RunStopped, StepMetrics
-from lora_widgets.history import History
-from lora_widgets.lora import apply_lora, count_parameters, has_lora
-from lora_widgets.replay import Replay, read_events
+from lora_widgets.events.history import History
+from lora_widgets.events.replay import Replay, read_events
+from lora_widgets.events.types import EvalMetrics, RunFinished, RunStarted, RunStopped, StepMetrics
+from lora_widgets.lora.layers import apply_lora, count_parameters, has_lora
 from tests.helpers import FakeLoop, ScriptedRun, patterned_batch, tiny_llama
 
 MARKS = ("raw_loss", "smooth_loss", "val_loss", "memory", "memory_reserved", "gpu_util", "tokens_per_s",

@@ -20,8 +20,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lora_widgets import HFRun, LoRADashboard, describe_settings  # noqa: E402
-from lora_widgets.lora import count_parameters  # noqa: E402
+from lora_widgets import LoRADashboard  # noqa: E402
+from lora_widgets.hf import HFRun, describe_settings  # noqa: E402
+from lora_widgets.lora.layers import count_parameters  # noqa: E402
 from lora_widgets.widget import readouts  # noqa: E402
 from tests.helpers import tiny_llama  # noqa: E402
 from tests.test_hf_bridge import CHAT_TEMPLATE, _FailingTrainer, _hf_trainer  # noqa: E402
@@ -263,7 +264,7 @@ def test_hf_schedule_preview_rules() -> None:
 def test_the_dashboard_does_not_import_transformers_trainer() -> None:
     code = (
         "import sys, lora_widgets\nfrom lora_widgets import LoRADashboard\n"
-        "print([m for m in ('transformers.trainer', 'trl', 'lora_widgets.hf_bridge') if m in sys.modules])"
+        "print([m for m in ('transformers.trainer', 'trl', 'lora_widgets.hf.run') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

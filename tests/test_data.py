@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lora_widgets.data import (
+from lora_widgets.data.text import (
     DataSplit,
     as_blocks,
     load_texts,
@@ -19,7 +19,7 @@ from lora_widgets.data import (
     split_blocks,
     train_val_blocks,
 )
-from lora_widgets.demo import BASE_MODEL_PATH
+from lora_widgets.models import BASE_MODEL_PATH
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +105,9 @@ def test_unknown_corpus_name_lists_the_known_ones() -> None:
 
 
 def test_corpus_by_name() -> None:
-    from lora_widgets.corpora import read_corpus
+    from lora_widgets.data.corpora import load_corpus
 
-    assert load_texts("python-docs") == read_corpus("python-docs")
+    assert load_texts("python-docs") == load_corpus("python-docs")
 
 
 def test_unsupported_type_is_a_type_error() -> None:

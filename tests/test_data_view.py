@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from lora_widgets.demo import BASE_MODEL_PATH
-from lora_widgets.events import DataPrepared, RunFinished
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.replay import Replay
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.events.replay import Replay
+from lora_widgets.events.types import DataPrepared, RunFinished
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.models import BASE_MODEL_PATH
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.widget import loading
 from lora_widgets.widget.dashboard import LoRADashboard
 from lora_widgets.widget.data_view import MAX_TOKENS
@@ -95,7 +95,7 @@ def test_rows_train_end_to_end_and_the_static_summary_has_the_data(tokenizer: An
 def test_the_memory_preflight_gets_the_longest_padded_length(
     tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lora_widgets.memory as memory
+    import lora_widgets.memory.fit as memory
 
     seen: list[int] = []
     real = memory.preflight
@@ -108,7 +108,7 @@ def test_the_memory_preflight_gets_the_longest_padded_length(
     dash = dashboard(tokenizer, tmp_path)
     asyncio.run(dash.run())
     longest = max(
-        len(e) for e in loading.prepare_blocks(ROWS, None, tokenizer, dash.current_configs()[1])[0].items
+        len(e) for e in loading.resolve_data(ROWS, None, tokenizer, dash.current_configs()[1])[0].items
     )
     assert seen == [longest] and longest < 96  # not the block size, not max_length: the widest batch
 

@@ -10,13 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from lora_widgets.data import prepare_data
-from lora_widgets.demo import (
+from lora_widgets.data.corpora import list_corpora, load_corpus
+from lora_widgets.data.text import prepare_data
+from lora_widgets.models import (
     BASE_MODEL_PATH,
     generate,
-    list_corpora,
     load_base_model,
-    load_corpus,
     load_model,
 )
 from tests.helpers import tiny_llama
@@ -128,7 +127,7 @@ def test_corpora_by_role() -> None:
     assert load_corpus("pretrain")[0].startswith(("#", '"""', "import", "from", "r'''", "'''", '"'))
     assert load_corpus("finetune") == load_corpus("finetune")
     assert {c.role for c in list_corpora()} == {"pretrain", "finetune", "instruct"}
-    with pytest.raises(ValueError, match=r"unknown corpus role 'code'"):
+    with pytest.raises(ValueError, match=r"unknown corpus 'code'.*or a role: pretrain, finetune, instruct"):
         load_corpus("code")
 
 

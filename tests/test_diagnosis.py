@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lora_widgets.diagnosis import error_diagnosis, format_lr, nan_diagnosis, oom_diagnosis
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.diagnosis import error_diagnosis, format_lr, nan_diagnosis, oom_diagnosis
 from tests.helpers import tiny_llama
 
 

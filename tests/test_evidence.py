@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_widgets.data import prepare_data
-from lora_widgets.demo import load_base_model
-from lora_widgets.lora import LoRAConfig, apply_lora, count_parameters
+from lora_widgets.data.text import prepare_data
+from lora_widgets.lora.layers import LoRAConfig, apply_lora, count_parameters
+from lora_widgets.models import load_base_model
 
 STEPS = 200
 BATCH_SIZE = 8
@@ -92,12 +92,13 @@ def test_lora_r8_200_steps_lowers_target_domain_loss_by_15_percent(one_thread: N
 def test_instruction_tuning_through_the_trainer_learns_the_answers_and_to_stop(
     one_thread: None, tmp_path: Path
 ) -> None:
-    """Issue 12's evidence, through the public ``Trainer`` on ``"python-instruct"`` (its held-out split
+    """Issue 12's evidence, through the public ``LoRATrainer`` on ``"python-instruct"`` (its held-out split
     validates): the loss on the held-out answers drops by >= 15%, and the share of held-out prompts whose
     greedy reply ends with the end-of-turn token within 128 new tokens rises to >= 80%. Settings of
     ``benchmarks/bench_sft_evidence.py`` (LoRA r=8, alpha=16, all linear layers; AdamW 5e-3, 10 warm-up
     steps then cosine; 150 steps of 8 examples; max_length 256)."""
-    from lora_widgets import TrainConfig, Trainer, end_of_turn_share, read_instructions
+    from lora_widgets import LoRATrainer, TrainConfig
+    from lora_widgets.data import end_of_turn_share, read_instructions
 
     start = time.perf_counter()
     model, tokenizer = load_base_model()
@@ -107,7 +108,7 @@ def test_instruction_tuning_through_the_trainer_learns_the_answers_and_to_stop(
         learning_rate=5e-3, batch_size=8, max_steps=150, warmup_steps=10, schedule="cosine",
         eval_every=None, eval_batches=None, max_length=256, seed=0, output_dir=str(tmp_path), device="cpu",
     )  # fmt: skip
-    trainer = Trainer(
+    trainer = LoRATrainer(
         model, tokenizer, "python-instruct", lora=LoRAConfig(r=8, alpha=16, target_modules="all-linear"),
         config=config,
     )  # fmt: skip

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lora_widgets.events import EvalMetrics, StepMetrics
-from lora_widgets.history import History, decimate_indices
+from lora_widgets.events.history import History, decimate_indices
+from lora_widgets.events.types import EvalMetrics, StepMetrics
 
 
 def _step(i: int, loss: float) -> StepMetrics:

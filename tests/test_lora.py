@@ -12,19 +12,18 @@ from torch import nn
 
 from lora_widgets import (
     LoRAConfig,
-    LoRALinear,
     apply_lora,
     count_parameters,
     disable_adapters,
     load_adapter,
     lora_layers,
-    merge_and_unload,
     merge_lora,
     remove_lora,
     save_adapter,
-    set_adapters_enabled,
     unmerge_lora,
 )
+from lora_widgets.lora import LoRALinear
+from lora_widgets.lora.layers import set_adapters_enabled
 from tests.helpers import patterned_batch, random_batch, tiny_gpt2, tiny_llama
 
 
@@ -354,14 +353,14 @@ def test_delta_weight_shapes() -> None:
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-def test_merge_and_unload_exports_a_plain_model(tmp_path, make) -> None:  # type: ignore[no-untyped-def]
+def test_merge_unload_exports_a_plain_model(tmp_path, make) -> None:  # type: ignore[no-untyped-def]
     model = make()
     base_names = [n for n, _ in model.named_parameters()]
     apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
     _randomise_b(model)
     ids = random_batch()
     adapted = _logits(model, ids)
-    merge_and_unload(model)
+    merge_lora(model, unload=True)
     assert not lora_layers(model)
     assert [n for n, _ in model.named_parameters()] == base_names
     assert all(p.requires_grad for p in model.parameters())

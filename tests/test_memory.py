@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_widgets.memory.quant import int8_bytes, nf4_bytes
 from transformers import LlamaConfig
 
-from lora_widgets.lora import LoRAConfig, apply_lora, count_parameters
-from lora_widgets.memory import (
+from lora_widgets.lora.layers import LoRAConfig, apply_lora, count_parameters
+from lora_widgets.memory.arch import known_model_config
+from lora_widgets.memory.estimate import CPU_RUNTIME_BYTES, CPU_RUNTIME_BYTES_16BIT
+from lora_widgets.memory.fit import (
     GPUS,
     MemoryEstimate,
     estimate_memory,
@@ -22,9 +25,6 @@ from lora_widgets.memory import (
     preflight,
     suggest_fit,
 )
-from lora_widgets.memory_arch import known_model_config
-from lora_widgets.memory_estimate import CPU_RUNTIME_BYTES, CPU_RUNTIME_BYTES_16BIT
-from lora_widgets.memory_quant import int8_bytes, nf4_bytes
 from tests.helpers import tiny_gpt2, tiny_llama
 
 # Parameter counts of the published checkpoints (sum of the tensors in their safetensors files).
@@ -302,7 +302,7 @@ def test_tracker_agrees_with_the_cpu_allocator() -> None:
     """The dispatch tracker's live bytes equal the allocator's own count (torch.profiler memory events)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lora_widgets.memory import LiveBytesTracker
+    from lora_widgets.memory.fit import LiveBytesTracker
 
     torch.manual_seed(0)
     x = torch.randn(64, 256, requires_grad=True)
@@ -365,7 +365,7 @@ def test_mixed_precision_keeps_fp32_state_and_adds_weight_copies() -> None:
 
 
 def test_preflight_infers_mixed_precision_from_an_fp32_model() -> None:
-    model = tiny_llama()  # fp32 parameters; the Trainer's precision="bf16" runs it under autocast
+    model = tiny_llama()  # fp32 parameters; the LoRATrainer's precision="bf16" runs it under autocast
     result = preflight(model, LoRAConfig(r=2), batch_size=2, seq_len=16, dtype="bfloat16", device="cpu")
     expected = estimate_memory(model.config, LoRAConfig(r=2), 2, 16, "bfloat16", weight_dtype="float32")
     assert result.estimate == expected

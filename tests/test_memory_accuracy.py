@@ -1,8 +1,8 @@
 """The estimator against measurement: a grid of training steps on small Llama models (CPU).
 
 Each row builds a small ``LlamaForCausalLM`` from a config, runs two real AdamW steps under the
-dispatch-level tracker (:func:`lora_widgets.memory.measure_memory`) and compares the peak with
-:func:`lora_widgets.memory.estimate_memory`. ``benchmarks/bench_memory.py`` prints the same grid as a table.
+dispatch-level tracker (:func:`lora_widgets.memory.fit.measure_memory`) and compares the peak with
+:func:`lora_widgets.memory.fit.estimate_memory`. ``benchmarks/bench_memory.py`` prints the same grid as a table.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from transformers import LlamaConfig
 
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.memory import MemoryEstimate, MemoryMeasurement, estimate_memory, measure_memory
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.memory.fit import MemoryEstimate, MemoryMeasurement, estimate_memory, measure_memory
 
 
 def small_llama(hidden: int, layers: int, vocab: int, tied: bool = False) -> LlamaConfig:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import traitlets
 
-from lora_widgets.lora import LoRAConfig, apply_lora
-from lora_widgets.memory import GPUS, estimate_memory, known_models
+from lora_widgets.lora.layers import LoRAConfig, apply_lora
+from lora_widgets.memory.fit import GPUS, estimate_memory, known_models
 from lora_widgets.widget.planner import _INPUTS, BARS, COMPONENTS, CSS_PATH, ESM_PATH, MemoryPlanner
 from tests.helpers import tiny_llama
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_widgets.adapter_statistics import adapter_stats
-from lora_widgets.lora import LoRAConfig, LoRALinear, apply_lora, lora_layers, merge_and_unload, merge_lora
+from lora_widgets.lora.layers import LoRAConfig, LoRALinear, apply_lora, lora_layers, merge_lora
+from lora_widgets.lora.statistics import adapter_stats
 from lora_widgets.quantization import (
     BASE_PRECISIONS,
     base_of,
@@ -129,14 +129,15 @@ def test_quantized_base_without_bitsandbytes_gives_the_install_command(
 
 
 def test_load_model_bad_base_leaves_nothing_loaded() -> None:
-    from lora_widgets.demo import load_model
+    from lora_widgets.models import load_model
 
     with pytest.raises(ValueError, match="base='2-bit' is not a base precision"):
         load_model(None, base="2-bit")
 
 
 def test_shipped_model_loads_in_4_bit_and_8_bit() -> None:
-    from lora_widgets.demo import load_base_model, load_corpus
+    from lora_widgets.data.corpora import load_corpus
+    from lora_widgets.models import load_base_model
 
     model16, _ = load_base_model()
     model4, tokenizer = load_base_model(base="4-bit")
@@ -221,7 +222,9 @@ def test_in_place_merge_into_4_bit_is_refused_and_changes_nothing(tmp_path: Path
     _, model = quantized_tiny(tmp_path)
     apply_lora(model, LoRAConfig(r=4, alpha=8))
     packed = {n: m.base_layer.weight.data.clone() for n, m in lora_layers(model).items()}
-    with pytest.raises(ValueError, match=r"cannot merge into a 4-bit weight in place.*merge_and_unload"):
+    with pytest.raises(
+        ValueError, match=r"cannot merge into a 4-bit weight in place.*merge_lora\(model, unload=True\)"
+    ):
         merge_lora(model)
     assert not any(layer.merged for layer in lora_layers(model).values())
     for name, layer in lora_layers(model).items():
@@ -229,7 +232,7 @@ def test_in_place_merge_into_4_bit_is_refused_and_changes_nothing(tmp_path: Path
 
 
 @pytest.mark.parametrize("base", ["4-bit", "8-bit"])
-def test_merge_and_unload_dequantizes_merges_and_says_so(tmp_path: Path, base: str) -> None:
+def test_merge_with_unload_dequantizes_merges_and_says_so(tmp_path: Path, base: str) -> None:
     _, model = quantized_tiny(tmp_path, base)
     apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
@@ -237,7 +240,7 @@ def test_merge_and_unload_dequantizes_merges_and_says_so(tmp_path: Path, base: s
             layer.lora_B.weight.normal_(0, 0.1)
     adapted = model(ids()).logits
     with pytest.warns(UserWarning, match=rf"the base was {base}; its 14 quantized layers were dequantized"):
-        merged = merge_and_unload(model)
+        merged = merge_lora(model, unload=True)
     assert merged is model and not lora_layers(model) and not is_quantized(model)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("_proj",)))
     assert getattr(model.config, "quantization_config", None) is None

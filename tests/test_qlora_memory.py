@@ -11,8 +11,8 @@ import transformers
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from lora_widgets.lora import LoRAConfig
-from lora_widgets.memory import GiB, estimate_memory, preflight
-from lora_widgets.memory_quant import measured_quantized_bytes, nf4_bytes, quantized_weight_bytes
+from lora_widgets.memory.fit import GiB, estimate_memory, preflight
+from lora_widgets.memory.quant import measured_quantized_bytes, nf4_bytes, quantized_weight_bytes
 from lora_widgets.quantization import quantization_config, quantized_layers
 
 pytest.importorskip("bitsandbytes")

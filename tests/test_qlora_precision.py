@@ -11,10 +11,10 @@ import torch
 from lora_widgets.devices import best_precision
 from lora_widgets.lora import LoRAConfig, apply_lora
 from lora_widgets.quantization import compute_dtype, quantization_config, quantized_layers
-from lora_widgets.train_config import PRECISIONS, TrainConfig
+from lora_widgets.training.config import PRECISIONS, TrainConfig
 from lora_widgets.training.kbit import prepare_kbit
 from lora_widgets.training.precision import AUTOCAST_DTYPES, grad_scaler
-from lora_widgets.training.trainer import Trainer
+from lora_widgets.training.trainer import LoRATrainer
 from tests.helpers import tiny_llama
 from tests.test_qlora import quantized_tiny
 
@@ -37,7 +37,9 @@ def test_auto_on_the_cpu_is_fp32_and_a_run_records_it(tmp_path: Path) -> None:
     assert best_precision("cpu") == "fp32" and compute_dtype("cpu") == torch.float32
     assert "auto" in PRECISIONS
     config = TrainConfig(precision="auto", max_steps=1, output_dir=str(tmp_path), device="cpu")
-    trainer = Trainer(tiny_llama(), None, torch.randint(0, 128, (8, 8)), lora=LoRAConfig(r=2), config=config)
+    trainer = LoRATrainer(
+        tiny_llama(), None, torch.randint(0, 128, (8, 8)), lora=LoRAConfig(r=2), config=config
+    )
     assert trainer.config.precision == "fp32"  # resolved once, for the run's config.json and checkpoints
     assert config.precision == "auto"  # the user's config is untouched
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_widgets.demo import load_base_model
 from lora_widgets.lora import LoRAConfig, apply_lora, lora_layers
-from lora_widgets.peft_format import load_adapter, save_adapter
+from lora_widgets.lora.peft_format import load_adapter, save_adapter
+from lora_widgets.models import load_base_model
 from lora_widgets.quantization import base_of, is_quantized, quantized_layers
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.kbit import KbitState, prepare_kbit
-from lora_widgets.training.trainer import Trainer
+from lora_widgets.training.trainer import LoRATrainer
 from tests.test_qlora import ids, quantized_tiny
 
 pytest.importorskip("bitsandbytes")
@@ -33,16 +33,16 @@ def short_run(tmp_path: Path, **changes: object) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def trained_4bit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, Path]:
+def trained_4bit(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoRATrainer, Path]:
     """The shipped model, 4-bit base, 12 steps of LoRA on the fine-tuning corpus (about 10 s on 2 cores)."""
     tmp = tmp_path_factory.mktemp("qlora")
     model, tokenizer = load_base_model(base="4-bit")
-    trainer = Trainer(model, tokenizer, "python-docs", lora=LORA, config=short_run(tmp))
+    trainer = LoRATrainer(model, tokenizer, "python-docs", lora=LORA, config=short_run(tmp))
     trainer.run_sync()
     return trainer, tmp
 
 
-def test_shipped_model_fine_tunes_on_a_4_bit_base(trained_4bit: tuple[Trainer, Path]) -> None:
+def test_shipped_model_fine_tunes_on_a_4_bit_base(trained_4bit: tuple[LoRATrainer, Path]) -> None:
     trainer, _ = trained_4bit
     assert trainer.state == "finished", trainer.last_event
     assert base_of(trainer.model) == "4-bit"
@@ -56,7 +56,7 @@ def test_shipped_model_fine_tunes_on_a_4_bit_base(trained_4bit: tuple[Trainer, P
 
 
 def test_adapter_trained_on_4_bit_loads_with_peft_on_the_16_bit_base(
-    trained_4bit: tuple[Trainer, Path],
+    trained_4bit: tuple[LoRATrainer, Path],
 ) -> None:
     trainer, tmp = trained_4bit
     directory = save_adapter(trainer.model, tmp / "adapter")
@@ -94,7 +94,7 @@ def test_full_fine_tuning_of_a_quantized_model_is_refused(tmp_path: Path) -> Non
     with pytest.raises(
         ValueError, match=r"full fine-tuning of a quantized model \(4-bit base\).*lora=LoRAConfig"
     ):
-        Trainer(model, None, torch.randint(0, 128, (16, 8)), lora=None, config=short_run(tmp_path))
+        LoRATrainer(model, None, torch.randint(0, 128, (16, 8)), lora=None, config=short_run(tmp_path))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and not lora_layers(model)
 
 
@@ -103,7 +103,7 @@ def test_a_config_naming_another_base_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"TrainConfig.base='4-bit' but the model's base is 16-bit.*base='4-bit'"
     ):
-        Trainer(model, tokenizer, "python-docs", lora=LORA, config=short_run(tmp_path, base="4-bit"))
+        LoRATrainer(model, tokenizer, "python-docs", lora=LORA, config=short_run(tmp_path, base="4-bit"))
     assert not lora_layers(model)
     with pytest.raises(ValueError, match=r"TrainConfig.base='8-bit' is invalid|base=.*one of"):
         TrainConfig(base="8bit")
@@ -145,7 +145,7 @@ def test_quantized_base_with_checkpointing_trains(tmp_path: Path) -> None:
     _, model = quantized_tiny(tmp_path, hidden=64)
     data = torch.randint(0, 128, (24, 16), generator=torch.Generator().manual_seed(0))
     config = short_run(tmp_path, max_steps=6, eval_every=6, gradient_checkpointing=True, batch_size=4)
-    trainer = Trainer(
+    trainer = LoRATrainer(
         model, None, data, lora=LoRAConfig(r=4, alpha=8, target_modules="all-linear"), config=config
     )
     trainer.run_sync()

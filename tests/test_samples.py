@@ -7,18 +7,11 @@ import json
 import pytest
 import torch
 
-from lora_widgets import (
-    LoRAConfig,
-    SampleGenerations,
-    apply_lora,
-    event_from_dict,
-    generate_samples,
-    load_base_model,
-    lora_layers,
-    merge_lora,
-    set_adapters_enabled,
-)
-from lora_widgets.samples import MAX_PROMPTS
+from lora_widgets import LoRAConfig, apply_lora, load_base_model, lora_layers, merge_lora
+from lora_widgets.events import SampleGenerations, event_from_dict
+from lora_widgets.health import generate_samples
+from lora_widgets.health.samples import MAX_PROMPTS
+from lora_widgets.lora.layers import set_adapters_enabled
 
 PROMPTS = ["def main(", "The with statement"]
 
@@ -141,7 +134,7 @@ def test_clear_errors(shipped) -> None:  # type: ignore[no-untyped-def]
         generate_samples(model, tokenizer, ["ok"], step=0, eot_token_id="<|im_end|>")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="step must be an integer >= 0"):
         generate_samples(model, tokenizer, ["ok"], step=-1)
-    from lora_widgets import demo
+    from lora_widgets import models as demo
 
     bare, _ = demo.load_base_model()
     with pytest.raises(ValueError, match="needs a model with LoRA layers"):

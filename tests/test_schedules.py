@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_widgets.schedules import lr_at, lr_schedule
+from lora_widgets.training.schedules import lr_at, lr_schedule
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])

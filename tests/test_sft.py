@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from lora_widgets.chat_data import ALPACA_PROMPT, is_plain_text, load_rows, normalize_rows
-from lora_widgets.demo import BASE_MODEL_PATH
-from lora_widgets.sft import TRAIN_ON, SFTStats, assistant_mask, prepare_sft
-from lora_widgets.sft_batches import SFTExample
+from lora_widgets.data.rows import ALPACA_PROMPT, is_plain_text, load_rows, normalize_rows
+from lora_widgets.data.sft import TRAIN_ON, SFTStats, assistant_mask, prepare_sft
+from lora_widgets.data.sft_batches import SFTExample
+from lora_widgets.models import BASE_MODEL_PATH
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

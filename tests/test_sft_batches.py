@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora_widgets.sft_batches import (
+from lora_widgets.data.sft_batches import (
     SFTExample,
     collate,
     iter_batches,

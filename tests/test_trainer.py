@@ -1,4 +1,4 @@
-"""The async Trainer: configuration, event stream, control (stop/pause/resume), reproducibility, files."""
+"""The async LoRATrainer: configuration, event stream, control (stop/pause/resume), reproducibility, files."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_widgets.events import (
+from lora_widgets.events.types import (
     EvalMetrics,
     Event,
     RunFinished,
@@ -24,10 +24,10 @@ from lora_widgets.events import (
     StepMetrics,
     event_from_dict,
 )
-from lora_widgets.lora import LoRAConfig, has_lora
-from lora_widgets.peft_format import load_adapter, lora_state_dict
-from lora_widgets.train_config import TrainConfig
-from lora_widgets.training.trainer import Trainer
+from lora_widgets.lora.layers import LoRAConfig, has_lora
+from lora_widgets.lora.peft_format import load_adapter, lora_state_dict
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.trainer import LoRATrainer
 from tests.helpers import tiny_gpt2, tiny_llama
 
 
@@ -50,8 +50,10 @@ def config(tmp_path: Path, **changes: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def make(tmp_path: Path, model: torch.nn.Module | None = None, data: Any = None, **changes: Any) -> Trainer:
-    return Trainer(
+def make(
+    tmp_path: Path, model: torch.nn.Module | None = None, data: Any = None, **changes: Any
+) -> LoRATrainer:
+    return LoRATrainer(
         model if model is not None else tiny_llama(),
         None,
         blocks() if data is None else data,
@@ -60,7 +62,7 @@ def make(tmp_path: Path, model: torch.nn.Module | None = None, data: Any = None,
     )
 
 
-def record(trainer: Trainer) -> list[Event]:
+def record(trainer: LoRATrainer) -> list[Event]:
     events: list[Event] = []
     trainer.subscribe(events.append)
     return events
@@ -117,18 +119,20 @@ def test_config_defaults_round_trip() -> None:
 
 def test_constructor_errors(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"nn\.Module"):
-        Trainer("not a model", None, blocks())  # type: ignore[arg-type]
+        LoRATrainer("not a model", None, blocks())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fp16"):
-        Trainer(tiny_llama(), None, blocks(), lora=LoRAConfig(), config=config(tmp_path, precision="fp16"))
+        LoRATrainer(
+            tiny_llama(), None, blocks(), lora=LoRAConfig(), config=config(tmp_path, precision="fp16")
+        )
     frozen = tiny_llama().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        Trainer(frozen, None, blocks(), config=config(tmp_path))
+        LoRATrainer(frozen, None, blocks(), config=config(tmp_path))
     model = tiny_llama()
-    from lora_widgets.lora import apply_lora
+    from lora_widgets.lora.layers import apply_lora
 
-    apply_lora(model, LoRAConfig(r=2))  # applied by the user, not by a Trainer
+    apply_lora(model, LoRAConfig(r=2))  # applied by the user, not by a LoRATrainer
     with pytest.raises(ValueError, match="already has LoRA adapters"):
-        Trainer(model, None, blocks(), lora=LoRAConfig(), config=config(tmp_path))
+        LoRATrainer(model, None, blocks(), lora=LoRAConfig(), config=config(tmp_path))
 
 
 def test_total_steps_and_schedule_preview(tmp_path: Path) -> None:
@@ -294,8 +298,8 @@ def test_second_concurrent_run_is_refused(tmp_path: Path) -> None:
         assert t.running
         with pytest.raises(RuntimeError, match="already running"):
             await t.run()
-        other = Trainer(t.model, None, blocks(), config=t.config)  # same model, existing adapters
-        with pytest.raises(RuntimeError, match="another Trainer is training this model"):
+        other = LoRATrainer(t.model, None, blocks(), config=t.config)  # same model, existing adapters
+        with pytest.raises(RuntimeError, match="another LoRATrainer is training this model"):
             await other.run()
         with pytest.raises(RuntimeError, match=re.escape("await trainer.run()")):
             t.run_sync()
@@ -332,7 +336,7 @@ def test_loop_stays_responsive_during_steps(tmp_path: Path) -> None:
 
 
 def _losses(tmp_path: Path, dropout: float = 0.1, **changes: Any) -> list[float]:
-    t = Trainer(
+    t = LoRATrainer(
         tiny_llama(),
         None,
         blocks(),
@@ -371,7 +375,7 @@ def test_grad_accumulation_matches_the_larger_batch(tmp_path: Path) -> None:
 def test_new_trainer_replaces_adapters_a_trainer_made(tmp_path: Path) -> None:
     model = tiny_llama()
     make(tmp_path, model=model, max_steps=2, eval_every=None).run_sync()
-    t2 = Trainer(model, None, blocks(), lora=LoRAConfig(r=2), config=config(tmp_path, max_steps=2))
+    t2 = LoRATrainer(model, None, blocks(), lora=LoRAConfig(r=2), config=config(tmp_path, max_steps=2))
     assert t2.report is not None and t2.report.config is not None and t2.report.config.r == 2
     assert isinstance(t2.run_sync(), RunFinished)
 
@@ -380,7 +384,9 @@ def test_new_trainer_replaces_adapters_a_trainer_made(tmp_path: Path) -> None:
 
 
 def test_gpt2_bf16_and_gradient_checkpointing(tmp_path: Path) -> None:
-    t = Trainer(tiny_gpt2(), None, blocks(), lora=LoRAConfig(r=4), config=config(tmp_path, precision="bf16"))
+    t = LoRATrainer(
+        tiny_gpt2(), None, blocks(), lora=LoRAConfig(r=4), config=config(tmp_path, precision="bf16")
+    )
     end = t.run_sync()
     assert isinstance(end, RunFinished) and np.isfinite(t.history.loss).all()
     plain = _losses(tmp_path, dropout=0.0)
@@ -390,7 +396,7 @@ def test_gpt2_bf16_and_gradient_checkpointing(tmp_path: Path) -> None:
 
 def test_full_fine_tuning_saves_the_model(tmp_path: Path) -> None:
     model = tiny_llama()
-    t = Trainer(model, None, blocks(), lora=None, config=config(tmp_path, max_steps=3))
+    t = LoRATrainer(model, None, blocks(), lora=None, config=config(tmp_path, max_steps=3))
     assert t.report is None and not has_lora(model)
     end = t.run_sync()
     assert isinstance(end, RunFinished) and end.adapter_path is not None
@@ -402,7 +408,9 @@ def test_peft_model_is_trained_as_is(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
-    t = Trainer(model, None, blocks(), lora=None, config=config(tmp_path, max_steps=3, learning_rate=1e-2))
+    t = LoRATrainer(
+        model, None, blocks(), lora=None, config=config(tmp_path, max_steps=3, learning_rate=1e-2)
+    )
     end = t.run_sync()
     assert isinstance(end, RunFinished) and end.adapter_path is not None
     assert Path(end.adapter_path, "adapter_model.safetensors").exists()
@@ -420,7 +428,9 @@ def test_token_blocks_from_text_source(tmp_path: Path) -> None:
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]")
     texts = [" ".join(f"w{(i * 7 + j) % 127}" for j in range(60)) for i in range(40)]
-    t = Trainer(tiny_llama(), tokenizer, texts, lora=LoRAConfig(r=4), config=config(tmp_path, block_size=32))
+    t = LoRATrainer(
+        tiny_llama(), tokenizer, texts, lora=LoRAConfig(r=4), config=config(tmp_path, block_size=32)
+    )
     end = t.run_sync()
     assert isinstance(end, RunFinished), end.message
 

@@ -9,19 +9,20 @@ from typing import Any
 import pytest
 import torch
 
-from lora_widgets.events import Event, RunFailed, RunFinished, RunStopped, StateChanged, StepMetrics
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.peft_format import load_adapter, lora_state_dict
-from lora_widgets.train_config import TrainConfig
-from lora_widgets.training.trainer import Trainer
-from tests.helpers import tiny_llama
+from lora_widgets.events.types import Event, RunFailed, RunFinished, RunStopped, StateChanged, StepMetrics
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.lora.peft_format import load_adapter, lora_state_dict
+from lora_widgets.training.trainer import LoRATrainer
+from tests.helpers import tiny_llama, tiny_trainer
 
 
 def blocks(n: int = 40, seq: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def make(tmp_path: Path, model: torch.nn.Module | None = None, data: Any = None, **changes: Any) -> Trainer:
+def make(
+    tmp_path: Path, model: torch.nn.Module | None = None, data: Any = None, **changes: Any
+) -> LoRATrainer:
     cfg: dict[str, Any] = {
         "max_steps": 8,
         "batch_size": 4,
@@ -29,17 +30,8 @@ def make(tmp_path: Path, model: torch.nn.Module | None = None, data: Any = None,
         "schedule": "constant",  # so a shorter reference run uses the same rates
         "eval_every": None,
         "val_fraction": 0.0,  # no evaluation: every forward below is a training micro-batch
-        "output_dir": str(tmp_path / "runs"),
-        "device": "cpu",
     }
-    cfg.update(changes)
-    return Trainer(
-        model if model is not None else tiny_llama(),
-        None,
-        blocks() if data is None else data,
-        lora=LoRAConfig(r=4),
-        config=TrainConfig(**cfg),
-    )
+    return tiny_trainer(tmp_path, model, blocks() if data is None else data, **{**cfg, **changes})
 
 
 def fault_on_call(model: torch.nn.Module, n: int, effect: Any) -> torch.utils.hooks.RemovableHandle:
@@ -55,7 +47,7 @@ def fault_on_call(model: torch.nn.Module, n: int, effect: Any) -> torch.utils.ho
     return model.lm_head.register_forward_hook(hook)  # type: ignore[union-attr,operator]
 
 
-def record(trainer: Trainer) -> list[Event]:
+def record(trainer: LoRATrainer) -> list[Event]:
     events: list[Event] = []
     trainer.subscribe(events.append)
     return events
@@ -111,7 +103,7 @@ def test_out_of_memory(tmp_path: Path, oom_type: type[Exception]) -> None:
 def test_out_of_memory_suggestions_survive_a_broken_estimator(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lora_widgets import memory
+    from lora_widgets.memory import fit as memory
 
     def broken(*args: Any, **kwargs: Any) -> list[str]:
         raise RuntimeError("estimator unavailable")
@@ -198,7 +190,7 @@ def test_resume_from_an_incompatible_checkpoint(tmp_path: Path) -> None:
     first.run_sync()
     assert first.run_dir is not None
     ckpt = first.run_dir / "checkpoints" / "step-000002"
-    other = Trainer(tiny_llama(), None, blocks(), lora=LoRAConfig(r=2), config=first.config)
+    other = LoRATrainer(tiny_llama(), None, blocks(), lora=LoRAConfig(r=2), config=first.config)
     end = other.run_sync(resume_from=ckpt)
     assert isinstance(end, RunFailed) and end.reason == "bad_input" and "shape mismatch" in end.message
     end = other.run_sync(resume_from=tmp_path)
@@ -252,10 +244,11 @@ def test_out_of_memory_before_the_first_step(tmp_path: Path, monkeypatch: pytest
 def test_out_of_memory_suggestions_from_the_memory_estimator(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lora_widgets import diagnosis, memory
+    from lora_widgets.memory import fit as memory
+    from lora_widgets.training import diagnosis
 
     t = make(tmp_path, data=blocks(80, 64), batch_size=32)
-    from lora_widgets.memory_estimate import CPU_RUNTIME_BYTES
+    from lora_widgets.memory.estimate import CPU_RUNTIME_BYTES
 
     tensors = memory.estimate_memory(tiny_llama(), LoRAConfig(r=4), batch_size=32, seq_len=64).total
     # a device whose memory beyond torch's CPU runtime is a third of what the step's tensors need

@@ -14,41 +14,32 @@ import pytest
 import torch
 
 from lora_widgets import atomic
-from lora_widgets import checkpoint as ckpt
-from lora_widgets.diagnosis import is_out_of_memory
-from lora_widgets.events import CheckpointSaved, Event, RunFailed, RunFinished, RunSource, StepMetrics
-from lora_widgets.lora import LoRAConfig, apply_lora, merge_lora, unmerge_lora
-from lora_widgets.peft_format import load_adapter, lora_state_dict
-from lora_widgets.train_config import TrainConfig
-from lora_widgets.training.trainer import Trainer
-from tests.helpers import tiny_llama
+from lora_widgets.events.types import CheckpointSaved, Event, RunFailed, RunFinished, RunSource, StepMetrics
+from lora_widgets.lora.layers import LoRAConfig, apply_lora, merge_lora, unmerge_lora
+from lora_widgets.lora.peft_format import load_adapter, lora_state_dict
+from lora_widgets.training import checkpoint as ckpt
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.diagnosis import is_out_of_memory
+from lora_widgets.training.trainer import LoRATrainer
+from tests.helpers import tiny_llama, tiny_trainer
 
 
 def blocks(n: int = 40, seq: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def make(tmp_path: Path, model: torch.nn.Module | None = None, **changes: Any) -> Trainer:
+def make(tmp_path: Path, model: torch.nn.Module | None = None, **changes: Any) -> LoRATrainer:
     cfg: dict[str, Any] = {
         "max_steps": 6,
         "batch_size": 4,
         "warmup_steps": 0,
         "eval_every": None,
         "val_fraction": 0.0,
-        "output_dir": str(tmp_path / "runs"),
-        "device": "cpu",
     }
-    cfg.update(changes)
-    return Trainer(
-        model if model is not None else tiny_llama(),
-        None,
-        blocks(),
-        lora=LoRAConfig(r=4),
-        config=TrainConfig(**cfg),
-    )
+    return tiny_trainer(tmp_path, model, blocks(), **{**cfg, **changes})
 
 
-def record(trainer: Trainer) -> list[Event]:
+def record(trainer: LoRATrainer) -> list[Event]:
     events: list[Event] = []
     trainer.subscribe(events.append)
     return events
@@ -78,7 +69,7 @@ def test_no_marker_attribute_is_written_onto_the_model(tmp_path: Path) -> None:
     model = tiny_llama()
     make(tmp_path, model=model).run_sync()
     assert not [k for k in vars(model) if "trainer" in k]
-    Trainer(model, None, blocks(), lora=LoRAConfig(r=2), config=TrainConfig(max_steps=1, device="cpu"))
+    LoRATrainer(model, None, blocks(), lora=LoRAConfig(r=2), config=TrainConfig(max_steps=1, device="cpu"))
 
 
 def test_a_second_trainer_cannot_replace_the_adapters_of_a_training_model(tmp_path: Path) -> None:
@@ -88,20 +79,20 @@ def test_a_second_trainer_cannot_replace_the_adapters_of_a_training_model(tmp_pa
         task = asyncio.create_task(t.run())
         while len(t.history) < 1:
             await asyncio.sleep(0.005)
-        with pytest.raises(RuntimeError, match="another Trainer is training this model"):
-            Trainer(t.model, None, blocks(), lora=LoRAConfig(r=2), config=t.config)
+        with pytest.raises(RuntimeError, match="another LoRATrainer is training this model"):
+            LoRATrainer(t.model, None, blocks(), lora=LoRAConfig(r=2), config=t.config)
         t.pause()  # (a paused run still owns its model)
         while t.state != "paused":
             await asyncio.sleep(0.005)
         before = snapshot(t.model)
-        with pytest.raises(RuntimeError, match="another Trainer is training this model"):
-            Trainer(t.model, None, blocks(), lora=LoRAConfig(r=2), config=t.config)
+        with pytest.raises(RuntimeError, match="another LoRATrainer is training this model"):
+            LoRATrainer(t.model, None, blocks(), lora=LoRAConfig(r=2), config=t.config)
         assert_same(snapshot(t.model), before)  # nothing was swapped under the paused run
         t.stop()
         await task
 
     asyncio.run(main())
-    Trainer(t.model, None, blocks(), lora=LoRAConfig(r=2), config=t.config)  # free again after the run
+    LoRATrainer(t.model, None, blocks(), lora=LoRAConfig(r=2), config=t.config)  # free again after the run
 
 
 def test_merged_adapters_are_refused_with_the_fix(tmp_path: Path) -> None:
@@ -110,12 +101,12 @@ def test_merged_adapters_are_refused_with_the_fix(tmp_path: Path) -> None:
     merge_lora(model)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"merged.*unmerge_lora"):
-        Trainer(model, None, blocks(), lora=None, config=TrainConfig(device="cpu"))
+        LoRATrainer(model, None, blocks(), lora=None, config=TrainConfig(device="cpu"))
     with pytest.raises(ValueError, match=r"merged.*unmerge_lora"):
-        Trainer(model, None, blocks(), lora=LoRAConfig(r=4), config=TrainConfig(device="cpu"))
+        LoRATrainer(model, None, blocks(), lora=LoRAConfig(r=4), config=TrainConfig(device="cpu"))
     assert_same(snapshot(model), before)
     unmerge_lora(model)
-    Trainer(model, None, blocks(), lora=None, config=TrainConfig(device="cpu"))
+    LoRATrainer(model, None, blocks(), lora=None, config=TrainConfig(device="cpu"))
 
 
 def test_replacing_a_trainers_adapters_with_a_bad_config_keeps_the_trained_ones(tmp_path: Path) -> None:
@@ -123,9 +114,11 @@ def test_replacing_a_trainers_adapters_with_a_bad_config_keeps_the_trained_ones(
     make(tmp_path, model=model, learning_rate=1e-2).run_sync()
     before = snapshot(model)
     with pytest.raises(ValueError, match="matched no"):
-        Trainer(model, None, blocks(), lora=LoRAConfig(r=2, target_modules=["nope"]), config=TrainConfig())
+        LoRATrainer(
+            model, None, blocks(), lora=LoRAConfig(r=2, target_modules=["nope"]), config=TrainConfig()
+        )
     assert_same(snapshot(model), before)
-    t = Trainer(model, None, blocks(), lora=LoRAConfig(r=2), config=TrainConfig(device="cpu"))
+    t = LoRATrainer(model, None, blocks(), lora=LoRAConfig(r=2), config=TrainConfig(device="cpu"))
     assert (
         t.report is not None and t.report.config is not None and t.report.config.r == 2
     )  # still replaceable

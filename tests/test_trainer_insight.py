@@ -1,4 +1,4 @@
-"""Is LoRA learning, headless: the Trainer publishes adapter statistics, sample answers and alerts (issue 14).
+"""Is LoRA learning, headless: the LoRATrainer publishes adapter statistics, sample answers and alerts (issue 14).
 
 Everything a script or CI relies on without the widget: the events in order, in ``metrics.jsonl``, the seed
 notebook's bug (LoRA layers that the forward pass never calls) flagged at the first measured update, the
@@ -18,20 +18,21 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lora_widgets import demo
-from lora_widgets.events import (
+from lora_widgets import models as demo
+from lora_widgets.events.replay import read_events
+from lora_widgets.events.types import (
     AdapterStats,
     AlertRaised,
     Event,
     RunFinished,
     SampleGenerations,
+    StepMetrics,
     event_from_dict,
 )
-from lora_widgets.lora import LoRAConfig, lora_layers
-from lora_widgets.replay import read_events
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.lora.layers import LoRAConfig, lora_layers
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.insight import PROMPT_TOKENS, Insight, end_of_turn_id
-from lora_widgets.training.trainer import Trainer
+from lora_widgets.training.trainer import LoRATrainer
 from tests.helpers import patterned_batch, tiny_llama
 from tests.test_alerts import _seed_bug_model
 
@@ -55,7 +56,7 @@ def _data(vocab: int = VOCAB) -> torch.Tensor:
     return patterned_batch(8, 32, vocab).repeat(5, 1)  # [40, 32]
 
 
-def _run(trainer: Trainer) -> list[Event]:
+def _run(trainer: LoRATrainer) -> list[Event]:
     events: list[Event] = []
     trainer.subscribe(events.append)
     assert isinstance(trainer.run_sync(), RunFinished), events[-1]
@@ -64,7 +65,7 @@ def _run(trainer: Trainer) -> list[Event]:
 
 def test_statistics_samples_in_order_and_in_metrics_jsonl(tmp_path: Path, tokenizer: Any) -> None:
     model = tiny_llama(vocab_size=VOCAB)
-    trainer = Trainer(model, tokenizer, _data(), lora=LoRAConfig(r=4, target_modules="all-linear"),
+    trainer = LoRATrainer(model, tokenizer, _data(), lora=LoRAConfig(r=4, target_modules="all-linear"),
                       config=_config(tmp_path))  # fmt: skip
     events = _run(trainer)
     kinds = [
@@ -116,17 +117,18 @@ def test_statistics_samples_in_order_and_in_metrics_jsonl(tmp_path: Path, tokeni
 def test_the_seed_bug_is_flagged_at_the_first_update_headless(tmp_path: Path) -> None:
     """LoRA layers exist (and train nothing) while the forward pass goes around them: danger at step 1."""
     model = _seed_bug_model()
-    trainer = Trainer(model, None, _data(128), lora=None, config=_config(tmp_path, learning_rate=3e-3))
+    trainer = LoRATrainer(model, None, _data(128), lora=None, config=_config(tmp_path, learning_rate=3e-3))
     events = _run(trainer)
     alerts = [e for e in events if isinstance(e, AlertRaised)]
     assert [a.key for a in alerts] == ["no_gradient"]  # the cause, once; not also "B zero" or "rate too low"
     alert = alerts[0]
-    assert alert.step == 1 and alert.severity == "danger" and alert.title == "No adapter receives a gradient"
-    assert "6 of 6" in alert.evidence and "apply_lora" in alert.fix
-    where = events.index(alert)
+    assert alert.step == 1 and alert.severity == "danger"
+    assert alert.title == "12 of 27 trainable tensors receive no gradient"
     assert (
-        isinstance(events[where - 1], AdapterStats) and events[where - 1].step == 1
-    )  # right after its evidence
+        "the adapters exist but the forward never calls them" in alert.evidence and "apply_lora" in alert.fix
+    )
+    first_step = next(e for e in events if isinstance(e, StepMetrics))
+    assert events.index(alert) < events.index(first_step)  # read from the first update's gradients
     assert trainer.run_dir is not None
     assert alert in read_events(trainer.run_dir / "metrics.jsonl")  # a script reads it back
 
@@ -134,19 +136,23 @@ def test_the_seed_bug_is_flagged_at_the_first_update_headless(tmp_path: Path) ->
 def test_user_prompts_and_switching_it_off(tmp_path: Path, tokenizer: Any) -> None:
     prompts = ("def main(", "The with statement")
     config = _config(tmp_path, sample_prompts=prompts, max_steps=3, eval_every=None)
-    trainer = Trainer(tiny_llama(vocab_size=VOCAB), tokenizer, _data(), lora=LoRAConfig(r=2), config=config)
+    trainer = LoRATrainer(
+        tiny_llama(vocab_size=VOCAB), tokenizer, _data(), lora=LoRAConfig(r=2), config=config
+    )
     samples = [e for e in _run(trainer) if isinstance(e, SampleGenerations)]
     assert [e.step for e in samples] == [0, 3]
     assert [s.prompt for s in samples[0].samples] == list(prompts)
 
     off = _config(tmp_path, adapter_stats=False, sample_prompts=())
-    trainer = Trainer(tiny_llama(vocab_size=VOCAB), tokenizer, _data(), lora=LoRAConfig(r=2), config=off)
+    trainer = LoRATrainer(tiny_llama(vocab_size=VOCAB), tokenizer, _data(), lora=LoRAConfig(r=2), config=off)
     kinds = {e.kind for e in _run(trainer)}
     assert not kinds & {"adapter_stats", "samples", "alert"}
 
 
 def test_full_fine_tuning_publishes_no_adapter_events(tmp_path: Path, tokenizer: Any) -> None:
-    trainer = Trainer(tiny_llama(vocab_size=VOCAB), tokenizer, _data(), lora=None, config=_config(tmp_path))
+    trainer = LoRATrainer(
+        tiny_llama(vocab_size=VOCAB), tokenizer, _data(), lora=None, config=_config(tmp_path)
+    )
     kinds = {e.kind for e in _run(trainer)}
     assert not kinds & {"adapter_stats", "samples", "alert"}
 
@@ -160,7 +166,7 @@ def test_a_failing_sample_generation_is_logged_and_training_goes_on(
         raise RuntimeError("injected generation fault")
 
     model.generate = broken_generate  # type: ignore[method-assign]
-    trainer = Trainer(model, tokenizer, _data(), lora=LoRAConfig(r=2), config=_config(tmp_path))
+    trainer = LoRATrainer(model, tokenizer, _data(), lora=LoRAConfig(r=2), config=_config(tmp_path))
     with caplog.at_level(logging.WARNING, logger="lora_widgets.training.insight"):
         events = _run(trainer)
     assert not [e for e in events if isinstance(e, SampleGenerations)]
@@ -175,7 +181,7 @@ def test_peft_adapters_are_measured(tmp_path: Path) -> None:
     from peft import get_peft_model
 
     model = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    trainer = Trainer(model, None, _data(128), lora=None, config=_config(tmp_path))
+    trainer = LoRATrainer(model, None, _data(128), lora=None, config=_config(tmp_path))
     stats = [e for e in _run(trainer) if isinstance(e, AdapterStats)]
     assert [s.step for s in stats] == [1, 3, 6]
     assert len(stats[-1].layers) == 4 and all(x.relative_update > 0 for x in stats[-1].layers)
@@ -212,7 +218,7 @@ def test_end_of_turn_token_of_a_chat_tokenizer(tokenizer: Any) -> None:
 def test_a_batch_with_every_label_masked_raises_nothing_is_trained_once(tmp_path: Path) -> None:
     """The hook for data with loss masks (prompt/completion, chat): all -100 labels, said once per run."""
     model = tiny_llama()
-    Trainer(model, None, _data(128), lora=LoRAConfig(r=2), config=_config(tmp_path))  # adds the adapters
+    LoRATrainer(model, None, _data(128), lora=LoRAConfig(r=2), config=_config(tmp_path))  # adds the adapters
     insight = Insight.for_run(model, None, _config(tmp_path), None, total=6)
     labels = torch.full((2, 16), -100)
     labels[1, 0] = 5  # position 0 is never a target (the model shifts labels): still nothing trained

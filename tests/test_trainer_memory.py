@@ -11,10 +11,10 @@ import psutil
 import pytest
 import torch
 
-from lora_widgets.events import RunFinished
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.train_config import TrainConfig
-from lora_widgets.training.trainer import Trainer
+from lora_widgets.events.types import RunFinished
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.trainer import LoRATrainer
 from tests.helpers import tiny_llama
 
 
@@ -46,7 +46,7 @@ def test_ten_consecutive_runs_leave_memory_at_its_starting_level(
     model = tiny_llama()
 
     def one_run() -> None:
-        t = Trainer(model, None, data, lora=LoRAConfig(r=8), config=config)
+        t = LoRATrainer(model, None, data, lora=LoRAConfig(r=8), config=config)
         assert isinstance(t.run_sync(), RunFinished)
 
     one_run()  # warm-up: allocator pools, lazy imports, thread pool

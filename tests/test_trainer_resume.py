@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from lora_widgets import checkpoint as ckpt
-from lora_widgets.events import CheckpointSaved, Event, RunFinished, StepMetrics
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.peft_format import load_adapter, lora_state_dict
-from lora_widgets.train_config import TrainConfig
-from lora_widgets.training.trainer import Trainer
+from lora_widgets.events.types import CheckpointSaved, Event, RunFinished, StepMetrics
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.lora.peft_format import load_adapter, lora_state_dict
+from lora_widgets.training import checkpoint as ckpt
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.trainer import LoRATrainer
 from tests.helpers import tiny_gpt2, tiny_llama
 
 
@@ -41,8 +41,8 @@ def cfg(tmp_path: Path, **changes: Any) -> TrainConfig:
 
 def run(
     model: torch.nn.Module, config: TrainConfig, resume_from: Path | None = None
-) -> tuple[Trainer, list[Event]]:
-    t = Trainer(model, None, blocks(), lora=LoRAConfig(r=4, dropout=0.1), config=config)
+) -> tuple[LoRATrainer, list[Event]]:
+    t = LoRATrainer(model, None, blocks(), lora=LoRAConfig(r=4, dropout=0.1), config=config)
     events: list[Event] = []
     t.subscribe(events.append)
     end = t.run_sync(resume_from=resume_from)

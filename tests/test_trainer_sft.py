@@ -1,4 +1,4 @@
-"""The Trainer on instruction/chat rows: padded length-grouped batches, the loss on the answers only, the
+"""The LoRATrainer on instruction/chat rows: padded length-grouped batches, the loss on the answers only, the
 step-wide token normalisation under gradient accumulation, the data facts it publishes, and plain text
 still packed."""
 
@@ -13,16 +13,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lora_widgets.demo import BASE_MODEL_PATH
-from lora_widgets.events import DataPrepared, EvalMetrics, Event, RunFailed, RunFinished, RunStarted
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.sft import prepare_sft
-from lora_widgets.sft_batches import collate, masked_lm_loss
-from lora_widgets.sft_eval import answer_loss
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.data.sft import prepare_sft
+from lora_widgets.data.sft_batches import collate, masked_lm_loss
+from lora_widgets.data.sft_eval import answer_loss
+from lora_widgets.events.types import DataPrepared, EvalMetrics, Event, RunFailed, RunFinished, RunStarted
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.models import BASE_MODEL_PATH
 from lora_widgets.training.batches import BatchOrder, Blocks, Examples, PaddedBatch
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.step import batch_loss, forward_loss
-from lora_widgets.training.trainer import Trainer
+from lora_widgets.training.trainer import LoRATrainer
 from tests.helpers import tiny_llama
 
 
@@ -71,7 +71,7 @@ def config(tmp_path: Path, **changes: Any) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
-def run(trainer: Trainer) -> list[Event]:
+def run(trainer: LoRATrainer) -> list[Event]:
     events: list[Event] = []
     trainer.subscribe(events.append)
     trainer.run_sync()
@@ -99,7 +99,7 @@ def test_rows_train_with_the_loss_on_the_answers_and_publish_their_data_facts(
 ) -> None:
     model = model_for(tokenizer)
     train_rows, eval_rows = ROWS[:32] + ROWS[36:], ROWS[32:36]
-    trainer = Trainer(model, tokenizer, train_rows, eval_rows, LoRAConfig(r=4), config(tmp_path))
+    trainer = LoRATrainer(model, tokenizer, train_rows, eval_rows, LoRAConfig(r=4), config(tmp_path))
     # the adapters start as a no-op (B = 0), so the base model's answer loss is what step 0 must report
     val, _ = prepare_sft(eval_rows, tokenizer, max_length=96)
     base = answer_loss(model, val, tokenizer.pad_token_id)
@@ -130,7 +130,7 @@ def test_rows_train_with_the_loss_on_the_answers_and_publish_their_data_facts(
 
 def test_plain_text_keeps_being_packed(tmp_path: Path, tokenizer: Any) -> None:
     texts = ["def f(x):\n    return x + 1\n" * 20] * 6 + [{"text": "class A:\n    pass\n" * 30}]
-    trainer = Trainer(
+    trainer = LoRATrainer(
         model_for(tokenizer), tokenizer, texts, None, LoRAConfig(r=4), config(tmp_path, max_steps=1)
     )
     (data,) = only(run(trainer), DataPrepared)
@@ -139,9 +139,9 @@ def test_plain_text_keeps_being_packed(tmp_path: Path, tokenizer: Any) -> None:
 
 
 def test_the_instruction_set_validates_on_its_own_held_out_split(tmp_path: Path, tokenizer: Any) -> None:
-    from lora_widgets.corpora import read_instructions
+    from lora_widgets.data.corpora import read_instructions
 
-    trainer = Trainer(
+    trainer = LoRATrainer(
         model_for(tokenizer), tokenizer, "python-instruct", None, LoRAConfig(r=4),
         config(tmp_path, max_steps=1, eval_batches=1, max_length=128),
     )  # fmt: skip
@@ -154,7 +154,7 @@ def test_rows_without_a_trained_token_left_end_the_run_with_the_reason(
     tmp_path: Path, tokenizer: Any
 ) -> None:
     long_prompt = {"prompt": "word " * 200, "completion": "answer"}
-    trainer = Trainer(
+    trainer = LoRATrainer(
         model_for(tokenizer), tokenizer, [long_prompt] * 8, None, LoRAConfig(r=4), config(tmp_path)
     )
     end = run(trainer)[-1]

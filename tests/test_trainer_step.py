@@ -7,10 +7,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from lora_widgets.lora import LoRAConfig, apply_lora
-from lora_widgets.peft_format import lora_state_dict
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.lora.layers import LoRAConfig, apply_lora
+from lora_widgets.lora.peft_format import lora_state_dict
 from lora_widgets.training.batches import BatchOrder, Blocks
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.step import forward_loss, make_optimizer, train_step
 from tests.helpers import tiny_llama
 

@@ -1,7 +1,7 @@
 """Our data preparation gives TRL's ``SFTTrainer`` token ids and trained-token masks, row for row.
 
 Each case builds the same rows with TRL 1.16's ``SFTTrainer`` (its own dataset preparation, on a tiny Llama
-built from a config, offline) and with :func:`lora_widgets.sft.prepare_sft` on the same tokenizer and template.
+built from a config, offline) and with :func:`lora_widgets.data.sft.prepare_sft` on the same tokenizer and template.
 For conversations, TRL's assistant masks come from ``{% generation %}`` markers; ours are checked both with
 the markers and by rendering prefixes (which ignores them).
 """
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lora_widgets.demo import BASE_MODEL_PATH
-from lora_widgets.sft import prepare_sft
+from lora_widgets.data.sft import prepare_sft
+from lora_widgets.models import BASE_MODEL_PATH
 
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 datasets = pytest.importorskip("datasets")

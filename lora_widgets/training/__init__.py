@@ -1,17 +1,19 @@
 """The headless trainer, one job per module.
 
 ========================  ================================================================================
-``trainer``               :class:`Trainer`: the public API and the ``run()`` coroutine, phase by phase
+``trainer``               :class:`LoRATrainer`: the public API and the ``run()`` coroutine, phase by phase
 ``batches``               token blocks, the per-(seed, epoch) batch order, evaluation batches
 ``step``                  pure functions of one update: ``forward_loss``, ``train_step``, ``evaluate``
 ``precision``             autocast, the loss scaler, gradient checkpointing, moving the model and back
 ``control``               stop / pause / resume from any thread; each blocking phase in a worker thread
-``ownership``             one model, one owner: which models are training, which adapters a Trainer made
+``ownership``             one model, one owner: which models are training, which adapters a LoRATrainer made
 ``run_dir``               the run directory: ``config.json``, ``metrics.jsonl``, checkpoints, the adapter
 ``meter``                 tokens/s, elapsed time without pauses, ETA, device memory and utilisation
+``early_stopping``        the pure early-stopping rule (:class:`EarlyStopping`), shared with the HF callback
+``stopping``              the rule in the trainer, with the best evaluation's weights kept to be saved
 ========================  ================================================================================
 
-Failure classification lives in :mod:`lora_widgets.diagnosis`, checkpoint files in
-:mod:`lora_widgets.checkpoint`, learning-rate schedules in :mod:`lora_widgets.schedules`. Nothing here
+Failure classification lives in :mod:`lora_widgets.training.diagnosis`, checkpoint files in
+:mod:`lora_widgets.training.checkpoint`, learning-rate schedules in :mod:`lora_widgets.training.schedules`. Nothing here
 imports the widget stack.
 """

@@ -2,8 +2,8 @@
 
 * **packed** text (continued pre-training): the text is cut into blocks of ``block_size`` tokens,
   ``Blocks.train`` is a ``LongTensor[n, T]`` and every token is trained.
-* **sft** (instruction and chat rows, any format :mod:`lora_widgets.chat_data` accepts): each row is one
-  example tokenised by :func:`lora_widgets.sft.prepare_sft` with its loss mask, ``Blocks.train`` is an
+* **sft** (instruction and chat rows, any format :mod:`lora_widgets.data.rows` accepts): each row is one
+  example tokenised by :func:`lora_widgets.data.sft.prepare_sft` with its loss mask, ``Blocks.train`` is an
   :class:`Examples`; micro-batches are padded to their longest example with an attention mask
   (:class:`PaddedBatch`), grouped by length so that little is padding, and the loss is the mean over the
   trained tokens only.
@@ -29,11 +29,11 @@ from typing import Any, Literal, Union
 import torch
 from torch import nn
 
-from lora_widgets.events import DataPrepared
-from lora_widgets.schedules import steps_per_epoch
-from lora_widgets.sft import SFTStats
-from lora_widgets.sft_batches import SFTExample, collate, length_grouped_batches, padding_count
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.data.sft import SFTStats
+from lora_widgets.data.sft_batches import SFTExample, collate, length_grouped_batches, padding_count
+from lora_widgets.events.types import DataPrepared
+from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.schedules import steps_per_epoch
 
 __all__ = [
     "BatchOrder",
@@ -49,13 +49,13 @@ __all__ = [
     "vocab_size",
 ]
 
-#: Row keys that make data instruction/chat rows rather than text to pack (see :mod:`lora_widgets.chat_data`).
+#: Row keys that make data instruction/chat rows rather than text to pack (see :mod:`lora_widgets.data.rows`).
 _ROW_KEYS = frozenset({"messages", "conversations", "prompt", "completion", "instruction", "output"})
 
 
 @dataclass(frozen=True)
 class PaddedBatch:
-    """One micro-batch of instruction examples, padded on the right (see :func:`lora_widgets.sft_batches.collate`).
+    """One micro-batch of instruction examples, padded on the right (see :func:`lora_widgets.data.sft_batches.collate`).
 
     ``step_items`` is the number of trained tokens of the whole optimizer update this micro-batch belongs to:
     the loss divides by it, so that with gradient accumulation every trained token of the update weighs the
@@ -90,7 +90,7 @@ MicroBatch = Union[torch.Tensor, PaddedBatch]  # noqa: UP007 - a runtime alias
 
 @dataclass(frozen=True)
 class Examples:
-    """Tokenised instruction examples (from :func:`lora_widgets.sft.prepare_sft`), padded only per batch.
+    """Tokenised instruction examples (from :func:`lora_widgets.data.sft.prepare_sft`), padded only per batch.
 
     Attributes:
         items: the examples, in row order.
@@ -178,8 +178,8 @@ def _row_source(source: Any) -> list[Any] | str | None:
     """``source`` as instruction/chat rows (or an instruction set's name), or ``None`` when it is text to pack
     or token blocks. Rows are data with a field of a row format (``messages``, ``prompt``, ``instruction``,
     ...); plain strings and ``{"text"}`` rows keep being packed, as before."""
-    from lora_widgets.chat_data import load_rows
-    from lora_widgets.corpora import instruction_corpus_names
+    from lora_widgets.data.corpora import instruction_corpus_names
+    from lora_widgets.data.rows import load_rows
 
     if isinstance(source, str) and source in instruction_corpus_names():
         return source
@@ -202,7 +202,7 @@ def _row_source(source: Any) -> list[Any] | str | None:
 
 
 def _examples(rows: Any, tokenizer: Any, config: TrainConfig) -> Examples:
-    from lora_widgets.sft import prepare_sft
+    from lora_widgets.data.sft import prepare_sft
 
     if tokenizer is None:
         raise ValueError(
@@ -229,8 +229,8 @@ def _sft_data(
 ) -> tuple[Examples, Examples | None]:
     """Training and validation examples: ``eval_data`` as given; else the instruction set's validation split
     (its answers never appear in training); else ``val_fraction`` of the examples held out (seeded)."""
-    from lora_widgets.corpora import instruction_corpus_names, read_instructions
-    from lora_widgets.data import split_blocks
+    from lora_widgets.data.corpora import instruction_corpus_names, read_instructions
+    from lora_widgets.data.text import split_blocks
 
     train = train_data if isinstance(train_data, Examples) else _examples(rows, tokenizer, config)
     _check_prepared(train, config, "train_data")
@@ -251,9 +251,9 @@ def load_run_data(
     train_data: Any, eval_data: Any, tokenizer: Any, config: TrainConfig
 ) -> tuple[torch.Tensor | Examples, torch.Tensor | Examples | None]:
     """``(train, val)`` from whatever the user gave: instruction/chat rows (or :class:`Examples`) become
-    examples, anything else token blocks (:func:`lora_widgets.data.train_val_blocks`). The one rule the
+    examples, anything else token blocks (:func:`lora_widgets.data.text.train_val_blocks`). The one rule the
     trainer and the dashboard share; raises ``ValueError`` naming the problem."""
-    from lora_widgets import data as data_mod  # heavy deps (tokenizers) only when needed
+    from lora_widgets.data import text as data_mod  # heavy deps (tokenizers) only when needed
 
     rows = None if isinstance(train_data, Examples) else _row_source(train_data)
     if isinstance(train_data, Examples) or rows is not None:
@@ -332,7 +332,7 @@ class BatchOrder:
     """The micro-batches of every update, on the device, in the (seed, epoch) order.
 
     Blocks: a seeded permutation per epoch, cut into batches. Examples: the length-grouped batches of
-    :func:`lora_widgets.sft_batches.length_grouped_batches` (longest batch first), full batches before the
+    :func:`lora_widgets.data.sft_batches.length_grouped_batches` (longest batch first), full batches before the
     last partial one, so an epoch of ``steps_per_epoch`` updates uses full batches as packing does.
     """
 

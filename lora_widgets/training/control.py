@@ -45,7 +45,7 @@ class RunControl:
         """Start a run on the current event loop. Raises ``RuntimeError`` if one is in progress."""
         if self._running:
             raise RuntimeError(
-                "this Trainer is already running; wait for it (await the first run) or call stop() "
+                "this LoRATrainer is already running; wait for it (await the first run) or call stop() "
                 "before starting another run"
             )
         self._running = True

@@ -1,11 +1,11 @@
-"""One model, one owner: which models a run is updating, and which adapters a Trainer made.
+"""One model, one owner: which models a run is updating, and which adapters a LoRATrainer made.
 
 Both facts live here, in weak module-level tables, not as attributes written onto the user's model: a
-model that is garbage-collected simply drops out. They let a Trainer
+model that is garbage-collected simply drops out. They let a LoRATrainer
 
 - refuse to start a second run on a model that a run is updating (two optimizers on one set of weights),
   and refuse to replace the adapters of a model while it trains;
-- replace adapters that an earlier Trainer made (each new run of a dashboard does this), but never ones
+- replace adapters that an earlier LoRATrainer made (each new run of a dashboard does this), but never ones
   the user applied or loaded, and never merged ones (their update is inside the base weights);
 - put the earlier adapters back, weights included, if applying the new ones fails.
 """
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lora_widgets.lora import (
+from lora_widgets.lora.layers import (
     LoRAConfig,
     LoRAReport,
     apply_lora,
@@ -34,7 +34,7 @@ __all__ = ["attach_adapters", "merged_adapters", "refuse_if_training", "training
 
 # Models a run is updating right now.
 _TRAINING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-# LoRA layers a Trainer created -> the configuration it created them with.
+# LoRA layers a LoRATrainer created -> the configuration it created them with.
 _MADE_BY_TRAINER: weakref.WeakKeyDictionary[nn.Module, LoRAConfig] = weakref.WeakKeyDictionary()
 
 
@@ -42,7 +42,7 @@ def refuse_if_training(model: nn.Module) -> None:
     """Raise ``RuntimeError`` if a run is updating ``model`` now."""
     if model in _TRAINING:
         raise RuntimeError(
-            "another Trainer is training this model right now; stop it (trainer.stop(), or the dashboard's "
+            "another LoRATrainer is training this model right now; stop it (trainer.stop(), or the dashboard's "
             "Stop button) and wait for its run to end before starting another one on the same model"
         )
 
@@ -81,7 +81,7 @@ def _mark(model: nn.Module, config: LoRAConfig) -> None:
 
 
 def _replace(model: nn.Module, lora: LoRAConfig) -> LoRAReport:
-    """Swap a Trainer's earlier adapters for new ones; if that fails, restore the earlier ones exactly."""
+    """Swap a LoRATrainer's earlier adapters for new ones; if that fails, restore the earlier ones exactly."""
     old = lora_layers(model)
     old_config = _MADE_BY_TRAINER[next(iter(old.values()))]
     saved = {
@@ -118,10 +118,10 @@ def refuse_quantized_full_finetune(model: nn.Module) -> None:
 
 
 def attach_adapters(model: nn.Module, lora: LoRAConfig | None) -> tuple[LoRAReport | None, bool]:
-    """Give ``model`` the adapters a Trainer will train; returns (report, whether the Trainer made them).
+    """Give ``model`` the adapters a LoRATrainer will train; returns (report, whether the LoRATrainer made them).
 
     ``lora=None`` trains what already has ``requires_grad`` and changes nothing. With a config, adapters
-    that an earlier Trainer made are replaced; the user's own are refused. Everything is checked before
+    that an earlier LoRATrainer made are replaced; the user's own are refused. Everything is checked before
     the model is touched.
 
     Raises:

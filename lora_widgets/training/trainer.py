@@ -1,6 +1,6 @@
-"""``Trainer``: a headless, asyncio-native training loop for LoRA (or full) fine-tuning of causal LMs.
+"""``LoRATrainer``: a headless, asyncio-native training loop for LoRA (or full) fine-tuning of causal LMs.
 
-:meth:`Trainer.run` reads top to bottom as the phases of a run, nanoGPT-style::
+:meth:`LoRATrainer.run` reads top to bottom as the phases of a run, nanoGPT-style::
 
     run()                                   on the caller's event loop (a Jupyter kernel's, or asyncio.run's)
       open the run directory                -> StateChanged("running")
@@ -13,6 +13,7 @@
                                                AdapterStats (first update, every eval_every, last)
         evaluate when due                   -> EvalMetrics, SampleGenerations
         checkpoint when due                 -> CheckpointSaved
+        early stopping (config.early_stopping) ends the loop: RunEarlyStopped, with the best adapter
       finish: save the adapter, release     -> StateChanged(<end>), RunFinished | RunStopped | RunFailed
 
 Steps are counted one way everywhere: ``step`` is the number of optimizer updates completed (so the first
@@ -21,11 +22,11 @@ updates sent from other threads never reach the page in Colab (googlecolab/colab
 
 Failures never escape as exceptions: out-of-memory (on any device), a non-finite loss, bad input (data,
 settings, ``output_dir``), a failed checkpoint write and any other error end the run with
-:class:`~lora_widgets.events.RunFailed` (reason, message, suggestions), the adapter of the last completed
+:class:`~lora_widgets.events.types.RunFailed` (reason, message, suggestions), the adapter of the last completed
 step is saved, and the model is left usable. Misuse of the API (a second concurrent ``run()``,
 ``run_sync()`` inside a running loop) raises. Every event is also appended to
-``<output_dir>/<run_id>/metrics.jsonl``; "is it training?" alerts (:mod:`lora_widgets.alerts`) on what the
-events show follow them as :class:`~lora_widgets.events.AlertRaised` (see :mod:`.insight`).
+``<output_dir>/<run_id>/metrics.jsonl``; "is it training?" alerts (:mod:`lora_widgets.health.alerts`) on what the
+events show follow them as :class:`~lora_widgets.events.types.AlertRaised` (see :mod:`.insight`).
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lora_widgets import checkpoint as ckpt
 from lora_widgets.devices import describe_device, select_device
-from lora_widgets.diagnosis import Diagnosis, diagnose, nan_diagnosis
-from lora_widgets.events import (
+from lora_widgets.events.history import History
+from lora_widgets.events.types import (
+    AlertRaised,
     CheckpointSaved,
     EvalMetrics,
     Event,
+    RunEarlyStopped,
     RunEnded,
     RunFailed,
     RunFinished,
@@ -59,49 +61,52 @@ from lora_widgets.events import (
     StepMetrics,
     Subscribers,
 )
-from lora_widgets.history import History
-from lora_widgets.lora import LoRAConfig, LoRAReport, lora_layers
+from lora_widgets.health.gradient_check import NoGradientError
+from lora_widgets.lora.layers import LoRAConfig, LoRAReport, count_parameters, lora_layers
 from lora_widgets.quantization import base_of
-from lora_widgets.schedules import lr_schedule as _lr_schedule
-from lora_widgets.schedules import total_steps
-from lora_widgets.train_config import TrainConfig
+from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import ownership, precision
 from lora_widgets.training.batches import Blocks, data_prepared, eval_batches, prepare_blocks, vocab_size
+from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.control import RunControl
+from lora_widgets.training.diagnosis import Diagnosis, diagnose, nan_diagnosis
 from lora_widgets.training.insight import Insight
 from lora_widgets.training.meter import Meter
 from lora_widgets.training.run_dir import RunDirectory, config_document, run_stem
-from lora_widgets.training.session import Progress, Session
+from lora_widgets.training.run_state import Progress, Session
+from lora_widgets.training.schedules import lr_schedule as _lr_schedule
+from lora_widgets.training.schedules import total_steps
 from lora_widgets.training.step import evaluate
+from lora_widgets.training.stopping import RunStopping
 
-__all__ = ["Trainer"]
+__all__ = ["LoRATrainer"]
 
 logger = logging.getLogger(__name__)
 
 
-class Trainer:
+class LoRATrainer:
     """Fine-tune ``model`` on ``train_data`` as an asyncio task that streams typed events.
 
     Args:
         model: a causal LM returning logits (``out.logits``, ``out[0]`` or a tensor) for ``input_ids``.
         tokenizer: needed when the data is text (a corpus name, list of strings, file, dataset).
         train_data: ``LongTensor[n_blocks, block_size]`` of token ids, a ``data.DataSplit`` (its ``val``
-            part then serves as validation data), or any source :func:`lora_widgets.data.as_blocks`
+            part then serves as validation data), or any source :func:`lora_widgets.data.text.as_blocks`
             accepts (text, packed into blocks); or instruction/chat rows in any TRL format
-            (:mod:`lora_widgets.chat_data`: a list, ``.jsonl``/``.json``, ``datasets.Dataset``,
-            ``"python-instruct"``), tokenised by :func:`lora_widgets.sft.prepare_sft` with
+            (:mod:`lora_widgets.data.rows`: a list, ``.jsonl``/``.json``, ``datasets.Dataset``,
+            ``"python-instruct"``), tokenised by :func:`lora_widgets.data.sft.prepare_sft` with
             ``config.max_length``/``config.train_on``, padded per batch, loss on the answers.
         eval_data: validation blocks, source or rows; ``None`` holds out ``config.val_fraction`` of the
             training data (deterministically from the seed), or for a built-in instruction set uses its
             validation split.
         lora: a :class:`LoRAConfig` to apply adapters now (each ``run()`` re-initialises them from the
-            seed; adapters an earlier Trainer made are replaced), or ``None`` to train whatever already has
+            seed; adapters an earlier LoRATrainer made are replaced), or ``None`` to train whatever already has
             ``requires_grad`` (adapters you applied yourself, a PEFT model, or the whole model).
         config: a :class:`TrainConfig`.
 
     Raises:
         TypeError: a wrong type of model, lora or config.
-        ValueError: the model already has adapters the Trainer did not create (with ``lora`` given), its
+        ValueError: the model already has adapters the LoRATrainer did not create (with ``lora`` given), its
             adapters are merged, nothing is trainable, or the precision does not suit the device.
         RuntimeError: the configured device is not available, or (with ``lora`` given) another run is
             training this model right now.
@@ -150,7 +155,7 @@ class Trainer:
         self._blocks_cache: Blocks | None = None
         self._blocks_lock = threading.Lock()
         self._insight = Insight()  # the run's adapter statistics, samples and alerts (from _prepare on)
-        self._subscribers = Subscribers("Trainer", self._record_history)
+        self._subscribers = Subscribers("LoRATrainer", self._record_history)
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -203,7 +208,7 @@ class Trainer:
         from its step with its optimizer, schedule, data order and RNG state, in a new run directory.
 
         Raises:
-            RuntimeError: this Trainer (or another one on the same model) is already running.
+            RuntimeError: this LoRATrainer (or another one on the same model) is already running.
         """
         self._control.begin()
         try:
@@ -237,7 +242,7 @@ class Trainer:
     async def _run(self, resume_from: str | os.PathLike[str] | None) -> RunEnded:
         c, p, meter = self.config, Progress(), Meter()
         mode = precision.ModelMode.of(self.model, c.gradient_checkpointing)
-        self.history, self._insight = History(), Insight()
+        self.history, self._insight, self._stopping = History(), Insight(), RunStopping(None)
         run: Session | None = None
         try:
             self._start(resume_from)
@@ -247,7 +252,7 @@ class Trainer:
             self._publish(run.run_started(p, self.run_id, self.run_dir, self.lora, self.device))
             if p.step == 0:
                 await self._evaluate(run, p)  # the base model's validation loss, for comparison
-            while p.step < p.total and not self._control.stop_requested:
+            while p.step < p.total and not self._control.stop_requested and self._stopping.verdict is None:
                 if self._control.pause_requested:
                     await self._hold(p, meter)
                     continue
@@ -255,11 +260,16 @@ class Trainer:
                 log = (p.step + 1) % c.log_every == 0 or p.step + 1 == p.total
                 probe = self._insight.probe(p.step + 1, run.lr(p.step + 1, p.total))
                 out, usage = await self._control.in_thread(run.update, p, log, probe)
-                if out.bad_step is not None:
+                if out.gradients is not None:  # the first update: trainable parameters without a gradient
+                    self._publish_all(self._insight.gradient_alerts(out.gradients, p.start_step + 1))
+                if out.bad_step is not None:  # non-finite: a failure, or a divergence stop if watched
                     p.failure = nan_diagnosis(out.bad_step, not out.applied, config=c, total_steps=p.total)
+                    p.failure = None if self._stopping.on_loss(out.bad_step, math.nan) else p.failure
                     break
                 if log:
                     self._publish(run.step_metrics(p, out, usage, meter.lap(p.step, p.total)))
+                    if out.loss is not None and self._stopping.on_loss(p.step, out.loss):
+                        break
                 if out.probed is not None:  # AdapterStats of a measured update
                     self._publish(out.probed)
                 if c.eval_every is not None and p.step % c.eval_every == 0:
@@ -267,18 +277,17 @@ class Trainer:
                 if c.checkpoint_every is not None and p.step % c.checkpoint_every == 0:
                     await self._checkpoint(run, p)
             # a run that ended normally: a closing evaluation and checkpoint, unless just done
-            if p.failure is None and not self._control.stop_requested and p.evaluated_at != p.step:
+            ended = p.failure is not None or self._stopping.verdict is not None
+            if not ended and not self._control.stop_requested and p.evaluated_at != p.step:
                 await self._evaluate(run, p)
-            if (
-                p.failure is None
-                and c.checkpoint_every is not None
-                and p.step not in (p.start_step, p.checkpointed_at)
-            ):
+            if not ended and c.checkpoint_every and p.step not in (p.start_step, p.checkpointed_at):
                 await self._checkpoint(run, p)
         except asyncio.CancelledError:
             p.cancelled = True
         except Exception as exc:
             p.failure = self._diagnose(exc, p, run)
+        if self._stopping.verdict is not None and p.failure is None and not p.cancelled:
+            await asyncio.to_thread(self._stopping.restore_best, self.model)  # the best evaluation's adapter
         adapter, note = await self._save_final(run, p)
         run = None  # drops the optimizer state, the scaler and the batch order before memory is released
         mode.restore(self.model)
@@ -301,7 +310,8 @@ class Trainer:
         rank = self.report.config.r if self.report is not None and self.report.config is not None else None
         if rank is None and lora_layers(self.model):
             rank = next(iter(lora_layers(self.model).values())).r
-        stem = run_stem(self.config, rank, adapters=self.report is not None)
+        trainable = count_parameters(self.model)
+        stem = run_stem(self.config, rank, adapters=self.report is not None, trainable=trainable)
         self._dir = RunDirectory.create(self.config.output_dir, stem)
         self.run_dir, self.run_id = self._dir.path, self._dir.run_id
         self._write_config(None, resume_from)
@@ -328,10 +338,10 @@ class Trainer:
             self._record_history(event)
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
-        self._publish(
-            data_prepared(blocks.train, blocks.val, c)
-        )  # what the data became, for views and metrics.jsonl
+        # what the data became, for views and metrics.jsonl
+        self._publish(data_prepared(blocks.train, blocks.val, c))
         self._insight = Insight.for_run(self.model, self.tokenizer, c, blocks.val, p.total)
+        self._stopping = RunStopping(c.early_stopping, has_validation=blocks.val is not None)
         return run
 
     async def _hold(self, p: Progress, meter: Meter) -> None:
@@ -356,6 +366,7 @@ class Trainer:
         self._publish(EvalMetrics(p.step, val_loss, ppl, p.best_val if p.best_val is not None else val_loss))
         if samples := await self._control.in_thread(self._insight.samples, p.step, run.autocast):
             self._publish(samples)
+        await self._control.in_thread(self._stopping.on_eval, p.step, val_loss, self.model)
 
     async def _checkpoint(self, run: Session, p: Progress) -> None:
         assert self._dir is not None
@@ -380,6 +391,8 @@ class Trainer:
         or the weights are non-finite); returns (path, a note for the end message)."""
         if run is None or self._dir is None:
             return None, ""
+        if p.failure is not None and p.failure.reason == "no_gradient":
+            return None, " Nothing was trained, so nothing was saved."
         try:
             return await asyncio.shield(
                 asyncio.to_thread(self._dir.save_adapter, self.model, self._base_name())
@@ -396,6 +409,7 @@ class Trainer:
             "final_loss": p.last_loss,
             "best_val_loss": p.best_val,
             "adapter_path": adapter,
+            "saved": ckpt.trained_weights_kind(self.model) if adapter is not None else "",
         }
         end: RunEnded
         if p.failure is not None:
@@ -408,6 +422,9 @@ class Trainer:
                 error_type=f.error_type,
                 suggestions=tuple(f.suggestions),
             )
+        elif (v := self._stopping.verdict) is not None and not p.cancelled:
+            self._publish(StateChanged("finished", p.step))
+            end = RunEarlyStopped(**base, message=v.message + note, reason=v.reason, best_step=v.best_step)
         elif p.cancelled or p.step < p.total:  # a stop() that arrives after the last step changes nothing
             self._publish(StateChanged("stopped", p.step))
             why = "cancelled" if p.cancelled else "stopped by the user"
@@ -431,6 +448,10 @@ class Trainer:
         for alert in self._insight.alerts(event):
             self._publish(alert)
 
+    def _publish_all(self, events: list[AlertRaised]) -> None:
+        for event in events:
+            self._publish(event)
+
     def _record_history(self, event: Event) -> None:
         """The first subscriber: the one place that feeds :attr:`history`."""
         if isinstance(event, StepMetrics | EvalMetrics):
@@ -448,6 +469,8 @@ class Trainer:
             seq_len=run.blocks.block_size if run is not None else self.config.block_size,
             checkpoint=self._dir.checkpoint_dir(p.step) if self._dir is not None else None,
         )
+        if isinstance(exc, NoGradientError):  # the run ends; the alert names the parameters in the events too
+            self._publish_all(self._insight.gradient_alerts(exc.report, exc.step))
         if failure.reason == "error":
             logger.error("the run failed %s", failure.message, exc_info=exc)
         return failure

@@ -1,6 +1,6 @@
 """Is LoRA learning? A layers-by-module heatmap of ``||dW||/||W||`` and the detail of one adapter.
 
-Both figures draw one :class:`~lora_widgets.events.AdapterStats` event: the last of the run, at the dashboard's
+Both figures draw one :class:`~lora_widgets.events.types.AdapterStats` event: the last of the run, at the dashboard's
 next flush, so they change only when the trainer measures (the first update, every evaluation, the last
 update), and at most once per :data:`REDRAW_S` seconds however often it evaluates (the run's last statistics
 are always drawn when it ends): four messages per redraw, nothing in between. Rows are block indices (layer 0 on top), columns the adapted
@@ -23,7 +23,7 @@ from bqplot.traits import array_from_json, array_to_json
 from ipywidgets import GridBox, Layout
 from traittypes import Array
 
-from lora_widgets.events import AdapterLayerStats, AdapterStats
+from lora_widgets.events.types import AdapterLayerStats, AdapterStats
 from lora_widgets.widget.charts import CHART_WIDTH_PX, SMOOTH_COLOR
 
 __all__ = ["HEATMAP_COLORS", "AdapterCharts", "Heatmap", "heatmap_of"]

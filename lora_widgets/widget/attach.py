@@ -1,7 +1,7 @@
 """A dashboard attached to a trainer that owns its settings: ``LoRADashboard(trainer=hf_trainer)``.
 
-One job: turn the ``trainer=`` argument into the :class:`~lora_widgets.events.RunSource` the dashboard drives
-(a ``transformers.Trainer`` or TRL ``SFTTrainer`` is wrapped in :class:`~lora_widgets.hf_bridge.HFRun`, imported
+One job: turn the ``trainer=`` argument into the :class:`~lora_widgets.events.types.RunSource` the dashboard drives
+(a ``transformers.Trainer`` or TRL ``SFTTrainer`` is wrapped in :class:`~lora_widgets.hf.run.HFRun`, imported
 only then, so importing the dashboard does not import transformers' trainer), and say what the panel shows for
 it instead of its own controls: the trainer's settings read-only, the logging advice before the run starts, and
 why the learning-rate chart shows only the logged rates when the schedule cannot be previewed.
@@ -18,21 +18,19 @@ from typing import Any
 
 import torch
 
-from lora_widgets.events import RunSource
-from lora_widgets.widget.callouts import Callout, Callouts
+from lora_widgets.events.types import RunSource
+from lora_widgets.widget import callouts as callouts_mod
+from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.loading import Loaded, is_hf_trainer
-from lora_widgets.widget.readouts import schedule_note, schedule_preview
+from lora_widgets.widget.readouts import schedule_preview
 
 __all__ = [
-    "advice_callout",
     "attached_source",
     "device_type_of",
-    "lr_note_callout",
     "model_of",
     "panel_traits",
-    "ready_callout",
-    "settings_of",
     "show_source",
+    "source_settings",
     "total_steps_of",
     "train_rows_of",
 ]
@@ -43,7 +41,7 @@ _PROGRESS_VIEWS = frozenset({"NotebookProgressCallback", "ProgressCallback", "Pr
 
 def attached_source(trainer: Any, **others: Any) -> RunSource:
     """The run source for ``LoRADashboard(trainer=...)``: an ``HFRun`` around a transformers/TRL trainer, or
-    ``trainer`` itself when it already is a :class:`~lora_widgets.events.RunSource` (an ``HFRun``).
+    ``trainer`` itself when it already is a :class:`~lora_widgets.events.types.RunSource` (an ``HFRun``).
 
     ``others``: the dashboard's other arguments; any that is set is refused (the trainer brings its model,
     data and settings).
@@ -60,10 +58,10 @@ def attached_source(trainer: Any, **others: Any) -> RunSource:
         raise TypeError(
             f"LoRADashboard(trainer=...) got {', '.join(given)} too; an attached trainer brings its own model, "
             "data and settings: set them on the trainer (its TrainingArguments), or build the dashboard "
-            "without trainer= to train with lora_widgets' own Trainer"
+            "without trainer= to train with lora_widgets' own LoRATrainer"
         )
     if is_hf_trainer(trainer):
-        from lora_widgets.hf_bridge import HFRun  # imports transformers' Trainer: only for an attached one
+        from lora_widgets.hf.run import HFRun  # imports transformers' Trainer: only for an attached one
 
         for callback in list(trainer.callback_handler.callbacks):
             if type(callback).__name__ in _PROGRESS_VIEWS:
@@ -93,7 +91,7 @@ def device_type_of(model: Any) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def settings_of(source: Any) -> dict[str, Any]:
+def source_settings(source: Any) -> dict[str, Any]:
     """The settings a source describes (``HFRun.settings``), or ``{}`` when it describes none."""
     settings = getattr(source, "settings", None)
     return dict(settings) if isinstance(settings, Mapping) else {}
@@ -114,33 +112,6 @@ def train_rows_of(source: Any) -> int | None:
         return None
 
 
-def ready_callout(settings: Mapping[str, Any]) -> Callout:
-    """The status before the first run of an attached trainer: what Train does and who owns the settings."""
-    name = str(settings.get("trainer") or "trainer")
-    return Callout("info", f"Attached to your {name}", (
-        f"Train calls {name}.train() in a background thread, so other cells keep working; Pause holds it "
-        "between optimizer steps, Stop ends it after the current one (saved as save_strategy says). Its "
-        "TrainingArguments own the settings, shown read-only: change them on hf_trainer.args, then press Train."
-    ))  # fmt: skip
-
-
-def advice_callout(source: Any) -> Callout | None:
-    """The source's warning that ``logging_steps`` would leave the chart nearly empty (``HFRun.advice()``),
-    shown before the run starts; ``None`` when there is none."""
-    advice = getattr(source, "advice", None)
-    text = advice() if callable(advice) else None
-    if not text:
-        return None
-    return Callout("warning", "The loss chart will be nearly empty", str(text))
-
-
-def lr_note_callout(config: Mapping[str, Any]) -> Callout | None:
-    """Why the learning-rate chart shows only the logged rates (:func:`~lora_widgets.widget.readouts.schedule_note`);
-    ``None`` when the schedule is previewed."""
-    note = schedule_note(config)
-    return None if note is None else Callout("info", "Learning rate: logged values only", note)
-
-
 def panel_traits(source: RunSource | None) -> dict[str, Any]:
     """The panel's starting traits for an attached source: no control inputs (``control_specs=[]``), since
     the trainer's settings are shown read-only instead; ``{}`` for the dashboard's own runs."""
@@ -151,13 +122,13 @@ def show_source(source: Any, panel: Any, callouts: Callouts, charts: Any) -> boo
     """Show what a source that describes its settings says before it runs: the settings (``panel``'s
     ``attached_settings``), its logging advice and learning-rate note (``callouts``), and its schedule on the
     learning-rate chart (cleared when it cannot be previewed). Returns False, showing nothing, for a source
-    that describes no settings (a :class:`~lora_widgets.replay.Replay`, our own ``Trainer``)."""
-    settings = settings_of(source)
+    that describes no settings (a :class:`~lora_widgets.events.replay.Replay`, our own ``LoRATrainer``)."""
+    settings = source_settings(source)
     if not settings:
         return False
     panel.attached_settings = settings
-    callouts.put("advice", advice_callout(source))
-    callouts.put("lr", lr_note_callout(settings))
+    callouts.put("advice", callouts_mod.advice_callout(source))
+    callouts.put("lr", callouts_mod.lr_note_callout(settings))
     preview = schedule_preview(settings, total_steps_of(source))
     charts.set_schedule(preview if preview is not None else ([], []))
     return True

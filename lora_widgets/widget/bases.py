@@ -52,7 +52,7 @@ class BaseModels:
                 f"the shipped model, so the dashboard loads it; or load it yourself with "
                 f"lora_widgets.load_model(..., base={base!r}) and pass that"
             )
-        from lora_widgets.demo import load_model
+        from lora_widgets.models import load_model
         from lora_widgets.widget.loading import quiet_hub_progress
 
         with quiet_hub_progress():

@@ -1,6 +1,6 @@
 """The dashboard's bqplot charts: they own their marks, and are updated in place from a run's history.
 
-The dashboard calls :meth:`Charts.update` with a :class:`~lora_widgets.history.History`; only the charts
+The dashboard calls :meth:`Charts.update` with a :class:`~lora_widgets.events.history.History`; only the charts
 touch their marks. Every update sets a mark's ``x`` and ``y`` together inside ``mark.hold_sync()``, so the
 browser gets one message per mark and never sees an x of one length with a y of another, and a mark is
 re-sent only when its data changed (the learning-rate schedule, drawn from the settings, is sent once).
@@ -8,7 +8,7 @@ Figures are never rebuilt: a finished run is overlaid by *adding* one labelled l
 
 What one update costs the network is bounded, whatever the run's length: a line holds at most
 :data:`POINTS_PER_LINE` points, one per pixel column of a chart's plot area (min-max buckets of
-:func:`~lora_widgets.history.decimate_indices` keep every spike), and arrays are sent as float32 (y) and
+:func:`~lora_widgets.events.history.decimate_indices` keep every spike), and arrays are sent as float32 (y) and
 int32 (x), half the bytes of float64; a chart a few hundred pixels high needs no more than 7 digits.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 from bqplot import Axis, Figure, LinearScale, Lines, LogScale, Scatter
 from ipywidgets import GridBox, Layout
 
-from lora_widgets.history import History, decimate_indices
+from lora_widgets.events.history import History, decimate_indices
 
 __all__ = ["CHART_WIDTH_PX", "MAX_MARKERS", "PALETTE", "POINTS_PER_LINE", "Charts", "set_xy"]
 

@@ -1,18 +1,18 @@
 """The dashboard's controls, declared once; the panel's traits, the front end and both config mappings come from here.
 
-Each :class:`Control` in :data:`CONTROLS` names a field of :class:`~lora_widgets.lora.LoRAConfig` or
-:class:`~lora_widgets.train_config.TrainConfig` and says how to show it (label, kind, input hints, help).
+Each :class:`Control` in :data:`CONTROLS` names a field of :class:`~lora_widgets.lora.layers.LoRAConfig` or
+:class:`~lora_widgets.training.config.TrainConfig` and says how to show it (label, kind, input hints, help).
 From that one table:
 
 * :func:`traits` builds one synced trait per control for ``DashboardPanel`` (type, default and help);
 * :func:`specs` is what ``static/dashboard.js`` renders (the panel's ``control_specs`` trait): the JS holds no
   list of controls and no choices, so schedules and precisions are the tuples the configs validate against
-  (:data:`~lora_widgets.schedules.SCHEDULES`, :data:`~lora_widgets.train_config.PRECISIONS`);
+  (:data:`~lora_widgets.training.schedules.SCHEDULES`, :data:`~lora_widgets.training.config.PRECISIONS`);
 * :func:`values_from_configs` and :func:`to_configs` map configs to control values and back;
 * :func:`validate_settings` checks the values by constructing the configs, so every rule lives in the
   config classes and the panel shows their ``ValueError`` message word for word. Only what a config cannot
   know is checked against the run's context: the device (``TrainConfig.check_device``) and the number of
-  training blocks (``TrainConfig.check_data``); the Trainer applies the same two methods.
+  training blocks (``TrainConfig.check_data``); the LoRATrainer applies the same two methods.
 
 The ``min``/``max``/``step`` of a control are hints for the browser's number input (its spinner), not rules:
 a value outside them still reaches the config, which decides.
@@ -46,14 +46,16 @@ from typing import Any, Literal
 
 import traitlets as t
 
-from lora_widgets.lora import LoRAConfig
+from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.quantization import BASE_PRECISIONS, quantization_config
-from lora_widgets.schedules import SCHEDULES
-from lora_widgets.train_config import PRECISIONS, TrainConfig
+from lora_widgets.training.config import PRECISIONS, TrainConfig
+from lora_widgets.training.early_stopping import EarlyStopping
+from lora_widgets.training.schedules import SCHEDULES
 
 __all__ = [
     "CONTROLS",
     "CONTROL_NAMES",
+    "LORA_CONTROL_NAMES",
     "TARGET_PRESETS",
     "Control",
     "config_fields",
@@ -111,6 +113,14 @@ def _steps_from_config(value: Any) -> Any:
 
 def _base_shown(value: Any) -> Any:
     return "16-bit" if value is None else value  # None: the model as given (the dashboard names its base)
+
+
+def _patience_to_config(value: Any) -> Any:
+    return None if value == 0 else EarlyStopping(patience=value)  # 0 in the box: no early stopping
+
+
+def _patience_from_config(value: Any) -> Any:
+    return 0 if value is None or value.patience is None else value.patience
 
 
 @dataclass(frozen=True)
@@ -196,12 +206,18 @@ CONTROLS: tuple[Control, ...] = (
     Control("base", "base", "select", TrainConfig, "base", choices=BASE_PRECISIONS, from_config=_base_shown,
             help="The frozen base's weights: 16-bit, or quantized to 8 or 4 bits (QLoRA: NF4, needs bitsandbytes); "
                  "the dashboard loads the model again at that precision."),
+    Control("early_stopping", "early-stop patience (0 = off)", "int", TrainConfig, "early_stopping", min=0,
+            step=1, to_config=_patience_to_config, from_config=_patience_from_config,
+            help="Stop when the validation loss has not improved in this many evaluations, or when the "
+                 "loss diverges (doubles or turns NaN); the best evaluation's adapter is kept. 0: off."),
     Control("seed", "seed", "int", TrainConfig, "seed", min=0, step=1,
             help="Seeds the adapters' initialisation and the data order."),
 )
 # fmt: on
 
 CONTROL_NAMES: tuple[str, ...] = tuple(c.name for c in CONTROLS)
+LORA_CONTROL_NAMES: tuple[str, ...] = tuple(c.name for c in CONTROLS if c.config is LoRAConfig)
+"""The controls that change the adapter (the planned-parameters readout follows them)."""
 
 
 def config_fields(config: type) -> tuple[str, ...]:

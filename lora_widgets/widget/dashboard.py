@@ -1,10 +1,10 @@
 """``LoRADashboard``: controls, Train/Pause/Stop, progress, summary and live charts for a LoRA fine-tune.
 
-The dashboard is a view of an event stream. It drives any :class:`~lora_widgets.events.RunSource` (the
-:class:`~lora_widgets.Trainer` its Train button builds, a :class:`~lora_widgets.replay.Replay` of a finished
+The dashboard is a view of an event stream. It drives any :class:`~lora_widgets.events.types.RunSource` (the
+:class:`~lora_widgets.LoRATrainer` its Train button builds, a :class:`~lora_widgets.events.replay.Replay` of a finished
 run's ``metrics.jsonl``, a bridge to another trainer) and reads nothing from it but its typed events::
 
-    controls --configs--> Trainer ----+
+    controls --configs--> LoRATrainer ----+
                           Replay -----+--events--> RunSession --> RunRecord (History) --flush--> Charts, panel
                           any source -+                                                          AdapterCharts
 
@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from ipywidgets import Layout, VBox
 
-from lora_widgets.events import (
+from lora_widgets.events.history import History
+from lora_widgets.events.replay import Replay
+from lora_widgets.events.types import (
     AdapterStats,
     AlertRaised,
     DataPrepared,
@@ -41,9 +43,7 @@ from lora_widgets.events import (
     StateChanged,
     StepMetrics,
 )
-from lora_widgets.history import History
-from lora_widgets.lora import LoRAConfig, count_parameters
-from lora_widgets.replay import Replay
+from lora_widgets.lora.layers import LoRAConfig, count_parameters
 from lora_widgets.widget import attach, callouts, controls, loading, readouts
 from lora_widgets.widget.adapter_charts import AdapterCharts
 from lora_widgets.widget.bases import BaseModels, with_model_base
@@ -58,14 +58,13 @@ from lora_widgets.widget.static_summary import StaticSummary, StaticSummaryViews
 from lora_widgets.widget.throttle import FlushScheduler
 
 if TYPE_CHECKING:
-    from lora_widgets.train_config import TrainConfig
+    from lora_widgets.training.config import TrainConfig
 
 __all__ = ["DashboardPanel", "LoRADashboard", "RunRecord", "validate_settings"]
 
 logger = logging.getLogger(__name__)
 
 _TRAIN_FIELDS = controls.config_fields(controls.TrainConfig)
-_LORA_TRAITS = ["rank", "alpha", "dropout", "target_modules"]
 _LOGGED_LR_EVERY = 5  # flushes between redraws of a logged LR line (it moves slowly; its marker every flush)
 
 
@@ -76,28 +75,28 @@ class LoRADashboard(
 
     Args:
         model: a ``transformers`` causal LM, a hub id or local path (loaded with
-            :func:`lora_widgets.demo.load_model`), or ``None`` for the shipped base model. A model that
+            :func:`lora_widgets.models.load_model`), or ``None`` for the shipped base model. A model that
             already carries LoRA adapters (a PEFT model, or one given to ``apply_lora``) is trained as it
-            is, as ``Trainer(lora=None)`` does: the LoRA controls then do not apply.
+            is, as ``LoRATrainer(lora=None)`` does: the LoRA controls then do not apply.
         tokenizer: the model's tokenizer (required when ``model`` is a model object).
-        train_data: any source :func:`lora_widgets.data.prepare_data` accepts, token blocks
-            ``[n, T]``, or a :class:`~lora_widgets.data.DataSplit` (its ``val`` part validates);
+        train_data: any source :func:`lora_widgets.data.text.prepare_data` accepts, token blocks
+            ``[n, T]``, or a :class:`~lora_widgets.data.text.DataSplit` (its ``val`` part validates);
             ``None`` for the demo corpus ("python-docs"). The same rule as the trainer's
-            (:func:`lora_widgets.data.train_val_blocks`).
+            (:func:`lora_widgets.data.text.train_val_blocks`).
         eval_data: validation source; ``None`` holds out ``train.val_fraction`` of ``train_data``.
-        lora: the starting :class:`~lora_widgets.lora.LoRAConfig` (the controls start from it).
+        lora: the starting :class:`~lora_widgets.lora.layers.LoRAConfig` (the controls start from it).
             ``None`` starts from r=8, alpha=16 on all linear layers: on the shipped model that lowers
             the demo corpus's validation loss by ~21% in 200 steps, where q,v alone manage ~4%
             (adapting every linear layer is the QLoRA paper's recommendation, Dettmers et al. 2023, sec. 4).
-        train: the starting :class:`~lora_widgets.train_config.TrainConfig`; fields without a control
+        train: the starting :class:`~lora_widgets.training.config.TrainConfig`; fields without a control
             (eval_every, output_dir, block_size, ...) are kept for every run.
         trainer: instead of all of the above, your ``transformers.Trainer`` / ``trl.SFTTrainer`` (or any
-            :class:`~lora_widgets.events.RunSource`): Train runs its ``train()`` in a background thread
-            (:class:`~lora_widgets.hf_bridge.HFRun`), Pause/Stop act between steps, its settings are read-only.
+            :class:`~lora_widgets.events.types.RunSource`): Train runs its ``train()`` in a background thread
+            (:class:`~lora_widgets.hf.run.HFRun`), Pause/Stop act between steps, its settings are read-only.
 
     Display it (last line of a cell) to show it. ``start()``, ``stop()``, ``pause()``, ``resume()`` and
     ``await wait()`` do from Python what the buttons do. ``watch(source)`` shows any other
-    :class:`~lora_widgets.events.RunSource`, and ``replay(path)`` a finished run's ``metrics.jsonl``.
+    :class:`~lora_widgets.events.types.RunSource`, and ``replay(path)`` a finished run's ``metrics.jsonl``.
     """
 
     flush_interval: float = 1.0
@@ -123,7 +122,7 @@ class LoRADashboard(
             self._attached = attach.attached_source(trainer, model=model, tokenizer=tokenizer, lora=lora,
                                                     train_data=train_data, eval_data=eval_data, train=train)  # fmt: skip
         if train is None:
-            from lora_widgets.train_config import TrainConfig
+            from lora_widgets.training.config import TrainConfig
 
             train = TrainConfig()
         loading.check_arguments(kwargs, lora, train, _TRAIN_FIELDS)
@@ -151,7 +150,7 @@ class LoRADashboard(
         self._static = StaticSummary(
             lambda: self.runs, lambda: self.panel.summary, lambda: self.panel.data_view.get("facts", {})
         )
-        self._trainer_factory: Any = None  # test hook: a stand-in Trainer class
+        self._trainer_factory: Any = None  # test hook: a stand-in LoRATrainer class
 
         read_only = attach.panel_traits(self._attached)  # no inputs: the trainer's settings, as a table
         self.panel = DashboardPanel(**self._initial_controls(lora, train), **read_only)
@@ -160,7 +159,7 @@ class LoRADashboard(
         )
         self.adapter_charts = AdapterCharts()
         self.panel.observe(self._on_controls, names=list(DashboardPanel.CONFIG_TRAITS))
-        self.panel.observe(self._preview_params, names=_LORA_TRAITS)
+        self.panel.observe(self._preview_params, names=list(controls.LORA_CONTROL_NAMES))
         self.panel.observe(self._on_log_scale, names=["log_scale"])
         self.panel.observe(self._show_example, names=["data_index"])
         self._show_example()
@@ -176,11 +175,11 @@ class LoRADashboard(
         if self._attached is not None:
             self.panel.summary = {**self.panel.summary, "train_rows": attach.train_rows_of(self._attached)}
             attach.show_source(self._attached, self.panel, self._callouts, self.charts)
-            self._callouts.set("status", attach.ready_callout(self.panel.attached_settings))
+            self._callouts.set("status", callouts.ready_callout(self.panel.attached_settings))
             self._publish_callouts()
             return
         self._callouts.set("status", callouts.READY)
-        self._callouts.put("device", loading.cpu_callout(self.model) if self._device_type == "cpu" else None)
+        self._callouts.put("device", callouts.cpu_callout(self.model) if self._device_type == "cpu" else None)
         self._callouts.put("adapters", callouts.ADAPTERS_GIVEN if self._adapters_given else None)
         self._publish_callouts()
 
@@ -204,7 +203,7 @@ class LoRADashboard(
 
     @property
     def trainer(self) -> RunSource | None:
-        """The current (or last) run's source (its :class:`~lora_widgets.Trainer` for a run started with
+        """The current (or last) run's source (its :class:`~lora_widgets.LoRATrainer` for a run started with
         Train); before the first run, the attached source (``HFRun``) of ``LoRADashboard(trainer=...)``, else
         ``None``."""
         run = self._session.current
@@ -262,15 +261,17 @@ class LoRADashboard(
         return self._begin(record, loop, readouts.planned_total_steps(train, self._n_train_blocks))
 
     def watch(self, source: RunSource, label: str = "") -> asyncio.Task[RunEnded | None]:
-        """Show a run that ``source`` produces (any :class:`~lora_widgets.events.RunSource`: a ``Trainer``
-        built in code, a :class:`~lora_widgets.replay.Replay`, a bridge to another trainer) as this
+        """Show a run that ``source`` produces (any :class:`~lora_widgets.events.types.RunSource`: a ``LoRATrainer``
+        built in code, a :class:`~lora_widgets.events.replay.Replay`, a bridge to another trainer) as this
         dashboard shows its own runs; the buttons steer it. Returns the task that awaits ``source.run()``.
 
-        ``label`` names it in the legend (default: from its :class:`~lora_widgets.events.RunStarted`).
+        ``label`` names it in the legend (default: from its :class:`~lora_widgets.events.types.RunStarted`).
         A source that describes its settings (``HFRun``) has them shown read-only, with its logging advice.
         """
         if not isinstance(source, RunSource):
-            raise TypeError(f"source must be a lora_widgets.events.RunSource, got {type(source).__name__}")
+            raise TypeError(
+                f"source must be a lora_widgets.events.types.RunSource, got {type(source).__name__}"
+            )
         self._session.check_idle()
         loop = running_loop()
         self._archive_previous_run()
@@ -284,7 +285,7 @@ class LoRADashboard(
         and summary end as they were at the end of the live run. ``interval`` seconds pass between two
         steps (0: as fast as the notebook allows). ``await`` the returned task, or ``dash.wait()``.
 
-        Same as ``dash.watch(lora_widgets.replay.Replay(events, interval=interval))``.
+        Same as ``dash.watch(lora_widgets.events.replay.Replay(events, interval=interval))``.
         """
         return self.watch(Replay(events, interval=interval))
 
@@ -355,16 +356,16 @@ class LoRADashboard(
         return task
 
     def _build_run(self, lora: LoRAConfig, train: Any) -> RunRecord:
-        """The next run: the memory pre-flight (as a callout), then a Trainer to drive."""
+        """The next run: the memory pre-flight (as a callout), then a LoRATrainer to drive."""
         own = None if self._adapters_given else lora  # a model's own adapters train as they are
         self.model = self._bases.model_for(getattr(train, "base", None))  # the "base" control's precision
-        self._callouts.put("preflight", loading.preflight_callout(self.model, own, train, self._device_type,
+        self._callouts.put("preflight", callouts.preflight_callout(self.model, own, train, self._device_type,
                                                                   int(self._data[0].shape[1])))  # fmt: skip
         return new_trainer_run(self.model, self.tokenizer, self._data, lora, own, train, len(self.runs) + 1,
                                self._trainer_factory)  # fmt: skip
 
     def _preview_schedule(self, _source: Any, train: Any) -> None:
-        """Draw the schedule the settings ``train`` give (from the config, with :mod:`lora_widgets.schedules`)."""
+        """Draw the schedule the settings ``train`` give (from the config, with :mod:`lora_widgets.training.schedules`)."""
         self.charts.set_schedule(
             readouts.schedule_preview(
                 dataclasses.asdict(train), readouts.planned_total_steps(train, self._n_train_blocks)

@@ -1,7 +1,7 @@
 """The dashboard's data view: what the run trains on, one example at a time, with the trained tokens marked.
 
 One job: build the JSON payload that ``dashboard.js`` renders (the panel's ``data_view`` trait) from the
-facts of a :class:`~lora_widgets.events.DataPrepared` event and the prepared data. For instruction/chat
+facts of a :class:`~lora_widgets.events.types.DataPrepared` event and the prepared data. For instruction/chat
 examples, each token carries whether its prediction is trained (its label is not ``-100``): the answers and
 their end-of-turn tokens light up, the prompts and chat-template markup are dimmed. That is the thing to
 check by eye when a fine-tune goes wrong: a mask on nothing ("all labels are -100"), on the prompt, or
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from lora_widgets.events import DataPrepared
-from lora_widgets.sft_batches import IGNORE_INDEX
+from lora_widgets.data.sft_batches import IGNORE_INDEX
+from lora_widgets.events.types import DataPrepared
 from lora_widgets.training.batches import Examples
 
 __all__ = ["MAX_TOKENS", "DataView", "data_facts"]

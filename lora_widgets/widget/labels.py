@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lora_widgets.diagnosis import format_lr
-from lora_widgets.events import RunStarted
+from lora_widgets.events.types import RunStarted
+from lora_widgets.training.diagnosis import format_lr
 from lora_widgets.widget.controls import targets_to_text
 
 __all__ = ["label_from_started", "run_label"]

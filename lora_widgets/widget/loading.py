@@ -18,20 +18,17 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from lora_widgets.events import DataPrepared
-from lora_widgets.lora import LoRAConfig, count_parameters, has_lora
-from lora_widgets.widget.callouts import Callout
+from lora_widgets.events.types import DataPrepared
+from lora_widgets.lora.layers import LoRAConfig, has_lora
 
 __all__ = [
     "check_arguments",
-    "cpu_callout",
     "data_event",
     "guess_device_type",
     "is_hf_trainer",
-    "load_model",
-    "preflight_callout",
-    "prepare_blocks",
     "quiet_hub_progress",
+    "resolve_data",
+    "resolve_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,7 +71,7 @@ def is_hf_trainer(obj: Any) -> bool:
     )
 
 
-def load_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any]:
+def resolve_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from the dashboard's arguments.
 
     ``None`` loads the shipped base model; a hub id or path loads it (no 'Loading weights' bar above the
@@ -82,7 +79,7 @@ def load_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any]:
     token blocks (a tensor).
     """
     if model is None or isinstance(model, str | Path):
-        from lora_widgets import demo
+        from lora_widgets import models as demo
 
         if tokenizer is not None and model is not None:
             raise TypeError("pass tokenizer only with a model object; a hub id or path loads its own")
@@ -108,7 +105,7 @@ def guess_device_type(train: Any) -> str:
         return "cuda" if pref == "auto" and torch.cuda.is_available() else pref.split(":")[0]
 
 
-def prepare_blocks(train_source: Any, eval_source: Any, tokenizer: Any, train: Any) -> tuple[Any, Any]:
+def resolve_data(train_source: Any, eval_source: Any, tokenizer: Any, train: Any) -> tuple[Any, Any]:
     """Tokenise and split the data once (every run reuses it), by the trainer's own rule
     (:func:`lora_widgets.training.batches.load_run_data`): ``(train, val | None)``, token blocks ``[n, T]``
     for text, or :class:`~lora_widgets.training.batches.Examples` for instruction/chat rows (tokenised with
@@ -125,47 +122,6 @@ def data_event(data: tuple[Any, Any], train: Any) -> DataPrepared:
     return data_prepared(data[0], data[1], train)
 
 
-def cpu_callout(model: Any) -> Callout:
-    """A warning: why training runs on the CPU here, and what that means for time per step."""
-    why = "No GPU was found" if not torch.cuda.is_available() else "The trainer is set to device='cpu'"
-    millions = count_parameters(model)[1] / 1e6
-    return Callout("warning", "Training on the CPU", (
-        f"{why}, so this runs on the CPU. That is fine for a model this small ({millions:.1f} M "
-        "parameters: a few thousand tokens/s on a laptop, a 200-step run in about a minute), but time "
-        "per step grows with the model: a hub model of 100 M+ parameters would be roughly 50-100x "
-        "slower per step. On Colab pick a GPU runtime (Runtime > Change runtime type)."
-    ))  # fmt: skip
-
-
-def preflight_callout(
-    model: Any, lora: LoRAConfig | None, train: Any, device_type: str, seq_len: int | None = None
-) -> Callout | None:
-    """A warning when the memory estimate says the run may not fit on the device (the user may still start).
-
-    ``seq_len``: the data's longest sequence: the block size for packed text, the longest padded length for
-    instruction examples (the length-grouped order puts that batch first, so it is the peak); default
-    ``train.block_size``.
-    """
-    from lora_widgets.memory import preflight
-
-    try:
-        result = preflight(
-            model,
-            lora,
-            batch_size=train.batch_size,
-            seq_len=int(seq_len if seq_len is not None else getattr(train, "block_size", 128)),
-            dtype=train.resolved(device_type).precision if hasattr(train, "resolved") else train.precision,
-            device=device_type,
-            gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
-        )
-    except Exception as exc:  # the estimate is advice: never block a run on it, but say why it is missing
-        logger.warning("memory preflight skipped: %s: %s", type(exc).__name__, exc)
-        return None
-    if result.fits:
-        return None
-    return Callout("warning", "This run may not fit in memory", result.message(), list(result.suggestions))
-
-
 @dataclasses.dataclass
 class Loaded:
     """What a dashboard works on: the model and tokenizer, the prepared data and its view, where it trains.
@@ -176,7 +132,7 @@ class Loaded:
 
     model: Any
     tokenizer: Any
-    adapters_given: bool  # the model already carries adapters: trained as they are (Trainer(lora=None))
+    adapters_given: bool  # the model already carries adapters: trained as they are (LoRATrainer(lora=None))
     device_type: str
     data: tuple[Any, Any] = (None, None)  # (train, eval) blocks or examples
     n_train_blocks: int | None = None
@@ -191,9 +147,9 @@ def load(model: Any, tokenizer: Any, train_data: Any, eval_data: Any, train: Any
     from lora_widgets.widget.data_view import DataView, data_facts
 
     given = not (model is None or isinstance(model, str | Path))
-    name, (model, tokenizer) = model, load_model(model, tokenizer, train_data)
+    name, (model, tokenizer) = model, resolve_model(model, tokenizer, train_data)
     source = "python-docs" if train_data is None else train_data
-    data = prepare_blocks(source, eval_data, tokenizer, train)
+    data = resolve_data(source, eval_data, tokenizer, train)
     view = DataView(data[0], tokenizer, data_facts(data_event(data, train)))
     adapters = has_lora(model)
     device = guess_device_type(train)

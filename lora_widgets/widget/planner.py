@@ -3,7 +3,7 @@
 An anywidget holds the controls (model, method, rank, batch size, sequence length, precision, gradient
 checkpointing) and the fit table for common GPUs; a bqplot figure (``planner.figure``) shows the memory of
 each phase of a training step as stacked bars, next to the textbook sum. Every control change recomputes
-:func:`lora_widgets.memory.estimate_memory` in Python and updates the bars in place.
+:func:`lora_widgets.memory.fit.estimate_memory` in Python and updates the bars in place.
 
 ``display(MemoryPlanner())`` (or leaving it last in a cell) shows the controls and the figure together
 (``planner.widget``, an ``ipywidgets.VBox``); put ``planner.widget`` into your own layouts.
@@ -20,9 +20,9 @@ import numpy as np
 import traitlets
 from bqplot import Axis, Bars, Figure, LinearScale, OrdinalScale
 
-from lora_widgets.lora import LoRAConfig
-from lora_widgets.memory import GPUS, MemoryEstimate, estimate_memory, known_models
-from lora_widgets.memory_arch import lookup_known
+from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.memory.arch import lookup_known
+from lora_widgets.memory.fit import GPUS, MemoryEstimate, estimate_memory, known_models
 from lora_widgets.widget.view import publish_view
 
 __all__ = ["MemoryPlanner", "PlannerValueError"]
@@ -72,7 +72,7 @@ class MemoryPlanner(anywidget.AnyWidget):
     """Interactive memory planner: controls, a per-phase stacked bar chart and a GPU fit table.
 
     Args:
-        model: initial model: a known name (see :func:`lora_widgets.memory.known_models`), a transformers
+        model: initial model: a known name (see :func:`lora_widgets.memory.fit.known_models`), a transformers
             config, or a transformers model (it is added to the picker as its ``name_or_path``).
         lora: initial LoRA settings (rank and target modules); ``None`` keeps the defaults.
         **traits: initial values of the controls (``method``, ``rank``, ``batch_size``, ...). Unknown names
@@ -121,6 +121,9 @@ class MemoryPlanner(anywidget.AnyWidget):
         help="Fit table: one dict per GPU with name, capacity, required (bytes) and fits (bool); read-only.",
     ).tag(sync=True)
     error = traitlets.Unicode("", help="Why the last estimate failed, or '' (read-only).").tag(sync=True)
+    input_names = traitlets.List(
+        list(_INPUTS), help="The traits the controls set, in the one list planner.js syncs from (read-only)."
+    ).tag(sync=True)
 
     def __init__(self, model: Any = None, lora: LoRAConfig | None = None, **traits: Any) -> None:
         unknown = sorted(set(traits) - set(_INPUTS))

@@ -19,10 +19,10 @@ import numpy as np
 from torch import nn
 
 from lora_widgets.devices import describe_device, format_bytes
-from lora_widgets.events import SampleGenerations
-from lora_widgets.history import History
-from lora_widgets.lora import LoRAConfig, count_parameters
-from lora_widgets.schedules import lr_schedule, steps_per_epoch, total_steps
+from lora_widgets.events.history import History
+from lora_widgets.events.types import SampleGenerations
+from lora_widgets.lora.layers import LoRAConfig, count_parameters
+from lora_widgets.training.schedules import lr_schedule, steps_per_epoch, total_steps
 
 __all__ = [
     "adapter_summary",
@@ -40,14 +40,6 @@ SHOWN_EXTRAS: tuple[str, ...] = ("mean_token_accuracy", "entropy", "num_tokens")
 """``StepMetrics.extra`` values the progress line shows when a run logs them (TRL's ``SFTTrainer`` does); the
 rest stay in the history only, so the progress trait stays a few numbers whatever a trainer logs."""
 
-# transformers' lr_scheduler_type -> the shape of lora_widgets.schedules that is the same function (both
-# implement get_{linear,cosine,constant}_schedule_with_warmup; "constant" there takes no warm-up).
-_HF_SCHEDULES = {
-    "linear": "linear",
-    "cosine": "cosine",
-    "constant_with_warmup": "constant",
-    "constant": "constant",
-}
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +53,10 @@ def planned_params(model: nn.Module, lora: LoRAConfig | None) -> tuple[int, int]
 
     ``lora=None`` (a model that already carries its adapters, such as a PEFT model): counted as it is.
     Otherwise the architecture is instantiated on the meta device with ``lora`` applied (the memory
-    planner's :func:`~lora_widgets.memory_arch.param_plan`, cached per architecture), whatever adapters an
+    planner's :func:`~lora_widgets.memory.arch.param_plan`, cached per architecture), whatever adapters an
     earlier run left on the model. A model without a ``transformers`` config is counted as it is.
     """
-    from lora_widgets.memory_arch import param_plan
+    from lora_widgets.memory.arch import param_plan
 
     config = getattr(model, "config", None)
     if lora is None or not hasattr(config, "to_json_string"):
@@ -178,7 +170,7 @@ def schedule_preview(
     """``(steps, rates)`` of the whole learning-rate schedule, steps 1-based as in ``StepMetrics``.
 
     ``config`` holds ``learning_rate``, ``warmup_steps`` and ``schedule`` (a ``TrainConfig``'s fields, or
-    the ``config`` of a :class:`~lora_widgets.events.RunStarted`), or a transformers ``TrainingArguments``
+    the ``config`` of a :class:`~lora_widgets.events.types.RunStarted`), or a transformers ``TrainingArguments``
     description (``lr_scheduler_type``: the settings of an attached trainer, see :func:`schedule_note`).
     ``None`` when they do not make a schedule (the controls flag that separately).
     """
@@ -205,16 +197,12 @@ def _hf_schedule(config: Mapping[str, Any], total_steps: int) -> dict[str, Any] 
     """Our schedule settings for a ``TrainingArguments`` description, when its scheduler is one we compute
     identically (no ``lr_scheduler_kwargs``); ``None`` otherwise. A ``warmup_steps`` below 1 is a fraction of
     the run, rounded up, as ``TrainingArguments.get_warmup_steps`` reads it."""
-    name = config.get("lr_scheduler_type")
-    if name not in _HF_SCHEDULES or config.get("lr_scheduler_kwargs"):
+    from lora_widgets.hf.args import hf_schedule  # the one table of scheduler names and warm-up rule
+
+    shape = hf_schedule(config, total_steps)
+    if shape is None or not shape[2]:
         return None
-    warmup = float(config.get("warmup_steps") or 0)
-    steps = math.ceil(total_steps * warmup) if 0 < warmup < 1 else int(warmup)
-    return {
-        "learning_rate": config.get("learning_rate"),
-        "warmup_steps": 0 if name == "constant" else steps,
-        "schedule": _HF_SCHEDULES[name],
-    }
+    return {"learning_rate": config.get("learning_rate"), "warmup_steps": shape[1], "schedule": shape[0]}
 
 
 def schedule_note(config: Mapping[str, Any]) -> str | None:
@@ -223,11 +211,15 @@ def schedule_note(config: Mapping[str, Any]) -> str | None:
     ``TrainingArguments`` description."""
     if "schedule" in config:
         return None
-    name = config.get("lr_scheduler_type")
-    if name is None or (name in _HF_SCHEDULES and not config.get("lr_scheduler_kwargs")):
+    from lora_widgets.hf.args import hf_schedule
+
+    if config.get("lr_scheduler_type") is None:
+        return None
+    shape = hf_schedule(config, 1)
+    if shape is not None and shape[2]:
         return None
     return (
-        f"lr_scheduler_type={name!r}"
+        f"lr_scheduler_type={config.get('lr_scheduler_type')!r}"
         + (" with lr_scheduler_kwargs" if config.get("lr_scheduler_kwargs") else "")
         + " is not previewed here: the chart shows the rates the trainer logs."
     )

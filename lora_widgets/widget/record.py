@@ -1,7 +1,7 @@
-"""One run as a view sees it: its label and settings, and a :class:`~lora_widgets.history.History` of its events.
+"""One run as a view sees it: its label and settings, and a :class:`~lora_widgets.events.history.History` of its events.
 
 A plain record, built only from the run's events (:meth:`RunRecord.record`), so a live trainer, a replayed
-``metrics.jsonl`` or any other :class:`~lora_widgets.events.RunSource` gives the same record. The dashboard
+``metrics.jsonl`` or any other :class:`~lora_widgets.events.types.RunSource` gives the same record. The dashboard
 keeps one per run (``dash.runs``); the static summary and the charts read it; nothing here imports a
 widget library.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_widgets.events import AdapterStats, AlertRaised, Event, RunEnded, RunSource, SampleGenerations
-from lora_widgets.history import History
-from lora_widgets.lora import LoRAConfig
+from lora_widgets.events.history import History
+from lora_widgets.events.types import AdapterStats, AlertRaised, Event, RunEnded, RunSource, SampleGenerations
+from lora_widgets.lora.layers import LoRAConfig
 
 __all__ = ["RunRecord"]
 
@@ -24,8 +24,8 @@ class RunRecord:
 
     ``lora``/``train`` are the settings it was started with (``None`` for a run the dashboard did not start,
     such as a replay: its settings are in ``history.started.config``). ``source`` is the
-    :class:`~lora_widgets.events.RunSource` that produced the events (a :class:`~lora_widgets.Trainer`, a
-    :class:`~lora_widgets.replay.Replay`, ...). ``history`` holds every event recorded so far; what shows whether
+    :class:`~lora_widgets.events.types.RunSource` that produced the events (a :class:`~lora_widgets.LoRATrainer`, a
+    :class:`~lora_widgets.events.replay.Replay`, ...). ``history`` holds every event recorded so far; what shows whether
     the adapters learn is kept beside it: the last ``adapter_stats`` and ``samples``, and every alert.
     """
 
@@ -53,7 +53,7 @@ class RunRecord:
 
     @property
     def trainer(self) -> RunSource | None:
-        """The run's source (the :class:`~lora_widgets.Trainer` for a run started with Train)."""
+        """The run's source (the :class:`~lora_widgets.LoRATrainer` for a run started with Train)."""
         return self.source
 
     @property

@@ -1,11 +1,11 @@
-"""The runs a dashboard drives: one at a time, each a :class:`~lora_widgets.events.RunSource` awaited in a task.
+"""The runs a dashboard drives: one at a time, each a :class:`~lora_widgets.events.types.RunSource` awaited in a task.
 
 One job: the run's lifetime. :meth:`RunSession.begin` subscribes to the source, records every event into
 the run's :class:`~lora_widgets.widget.record.RunRecord` and awaits ``source.run()`` as a task on the
 kernel's own asyncio loop (cells keep executing while it trains, and every widget update is made from the
 loop's thread: updates from other threads never reach Colab, googlecolab/colabtools#3373). Stop, pause and
 resume are passed to the source. When the source returns (or raises: a backstop turns that into a
-:class:`~lora_widgets.events.RunFailed`), ``on_end`` is called once with the finished record.
+:class:`~lora_widgets.events.types.RunFailed`), ``on_end`` is called once with the finished record.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from lora_widgets.diagnosis import format_lr
-from lora_widgets.events import Event, RunEnded, RunFailed, RunSource, RunStopped
+from lora_widgets.events.types import Event, RunEnded, RunFailed, RunSource, RunStopped
+from lora_widgets.training.diagnosis import format_lr
 from lora_widgets.widget.labels import run_label
 from lora_widgets.widget.record import RunRecord
 
@@ -141,7 +141,7 @@ def running_loop() -> asyncio.AbstractEventLoop:
     except RuntimeError:
         raise RuntimeError(
             "start() needs a running asyncio loop, as in a Jupyter kernel; in a plain script use "
-            "asyncio.run(dash.run()) or the headless Trainer.run_sync()"
+            "asyncio.run(dash.run()) or the headless LoRATrainer.run_sync()"
         ) from None
 
 
@@ -155,16 +155,16 @@ def new_trainer_run(
     index: int,
     factory: Any,
 ) -> RunRecord:
-    """Run number ``index`` of our own :class:`~lora_widgets.Trainer` (``factory``: a stand-in class in tests).
+    """Run number ``index`` of our own :class:`~lora_widgets.LoRATrainer` (``factory``: a stand-in class in tests).
 
-    ``own`` is the LoRA config the Trainer applies (``None``: the model's own adapters train as they are).
-    The Trainer replaces adapters an earlier run made (they are saved in its run_dir) and puts them back if
+    ``own`` is the LoRA config the LoRATrainer applies (``None``: the model's own adapters train as they are).
+    The LoRATrainer replaces adapters an earlier run made (they are saved in its run_dir) and puts them back if
     the new settings fail, so a bad setting never costs the user a trained adapter.
     """
     if factory is None:
-        from lora_widgets.training.trainer import Trainer
+        from lora_widgets.training.trainer import LoRATrainer
 
-        factory = Trainer
+        factory = LoRATrainer
     trainer = factory(model, tokenizer, *data, lora=own, config=train)
     if own is None:
         label = f"run {index}: model's adapters lr={format_lr(train.learning_rate)}"

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from IPython.display import display, update_display
 
-from lora_widgets.events import AdapterStats
-from lora_widgets.history import decimate_indices
+from lora_widgets.events.history import decimate_indices
+from lora_widgets.events.types import AdapterStats
 from lora_widgets.widget.adapter_charts import HEATMAP_COLORS, NULL_COLOR, heatmap_of
 from lora_widgets.widget.charts import RAW_COLOR, SMOOTH_COLOR, VAL_COLOR
 from lora_widgets.widget.data_view import facts_rows

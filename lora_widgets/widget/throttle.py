@@ -2,7 +2,7 @@
 
 Why: a trainer can publish hundreds of steps per second, and JupyterLab's server drops iopub messages
 above 1,000/s (jupyter_server's ``iopub_msg_rate_limit``, averaged over a 3 s window; comm messages count). The dashboard's event
-handler therefore only *records* (into a :class:`~lora_widgets.history.History`); a :class:`Throttle`
+handler therefore only *records* (into a :class:`~lora_widgets.events.history.History`); a :class:`Throttle`
 decides when the recorded data is pushed to the browser (at most once per ``interval`` seconds, whatever
 the step rate), and the charts bound what one push sends (a line's points match the chart's pixels).
 

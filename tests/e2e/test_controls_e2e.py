@@ -12,12 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ipywidgets import DOMWidget
 
-from lora_widgets.schedules import SCHEDULES
-from lora_widgets.train_config import PRECISIONS
+from lora_widgets.training.config import PRECISIONS
+from lora_widgets.training.schedules import SCHEDULES
 from lora_widgets.widget import controls
 from lora_widgets.widget.panel import DashboardPanel
+
+pytestmark = pytest.mark.e2e
 
 JS = Path(controls.__file__).parent / "static" / "dashboard.js"
 

@@ -90,7 +90,7 @@ export interface DataViewPayload {
   tokens?: Array<[string, boolean]>; // [text, trained], at most data_view.MAX_TOKENS
 }
 
-/** One prompt's greedy answers (lora_widgets.events.SamplePair, with the step they were generated at). */
+/** One prompt's greedy answers (lora_widgets.events.types.SamplePair, with the step they were generated at). */
 export interface SamplePair {
   prompt: string;
   base: string; // the base model's answer (adapters off)

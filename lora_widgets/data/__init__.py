@@ -1,0 +1,41 @@
+"""Data: built-in corpora, text packed into blocks, instruction rows rendered with a chat template.
+
+===================  ========================================================================================
+``corpora``          the built-in offline corpora (stdlib code, the Language Reference prose, python-instruct)
+``text``             plain text -> token blocks: reading files, packing, the train/validation split
+``rows``             instruction rows in TRL's formats (messages, prompt/completion, text; ShareGPT, Alpaca)
+``sft``              rows -> token ids with the loss mask on the answers (as TRL's ``SFTTrainer``)
+``sft_batches``      padded, length-grouped batches and the masked loss normalised per optimizer step
+``sft_eval``         answer loss and the share of replies that end their turn
+``instruct_corpus``  how the ``python-instruct`` set is built from the standard library's own docs
+===================  ========================================================================================
+"""
+
+from __future__ import annotations
+
+from lora_widgets.data.corpora import CorpusInfo, list_corpora, load_corpus, read_instructions
+from lora_widgets.data.rows import load_rows, normalize_rows
+from lora_widgets.data.sft import SFTStats, prepare_sft
+from lora_widgets.data.sft_batches import collate, iter_batches, masked_lm_loss
+from lora_widgets.data.sft_eval import answer_loss, end_of_turn_share
+from lora_widgets.data.text import DataSplit, load_texts, pack_blocks, prepare_data
+
+__all__ = [
+    "CorpusInfo",
+    "DataSplit",
+    "SFTStats",
+    "answer_loss",
+    "collate",
+    "end_of_turn_share",
+    "iter_batches",
+    "list_corpora",
+    "load_corpus",
+    "load_rows",
+    "load_texts",
+    "masked_lm_loss",
+    "normalize_rows",
+    "pack_blocks",
+    "prepare_data",
+    "prepare_sft",
+    "read_instructions",
+]

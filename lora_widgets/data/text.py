@@ -1,0 +1,414 @@
+"""Turn user data into training batches: load texts, tokenise, pack into fixed-length blocks, split.
+
+The pipeline is ``load_texts`` -> ``pack_blocks`` -> ``split_blocks`` (``prepare_data`` runs all three).
+
+Packing rather than padding: every document is tokenised without special tokens, an end-of-sequence
+token is appended after each one so the model learns where documents end, and the resulting stream is
+cut into blocks of exactly ``block_size`` tokens (the incomplete tail is dropped). No position is padding,
+so no compute is wasted and no attention mask or label masking is needed; this is how GPT-2 and most
+causal-LM pretraining pipelines batch text (Radford et al. 2019, section 2.3; Hugging Face's ``run_clm``
+``group_texts``). A block may span a document boundary; the EOS token between documents marks it.
+
+The train/validation split is over blocks, with a seeded permutation, so it depends only on the data,
+the tokenizer, ``block_size``, ``val_fraction`` and ``seed``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from lora_widgets.data.corpora import get_corpus_info, list_corpora, load_corpus
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "DataSplit",
+    "as_blocks",
+    "load_texts",
+    "pack_blocks",
+    "prepare_data",
+    "read_text_file",
+    "split_blocks",
+    "train_val_blocks",
+]
+
+_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """Packed token blocks split for training and validation.
+
+    Attributes:
+        train: ``LongTensor[n_train, block_size]`` of token ids.
+        val: ``LongTensor[n_val, block_size]`` of token ids (``n_val`` is 0 when ``val_fraction`` is 0).
+        block_size: tokens per block (the sequence length the model is trained on).
+        n_tokens: tokens in the tokenised stream, EOS separators included, before the incomplete tail
+            block was dropped.
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    block_size: int
+    n_tokens: int
+
+    @property
+    def n_train_tokens(self) -> int:
+        """Tokens the training blocks hold (``n_train * block_size``)."""
+        return int(self.train.numel())
+
+    @property
+    def n_val_tokens(self) -> int:
+        """Tokens the validation blocks hold."""
+        return int(self.val.numel())
+
+
+def _corpus_names() -> list[str]:
+    return [info.name for info in list_corpora()]
+
+
+def _is_hf_dataset(obj: object) -> bool:
+    """Duck-typed check for ``datasets.Dataset`` so that ``datasets`` stays an optional dependency."""
+    return type(obj).__module__.split(".")[0] == "datasets"
+
+
+def _universal_newlines(text: str) -> str:
+    """``\\r\\n`` and ``\\r`` become ``\\n``, as ``open(..., encoding=...)`` in text mode does."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_text_file(path: Path) -> str:
+    """The text of ``path``: UTF-8, or UTF-16 when the file starts with a UTF-16 byte-order mark.
+
+    Line endings are normalised to ``\\n`` as text-mode ``open`` does.
+
+    Windows editors save "Unicode" text as UTF-16 with a byte-order mark; such a file is decoded as UTF-16 and
+    a warning says so. A UTF-8 byte-order mark is skipped.
+
+    Raises:
+        ValueError: the file is neither (the message names the file, the first bad byte's offset and the fix:
+            re-save it as UTF-8).
+    """
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        warnings.warn(
+            f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark, as Windows saves 'Unicode' text); "
+            "decoded it as UTF-16. Re-save it as UTF-8 to make this warning go away",
+            UnicodeWarning,
+            stacklevel=3,
+        )
+        return _universal_newlines(raw.decode("utf-16"))
+    try:
+        return _universal_newlines(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {exc.start} is {raw[exc.start : exc.start + 1]!r}); re-save it as "
+            "UTF-8 (in most editors: Save As -> Encoding: UTF-8) and load it again"
+        ) from None
+
+
+def _check_rows(rows: Sequence[Any], where: str) -> list[str]:
+    """Validate that every row is a ``str`` (or a ``{"text": str}`` dict); drop blank rows; refuse an empty result."""
+    texts: list[str] = []
+    for i, row in enumerate(rows):
+        if isinstance(row, Mapping) and set(row) == {"text"}:
+            row = row["text"]
+        if not isinstance(row, str):
+            raise ValueError(
+                f"row {i} of {where} is {type(row).__name__} ({row!r:.60}), not text; "
+                "every row must be a str (convert or drop that row)"
+            )
+        if row.strip():
+            texts.append(row)
+    if not texts:
+        raise ValueError(f"{where} is empty (no non-blank text); pass at least one non-empty string")
+    return texts
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    rows: list[Any] = []
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}, line {lineno}: expected a JSON object with a {text_field!r} field, "
+                f"got {type(record).__name__}"
+            )
+        if text_field not in record:
+            raise ValueError(
+                f"{path}, line {lineno}: no {text_field!r} field (fields: {', '.join(map(str, record))}); "
+                "pass text_field=<the field that holds the text>, or use lora_widgets.data.sft.prepare_sft for "
+                "prompt/completion, messages, ShareGPT or Alpaca rows"
+            )
+        rows.append(record[text_field])
+    return _check_rows(rows, f"{path} (field {text_field!r})")
+
+
+def _load_path(path: Path, text_field: str) -> list[str]:
+    if not path.exists():
+        raise ValueError(f"data file {str(path)!r} does not exist (resolved to {path.resolve()})")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory; pass a .txt or .jsonl file, or a list of texts")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _check_rows([read_text_file(path)], str(path))
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text_field)
+    raise ValueError(
+        f"unsupported file type {suffix or '(none)'!r} for {str(path)!r}; use .txt (the file is one document) "
+        "or .jsonl (one JSON object per line with a text field)"
+    )
+
+
+def load_texts(source: Any, text_field: str = "text") -> list[str]:
+    """Load training text from any supported source as a list of documents.
+
+    Args:
+        source: one of
+            - a list or tuple of strings (one document each) or of ``{"text": str}`` dicts;
+            - a path (``str`` or ``os.PathLike``) to a ``.txt`` file (the whole file is one document) or a
+              ``.jsonl`` file (one JSON object per line; the document is its ``text_field``);
+            - the name of a built-in corpus (``"stdlib-code"``, ``"python-docs"``);
+            - a Hugging Face ``datasets.Dataset`` (column ``text_field``), when ``datasets`` is installed.
+        text_field: the JSONL field / dataset column that holds the text.
+
+    Returns:
+        The non-blank documents, in their original order.
+
+    Raises:
+        ValueError: empty data, a non-text row (its index and type are named), a missing file (its path is
+            named), an unknown corpus name (the known names are listed), an unsupported file type, or a
+            dataset without the column.
+        TypeError: ``source`` is of an unsupported type.
+    """
+    if isinstance(source, str) and source in _corpus_names():
+        if get_corpus_info(source).role == "instruct":
+            raise ValueError(
+                f"{source!r} is an instruction set (prompt/answer rows), not text to pack into blocks; use "
+                f"lora_widgets.data.sft.prepare_sft(load_rows({source!r}), tokenizer, ...)"
+            )
+        return load_corpus(source)
+    if isinstance(source, os.PathLike):
+        return _load_path(Path(source), text_field)
+    if isinstance(source, str):
+        path = Path(source).expanduser()
+        if path.exists() or path.suffix.lower() in _FILE_SUFFIXES or os.sep in source or "/" in source:
+            return _load_path(path, text_field)
+        raise ValueError(
+            f"{source!r} is neither a built-in corpus nor an existing file. Built-in corpora: "
+            f"{', '.join(_corpus_names())}; files must end in .txt or .jsonl. "
+            "To train on a literal string, pass it inside a list: [text]"
+        )
+    if isinstance(source, (list, tuple)):
+        return _check_rows(source, "the list of texts")
+    if _is_hf_dataset(source):
+        column_names = getattr(source, "column_names", None)
+        if not isinstance(column_names, list):  # a DatasetDict has a dict of column lists
+            raise ValueError(
+                f"{type(source).__name__} is not a single dataset split; pick one, e.g. dataset['train']"
+            )
+        if text_field not in column_names:
+            raise ValueError(
+                f"the dataset has no {text_field!r} column (columns: {', '.join(column_names)}); "
+                "pass text_field=<the column that holds the text>"
+            )
+        return _check_rows(list(source[text_field]), f"dataset column {text_field!r}")
+    raise TypeError(
+        f"unsupported data source of type {type(source).__name__}; pass a list of str, a .txt/.jsonl path, "
+        f"a built-in corpus name ({', '.join(_corpus_names())}) or a datasets.Dataset"
+    )
+
+
+def _check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(
+            f"block_size must be an int >= 2 (a block holds inputs and their next-token targets), got {block_size!r}"
+        )
+
+
+def _require_eos(tokenizer: PreTrainedTokenizerBase) -> int:
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no EOS token, which packing puts between documents. "
+            "Fix: tokenizer.add_special_tokens({'eos_token': '<|endoftext|>'}) and, if that grew the "
+            "vocabulary, model.resize_token_embeddings(len(tokenizer)); or set tokenizer.eos_token to an "
+            "existing token"
+        )
+    return int(eos_id)
+
+
+def pack_blocks(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int) -> torch.Tensor:
+    """Tokenise ``texts``, join them with EOS tokens and cut the stream into equal blocks.
+
+    Each document is encoded without special tokens and followed by ``tokenizer.eos_token_id``; the
+    concatenated stream is reshaped to ``[n_blocks, block_size]`` and the incomplete tail dropped.
+
+    Returns:
+        ``LongTensor[n_blocks, block_size]``.
+
+    Raises:
+        ValueError: bad ``block_size``, a tokenizer without an EOS token, empty or non-text input, or
+            fewer tokens than one block (the message gives both numbers).
+    """
+    _check_block_size(block_size)
+    return _blocks_from_stream(_token_stream(texts, tokenizer), block_size)
+
+
+def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """All documents' token ids, each followed by EOS: ``int64[n_tokens]``."""
+    eos_id = _require_eos(tokenizer)
+    if isinstance(texts, str):
+        raise ValueError("pack_blocks takes a list of documents, got a single str; wrap it: [text]")
+    texts = _check_rows(list(texts), "the texts")
+    # verbose=False: documents longer than model_max_length are fine here; they are cut into blocks.
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return np.concatenate([np.append(np.asarray(ids, dtype=np.int64), eos_id) for ids in encoded])
+
+
+def _blocks_from_stream(stream: np.ndarray, block_size: int) -> torch.Tensor:
+    n_blocks = len(stream) // block_size
+    if n_blocks == 0:
+        raise ValueError(
+            f"the data has {len(stream)} tokens (EOS separators included), fewer than one block of "
+            f"block_size={block_size}; add more text or lower block_size"
+        )
+    blocks = stream[: n_blocks * block_size].reshape(n_blocks, block_size)  # [n_blocks, block_size]
+    return torch.from_numpy(blocks)
+
+
+def split_blocks(
+    blocks: torch.Tensor, val_fraction: float = 0.1, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``blocks`` into (train, val) with a seeded random permutation.
+
+    ``round(n * val_fraction)`` blocks (at least one when ``val_fraction > 0``) go to validation. Both parts
+    keep the blocks' original order. The split depends only on ``n``, ``val_fraction`` and ``seed``.
+
+    Returns:
+        ``(train[n_train, block_size], val[n_val, block_size])``.
+
+    Raises:
+        ValueError: ``val_fraction`` outside ``[0, 1)``, or too few blocks to keep one for training and one
+            for validation.
+    """
+    if blocks.dim() != 2:
+        raise ValueError(f"blocks must be 2-D [n_blocks, block_size], got shape {tuple(blocks.shape)}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    n = blocks.shape[0]
+    if val_fraction == 0:
+        return blocks, blocks[:0]
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise ValueError(
+            f"only {n} block(s) of {blocks.shape[1]} tokens: too few to hold out {val_fraction:.0%} for "
+            "validation and still train; add more text, lower block_size, or set val_fraction=0"
+        )
+    generator = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n, generator=generator)
+    val_idx, _ = torch.sort(perm[:n_val])
+    train_idx, _ = torch.sort(perm[n_val:])
+    return blocks[train_idx], blocks[val_idx]
+
+
+def prepare_data(
+    source: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int = 128,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    text_field: str = "text",
+) -> DataSplit:
+    """Load, tokenise, pack and split ``source`` (anything :func:`load_texts` accepts).
+
+    Raises:
+        ValueError: see :func:`load_texts`, :func:`pack_blocks` and :func:`split_blocks`.
+    """
+    _check_block_size(block_size)
+    _require_eos(tokenizer)  # fail before reading a large corpus
+    texts = load_texts(source, text_field=text_field)
+    stream = _token_stream(texts, tokenizer)  # [n_tokens]
+    train, val = split_blocks(_blocks_from_stream(stream, block_size), val_fraction, seed)
+    return DataSplit(train=train, val=val, block_size=block_size, n_tokens=len(stream))
+
+
+def as_blocks(obj: Any, tokenizer: PreTrainedTokenizerBase | None, block_size: int) -> torch.Tensor:
+    """Return ``obj`` as a ``LongTensor[n_blocks, width]`` of token ids.
+
+    An existing 2-D integer tensor is checked and returned as ``long`` (its own width wins over
+    ``block_size``); anything else goes through :func:`load_texts` and :func:`pack_blocks`.
+
+    Raises:
+        ValueError: a tensor that is not 2-D, not integer, empty or negative; a :class:`DataSplit` (pass
+            ``split.train`` or ``split.val``); a source without a tokenizer; see also :func:`load_texts`.
+    """
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() != 2 or obj.shape[0] == 0 or obj.shape[1] < 2:
+            raise ValueError(
+                f"token blocks must be a non-empty 2-D tensor [n_blocks, block_size >= 2], got shape "
+                f"{tuple(obj.shape)}; pack 1-D token ids with ids[: n * block_size].view(n, block_size)"
+            )
+        if obj.dtype.is_floating_point or obj.dtype.is_complex or obj.dtype == torch.bool:
+            raise ValueError(f"token blocks must hold integer token ids, got dtype {obj.dtype}")
+        if int(obj.min()) < 0:
+            raise ValueError(f"token blocks contain a negative id ({int(obj.min())}); ids must be >= 0")
+        return obj.long()
+    if isinstance(obj, DataSplit):
+        raise ValueError("got a DataSplit; pass split.train for training data and split.val for evaluation")
+    if tokenizer is None:
+        raise ValueError(
+            f"a tokenizer is needed to turn {type(obj).__name__} data into token blocks; pass the model's tokenizer"
+        )
+    return pack_blocks(load_texts(obj), tokenizer, block_size)
+
+
+def train_val_blocks(
+    train_data: Any,
+    eval_data: Any,
+    tokenizer: PreTrainedTokenizerBase | None,
+    block_size: int,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The blocks a run trains and validates on, from what a user passes as ``train_data``/``eval_data``.
+
+    The one rule the trainer and the dashboard share: a :class:`DataSplit` brings its own validation part
+    (unless ``eval_data`` is given); given ``eval_data`` is used as it is; otherwise ``val_fraction`` of the
+    training blocks is held out (seeded, :func:`split_blocks`) when there are at least two. An empty
+    validation part becomes ``None`` (no evaluation).
+
+    Returns:
+        ``(train[n, T], val[n_val, T] or None)``.
+    """
+    if isinstance(train_data, DataSplit):
+        if eval_data is None and train_data.val.shape[0] > 0:
+            eval_data = train_data.val
+        train_data = train_data.train
+    train = as_blocks(train_data, tokenizer, block_size)  # [n, T]
+    val: torch.Tensor | None
+    if eval_data is not None:
+        val = as_blocks(eval_data, tokenizer, block_size)  # [n_val, T]
+    elif val_fraction > 0 and train.shape[0] >= 2:
+        train, val = split_blocks(train, val_fraction, seed)
+    else:
+        val = None
+    if val is not None and val.shape[0] == 0:
+        val = None
+    return train, val

@@ -1,0 +1,226 @@
+"""Watch and steer a Hugging Face ``transformers.Trainer`` or TRL ``SFTTrainer`` as a run source.
+
+:class:`HFRun` wraps an existing trainer and satisfies :class:`~lora_widgets.events.types.RunSource`, so the dashboard
+drives it as it drives our own trainer: ``await run()`` starts ``hf_trainer.train()`` in a worker thread, so the
+kernel's event loop stays free (other cells run, Stop is received), and every event crosses to the loop's thread
+with ``loop.call_soon_threadsafe`` before any subscriber sees it: widget updates sent from other threads never
+reach the page in Colab (googlecolab/colabtools#3373).
+
+The events come from :class:`~lora_widgets.hf.callback.EventCallback`, which ``HFRun`` attaches (see there for
+what each figure is and how Stop and Pause act). Failures never escape :meth:`HFRun.run`: an exception from
+``train()`` (out of memory, an error in the user's ``compute_loss``, bad data) and a non-finite logged loss or
+gradient norm end in :class:`~lora_widgets.events.types.RunFailed` with the diagnosis our trainer gives
+(:mod:`lora_widgets.hf.args`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_widgets.events.history import History
+from lora_widgets.events.types import (
+    EvalMetrics,
+    Event,
+    RunEnded,
+    RunFailed,
+    RunState,
+    StateChanged,
+    StepMetrics,
+    Subscribers,
+)
+from lora_widgets.health.gradient_check import is_no_gradient_error
+from lora_widgets.hf.args import describe_settings, expected_max_steps, logging_advice
+from lora_widgets.hf.callback import EventCallback
+from lora_widgets.training.early_stopping import EarlyStopping
+
+__all__ = ["EventCallback", "HFRun", "describe_settings", "logging_advice"]
+
+logger = logging.getLogger(__name__)
+
+# Trainers an HFRun is training right now (two HFRuns of one trainer must not overlap). Not the trainer's own
+# ``is_in_train``: transformers leaves that True after train() raised, although train() may be called again.
+_TRAINING: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class HFRun:
+    """An existing ``transformers.Trainer`` / ``trl.SFTTrainer`` as a :class:`~lora_widgets.events.types.RunSource`.
+
+    ``HFRun(hf_trainer)`` attaches an :class:`EventCallback` (or reuses one already attached);
+    ``await run()`` trains in a worker thread and returns the terminal event; subscribers are called on the
+    event loop's thread only. The trainer keeps its own settings: :attr:`settings` describes them,
+    :meth:`advice` warns when ``logging_steps`` would leave the chart nearly empty. ``early_stopping``: an
+    :class:`~lora_widgets.training.early_stopping.EarlyStopping` rule for the callback (see
+    :mod:`lora_widgets.hf.callback`).
+
+    Raises:
+        TypeError: ``hf_trainer`` is not a transformers ``Trainer`` (no ``train``/``add_callback``/``args``).
+    """
+
+    def __init__(self, hf_trainer: Any, early_stopping: EarlyStopping | None = None) -> None:
+        missing = [
+            a for a in ("train", "add_callback", "args", "callback_handler") if not hasattr(hf_trainer, a)
+        ]
+        if missing:
+            raise TypeError(
+                f"hf_trainer must be a transformers.Trainer or trl.SFTTrainer, got {type(hf_trainer).__name__} "
+                f"(it lacks {', '.join(missing)})"
+            )
+        self.hf_trainer = hf_trainer
+        found = [cb for cb in hf_trainer.callback_handler.callbacks if isinstance(cb, EventCallback)]
+        self.callback: EventCallback = found[0] if found else EventCallback(early_stopping=early_stopping)
+        if not found:
+            hf_trainer.add_callback(self.callback)
+        elif early_stopping is not None:
+            self.callback.early_stopping = early_stopping
+        self._subscribers = Subscribers("HFRun")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._running = False
+        self.state: RunState = "idle"
+        self.last_event: RunEnded | None = None
+        self.history = History()
+        self._unforward = self.callback.subscribe(self._forward)
+
+    # -- RunSource -------------------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event, on the event loop's thread, in order; returns an
+        unsubscribe function. An exception in a callback is logged and does not stop the run."""
+        return self._subscribers.add(callback)
+
+    @property
+    def running(self) -> bool:
+        """True while :meth:`run` is in progress (also while paused)."""
+        return self._running
+
+    def stop(self) -> None:
+        """End the run after the step in progress. Safe from any thread; no-op when idle."""
+        if self._running:
+            self.callback.stop()
+
+    def pause(self) -> None:
+        """Hold the worker after the step in progress until :meth:`resume`. Safe from any thread."""
+        if self._running:
+            self.callback.pause()
+
+    def resume(self) -> None:
+        """Release a paused run. Safe from any thread."""
+        self.callback.resume()
+
+    async def run(self, resume_from_checkpoint: str | bool | None = None) -> RunEnded:
+        """Run ``hf_trainer.train(resume_from_checkpoint=...)`` in a worker thread until it ends; return the
+        terminal event. A failed run returns :class:`RunFailed` (never raises); if this task is cancelled,
+        training is stopped after the current step and awaited before the cancellation propagates.
+
+        Raises:
+            RuntimeError: a run of this trainer is already in progress.
+        """
+        if self._running or self.hf_trainer in _TRAINING:
+            raise RuntimeError("this trainer is already training; stop() it or await the run in progress")
+        self._running = True
+        _TRAINING.add(self.hf_trainer)
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self.history = History()
+        self.last_event = None
+        self.callback.begin(int(getattr(self.hf_trainer.state, "global_step", 0) or 0))
+        work = asyncio.ensure_future(asyncio.to_thread(self._train, resume_from_checkpoint))
+        try:
+            end = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self.callback.stop()
+            with contextlib.suppress(BaseException):
+                await work
+            raise
+        finally:
+            # Every event of this run was handed to the loop before the worker returned; from now on a
+            # train() called directly delivers in its own thread (this loop may be closed, as after asyncio.run).
+            self._running = False
+            self._loop = self._loop_thread = None
+            _TRAINING.discard(self.hf_trainer)
+        self.last_event = end
+        return end
+
+    # -- extras for a view -----------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The trainer's settings, to show read-only: :func:`describe_settings`."""
+        return describe_settings(self.hf_trainer)
+
+    @property
+    def total_steps(self) -> int | None:
+        """Optimizer updates ``train()`` will make (``None`` if the dataset has no length)."""
+        return expected_max_steps(self.hf_trainer)
+
+    def advice(self) -> str | None:
+        """A warning with a suggested ``logging_steps`` when the chart would be nearly empty, else ``None``."""
+        return logging_advice(self.hf_trainer.args, self.total_steps)
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write the model as it is now with ``hf_trainer.save_model(path)`` (a PEFT model: its adapter, in
+        PEFT's format); returns the path. What ``LoRADashboard.save_adapter`` calls for an attached trainer."""
+        self.hf_trainer.save_model(str(path))
+        return Path(path)
+
+    def detach(self) -> None:
+        """Remove the event bridge from the trainer (its own callbacks are untouched)."""
+        self._unforward()
+        with contextlib.suppress(ValueError):
+            self.hf_trainer.remove_callback(self.callback)
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _train(self, resume_from_checkpoint: str | bool | None) -> RunEnded:
+        """The worker thread: train, and turn any exception into a published RunFailed."""
+        failed: RunFailed | None = None
+        try:
+            self.hf_trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        except Exception as exc:
+            if is_no_gradient_error(exc):  # diagnosed in full in the RunFailed; torch's traceback says less
+                logger.info("hf_trainer.train() failed: no trainable parameter receives a gradient")
+            else:
+                logger.exception("hf_trainer.train() failed")
+            failed = self.callback.report_failure(exc, self.hf_trainer)
+        if failed is not None:  # outside the handler, so the traceback's tensors can be freed
+            self._release_memory()
+            return failed
+        if self.callback.last_event is None:  # train() returned without on_train_end: say so, do not hang
+            return self.callback.report_failure(
+                RuntimeError("train() ended without on_train_end"), self.hf_trainer
+            )
+        return self.callback.last_event
+
+    def _release_memory(self) -> None:
+        model = getattr(self.hf_trainer, "model", None)
+        if isinstance(model, torch.nn.Module):
+            model.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _forward(self, event: Event) -> None:
+        """From the training thread to the loop's thread (directly when already on it, or with no loop)."""
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread:
+            self._publish(event)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop was closed in between
+            loop.call_soon_threadsafe(self._publish, event)
+
+    def _publish(self, event: Event) -> None:
+        if isinstance(event, StateChanged):
+            self.state = event.state
+        if isinstance(event, StepMetrics | EvalMetrics):
+            self.history.append(event)
+        self._subscribers.deliver(event)
