@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_widgets.memory.quant import int8_bytes, nf4_bytes
 from transformers import LlamaConfig
 
 from lora_widgets.lora.layers import LoRAConfig, apply_lora, count_parameters
@@ -25,6 +24,7 @@ from lora_widgets.memory.fit import (
     preflight,
     suggest_fit,
 )
+from lora_widgets.memory.quant import int8_bytes, nf4_bytes
 from tests.helpers import tiny_gpt2, tiny_llama
 
 # Parameter counts of the published checkpoints (sum of the tensors in their safetensors files).
