@@ -252,6 +252,13 @@ class TrainConfig:
             return self
         return dataclasses.replace(self, precision=best_precision(device))
 
+    def for_run(self, device: torch.device, base: str) -> TrainConfig:
+        """This config checked for a run on ``device`` with a model whose base is ``base``
+        (:meth:`check_device`, :meth:`check_model`), ``precision="auto"`` resolved (:meth:`resolved`)."""
+        self.check_device(device)
+        self.check_model(base)
+        return self.resolved(device)
+
     def check_model(self, base: str) -> None:
         """Raise ``ValueError`` if ``base`` (the model's, :func:`lora_widgets.quantization.base_of`) is not the
         base this config names (``None`` accepts any)."""

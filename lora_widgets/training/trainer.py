@@ -138,10 +138,7 @@ class LoRATrainer:
         self.eval_data = eval_data
         self.lora = lora
         self.device: torch.device = select_device(config.device)
-        config.check_device(self.device)  # the one precision-vs-device rule (the dashboard uses it too)
-        config = config.resolved(self.device)  # precision="auto" -> what this device supports
-        config.check_model(base_of(model))
-        self.config = config
+        self.config = config.for_run(self.device, base_of(model))  # checked as the dashboard does
         self.report: LoRAReport | None
         self.report, self._owns_lora = ownership.attach_adapters(model, lora)  # checks, then changes
 
