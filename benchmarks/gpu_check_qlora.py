@@ -22,8 +22,9 @@ import transformers
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, prepare_model_for_kbit_training
 
-from lora_widgets import HFRun, LoRAConfig, LoRATrainer, TrainConfig, estimate_memory
+from lora_widgets import LoRAConfig, LoRATrainer, TrainConfig, estimate_memory
 from lora_widgets.events import Event, RunEnded, StepMetrics
+from lora_widgets.hf import HFRun
 from lora_widgets.memory.arch import known_model_config
 from lora_widgets.memory.fit import format_bytes
 from lora_widgets.memory.quant import measured_quantized_bytes, quantized_weight_bytes
