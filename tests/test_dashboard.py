@@ -789,7 +789,9 @@ def test_a_data_split_is_accepted_with_its_own_validation_part() -> None:
     from lora_widgets.data.text import DataSplit
 
     blocks = torch.randint(0, 128, (40, 32))
-    split = DataSplit(train=blocks[:30], val=blocks[30:], block_size=32, n_tokens=40 * 32)
+    split = DataSplit(
+        train=blocks[:30], val=blocks[30:], block_size=32, n_tokens=40 * 32, split="by document: x"
+    )
     dash = LoRADashboard(
         model=tiny_llama(),
         tokenizer=object(),
@@ -797,6 +799,6 @@ def test_a_data_split_is_accepted_with_its_own_validation_part() -> None:
         lora=LoRAConfig(r=4),
         train=FakeTrainConfig(),
     )
-    train, val = dash._data
-    assert torch.equal(train, split.train) and torch.equal(val, split.val)
+    train, val, how = dash._data
+    assert torch.equal(train, split.train) and torch.equal(val, split.val) and how == "by document: x"
     assert dash.panel.summary.get("train_blocks") == 30

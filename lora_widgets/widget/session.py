@@ -148,7 +148,7 @@ def running_loop() -> asyncio.AbstractEventLoop:
 def new_trainer_run(
     model: Any,
     tokenizer: Any,
-    data: tuple[Any, Any],
+    data: Any,
     lora: Any,
     own: Any,
     train: Any,
@@ -165,7 +165,7 @@ def new_trainer_run(
         from lora_widgets.training.trainer import LoRATrainer
 
         factory = LoRATrainer
-    trainer = factory(model, tokenizer, *data, lora=own, config=train)
+    trainer = factory(model, tokenizer, data, lora=own, config=train)  # data: a RunData (train, val, split)
     if own is None:
         label = f"run {index}: model's adapters lr={format_lr(train.learning_rate)}"
     else:

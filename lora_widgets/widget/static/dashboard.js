@@ -100,11 +100,13 @@ function parseInput(spec, text) {
  */
 function factRows(f) {
   if (!f || !f.kind) return [];
+  const split = f.split ? [["validation split", String(f.split)]] : [];
   if (f.kind === "packed") {
     return [
       ["data", "text packed into blocks (every token trained)"],
       ["blocks (train / validation)", `${count(f.train)} / ${count(f.val)} of ${f.seq_len} tokens`],
       ["tokens", count(f.tokens)],
+      ...split,
     ];
   }
   const formats = Object.keys(f.formats || {})
@@ -117,6 +119,7 @@ function factRows(f) {
     ["rows truncated / dropped", `${count(f.truncated)} / ${count(f.dropped)} (max_length ${f.max_length})`],
     ["tokens trained", `${Number(f.trained_pct).toFixed(1)}% of ${count(f.tokens)}`],
     ["padding", `${Number(f.padding_pct).toFixed(1)}% (longest padded length ${f.seq_len})`],
+    ...split,
   ];
 }
 
