@@ -11,7 +11,7 @@ resume are passed to the source. When the source returns (or raises: a backstop 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lora_widgets.events.types import Event, RunEnded, RunFailed, RunSource, RunStopped
@@ -154,6 +154,7 @@ def new_trainer_run(
     train: Any,
     index: int,
     factory: Any,
+    previous: Sequence[RunRecord] = (),
 ) -> RunRecord:
     """Run number ``index`` of our own :class:`~lora_widgets.LoRATrainer` (``factory``: a stand-in class in tests).
 
@@ -170,4 +171,7 @@ def new_trainer_run(
         label = f"run {index}: model's adapters lr={format_lr(train.learning_rate)}"
     else:
         label = run_label(index, lora.r, lora.alpha, train.learning_rate, lora.target_modules)
+    same = next((r.index for r in reversed(previous) if r.lora == own and r.train == train), None)
+    if same is not None:  # its curve would hide the earlier one's: the legend says why they coincide
+        label += f" (same settings as run {same})"
     return RunRecord(index, label, own, train, trainer)
