@@ -153,6 +153,20 @@ class RunFinished(RunEnded):
 
 
 @dataclass(frozen=True)
+class RunEarlyStopped(RunFinished):
+    """An early-stopping rule ended the run before its last step: a normal end, not a failure.
+
+    ``reason``: ``"patience"`` (the validation loss stopped improving) or ``"diverged"`` (the loss went
+    non-finite or far above its start); ``best_step``/``best_val_loss``: the best evaluation, whose adapter
+    is the one saved (``adapter_path``). See :mod:`lora_widgets.training.early_stopping`.
+    """
+
+    kind: ClassVar[str] = "early_stopped"
+    reason: Literal["patience", "diverged"] = "patience"
+    best_step: int | None = None
+
+
+@dataclass(frozen=True)
 class RunStopped(RunEnded):
     """The user stopped the run; the adapter of the last completed step is kept."""
 
@@ -313,6 +327,7 @@ Event = Union[  # noqa: UP007 - a runtime alias, kept readable on Python 3.10
     CheckpointSaved,
     StateChanged,
     RunFinished,
+    RunEarlyStopped,
     RunStopped,
     RunFailed,
     AdapterStats,

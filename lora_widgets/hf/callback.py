@@ -7,7 +7,14 @@ The trainer's hooks become the events our own trainer publishes (:mod:`lora_widg
     on_step_end     -> honours stop()/pause() (StateChanged "paused"/"running")
     on_pre_optimizer_step (the first of a train()) -> AlertRaised "no_gradient" when trainable parameters
                        got no gradient (lora_widgets.health.gradient_check; read after backward, before the update)
-    on_train_end    -> StateChanged(<end>), RunFinished | RunStopped | RunFailed (NaN seen)
+    on_train_end    -> StateChanged(<end>), RunFinished | RunEarlyStopped | RunStopped | RunFailed (NaN seen)
+
+Early stopping (``EventCallback(early_stopping=EarlyStopping(...))``) applies the rule of
+:mod:`lora_widgets.training.early_stopping` to the logged losses and evaluations, with the semantics of
+``transformers.EarlyStoppingCallback`` (patience and threshold on ``eval_loss``): it sets
+``control.should_training_stop`` and the run ends in :class:`~lora_widgets.events.types.RunEarlyStopped`. The best
+model is restored by the trainer itself when ``load_best_model_at_end=True`` (as with HF's callback); the end
+message says which step was best either way.
 
 Subscribers are called synchronously, in the thread that runs ``train()``; :class:`lora_widgets.hf.run.HFRun`
 runs ``train()`` in a worker thread and moves each event to the event loop's thread. A user who calls
@@ -52,6 +59,7 @@ from lora_widgets.events.types import (
     EvalMetrics,
     Event,
     FailureReason,
+    RunEarlyStopped,
     RunEnded,
     RunFailed,
     RunFinished,
@@ -73,6 +81,7 @@ from lora_widgets.hf.args import (
     settings_of,
 )
 from lora_widgets.lora.layers import count_parameters
+from lora_widgets.training.early_stopping import EarlyStopper, EarlyStopping, Verdict
 
 __all__ = ["EventCallback"]
 
@@ -121,6 +130,8 @@ class _RunRecord:
     gradients_checked: bool = False  # the first update's gradients were read
     ckpt_step: int | None = None
     ckpt_path: str | None = None
+    stopper: EarlyStopper | None = None
+    verdict: Verdict | None = None  # the early-stopping rule ended the run
     util: float | None = None
     util_t: float = -1e9
     unwritten: list[Event] = field(default_factory=list)  # published before metrics.jsonl was opened
@@ -132,10 +143,16 @@ class EventCallback(TrainerCallback):
     Add it to any ``transformers.Trainer`` / ``trl.SFTTrainer`` (``callbacks=[cb]`` or ``add_callback``) and
     :meth:`subscribe`: subscribers are called synchronously in the thread that runs ``train()``. To keep a
     notebook usable while training, use :class:`HFRun` instead (it attaches one of these for you).
-    ``metrics_file``: append every event to ``<output_dir>/metrics.jsonl``.
+    ``metrics_file``: append every event to ``<output_dir>/metrics.jsonl``. ``early_stopping``: stop on the
+    rule's verdict (see the module's docstring); settable between runs.
     """
 
-    def __init__(self, *, metrics_file: bool = True) -> None:
+    def __init__(self, *, metrics_file: bool = True, early_stopping: EarlyStopping | None = None) -> None:
+        if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+            raise TypeError(
+                f"early_stopping must be an EarlyStopping or None, got {type(early_stopping).__name__}"
+            )
+        self.early_stopping = early_stopping
         self._subscribers = Subscribers("EventCallback")
         self._metrics_file = metrics_file
         self._file: IO[str] | None = None
@@ -202,6 +219,7 @@ class EventCallback(TrainerCallback):
         self._reset_run()
         self._run.unwritten = announced
         self._run.started = True
+        self._run.stopper = EarlyStopper(self.early_stopping) if self.early_stopping is not None else None
         self._run.device = torch.device(str(args.device))
         self._run.max_steps = int(state.max_steps)
         self._run.step = self._run.start_step = self._run.log_step = int(state.global_step)
@@ -270,10 +288,11 @@ class EventCallback(TrainerCallback):
         step = int(state.global_step)
         loss, grad_norm = logs["loss"], logs.get("grad_norm", math.nan)
         if not _finite(loss) or (not _finite(grad_norm) and "grad_norm" in logs):
-            if self._run.nan_step is None:
+            if not self._early_stop(control, step, math.nan, None) and self._run.nan_step is None:
                 self._run.nan_step = step
             control.should_training_stop = True
             return
+        self._early_stop(control, step, float(loss), None)
         now = self._elapsed()
         tokens = self._tokens_seen(state, logs)
         dt = max(now - self._run.log_t, 1e-9)
@@ -318,6 +337,7 @@ class EventCallback(TrainerCallback):
         best = self._run.best_val if self._run.best_val is not None else val
         extra = _extras(metrics or {}, frozenset({"eval_loss", "epoch", "step"}))
         self._emit(EvalMetrics(int(state.global_step), val, ppl, best, extra=extra))
+        self._early_stop(control, int(state.global_step), None, val)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._run.ckpt_step = int(state.global_step)
@@ -332,6 +352,19 @@ class EventCallback(TrainerCallback):
             self._finish(
                 "failed", self._failed(step, d.reason, d.message + note, d.error_type, d.suggestions)
             )
+        elif (v := self._run.verdict) is not None:
+            best = (
+                " (restored: load_best_model_at_end)"
+                if getattr(args, "load_best_model_at_end", False)
+                else ""
+            )
+            end = RunEarlyStopped(
+                **self._end_fields(step),
+                message=v.message + best + note,
+                reason=v.reason,
+                best_step=v.best_step,
+            )
+            self._finish("finished", end)
         elif self._stop.is_set() and step < self._run.max_steps:
             self._finish(
                 "stopped", RunStopped(**self._end_fields(step), message=f"Stopped after step {step}.{note}")
@@ -341,6 +374,19 @@ class EventCallback(TrainerCallback):
             self._finish("finished", RunFinished(**self._end_fields(step), message=message))
 
     # -- internals --------------------------------------------------------------------------------------
+
+    def _early_stop(self, control: Any, step: int, loss: float | None, val_loss: float | None) -> bool:
+        """Feed the early-stopping rule a logged loss or an evaluation; on its verdict stop training."""
+        stopper = self._run.stopper
+        if stopper is None or self._run.verdict is not None:
+            return self._run.verdict is not None
+        if loss is not None:
+            self._run.verdict = stopper.observe_loss(step, loss)
+        if val_loss is not None:
+            self._run.verdict = stopper.observe_eval(step, val_loss)
+        if self._run.verdict is not None:
+            control.should_training_stop = True
+        return self._run.verdict is not None
 
     def _reset_run(self) -> None:
         self._run = _RunRecord()

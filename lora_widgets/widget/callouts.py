@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from lora_widgets.events.types import AlertRaised, RunEnded, RunFailed, RunFinished
+from lora_widgets.events.types import AlertRaised, RunEarlyStopped, RunEnded, RunFailed, RunFinished
 from lora_widgets.lora.config import LoRAConfig
 from lora_widgets.lora.layers import count_parameters
 from lora_widgets.widget.readouts import schedule_note
@@ -87,7 +87,7 @@ def alert_callout(alert: AlertRaised) -> Callout:
 def outcome_callout(
     label: str, ended: RunEnded, final_loss: float | None, best_val_loss: float | None
 ) -> Callout:
-    """How a run ended: success (finished), info (stopped) or danger (failed, with the suggestions)."""
+    """How a run ended: success (finished or stopped early), info (stopped) or danger (failed, with the suggestions)."""
     if isinstance(ended, RunFailed):
         return failure_callout(
             ended.error_type or ended.reason, ended.message, ended.suggestions, ended.reason
@@ -100,6 +100,8 @@ def outcome_callout(
     if ended.adapter_path:
         parts.append(f"adapter saved in {ended.adapter_path}")
     text = "; ".join(parts) + "."
+    if isinstance(ended, RunEarlyStopped):  # its message says at which step and which step was best
+        return Callout("success", f"Stopped early: {label}", text)
     if isinstance(ended, RunFinished):
         return Callout("success", f"Finished {label}", text)
     return Callout("info", f"Stopped at step {ended.step}", text)
