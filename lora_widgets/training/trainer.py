@@ -96,9 +96,8 @@ class LoRATrainer:
             ``"python-instruct"``), tokenised by :func:`lora_widgets.data.sft.prepare_sft` with
             ``config.max_length``/``config.train_on``, padded per batch, loss on the answers.
         eval_data: validation blocks, source or rows; ``None`` holds out ``config.val_fraction`` of the
-            training data (seeded): whole documents of text, whole examples of rows, the last blocks of a
-            tensor (:mod:`lora_widgets.data.split`); a built-in instruction set uses its validation split.
-            The run's ``DataPrepared.split`` says which.
+            training data, seeded, by :mod:`lora_widgets.data.split` (``DataPrepared.split`` says how); a built-in
+            instruction set uses its validation split.
         lora: a :class:`LoRAConfig` to apply adapters now (each ``run()`` re-initialises them from the
             seed; adapters an earlier LoRATrainer made are replaced), or ``None`` to train whatever already has
             ``requires_grad`` (adapters you applied yourself, a PEFT model, or the whole model).
