@@ -59,6 +59,7 @@ from lora_widgets.lora.config import (
     resolve_targets,
     short_list,
 )
+from lora_widgets.lora.fused import can_fuse, fused_lora_linear
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -157,12 +158,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> result: [..., out]
-        result: torch.Tensor = self.base_layer(x)
         if self.merged or not self.enabled:
-            return result
+            return self.base_layer(x)  # a merged or disabled adapter costs exactly the base layer
         lora_x = x if x.dtype == self.lora_A.weight.dtype else x.to(self.lora_A.weight.dtype)
+        if not isinstance(self.lora_dropout, nn.Identity):  # dropout 0 is no call at all
+            lora_x = self.lora_dropout(lora_x)
+        a, b = self.lora_A.weight, self.lora_B.weight  # [r, in], [out, r]
+        if can_fuse(self.base_layer, x, a, b):  # one autograd node, sums inside the matmuls (lora/fused.py)
+            return fused_lora_linear(x, lora_x, self.base_layer, a, b, self.scaling)
+        result: torch.Tensor = self.base_layer(x)
         # Scale the rank-r intermediate rather than the output: the same product, r/out of the work.
-        hidden = self.lora_A(self.lora_dropout(lora_x)) * self.scaling  # [..., r]
+        hidden = self.lora_A(lora_x) * self.scaling  # [..., r]
         update = self.lora_B(hidden)  # [..., out]
         if update.dtype != result.dtype:
             update = update.to(result.dtype)
