@@ -7,13 +7,15 @@ medians and the ratios that matter:
 * ours / base     (target <= 1.04: LoRA adds 3 r / d = 2.3% of the FLOPs at d=2048, r=16)
 * ours / PEFT     (target <= 1.00)
 * merged / base   (a merged adapter costs exactly the base: target 1.00 within noise)
+* modules / base  (ours without the fused node: base layer, A and B called as modules, as before)
 
 The input requires grad, as it does for any layer inside a network, so the frozen layer's backward
 computes dX (its weight gets no gradient). With dropout the LoRA branch sees ``dropout(x)``, a new [N, d]
 tensor and a random mask: every implementation pays for that copy.
 
 Usage: python benchmarks/bench_lora_layer.py [--d 2048] [--r 16] [--tokens 2048] [--rounds 15]
-       [--dtypes fp32,bf16] [--dropouts 0,0.05]
+       [--dtypes fp32,bf16] [--dropouts 0,0.05] [--threads N]
+Run it with PYTHONPATH=. from a checkout so that it measures that checkout's code.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ def _layers(d: int, r: int, dtype: torch.dtype, dropout: float) -> dict[str, nn.
     nn.init.normal_(ours.lora_B.weight, std=0.01)
     merged = copy.deepcopy(ours)
     merged.merge()
-    layers: dict[str, nn.Module] = {"base": base, "ours": ours}
+    unfused = copy.deepcopy(ours)  # a no-op hook on the base keeps the layer on its module-by-module path
+    unfused.base_layer.register_forward_hook(lambda module, args, out: None)
+    layers: dict[str, nn.Module] = {"base": base, "ours": ours, "modules": unfused}
     with contextlib.suppress(ImportError):
         layers["peft"] = _peft_layer(copy.deepcopy(base), r, 2 * r, dropout)
     layers["merged"] = merged
@@ -94,7 +98,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--dropouts", default="0,0.05", help="comma-separated LoRA dropout rates")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
     dropouts = [float(p) for p in args.dropouts.split(",")]
     print(
@@ -102,7 +109,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians"
     )
     print(f"{'dtype':5s} {'dropout':>7s} {'base ms':>8s} {'ours/base':>9s} {'peft/base':>9s} "
-          f"{'ours/peft':>9s} {'merged/base':>11s}")  # fmt: skip
+          f"{'ours/peft':>9s} {'merged/base':>11s} {'modules/base':>12s}")  # fmt: skip
     for dtype in dtypes:
         for dropout in dropouts:
             med = measure(args.d, args.r, args.tokens, args.rounds, dtype, dropout)
@@ -110,7 +117,8 @@ def main() -> None:
             name = next(k for k, v in DTYPES.items() if v == dtype)
             print(
                 f"{name:5s} {dropout:7.2f} {med['base'] * 1e3:8.1f} {med['ours'] / med['base']:9.3f} "
-                f"{peft / med['base']:9.3f} {med['ours'] / peft:9.3f} {med['merged'] / med['base']:11.3f}",
+                f"{peft / med['base']:9.3f} {med['ours'] / peft:9.3f} {med['merged'] / med['base']:11.3f} "
+                f"{med['modules'] / med['base']:12.3f}",
                 flush=True,
             )
     print("targets: ours/base <= 1.04 at dropout 0, ours/peft <= 1.00, merged/base = 1.00")
