@@ -171,7 +171,8 @@ class DataPrepared(_EventBase):
     every token trained) or ``"sft"`` (instruction/chat rows padded per batch; ``seq_len`` is the longest
     padded length, ``trained_tokens`` the loss positions, ``padding_tokens`` the padded positions of epoch
     0's batches). ``tokens`` excludes padding. ``rows``/``truncated``/``dropped``/``formats``: the rows read,
-    those cut to ``max_length``, those left with no trained token, rows per source format (SFT only)."""
+    those cut to ``max_length``, those left with no trained token, rows per source format (SFT only).
+    ``packed``: the examples are laid out padding-free (``TrainConfig.packing``), so ``padding_tokens`` is 0."""
 
     kind: ClassVar[str] = "data"
     data_kind: Literal["packed", "sft"]
@@ -187,6 +188,7 @@ class DataPrepared(_EventBase):
     formats: dict[str, int] = field(default_factory=dict)
     train_on: str = "all"
     max_length: int | None = None
+    packed: bool = False
 
     @property
     def trained_share(self) -> float:

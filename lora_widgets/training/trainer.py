@@ -326,7 +326,7 @@ class LoRATrainer:
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
         self._publish(
-            data_prepared(blocks.train, blocks.val, c)
+            data_prepared(blocks.train, blocks.val, c, run.order.packed)
         )  # what the data became, for views and metrics.jsonl
         self._insight = Insight.for_run(self.model, self.tokenizer, c, blocks.val, p.total)
         return run

@@ -44,6 +44,7 @@ def data_facts(event: DataPrepared) -> dict[str, Any]:
         "formats": dict(event.formats),
         "train_on": event.train_on,
         "max_length": event.max_length,
+        "packed": event.packed,
     }
 
 
@@ -66,8 +67,14 @@ def facts_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("examples (train / validation)", f"{facts['train']:,} / {facts['val']:,}"),
         ("rows truncated / dropped", f"{facts['truncated']:,} / {facts['dropped']:,} (max_length {facts['max_length']})"),
         ("tokens trained", f"{facts['trained_pct']:.1f}% of {facts['tokens']:,}"),
-        ("padding", f"{facts['padding_pct']:.1f}% (longest padded length {facts['seq_len']})"),
+        _layout_row(facts),
     ]  # fmt: skip
+
+
+def _layout_row(facts: Mapping[str, Any]) -> tuple[str, str]:
+    if facts.get("packed"):
+        return ("padding", "none: packed, examples side by side, positions restart per example")
+    return ("padding", f"{facts['padding_pct']:.1f}% (longest padded length {facts['seq_len']})")
 
 
 class DataView:
