@@ -10,7 +10,10 @@ binary buffers).
 Printed side by side, in one run: the dashboard's policy ("after": one push per second, one point per pixel
 column, only changed marks) at 1,000, 10,000 and 100,000 steps, and the policy it replaced ("before": a push
 every 0.25 s with up to 2,000 points per line), selectable here only. The budget is at most 10 messages and
-20 KB per simulated second, the same at 1k and 100k steps. Run: ``python benchmarks/bench_streaming.py``.
+20 KB per simulated second, the same at 1k and 100k steps. The "sweep" cases feed a 50-run sweep's events
+(issue 22) to a ``SweepView`` on the same fake clock (runs of 200 and of 20 steps); "points_per_line" is then
+the longest run's curve and "spike_kept" that every run reached the table.
+Run: ``python benchmarks/bench_streaming.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_widgets.events.types import EvalMetrics, RunStarted, StepMetrics
+from lora_widgets.events.types import EvalMetrics, RunFinished, RunStarted, StepMetrics
 from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.sweep.events import SweepEnded, SweepRunEnded, SweepRunStarted, SweepStarted
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.widget.charts import Charts
 from lora_widgets.widget.dashboard import LoRADashboard
@@ -110,6 +115,67 @@ def simulate(n_steps: int, policy: str, gpu: bool = False) -> dict[str, float]:
     }
 
 
+def sweep_events(n_runs: int, steps: int) -> Any:
+    """A sweep's stream as :class:`~lora_widgets.sweep.runner.Sweep` publishes it: per run its own events
+    (a step every step, an evaluation every 50) between SweepRunStarted and SweepRunEnded."""
+    yield SweepStarted("/tmp/s", ("learning_rate", "r"), n_runs // 2, (0, 1), n_runs)
+    for k in range(n_runs):
+        lr, r, seed = 10 ** (-4 + 2 * (k // 2) / max(n_runs // 2 - 1, 1)), 2 ** (1 + k % 5), k % 2
+        settings = {"learning_rate": lr, "r": r}
+        yield SweepRunStarted(k, k // 2, settings, seed, 0, steps, f"run {k}")
+        yield RunStarted(f"r{k}", "/tmp/r", {}, None, "cpu", "CPU", 10_000, 1_500_000, steps, 1024, 0.0)
+        best = math.inf
+        for i in range(1, steps + 1):
+            loss = 4.0 * math.exp(-i / steps) + abs(math.log10(lr) + 2.5) + 0.1 * math.sin(i + k)
+            yield StepMetrics(i, steps, i / steps, loss, lr, 1.0, 5e4, i / STEPS_PER_S, 1.0, 300 * 2**20)
+            if i % 50 == 0 or i == steps:
+                best = min(best, loss)
+                yield EvalMetrics(i, loss, math.exp(loss), best)
+        yield RunFinished(steps, steps / STEPS_PER_S, loss, best, "/tmp/a", "done")
+        yield SweepRunEnded(k, k // 2, settings, seed, 0, steps, "finished", steps, steps / STEPS_PER_S, best,
+                            loss, f"Finished {steps} steps.", "", None, f"/tmp/r{k}", 120_000)  # fmt: skip
+    yield SweepEnded("finished", n_runs, 0, n_runs * steps / STEPS_PER_S, "Sweep finished.", True)
+
+
+def simulate_sweep(n_runs: int, steps: int) -> dict[str, float]:
+    """A SweepView fed a whole sweep on a fake clock; every message counted as for the dashboard."""
+    from lora_widgets.sweep import Sweep
+    from lora_widgets.widget.sweep_view import SweepView
+    from tests.helpers import patterned_batch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep = Sweep(tiny_llama(), None, patterned_batch(16, 16), space={"learning_rate": [1e-3], "r": [2]},
+                      seeds=[0, 1], directory=tmp, config=TrainConfig(max_steps=steps))  # fmt: skip
+    view = SweepView(sweep)
+    loop = FakeLoop()
+    view._flusher.clock, view._flusher.call_later = loop.time, loop.call_later
+    counter = Counter()
+    original = ipywidgets.Widget._send
+    ipywidgets.Widget._send = lambda w, msg, buffers=None: counter.send(w, msg, buffers)  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    try:
+        for event in sweep_events(n_runs, steps):
+            view._on_event(event)
+            if event.kind == "step":
+                loop.advance(1.0 / STEPS_PER_S)
+    finally:
+        ipywidgets.Widget._send = original  # type: ignore[method-assign]
+    wall = time.perf_counter() - t0
+    sim_s = n_runs * steps / STEPS_PER_S
+    return {
+        "steps": n_runs * steps,
+        "simulated_s": sim_s,
+        "flushes": view._flusher.flushes,
+        "messages": counter.messages,
+        "messages_per_s": counter.messages / sim_s,
+        "KB_per_s": counter.bytes / 1e3 / sim_s,
+        "largest_msg_KB": counter.largest / 1e3,
+        "points_per_line": max(len(view.board.curve(i)) for i in range(n_runs)),
+        "spike_kept": float(len(view.rows) == n_runs),  # here: every run is in the table
+        "handler_us_per_step": 1e6 * wall / (n_runs * steps),
+    }
+
+
 def main() -> None:
     runs = [
         ("before, 10k", simulate(10_000, "before")),
@@ -118,6 +184,8 @@ def main() -> None:
         ("after, 10k", simulate(10_000, "after")),
         ("after, 100k", simulate(100_000, "after")),
         ("after, 100k GPU", simulate(100_000, "after", gpu=True)),
+        ("after, sweep 50x200", simulate_sweep(50, 200)),  # issue 22: a 50-run sweep in the SweepView
+        ("after, sweep 50x20", simulate_sweep(50, 20)),  # short runs: 2.5 runs end per second
     ]
     print(f"step rate {STEPS_PER_S:g}/s (fake clock); before: push every {POLICIES['before'][0]} s, "
           f"{POLICIES['before'][1]} points per line; after: push every {POLICIES['after'][0]} s, "

@@ -64,7 +64,6 @@ __all__ = ["DashboardPanel", "LoRADashboard", "RunRecord", "validate_settings"]
 logger = logging.getLogger(__name__)
 
 _TRAIN_FIELDS = controls.config_fields(controls.TrainConfig)
-_LORA_TRAITS = ["rank", "alpha", "dropout", "target_modules"]
 _LOGGED_LR_EVERY = 5  # flushes between redraws of a logged LR line (it moves slowly; its marker every flush)
 
 
@@ -157,7 +156,7 @@ class LoRADashboard(
         )
         self.adapter_charts = AdapterCharts()
         self.panel.observe(self._on_controls, names=list(DashboardPanel.CONFIG_TRAITS))
-        self.panel.observe(self._preview_params, names=_LORA_TRAITS)
+        self.panel.observe(self._preview_params, names=list(controls.LORA_CONTROL_NAMES))
         self.panel.observe(self._on_log_scale, names=["log_scale"])
         self.panel.observe(self._show_example, names=["data_index"])
         self._show_example()
@@ -173,11 +172,11 @@ class LoRADashboard(
         if self._attached is not None:
             self.panel.summary = {**self.panel.summary, "train_rows": attach.train_rows_of(self._attached)}
             attach.show_source(self._attached, self.panel, self._callouts, self.charts)
-            self._callouts.set("status", attach.ready_callout(self.panel.attached_settings))
+            self._callouts.set("status", callouts.ready_callout(self.panel.attached_settings))
             self._publish_callouts()
             return
         self._callouts.set("status", callouts.READY)
-        self._callouts.put("device", loading.cpu_callout(self.model) if self._device_type == "cpu" else None)
+        self._callouts.put("device", callouts.cpu_callout(self.model) if self._device_type == "cpu" else None)
         self._callouts.put("adapters", callouts.ADAPTERS_GIVEN if self._adapters_given else None)
         self._publish_callouts()
 
@@ -356,7 +355,7 @@ class LoRADashboard(
     def _build_run(self, lora: LoRAConfig, train: Any) -> RunRecord:
         """The next run: the memory pre-flight (as a callout), then a LoRATrainer to drive."""
         own = None if self._adapters_given else lora  # a model's own adapters train as they are
-        self._callouts.put("preflight", loading.preflight_callout(self.model, own, train, self._device_type,
+        self._callouts.put("preflight", callouts.preflight_callout(self.model, own, train, self._device_type,
                                                                   int(self._data[0].shape[1])))  # fmt: skip
         return new_trainer_run(self.model, self.tokenizer, self._data, lora, own, train, len(self.runs) + 1,
                                self._trainer_factory)  # fmt: skip
