@@ -25,16 +25,17 @@ def _layer(dtype: torch.dtype = torch.float64, bias: bool = True, dropout: float
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck_of_the_fused_node(bias: bool) -> None:
     layer = _layer(bias=bias)
+    base = layer.base_layer
     a = layer.lora_A.weight.detach().clone().requires_grad_()
     b = layer.lora_B.weight.detach().clone().requires_grad_()
     x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)  # [batch, tokens, in]
     xd = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)  # a separate LoRA input (dropout)
 
     def same(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return fused_lora_linear(x, x, layer.base_layer, a, b, 2.0)
+        return fused_lora_linear(x, x, base.weight, base.bias, a, b, 2.0)
 
     def separate(x: torch.Tensor, xd: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return fused_lora_linear(x, xd, layer.base_layer, a, b, 2.0)
+        return fused_lora_linear(x, xd, base.weight, base.bias, a, b, 2.0)
 
     assert torch.autograd.gradcheck(same, (x, a, b))
     assert torch.autograd.gradcheck(separate, (x, xd, a, b))

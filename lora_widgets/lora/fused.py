@@ -38,7 +38,7 @@ class _FusedLoRALinear(torch.autograd.Function):
     """``x W^T + b + s (x_l A^T) B^T`` with W and b frozen (they get no gradient)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,  # [N, in]
         lora_x: torch.Tensor,  # [N, in]: x, or dropout(x)
@@ -81,17 +81,18 @@ class _FusedLoRALinear(torch.autograd.Function):
 def fused_lora_linear(
     x: torch.Tensor,
     lora_x: torch.Tensor,
-    base: torch.nn.Linear,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """``base(x) + scaling * lora_x @ lora_a^T @ lora_b^T`` for ``x`` of shape ``[..., in]``, in one node.
+    """``x @ weight^T + bias + scaling * lora_x @ lora_a^T @ lora_b^T`` for ``x`` of shape ``[..., in]``, in one
+    node: a frozen ``nn.Linear(weight [out, in], bias [out])`` plus its LoRA update.
 
-    ``base`` must be frozen (its parameters get no gradient). Under ``torch.autocast`` the operands are cast to
+    ``weight`` and ``bias`` must be frozen (they get no gradient). Under ``torch.autocast`` the operands are cast to
     the autocast dtype as ``nn.Linear`` would cast them (the factors' gradients flow back through the cast).
     """
-    weight, bias = base.weight, base.bias
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)

@@ -165,7 +165,7 @@ class LoRALinear(nn.Module):
             lora_x = self.lora_dropout(lora_x)
         a, b = self.lora_A.weight, self.lora_B.weight  # [r, in], [out, r]
         if can_fuse(self.base_layer, x, a, b):  # one autograd node, sums inside the matmuls (lora/fused.py)
-            return fused_lora_linear(x, lora_x, self.base_layer, a, b, self.scaling)
+            return fused_lora_linear(x, lora_x, self.weight, self.bias, a, b, self.scaling)
         result: torch.Tensor = self.base_layer(x)
         # Scale the rank-r intermediate rather than the output: the same product, r/out of the work.
         hidden = self.lora_A(lora_x) * self.scaling  # [..., r]
