@@ -2,7 +2,7 @@
 
 For each dtype (fp32, bf16) and LoRA dropout (0, 0.05), the four layers run in one process, interleaved
 round by round (base ours peft merged base ours ...), so machine noise hits them alike; the script prints
-medians and the ratios that matter:
+the base's median time and, per layer, the median over rounds of its time / the base's time in that round:
 
 * ours / base     (target <= 1.04: LoRA adds 3 r / d = 2.3% of the FLOPs at d=2048, r=16)
 * ours / PEFT     (target <= 1.00)
@@ -75,8 +75,13 @@ def _layers(d: int, r: int, dtype: torch.dtype, dropout: float) -> dict[str, nn.
     return layers
 
 
-def measure(d: int, r: int, tokens: int, rounds: int, dtype: torch.dtype, dropout: float) -> dict[str, float]:
-    """Median forward+backward seconds of each layer, interleaved round by round."""
+def measure(
+    d: int, r: int, tokens: int, rounds: int, dtype: torch.dtype, dropout: float
+) -> tuple[float, dict[str, float]]:
+    """The base layer's median forward+backward seconds, and each layer's median per-round ratio to the base.
+
+    Each round times every layer back to back, so a ratio within a round compares runs seconds apart; the
+    median of those ratios follows the machine's load far less than a ratio of medians taken minutes apart."""
     layers = _layers(d, r, dtype, dropout)
     x = torch.randn(tokens, d, dtype=dtype, requires_grad=True)  # [tokens, d]
     grad_out = torch.randn(tokens, d, dtype=dtype)  # [tokens, d]
@@ -87,7 +92,11 @@ def measure(d: int, r: int, tokens: int, rounds: int, dtype: torch.dtype, dropou
     for _ in range(rounds):
         for name, layer in layers.items():
             times[name].append(_time_once(layer, x, grad_out))
-    return {name: statistics.median(t) for name, t in times.items()}
+    ratios = {
+        name: statistics.median(t / b for t, b in zip(series, times["base"], strict=True))
+        for name, series in times.items()
+    }
+    return statistics.median(times["base"]), ratios
 
 
 def main() -> None:
@@ -106,19 +115,18 @@ def main() -> None:
     dropouts = [float(p) for p in args.dropouts.split(",")]
     print(
         f"LoRA layer fwd+bwd, d={args.d}, r={args.r}, tokens={args.tokens}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians"
+        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians of per-round ratios"
     )
     print(f"{'dtype':5s} {'dropout':>7s} {'base ms':>8s} {'ours/base':>9s} {'peft/base':>9s} "
           f"{'ours/peft':>9s} {'merged/base':>11s} {'modules/base':>12s}")  # fmt: skip
     for dtype in dtypes:
         for dropout in dropouts:
-            med = measure(args.d, args.r, args.tokens, args.rounds, dtype, dropout)
-            peft = med.get("peft", float("nan"))
+            base_s, ratio = measure(args.d, args.r, args.tokens, args.rounds, dtype, dropout)
+            peft = ratio.get("peft", float("nan"))
             name = next(k for k, v in DTYPES.items() if v == dtype)
             print(
-                f"{name:5s} {dropout:7.2f} {med['base'] * 1e3:8.1f} {med['ours'] / med['base']:9.3f} "
-                f"{peft / med['base']:9.3f} {med['ours'] / peft:9.3f} {med['merged'] / med['base']:11.3f} "
-                f"{med['modules'] / med['base']:12.3f}",
+                f"{name:5s} {dropout:7.2f} {base_s * 1e3:8.1f} {ratio['ours']:9.3f} {peft:9.3f} "
+                f"{ratio['ours'] / peft:9.3f} {ratio['merged']:11.3f} {ratio['modules']:12.3f}",
                 flush=True,
             )
     print("targets: ours/base <= 1.04 at dropout 0, ours/peft <= 1.00, merged/base = 1.00")
