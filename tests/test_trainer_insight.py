@@ -230,10 +230,11 @@ def test_a_batch_with_every_label_masked_raises_nothing_is_trained_once(tmp_path
 
 
 def test_importing_the_trainer_keeps_the_public_adapter_stats_a_function() -> None:
-    """The module and the function share the name ``adapter_stats``; the trainer's import must not hide the function."""
+    """``lora_widgets.lora.adapter_stats`` is the function, also after the trainer (which imports the statistics
+    module) is loaded: no module of that name shadows it."""
     code = (
         "import types, lora_widgets.training.trainer\n"
-        "from lora_widgets import adapter_stats\n"
+        "from lora_widgets.lora import adapter_stats\n"
         "assert callable(adapter_stats) and not isinstance(adapter_stats, types.ModuleType), adapter_stats\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

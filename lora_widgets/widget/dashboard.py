@@ -45,10 +45,10 @@ from lora_widgets.events.types import (
 )
 from lora_widgets.lora.layers import LoRAConfig, count_parameters
 from lora_widgets.widget import attach, callouts, controls, loading, readouts
-from lora_widgets.widget.adapter_charts import AdapterCharts
 from lora_widgets.widget.callouts import Callouts
-from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
+from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE
 from lora_widgets.widget.data_view import DataView, data_facts
+from lora_widgets.widget.frontend import MarimoDisplay, build_front_end, resolve_renderer
 from lora_widgets.widget.labels import label_from_started
 from lora_widgets.widget.panel import DashboardPanel, validate_settings
 from lora_widgets.widget.record import RunRecord
@@ -68,8 +68,8 @@ _LOGGED_LR_EVERY = 5  # flushes between redraws of a logged LR line (it moves sl
 
 
 class LoRADashboard(
-    StaticSummaryViews, VBox
-):  # the mixin first: ipywidgets 7's VBox has an _ipython_display_ too
+    StaticSummaryViews, MarimoDisplay, VBox
+):  # the mixins first: ipywidgets 7's VBox has an _ipython_display_ too
     """Train a LoRA adapter live in a notebook: controls, Train/Pause/Stop, progress, summary, charts.
 
     Args:
@@ -114,8 +114,10 @@ class LoRADashboard(
         lora: LoRAConfig | None = None,
         train: TrainConfig | None = None,
         trainer: Any = None,
+        renderer: str = "auto",
         **kwargs: Any,
     ) -> None:
+        renderer = resolve_renderer(renderer)
         self._attached: RunSource | None = None  # LoRADashboard(trainer=...): the source Train runs
         if trainer is not None:
             self._attached = attach.attached_source(trainer, model=model, tokenizer=tokenizer, lora=lora,
@@ -150,19 +152,17 @@ class LoRADashboard(
         self._trainer_factory: Any = None  # test hook: a stand-in LoRATrainer class
 
         read_only = attach.panel_traits(self._attached)  # no inputs: the trainer's settings, as a table
-        self.panel = DashboardPanel(**self._initial_controls(lora, train), **read_only)
-        self.charts = Charts(
-            gpu=self._device_type == "cuda", points_per_line=self.max_points, max_markers=self.max_markers
-        )
-        self.adapter_charts = AdapterCharts()
+        front = build_front_end(renderer, {**self._initial_controls(lora, train), **read_only},
+                                self._device_type == "cuda", self.max_points, self.max_markers)  # fmt: skip
+        self.panel, self.charts, self.adapter_charts = front.panel, front.charts, front.adapter_charts
         self.panel.observe(self._on_controls, names=list(DashboardPanel.CONFIG_TRAITS))
         self.panel.observe(self._preview_params, names=list(controls.LORA_CONTROL_NAMES))
         self.panel.observe(self._on_log_scale, names=["log_scale"])
         self.panel.observe(self._show_example, names=["data_index"])
         self._show_example()
         self.panel.on_msg(self._on_panel_msg)
-        children = [self.panel, self.charts.grid(), self.adapter_charts.grid()]
-        super().__init__(children=children, layout=Layout(width="100%"))
+        self.panel.observe(self._publish_run_state, names=["state"])
+        super().__init__(children=front.children, layout=Layout(width="100%"))
         self.add_class("lw-dashboard")
         self._on_controls()
         self.panel.summary = readouts.idle_summary(
@@ -487,6 +487,10 @@ class LoRADashboard(
         self._callouts.clear("starting")
         self._callouts.set("status", callout)
         self._publish_callouts()
+
+    def _publish_run_state(self, _change: Any = None) -> None:
+        """The ``run_state`` trait, whenever the status changes (what a marimo cell reads reactively)."""
+        self.panel.run_state = readouts.run_state_of(self._session.current, self.state, self.panel.run_state)
 
     def _publish_callouts(self) -> None:
         self.panel.callouts = self._callouts.as_list()

@@ -238,3 +238,23 @@ def samples_of(record: SampleGenerations | None) -> tuple[list[dict[str, Any]], 
         f"{seconds:.2f} s at step {record.step}"
     )
     return rows, note
+
+
+def run_state_of(run: Any, state: str, previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The panel's ``run_state``: the current or last run (a RunRecord, or None) as plain JSON values.
+
+    ``serial`` grows by one at every change, so a reader can tell two states apart even when they look alike
+    (two runs that both finished); ``adapter_path`` is only set once the run has ended.
+    """
+    out: dict[str, Any] = {"serial": int(previous.get("serial", 0)) + 1, "state": state, "run": None,
+                           "step": None, "adapter_path": None, "final_loss": None, "best_val_loss": None,
+                           "ended": state in ("stopped", "finished", "failed")}  # fmt: skip
+    if run is None:
+        return out
+    ended = run.result
+    last = run.history.last_step
+    out.update(run=run.label, step=None if last is None else int(last.step), final_loss=_finite(run.final_loss),
+               best_val_loss=_finite(run.best_val_loss))  # fmt: skip
+    if ended is not None:
+        out.update(step=ended.step, adapter_path=ended.adapter_path)
+    return out
