@@ -74,7 +74,9 @@ class _FusedLoRALinear(torch.autograd.Function):
                 grad_x = (grad @ weight).addmm_(grad_hidden, lora_a, alpha=s)  # [N, in]
             else:
                 grad_x = grad @ weight if ctx.needs_input_grad[0] else None  # [N, in]
-                grad_lora_x = torch.mm(grad_hidden, lora_a).mul_(s) if ctx.needs_input_grad[1] else None
+                grad_lora_x = (
+                    torch.mm(grad_hidden, lora_a * s) if ctx.needs_input_grad[1] else None
+                )  # [N, in]
         return grad_x, grad_lora_x, None, None, grad_a, grad_b, None
 
 
