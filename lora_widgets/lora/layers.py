@@ -168,9 +168,7 @@ class LoRALinear(nn.Module):
         if can_fuse(self.base_layer, x, a, b):  # one autograd node, sums inside the matmuls (lora/fused.py)
             return fused_lora_linear(x, lora_x, self.weight, self.bias, a, b, self.scaling)
         result: torch.Tensor = self.base_layer(x)
-        update = self.lora_B(
-            self.lora_A(lora_x) * self.scaling
-        )  # [..., out]; scaled at rank r: r/out the work
+        update = self.lora_B(self.lora_A(lora_x) * self.scaling)  # [..., out]; scaling at rank r is cheaper
         return result + update.to(result.dtype)  # (a no-op when the dtypes agree)
 
     def delta_weight(self) -> torch.Tensor:
