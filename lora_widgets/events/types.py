@@ -191,7 +191,8 @@ class DataPrepared(_EventBase):
     0's batches). ``tokens`` excludes padding. ``rows``/``truncated``/``dropped``/``formats``: the rows read,
     those cut to ``max_length``, those left with no trained token, rows per source format (SFT only).
     ``split``: how the validation part was chosen, in words (``"by document: 410 train / 46 validation
-    documents, seed 0"``; :mod:`lora_widgets.data.split`)."""
+    documents, seed 0"``; :mod:`lora_widgets.data.split`).
+    ``packed``: the examples are laid out padding-free (``TrainConfig.packing``), so ``padding_tokens`` is 0."""
 
     kind: ClassVar[str] = "data"
     data_kind: Literal["packed", "sft"]
@@ -208,6 +209,7 @@ class DataPrepared(_EventBase):
     train_on: str = "all"
     max_length: int | None = None
     split: str = ""
+    packed: bool = False
 
     @property
     def trained_share(self) -> float:

@@ -6,7 +6,9 @@
   example tokenised by :func:`lora_widgets.data.sft.prepare_sft` with its loss mask, ``Blocks.train`` is an
   :class:`Examples`; micro-batches are padded to their longest example with an attention mask
   (:class:`PaddedBatch`), grouped by length so that little is padding, and the loss is the mean over the
-  trained tokens only.
+  trained tokens only. With ``TrainConfig.packing`` on (:func:`resolve_packing`) the same micro-batches are laid
+  out padding-free instead (:func:`lora_widgets.data.sft_batches.pack`): one row, ``position_ids`` restarting
+  per example, no attention mask.
 
 The kind is chosen once, here, from what the user passed (:func:`load_run_data`); the step and the loop only
 see micro-batches (a tensor or a :class:`PaddedBatch`).
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from lora_widgets.data.sft import SFTStats
-from lora_widgets.data.sft_batches import SFTExample, collate, length_grouped_batches, padding_count
+from lora_widgets.data.sft_batches import SFTExample, collate, length_grouped_batches, pack, padding_count
 from lora_widgets.events.types import DataPrepared
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.schedules import steps_per_epoch
@@ -47,6 +49,7 @@ __all__ = [
     "eval_batches",
     "load_run_data",
     "prepare_blocks",
+    "resolve_packing",
     "vocab_size",
 ]
 
@@ -56,7 +59,8 @@ _ROW_KEYS = frozenset({"messages", "conversations", "prompt", "completion", "ins
 
 @dataclass(frozen=True)
 class PaddedBatch:
-    """One micro-batch of instruction examples, padded on the right (see :func:`lora_widgets.data.sft_batches.collate`).
+    """One micro-batch of instruction examples, padded on the right (see :func:`lora_widgets.data.sft_batches.collate`),
+    or packed padding-free (:func:`lora_widgets.data.sft_batches.pack`: ``position_ids`` and no ``attention_mask``).
 
     ``step_items`` is the number of trained tokens of the whole optimizer update this micro-batch belongs to:
     the loss divides by it, so that with gradient accumulation every trained token of the update weighs the
@@ -65,9 +69,10 @@ class PaddedBatch:
     """
 
     input_ids: torch.Tensor  # [B, T] token ids, padding = pad id
-    attention_mask: torch.Tensor  # [B, T] 1 = real token, 0 = padding
+    attention_mask: torch.Tensor | None  # [B, T] 1 = real token, 0 = padding; None when packed
     labels: torch.Tensor  # [B, T] token ids where trained, -100 elsewhere (prompts, padding)
     step_items: int
+    position_ids: torch.Tensor | None = None  # [R, W] restarting at 0 per example when packed; else None
 
     def to(self, device: torch.device) -> PaddedBatch:
         """The same batch on ``device``."""
@@ -75,8 +80,9 @@ class PaddedBatch:
         return replace(
             self,
             input_ids=move(self.input_ids),
-            attention_mask=move(self.attention_mask),
+            attention_mask=None if self.attention_mask is None else move(self.attention_mask),
             labels=move(self.labels),
+            position_ids=None if self.position_ids is None else move(self.position_ids),
         )
 
     @property
@@ -126,10 +132,17 @@ class Examples:
         """The examples at ``indices`` (same pad id and statistics)."""
         return Examples(tuple(self.items[i] for i in indices), self.pad_id, self.stats)
 
-    def batch(self, indices: Sequence[int], step_items: int | None = None) -> PaddedBatch:
-        """The examples at ``indices`` collated (CPU); ``step_items`` defaults to their own trained tokens."""
-        cols = collate([self.items[i] for i in indices], self.pad_id)  # each [B, T]
+    def batch(
+        self, indices: Sequence[int], step_items: int | None = None, packed: bool = False
+    ) -> PaddedBatch:
+        """The examples at ``indices`` collated (CPU), padded or ``packed`` in one row; ``step_items`` defaults to
+        their own trained tokens."""
+        chosen = [self.items[i] for i in indices]
         items = sum(self.trained[i] for i in indices) if step_items is None else step_items
+        if packed:
+            cols = pack(chosen, self.pad_id)  # each [1, sum of lengths]
+            return PaddedBatch(cols["input_ids"], None, cols["labels"], int(items), cols["position_ids"])
+        cols = collate(chosen, self.pad_id)  # each [B, T]
         return PaddedBatch(cols["input_ids"], cols["attention_mask"], cols["labels"], int(items))
 
 
@@ -285,6 +298,39 @@ def load_run_data(train_data: Any, eval_data: Any, tokenizer: Any, config: Train
     ))  # fmt: skip
 
 
+#: Attention implementations that run each packed example on its own (variable-length kernels): there packing
+#: saves the padding's work. SDPA and eager attention compute a packed row's whole block-diagonal mask instead.
+_VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def resolve_packing(packing: bool | str, model: nn.Module) -> bool:
+    """Whether instruction batches are packed padding-free for ``model``: ``TrainConfig.packing`` decided.
+
+    ``"auto"`` packs where it is faster: a transformers model whose attention is a variable-length kernel. ``True``
+    needs a model that reads packed ``position_ids`` (transformers' models do since ``masking_utils`` has
+    ``find_packed_sequence_indices``); otherwise a ``ValueError`` says so.
+    """
+    config = getattr(model, "config", None)
+    implementation = str(getattr(config, "_attn_implementation", ""))
+    if packing == "auto":
+        return implementation in _VARLEN_ATTENTION
+    if packing is True and not _reads_packed_positions(model):
+        raise ValueError(
+            f"TrainConfig.packing=True needs a transformers model that reads packed position_ids; "
+            f"{type(model).__name__} does not (or transformers is older than its masking_utils). "
+            "Use packing='auto' or False"
+        )
+    return bool(packing)
+
+
+def _reads_packed_positions(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel, masking_utils
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel) and hasattr(masking_utils, "find_packed_sequence_indices")
+
+
 def _max_id(data: torch.Tensor | Examples) -> int:
     if isinstance(data, Examples):
         return max(max(e.input_ids) for e in data.items)
@@ -321,11 +367,15 @@ def prepare_blocks(
 
 
 def data_prepared(
-    train: torch.Tensor | Examples, val: torch.Tensor | Examples | None, config: TrainConfig, split: str = ""
+    train: torch.Tensor | Examples,
+    val: torch.Tensor | Examples | None,
+    config: TrainConfig,
+    split: str = "",
+    packed: bool = False,
 ) -> DataPrepared:
     """The data facts a run publishes (sequences, tokens, trained and padded shares, rows truncated/dropped,
     how the validation part was chosen); padding is counted for ``config.batch_size`` as epoch 0 batches the
-    examples."""
+    examples (none when ``packed``)."""
     n_val = 0 if val is None else int(val.shape[0])
     if not isinstance(train, Examples):
         n, width = int(train.shape[0]), int(train.shape[1])
@@ -342,7 +392,8 @@ def data_prepared(
         int(train.shape[1]),
         tokens=sum(lengths),
         trained_tokens=sum(train.trained),
-        padding_tokens=padding_count(lengths, batches),
+        padding_tokens=0 if packed else padding_count(lengths, batches),
+        packed=packed,
         rows=s.n_rows if s is not None else len(train),
         truncated=s.n_truncated if s is not None else 0,
         dropped=s.n_dropped if s is not None else 0,
@@ -361,8 +412,11 @@ class BatchOrder:
     last partial one, so an epoch of ``steps_per_epoch`` updates uses full batches as packing does.
     """
 
-    def __init__(self, blocks: Blocks, config: TrainConfig, device: torch.device) -> None:
+    def __init__(
+        self, blocks: Blocks, config: TrainConfig, device: torch.device, packed: bool = False
+    ) -> None:
         self.blocks = blocks
+        self.packed = packed and isinstance(blocks.train, Examples)  # examples laid out padding-free
         self.batch_size = config.batch_size
         self.grad_accum_steps = config.grad_accum_steps
         self.seed = config.seed
@@ -397,7 +451,7 @@ class BatchOrder:
         if isinstance(train, Examples):
             groups = [self._grouped(train, epoch)[pos] for epoch, pos in where]
             items = sum(train.trained[i] for group in groups for i in group)
-            return [train.batch(group, items).to(self.device) for group in groups]
+            return [train.batch(group, items, self.packed).to(self.device) for group in groups]
         out: list[MicroBatch] = []
         for epoch, pos in where:
             idx = self._permutation(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]  # [B]

@@ -336,7 +336,7 @@ class LoRATrainer:
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
         # what the data became, for views and metrics.jsonl
-        self._publish(data_prepared(blocks.train, blocks.val, c, blocks.split))
+        self._publish(data_prepared(blocks.train, blocks.val, c, blocks.split, run.order.packed))
         self._insight = Insight.for_run(self.model, self.tokenizer, c, blocks.val, p.total)
         self._stopping = RunStopping(c.early_stopping, has_validation=blocks.val is not None)
         return run

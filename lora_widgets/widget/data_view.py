@@ -45,6 +45,7 @@ def data_facts(event: DataPrepared) -> dict[str, Any]:
         "train_on": event.train_on,
         "max_length": event.max_length,
         "split": event.split,
+        "packed": event.packed,
     }
 
 
@@ -68,14 +69,8 @@ def facts_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("examples (train / validation)", f"{facts['train']:,} / {facts['val']:,}"),
         ("rows truncated / dropped", f"{facts['truncated']:,} / {facts['dropped']:,} (max_length {facts['max_length']})"),
         ("tokens trained", f"{facts['trained_pct']:.1f}% of {facts['tokens']:,}"),
-        ("padding", f"{facts['padding_pct']:.1f}% (longest padded length {facts['seq_len']})"),
-        *_split_row(facts),
-    ]  # fmt: skip
-
-
-def _split_row(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """How the validation part was chosen (``DataPrepared.split``), when the event said."""
-    return [("validation split", str(facts["split"]))] if facts.get("split") else []
+        "split": event.split,
+        "packed": event.packed,
 
 
 class DataView:

@@ -118,7 +118,9 @@ function factRows(f) {
     ["examples (train / validation)", `${count(f.train)} / ${count(f.val)}`],
     ["rows truncated / dropped", `${count(f.truncated)} / ${count(f.dropped)} (max_length ${f.max_length})`],
     ["tokens trained", `${Number(f.trained_pct).toFixed(1)}% of ${count(f.tokens)}`],
-    ["padding", `${Number(f.padding_pct).toFixed(1)}% (longest padded length ${f.seq_len})`],
+    f.packed
+      ? ["padding", "none: packed, examples side by side, positions restart per example"]
+      : ["padding", `${Number(f.padding_pct).toFixed(1)}% (longest padded length ${f.seq_len})`],
     ...split,
   ];
 }
