@@ -476,10 +476,10 @@ task = asyncio.get_event_loop().create_task(run.run())
         assert out.splitlines()[-1] == "stopped stopped True"
 
 
-@pytest.mark.parametrize("module", ["hf_args", "hf_callback", "hf_bridge"])
+@pytest.mark.parametrize("module", ["args", "callback", "run"])
 def test_the_bridge_is_training_code_without_ui_imports(module: str) -> None:
     from tests.test_package import ROOT, UI_LIBS, _imports
 
-    names = _imports(ROOT / "lora_widgets" / f"{module}.py")
+    names = _imports(ROOT / "lora_widgets" / "hf" / f"{module}.py")
     ui_roots = {u.split(".")[0] for u in UI_LIBS}
     assert not {n for n in names if n.split(".")[0] in ui_roots or n.startswith("lora_widgets.widget")}

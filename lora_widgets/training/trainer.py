@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,8 @@ import torch
 from torch import nn
 
 from lora_widgets.devices import describe_device, select_device
-from lora_widgets.events.history import History
+from lora_widgets.events.run_files import ControlReader
+from lora_widgets.events.source import RunBase
 from lora_widgets.events.types import (
     CheckpointSaved,
     EvalMetrics,
@@ -52,18 +52,14 @@ from lora_widgets.events.types import (
     RunEnded,
     RunFailed,
     RunFinished,
-    RunState,
     RunStopped,
     StateChanged,
-    StepMetrics,
-    Subscribers,
 )
 from lora_widgets.lora.layers import LoRAConfig, LoRAReport, lora_layers
 from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import ownership, precision
 from lora_widgets.training.batches import Blocks, data_prepared, eval_batches, prepare_blocks, vocab_size
 from lora_widgets.training.config import TrainConfig
-from lora_widgets.training.control import RunControl
 from lora_widgets.training.diagnosis import Diagnosis, diagnose, nan_diagnosis
 from lora_widgets.training.insight import Insight
 from lora_widgets.training.meter import Meter
@@ -78,7 +74,7 @@ __all__ = ["LoRATrainer"]
 logger = logging.getLogger(__name__)
 
 
-class LoRATrainer:
+class LoRATrainer(RunBase):
     """Fine-tune ``model`` on ``train_data`` as an asyncio task that streams typed events.
 
     Args:
@@ -104,7 +100,12 @@ class LoRATrainer:
             adapters are merged, nothing is trainable, or the precision does not suit the device.
         RuntimeError: the configured device is not available, or (with ``lora`` given) another run is
             training this model right now.
+
+    State, subscribers, history, ``metrics.jsonl``, stop/pause/resume (also through ``control.json`` in the run
+    directory, from another process) and cancellation are :class:`~lora_widgets.events.source.RunBase`'s.
     """
+
+    owner = "LoRATrainer"
 
     def __init__(
         self,
@@ -137,32 +138,15 @@ class LoRATrainer:
         self.report: LoRAReport | None
         self.report, self._owns_lora = ownership.attach_adapters(model, lora)  # checks, then changes
 
-        self.state: RunState = "idle"
-        self.history = History()
+        super().__init__()
         self.run_dir: Path | None = None
         self.run_id: str | None = None
-        self.last_event: RunEnded | None = None
         self._dir: RunDirectory | None = None
-        self._control = RunControl()
         self._blocks_cache: Blocks | None = None
         self._blocks_lock = threading.Lock()
         self._insight = Insight()  # the run's adapter statistics, samples and alerts (from _prepare on)
-        self._subscribers = Subscribers("LoRATrainer", self._record_history)
 
     # -- public API --------------------------------------------------------------------------------
-
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` for every event, on the event loop's thread, in order.
-
-        Returns a function that unsubscribes. An exception in a callback is logged and does not stop
-        the run.
-        """
-        return self._subscribers.add(callback)
-
-    @property
-    def running(self) -> bool:
-        """True while ``run()`` is in progress (also while paused)."""
-        return self._control.running
 
     @property
     def total_steps(self) -> int:
@@ -178,21 +162,6 @@ class LoRATrainer:
         c = self.config
         return _lr_schedule(self.total_steps, c.learning_rate, c.warmup_steps, c.schedule)
 
-    def stop(self) -> None:
-        """Ask the run to stop; it ends after the step in progress (at most one more update).
-
-        Safe to call from any thread and when no run is in progress (then it does nothing).
-        """
-        self._control.stop()
-
-    def pause(self) -> None:
-        """Pause after the step in progress; :meth:`resume` continues. Safe from any thread."""
-        self._control.pause()
-
-    def resume(self) -> None:
-        """Continue a paused run. Safe from any thread."""
-        self._control.resume()
-
     async def run(self, resume_from: str | os.PathLike[str] | None = None) -> RunEnded:
         """Train to the end (or until stopped or failed) and return the final event.
 
@@ -202,14 +171,15 @@ class LoRATrainer:
         Raises:
             RuntimeError: this LoRATrainer (or another one on the same model) is already running.
         """
-        self._control.begin()
+        self._begin_run(
+            "this LoRATrainer is already running; wait for it (await the first run) or call stop() "
+            "before starting another run"
+        )
         try:
             with ownership.training(self.model):
                 return await self._run(resume_from)
         finally:
-            self._control.end()
-            if self._dir is not None:
-                self._dir.close()
+            self._end_run()  # closes metrics.jsonl, discards a control request that came too late
 
     def run_sync(self, resume_from: str | os.PathLike[str] | None = None) -> RunEnded:
         """Run to the end from a script (blocks). In a notebook use ``await trainer.run()`` instead."""
@@ -234,7 +204,7 @@ class LoRATrainer:
     async def _run(self, resume_from: str | os.PathLike[str] | None) -> RunEnded:
         c, p, meter = self.config, Progress(), Meter()
         mode = precision.ModelMode.of(self.model, c.gradient_checkpointing)
-        self.history, self._insight = History(), Insight()
+        self._insight = Insight()
         run: Session | None = None
         try:
             self._start(resume_from)
@@ -244,14 +214,15 @@ class LoRATrainer:
             self._publish(run.run_started(p, self.run_id, self.run_dir, self.lora, self.device))
             if p.step == 0:
                 await self._evaluate(run, p)  # the base model's validation loss, for comparison
-            while p.step < p.total and not self._control.stop_requested:
-                if self._control.pause_requested:
+            while p.step < p.total and not self._requests.stop_requested:
+                self._check_control()  # a request another process wrote to control.json
+                if self._requests.pause_requested:
                     await self._hold(p, meter)
                     continue
                 p.phase = "step"
                 log = (p.step + 1) % c.log_every == 0 or p.step + 1 == p.total
                 probe = self._insight.probe(p.step + 1, run.lr(p.step + 1, p.total))
-                out, usage = await self._control.in_thread(run.update, p, log, probe)
+                out, usage = await self._in_thread(run.update, p, log, probe)
                 if out.bad_step is not None:
                     p.failure = nan_diagnosis(out.bad_step, not out.applied, config=c, total_steps=p.total)
                     break
@@ -264,7 +235,7 @@ class LoRATrainer:
                 if c.checkpoint_every is not None and p.step % c.checkpoint_every == 0:
                     await self._checkpoint(run, p)
             # a run that ended normally: a closing evaluation and checkpoint, unless just done
-            if p.failure is None and not self._control.stop_requested and p.evaluated_at != p.step:
+            if p.failure is None and not self._requests.stop_requested and p.evaluated_at != p.step:
                 await self._evaluate(run, p)
             if (
                 p.failure is None
@@ -302,15 +273,16 @@ class LoRATrainer:
         self._dir = RunDirectory.create(self.config.output_dir, stem)
         self.run_dir, self.run_id = self._dir.path, self._dir.run_id
         self._write_config(None, resume_from)
-        self._dir.open_metrics()
+        self._writer = self._dir.open_metrics()
+        self._control = ControlReader(self._dir.path)
 
     async def _prepare(self, p: Progress, resume_from: str | os.PathLike[str] | None) -> Session:
         """Data (bad input ends the run here), then seed, adapters, model, optimizer and checkpoint."""
         p.phase = "data"
-        blocks = await self._control.in_thread(self._blocks)
+        blocks = await self._in_thread(self._blocks)
         self._write_config(blocks, resume_from)
         p.phase = "setup"
-        run = await self._control.in_thread(
+        run = await self._in_thread(
             Session.open,
             self.model,
             self.config,
@@ -322,7 +294,7 @@ class LoRATrainer:
             resume_from=resume_from,
         )
         for event in run.earlier:  # a resumed run's plots show the whole curve
-            self._record_history(event)
+            self.history.record(event)
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
         self._publish(
@@ -334,8 +306,8 @@ class LoRATrainer:
     async def _hold(self, p: Progress, meter: Meter) -> None:
         """Paused: publish it, wait for resume() or stop(), and leave the pause out of the clock."""
         self._publish(StateChanged("paused", p.step))
-        meter.paused(await self._control.wait_while_paused())
-        if not self._control.stop_requested:
+        meter.paused(await self._wait_while_paused())
+        if not self._requests.stop_requested:
             self._publish(StateChanged("running", p.step))
 
     async def _evaluate(self, run: Session, p: Progress) -> None:
@@ -345,13 +317,13 @@ class LoRATrainer:
         p.phase = "eval"
         c = self.config
         batches = eval_batches(val, c.batch_size, c.eval_batches, self.device)
-        val_loss = await self._control.in_thread(evaluate, self.model, batches, run.autocast)
+        val_loss = await self._in_thread(evaluate, self.model, batches, run.autocast)
         p.evaluated_at = p.step
         if math.isfinite(val_loss):
             p.best_val = val_loss if p.best_val is None else min(p.best_val, val_loss)
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
         self._publish(EvalMetrics(p.step, val_loss, ppl, p.best_val if p.best_val is not None else val_loss))
-        if samples := await self._control.in_thread(self._insight.samples, p.step, run.autocast):
+        if samples := await self._in_thread(self._insight.samples, p.step, run.autocast):
             self._publish(samples)
 
     async def _checkpoint(self, run: Session, p: Progress) -> None:
@@ -360,7 +332,7 @@ class LoRATrainer:
         extra = run.checkpoint_extra(
             p.step, self.lora.to_dict() if self.lora is not None else None, self.run_id
         )
-        path = await self._control.in_thread(
+        path = await self._in_thread(
             ckpt.save_checkpoint,
             self._dir.checkpoint_dir(p.step),
             self.model,
@@ -412,26 +384,16 @@ class LoRATrainer:
         else:
             self._publish(StateChanged("finished", p.step))
             end = RunFinished(**base, message=f"Finished {p.step} steps in {meter.elapsed():.1f} s.{note}")
-        self._publish(end)
-        self.last_event = end
+        self._publish(end)  # also remembered as last_event
         return end
 
     # -- helpers ---------------------------------------------------------------------------------------
 
     def _publish(self, event: Event) -> None:
-        """Record ``event`` (state, metrics.jsonl) and hand it to every subscriber, in order."""
-        if isinstance(event, StateChanged):
-            self.state = event.state
-        if self._dir is not None:
-            self._dir.append(event)
-        self._subscribers.deliver(event)
+        """Publish ``event`` (:meth:`RunBase._publish`), then the "is it training?" alerts it raises."""
+        super()._publish(event)
         for alert in self._insight.alerts(event):
             self._publish(alert)
-
-    def _record_history(self, event: Event) -> None:
-        """The first subscriber: the one place that feeds :attr:`history`."""
-        if isinstance(event, StepMetrics | EvalMetrics):
-            self.history.append(event)
 
     def _diagnose(self, exc: Exception, p: Progress, run: Session | None) -> Diagnosis:
         failure = diagnose(
