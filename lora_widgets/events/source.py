@@ -32,7 +32,7 @@ from typing import Any, ClassVar, TypeVar
 
 from lora_widgets.events.history import History
 from lora_widgets.events.run_files import ControlReader, MetricsWriter
-from lora_widgets.events.types import Event, RunEnded, RunState, StateChanged
+from lora_widgets.events.types import Event, RunEnded, RunState
 
 __all__ = ["Requests", "RunBase", "Subscribers"]
 
@@ -224,11 +224,10 @@ class RunBase:
     def _publish(self, event: Event) -> None:
         """On the loop's thread: record ``event`` (state, history, metrics.jsonl), then hand it to every
         subscriber, in order."""
-        if isinstance(event, StateChanged):
-            self.state = event.state
         if isinstance(event, RunEnded):
             self.last_event = event
         self.history.record(event)
+        self.state = self.history.state  # one rule: from StateChanged, RunStarted and the terminal event
         if self._writer is not None:
             self._writer.write(event)
         self._subscribers.deliver(event)
