@@ -205,7 +205,8 @@ class EventLines:
                 return None
             event = event_from_dict(data)
         except (ValueError, TypeError) as exc:
-            return self._skip(f"not a run event ({exc})")
+            self._skip(f"not a run event ({exc})")
+            return None
         return self._in_order(event)
 
     def _in_order(self, event: Event) -> Event | None:
@@ -215,7 +216,8 @@ class EventLines:
                 self.newer = event.schema_version
         elif isinstance(event, StepMetrics):
             if self._last_step is not None and event.step <= self._last_step:
-                return self._skip(f"step {event.step} comes after step {self._last_step}")
+                self._skip(f"step {event.step} comes after step {self._last_step}")
+                return None
             self._last_step = event.step
         return event
 
@@ -225,7 +227,6 @@ class EventLines:
             raise ValueError(f"{self.name}, {problem}")
         logger.warning("%s, %s; the line is skipped", self.name, problem)
         self.problems.append(problem)
-        return None
 
     def notices(self) -> list[Notice]:
         """What a view should say about the file: lines skipped, kinds not understood, a newer writer."""

@@ -15,7 +15,6 @@ live run (the dashboard) views a replay the same way.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import types
 from collections.abc import Callable
@@ -371,9 +370,14 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     return cls(**kwargs)  # type: ignore[return-value]
 
 
-@functools.cache
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
 def _field_types(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
+    """The resolved annotations of an event class (resolved once per class)."""
+    if cls not in _FIELD_TYPES:
+        _FIELD_TYPES[cls] = get_type_hints(cls)
+    return _FIELD_TYPES[cls]
 
 
 def _fits(value: Any, hint: Any) -> bool:
