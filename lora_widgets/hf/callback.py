@@ -4,7 +4,7 @@ The trainer's hooks become the events our own trainer publishes (:mod:`lora_widg
 
     on_train_begin  -> RunStarted            on_evaluate -> EvalMetrics
     on_log (loss)   -> StepMetrics           on_save     -> CheckpointSaved
-    on_step_end     -> honours stop()/pause() (StateChanged "paused"/"running")
+    on_step_end     -> honours stop()/pause() and <output_dir>/control.json (StateChanged "paused"/"running")
     on_train_end    -> StateChanged(<end>), RunFinished | RunStopped | RunFailed (NaN seen)
 
 Subscribers are called synchronously, in the thread that runs ``train()``; :class:`lora_widgets.hf.run.HFRun`

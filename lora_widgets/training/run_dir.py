@@ -4,6 +4,8 @@ Layout of ``<output_dir>/<run_id>/``::
 
     config.json        the settings, model, device, data sizes and versions (written atomically)
     metrics.jsonl      every event, one JSON line each, appended and flushed as it happens
+    control.json       a stop/pause/resume request from another process, read every step (only while one
+                       is pending); both files' protocol is lora_widgets.events.run_files
     checkpoints/       step-NNNNNN/ resumable checkpoints (see lora_widgets.training.checkpoint)
     adapter/           the trained weights at the end of the run (PEFT format for LoRA)
 

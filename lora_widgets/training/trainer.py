@@ -25,7 +25,9 @@ settings, ``output_dir``), a failed checkpoint write and any other error end the
 step is saved, and the model is left usable. Misuse of the API (a second concurrent ``run()``,
 ``run_sync()`` inside a running loop) raises. Every event is also appended to
 ``<output_dir>/<run_id>/metrics.jsonl``; "is it training?" alerts (:mod:`lora_widgets.health.alerts`) on what the
-events show follow them as :class:`~lora_widgets.events.types.AlertRaised` (see :mod:`.insight`).
+events show follow them as :class:`~lora_widgets.events.types.AlertRaised` (see :mod:`.insight`). Stop, pause
+and resume can also come from another process, through the run directory's ``control.json`` (read before
+every step; :mod:`lora_widgets.events.run_files`).
 """
 
 from __future__ import annotations
