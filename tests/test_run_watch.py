@@ -94,6 +94,20 @@ def test_a_bad_line_in_a_followed_file_is_named_and_skipped(tmp_path: Path) -> N
     assert _not_notice(seen)[-1].kind == "finished"
 
 
+def test_a_followed_file_from_a_newer_version_is_named(tmp_path: Path) -> None:
+    newer = _started().to_dict() | {"schema_version": 99}
+    future = {"event": "gradient_histogram", "step": 1}
+    text = json.dumps(newer) + "\n" + json.dumps(future) + "\n" + _line(_step(1, 2.0)).decode()
+    (tmp_path / METRICS_FILE).write_text(text + _line(RunFinished(1, 1.0, 2.0, None, None, "ok")).decode())
+    seen: list[Event] = []
+    watch = RunDirWatch(tmp_path, poll_interval=0.01)
+    watch.subscribe(seen.append)
+    asyncio.run(watch.run())
+    said = [e.message for e in seen if isinstance(e, Notice) and e.key == "newer-version"]
+    assert said and "schema 99" in said[0] and "'gradient_histogram' x1" in said[-1]
+    assert [e.kind for e in _not_notice(seen)] == ["run_started", "step", "finished"]
+
+
 def test_a_stop_to_a_run_that_already_ended_is_said_and_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / METRICS_FILE).write_bytes(
         _line(_started()) + _line(RunFinished(3, 1.0, 2.0, None, None, "ok"))

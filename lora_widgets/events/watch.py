@@ -130,9 +130,9 @@ class RunDirWatch(RunBase):
 
     def _take(self, lines: EventLines, raw: bytes) -> RunEnded | None:
         """Publish the event of one whole line (and a notice if it was skipped); the terminal event, if it is."""
-        known = len(lines.problems) + sum(lines.unknown.values())
+        known = (len(lines.problems), sum(lines.unknown.values()), lines.newer)
         event = lines.feed(raw.decode("utf-8", errors="replace"))
-        if len(lines.problems) + sum(lines.unknown.values()) != known:
+        if (len(lines.problems), sum(lines.unknown.values()), lines.newer) != known:
             for notice in lines.notices():
                 self._publish(notice)
         if event is None:
