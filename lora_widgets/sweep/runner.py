@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_widgets.events.source import Subscribers
 from lora_widgets.events.types import (
     Event,
     RunEarlyStopped,
@@ -39,7 +40,6 @@ from lora_widgets.events.types import (
     RunFailed,
     RunFinished,
     RunStopped,
-    Subscribers,
 )
 from lora_widgets.lora import has_lora, lora_layers, remove_lora
 from lora_widgets.lora.config import LoRAConfig
