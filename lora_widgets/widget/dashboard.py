@@ -8,10 +8,7 @@ run's ``metrics.jsonl``, a bridge to another trainer) and reads nothing from it 
                           Replay -----+--events--> RunSession --> RunRecord (History) --flush--> Charts, panel
                           any source -+                                                          AdapterCharts
 
-Each job has its module in ``widget/``: loading (model, data), session (the run's task), record (what the
-events said), throttle (when to push), charts (the marks), adapter_charts (is LoRA learning? the heatmap of
-``||dW||/||W||``), readouts (progress, summary, sample answers), callouts (including the run's alerts),
-static_summary. This class wires them.
+Each job has its module in ``widget/`` (docs/architecture.md lists them); this class wires them.
 
 Network: the event handler only records; a push happens at most once per ``flush_interval`` (1 s) and
 re-sends only the marks that changed, at most one point per pixel column each (``max_points``), so a
