@@ -2,8 +2,7 @@
 
 The dashboard is a view of an event stream. It drives any :class:`~lora_widgets.events.types.RunSource` (the
 :class:`~lora_widgets.LoRATrainer` its Train button builds, a :class:`~lora_widgets.events.replay.Replay` of a finished
-run's ``metrics.jsonl``, a bridge to another trainer) and reads nothing from it but its typed events::
-
+run's ``metrics.jsonl``, a watched run directory, an attached HF trainer) and reads only its typed events::
     controls --configs--> LoRATrainer ----+
                           Replay -----+--events--> RunSession --> RunRecord (History) --flush--> Charts, panel
                           any source -+                                                          AdapterCharts
