@@ -131,6 +131,20 @@ def loss_path_length(page: Any) -> int:
     )
 
 
+def open_dashboard_notebook(page: Any, url: str) -> Any:
+    """Open a notebook in JupyterLab, run its first cell (a dashboard), wait until Train can be pressed and
+    the run is idle; the Train button's locator."""
+    page.goto(url)
+    page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=60_000)
+    wait_for_idle_kernel(page)
+    run_cell(page, 0)
+    train = page.locator(".lw-dash .lw-train")
+    train.wait_for(state="visible", timeout=120_000)
+    page.wait_for_function("() => !document.querySelector('.lw-dash .lw-train').disabled", timeout=30_000)
+    assert status(page) == "idle"
+    return train
+
+
 def shoot(page: Any, name: str, shots: Path, element: Any = None) -> Path:
     path = shots / name
     (element or page).screenshot(path=str(path))
@@ -168,16 +182,8 @@ def _session(
             "from lora_widgets import MemoryPlanner\nMemoryPlanner()",
         ],
     )
-    page.goto(jupyter_server.lab_url("e2e.ipynb"))
-    page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=60_000)
-    wait_for_idle_kernel(page)
-
     # --- build the dashboard ---------------------------------------------------------------------
-    run_cell(page, 0)
-    train = page.locator(".lw-dash .lw-train")
-    train.wait_for(state="visible", timeout=120_000)
-    page.wait_for_function("() => !document.querySelector('.lw-dash .lw-train').disabled", timeout=30_000)
-    assert status(page) == "idle"
+    train = open_dashboard_notebook(page, jupyter_server.lab_url("e2e.ipynb"))
     assert page.locator(".lw-dashboard .bqplot").count() == 6  # loss, LR, memory, throughput, heatmap, detail
     idle = [timed_trivial_cell(page, k) for k in range(3)]
     shoot(page, "01-idle.png", shots)

@@ -23,12 +23,10 @@ from tests.e2e.conftest import JupyterServer, write_notebook
 from tests.e2e.test_dashboard_e2e import (
     KNOWN_NOISE,
     _cell,
+    open_dashboard_notebook,
     progress_step,
-    run_cell,
     shoot,
-    status,
     timed_trivial_cell,
-    wait_for_idle_kernel,
 )
 
 pytestmark = pytest.mark.e2e
@@ -85,14 +83,7 @@ def test_an_attached_hf_trainer_trains_and_stops_in_jupyterlab(
         [hf_cell(jupyter_server.root / "hf-out"), 'print(f"tick {next(_tick)}")'],
     )
     try:
-        page.goto(jupyter_server.lab_url("hf.ipynb"))
-        page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=60_000)
-        wait_for_idle_kernel(page)
-        run_cell(page, 0)
-        train = page.locator(".lw-dash .lw-train")
-        train.wait_for(state="visible", timeout=120_000)
-        page.wait_for_function("() => !document.querySelector('.lw-dash .lw-train').disabled", timeout=30_000)
-        assert status(page) == "idle"
+        train = open_dashboard_notebook(page, jupyter_server.lab_url("hf.ipynb"))
         # read-only: the trainer's settings as a table, no inputs
         settings = page.locator(".lw-dash .lw-settings")
         assert settings.is_visible() and "Trainer settings (read-only" in settings.inner_text()
