@@ -20,7 +20,6 @@ import contextlib
 import gc
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,14 +39,12 @@ from lora_widgets.events.types import (
 )
 from lora_widgets.hf.args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf.callback import EventCallback
+from lora_widgets.hf.guard import _TRAINING, check_settings, refuse_if_training
+from lora_widgets.training import ownership
 
 __all__ = ["EventCallback", "HFRun", "describe_settings", "logging_advice"]
 
 logger = logging.getLogger(__name__)
-
-# Trainers an HFRun is training right now (two HFRuns of one trainer must not overlap). Not the trainer's own
-# ``is_in_train``: transformers leaves that True after train() raised, although train() may be called again.
-_TRAINING: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class HFRun:
@@ -74,6 +71,7 @@ class HFRun:
         self.hf_trainer = hf_trainer
         found = [cb for cb in hf_trainer.callback_handler.callbacks if isinstance(cb, EventCallback)]
         self.callback: EventCallback = found[0] if found else EventCallback()
+        self.added_callback = not found  # detach() on a failed dashboard construction removes it again
         if not found:
             hf_trainer.add_callback(self.callback)
         self._subscribers = Subscribers("HFRun")
@@ -111,16 +109,36 @@ class HFRun:
         """Release a paused run. Safe from any thread."""
         self.callback.resume()
 
+    def check_can_start(self) -> None:
+        """Raise if :meth:`run` cannot start now, changing nothing: a run of this trainer is in progress (the
+        dashboard's, or a ``train()`` the user called in any thread or cell: :mod:`lora_widgets.hf.guard`), a
+        lora_widgets ``LoRATrainer`` is training its model, or ``hf_trainer.args`` holds a value that
+        transformers would fail on part-way (``logging_steps=0``).
+
+        Raises:
+            RuntimeError: a run is in progress (the message says which, and how to stop it).
+            ValueError: a bad setting (named, with the fix).
+        """
+        refuse_if_training(self.hf_trainer)
+        if self._running:
+            raise RuntimeError("this trainer is already training; stop() it or await the run in progress")
+        model = getattr(self.hf_trainer, "model", None)
+        if isinstance(model, torch.nn.Module):
+            ownership.refuse_if_training(model)
+        check_settings(self.hf_trainer.args)
+
     async def run(self, resume_from_checkpoint: str | bool | None = None) -> RunEnded:
         """Run ``hf_trainer.train(resume_from_checkpoint=...)`` in a worker thread until it ends; return the
         terminal event. A failed run returns :class:`RunFailed` (never raises); if this task is cancelled,
         training is stopped after the current step and awaited before the cancellation propagates.
 
         Raises:
-            RuntimeError: a run of this trainer is already in progress.
+            RuntimeError, ValueError: :meth:`check_can_start` refused (nothing was changed).
         """
-        if self._running or self.hf_trainer in _TRAINING:
-            raise RuntimeError("this trainer is already training; stop() it or await the run in progress")
+        self.check_can_start()
+        hold = contextlib.ExitStack()  # the model, so a LoRATrainer does not start on it meanwhile
+        if isinstance(model := getattr(self.hf_trainer, "model", None), torch.nn.Module):
+            hold.enter_context(ownership.training(model))
         self._running = True
         _TRAINING.add(self.hf_trainer)
         self._loop = asyncio.get_running_loop()
@@ -142,6 +160,7 @@ class HFRun:
             self._running = False
             self._loop = self._loop_thread = None
             _TRAINING.discard(self.hf_trainer)
+            hold.close()
         self.last_event = end
         return end
 
@@ -168,10 +187,12 @@ class HFRun:
         return Path(path)
 
     def detach(self) -> None:
-        """Remove the event bridge from the trainer (its own callbacks are untouched)."""
+        """Remove the event bridge from the trainer: the :class:`EventCallback` this ``HFRun`` added (one that
+        was already attached stays, unsubscribed from); its other callbacks are untouched."""
         self._unforward()
-        with contextlib.suppress(ValueError):
-            self.hf_trainer.remove_callback(self.callback)
+        if self.added_callback:
+            with contextlib.suppress(ValueError):
+                self.hf_trainer.remove_callback(self.callback)
 
     # -- internals --------------------------------------------------------------------------------------
 

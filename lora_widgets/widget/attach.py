@@ -13,7 +13,8 @@ through its events, as every run is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from lora_widgets.widget.readouts import schedule_note, schedule_preview
 __all__ = [
     "advice_callout",
     "attached_source",
+    "attaching",
+    "check_can_start",
     "device_type_of",
     "lr_note_callout",
     "model_of",
@@ -46,14 +49,12 @@ def attached_source(trainer: Any, **others: Any) -> RunSource:
     ``trainer`` itself when it already is a :class:`~lora_widgets.events.types.RunSource` (an ``HFRun``).
 
     ``others``: the dashboard's other arguments; any that is set is refused (the trainer brings its model,
-    data and settings).
-
-    The dashboard becomes the trainer's view: transformers' own progress display (``NotebookProgressCallback``,
-    ``ProgressCallback``, ``PrinterCallback``) is removed from it, since it would print from the worker thread
-    into whichever cell ran last; ``hf_trainer.add_callback(...)`` puts one back.
+    data and settings). A trainer that is training now (its ``train()`` running in another thread or cell)
+    is refused too: attaching would change the run in progress (see :func:`attaching`).
 
     Raises:
         TypeError: ``trainer`` is neither, or other arguments were given with it.
+        RuntimeError: the trainer is training now (:func:`lora_widgets.hf.guard.refuse_if_training`).
     """
     given = sorted(k for k, v in others.items() if v is not None)
     if given:
@@ -63,11 +64,10 @@ def attached_source(trainer: Any, **others: Any) -> RunSource:
             "without trainer= to train with lora_widgets' own LoRATrainer"
         )
     if is_hf_trainer(trainer):
+        from lora_widgets.hf.guard import refuse_if_training
         from lora_widgets.hf.run import HFRun  # imports transformers' Trainer: only for an attached one
 
-        for callback in list(trainer.callback_handler.callbacks):
-            if type(callback).__name__ in _PROGRESS_VIEWS:
-                trainer.remove_callback(callback)
+        refuse_if_training(trainer, "attach a dashboard to this trainer now")
         return HFRun(trainer)
     if isinstance(trainer, RunSource):
         return trainer
@@ -76,6 +76,40 @@ def attached_source(trainer: Any, **others: Any) -> RunSource:
         f"HFRun(hf_trainer)), got {type(trainer).__name__}; to train with lora_widgets' own Trainer, pass "
         "model=, train_data=, lora= and train= instead"
     )
+
+
+@contextlib.contextmanager
+def attaching(trainer: Any, **others: Any) -> Iterator[RunSource | None]:
+    """Around ``LoRADashboard``'s construction: yields :func:`attached_source` (``None`` without ``trainer``).
+
+    Once the dashboard is built it becomes the trainer's view: transformers' own progress display
+    (``NotebookProgressCallback``, ``ProgressCallback``, ``PrinterCallback``) is removed from it, since it would
+    print from the worker thread into whichever cell ran last; ``hf_trainer.add_callback(...)`` puts one back.
+    If the construction fails, the trainer is left as it was: its callbacks untouched, the event bridge this
+    attached removed again.
+    """
+    if trainer is None:
+        yield None
+        return
+    source = attached_source(trainer, **others)
+    try:
+        yield source
+    except BaseException:
+        if is_hf_trainer(trainer):  # the HFRun made here: its event bridge goes
+            source.detach()  # type: ignore[attr-defined]
+        raise
+    if is_hf_trainer(trainer):
+        for callback in list(trainer.callback_handler.callbacks):
+            if type(callback).__name__ in _PROGRESS_VIEWS:
+                trainer.remove_callback(callback)
+
+
+def check_can_start(source: Any) -> None:
+    """Raise if ``source`` says it cannot start now (``HFRun.check_can_start``: a run of its trainer in
+    progress, whoever started it, or a setting transformers would fail on), before anything is changed."""
+    check = getattr(source, "check_can_start", None)
+    if callable(check):
+        check()
 
 
 def model_of(source: Any) -> Any:

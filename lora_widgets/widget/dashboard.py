@@ -117,10 +117,14 @@ class LoRADashboard(
         trainer: Any = None,
         **kwargs: Any,
     ) -> None:
-        self._attached: RunSource | None = None  # LoRADashboard(trainer=...): the source Train runs
-        if trainer is not None:
-            self._attached = attach.attached_source(trainer, model=model, tokenizer=tokenizer, lora=lora,
-                                                    train_data=train_data, eval_data=eval_data, train=train)  # fmt: skip
+        # LoRADashboard(trainer=...): the source Train runs; a failed construction leaves the trainer as it was
+        with attach.attaching(trainer, model=model, tokenizer=tokenizer, lora=lora, train_data=train_data,
+                              eval_data=eval_data, train=train) as self._attached:  # fmt: skip
+            self._setup(model, tokenizer, train_data, eval_data, lora, train, kwargs)
+
+    def _setup(self, model: Any, tokenizer: Any, train_data: Any, eval_data: Any, lora: LoRAConfig | None,
+               train: TrainConfig | None, kwargs: dict[str, Any]) -> None:  # fmt: skip
+        """``__init__``'s work, inside :func:`~lora_widgets.widget.attach.attaching`."""
         if train is None:
             from lora_widgets.training.config import TrainConfig
 
@@ -235,7 +239,7 @@ class LoRADashboard(
         if self._attached is not None:
             try:
                 return self.watch(self._attached)
-            except RuntimeError as exc:
+            except (RuntimeError, ValueError) as exc:
                 self._show_start_failure(exc)
                 raise
         try:
@@ -272,6 +276,7 @@ class LoRADashboard(
             )
         self._session.check_idle()
         loop = running_loop()
+        attach.check_can_start(source)  # its trainer training in another thread: refused, nothing changed
         self._archive_previous_run()
         if attach.show_source(source, self.panel, self._callouts, self.charts):  # settings, advice, schedule
             self._publish_callouts()

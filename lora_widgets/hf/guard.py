@@ -1,0 +1,115 @@
+"""Refuse a start of an attached trainer that cannot run well: one already training, or settings it would fail on.
+
+One trainer trains once at a time, whoever started it. Two ``train()`` calls on one ``transformers.Trainer``
+share its model, optimizer, gradients and ``state``: the second replaces ``hf_trainer.state`` under the
+first and zeroes the gradients that the first is clipping, which was seen to end in a segmentation fault
+(the kernel dies) or a run that "finished" at step 31 of 30. So before :class:`~lora_widgets.hf.run.HFRun`
+starts one, and before the dashboard attaches to a trainer (attaching removes its progress display, which
+would change a run in progress), :func:`refuse_if_training` asks :func:`training_now`:
+
+- a run an ``HFRun`` started is in :data:`_TRAINING` (set before its worker thread calls ``train()``);
+- a ``train()`` the user called in any thread is found on that thread's stack: a ``train`` or
+  ``_inner_training_loop`` frame whose ``self`` is this trainer. transformers' own ``is_in_train`` flag is
+  only the quick first test: it stays True after a ``train()`` that raised, although the trainer may be
+  trained again, so alone it would refuse forever after one failure.
+
+:func:`check_settings` names the ``TrainingArguments`` values that transformers accepts when changed after
+construction (``hf_trainer.args.logging_steps = 0``) but fails on part-way through the run.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from types import FrameType
+from typing import Any
+
+__all__ = ["check_settings", "refuse_if_training", "training_now"]
+
+_TRAINING: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Trainers an ``HFRun`` is training right now (from before its worker thread starts ``train()``)."""
+
+_TRAIN_FRAMES = frozenset({"train", "_inner_training_loop"})
+
+
+def _thread_in_train(hf_trainer: Any) -> threading.Thread | None:
+    """The thread whose stack is inside ``hf_trainer.train()`` now, or ``None``."""
+    threads = {t.ident: t for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        f: FrameType | None = frame
+        while f is not None:
+            if f.f_code.co_name in _TRAIN_FRAMES and f.f_locals.get("self") is hf_trainer:
+                return threads.get(ident)
+            f = f.f_back
+    return None
+
+
+def training_now(hf_trainer: Any) -> str | None:
+    """Who is training ``hf_trainer`` right now, in words (``None``: nobody)."""
+    if hf_trainer in _TRAINING:
+        return "the dashboard (HFRun) is training it"
+    if not getattr(hf_trainer, "is_in_train", False):
+        return None
+    thread = _thread_in_train(hf_trainer)
+    if thread is None:
+        return None  # is_in_train left True by a train() that raised
+    return f"{type(hf_trainer).__name__}.train() is running in thread {thread.name!r}"
+
+
+def refuse_if_training(hf_trainer: Any, action: str = "start another training run") -> None:
+    """Raise ``RuntimeError`` saying who is training ``hf_trainer`` and how to stop it, if anyone is."""
+    who = training_now(hf_trainer)
+    if who is None:
+        return
+    if hf_trainer in _TRAINING:
+        how = "press Stop (or dash.stop()) and wait for the run to end (await dash.wait())"
+    else:
+        how = (
+            "wait for that train() call to return, or stop it first (interrupt its cell: Kernel > Interrupt, "
+            "or set hf_trainer.control.should_training_stop = True from a callback)"
+        )
+    raise RuntimeError(
+        f"cannot {action}: {who}, and one trainer trains once at a time (two train() calls on one trainer "
+        f"share its model, optimizer and state, and can crash the kernel). To go on, {how}; nothing about "
+        "the run in progress was changed"
+    )
+
+
+def _bad_steps(args: Any, strategy: str, steps: str) -> str | None:
+    value = getattr(args, steps, None)
+    if str(getattr(getattr(args, strategy, None), "value", getattr(args, strategy, None))) != "steps":
+        return None
+    if value is None and steps == "eval_steps":
+        return None  # falls back to logging_steps, checked on its own
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return f"{steps}={value!r} with {strategy}='steps'"
+    if value > 1 and value != int(value):
+        return f"{steps}={value!r} (above 1 it must be a whole number of steps)"
+    return None
+
+
+def check_settings(args: Any) -> None:
+    """Refuse the ``TrainingArguments`` values transformers fails on only part-way through a run.
+
+    ``TrainingArguments`` validates its values when built, not when they are changed afterwards; a
+    ``logging_steps`` (``eval_steps``, ``save_steps``) of 0 then ends in ``ZeroDivisionError`` at the second step.
+
+    Raises:
+        ValueError: naming each bad value and the fix.
+    """
+    bad = [
+        problem
+        for strategy, steps in (
+            ("logging_strategy", "logging_steps"),
+            ("eval_strategy", "eval_steps"),
+            ("save_strategy", "save_steps"),
+        )
+        if (problem := _bad_steps(args, strategy, steps)) is not None
+    ]
+    if bad:
+        raise ValueError(
+            f"hf_trainer.args has {'; '.join(bad)}: transformers divides by it part-way through the run. Set "
+            "it to a whole number of steps >= 1 (e.g. hf_trainer.args.logging_steps = 10) or a fraction of "
+            "the run in (0, 1), then start again"
+        )
