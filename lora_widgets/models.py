@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from lora_widgets.devices import select_device
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -61,19 +63,22 @@ def load_model(
     Args:
         name_or_path: ``None`` for the shipped base model; a local directory written by ``save_pretrained``;
             or a Hugging Face hub id (downloaded unless ``HF_HUB_OFFLINE=1``).
-        device: where to put the model (``"cpu"``, ``"cuda"``, a ``torch.device``); ``None`` keeps it on the CPU.
+        device: where to put the model (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a
+            ``torch.device``; :func:`lora_widgets.devices.select_device`); ``None`` keeps it on the CPU.
         dtype: parameter dtype (``torch.float32``, ``"bf16"``, ...); ``None`` keeps the checkpoint's default.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
 
     Raises:
-        ValueError: an unknown dtype; a local path that does not exist; a name that is neither a local
+        RuntimeError: ``device`` is not available here (the message lists what was found).
+        ValueError: an unknown dtype or device name (``"tpu"``); a local path that does not exist; a name that is neither a local
             directory nor loadable from the hub (the message says what was tried and why it failed).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
+    target = None if device is None else select_device(device)  # before the download: "tpu" named at once
     source: str | Path = BASE_MODEL_PATH if name_or_path is None else name_or_path  # type: ignore[assignment]
     if isinstance(source, os.PathLike):
         source = Path(source).expanduser()
@@ -121,8 +126,8 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if device is not None:
-        cast(torch.nn.Module, model).to(torch.device(device))
+    if target is not None:
+        cast(torch.nn.Module, model).to(target)
     model.eval()
     return model, tokenizer
 

@@ -30,6 +30,7 @@ __all__ = [
     "in_out_features",
     "is_adaptable",
     "lora_scaling",
+    "refuse_float8",
     "resolve_targets",
     "short_list",
 ]
@@ -366,3 +367,16 @@ def short_list(names: Iterable[str], limit: int = 12) -> str:
     leaves = sorted({n.split(".")[-1] for n in items})
     text = ", ".join(leaves[:limit])
     return f"[{text}{', ...' if len(leaves) > limit else ''}] ({len(items)} modules)"
+
+
+def refuse_float8(model: nn.Module, matched: list[str]) -> None:
+    """float8 weights are a storage format: torch has no random initialiser (nor, on most devices, a matmul)
+    for them, so adapters cannot be made there; say which layer and how to load the model instead."""
+    for name in matched:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and weight.element_size() == 1:
+            raise TypeError(
+                f"apply_lora: {name}.weight is {weight.dtype}, a storage format LoRA adapters cannot be built "
+                "or trained in. Load the model in bfloat16, float16 or float32 (load_model(name, dtype='bf16'), "
+                "or model.to(torch.bfloat16)) and apply LoRA to that"
+            )

@@ -56,6 +56,7 @@ from lora_widgets.lora.config import (
     in_out_features,
     is_adaptable,
     lora_scaling,
+    refuse_float8,
     resolve_targets,
     short_list,
 )
@@ -347,6 +348,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
             f"target_modules {rule} matched no Linear/Conv1D module. "
             f"This model has: {short_list(adaptable_modules(model))}"
         )
+    refuse_float8(model, matched)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         wrappers: dict[str, nn.Module] = {}
