@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASE_MODEL_PATH",
+    "check_vocab",
     "generate",
     "load_base_model",
     "load_model",
@@ -204,6 +205,23 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str,
     return ids
 
 
+def check_vocab(model: torch.nn.Module, prompts: list[list[int]]) -> None:
+    """Refuse token ids the model's embedding has no row for (a tokenizer of another model): the embedding
+    lookup would raise a bare ``IndexError``."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if not isinstance(rows, int):
+        return
+    for i, ids in enumerate(prompts):
+        top = max(ids, default=0)
+        if top >= rows:
+            raise ValueError(
+                f"prompt {i} has token id {top}, but the model's vocabulary has {rows} tokens: the tokenizer "
+                "belongs to another model; pass the tokenizer that came with the model (load_model returns both)"
+            )
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -236,7 +254,9 @@ def generate(
     """
     _check_generate_args(prompt, max_new_tokens, temperature, top_k, seed, include_prompt)
     device = next(model.parameters()).device
-    input_ids = torch.tensor([_prompt_ids(tokenizer, prompt)], dtype=torch.long, device=device)  # [1, T]
+    ids = _prompt_ids(tokenizer, prompt)
+    check_vocab(model, [ids])
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         options.update(temperature=float(temperature), top_k=top_k, top_p=1.0)

@@ -134,8 +134,8 @@ def test_while_the_dashboard_trains_a_second_run_and_a_lora_trainer_are_refused(
         task = asyncio.ensure_future(run.run())
         while not hold.reached.is_set():
             await asyncio.sleep(0.01)
-        assert training_now(hf) == "the dashboard (HFRun) is training it"
-        with pytest.raises(RuntimeError, match=r"dashboard \(HFRun\) is training it.*press Stop"):
+        assert training_now(hf) == "the dashboard (HFRun) is already training it"
+        with pytest.raises(RuntimeError, match=r"dashboard \(HFRun\) is already training it.*press Stop"):
             await HFRun(hf).run()
         with pytest.raises(RuntimeError, match="another LoRATrainer is training this model"):
             await LoRATrainer(hf.model, None, [[1, 2, 3]]).run()

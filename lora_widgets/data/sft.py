@@ -235,6 +235,11 @@ def tokenize_row(
 def _check_args(
     tokenizer: Any, max_length: int, train_on: str, assistant_spans: str, batch_size: int
 ) -> None:
+    if not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise TypeError(
+            f"tokenizer must be the model's transformers tokenizer (AutoTokenizer.from_pretrained(...), or the "
+            f"second value load_model returns), got {type(tokenizer).__name__} ({tokenizer!r:.40})"
+        )
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2 (tokens per example), got {max_length!r}")
     if train_on not in TRAIN_ON:

@@ -5,7 +5,7 @@ share its model, optimizer, gradients and ``state``: the second replaces ``hf_tr
 first and zeroes the gradients that the first is clipping, which was seen to end in a segmentation fault
 (the kernel dies) or a run that "finished" at step 31 of 30. So before :class:`~lora_widgets.hf.run.HFRun`
 starts one, and before the dashboard attaches to a trainer (attaching removes its progress display, which
-would change a run in progress), :func:`refuse_if_training` asks :func:`training_now`:
+would change a run in progress), :func:`refuse_if_trainer_busy` asks :func:`training_now`:
 
 - a run an ``HFRun`` started is in :data:`_TRAINING` (set before its worker thread calls ``train()``);
 - a ``train()`` the user called in any thread is found on that thread's stack: a ``train`` or
@@ -25,7 +25,7 @@ import weakref
 from types import FrameType
 from typing import Any
 
-__all__ = ["check_settings", "refuse_if_training", "training_now"]
+__all__ = ["check_settings", "refuse_if_trainer_busy", "training_now"]
 
 _TRAINING: weakref.WeakSet[Any] = weakref.WeakSet()
 """Trainers an ``HFRun`` is training right now (from before its worker thread starts ``train()``)."""
@@ -48,7 +48,7 @@ def _thread_in_train(hf_trainer: Any) -> threading.Thread | None:
 def training_now(hf_trainer: Any) -> str | None:
     """Who is training ``hf_trainer`` right now, in words (``None``: nobody)."""
     if hf_trainer in _TRAINING:
-        return "the dashboard (HFRun) is training it"
+        return "the dashboard (HFRun) is already training it"
     if not getattr(hf_trainer, "is_in_train", False):
         return None
     thread = _thread_in_train(hf_trainer)
@@ -57,7 +57,7 @@ def training_now(hf_trainer: Any) -> str | None:
     return f"{type(hf_trainer).__name__}.train() is running in thread {thread.name!r}"
 
 
-def refuse_if_training(hf_trainer: Any, action: str = "start another training run") -> None:
+def refuse_if_trainer_busy(hf_trainer: Any, action: str = "start another training run") -> None:
     """Raise ``RuntimeError`` saying who is training ``hf_trainer`` and how to stop it, if anyone is."""
     who = training_now(hf_trainer)
     if who is None:

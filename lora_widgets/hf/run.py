@@ -39,7 +39,7 @@ from lora_widgets.events.types import (
 )
 from lora_widgets.hf.args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf.callback import EventCallback
-from lora_widgets.hf.guard import _TRAINING, check_settings, refuse_if_training
+from lora_widgets.hf.guard import _TRAINING, check_settings, refuse_if_trainer_busy
 from lora_widgets.training import ownership
 
 __all__ = ["EventCallback", "HFRun", "describe_settings", "logging_advice"]
@@ -119,7 +119,7 @@ class HFRun:
             RuntimeError: a run is in progress (the message says which, and how to stop it).
             ValueError: a bad setting (named, with the fix).
         """
-        refuse_if_training(self.hf_trainer)
+        refuse_if_trainer_busy(self.hf_trainer)
         if self._running:
             raise RuntimeError("this trainer is already training; stop() it or await the run in progress")
         model = getattr(self.hf_trainer, "model", None)

@@ -54,7 +54,7 @@ def attached_source(trainer: Any, **others: Any) -> RunSource:
 
     Raises:
         TypeError: ``trainer`` is neither, or other arguments were given with it.
-        RuntimeError: the trainer is training now (:func:`lora_widgets.hf.guard.refuse_if_training`).
+        RuntimeError: the trainer is training now (:func:`lora_widgets.hf.guard.refuse_if_trainer_busy`).
     """
     given = sorted(k for k, v in others.items() if v is not None)
     if given:
@@ -64,10 +64,10 @@ def attached_source(trainer: Any, **others: Any) -> RunSource:
             "without trainer= to train with lora_widgets' own LoRATrainer"
         )
     if is_hf_trainer(trainer):
-        from lora_widgets.hf.guard import refuse_if_training
+        from lora_widgets.hf.guard import refuse_if_trainer_busy
         from lora_widgets.hf.run import HFRun  # imports transformers' Trainer: only for an attached one
 
-        refuse_if_training(trainer, "attach a dashboard to this trainer now")
+        refuse_if_trainer_busy(trainer, "attach a dashboard to this trainer now")
         return HFRun(trainer)
     if isinstance(trainer, RunSource):
         return trainer
