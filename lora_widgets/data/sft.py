@@ -261,7 +261,7 @@ def _check_args(
 
 
 def _check_template(tokenizer: Any, rows: list[ChatRow], chat_template: str | None) -> None:
-    """A conversation needs a template, and the template must parse (jinja2's own error names neither)."""
+    """A conversation needs a template (a string; whether it parses is found at its first use)."""
     if chat_template is not None and not isinstance(chat_template, str):
         raise TypeError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}")
     first = next((r for r in rows if r.is_conversational), None)
@@ -274,19 +274,6 @@ def _check_template(tokenizer: Any, rows: list[ChatRow], chat_template: str | No
             "template; pass chat_template=<a Jinja template>, set tokenizer.chat_template, use the model's "
             "instruct variant (which ships one), or give prompt/completion strings instead"
         )
-    if isinstance(template, str):
-        import jinja2  # transformers' chat templates need it
-
-        try:
-            jinja2.Environment().parse(template)
-        except jinja2.TemplateSyntaxError as exc:
-            where = "chat_template" if chat_template is not None else "tokenizer.chat_template"
-            lines = template.split("\n")
-            line = lines[exc.lineno - 1] if 0 < exc.lineno <= len(lines) else ""
-            raise ValueError(
-                f"{where} is not a valid Jinja template: {exc.message} (template line {exc.lineno}: {line!r:.80}); "
-                "fix the template (every {% if %}/{% for %} needs its expression and its {% endif %}/{% endfor %})"
-            ) from None
 
 
 def _tokenize_checked(
@@ -298,6 +285,14 @@ def _tokenize_checked(
 
     try:
         return tokenize_row(row, tokenizer, train_on, chat_template, spans)
+    except jinja2.TemplateSyntaxError as exc:  # the template itself, found at its first use
+        where = "chat_template" if chat_template is not None else "tokenizer.chat_template"
+        lines = str(chat_template if chat_template is not None else tokenizer.chat_template).split("\n")
+        line = lines[exc.lineno - 1] if 0 < exc.lineno <= len(lines) else ""
+        raise ValueError(
+            f"{where} is not a valid Jinja template: {exc.message} (template line {exc.lineno}: {line!r:.80}); "
+            "fix the template (every {% if %}/{% for %} needs its expression and its {% endif %}/{% endfor %})"
+        ) from None
     except jinja2.TemplateError as exc:
         raise ValueError(
             f"row {row.index}: the chat template failed on this conversation ({type(exc).__name__}: {exc}); "

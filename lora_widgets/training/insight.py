@@ -106,7 +106,8 @@ def _samples_notice(model: nn.Module, tokenizer: Any, config: TrainConfig, val: 
             f"{asked}, and this run has no validation data",
             f"pass eval_data=..., or keep val_fraction > 0; {off}",
         )
-    if not callable(getattr(tokenizer, "decode", None)) or not callable(getattr(model, "generate", None)):
+    decodes = callable(getattr(tokenizer, "decode", None))
+    if given and (not decodes or not callable(getattr(model, "generate", None))):  # default prompts: ids
         return samples_off_notice(
             "sample answers need a tokenizer (to decode them) and a model with generate()",
             f"pass the model's tokenizer; {off}",
