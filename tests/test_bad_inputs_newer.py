@@ -171,6 +171,20 @@ def _press_train(dash: LoRADashboard) -> Any:
     return asyncio.run(press())
 
 
+def _hf_checkpoints(tmp: Path, damage: str) -> dict[str, Any]:
+    """A transformers run saved at steps 1 and 2; ``damage`` truncates one file of checkpoint-2."""
+    hf = _hf_trainer(tmp, max_steps=2, save_strategy="steps", save_steps=1)
+    hf.train()
+    path = Path(hf.args.output_dir) / "checkpoint-2" / damage
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    return {"hf": hf, "files": Path(hf.args.output_dir)}
+
+
+def _resume(hf: Any, checkpoint: str | bool) -> Any:
+    path = checkpoint if checkpoint is True else str(Path(hf.args.output_dir) / checkpoint)
+    return asyncio.run(HFRun(hf).run(resume_from_checkpoint=path))
+
+
 def _with_printer(tmp: Path) -> dict[str, Any]:
     hf = _hf_trainer(tmp)
     hf.add_callback(transformers.PrinterCallback)
@@ -527,6 +541,20 @@ CASES = [
         lambda t: _checkpoints(t, ""),
     ),
     # -- attached transformers trainers (hf/*, widget/attach.py) ---------------------------------------------
+    _c(
+        "hf-resume-truncated-adapter",
+        ValueError,
+        ("checkpoint-2/adapter_model.safetensors", "checkpoint-1"),
+        lambda o: _resume(o["hf"], "checkpoint-2"),
+        lambda t: _hf_checkpoints(t, "adapter_model.safetensors"),
+    ),
+    _c(
+        "hf-resume-latest-truncated-state",
+        ValueError,
+        ("checkpoint-2/trainer_state.json", "checkpoint-1"),
+        lambda o: _resume(o["hf"], True),
+        lambda t: _hf_checkpoints(t, "trainer_state.json"),
+    ),
     _c("hf-not-a-trainer", TypeError, "got str", lambda o: HFRun("my_trainer")),
     _c("attach-not-a-trainer", TypeError, "got str", lambda o: LoRADashboard(trainer="my_trainer")),
     _c(

@@ -14,18 +14,22 @@ would change a run in progress), :func:`refuse_if_trainer_busy` asks :func:`trai
   trained again, so alone it would refuse forever after one failure.
 
 :func:`check_settings` names the ``TrainingArguments`` values that transformers accepts when changed after
-construction (``hf_trainer.args.logging_steps = 0``) but fails on part-way through the run.
+construction (``hf_trainer.args.logging_steps = 0``) but fails on part-way through the run, and
+:func:`check_checkpoint` a checkpoint file to resume from that does not read.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import threading
 import weakref
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["check_settings", "refuse_if_trainer_busy", "training_now"]
+__all__ = ["check_checkpoint", "check_settings", "refuse_if_trainer_busy", "training_now"]
 
 _TRAINING: weakref.WeakSet[Any] = weakref.WeakSet()
 """Trainers an ``HFRun`` is training right now (from before its worker thread starts ``train()``)."""
@@ -113,3 +117,62 @@ def check_settings(args: Any) -> None:
             "it to a whole number of steps >= 1 (e.g. hf_trainer.args.logging_steps = 10) or a fraction of "
             "the run in (0, 1), then start again"
         )
+
+
+def _unreadable_file(directory: Path) -> tuple[Path, str] | None:
+    """The first file of a transformers checkpoint that does not parse (JSON, or a safetensors header and
+    size), with the reason; ``None`` when all do."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(directory.iterdir()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as f:
+                    f.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            return path, f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def check_checkpoint(hf_trainer: Any, resume_from_checkpoint: str | bool | None) -> None:
+    """Refuse to resume from a transformers checkpoint with a file that does not read (truncated by a full disk
+    or a killed process), naming the file and the latest earlier checkpoint that reads; transformers would
+    fail part-way with the raw JSON or safetensors error, naming neither.
+
+    Raises:
+        ValueError: the file, why, and which checkpoint to resume from instead.
+    """
+    if resume_from_checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        output_dir = getattr(hf_trainer.args, "output_dir", None)
+        found = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+        resume_from_checkpoint = found
+    if not isinstance(resume_from_checkpoint, str | os.PathLike) or not os.path.isdir(resume_from_checkpoint):
+        return  # nothing to resume from, or transformers' own message for a missing directory
+    directory = Path(resume_from_checkpoint)
+    bad = _unreadable_file(directory)
+    if bad is None:
+        return
+
+    def number(d: Path) -> int:
+        return int(d.name.rsplit("-", 1)[-1]) if d.name.rsplit("-", 1)[-1].isdigit() else -1
+
+    earlier = sorted(
+        (
+            d
+            for d in directory.parent.glob("checkpoint-*")
+            if d.is_dir() and -1 < number(d) < number(directory)
+        ),
+        key=number,
+        reverse=True,
+    )
+    good = next((d for d in earlier if _unreadable_file(d) is None), None)
+    fix = (
+        f"resume from the earlier checkpoint: train(resume_from_checkpoint={str(good)!r})"
+        if good is not None
+        else "no earlier checkpoint reads either: train from the start (resume_from_checkpoint=None)"
+    )
+    raise ValueError(f"checkpoint file {str(bad[0])!r} cannot be read ({bad[1]}); {fix}")

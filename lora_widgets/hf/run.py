@@ -39,7 +39,7 @@ from lora_widgets.events.types import (
 )
 from lora_widgets.hf.args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf.callback import EventCallback
-from lora_widgets.hf.guard import _TRAINING, check_settings, refuse_if_trainer_busy
+from lora_widgets.hf.guard import _TRAINING, check_checkpoint, check_settings, refuse_if_trainer_busy
 from lora_widgets.training import ownership
 
 __all__ = ["EventCallback", "HFRun", "describe_settings", "logging_advice"]
@@ -133,9 +133,11 @@ class HFRun:
         training is stopped after the current step and awaited before the cancellation propagates.
 
         Raises:
-            RuntimeError, ValueError: :meth:`check_can_start` refused (nothing was changed).
+            RuntimeError, ValueError: :meth:`check_can_start` refused, or a file of the checkpoint to resume
+                from does not read (:func:`~lora_widgets.hf.guard.check_checkpoint`); nothing was changed.
         """
         self.check_can_start()
+        check_checkpoint(self.hf_trainer, resume_from_checkpoint)
         hold = contextlib.ExitStack()  # the model, so a LoRATrainer does not start on it meanwhile
         if isinstance(model := getattr(self.hf_trainer, "model", None), torch.nn.Module):
             hold.enter_context(ownership.training(model))
