@@ -10,6 +10,7 @@ The names here are the ones a notebook uses; everything else lives in a namespac
 ``lora_widgets.health``         failure diagnoses, "is it training?" alerts, sample generations
 ``lora_widgets.hf``             watching and steering a transformers / TRL trainer (``EventCallback``, ``HFRun``)
 ``lora_widgets.training``       the trainer's phases (``LoRATrainer`` and ``TrainConfig`` are exported here)
+``lora_widgets.sweep``          many runs compared: ``Grid``, ``Points``, ``RandomSearch``, ``Halving`` (``Sweep`` here)
 ``lora_widgets.widget``         the dashboard and the planner (``LoRADashboard``, ``MemoryPlanner`` here)
 ==============================  ===============================================================================
 
@@ -18,6 +19,7 @@ trainer never imports the widget stack (anywidget, ipywidgets, bqplot). Imports 
 
     core: lora/, data/, events/, memory/, health/, models, devices, atomic
       <-  training/ (LoRATrainer) and hf/ (an attached transformers/TRL trainer)
+      <-  sweep/ (many LoRATrainer runs)
       <-  widget/ (views of the event stream)
       <-  notebooks and docs
 """
@@ -45,6 +47,9 @@ _EXPORTS: dict[str, str] = {
     # training
     "LoRATrainer": "training.trainer",
     "TrainConfig": "training.config",
+    "EarlyStopping": "training.early_stopping",
+    # sweeps (issue 22): the rest is in lora_widgets.sweep (Grid, Points, RandomSearch, LogUniform, Halving)
+    "Sweep": "sweep.runner",
     # models and data
     "load_base_model": "models",
     "load_model": "models",
@@ -63,15 +68,16 @@ _EXPORTS: dict[str, str] = {
     # widgets (import anywidget/bqplot only when used)
     "LoRADashboard": "widget.dashboard",
     "MemoryPlanner": "widget.planner",
+    "SweepView": "widget.sweep_view",
 }
 
 # namespaces reachable as attributes (``lora_widgets.events.types.StepMetrics``) without a separate import
-_NAMESPACES = ("lora", "data", "events", "memory", "health", "hf", "training", "widget")
+_NAMESPACES = ("lora", "data", "events", "memory", "health", "hf", "training", "sweep", "widget")
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
-    from lora_widgets import data, events, health, hf, lora, memory, training, widget
+    from lora_widgets import data, events, health, hf, lora, memory, sweep, training, widget
     from lora_widgets.data.corpora import load_corpus
     from lora_widgets.data.rows import load_rows
     from lora_widgets.data.text import prepare_data
@@ -91,10 +97,13 @@ if TYPE_CHECKING:
     from lora_widgets.memory.estimate import estimate_memory
     from lora_widgets.memory.measure import measure_memory
     from lora_widgets.models import generate, load_base_model, load_model
+    from lora_widgets.sweep.runner import Sweep
     from lora_widgets.training.config import TrainConfig
+    from lora_widgets.training.early_stopping import EarlyStopping
     from lora_widgets.training.trainer import LoRATrainer
     from lora_widgets.widget.dashboard import LoRADashboard
     from lora_widgets.widget.planner import MemoryPlanner
+    from lora_widgets.widget.sweep_view import SweepView
 
 
 def __getattr__(name: str) -> Any:

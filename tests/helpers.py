@@ -175,6 +175,32 @@ def scripted_samples(step: int) -> Any:
     return SampleGenerations(step, pairs, 32, 0.0, 0.25, base_reused=step > 0)
 
 
+def random_blocks(n: int = 40, seq: int = 32, seed: int = 0, vocab_size: int = 128) -> torch.Tensor:
+    """Seeded random token blocks ``[n, seq]`` for a tiny model's training data."""
+    return torch.randint(0, vocab_size, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def cpu_config(tmp_path: Any, **fields: Any) -> Any:
+    """A ``TrainConfig`` that trains on the CPU and writes its runs under ``tmp_path / "runs"``."""
+    from lora_widgets import TrainConfig
+
+    return TrainConfig(**{"output_dir": str(tmp_path / "runs"), "device": "cpu", **fields})
+
+
+def tiny_trainer(tmp_path: Any, model: Any = None, data: Any = None, r: int = 4, **fields: Any) -> Any:
+    """A ``LoRATrainer`` with rank-``r`` adapters on a tiny Llama (or ``model``) over random blocks (or
+    ``data``), configured by :func:`cpu_config`: the one factory the trainer tests share."""
+    from lora_widgets import LoRAConfig, LoRATrainer
+
+    return LoRATrainer(
+        model if model is not None else tiny_llama(),
+        None,
+        random_blocks() if data is None else data,
+        lora=LoRAConfig(r=r),
+        config=cpu_config(tmp_path, **fields),
+    )
+
+
 def snapshot(model: nn.Module) -> dict[str, Any]:
     """Everything a failed operation must leave as it was."""
     return {

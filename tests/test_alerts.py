@@ -2,7 +2,7 @@
 
 The loop in ``_train`` is the integration the trainer is meant to make: adapter statistics right after
 ``optimizer.step()`` (before ``zero_grad``) on the first update and at every evaluation, all events fed to an
-``AlertMonitor``.
+``AlertMonitor``; the first update's gradients checked (``AlertMonitor.check_gradients``).
 """
 
 from __future__ import annotations
@@ -16,14 +16,22 @@ import torch
 from torch import nn
 
 from lora_widgets import LoRAConfig, apply_lora, lora_layers
-from lora_widgets.events import AdapterLayerStats, AdapterStats, EvalMetrics, RunStarted, StepMetrics
-from lora_widgets.health import Alert, AlertMonitor
+from lora_widgets.events import (
+    AdapterLayerStats,
+    AdapterStats,
+    AlertRaised,
+    EvalMetrics,
+    RunStarted,
+    StepMetrics,
+)
+from lora_widgets.health import AlertMonitor
 from lora_widgets.health.alerts import (
     UPDATE_RATIO_HIGH,
     UPDATE_RATIO_LOW,
     count_trained_tokens,
     val_loss_alert,
 )
+from lora_widgets.health.gradient_check import gradient_report
 from lora_widgets.lora import adapter_stats, snapshot_adapters
 from tests.helpers import patterned_batch, tiny_llama
 
@@ -32,13 +40,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj"]  # what the seed notebook adapted
 
 @dataclass
 class _Run:
-    alerts: list[Alert] = field(default_factory=list)
+    alerts: list[AlertRaised] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
 
     def seen(self) -> list[str]:
         return [a.key for a in self.alerts]
 
-    def first(self, key: str) -> Alert:
+    def first(self, key: str) -> AlertRaised:
         return next(a for a in self.alerts if a.key == key)
 
 
@@ -61,6 +69,8 @@ def _train(model: nn.Module, lr: float, steps: int = 4, eval_every: int = 2) -> 
     evaluate(0)
     for step in range(1, steps + 1):
         model(input_ids=x, labels=x, use_cache=False).loss.backward()
+        if step == 1:  # what the gradients of the first update show, for any model
+            run.alerts += monitor.check_gradients(gradient_report(model), step)
         measure = step == 1 or step % eval_every == 0
         snap = snapshot_adapters(model) if measure else None
         opt.step()
@@ -91,15 +101,21 @@ def _seed_bug_model() -> nn.Module:
     return model
 
 
-def test_seed_bug_lora_not_in_forward_is_flagged_at_the_first_evaluation() -> None:
+def test_seed_bug_lora_not_in_forward_is_flagged_at_the_first_update() -> None:
     model = _seed_bug_model()
     assert len(lora_layers(model)) == 6
     run = _train(model, lr=3e-3)
     assert run.val_losses[0] != run.val_losses[-1]  # the loss moves (other parameters train): easy to miss
     alert = run.first("no_gradient")
-    assert alert.step is not None and alert.step <= 2  # the first evaluation after step 0 is at step 2
-    assert alert.severity == "danger" and alert.title == "No adapter receives a gradient"
-    assert "6 of 6" in alert.evidence and "apply_lora" in alert.fix
+    assert alert.step == 1  # read from the first update's gradients
+    assert alert.severity == "danger" and alert.title == "12 of 27 trainable tensors receive no gradient"
+    for proj in TARGETS:  # grouped by module, layer indices collapsed
+        assert (
+            f"unused_adapters.model_layers_*_self_attn_{proj}.{{lora_A,lora_B}}: 4 tensors in 2 layers"
+            in (alert.evidence)
+        )
+    assert "the adapters exist but the forward never calls them" in alert.evidence
+    assert "apply_lora" in alert.fix
     assert run.seen().count("no_gradient") == 1  # never repeated
     assert run.seen() == ["no_gradient"]  # the cause, said once: not also "B zero" or "learning rate too low"
 
@@ -123,8 +139,9 @@ def test_some_adapters_bypassed_are_named() -> None:
             keep[name.replace(".", "_")] = layer
     model.add_module("unused", keep)
     alert = _train(model, lr=3e-3, steps=1).first("no_gradient")
-    assert alert.title == "2 of 4 adapters receive no gradient"
-    assert "unused.model_layers_0_self_attn_v_proj" in alert.evidence and "q_proj" not in alert.evidence
+    assert alert.title.startswith("4 of ") and alert.title.endswith("trainable tensors receive no gradient")
+    assert "unused.model_layers_*_self_attn_v_proj.{lora_A,lora_B}: 4 tensors in 2 layers" in alert.evidence
+    assert "q_proj" not in alert.evidence
 
 
 def _checkpointed(use_reentrant: bool, input_grads: bool) -> nn.Module:
@@ -156,7 +173,9 @@ def test_reentrant_checkpointing_without_input_grads_is_flagged() -> None:
         warnings.simplefilter("ignore", UserWarning)  # torch: "None of the inputs have requires_grad=True"
         run = _train(_checkpointed(use_reentrant=True, input_grads=False), lr=3e-3, steps=2)
     alert = run.first("no_gradient")
-    assert alert.step == 1 and "4 of 4" in alert.evidence and "enable_input_require_grads" in alert.fix
+    assert alert.step == 1 and "8 of 9 trainable tensors" in alert.evidence  # every adapter; not lm_head
+    assert "model.layers.*.self_attn.q_proj.{lora_A,lora_B}: 4 tensors in 2 layers" in alert.evidence
+    assert "enable_input_require_grads" in alert.fix and "use_reentrant" in alert.fix
     # Non-reentrant checkpoints (transformers' default) and the default input-grads hook both train the adapters.
     assert "no_gradient" not in _train(_checkpointed(use_reentrant=False, input_grads=False), 3e-3, 2).seen()
     assert "no_gradient" not in _train(_checkpointed(use_reentrant=True, input_grads=True), 3e-3, 2).seen()

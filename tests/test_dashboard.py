@@ -41,6 +41,7 @@ class FakeTrainConfig:
     val_fraction: float = 0.1
     device: str = "cpu"
     eval_every: int = 5
+    early_stopping: Any = None  # the early-stop patience control's field (None: off)
 
 
 class FakeTrainer:

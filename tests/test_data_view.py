@@ -98,7 +98,7 @@ def test_the_memory_preflight_gets_the_longest_padded_length(
     import lora_widgets.memory.fit as memory
 
     seen: list[int] = []
-    real = memory.fit
+    real = memory.preflight
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs["seq_len"])

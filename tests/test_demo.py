@@ -127,7 +127,7 @@ def test_corpora_by_role() -> None:
     assert load_corpus("pretrain")[0].startswith(("#", '"""', "import", "from", "r'''", "'''", '"'))
     assert load_corpus("finetune") == load_corpus("finetune")
     assert {c.role for c in list_corpora()} == {"pretrain", "finetune", "instruct"}
-    with pytest.raises(ValueError, match=r"unknown corpus role 'code'"):
+    with pytest.raises(ValueError, match=r"unknown corpus 'code'.*or a role: pretrain, finetune, instruct"):
         load_corpus("code")
 
 

@@ -68,8 +68,17 @@ def test_notebook_structure(path: Path) -> None:
     assert any("Check yourself" in c.source for c in nb.cells if c.cell_type == "markdown")
     assert "assert " in nb.cells[-1].source
     sources = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    # notebooks use only the public namespace
-    assert "from lora_widgets." not in sources and "import lora_widgets." not in sources
+    # notebooks use only the public names: the top level and its namespaces (lora_widgets.events, .lora, ...)
+    import re
+
+    import lora_widgets
+
+    deep = [
+        m.group(0)
+        for m in re.finditer(r"(?:from|import) lora_widgets\.([\w.]+)", sources)
+        if m.group(1) not in lora_widgets._NAMESPACES
+    ]
+    assert not deep, f"{path.name} imports private modules: {deep}"
 
 
 def test_architecture_page_names_every_module() -> None:

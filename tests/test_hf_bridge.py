@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -436,10 +435,10 @@ def test_training_in_a_real_kernel_leaves_cells_free(tmp_path: Path) -> None:
     and stop it; every event was delivered on the kernel's own thread."""
     pytest.importorskip("jupyter_client")
     pytest.importorskip("ipykernel")
-    from tests.test_trainer_kernel import _run_cell, running_kernel
+    from tests.kernel import assert_progresses_between_cells, run_cell, running_kernel
 
     with running_kernel() as kc:
-        _run_cell(
+        run_cell(
             kc,
             f"""
 import asyncio, threading
@@ -457,29 +456,8 @@ run.subscribe(on_event)
 task = asyncio.get_event_loop().create_task(run.run())
 """,
         )
-        first: int | None = None
-        latest = 0
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state, n = _run_cell(kc, "print(run.state, len(steps))").splitlines()[-1].split()
-            assert state == "running"
-            latest = int(n)
-            if first is None and latest > 0:
-                first = latest
-            elif first is not None and latest > first:
-                break  # it progressed between two of our cells
-            time.sleep(0.1)
-        assert first is not None and latest > first, (first, latest)
-        out = _run_cell(
+        assert_progresses_between_cells(kc, "print(run.state, len(steps))")
+        out = run_cell(
             kc, "run.stop()\nend = await task\nprint(end.kind, run.state, threads == {threading.get_ident()})"
         )
         assert out.splitlines()[-1] == "stopped stopped True"
-
-
-@pytest.mark.parametrize("module", ["hf_args", "hf_callback", "hf_bridge"])
-def test_the_bridge_is_training_code_without_ui_imports(module: str) -> None:
-    from tests.test_package import ROOT, UI_LIBS, _imports
-
-    names = _imports(ROOT / "lora_widgets" / f"{module}.py")
-    ui_roots = {u.split(".")[0] for u in UI_LIBS}
-    assert not {n for n in names if n.split(".")[0] in ui_roots or n.startswith("lora_widgets.widget")}

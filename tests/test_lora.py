@@ -10,7 +10,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_widgets import apply_lora, count_parameters, disable_adapters, load_adapter, lora_layers, LoRAConfig, merge_lora, remove_lora, save_adapter, unmerge_lora
+from lora_widgets import (
+    LoRAConfig,
+    apply_lora,
+    count_parameters,
+    disable_adapters,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    remove_lora,
+    save_adapter,
+    unmerge_lora,
+)
 from lora_widgets.lora import LoRALinear
 from lora_widgets.lora.layers import set_adapters_enabled
 from tests.helpers import patterned_batch, random_batch, tiny_gpt2, tiny_llama

@@ -12,9 +12,8 @@ import torch
 from lora_widgets.events.types import Event, RunFailed, RunFinished, RunStopped, StateChanged, StepMetrics
 from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.lora.peft_format import load_adapter, lora_state_dict
-from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.trainer import LoRATrainer
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama, tiny_trainer
 
 
 def blocks(n: int = 40, seq: int = 32, seed: int = 0) -> torch.Tensor:
@@ -31,17 +30,8 @@ def make(
         "schedule": "constant",  # so a shorter reference run uses the same rates
         "eval_every": None,
         "val_fraction": 0.0,  # no evaluation: every forward below is a training micro-batch
-        "output_dir": str(tmp_path / "runs"),
-        "device": "cpu",
     }
-    cfg.update(changes)
-    return LoRATrainer(
-        model if model is not None else tiny_llama(),
-        None,
-        blocks() if data is None else data,
-        lora=LoRAConfig(r=4),
-        config=TrainConfig(**cfg),
-    )
+    return tiny_trainer(tmp_path, model, blocks() if data is None else data, **{**cfg, **changes})
 
 
 def fault_on_call(model: torch.nn.Module, n: int, effect: Any) -> torch.utils.hooks.RemovableHandle:

@@ -21,7 +21,7 @@ from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.diagnosis import is_out_of_memory
 from lora_widgets.training.trainer import LoRATrainer
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama, tiny_trainer
 
 
 def blocks(n: int = 40, seq: int = 32, seed: int = 0) -> torch.Tensor:
@@ -35,17 +35,8 @@ def make(tmp_path: Path, model: torch.nn.Module | None = None, **changes: Any) -
         "warmup_steps": 0,
         "eval_every": None,
         "val_fraction": 0.0,
-        "output_dir": str(tmp_path / "runs"),
-        "device": "cpu",
     }
-    cfg.update(changes)
-    return LoRATrainer(
-        model if model is not None else tiny_llama(),
-        None,
-        blocks(),
-        lora=LoRAConfig(r=4),
-        config=TrainConfig(**cfg),
-    )
+    return tiny_trainer(tmp_path, model, blocks(), **{**cfg, **changes})
 
 
 def record(trainer: LoRATrainer) -> list[Event]:

@@ -2,53 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-jupyter_client = pytest.importorskip("jupyter_client")
+pytest.importorskip("jupyter_client")
 pytest.importorskip("ipykernel")
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@contextlib.contextmanager
-def running_kernel() -> Iterator[Any]:
-    """A real IPython kernel started in the repository (so ``tests.helpers`` imports), ready; its client."""
-    km = jupyter_client.KernelManager(kernel_name="python3")
-    km.start_kernel(cwd=str(REPO))
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=120)
-        yield kc
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
-
-
-def _run_cell(kc: Any, code: str) -> str:
-    """Execute ``code`` and return its stdout; fail on an error reply."""
-    chunks: list[str] = []
-
-    def hook(msg: dict[str, Any]) -> None:
-        if msg["msg_type"] == "stream":
-            chunks.append(msg["content"]["text"])
-        elif msg["msg_type"] == "error":
-            chunks.append("\n".join(msg["content"]["traceback"]))
-
-    reply = kc.execute_interactive(code, timeout=120, output_hook=hook)
-    assert reply["content"]["status"] == "ok", "".join(chunks)
-    return "".join(chunks).strip()
+from tests.kernel import assert_progresses_between_cells, run_cell, running_kernel
 
 
 def test_training_task_in_a_kernel(tmp_path: Path) -> None:
     with running_kernel() as kc:
-        _run_cell(
+        run_cell(
             kc,
             f"""
 import asyncio, torch
@@ -65,18 +31,6 @@ task = asyncio.get_event_loop().create_task(t.run())
 """,
         )
         # The cell above returned while the run goes on: later cells execute and see it progress.
-        first: int | None = None  # steps seen by the first cell that saw any
-        latest = 0
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state, n = _run_cell(kc, "print(t.state, len(steps))").split()
-            assert state == "running"
-            latest = int(n)
-            if first is None and latest > 0:
-                first = latest
-            elif first is not None and latest > first:
-                break  # it progressed between two of our cells
-            time.sleep(0.1)
-        assert first is not None and latest > first, (first, latest)
-        out = _run_cell(kc, "t.stop()\nend = await task\nprint(end.kind, t.state, end.step >= len(steps))")
+        assert_progresses_between_cells(kc, "print(t.state, len(steps))")
+        out = run_cell(kc, "t.stop()\nend = await task\nprint(end.kind, t.state, end.step >= len(steps))")
         assert out == "stopped stopped True"

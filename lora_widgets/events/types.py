@@ -28,8 +28,9 @@ RunState = Literal["idle", "running", "paused", "stopped", "finished", "failed"]
 
 RUN_STATES: tuple[RunState, ...] = ("idle", "running", "paused", "stopped", "finished", "failed")
 
-FailureReason = Literal["oom", "nan", "bad_input", "error"]
-"""Why a run failed: out of memory, a non-finite loss, bad user input, or any other exception."""
+FailureReason = Literal["oom", "nan", "bad_input", "no_gradient", "error"]
+"""Why a run failed: out of memory, a non-finite loss, bad user input, a loss that no trainable parameter
+reaches (:mod:`lora_widgets.health.gradient_check`), or any other exception."""
 
 
 def _json_safe(value: Any) -> Any:
@@ -130,7 +131,9 @@ class StateChanged(_EventBase):
 
 @dataclass(frozen=True)
 class RunEnded(_EventBase):
-    """Base of the three terminal events; exactly one of them ends every run."""
+    """Base of the three terminal events; exactly one of them ends every run. ``saved`` says what was written to
+    ``adapter_path``: a PEFT-format ``"adapter"``, the whole ``"model"`` (full fine-tuning) or the
+    ``"trainable"`` tensors by name (a subset of the model's own choosing); ``""`` when nothing was."""
 
     kind: ClassVar[str] = "run_ended"
     step: int
@@ -139,6 +142,7 @@ class RunEnded(_EventBase):
     best_val_loss: float | None
     adapter_path: str | None
     message: str
+    saved: str = ""  # what adapter_path holds: "adapter", "model" or "trainable" (checkpoint.SavedKind)
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,20 @@ class RunFinished(RunEnded):
     """The run completed all its steps."""
 
     kind: ClassVar[str] = "finished"
+
+
+@dataclass(frozen=True)
+class RunEarlyStopped(RunFinished):
+    """An early-stopping rule ended the run before its last step: a normal end, not a failure.
+
+    ``reason``: ``"patience"`` (the validation loss stopped improving) or ``"diverged"`` (the loss went
+    non-finite or far above its start); ``best_step``/``best_val_loss``: the best evaluation, whose adapter
+    is the one saved (``adapter_path``). See :mod:`lora_widgets.training.early_stopping`.
+    """
+
+    kind: ClassVar[str] = "early_stopped"
+    reason: Literal["patience", "diverged"] = "patience"
+    best_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -306,6 +324,7 @@ Event = Union[  # noqa: UP007 - a runtime alias, kept readable on Python 3.10
     CheckpointSaved,
     StateChanged,
     RunFinished,
+    RunEarlyStopped,
     RunStopped,
     RunFailed,
     AdapterStats,

@@ -2,14 +2,14 @@
 
 The notebook this project grew from trained for minutes with LoRA layers that the forward pass never called:
 the loss moved by noise and nothing said so. Each function below looks at one kind of evidence and returns an
-:class:`Alert` or ``None``; they are pure, so a script, a test or the dashboard can call them directly.
+:class:`AlertRaised` or ``None``; they are pure, so a script, a test or the dashboard can call them directly.
 :class:`AlertMonitor` feeds them from a run's event stream (``AdapterStats``, ``EvalMetrics``, ``StepMetrics``,
 ``RunStarted``) and reports each alert once.
 
 =====================  ==========================================================================================
 key                    evidence
 =====================  ==========================================================================================
-``no_gradient``        after ``backward()``, the gradients of A and B of some (or all) adapters are missing or zero
+``no_gradient``        after the first ``backward()``, trainable parameters (any module) have no gradient
 ``b_zero``             B is still exactly zero after :data:`B_ZERO_AFTER` updates, although gradients arrive
 ``no_trained_tokens``  a batch in which every label is ``-100``: nothing is trained
 ``val_flat``           validation loss has not improved by ``tolerance`` for ``window`` evaluations
@@ -23,6 +23,7 @@ Where the evidence comes from, in a training loop (gradients exist only between 
 
     monitor = AlertMonitor(peak_learning_rate=config.learning_rate)
     loss.backward(); clip_grad_norm_(params, max_norm)
+    if step == 1: alerts = monitor.check_gradients(gradient_report(model), step)
     snap = snapshot_adapters(model) if measure else None       # measure: step == 1 or an evaluation step
     optimizer.step()
     if measure:
@@ -37,12 +38,11 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
 
 import torch
 
-from lora_widgets.events.types import AdapterStats, EvalMetrics, Event, RunStarted, StepMetrics
+from lora_widgets.events.types import AdapterStats, AlertRaised, EvalMetrics, Event, RunStarted, StepMetrics
+from lora_widgets.health.gradient_check import GradientReport, fix_steps
 
 __all__ = [
     "B_ZERO_AFTER",
@@ -50,7 +50,6 @@ __all__ = [
     "UPDATE_RATIO_LOW",
     "VAL_TOLERANCE",
     "VAL_WINDOW",
-    "Alert",
     "AlertMonitor",
     "b_zero_alert",
     "count_trained_tokens",
@@ -94,63 +93,31 @@ VAL_TOLERANCE = 0.005
 3 evaluations without such an improvement it is flat (or rising, if the latest is 0.5% above the best)."""
 
 
-@dataclass(frozen=True)
-class Alert:
-    """A finding: ``key`` (stable id, one alert per key per run), a ``title``, the ``evidence`` with its
-    numbers, the ``fix``, the ``step`` it was seen at, and ``severity`` (``"danger"``: nothing is being trained;
-    ``"warning"``: training works badly)."""
-
-    key: str
-    title: str
-    evidence: str
-    fix: str
-    step: int | None = None
-    severity: Literal["warning", "danger"] = "warning"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict of the fields."""
-        return asdict(self)
-
-
 def _names(names: Sequence[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def no_gradient_alert(stats: AdapterStats) -> Alert | None:
-    """Adapters whose A and B have no (or an all-zero) gradient after ``backward()``.
+def no_gradient_alert(report: GradientReport, step: int) -> AlertRaised | None:
+    """Trainable parameters that received no gradient in update ``step``, whatever module holds them (this
+    package's LoRA layers, PEFT's, a user's own, any trainable tensor): named and grouped by module pattern
+    (:mod:`lora_widgets.health.gradient_check`). Read ``report`` between ``backward()`` and ``zero_grad()``.
 
     Causes seen in the field: a LoRA layer that was created but is not in the forward pass (the seed notebook
     attached it as an attribute and never called it); gradient checkpointing with re-entrant checkpoints and
-    frozen embeddings, where no checkpoint input requires grad (transformers#26221, peft#1142); adapters
-    frozen by ``requires_grad_(False)``. Only read when ``stats.after_backward`` (otherwise gradients are
-    legitimately absent).
+    frozen embeddings, where no checkpoint input requires grad (transformers#26221, peft#1142); an output
+    detached from the graph.
     """
-    if not stats.after_backward:
+    if not report.missing:
         return None
-    dead = [x.name for x in stats.layers if not (x.a_grad_norm or x.b_grad_norm)]
-    if not dead:
-        return None
-    n, total = len(dead), len(stats.layers)
-    title = "No adapter receives a gradient" if n == total else f"{n} of {total} adapters receive no gradient"
-    return Alert(
-        "no_gradient",
-        title,
-        f"After the backward pass of step {stats.step}, lora_A and lora_B of {n} of {total} LoRA layers have no "
-        f"gradient (None or 0): {_names(dead)}. Training cannot change them; the loss moves only through other "
-        "parameters, or by noise.",
-        "Check that the LoRA layers are in the forward pass (wrap modules with apply_lora rather than attaching "
-        "new modules as attributes; print(model) shows LoRALinear where the Linear was). With gradient "
-        "checkpointing, call model.enable_input_require_grads() or use non-reentrant checkpoints "
-        "(gradient_checkpointing_kwargs={'use_reentrant': False}). Check that requires_grad is True on lora_A/lora_B.",
-        stats.step,
-        "danger",
-    )
+    fix = " ".join(f"{advice}." for advice in fix_steps(report))
+    return AlertRaised("no_gradient", report.title(), report.evidence(step), fix, step, "danger")
 
 
-def b_zero_alert(stats: AdapterStats, after: int = B_ZERO_AFTER) -> Alert | None:
+def b_zero_alert(stats: AdapterStats, after: int = B_ZERO_AFTER) -> AlertRaised | None:
     """B still exactly zero after ``after`` updates (LoRA starts from B = 0, so the adapter still computes
-    nothing). Layers without a gradient are left to :func:`no_gradient_alert`: here gradients arrive but the
+    nothing). Layers without a gradient are left to :func:`no_gradient_alert` (read from the gradients
+    themselves, not from these statistics): here gradients arrive but the
     optimizer does not apply them (learning rate 0, the adapters not in the optimizer, every update skipped)."""
     if stats.step < after:
         return None
@@ -162,7 +129,7 @@ def b_zero_alert(stats: AdapterStats, after: int = B_ZERO_AFTER) -> Alert | None
     if not zero:
         return None
     lr = f" (learning rate {stats.learning_rate:.3g})" if stats.learning_rate is not None else ""
-    return Alert(
+    return AlertRaised(
         "b_zero",
         "The adapters have not changed: B is still zero",
         f"After {stats.step} optimizer updates{lr}, lora_B of {len(zero)} of {len(stats.layers)} layers is exactly "
@@ -184,11 +151,11 @@ def count_trained_tokens(labels: torch.Tensor, ignore_index: int = -100) -> tupl
     return int((targets != ignore_index).sum()), int(targets.numel())
 
 
-def no_trained_tokens_alert(trained: int, predicted: int, step: int | None = None) -> Alert | None:
+def no_trained_tokens_alert(trained: int, predicted: int, step: int | None = None) -> AlertRaised | None:
     """A batch with ``predicted`` target positions of which ``trained`` are not masked: alert when none is."""
     if trained > 0:
         return None
-    return Alert(
+    return AlertRaised(
         "no_trained_tokens",
         "Nothing is trained: every label is masked",
         f"A batch{'' if step is None else f' at step {step}'} has {predicted} target positions and all of them are "
@@ -203,7 +170,7 @@ def no_trained_tokens_alert(trained: int, predicted: int, step: int | None = Non
 
 def val_loss_alert(
     evals: Sequence[tuple[int, float]], window: int = VAL_WINDOW, tolerance: float = VAL_TOLERANCE
-) -> Alert | None:
+) -> AlertRaised | None:
     """Validation loss flat or rising: no evaluation of the last ``window`` beat the best before them by more
     than ``tolerance`` (relative). ``evals``: (step, val_loss) in order. Rising: the latest is above the best by
     more than ``tolerance``."""
@@ -223,7 +190,7 @@ def val_loss_alert(
     (best_step, best), (step, last) = finite[best_i], finite[-1]
     seen = f"over the last {window} evaluations (steps {finite[-window][0]}-{step})"
     if last > best * (1 + tolerance):
-        return Alert(
+        return AlertRaised(
             "val_rising",
             "Validation loss is rising: overfitting",
             f"Validation loss {last:.4f} at step {step} is {100 * (last / best - 1):.1f}% above its best, {best:.4f} "
@@ -233,7 +200,7 @@ def val_loss_alert(
             step,
         )
     start = "since the first evaluation" if best_i == 0 else f"since step {best_step}"
-    return Alert(
+    return AlertRaised(
         "val_flat",
         "Validation loss is flat",
         f"Validation loss {last:.4f} at step {step} has not improved by more than {100 * tolerance:.1f}% {start} "
@@ -246,7 +213,7 @@ def val_loss_alert(
 
 def update_ratio_alert(
     stats: AdapterStats, low: float = UPDATE_RATIO_LOW, high: float = UPDATE_RATIO_HIGH
-) -> Alert | None:
+) -> AlertRaised | None:
     """Median ``update_ratio`` over layers below ``low`` (learning rate likely too low) or above ``high`` (likely
     too high); thresholds and the measurements behind them: :data:`UPDATE_RATIO_LOW`. Needs stats taken with a
     snapshot (``adapter_stats(..., before=...)``); call it only while the rate is near its peak (the monitor
@@ -270,7 +237,7 @@ def update_ratio_alert(
         f"their norm (||dW_t - dW_(t-1)|| / ||W|| over {len(ratios)} layers; range {min(ratios):.1e}-{max(ratios):.1e})"
     )
     if median < low:
-        return Alert(
+        return AlertRaised(
             "lr_too_low",
             "Updates are tiny: the learning rate is likely too low",
             f"{measured}, below {low:.0e}. Healthy LoRA runs of the shipped model step 2e-3 .. 3e-2; Karpathy's "
@@ -280,7 +247,7 @@ def update_ratio_alert(
             stats.step,
         )
     if median > high:
-        return Alert(
+        return AlertRaised(
             "lr_too_high",
             "Updates are huge: the learning rate is likely too high",
             f"{measured}, above {high:.0e}. Healthy LoRA runs of the shipped model step 2e-3 .. 3e-2; Karpathy's "
@@ -295,8 +262,9 @@ def update_ratio_alert(
 class AlertMonitor:
     """Feed it a run's events; it returns each alert once, when first seen. A ``RunStarted`` starts afresh.
 
-    Reads ``AdapterStats`` (no gradient, B zero, update size), ``EvalMetrics`` (flat or rising validation loss)
-    and ``StepMetrics`` (the learning rate, to know its peak); :meth:`check_labels` takes a batch's labels. The
+    Reads ``AdapterStats`` (B zero, update size), ``EvalMetrics`` (flat or rising validation loss)
+    and ``StepMetrics`` (the learning rate, to know its peak); :meth:`check_labels` takes a batch's labels and
+    :meth:`check_gradients` a :class:`~lora_widgets.health.gradient_check.GradientReport` read after ``backward()``. The
     update-size rule runs only while the learning rate is at least half its peak (``peak_learning_rate``, else
     the ``learning_rate`` of ``RunStarted.config``, else the largest rate seen so far).
     """
@@ -317,7 +285,7 @@ class AlertMonitor:
         val_loss_alert([], val_window, val_tolerance)  # validates window and tolerance
         self._given_peak = peak_learning_rate
         self._settings = (val_window, val_tolerance, ratio_low, ratio_high)
-        self.alerts: list[Alert] = []
+        self.alerts: list[AlertRaised] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -327,7 +295,7 @@ class AlertMonitor:
         self._peak = self._given_peak
         self._max_lr = 0.0
 
-    def _new(self, candidates: Sequence[Alert | None]) -> list[Alert]:
+    def _new(self, candidates: Sequence[AlertRaised | None]) -> list[AlertRaised]:
         fresh = [a for a in candidates if a is not None and a.key not in self._keys]
         for a in fresh:
             self._keys.add(a.key)
@@ -340,7 +308,7 @@ class AlertMonitor:
         peak = self._peak if self._peak is not None else self._max_lr
         return lr > 0 and lr >= 0.5 * peak
 
-    def feed(self, event: Event) -> list[Alert]:
+    def feed(self, event: Event) -> list[AlertRaised]:
         """Take one event; return the alerts it raised that were not raised before in this run."""
         if isinstance(event, RunStarted):
             self._reset()
@@ -357,7 +325,7 @@ class AlertMonitor:
         if isinstance(event, AdapterStats):
             if event.learning_rate is not None:
                 self._max_lr = max(self._max_lr, event.learning_rate)
-            found = [no_gradient_alert(event), b_zero_alert(event)]
+            found = [b_zero_alert(event)]
             if self._lr_near_peak(event.learning_rate):
                 found.append(update_ratio_alert(event, self._settings[2], self._settings[3]))
             return self._new(found)
@@ -365,6 +333,11 @@ class AlertMonitor:
 
     def check_labels(
         self, labels: torch.Tensor, step: int | None = None, ignore_index: int = -100
-    ) -> list[Alert]:
+    ) -> list[AlertRaised]:
         """Take a batch's labels ([B, T], Hugging Face convention); alert if no token in it is trained."""
         return self._new([no_trained_tokens_alert(*count_trained_tokens(labels, ignore_index), step)])
+
+    def check_gradients(self, report: GradientReport, step: int) -> list[AlertRaised]:
+        """Take what the gradients of update ``step`` show (read after ``backward()``); alert, once per run,
+        if trainable parameters got none."""
+        return self._new([no_gradient_alert(report, step)])

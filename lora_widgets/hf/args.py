@@ -21,11 +21,13 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from lora_widgets.health.alerts import Alert
+from lora_widgets.health.gradient_check import gradient_report, is_no_gradient_error
 from lora_widgets.health.notices import no_adapter_notice, warmup_notice
 from lora_widgets.lora.layers import LoRAConfig, count_parameters, has_lora
 from lora_widgets.training.config import TrainConfig
@@ -34,6 +36,7 @@ from lora_widgets.training.diagnosis import (
     error_diagnosis,
     is_out_of_memory,
     nan_diagnosis,
+    no_gradient_diagnosis,
     oom_diagnosis,
 )
 
@@ -42,6 +45,7 @@ __all__ = [
     "describe_settings",
     "expected_max_steps",
     "failure_diagnosis",
+    "hf_schedule",
     "logging_advice",
     "nan_failure",
     "peft_lora_config",
@@ -64,6 +68,7 @@ _SHOWN = (
     "lr_scheduler_type",
     "lr_scheduler_kwargs",
     "warmup_steps",
+    "warmup_ratio",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "num_train_epochs",
@@ -86,14 +91,17 @@ _SHOWN = (
     "assistant_only_loss",
 )
 
-# HF scheduler names -> the shape in lora_widgets.training.schedules that it matches (for the NaN diagnosis' lr).
-_SCHEDULES = {
-    "linear": "linear",
-    "cosine": "cosine",
-    "cosine_with_restarts": "cosine",
-    "cosine_with_min_lr": "cosine",
-    "constant": "constant",
-    "constant_with_warmup": "constant",
+# transformers' lr_scheduler_type -> (the shape in lora_widgets.training.schedules, whether it is the same
+# function). The exact ones implement get_{linear,cosine,constant}_schedule_with_warmup as ours do, and
+# "constant" there takes no warm-up; the approximate ones are close enough for a diagnosis' learning rate,
+# never for drawing a preview. The one table of scheduler names (the dashboard's preview reads it too).
+HF_SCHEDULES: dict[str, tuple[str, bool]] = {
+    "linear": ("linear", True),
+    "cosine": ("cosine", True),
+    "constant": ("constant", True),
+    "constant_with_warmup": ("constant", True),
+    "cosine_with_restarts": ("cosine", False),
+    "cosine_with_min_lr": ("cosine", False),
 }
 
 # Our TrainConfig names -> TrainingArguments names, for diagnosis text (whole words only).
@@ -255,14 +263,36 @@ def sample_seq_len(dataset: Any, args: Any, rows: int = 64) -> int | None:
     return longest or None
 
 
+def hf_schedule(settings: Mapping[str, Any], total_steps: int) -> tuple[str, int, bool] | None:
+    """``(shape, warm-up steps, exact)`` of a trainer's learning-rate schedule in our terms, ``None`` for a
+    scheduler we have no shape for. ``settings`` holds ``lr_scheduler_type``, ``warmup_steps`` and optionally
+    ``lr_scheduler_kwargs`` (:func:`settings_of`'s names). A ``warmup_steps`` below 1 is a fraction of the
+    run, rounded up, as ``TrainingArguments.get_warmup_steps`` reads it; ``"constant"`` takes none. ``exact``
+    is False for a scheduler we only approximate or one given ``lr_scheduler_kwargs``."""
+    name = str(_plain(settings.get("lr_scheduler_type", "linear")))
+    if name not in HF_SCHEDULES:
+        return None
+    shape, exact = HF_SCHEDULES[name]
+    warmup = float(settings.get("warmup_steps") or 0)
+    steps = math.ceil(total_steps * warmup) if 0 < warmup < 1 else int(warmup)
+    if steps == 0 and float(settings.get("warmup_ratio") or 0) > 0:  # transformers 4.x's separate ratio
+        steps = math.ceil(total_steps * float(settings["warmup_ratio"]))
+    return (
+        shape,
+        0 if name == "constant" else max(0, steps),
+        exact and not settings.get("lr_scheduler_kwargs"),
+    )
+
+
 def train_config_view(args: Any, max_steps: int, seq_len: int | None) -> TrainConfig:
     """The :class:`TrainConfig` that describes the same run as ``args``, for the diagnosis functions.
 
     Raises ``ValueError`` when a value is outside what our trainer accepts (e.g. ``learning_rate=0``).
     """
-    schedule = _SCHEDULES.get(str(_plain(getattr(args, "lr_scheduler_type", "linear"))), "linear")
-    get_warmup = getattr(args, "get_warmup_steps", None)
-    warmup = int(get_warmup(max_steps)) if callable(get_warmup) else int(getattr(args, "warmup_steps", 0))
+    shown = {
+        k: getattr(args, k) for k in ("lr_scheduler_type", "warmup_steps", "warmup_ratio") if hasattr(args, k)
+    }
+    schedule, warmup, _ = hf_schedule(shown, max(1, int(max_steps))) or ("linear", 0, False)
     clip = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
     return TrainConfig(
         learning_rate=float(args.learning_rate),
@@ -306,9 +336,15 @@ def failure_diagnosis(
     """What ``train()`` raising ``exc`` after ``step`` completed updates means, in ``TrainingArguments`` words.
 
     ``started``: ``on_train_begin`` was reached; an error of the kind bad data raises (``ValueError``,
-    ``TypeError``, ``KeyError``) before that is reported as bad input.
+    ``TypeError``, ``KeyError``) before that is reported as bad input. torch's "element 0 of tensors does not
+    require grad" from ``backward()`` becomes the "no gradient" diagnosis, naming the trainable parameters that
+    the loss does not reach (:mod:`lora_widgets.health.gradient_check`).
     """
     args = hf_trainer.args
+    model = getattr(hf_trainer, "model", None)
+    if started and is_no_gradient_error(exc) and isinstance(model, torch.nn.Module):
+        # torch's "element 0 of tensors does not require grad": no trainable parameter is on the loss's path
+        return _in_hf_words(no_gradient_diagnosis(gradient_report(model), step + 1), args)
     if is_out_of_memory(exc):
         seq_len = sample_seq_len(getattr(hf_trainer, "train_dataset", None), args)
         try:

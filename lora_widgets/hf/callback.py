@@ -5,7 +5,16 @@ The trainer's hooks become the events our own trainer publishes (:mod:`lora_widg
     on_train_begin  -> RunStarted            on_evaluate -> EvalMetrics
     on_log (loss)   -> StepMetrics           on_save     -> CheckpointSaved
     on_step_end     -> honours stop()/pause() (StateChanged "paused"/"running")
-    on_train_end    -> StateChanged(<end>), RunFinished | RunStopped | RunFailed (NaN seen)
+    on_pre_optimizer_step (the first of a train()) -> AlertRaised "no_gradient" when trainable parameters
+                       got no gradient (lora_widgets.health.gradient_check; read after backward, before the update)
+    on_train_end    -> StateChanged(<end>), RunFinished | RunEarlyStopped | RunStopped | RunFailed (NaN seen)
+
+Early stopping (``EventCallback(early_stopping=EarlyStopping(...))``) applies the rule of
+:mod:`lora_widgets.training.early_stopping` to the logged losses and evaluations, with the semantics of
+``transformers.EarlyStoppingCallback`` (patience and threshold on ``eval_loss``): it sets
+``control.should_training_stop`` and the run ends in :class:`~lora_widgets.events.types.RunEarlyStopped`. The best
+model is restored by the trainer itself when ``load_best_model_at_end=True`` (as with HF's callback); the end
+message says which step was best either way.
 
 Subscribers are called synchronously, in the thread that runs ``train()``; :class:`lora_widgets.hf.run.HFRun`
 runs ``train()`` in a worker thread and moves each event to the event loop's thread. A user who calls
@@ -51,6 +60,7 @@ from lora_widgets.events.types import (
     EvalMetrics,
     Event,
     FailureReason,
+    RunEarlyStopped,
     RunEnded,
     RunFailed,
     RunFinished,
@@ -61,6 +71,8 @@ from lora_widgets.events.types import (
     StepMetrics,
     Subscribers,
 )
+from lora_widgets.health.alerts import no_gradient_alert
+from lora_widgets.health.gradient_check import gradient_report
 from lora_widgets.hf.args import (
     failure_diagnosis,
     logging_advice,
@@ -71,6 +83,7 @@ from lora_widgets.hf.args import (
     settings_of,
 )
 from lora_widgets.lora.layers import count_parameters
+from lora_widgets.training.early_stopping import EarlyStopper, EarlyStopping, Verdict
 
 __all__ = ["EventCallback"]
 
@@ -116,8 +129,11 @@ class _RunRecord:
     last_loss: float | None = None
     best_val: float | None = None
     nan_step: int | None = None
+    gradients_checked: bool = False  # the first update's gradients were read
     ckpt_step: int | None = None
     ckpt_path: str | None = None
+    stopper: EarlyStopper | None = None
+    verdict: Verdict | None = None  # the early-stopping rule ended the run
     util: float | None = None
     util_t: float = -1e9
     unwritten: list[Event] = field(default_factory=list)  # published before metrics.jsonl was opened
@@ -129,10 +145,16 @@ class EventCallback(TrainerCallback):
     Add it to any ``transformers.Trainer`` / ``trl.SFTTrainer`` (``callbacks=[cb]`` or ``add_callback``) and
     :meth:`subscribe`: subscribers are called synchronously in the thread that runs ``train()``. To keep a
     notebook usable while training, use :class:`HFRun` instead (it attaches one of these for you).
-    ``metrics_file``: append every event to ``<output_dir>/metrics.jsonl``.
+    ``metrics_file``: append every event to ``<output_dir>/metrics.jsonl``. ``early_stopping``: stop on the
+    rule's verdict (see the module's docstring); settable between runs.
     """
 
-    def __init__(self, *, metrics_file: bool = True) -> None:
+    def __init__(self, *, metrics_file: bool = True, early_stopping: EarlyStopping | None = None) -> None:
+        if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+            raise TypeError(
+                f"early_stopping must be an EarlyStopping or None, got {type(early_stopping).__name__}"
+            )
+        self.early_stopping = early_stopping
         self._subscribers = Subscribers("EventCallback")
         self._metrics_file = metrics_file
         self._file: IO[str] | None = None
@@ -186,6 +208,8 @@ class EventCallback(TrainerCallback):
             reason, error_type = "error", type(exc).__name__
             message, suggestions = f"Training failed at step {step + 1}: {exc} (diagnosis failed: {why})", []
         message = message if message.endswith(".") else message + "."
+        if reason == "no_gradient" and not self._run.gradients_checked:  # the alert names them in the events
+            self._check_gradients(getattr(hf_trainer, "model", None), step + 1)
         end = self._failed(step, reason, message + self._saved_note(step), error_type, suggestions)
         self._finish("failed", end)
         return end
@@ -197,6 +221,7 @@ class EventCallback(TrainerCallback):
         self._reset_run()
         self._run.unwritten = announced
         self._run.started = True
+        self._run.stopper = EarlyStopper(self.early_stopping) if self.early_stopping is not None else None
         self._run.device = torch.device(str(args.device))
         self._run.max_steps = int(state.max_steps)
         self._run.step = self._run.start_step = self._run.log_step = int(state.global_step)
@@ -253,6 +278,15 @@ class EventCallback(TrainerCallback):
             if str(getattr(args.save_strategy, "value", args.save_strategy)) in ("steps", "epoch"):
                 control.should_save = True
 
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after backward (and clipping), before the update: the gradients exist until zero_grad()
+        if not self._run.gradients_checked:
+            self._check_gradients(kwargs.get("model"), int(state.global_step) + 1)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after the update, before zero_grad(): the same check where on_pre_optimizer_step is not called
+        self.on_pre_optimizer_step(args, state, control, **kwargs)
+
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
     ) -> None:
@@ -261,10 +295,11 @@ class EventCallback(TrainerCallback):
         step = int(state.global_step)
         loss, grad_norm = logs["loss"], logs.get("grad_norm", math.nan)
         if not _finite(loss) or (not _finite(grad_norm) and "grad_norm" in logs):
-            if self._run.nan_step is None:
+            if not self._early_stop(control, step, math.nan, None) and self._run.nan_step is None:
                 self._run.nan_step = step
             control.should_training_stop = True
             return
+        self._early_stop(control, step, float(loss), None)
         now = self._elapsed()
         tokens = self._tokens_seen(state, logs)
         dt = max(now - self._run.log_t, 1e-9)
@@ -309,6 +344,7 @@ class EventCallback(TrainerCallback):
         best = self._run.best_val if self._run.best_val is not None else val
         extra = _extras(metrics or {}, frozenset({"eval_loss", "epoch", "step"}))
         self._emit(EvalMetrics(int(state.global_step), val, ppl, best, extra=extra))
+        self._early_stop(control, int(state.global_step), None, val)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._run.ckpt_step = int(state.global_step)
@@ -323,6 +359,19 @@ class EventCallback(TrainerCallback):
             self._finish(
                 "failed", self._failed(step, d.reason, d.message + note, d.error_type, d.suggestions)
             )
+        elif (v := self._run.verdict) is not None:
+            best = (
+                " (restored: load_best_model_at_end)"
+                if getattr(args, "load_best_model_at_end", False)
+                else ""
+            )
+            end = RunEarlyStopped(
+                **self._end_fields(step),
+                message=v.message + best + note,
+                reason=v.reason,
+                best_step=v.best_step,
+            )
+            self._finish("finished", end)
         elif self._stop.is_set() and step < self._run.max_steps:
             self._finish(
                 "stopped", RunStopped(**self._end_fields(step), message=f"Stopped after step {step}.{note}")
@@ -332,6 +381,19 @@ class EventCallback(TrainerCallback):
             self._finish("finished", RunFinished(**self._end_fields(step), message=message))
 
     # -- internals --------------------------------------------------------------------------------------
+
+    def _early_stop(self, control: Any, step: int, loss: float | None, val_loss: float | None) -> bool:
+        """Feed the early-stopping rule a logged loss or an evaluation; on its verdict stop training."""
+        stopper = self._run.stopper
+        if stopper is None or self._run.verdict is not None:
+            return self._run.verdict is not None
+        if loss is not None:
+            self._run.verdict = stopper.observe_loss(step, loss)
+        if val_loss is not None:
+            self._run.verdict = stopper.observe_eval(step, val_loss)
+        if self._run.verdict is not None:
+            control.should_training_stop = True
+        return self._run.verdict is not None
 
     def _reset_run(self) -> None:
         self._run = _RunRecord()
@@ -380,6 +442,14 @@ class EventCallback(TrainerCallback):
         if self._run.ckpt_step == step:
             return f" Checkpoint of step {step}: {self._run.ckpt_path}."
         return f" Last checkpoint: {self._run.ckpt_path} (step {self._run.ckpt_step}); later steps are in memory only."
+
+    def _check_gradients(self, model: Any, step: int) -> None:
+        """Publish the "no gradient" alert if trainable parameters of ``model`` have none (once per run)."""
+        self._run.gradients_checked = True
+        if isinstance(model, torch.nn.Module):
+            alert = no_gradient_alert(gradient_report(model), step)
+            if alert is not None:
+                self._emit(alert)
 
     def _clear_controls(self) -> None:
         self._stop.clear()

@@ -37,10 +37,12 @@ from lora_widgets.events.types import (
     StepMetrics,
     Subscribers,
 )
+from lora_widgets.health.gradient_check import is_no_gradient_error
 from lora_widgets.hf.args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf.callback import EventCallback
 from lora_widgets.hf.guard import _TRAINING, check_checkpoint, check_settings, refuse_if_trainer_busy
 from lora_widgets.training import ownership
+from lora_widgets.training.early_stopping import EarlyStopping
 
 __all__ = ["EventCallback", "HFRun", "describe_settings", "logging_advice"]
 
@@ -53,13 +55,15 @@ class HFRun:
     ``HFRun(hf_trainer)`` attaches an :class:`EventCallback` (or reuses one already attached);
     ``await run()`` trains in a worker thread and returns the terminal event; subscribers are called on the
     event loop's thread only. The trainer keeps its own settings: :attr:`settings` describes them,
-    :meth:`advice` warns when ``logging_steps`` would leave the chart nearly empty.
+    :meth:`advice` warns when ``logging_steps`` would leave the chart nearly empty. ``early_stopping``: an
+    :class:`~lora_widgets.training.early_stopping.EarlyStopping` rule for the callback (see
+    :mod:`lora_widgets.hf.callback`).
 
     Raises:
         TypeError: ``hf_trainer`` is not a transformers ``Trainer`` (no ``train``/``add_callback``/``args``).
     """
 
-    def __init__(self, hf_trainer: Any) -> None:
+    def __init__(self, hf_trainer: Any, early_stopping: EarlyStopping | None = None) -> None:
         missing = [
             a for a in ("train", "add_callback", "args", "callback_handler") if not hasattr(hf_trainer, a)
         ]
@@ -70,10 +74,12 @@ class HFRun:
             )
         self.hf_trainer = hf_trainer
         found = [cb for cb in hf_trainer.callback_handler.callbacks if isinstance(cb, EventCallback)]
-        self.callback: EventCallback = found[0] if found else EventCallback()
+        self.callback: EventCallback = found[0] if found else EventCallback(early_stopping=early_stopping)
         self.added_callback = not found  # detach() on a failed dashboard construction removes it again
         if not found:
             hf_trainer.add_callback(self.callback)
+        elif early_stopping is not None:
+            self.callback.early_stopping = early_stopping
         self._subscribers = Subscribers("HFRun")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -204,7 +210,10 @@ class HFRun:
         try:
             self.hf_trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         except Exception as exc:
-            logger.exception("hf_trainer.train() failed")
+            if is_no_gradient_error(exc):  # diagnosed in full in the RunFailed; torch's traceback says less
+                logger.info("hf_trainer.train() failed: no trainable parameter receives a gradient")
+            else:
+                logger.exception("hf_trainer.train() failed")
             failed = self.callback.report_failure(exc, self.hf_trainer)
         if failed is not None:  # outside the handler, so the traceback's tensors can be freed
             self._release_memory()

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from lora_widgets.memory.arch import known_models
 from lora_widgets.memory.estimate import MemoryEstimate, estimate_memory
-from lora_widgets.memory.measure import MemoryMeasurement, measure_memory
 from lora_widgets.memory.fit import PreflightResult, preflight, suggest_fit
+from lora_widgets.memory.measure import MemoryMeasurement, measure_memory
 
 __all__ = [
     "MemoryEstimate",

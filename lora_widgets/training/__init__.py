@@ -9,6 +9,8 @@
 ``ownership``             one model, one owner: which models are training, which adapters a LoRATrainer made
 ``run_dir``               the run directory: ``config.json``, ``metrics.jsonl``, checkpoints, the adapter
 ``meter``                 tokens/s, elapsed time without pauses, ETA, device memory and utilisation
+``early_stopping``        the pure early-stopping rule (:class:`EarlyStopping`), shared with the HF callback
+``stopping``              the rule in the trainer, with the best evaluation's weights kept to be saved
 ========================  ================================================================================
 
 Failure classification lives in :mod:`lora_widgets.training.diagnosis`, checkpoint files in

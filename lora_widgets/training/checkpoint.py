@@ -25,7 +25,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,7 +39,9 @@ from lora_widgets.lora.peft_format import save_adapter
 
 __all__ = [
     "CheckpointState",
+    "SavedKind",
     "capture_rng",
+    "describe_saved",
     "load_checkpoint",
     "read_checkpoint_state",
     "restore_rng",
@@ -47,6 +49,7 @@ __all__ = [
     "save_trained_weights",
     "seed_everything",
     "trainable_parameters",
+    "trained_weights_kind",
 ]
 
 FORMAT_VERSION = 1
@@ -107,20 +110,53 @@ def _is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and callable(getattr(model, "save_pretrained", None))
 
 
+SavedKind = Literal["adapter", "model", "trainable"]
+"""What :func:`save_trained_weights` writes: a PEFT-format ``adapter`` (ours or PEFT's), the whole ``model``
+(every parameter trained), or the ``trainable`` tensors by name (a subset that is not a LoRA adapter)."""
+
+
+def trained_weights_kind(model: nn.Module) -> SavedKind:
+    """What :func:`save_trained_weights` writes for ``model`` as it is now (see :data:`SavedKind`)."""
+    if lora_mod.lora_layers(model) or _is_peft_model(model):
+        return "adapter"
+    params = {id(p): p for p in model.parameters()}.values()
+    if all(p.requires_grad for p in params) and callable(getattr(model, "save_pretrained", None)):
+        return "model"
+    return "trainable"
+
+
+def describe_saved(model: nn.Module, path: str | os.PathLike[str]) -> str:
+    """One sentence saying what :func:`save_trained_weights` wrote to ``path`` for ``model``."""
+    kind = trained_weights_kind(model)
+    if kind == "adapter":
+        return f"Saved the LoRA adapter (PEFT format) to {str(path)!r}."
+    if kind == "model":
+        return f"Saved the whole fine-tuned model (every parameter was trained) to {str(path)!r}."
+    tensors = trainable_parameters(model)
+    n = sum(p.numel() for _, p in tensors)
+    return (
+        f"Saved what was trained: the {len(tensors)} trainable tensors ({n:,} parameters), by name, to "
+        f"{str(Path(path) / TRAINABLE)!r}; the frozen model is not in it."
+    )
+
+
 def save_trained_weights(
     model: nn.Module, directory: str | os.PathLike[str], base_model_name_or_path: str | None = None
 ) -> Path:
-    """Save what training changed, in the format that loads elsewhere.
+    """Save what training changed, in the format that loads elsewhere (:func:`trained_weights_kind`).
 
     Our LoRA: :func:`lora_widgets.lora.peft_format.save_adapter` (PEFT format). A PEFT-wrapped model: its own
-    ``save_pretrained`` (safetensors). Full fine-tuning of a transformers model: ``save_pretrained`` of the
-    whole model; of any other module: ``trainable.safetensors`` with the trainable parameters.
+    ``save_pretrained`` (safetensors). Full fine-tuning (every parameter trainable) of a transformers model:
+    ``save_pretrained`` of the whole model. Anything else -- a subset of the parameters, e.g. adapters of the
+    user's own making with ``LoRATrainer(lora=None)``, or a module without ``save_pretrained`` --
+    ``trainable.safetensors`` with the trainable parameters by name: never the frozen model.
     """
     directory = Path(directory)
-    if lora_mod.lora_layers(model):
+    kind = trained_weights_kind(model)
+    if kind == "adapter" and lora_mod.lora_layers(model):
         return save_adapter(model, directory, base_model_name_or_path)
     directory.mkdir(parents=True, exist_ok=True)
-    if _is_peft_model(model) or callable(getattr(model, "save_pretrained", None)):
+    if kind != "trainable":
         model.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
         return directory
     _save_tensors({n: p for n, p in trainable_parameters(model)}, directory / TRAINABLE)

@@ -19,6 +19,7 @@ import torch
 
 from lora_widgets.data.sft import TRAIN_ON
 from lora_widgets.health.samples import MAX_PROMPTS
+from lora_widgets.training.early_stopping import EarlyStopping
 from lora_widgets.training.schedules import SCHEDULES
 
 __all__ = ["PRECISIONS", "TrainConfig"]
@@ -87,6 +88,10 @@ class TrainConfig:
             the first 16 tokens of the first 2 validation blocks; ``()``: no samples. The base model's answers
             are generated once; the adapter's cost about 2% of training time for the shipped model at the defaults.
         sample_max_new_tokens: tokens generated per sample answer (1 .. 1024), bounding their cost.
+        early_stopping: an :class:`~lora_widgets.training.early_stopping.EarlyStopping` rule (patience on the
+            validation loss, a divergence stop) or ``None`` (run every step). A run it stops ends in
+            :class:`~lora_widgets.events.types.RunEarlyStopped` and keeps the adapter of its best evaluation.
+            Patience needs ``eval_every``. A dict (from JSON) becomes an ``EarlyStopping``.
     """
 
     learning_rate: float = 3e-3
@@ -114,6 +119,7 @@ class TrainConfig:
     adapter_stats: bool = True
     sample_prompts: tuple[str, ...] | None = None
     sample_max_new_tokens: int = 32
+    early_stopping: EarlyStopping | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -167,6 +173,25 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
         self._check_samples(bad)
+        self._check_early_stopping(bad)
+
+    def _check_early_stopping(self, bad: Callable[[str, str], ValueError]) -> None:
+        """The early-stopping rule: an ``EarlyStopping`` (a dict from JSON is converted) or ``None``."""
+        rule = self.early_stopping
+        if isinstance(rule, dict):
+            rule = EarlyStopping.from_dict(rule)
+            object.__setattr__(self, "early_stopping", rule)
+        if rule is not None and not isinstance(rule, EarlyStopping):
+            raise bad(
+                "early_stopping",
+                "None or an EarlyStopping(patience=..., min_delta=..., divergence_factor=...)",
+            )
+        if rule is not None and rule.patience is not None and self.eval_every is None:
+            raise bad(
+                "early_stopping",
+                "a rule without patience while eval_every=None: patience counts evaluations, so set "
+                "eval_every (e.g. 10) or EarlyStopping(patience=None) for the divergence stop alone",
+            )
 
     def _check_samples(self, bad: Callable[[str, str], ValueError]) -> None:
         """The sample settings (``bad(name, allowed)`` builds the error)."""

@@ -26,6 +26,13 @@ import torch
 
 from lora_widgets.devices import describe_device, format_bytes, total_memory
 from lora_widgets.events.types import FailureReason
+from lora_widgets.health.gradient_check import (
+    GradientReport,
+    failure_text,
+    fix_steps,
+    gradient_report,
+    is_no_gradient_error,
+)
 from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.schedules import lr_at
@@ -40,6 +47,7 @@ __all__ = [
     "format_lr",
     "is_out_of_memory",
     "nan_diagnosis",
+    "no_gradient_diagnosis",
     "oom_diagnosis",
 ]
 
@@ -178,6 +186,13 @@ def nan_diagnosis(bad_step: int, skipped: bool, *, config: TrainConfig, total_st
     return Diagnosis("nan", message, suggestions, "FloatingPointError")
 
 
+def no_gradient_diagnosis(report: GradientReport, step: int) -> Diagnosis:
+    """No trainable parameter receives a gradient in update ``step`` (1-based): the parameters grouped by
+    module, what that means (not on the forward path, or detached) and what to check, never torch's
+    "element 0 of tensors does not require grad" (:mod:`lora_widgets.health.gradient_check`)."""
+    return Diagnosis("no_gradient", failure_text(report, step), fix_steps(report), "NoGradientError")
+
+
 def error_diagnosis(
     exc: BaseException, step: int, bad_input: bool = False, where: str | None = None
 ) -> Diagnosis:
@@ -237,6 +252,9 @@ def diagnose(
         "step": None,
         "checkpoint": f"while writing the checkpoint of step {step}",
     }[phase]
+    if phase == "step" and is_no_gradient_error(exc):
+        report = getattr(exc, "report", None) or gradient_report(model)
+        return no_gradient_diagnosis(report, step + 1)
     if is_out_of_memory(exc):
         return oom_diagnosis(
             exc, at, config=config, device=device, model=model, lora=lora, seq_len=seq_len, where=where

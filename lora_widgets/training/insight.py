@@ -9,8 +9,10 @@ The trainer asks one :class:`Insight` per run at three points of its loop, each 
     after an evaluation (worker)   samples(step)     greedy answers, base model beside the current adapter
                                                                                           -> SampleGenerations
     every published event          alerts(event)     an AlertMonitor; each alert once per run -> AlertRaised
+    the run's first update         gradient_alerts   trainable parameters without a gradient (any model,
+                                                     lora_widgets.health.gradient_check)            -> AlertRaised
 
-Statistics and alerts need LoRA layers (ours or PEFT's); samples need ours (they switch the adapters off for
+Statistics and the alerts read from them need LoRA layers (ours or PEFT's); samples need ours (they switch the adapters off for
 the base model's answers), a tokenizer and a model with ``generate``. What runs is what :class:`TrainConfig`
 asks (``adapter_stats``, ``sample_prompts``, ``sample_max_new_tokens``). The cost, measured side by side with
 training steps: ``benchmarks/bench_adapter_stats.py``.
@@ -29,6 +31,7 @@ from torch import nn
 from lora_widgets.data.sft_batches import IGNORE_INDEX
 from lora_widgets.events.types import AlertRaised, Event, SampleGenerations
 from lora_widgets.health.alerts import Alert, AlertMonitor
+from lora_widgets.health.gradient_check import GradientReport
 from lora_widgets.health.notices import samples_off_notice, warmup_notice
 from lora_widgets.health.samples import generate_samples
 from lora_widgets.lora.layers import has_lora, lora_layers
@@ -125,6 +128,7 @@ class Insight:
         self.config = TrainConfig()
         self.total = 0
         self.monitor: AlertMonitor | None = None
+        self.gradients = AlertMonitor()  # the gradient check, for any model (each alert once per run)
         self.stats = False
         self.prompts: Sequence[str | list[int]] = ()
         self.end_of_turn: int | None = None
@@ -213,10 +217,15 @@ class Insight:
         where a template that matches nothing or a truncation that cuts every answer trains nothing."""
         if self.monitor is None:
             return []
-        return [AlertRaised(**alert.to_dict()) for alert in self.monitor.check_labels(labels, step)]
+        return list(self.monitor.check_labels(labels, step))
 
     def alerts(self, event: Event) -> list[AlertRaised]:
         """The alerts ``event`` raises that this run has not raised before."""
         if self.monitor is None or isinstance(event, AlertRaised):
             return []
-        return [AlertRaised(**alert.to_dict()) for alert in self.monitor.feed(event)]
+        return list(self.monitor.feed(event))
+
+    def gradient_alerts(self, report: GradientReport, step: int) -> list[AlertRaised]:
+        """The "no gradient" alert for what update ``step``'s gradients show (any model: this package's LoRA,
+        PEFT's, the user's own modules), once per run."""
+        return list(self.gradients.check_gradients(report, step))

@@ -5,9 +5,10 @@ Layout of ``<output_dir>/<run_id>/``::
     config.json        the settings, model, device, data sizes and versions (written atomically)
     metrics.jsonl      every event, one JSON line each, appended and flushed as it happens
     checkpoints/       step-NNNNNN/ resumable checkpoints (see lora_widgets.training.checkpoint)
-    adapter/           the trained weights at the end of the run (PEFT format for LoRA)
+    adapter/           the trained weights at the end of the run (PEFT format for LoRA; the whole model for
+                       full fine-tuning; trainable.safetensors, the trainable tensors by name, otherwise)
 
-``run_id`` is ``<date>-<time>-<r8|lora|full>-lr<rate>`` (``-2``, ``-3``, ... if taken). Creating one also
+``run_id`` is ``<date>-<time>-<r8|lora|full|custom1.3k>-lr<rate>`` (``-2``, ``-3``, ... if taken). Creating one also
 removes the temporary entries that a killed run left behind in earlier run directories.
 """
 
@@ -36,9 +37,28 @@ __all__ = ["RunDirectory", "config_document", "read_metrics", "run_stem"]
 logger = logging.getLogger(__name__)
 
 
-def run_stem(config: TrainConfig, rank: int | None, adapters: bool) -> str:
-    """``20260101-120000-r8-lr3e-3``: when, what (LoRA rank, ``lora`` or ``full``) and the rate."""
-    tag = f"r{rank}" if rank is not None else ("lora" if adapters else "full")
+def _short(n: int) -> str:
+    """``1280`` -> ``1.3k``, ``98304`` -> ``98k``, ``2_400_000`` -> ``2.4M``."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2g}{unit}" if n < 10 * size else f"{round(n / size)}{unit}"
+    return str(n)
+
+
+def run_stem(
+    config: TrainConfig, rank: int | None, adapters: bool, trainable: tuple[int, int] | None = None
+) -> str:
+    """``20260101-120000-r8-lr3e-3``: when, what and the rate. What: the LoRA rank, ``lora`` (adapters of
+    unknown rank), ``full`` (every parameter trains), or ``custom<n>`` for any other subset, ``n`` its
+    trainable parameters (``trainable``: (trainable, total) counts; e.g. ``custom1.3k``)."""
+    if rank is not None:
+        tag = f"r{rank}"
+    elif adapters:
+        tag = "lora"
+    elif trainable is not None and trainable[0] < trainable[1]:
+        tag = f"custom{_short(trainable[0])}"
+    else:
+        tag = "full"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}-lr{format_lr(config.learning_rate)}"
 
 
@@ -115,7 +135,8 @@ class RunDirectory:
                 None,
                 f" Saving the adapter to {str(self.adapter_dir)!r} failed: {type(exc).__name__}: {exc}.",
             )
-        return str(path), ""
+        note = "" if ckpt.trained_weights_kind(model) == "adapter" else " " + ckpt.describe_saved(model, path)
+        return str(path), note
 
     def write_config(self, document: dict[str, Any]) -> None:
         """Write (or rewrite) ``config.json`` atomically."""

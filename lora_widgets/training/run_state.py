@@ -127,7 +127,8 @@ class Session:
     ) -> tuple[StepResult, Usage | None]:
         """(worker thread) Update number ``progress.step + 1``; counts it in ``progress`` once applied.
         With ``read``: the loss and gradient norm, and the device's memory afterwards; with ``probe``, what it
-        found (``StepResult.probed``)."""
+        found (``StepResult.probed``); on the run's first update, which parameters got a gradient
+        (``StepResult.gradients``)."""
         step = progress.step + 1
         out = train_step(
             self.model,
@@ -141,6 +142,7 @@ class Session:
             first_bad=self.first_bad,
             read=read,
             probe=probe,
+            check_gradients=step == progress.start_step + 1,  # the first update of this run
         )
         if out.applied:
             progress.step = step

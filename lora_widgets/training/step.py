@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_widgets.health.gradient_check import GradientReport, NoGradientError, gradient_report
 from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training.batches import MicroBatch, PaddedBatch
 from lora_widgets.training.config import TrainConfig
@@ -39,6 +40,7 @@ class StepResult:
     grad_norm: float | None = None
     bad_step: int | None = None  # first update (1-based) whose loss/gradient was NaN/inf, once seen
     probed: Any = None  # what the probe found (None without one)
+    gradients: GradientReport | None = None  # which trainable parameters got a gradient (when checked)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -121,6 +123,7 @@ def train_step(
     first_bad: torch.Tensor,
     read: bool,
     probe: Probe | None = None,
+    check_gradients: bool = False,
 ) -> StepResult:
     """Update number ``step`` (1-based): gradients summed over the micro-batches (:func:`batch_loss`), clipped,
     one optimizer step at rate ``lr``.
@@ -130,23 +133,31 @@ def train_step(
     was NaN/inf. With ``read`` the loss, norm and marker come back in one transfer *before* the update is
     applied, so a NaN appearing on a read update never reaches the weights (``applied=False``); one
     appearing on an unread update is reported at the next read one (the weights are spoiled by then).
+
+    A loss that depends on no trainable parameter (no ``grad_fn``) raises :class:`NoGradientError` naming
+    them, before ``backward()`` would fail with torch's "element 0 of tensors does not require grad"; with
+    ``check_gradients`` the parameters that got no gradient are read after the backward passes
+    (:attr:`StepResult.gradients`).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=first_bad.device)
     for x in micro_batches:
         loss = batch_loss(model, x, autocast, len(micro_batches))
+        if not loss.requires_grad:  # nothing trainable is on the path from the loss: say which, and why
+            raise NoGradientError(gradient_report(model), step)
         scaler.scale(loss).backward()  # loss scaling: Micikevicius et al. 2018, sec. 3.2 (off: identity)
         loss_sum += loss.detach()
         del loss
     scaler.unscale_(optimizer)
+    gradients = gradient_report(model) if check_gradients else None
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     finite = torch.isfinite(loss_sum)
     if not scaler.is_enabled():  # with fp16 scaling, overflowing gradients are routine: the scaler skips them
         finite = finite & torch.isfinite(grad_norm)
     first_bad.copy_(torch.where((first_bad < 0) & ~finite, step, first_bad))
-    result = StepResult(applied=False)
+    result = StepResult(applied=False, gradients=gradients)
     if read:
         loss_v, norm_v, bad_v = torch.stack([loss_sum.float(), grad_norm.float(), first_bad.float()]).tolist()
         result.loss, result.grad_norm = loss_v, norm_v

@@ -13,6 +13,7 @@
                                                AdapterStats (first update, every eval_every, last)
         evaluate when due                   -> EvalMetrics, SampleGenerations
         checkpoint when due                 -> CheckpointSaved
+        early stopping (config.early_stopping) ends the loop: RunEarlyStopped, with the best adapter
       finish: save the adapter, release     -> StateChanged(<end>), RunFinished | RunStopped | RunFailed
 
 Steps are counted one way everywhere: ``step`` is the number of optimizer updates completed (so the first
@@ -46,9 +47,11 @@ from torch import nn
 from lora_widgets.devices import describe_device, select_device
 from lora_widgets.events.history import History
 from lora_widgets.events.types import (
+    AlertRaised,
     CheckpointSaved,
     EvalMetrics,
     Event,
+    RunEarlyStopped,
     RunEnded,
     RunFailed,
     RunFinished,
@@ -58,7 +61,8 @@ from lora_widgets.events.types import (
     StepMetrics,
     Subscribers,
 )
-from lora_widgets.lora.layers import LoRAConfig, LoRAReport, lora_layers
+from lora_widgets.health.gradient_check import NoGradientError
+from lora_widgets.lora.layers import LoRAConfig, LoRAReport, count_parameters, lora_layers
 from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import ownership, precision
 from lora_widgets.training.batches import Blocks, data_prepared, eval_batches, prepare_blocks, vocab_size
@@ -72,6 +76,7 @@ from lora_widgets.training.run_state import Progress, Session
 from lora_widgets.training.schedules import lr_schedule as _lr_schedule
 from lora_widgets.training.schedules import total_steps
 from lora_widgets.training.step import evaluate
+from lora_widgets.training.stopping import RunStopping
 
 __all__ = ["LoRATrainer"]
 
@@ -234,7 +239,7 @@ class LoRATrainer:
     async def _run(self, resume_from: str | os.PathLike[str] | None) -> RunEnded:
         c, p, meter = self.config, Progress(), Meter()
         mode = precision.ModelMode.of(self.model, c.gradient_checkpointing)
-        self.history, self._insight = History(), Insight()
+        self.history, self._insight, self._stopping = History(), Insight(), RunStopping(None)
         run: Session | None = None
         try:
             self._start(resume_from)
@@ -246,7 +251,7 @@ class LoRATrainer:
                 self._publish(notice)
             if p.step == 0:
                 await self._evaluate(run, p)  # the base model's validation loss, for comparison
-            while p.step < p.total and not self._control.stop_requested:
+            while p.step < p.total and not self._control.stop_requested and self._stopping.verdict is None:
                 if self._control.pause_requested:
                     await self._hold(p, meter)
                     continue
@@ -254,11 +259,16 @@ class LoRATrainer:
                 log = (p.step + 1) % c.log_every == 0 or p.step + 1 == p.total
                 probe = self._insight.probe(p.step + 1, run.lr(p.step + 1, p.total))
                 out, usage = await self._control.in_thread(run.update, p, log, probe)
-                if out.bad_step is not None:
+                if out.gradients is not None:  # the first update: trainable parameters without a gradient
+                    self._publish_all(self._insight.gradient_alerts(out.gradients, p.start_step + 1))
+                if out.bad_step is not None:  # non-finite: a failure, or a divergence stop if watched
                     p.failure = nan_diagnosis(out.bad_step, not out.applied, config=c, total_steps=p.total)
+                    p.failure = None if self._stopping.on_loss(out.bad_step, math.nan) else p.failure
                     break
                 if log:
                     self._publish(run.step_metrics(p, out, usage, meter.lap(p.step, p.total)))
+                    if out.loss is not None and self._stopping.on_loss(p.step, out.loss):
+                        break
                 if out.probed is not None:  # AdapterStats of a measured update
                     self._publish(out.probed)
                 if c.eval_every is not None and p.step % c.eval_every == 0:
@@ -266,18 +276,17 @@ class LoRATrainer:
                 if c.checkpoint_every is not None and p.step % c.checkpoint_every == 0:
                     await self._checkpoint(run, p)
             # a run that ended normally: a closing evaluation and checkpoint, unless just done
-            if p.failure is None and not self._control.stop_requested and p.evaluated_at != p.step:
+            ended = p.failure is not None or self._stopping.verdict is not None
+            if not ended and not self._control.stop_requested and p.evaluated_at != p.step:
                 await self._evaluate(run, p)
-            if (
-                p.failure is None
-                and c.checkpoint_every is not None
-                and p.step not in (p.start_step, p.checkpointed_at)
-            ):
+            if not ended and c.checkpoint_every and p.step not in (p.start_step, p.checkpointed_at):
                 await self._checkpoint(run, p)
         except asyncio.CancelledError:
             p.cancelled = True
         except Exception as exc:
             p.failure = self._diagnose(exc, p, run)
+        if self._stopping.verdict is not None and p.failure is None and not p.cancelled:
+            await asyncio.to_thread(self._stopping.restore_best, self.model)  # the best evaluation's adapter
         adapter, note = await self._save_final(run, p)
         run = None  # drops the optimizer state, the scaler and the batch order before memory is released
         mode.restore(self.model)
@@ -300,7 +309,8 @@ class LoRATrainer:
         rank = self.report.config.r if self.report is not None and self.report.config is not None else None
         if rank is None and lora_layers(self.model):
             rank = next(iter(lora_layers(self.model).values())).r
-        stem = run_stem(self.config, rank, adapters=self.report is not None)
+        trainable = count_parameters(self.model)
+        stem = run_stem(self.config, rank, adapters=self.report is not None, trainable=trainable)
         self._dir = RunDirectory.create(self.config.output_dir, stem)
         self.run_dir, self.run_id = self._dir.path, self._dir.run_id
         self._write_config(None, resume_from)
@@ -327,10 +337,10 @@ class LoRATrainer:
             self._record_history(event)
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
-        self._publish(
-            data_prepared(blocks.train, blocks.val, c)
-        )  # what the data became, for views and metrics.jsonl
+        # what the data became, for views and metrics.jsonl
+        self._publish(data_prepared(blocks.train, blocks.val, c))
         self._insight = Insight.for_run(self.model, self.tokenizer, c, blocks.val, p.total)
+        self._stopping = RunStopping(c.early_stopping, has_validation=blocks.val is not None)
         return run
 
     async def _hold(self, p: Progress, meter: Meter) -> None:
@@ -355,6 +365,7 @@ class LoRATrainer:
         self._publish(EvalMetrics(p.step, val_loss, ppl, p.best_val if p.best_val is not None else val_loss))
         if samples := await self._control.in_thread(self._insight.samples, p.step, run.autocast):
             self._publish(samples)
+        await self._control.in_thread(self._stopping.on_eval, p.step, val_loss, self.model)
 
     async def _checkpoint(self, run: Session, p: Progress) -> None:
         assert self._dir is not None
@@ -379,6 +390,8 @@ class LoRATrainer:
         or the weights are non-finite); returns (path, a note for the end message)."""
         if run is None or self._dir is None:
             return None, ""
+        if p.failure is not None and p.failure.reason == "no_gradient":
+            return None, " Nothing was trained, so nothing was saved."
         try:
             return await asyncio.shield(
                 asyncio.to_thread(self._dir.save_adapter, self.model, self._base_name())
@@ -395,6 +408,7 @@ class LoRATrainer:
             "final_loss": p.last_loss,
             "best_val_loss": p.best_val,
             "adapter_path": adapter,
+            "saved": ckpt.trained_weights_kind(self.model) if adapter is not None else "",
         }
         end: RunEnded
         if p.failure is not None:
@@ -407,6 +421,9 @@ class LoRATrainer:
                 error_type=f.error_type,
                 suggestions=tuple(f.suggestions),
             )
+        elif (v := self._stopping.verdict) is not None and not p.cancelled:
+            self._publish(StateChanged("finished", p.step))
+            end = RunEarlyStopped(**base, message=v.message + note, reason=v.reason, best_step=v.best_step)
         elif p.cancelled or p.step < p.total:  # a stop() that arrives after the last step changes nothing
             self._publish(StateChanged("stopped", p.step))
             why = "cancelled" if p.cancelled else "stopped by the user"
@@ -430,6 +447,10 @@ class LoRATrainer:
         for alert in self._insight.alerts(event):
             self._publish(alert)
 
+    def _publish_all(self, events: list[AlertRaised]) -> None:
+        for event in events:
+            self._publish(event)
+
     def _record_history(self, event: Event) -> None:
         """The first subscriber: the one place that feeds :attr:`history`."""
         if isinstance(event, StepMetrics | EvalMetrics):
@@ -447,6 +468,8 @@ class LoRATrainer:
             seq_len=run.blocks.block_size if run is not None else self.config.block_size,
             checkpoint=self._dir.checkpoint_dir(p.step) if self._dir is not None else None,
         )
+        if isinstance(exc, NoGradientError):  # the run ends; the alert names the parameters in the events too
+            self._publish_all(self._insight.gradient_alerts(exc.report, exc.step))
         if failure.reason == "error":
             logger.error("the run failed %s", failure.message, exc_info=exc)
         return failure

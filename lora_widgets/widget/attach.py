@@ -20,20 +20,18 @@ from typing import Any
 import torch
 
 from lora_widgets.events.types import RunSource
-from lora_widgets.widget.callouts import Callout, Callouts
+from lora_widgets.widget import callouts as callouts_mod
+from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.loading import Loaded, is_hf_trainer
-from lora_widgets.widget.readouts import schedule_note, schedule_preview
+from lora_widgets.widget.readouts import schedule_preview
 
 __all__ = [
-    "advice_callout",
     "attached_source",
     "attaching",
     "check_can_start",
     "device_type_of",
-    "lr_note_callout",
     "model_of",
     "panel_traits",
-    "ready_callout",
     "show_source",
     "source_settings",
     "total_steps_of",
@@ -148,33 +146,6 @@ def train_rows_of(source: Any) -> int | None:
         return None
 
 
-def ready_callout(settings: Mapping[str, Any]) -> Callout:
-    """The status before the first run of an attached trainer: what Train does and who owns the settings."""
-    name = str(settings.get("trainer") or "trainer")
-    return Callout("info", f"Attached to your {name}", (
-        f"Train calls {name}.train() in a background thread, so other cells keep working; Pause holds it "
-        "between optimizer steps, Stop ends it after the current one (saved as save_strategy says). Its "
-        "TrainingArguments own the settings, shown read-only: change them on hf_trainer.args, then press Train."
-    ))  # fmt: skip
-
-
-def advice_callout(source: Any) -> Callout | None:
-    """The source's warning that ``logging_steps`` would leave the chart nearly empty (``HFRun.advice()``),
-    shown before the run starts; ``None`` when there is none."""
-    advice = getattr(source, "advice", None)
-    text = advice() if callable(advice) else None
-    if not text:
-        return None
-    return Callout("warning", "The loss chart will be nearly empty", str(text))
-
-
-def lr_note_callout(config: Mapping[str, Any]) -> Callout | None:
-    """Why the learning-rate chart shows only the logged rates (:func:`~lora_widgets.widget.readouts.schedule_note`);
-    ``None`` when the schedule is previewed."""
-    note = schedule_note(config)
-    return None if note is None else Callout("info", "Learning rate: logged values only", note)
-
-
 def panel_traits(source: RunSource | None) -> dict[str, Any]:
     """The panel's starting traits for an attached source: no control inputs (``control_specs=[]``), since
     the trainer's settings are shown read-only instead; ``{}`` for the dashboard's own runs."""
@@ -190,8 +161,8 @@ def show_source(source: Any, panel: Any, callouts: Callouts, charts: Any) -> boo
     if not settings:
         return False
     panel.attached_settings = settings
-    callouts.put("advice", advice_callout(source))
-    callouts.put("lr", lr_note_callout(settings))
+    callouts.put("advice", callouts_mod.advice_callout(source))
+    callouts.put("lr", callouts_mod.lr_note_callout(settings))
     preview = schedule_preview(settings, total_steps_of(source))
     charts.set_schedule(preview if preview is not None else ([], []))
     return True

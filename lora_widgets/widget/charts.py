@@ -1,5 +1,8 @@
 """The dashboard's bqplot charts: they own their marks, and are updated in place from a run's history.
 
+Which points each line holds is decided by :mod:`lora_widgets.widget.chart_model` (shared with the SVG charts
+drawn in marimo); this module only puts them on bqplot marks.
+
 The dashboard calls :meth:`Charts.update` with a :class:`~lora_widgets.events.history.History`; only the charts
 touch their marks. Every update sets a mark's ``x`` and ``y`` together inside ``mark.hold_sync()``, so the
 browser gets one message per mark and never sees an x of one length with a y of another, and a mark is
@@ -21,7 +24,18 @@ import numpy as np
 from bqplot import Axis, Figure, LinearScale, Lines, LogScale, Scatter
 from ipywidgets import GridBox, Layout
 
-from lora_widgets.events.history import History, decimate_indices
+from lora_widgets.events.history import History
+from lora_widgets.widget.chart_model import (
+    Series,
+    as_x,
+    as_y,
+    eval_series,
+    loss_domain,
+    lr_marker_series,
+    overlay_series,
+    schedule_series,
+    step_series,
+)
 
 __all__ = ["CHART_WIDTH_PX", "MAX_MARKERS", "PALETTE", "POINTS_PER_LINE", "Charts", "set_xy"]
 
@@ -46,12 +60,7 @@ MAX_MARKERS = 200
 the best validation loss always survives the min-max decimation."""
 
 
-def _xs(values: Any) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64).astype(np.int32)
-
-
-def _ys(values: Any) -> np.ndarray:
-    return np.asarray(values, dtype=np.float32)
+_xs, _ys = as_x, as_y
 
 
 def _figure(title: str, marks: list[Any], axes: list[Axis], legend: bool = False) -> Figure:
@@ -222,52 +231,36 @@ class Charts:
         if n != self._sent[0]:
             self._draw_steps(history)
         if n_evals != self._sent[1]:
-            idx = decimate_indices(history.val_loss, self.max_markers)
-            set_xy(self.val_loss, history.eval_step[idx], history.val_loss[idx])
+            dots = eval_series(history, self.max_markers)
+            set_xy(self.val_loss, dots.x, dots.y)
         self._sent = (n, n_evals)
         self.fit_loss_range(self.raw_loss.y, self.val_loss.y)
 
     def _draw_steps(self, h: History) -> None:
-        steps, cap = h.step, self.points_per_line
-        idx = decimate_indices(h.loss, cap)
-        x = _xs(steps[idx])
-        with self.raw_loss.hold_sync():
-            self.raw_loss.x, self.raw_loss.y = x, _ys(h.loss[idx])
-        with self.smooth_loss.hold_sync():
-            self.smooth_loss.x, self.smooth_loss.y = x, _ys(h.smoothed_loss()[idx])
-        mem = h.memory_bytes / 2**20  # MiB
-        idx = decimate_indices(mem, cap)
-        set_xy(self.memory, steps[idx], mem[idx])
-        reserved = h.memory_reserved_bytes
-        if np.isfinite(reserved).any():
-            set_xy(self.memory_reserved, steps[idx], reserved[idx] / 2**20)
-        if self.gpu and np.isfinite(h.gpu_utilization).any():
-            set_xy(self.gpu_util, steps[idx], h.gpu_utilization[idx])
-        tps = h.tokens_per_s_smooth
-        idx = decimate_indices(tps, cap)
-        set_xy(self.tokens_per_s, steps[idx], tps[idx])
-        self.set_lr_marker(int(steps[-1]), float(h.lr[-1]))
+        lines = step_series(h, self.points_per_line, self.gpu)
+        for name in ("raw_loss", "smooth_loss", "memory", "memory_reserved", "gpu_util", "tokens_per_s"):
+            if name in lines:
+                set_xy(getattr(self, name), lines[name].x, lines[name].y)
+        marker = lines["lr_marker"]
+        self._set_marker(marker)
 
     def set_schedule(self, schedule: tuple[Any, Any] | None) -> None:
         """Draw the whole learning-rate schedule ``(steps, rates)`` (decimated to the chart's width); sent
         only when it changed. ``None`` (settings that make no schedule) leaves the chart as it is."""
         if schedule is None:
             return
-        steps, lrs = schedule[0], np.asarray(schedule[1], dtype=np.float64)
-        idx = decimate_indices(lrs, self.points_per_line)
-        x, y = _xs(np.asarray(steps)[idx]), _ys(lrs[idx])
-        if np.array_equal(x, self.lr_line.x) and np.array_equal(y, self.lr_line.y):
+        line = schedule_series(schedule, self.points_per_line)
+        if np.array_equal(line.x, self.lr_line.x) and np.array_equal(line.y, self.lr_line.y):
             return
-        set_xy(self.lr_line, x, y)
+        set_xy(self.lr_line, line.x, line.y)
 
     def set_lr_marker(self, step: int | None, lr: float | None) -> None:
         """Move the live marker to the current step (or hide it with ``None``)."""
-        if step is None or lr is None or not math.isfinite(lr):
-            x, y = _EMPTY_X, _EMPTY_Y
-        else:
-            x, y = _xs([step]), _ys([lr])
-        if not (np.array_equal(x, self.lr_marker.x) and np.array_equal(y, self.lr_marker.y)):
-            set_xy(self.lr_marker, x, y)
+        self._set_marker(lr_marker_series(step, lr))
+
+    def _set_marker(self, marker: Series) -> None:
+        if not (np.array_equal(marker.x, self.lr_marker.x) and np.array_equal(marker.y, self.lr_marker.y)):
+            set_xy(self.lr_marker, marker.x, marker.y)
 
     def clear_current(self) -> None:
         """Empty the current run's marks (a new run starts)."""
@@ -287,12 +280,11 @@ class Charts:
         these)."""
         if len(history) == 0:
             return
-        idx = decimate_indices(history.smoothed_loss(), self.points_per_line)
-        steps, smoothed = history.step[idx], history.smoothed_loss()[idx]
+        line = overlay_series(history, self.points_per_line)
         color = PALETTE[len(self.previous_runs) % len(PALETTE)]
         scale = self._loss_y_log if self.log_scale else self._loss_y_linear
         line = Lines(
-            x=_xs(steps), y=_ys(smoothed), scales={"x": self._loss_x, "y": scale}, colors=[color],
+            x=line.x, y=line.y, scales={"x": self._loss_x, "y": scale}, colors=[color],
             stroke_width=1.5, opacities=[0.85], labels=[label], display_legend=True,
         )  # fmt: skip
         self.previous_runs.append(line)
@@ -320,19 +312,12 @@ class Charts:
     def _apply_loss_range(self) -> None:
         if self._data_range is None:
             return
+        new = loss_domain([self._data_range], len(self.previous_runs), self.log_scale)
+        if new is None:
+            return
+        scale = self._loss_y_log if self.log_scale else self._loss_y_linear
         lo, hi = self._data_range
-        headroom = min(2.0, 0.2 * (3 + len(self.previous_runs)) + 0.1)  # legend rows ~ 20% of the span each
-        if self.log_scale:
-            if lo <= 0:
-                return
-            a, b = math.log10(lo), math.log10(hi)
-            span = max(b - a, 1e-3)
-            new = (10 ** (a - 0.03 * span), 10 ** (b + headroom * span))
-            scale, tol = self._loss_y_log, 0.02 * (new[1] - new[0])
-        else:
-            span = max(hi - lo, 1e-6)
-            new = (lo - 0.03 * span, hi + headroom * span)
-            scale, tol = self._loss_y_linear, 0.02 * span
+        tol = 0.02 * ((new[1] - new[0]) if self.log_scale else max(hi - lo, 1e-6))
         old = (scale.min, scale.max)
         if old[0] is None or old[1] is None or abs(old[0] - new[0]) > tol or abs(old[1] - new[1]) > tol:
             with scale.hold_sync():

@@ -48,11 +48,13 @@ import traitlets as t
 
 from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.training.config import PRECISIONS, TrainConfig
+from lora_widgets.training.early_stopping import EarlyStopping
 from lora_widgets.training.schedules import SCHEDULES
 
 __all__ = [
     "CONTROLS",
     "CONTROL_NAMES",
+    "LORA_CONTROL_NAMES",
     "TARGET_PRESETS",
     "Control",
     "config_fields",
@@ -106,6 +108,14 @@ def _steps_to_config(value: Any) -> Any:
 
 def _steps_from_config(value: Any) -> Any:
     return 0 if value is None else value
+
+
+def _patience_to_config(value: Any) -> Any:
+    return None if value == 0 else EarlyStopping(patience=value)  # 0 in the box: no early stopping
+
+
+def _patience_from_config(value: Any) -> Any:
+    return 0 if value is None or value.patience is None else value.patience
 
 
 @dataclass(frozen=True)
@@ -188,12 +198,18 @@ CONTROLS: tuple[Control, ...] = (
             help="Passes over the training data when max steps is 0."),
     Control("precision", "precision", "select", TrainConfig, "precision", choices=PRECISIONS,
             help="fp32, or bf16/fp16 autocast (fp16 needs a CUDA GPU)."),
+    Control("early_stopping", "early-stop patience (0 = off)", "int", TrainConfig, "early_stopping", min=0,
+            step=1, to_config=_patience_to_config, from_config=_patience_from_config,
+            help="Stop when the validation loss has not improved in this many evaluations, or when the "
+                 "loss diverges (doubles or turns NaN); the best evaluation's adapter is kept. 0: off."),
     Control("seed", "seed", "int", TrainConfig, "seed", min=0, step=1,
             help="Seeds the adapters' initialisation and the data order."),
 )
 # fmt: on
 
 CONTROL_NAMES: tuple[str, ...] = tuple(c.name for c in CONTROLS)
+LORA_CONTROL_NAMES: tuple[str, ...] = tuple(c.name for c in CONTROLS if c.config is LoRAConfig)
+"""The controls that change the adapter (the planned-parameters readout follows them)."""
 
 
 def config_fields(config: type) -> tuple[str, ...]:

@@ -45,10 +45,10 @@ from lora_widgets.events.types import (
 )
 from lora_widgets.lora.layers import LoRAConfig, count_parameters
 from lora_widgets.widget import attach, callouts, controls, loading, readouts
-from lora_widgets.widget.adapter_charts import AdapterCharts
 from lora_widgets.widget.callouts import Callouts
-from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE, Charts
+from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE
 from lora_widgets.widget.data_view import DataView, data_facts
+from lora_widgets.widget.frontend import MarimoDisplay, build_front_end, resolve_renderer
 from lora_widgets.widget.labels import label_from_started
 from lora_widgets.widget.panel import DashboardPanel, validate_settings
 from lora_widgets.widget.record import RunRecord
@@ -64,13 +64,12 @@ __all__ = ["DashboardPanel", "LoRADashboard", "RunRecord", "validate_settings"]
 logger = logging.getLogger(__name__)
 
 _TRAIN_FIELDS = controls.config_fields(controls.TrainConfig)
-_LORA_TRAITS = ["rank", "alpha", "dropout", "target_modules"]
 _LOGGED_LR_EVERY = 5  # flushes between redraws of a logged LR line (it moves slowly; its marker every flush)
 
 
 class LoRADashboard(
-    StaticSummaryViews, VBox
-):  # the mixin first: ipywidgets 7's VBox has an _ipython_display_ too
+    StaticSummaryViews, MarimoDisplay, VBox
+):  # the mixins first: ipywidgets 7's VBox has an _ipython_display_ too
     """Train a LoRA adapter live in a notebook: controls, Train/Pause/Stop, progress, summary, charts.
 
     Args:
@@ -115,15 +114,17 @@ class LoRADashboard(
         lora: LoRAConfig | None = None,
         train: TrainConfig | None = None,
         trainer: Any = None,
+        renderer: str = "auto",
         **kwargs: Any,
     ) -> None:
+        renderer = resolve_renderer(renderer)  # before attaching: a bad value leaves the trainer untouched
         # LoRADashboard(trainer=...): the source Train runs; a failed construction leaves the trainer as it was
         with attach.attaching(trainer, model=model, tokenizer=tokenizer, lora=lora, train_data=train_data,
                               eval_data=eval_data, train=train) as self._attached:  # fmt: skip
-            self._setup(model, tokenizer, train_data, eval_data, lora, train, kwargs)
+            self._setup(model, tokenizer, train_data, eval_data, lora, train, renderer, kwargs)
 
     def _setup(self, model: Any, tokenizer: Any, train_data: Any, eval_data: Any, lora: LoRAConfig | None,
-               train: TrainConfig | None, kwargs: dict[str, Any]) -> None:  # fmt: skip
+               train: TrainConfig | None, renderer: str, kwargs: dict[str, Any]) -> None:  # fmt: skip
         """``__init__``'s work, inside :func:`~lora_widgets.widget.attach.attaching`."""
         if train is None:
             from lora_widgets.training.config import TrainConfig
@@ -155,19 +156,17 @@ class LoRADashboard(
         self._trainer_factory: Any = None  # test hook: a stand-in LoRATrainer class
 
         read_only = attach.panel_traits(self._attached)  # no inputs: the trainer's settings, as a table
-        self.panel = DashboardPanel(**self._initial_controls(lora, train), **read_only)
-        self.charts = Charts(
-            gpu=self._device_type == "cuda", points_per_line=self.max_points, max_markers=self.max_markers
-        )
-        self.adapter_charts = AdapterCharts()
+        front = build_front_end(renderer, {**self._initial_controls(lora, train), **read_only},
+                                self._device_type == "cuda", self.max_points, self.max_markers)  # fmt: skip
+        self.panel, self.charts, self.adapter_charts = front.panel, front.charts, front.adapter_charts
         self.panel.observe(self._on_controls, names=list(DashboardPanel.CONFIG_TRAITS))
-        self.panel.observe(self._preview_params, names=_LORA_TRAITS)
+        self.panel.observe(self._preview_params, names=list(controls.LORA_CONTROL_NAMES))
         self.panel.observe(self._on_log_scale, names=["log_scale"])
         self.panel.observe(self._show_example, names=["data_index"])
         self._show_example()
         self.panel.on_msg(self._on_panel_msg)
-        children = [self.panel, self.charts.grid(), self.adapter_charts.grid()]
-        super().__init__(children=children, layout=Layout(width="100%"))
+        self.panel.observe(self._publish_run_state, names=["state"])
+        super().__init__(children=front.children, layout=Layout(width="100%"))
         self.add_class("lw-dashboard")
         self._on_controls()
         self.panel.summary = readouts.idle_summary(
@@ -177,11 +176,11 @@ class LoRADashboard(
         if self._attached is not None:
             self.panel.summary = {**self.panel.summary, "train_rows": attach.train_rows_of(self._attached)}
             attach.show_source(self._attached, self.panel, self._callouts, self.charts)
-            self._callouts.set("status", attach.ready_callout(self.panel.attached_settings))
+            self._callouts.set("status", callouts.ready_callout(self.panel.attached_settings))
             self._publish_callouts()
             return
         self._callouts.set("status", callouts.READY)
-        self._callouts.put("device", loading.cpu_callout(self.model) if self._device_type == "cpu" else None)
+        self._callouts.put("device", callouts.cpu_callout(self.model) if self._device_type == "cpu" else None)
         self._callouts.put("adapters", callouts.ADAPTERS_GIVEN if self._adapters_given else None)
         self._publish_callouts()
 
@@ -361,7 +360,7 @@ class LoRADashboard(
     def _build_run(self, lora: LoRAConfig, train: Any) -> RunRecord:
         """The next run: the memory pre-flight (as a callout), then a LoRATrainer to drive."""
         own = None if self._adapters_given else lora  # a model's own adapters train as they are
-        self._callouts.put("preflight", loading.preflight_callout(self.model, own, train, self._device_type,
+        self._callouts.put("preflight", callouts.preflight_callout(self.model, own, train, self._device_type,
                                                                   int(self._data[0].shape[1])))  # fmt: skip
         return new_trainer_run(self.model, self.tokenizer, self._data, lora, own, train, len(self.runs) + 1,
                                self._trainer_factory)  # fmt: skip
@@ -493,6 +492,10 @@ class LoRADashboard(
         self._callouts.clear("starting")
         self._callouts.set("status", callout)
         self._publish_callouts()
+
+    def _publish_run_state(self, _change: Any = None) -> None:
+        """The ``run_state`` trait, whenever the status changes (what a marimo cell reads reactively)."""
+        self.panel.run_state = readouts.run_state_of(self._session.current, self.state, self.panel.run_state)
 
     def _publish_callouts(self) -> None:
         self.panel.callouts = self._callouts.as_list()

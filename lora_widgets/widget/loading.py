@@ -19,16 +19,13 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from lora_widgets.events.types import DataPrepared
-from lora_widgets.lora.layers import LoRAConfig, count_parameters, has_lora
-from lora_widgets.widget.callouts import Callout
+from lora_widgets.lora.layers import LoRAConfig, has_lora
 
 __all__ = [
     "check_arguments",
-    "cpu_callout",
     "data_event",
     "guess_device_type",
     "is_hf_trainer",
-    "preflight_callout",
     "resolve_data",
     "resolve_model",
 ]
@@ -122,47 +119,6 @@ def data_event(data: tuple[Any, Any], train: Any) -> DataPrepared:
     from lora_widgets.training.batches import data_prepared
 
     return data_prepared(data[0], data[1], train)
-
-
-def cpu_callout(model: Any) -> Callout:
-    """A warning: why training runs on the CPU here, and what that means for time per step."""
-    why = "No GPU was found" if not torch.cuda.is_available() else "The trainer is set to device='cpu'"
-    millions = count_parameters(model)[1] / 1e6
-    return Callout("warning", "Training on the CPU", (
-        f"{why}, so this runs on the CPU. That is fine for a model this small ({millions:.1f} M "
-        "parameters: a few thousand tokens/s on a laptop, a 200-step run in about a minute), but time "
-        "per step grows with the model: a hub model of 100 M+ parameters would be roughly 50-100x "
-        "slower per step. On Colab pick a GPU runtime (Runtime > Change runtime type)."
-    ))  # fmt: skip
-
-
-def preflight_callout(
-    model: Any, lora: LoRAConfig | None, train: Any, device_type: str, seq_len: int | None = None
-) -> Callout | None:
-    """A warning when the memory estimate says the run may not fit on the device (the user may still start).
-
-    ``seq_len``: the data's longest sequence: the block size for packed text, the longest padded length for
-    instruction examples (the length-grouped order puts that batch first, so it is the peak); default
-    ``train.block_size``.
-    """
-    from lora_widgets.memory.fit import preflight
-
-    try:
-        result = preflight(
-            model,
-            lora,
-            batch_size=train.batch_size,
-            seq_len=int(seq_len if seq_len is not None else getattr(train, "block_size", 128)),
-            dtype=train.precision,
-            device=device_type,
-            gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
-        )
-    except Exception as exc:  # the estimate is advice: never block a run on it, but say why it is missing
-        logger.warning("memory preflight skipped: %s: %s", type(exc).__name__, exc)
-        return None
-    if result.fits:
-        return None
-    return Callout("warning", "This run may not fit in memory", result.message(), list(result.suggestions))
 
 
 @dataclasses.dataclass

@@ -46,8 +46,8 @@ class DashboardPanel(_ControlTraits):
     Python.
     """
 
-    _esm = _STATIC / "dashboard.js"
-    _css = _STATIC / "dashboard.css"
+    _esm: str | Path = _STATIC / "dashboard.js"  # a path (hot reload); marimo's subclass composes a string
+    _css: str | Path = _STATIC / "dashboard.css"
 
     control_specs = t.List(
         t.Dict(),
@@ -84,6 +84,15 @@ class DashboardPanel(_ControlTraits):
         t.Dict(),
         help="The last sample answers: one {prompt, base, current, base_ended, current_ended, step} per prompt "
         "(*_ended: whether the answer ended with the end-of-turn token; null when unknown).",
+    ).tag(sync=True)
+    run_state = t.Dict(
+        help="The current or last run for reactive readers (marimo): serial (grows at every change), state, run "
+        "(its label), step, adapter_path (set once the run has ended), final_loss, best_val_loss, ended."
+    ).tag(sync=True)
+    run_state_seen = t.Int(
+        0,
+        help="Set by the marimo front end to run_state's serial once shown: that update re-runs the cells "
+        "that read the dashboard's value.",
     ).tag(sync=True)
     samples_note = t.Unicode("", help="What the sample answers cost: prompts, tokens, seconds.").tag(
         sync=True

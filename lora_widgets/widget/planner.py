@@ -121,6 +121,9 @@ class MemoryPlanner(anywidget.AnyWidget):
         help="Fit table: one dict per GPU with name, capacity, required (bytes) and fits (bool); read-only.",
     ).tag(sync=True)
     error = traitlets.Unicode("", help="Why the last estimate failed, or '' (read-only).").tag(sync=True)
+    input_names = traitlets.List(
+        list(_INPUTS), help="The traits the controls set, in the one list planner.js syncs from (read-only)."
+    ).tag(sync=True)
 
     def __init__(self, model: Any = None, lora: LoRAConfig | None = None, **traits: Any) -> None:
         unknown = sorted(set(traits) - set(_INPUTS))

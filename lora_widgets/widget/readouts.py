@@ -40,14 +40,6 @@ SHOWN_EXTRAS: tuple[str, ...] = ("mean_token_accuracy", "entropy", "num_tokens")
 """``StepMetrics.extra`` values the progress line shows when a run logs them (TRL's ``SFTTrainer`` does); the
 rest stay in the history only, so the progress trait stays a few numbers whatever a trainer logs."""
 
-# transformers' lr_scheduler_type -> the shape of lora_widgets.training.schedules that is the same function (both
-# implement get_{linear,cosine,constant}_schedule_with_warmup; "constant" there takes no warm-up).
-_HF_SCHEDULES = {
-    "linear": "linear",
-    "cosine": "cosine",
-    "constant_with_warmup": "constant",
-    "constant": "constant",
-}
 
 logger = logging.getLogger(__name__)
 
@@ -207,16 +199,12 @@ def _hf_schedule(config: Mapping[str, Any], total_steps: int) -> dict[str, Any] 
     """Our schedule settings for a ``TrainingArguments`` description, when its scheduler is one we compute
     identically (no ``lr_scheduler_kwargs``); ``None`` otherwise. A ``warmup_steps`` below 1 is a fraction of
     the run, rounded up, as ``TrainingArguments.get_warmup_steps`` reads it."""
-    name = config.get("lr_scheduler_type")
-    if name not in _HF_SCHEDULES or config.get("lr_scheduler_kwargs"):
+    from lora_widgets.hf.args import hf_schedule  # the one table of scheduler names and warm-up rule
+
+    shape = hf_schedule(config, total_steps)
+    if shape is None or not shape[2]:
         return None
-    warmup = float(config.get("warmup_steps") or 0)
-    steps = math.ceil(total_steps * warmup) if 0 < warmup < 1 else int(warmup)
-    return {
-        "learning_rate": config.get("learning_rate"),
-        "warmup_steps": 0 if name == "constant" else steps,
-        "schedule": _HF_SCHEDULES[name],
-    }
+    return {"learning_rate": config.get("learning_rate"), "warmup_steps": shape[1], "schedule": shape[0]}
 
 
 def schedule_note(config: Mapping[str, Any]) -> str | None:
@@ -225,11 +213,15 @@ def schedule_note(config: Mapping[str, Any]) -> str | None:
     ``TrainingArguments`` description."""
     if "schedule" in config:
         return None
-    name = config.get("lr_scheduler_type")
-    if name is None or (name in _HF_SCHEDULES and not config.get("lr_scheduler_kwargs")):
+    from lora_widgets.hf.args import hf_schedule
+
+    if config.get("lr_scheduler_type") is None:
+        return None
+    shape = hf_schedule(config, 1)
+    if shape is not None and shape[2]:
         return None
     return (
-        f"lr_scheduler_type={name!r}"
+        f"lr_scheduler_type={config.get('lr_scheduler_type')!r}"
         + (" with lr_scheduler_kwargs" if config.get("lr_scheduler_kwargs") else "")
         + " is not previewed here: the chart shows the rates the trainer logs."
     )
@@ -248,3 +240,23 @@ def samples_of(record: SampleGenerations | None) -> tuple[list[dict[str, Any]], 
         f"{seconds:.2f} s at step {record.step}"
     )
     return rows, note
+
+
+def run_state_of(run: Any, state: str, previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The panel's ``run_state``: the current or last run (a RunRecord, or None) as plain JSON values.
+
+    ``serial`` grows by one at every change, so a reader can tell two states apart even when they look alike
+    (two runs that both finished); ``adapter_path`` is only set once the run has ended.
+    """
+    out: dict[str, Any] = {"serial": int(previous.get("serial", 0)) + 1, "state": state, "run": None,
+                           "step": None, "adapter_path": None, "final_loss": None, "best_val_loss": None,
+                           "ended": state in ("stopped", "finished", "failed")}  # fmt: skip
+    if run is None:
+        return out
+    ended = run.result
+    last = run.history.last_step
+    out.update(run=run.label, step=None if last is None else int(last.step), final_loss=_finite(run.final_loss),
+               best_val_loss=_finite(run.best_val_loss))  # fmt: skip
+    if ended is not None:
+        out.update(step=ended.step, adapter_path=ended.adapter_path)
+    return out

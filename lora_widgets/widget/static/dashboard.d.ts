@@ -120,6 +120,38 @@ export interface DashboardModel {
   attached_settings: Record<string, unknown> & { trainer?: string };
   samples: SamplePair[]; // the last sample answers, one per prompt ([] before the first)
   samples_note: string; // what they cost
+  // the current or last run for reactive readers (a marimo cell reading the dashboard's value)
+  run_state: RunStateInfo;
+  run_state_seen: number; // set by charts.js (marimo) to run_state.serial once shown
 }
 
-export type DashboardMessage = { type: "train" } | { type: "pause" } | { type: "resume" } | { type: "stop" };
+export interface RunStateInfo {
+  serial: number; // grows at every change
+  state: RunState;
+  run: string | null;
+  step: number | null;
+  adapter_path: string | null; // set once the run has ended
+  final_loss: number | null;
+  best_val_loss: number | null;
+  ended: boolean;
+}
+
+/** One chart line as sent (web_charts.py): int32 steps and float32 values as binary buffers, or the steps of
+ * another line of the same message (`x_ref`). */
+export type WireSeries = { x: DataView; y: DataView } | { x_ref: string; y: DataView };
+
+/** What marimo's dashboard (WebDashboardPanel) adds: the chart model drawn by charts.js. */
+export interface WebDashboardModel extends DashboardModel {
+  chart_live: { series: Record<string, WireSeries>; label: string; gpu: boolean };
+  chart_evals: { val_loss?: WireSeries };
+  chart_fixed: { lr?: WireSeries; overlays?: (WireSeries & { label: string; color: string })[] };
+  chart_axes: { log?: boolean; loss_domain?: [number, number] | null };
+  adapter_map: Record<string, unknown>; // rows, columns, values (float32 [rows * columns]), detail
+}
+
+export type DashboardMessage =
+  | { type: "train" }
+  | { type: "pause" }
+  | { type: "resume" }
+  | { type: "stop" }
+  | { type: "adapter_cell"; row: number; column: number }; // marimo's heatmap: a click on a cell

@@ -184,17 +184,8 @@ function render({ model, el }) {
   ];
   for (const [node, type, handler] of listeners) node.addEventListener(type, handler);
 
-  const inputs = [
-    "models",
-    "model_name",
-    "method",
-    "rank",
-    "targets",
-    "batch_size",
-    "seq_len",
-    "precision",
-    "gradient_checkpointing",
-  ];
+  // the inputs are Python's list (MemoryPlanner.input_names), plus the model choices it offers
+  const inputs = ["models", ...model.get("input_names")];
   for (const name of inputs) model.on(`change:${name}`, syncControls);
   model.on("change:estimate", renderEstimate);
   model.on("change:gpus", renderFit);
