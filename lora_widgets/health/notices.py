@@ -4,26 +4,26 @@ A run can be configured to do something it then cannot: sample answers on a mode
 (the base half needs lora_widgets' adapters, switched off and on), or with no validation data to evaluate on;
 a warm-up longer than the run, so the configured learning rate is never trained at; a trainer attached to
 the dashboard whose model has no adapter at all, so every weight trains. Each function here looks at one of
-these and returns an :class:`~lora_widgets.health.alerts.Alert` (published as an ``AlertRaised`` event, shown as
-a callout, written to ``metrics.jsonl``) or ``None``. Pure functions: our trainer and the transformers bridge
+these and returns an :class:`~lora_widgets.events.types.AlertRaised` (published as an event, shown as a callout,
+written to ``metrics.jsonl``) or ``None``. Pure functions: our trainer and the transformers bridge
 call the same ones, so the words are the same.
 """
 
 from __future__ import annotations
 
-from lora_widgets.health.alerts import Alert
+from lora_widgets.events.types import AlertRaised
 
 __all__ = ["no_adapter_notice", "samples_off_notice", "warmup_notice"]
 
 
-def warmup_notice(warmup_steps: int, total_steps: int, learning_rate: float) -> Alert | None:
+def warmup_notice(warmup_steps: int, total_steps: int, learning_rate: float) -> AlertRaised | None:
     """A warm-up of at least the run's length: the rate rises through the whole run (linear warm-up, Goyal et
     al. 2017, sec. 2.2: ``lr * s / warmup`` at update ``s``) and reaches ``learning_rate`` at the last update
     at best; ``None`` when the run is longer than its warm-up."""
     if warmup_steps < 1 or total_steps < 1 or warmup_steps < total_steps:
         return None
     peak = learning_rate * min(1.0, total_steps / warmup_steps)
-    return Alert(
+    return AlertRaised(
         key="warmup_too_long",
         title="The peak learning rate is never trained at",
         evidence=(
@@ -39,12 +39,12 @@ def warmup_notice(warmup_steps: int, total_steps: int, learning_rate: float) -> 
     )
 
 
-def no_adapter_notice(trainable: int, total: int) -> Alert | None:
+def no_adapter_notice(trainable: int, total: int) -> AlertRaised | None:
     """A model without LoRA adapters (ours or PEFT's) whose weights train: a full fine-tune, not LoRA;
     ``None`` when nothing trains (the run says so itself)."""
     if trainable < 1:
         return None
-    return Alert(
+    return AlertRaised(
         key="no_adapter",
         title="No LoRA adapter: every weight trains",
         evidence=(
@@ -59,10 +59,10 @@ def no_adapter_notice(trainable: int, total: int) -> Alert | None:
     )
 
 
-def samples_off_notice(reason: str, fix: str) -> Alert:
+def samples_off_notice(reason: str, fix: str) -> AlertRaised:
     """Sample answers were asked for (or are on by default) but cannot be made in this run: ``reason`` says
     why, ``fix`` what turns them on."""
-    return Alert(
+    return AlertRaised(
         key="samples_off",
         title="No sample answers in this run",
         evidence=reason,

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lora_widgets.health.alerts import Alert
+from lora_widgets.events.types import AlertRaised
 from lora_widgets.health.gradient_check import gradient_report, is_no_gradient_error
 from lora_widgets.health.notices import no_adapter_notice, warmup_notice
 from lora_widgets.lora.layers import LoRAConfig, count_parameters, has_lora
@@ -387,11 +387,11 @@ def nan_failure(args: Any, bad_step: int, max_steps: int) -> Diagnosis:
     return d
 
 
-def setting_notices(args: Any, model: Any, max_steps: int) -> list[Alert]:
+def setting_notices(args: Any, model: Any, max_steps: int) -> list[AlertRaised]:
     """What in an attached trainer's run cannot be what its settings say, said once at its start
     (:mod:`lora_widgets.health.notices`): a model with no LoRA adapter (every weight trains), a warm-up of at
     least the run's length (``args.get_warmup_steps``, so ``warmup_ratio`` counts too)."""
-    notices: list[Alert | None] = []
+    notices: list[AlertRaised | None] = []
     if isinstance(model, torch.nn.Module) and not has_lora(model):
         notices.append(no_adapter_notice(*count_parameters(model)))
     get_warmup = getattr(args, "get_warmup_steps", None)

@@ -55,7 +55,6 @@ from transformers import TrainerCallback
 
 from lora_widgets.devices import describe_device, gpu_utilization, memory_in_use
 from lora_widgets.events.types import (
-    AlertRaised,
     CheckpointSaved,
     EvalMetrics,
     Event,
@@ -261,7 +260,7 @@ class EventCallback(TrainerCallback):
             )
         )
         for notice in notices:  # settings that cannot take effect, said once
-            self._emit(AlertRaised(**notice.to_dict()))
+            self._emit(notice)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._run.step = int(state.global_step)

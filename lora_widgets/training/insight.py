@@ -30,7 +30,7 @@ from torch import nn
 
 from lora_widgets.data.sft_batches import IGNORE_INDEX
 from lora_widgets.events.types import AlertRaised, Event, SampleGenerations
-from lora_widgets.health.alerts import Alert, AlertMonitor
+from lora_widgets.health.alerts import AlertMonitor
 from lora_widgets.health.gradient_check import GradientReport
 from lora_widgets.health.notices import samples_off_notice, warmup_notice
 from lora_widgets.health.samples import generate_samples
@@ -81,7 +81,7 @@ def _default_prompts(val: torch.Tensor | Examples | None) -> list[list[int]]:
     return [[int(t) for t in row[:PROMPT_TOKENS]] for row in val[:DEFAULT_PROMPTS].tolist()]  # [<=2, <=16]
 
 
-def _samples_notice(model: nn.Module, tokenizer: Any, config: TrainConfig, val: Any) -> Alert | None:
+def _samples_notice(model: nn.Module, tokenizer: Any, config: TrainConfig, val: Any) -> AlertRaised | None:
     """Why sample answers that were asked for (``sample_prompts``, or by default the validation data's
     openings) cannot be made in this run; ``None`` when they can, or were switched off (``sample_prompts=()``)."""
     given = config.sample_prompts
@@ -163,7 +163,7 @@ class Insight:
         self.end_of_turn = end_of_turn_id(tokenizer) if self.prompts and chat else None
         notices = (_samples_notice(model, tokenizer, config, val), warmup_notice(config.warmup_steps, total,
                    config.learning_rate))  # fmt: skip
-        self.notices = [AlertRaised(**n.to_dict()) for n in notices if n is not None]
+        self.notices = [n for n in notices if n is not None]
         return self
 
     def measures(self, step: int) -> bool:
