@@ -78,6 +78,8 @@ def state_of(obj: Any) -> Any:
         return ("dataset", obj.to_list())
     if isinstance(obj, datasets.DatasetDict):
         return ("datasets", {k: v.to_list() for k, v in obj.items()})
+    if isinstance(obj, HFRun):
+        return ("hfrun", obj.running, obj.state, obj.last_event)
     if isinstance(obj, torch.optim.Optimizer):
         return ("optimizer", _plain(obj.state_dict()))
     if isinstance(obj, LoRADashboard):
@@ -177,12 +179,12 @@ def _hf_checkpoints(tmp: Path, damage: str) -> dict[str, Any]:
     hf.train()
     path = Path(hf.args.output_dir) / "checkpoint-2" / damage
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-    return {"hf": hf, "files": Path(hf.args.output_dir)}
+    return {"hf": hf, "run": HFRun(hf), "files": Path(hf.args.output_dir)}
 
 
-def _resume(hf: Any, checkpoint: str | bool) -> Any:
-    path = checkpoint if checkpoint is True else str(Path(hf.args.output_dir) / checkpoint)
-    return asyncio.run(HFRun(hf).run(resume_from_checkpoint=path))
+def _resume(run: HFRun, checkpoint: str | bool) -> Any:
+    path = checkpoint if checkpoint is True else str(Path(run.hf_trainer.args.output_dir) / checkpoint)
+    return asyncio.run(run.run(resume_from_checkpoint=path))
 
 
 def _with_printer(tmp: Path) -> dict[str, Any]:
@@ -545,14 +547,14 @@ CASES = [
         "hf-resume-truncated-adapter",
         ValueError,
         ("checkpoint-2/adapter_model.safetensors", "checkpoint-1"),
-        lambda o: _resume(o["hf"], "checkpoint-2"),
+        lambda o: _resume(o["run"], "checkpoint-2"),
         lambda t: _hf_checkpoints(t, "adapter_model.safetensors"),
     ),
     _c(
         "hf-resume-latest-truncated-state",
         ValueError,
         ("checkpoint-2/trainer_state.json", "checkpoint-1"),
-        lambda o: _resume(o["hf"], True),
+        lambda o: _resume(o["run"], True),
         lambda t: _hf_checkpoints(t, "trainer_state.json"),
     ),
     _c("hf-not-a-trainer", TypeError, "got str", lambda o: HFRun("my_trainer")),
