@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lora_widgets.data.sft_batches import IGNORE_INDEX
-from lora_widgets.events.types import AlertRaised, Event, SampleGenerations
+from lora_widgets.events.types import AlertRaised, Event, RunStarted, SampleGenerations
 from lora_widgets.health.alerts import AlertMonitor
 from lora_widgets.health.gradient_check import GradientReport
 from lora_widgets.health.notices import samples_off_notice, warmup_notice
@@ -220,10 +220,12 @@ class Insight:
         return list(self.monitor.check_labels(labels, step))
 
     def alerts(self, event: Event) -> list[AlertRaised]:
-        """The alerts ``event`` raises that this run has not raised before."""
-        if self.monitor is None or isinstance(event, AlertRaised):
+        """The alerts ``event`` raises that this run has not raised before; the run's ``RunStarted`` also
+        brings its :attr:`notices` (settings that cannot take effect), once."""
+        if isinstance(event, AlertRaised):
             return []
-        return list(self.monitor.feed(event))
+        said = list(self.notices) if isinstance(event, RunStarted) else []
+        return said if self.monitor is None else [*said, *self.monitor.feed(event)]
 
     def gradient_alerts(self, report: GradientReport, step: int) -> list[AlertRaised]:
         """The "no gradient" alert for what update ``step``'s gradients show (any model: this package's LoRA,

@@ -247,8 +247,6 @@ class LoRATrainer:
             meter.start(p.step, run.blocks.tokens_per_step(c.batch_size, c.grad_accum_steps))
             assert self.run_id is not None and self.run_dir is not None
             self._publish(run.run_started(p, self.run_id, self.run_dir, self.lora, self.device))
-            for notice in self._insight.notices:  # settings that cannot take effect, said once
-                self._publish(notice)
             if p.step == 0:
                 await self._evaluate(run, p)  # the base model's validation loss, for comparison
             while p.step < p.total and not self._control.stop_requested and self._stopping.verdict is None:

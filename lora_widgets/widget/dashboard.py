@@ -118,7 +118,6 @@ class LoRADashboard(
         **kwargs: Any,
     ) -> None:
         renderer = resolve_renderer(renderer)  # before attaching: a bad value leaves the trainer untouched
-        # LoRADashboard(trainer=...): the source Train runs; a failed construction leaves the trainer as it was
         with attach.attaching(trainer, model=model, tokenizer=tokenizer, lora=lora, train_data=train_data,
                               eval_data=eval_data, train=train) as self._attached:  # fmt: skip
             self._setup(model, tokenizer, train_data, eval_data, lora, train, renderer, kwargs)
