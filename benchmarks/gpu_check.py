@@ -12,7 +12,9 @@ On CUDA (about 3-5 minutes on one H100; a ``--budget-s`` deadline skips what wou
    ~100 GB) in both: it must end in ``RunFailed(reason="oom")`` with suggestions;
 4. ``estimate_memory`` against ``measure_memory`` (which on CUDA is ``torch.cuda.max_memory_allocated`` over
    two training steps) on a grid of 10 configurations: LoRA / full fine-tuning, fp32 / bf16 / fp16,
-   mixed or pure precision, batch and sequence length, gradient checkpointing.
+   mixed or pure precision, batch and sequence length, gradient checkpointing;
+5. QLoRA (``benchmarks/gpu_check_qlora.py``): a SmolLM2-135M- and a Llama-3.2-1B-shaped model in 4 bits, ours and
+   transformers.Trainer + PEFT, tokens/s side by side, the estimate against ``max_memory_allocated``.
 
 Without CUDA, or with ``--quick``, the same checks run on a tiny Llama on the CPU in well under a minute (fp16
 rows are skipped: no fp16 training on the CPU; the out-of-memory is injected in a ``compute_loss`` that asks
@@ -56,6 +58,9 @@ from lora_widgets import LoRAConfig, LoRATrainer, TrainConfig, estimate_memory, 
 from lora_widgets.events.types import Event, RunEnded, StepMetrics
 from lora_widgets.hf import HFRun
 from lora_widgets.memory.fit import format_bytes
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check_qlora import qlora_rows  # a sibling script: its QLoRA rows
 
 
 def smollm2_135m_config() -> LlamaConfig:
@@ -374,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, _ = training_rows(plan, tmp)
         rows += oom_rows(plan, tmp)
         rows += memory_rows(plan, a.mem_tolerance, t_start + a.budget_s)
+        rows += qlora_rows(plan, tmp, t_start + a.budget_s)
     mode = "SmolLM2-135M-shaped Llama" if plan.config.hidden_size == 576 else "tiny Llama (quick mode)"
     print(f"\n{mode} on {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{time.monotonic() - t_start:.0f} s\n")  # fmt: skip

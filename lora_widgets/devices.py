@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "DeviceInfo",
+    "best_precision",
     "describe_device",
     "format_bytes",
     "gpu_utilization",
@@ -224,6 +225,19 @@ def describe_device(device: str | torch.device) -> str:
     if d.type == "mps":
         return f"Apple GPU (mps, unified memory {format_bytes(_ram()[0], digits=1)})"
     return f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads, {format_bytes(_ram()[0], digits=1)} RAM)"
+
+
+def best_precision(device: str | torch.device) -> str:
+    """The precision a run gets on ``device`` when asked for ``"auto"``: ``"bf16"`` on a GPU that supports it
+    (compute capability >= 8.0: A100, L4, H100), ``"fp16"`` with a loss scaler on one that does not (T4, V100),
+    ``"fp32"`` elsewhere (CPU bf16 autocast is slower than fp32 on most CPUs; fp16 needs CUDA).
+
+    The one rule for both the training precision and a quantized base's compute dtype
+    (:func:`lora_widgets.quantization.compute_dtype`), so the two always agree.
+    """
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def _rss() -> int:

@@ -55,6 +55,7 @@ def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    base: Any = "16-bit",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer: the shipped model, a local directory or a hub id.
 
@@ -67,19 +68,29 @@ def load_model(
         device: where to put the model (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a
             ``torch.device``; :func:`lora_widgets.devices.select_device`); ``None`` keeps it on the CPU.
         dtype: parameter dtype (``torch.float32``, ``"bf16"``, ...); ``None`` keeps the checkpoint's default.
+            With a quantized base it is the dtype of the layers left unquantized (embeddings, norms, head).
+        base: the frozen base's storage (:data:`lora_widgets.quantization.BASE_PRECISIONS`): ``"16-bit"``
+            (not quantized), ``"8-bit"`` (LLM.int8()), ``"4-bit"`` (NF4, double quantization, compute dtype
+            bf16 / fp16 on a T4 / fp32 on the CPU: QLoRA's recipe), or your own ``BitsAndBytesConfig``.
+            A quantized base needs bitsandbytes and is placed on ``device`` (default the CPU) as it loads.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
 
     Raises:
         RuntimeError: ``device`` is not available here (the message lists what was found).
-        ValueError: an unknown dtype or device name (``"tpu"``); a local path that does not exist; a name that is neither a local
-            directory nor loadable from the hub (the message says what was tried and why it failed).
+        ValueError: an unknown dtype, base or device name (``"tpu"``); a local path that does not exist; a name
+            that is neither a local directory nor loadable from the hub (the message says what was tried and why
+            it failed); a device bitsandbytes cannot use.
+        ImportError: a quantized base without bitsandbytes (the message gives the install command).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lora_widgets.quantization import keep_cpu_layout, quantization_config
+
     torch_dtype = _resolve_dtype(dtype)
-    target = None if device is None else select_device(device)  # before the download: "tpu" named at once
+    target = torch.device("cpu") if device is None else select_device(device)  # "tpu" named before loading
+    quantization = quantization_config(base, target)  # checked before anything is read
     source: str | Path = BASE_MODEL_PATH if name_or_path is None else name_or_path  # type: ignore[assignment]
     if isinstance(source, os.PathLike):
         source = Path(source).expanduser()
@@ -106,6 +117,8 @@ def load_model(
 
         major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
         kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = torch_dtype
+    if quantization is not None:  # quantized as the weights load, straight onto the device
+        kwargs.update(quantization_config=quantization, device_map={"": target})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -127,20 +140,23 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if target is not None:
+    if quantization is not None:
+        keep_cpu_layout(model)
+    elif device is not None:
         cast(torch.nn.Module, model).to(target)
     model.eval()
     return model, tokenizer
 
 
 def load_base_model(
-    device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+    device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, base: Any = "16-bit"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the shipped pretrained tiny Llama (about 1.9 M parameters) and its tokenizer, offline.
 
-    See ``BASE_MODEL_PATH / "README.md"`` (the model card) for its corpus, size and losses.
+    ``base="4-bit"`` loads it quantized, as :func:`load_model` does. See ``BASE_MODEL_PATH / "README.md"``
+    (the model card) for its corpus, size and losses.
     """
-    return load_model(None, device=device, dtype=dtype)
+    return load_model(None, device=device, dtype=dtype, base=base)
 
 
 def _check_generate_args(

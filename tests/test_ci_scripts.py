@@ -1,4 +1,4 @@
-"""The CI entry point runs the README's test command, then the lowest-versions job; that job checks floors.
+"""The CI entry point runs the README's test command, the lowest-versions job, then the Colab-stack job.
 
 Run against stand-ins (a README whose test command only echoes, a ci_lowest.sh that only echoes), so the
 order and the extraction are checked in a second, without installing anything.
@@ -20,7 +20,7 @@ LOWEST = ROOT / "scripts" / "ci_lowest.sh"
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_ci_run_runs_the_readme_command_then_the_lowest_versions_job(tmp_path: Path) -> None:
+def test_ci_run_runs_the_readme_command_then_the_lowest_then_the_colab_job(tmp_path: Path) -> None:
     (tmp_path / ".ci").mkdir()
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
     readme = (ROOT / "README.md").read_text()
@@ -29,6 +29,7 @@ def test_ci_run_runs_the_readme_command_then_the_lowest_versions_job(tmp_path: P
     (tmp_path / "README.md").write_text(readme.replace(command.group(1), "echo README-COMMAND-RAN"))
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "ci_lowest.sh").write_text("echo LOWEST-JOB-RAN\n")
+    (tmp_path / "scripts" / "ci_colab.sh").write_text("echo COLAB-JOB-RAN\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "chromium").write_text("#!/bin/sh\n")
@@ -38,7 +39,8 @@ def test_ci_run_runs_the_readme_command_then_the_lowest_versions_job(tmp_path: P
         ["bash", ".ci/run"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )
     lines = out.stdout.splitlines()
-    assert lines.index("README-COMMAND-RAN") < lines.index("LOWEST-JOB-RAN"), out.stdout
+    order = [lines.index(x) for x in ("README-COMMAND-RAN", "LOWEST-JOB-RAN", "COLAB-JOB-RAN")]
+    assert order == sorted(order), out.stdout
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

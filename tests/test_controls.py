@@ -48,6 +48,7 @@ INVALID: dict[str, tuple[Any, Any]] = {
     "max_steps": (-5, -5),
     "epochs": (0, 0),
     "precision": ("fp8", "fp8"),
+    "base": ("2-bit", "2-bit"),
     "early_stopping": (-1, {"patience": -1}),  # the panel builds EarlyStopping(patience=-1)
     "seed": (-1, -1),
 }

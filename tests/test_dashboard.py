@@ -36,6 +36,7 @@ class FakeTrainConfig:
     epochs: int = 1
     max_steps: int | None = 20
     precision: str = "fp32"
+    base: str | None = None
     seed: int = 0
     block_size: int = 32
     val_fraction: float = 0.1

@@ -37,4 +37,11 @@ def test_gpu_check_quick_mode_runs_every_check() -> None:
     assert len(oom) == 1 and "reason=oom" in oom[0] and oom[0].endswith("| ok |")
     memory = [r for r in rows if r.startswith("| memory estimate")]
     assert len(memory) >= 8 and all(" vs " in r for r in memory)
+    qlora = [r for r in rows if r.startswith("| qlora")]
+    assert (
+        sum(r.startswith("| qlora train") and r.endswith("| ok |") for r in qlora) == 2
+    )  # ours and HF + PEFT
+    memory_4bit = [r for r in qlora if r.startswith("| qlora memory estimate")]
+    assert len(memory_4bit) == 1 and memory_4bit[0].endswith("| ok |")  # 4-bit weights: estimate = storage
+    assert any(r.startswith("| qlora tokens/s ours / HF") for r in qlora)
     assert "all functional checks passed" in proc.stdout

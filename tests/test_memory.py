@@ -24,6 +24,7 @@ from lora_widgets.memory.fit import (
     preflight,
     suggest_fit,
 )
+from lora_widgets.memory.quant import int8_bytes, nf4_bytes
 from tests.helpers import tiny_gpt2, tiny_llama
 
 # Parameter counts of the published checkpoints (sum of the tensors in their safetensors files).
@@ -185,8 +186,19 @@ def test_quantized_base_uses_qlora_bytes_per_weight() -> None:
     # Linear weights in the blocks (everything but 2 x 128256 x 4096 embeddings/head and the norms)
     linear = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336)
     rest = REAL_COUNTS["Llama-3.1-8B"] - linear
-    assert q4.frozen_weights == int(linear * (0.5 + 0.127 / 8)) + rest * 2
-    assert q8.frozen_weights == linear + rest * 2
+    # counted layer by layer as bitsandbytes stores them (memory_quant); the rest in fp32 (k-bit preparation)
+    shapes = [
+        (4096, 4096),
+        (1024, 4096),
+        (1024, 4096),
+        (4096, 4096),
+        (14336, 4096),
+        (14336, 4096),
+        (4096, 14336),
+    ]
+    assert q4.frozen_weights == 32 * sum(nf4_bytes(o, i) for o, i in shapes) + rest * 4
+    assert q8.frozen_weights == 32 * sum(int8_bytes(o, i) for o, i in shapes) + rest * 4
+    assert q4.frozen_weights == pytest.approx(linear * 4.127 / 8 + rest * 4, rel=1e-3)
     assert q4.total < q8.total < plain.total
     assert q4.trainable_params == plain.trainable_params
 

@@ -231,7 +231,10 @@ def test_view_renders_and_sends_changes_without_console_errors(tmp_path: pathlib
 
     playwright = pytest.importorskip("playwright.sync_api")
     planner = MemoryPlanner(model_name="Llama-3.2-1B")
-    state = {name: getattr(planner, name) for name in (*_INPUTS, "models", "estimate", "gpus", "error", "input_names")}
+    state = {
+        name: getattr(planner, name)
+        for name in (*_INPUTS, "models", "estimate", "gpus", "error", "input_names")
+    }
     js = base64.b64encode(ESM_PATH.read_bytes()).decode()
     page_file = tmp_path / "planner.html"
     page_file.write_text(_PAGE.format(css=CSS_PATH.read_text(), state=json.dumps(state), js=js))

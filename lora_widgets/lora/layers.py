@@ -30,9 +30,8 @@ The wrapper is an ordinary ``nn.Module`` that owns the original layer as ``base_
 ``forward``, no hidden merging on ``.eval()``. Parameter names follow PEFT (``lora_A``, ``lora_B``,
 ``base_layer``), so :mod:`lora_widgets.lora.peft_format` saves and loads adapters that PEFT reads and writes.
 
-This module is the layer and the model surgery (apply, merge, unmerge, remove, enable/disable); the settings
-and the scaling rule are in :mod:`lora_widgets.lora.config`, the PEFT file format in
-:mod:`lora_widgets.lora.peft_format`, as PEFT keeps ``tuners/lora/layer.py`` apart from ``utils/save_and_load.py``.
+This module is the layer and the model surgery (apply, merge, unmerge, remove, enable/disable); settings and
+scaling are in :mod:`lora_widgets.lora.config`, the PEFT file format in :mod:`lora_widgets.lora.peft_format`.
 Every operation that changes a model is all or nothing: if it fails, the model is as it was.
 """
 
@@ -60,6 +59,7 @@ from lora_widgets.lora.config import (
     resolve_targets,
     short_list,
 )
+from lora_widgets.quantization import layer_base, refuse_inplace_merge
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -93,6 +93,7 @@ __all__ = [
 
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` (or transformers ``Conv1D``) plus a trainable low-rank update.
+    A bitsandbytes ``Linear4bit``/``Linear8bitLt`` base (QLoRA) stays frozen and quantized; the factors are fp32.
 
     ``forward(x) = base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` unless the adapter is
     merged into the base weight or disabled, in which case it is just ``base_layer(x)``. The arguments
@@ -124,7 +125,9 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.use_rslora = use_rslora
         weight = base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.quantized = layer_base(base_layer)  # "4-bit" / "8-bit" / None
+        # a quantized weight's dtype is its storage (uint8, int8): the adapter is full precision there
+        factory = {"device": weight.device, "dtype": torch.float32 if self.quantized else weight.dtype}
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False, **factory)  # A: [r, in]
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)  # B: [out, r]
@@ -152,8 +155,7 @@ class LoRALinear(nn.Module):
         return self.base_layer.weight  # type: ignore[return-value]
 
     @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's bias, or None."""
+    def bias(self) -> torch.Tensor | None:  # the base layer's bias, or None
         return self.base_layer.bias  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +178,7 @@ class LoRALinear(nn.Module):
         delta = (b @ a) * self.scaling  # [out, in]
         if self.fan_in_fan_out:
             delta = delta.T  # [in, out], Conv1D layout
-        return delta.to(self.weight.dtype)
+        return delta if self.quantized else delta.to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -187,6 +189,7 @@ class LoRALinear(nn.Module):
             raise RuntimeError(
                 "cannot merge a disabled adapter; call set_adapters_enabled(model, True) first"
             )
+        refuse_inplace_merge(self.quantized)
         delta = self.delta_weight()
         weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
         weight.data += delta
@@ -417,9 +420,14 @@ def _merge_and_unload(model: nn.Module) -> nn.Module:
     ``transformers`` installation loads. The adapter itself is gone from the model: save it first
     (:func:`~lora_widgets.lora.peft_format.save_adapter`) if you want to keep it. Parameters get back the
     ``requires_grad`` flags they had before :func:`apply_lora`. All or nothing, as :func:`apply_lora`.
+    A quantized base is dequantized first, with a warning: :func:`~lora_widgets.lora.dequantize_merge.merge_into_dequantized`.
     """
     layers = require_lora_layers(model, "merge_lora(unload=True)")
     _check_enabled(layers, "merge_lora(unload=True)")
+    if any(layer.quantized for layer in layers.values()):
+        from lora_widgets.lora.dequantize_merge import merge_into_dequantized
+
+        return merge_into_dequantized(model, layers)
     return _unwrap(model, layers, merge=True)
 
 

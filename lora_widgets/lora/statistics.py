@@ -35,6 +35,7 @@ from torch import nn
 
 from lora_widgets.events.types import AdapterLayerStats, AdapterStats
 from lora_widgets.lora.layers import LoRALinear
+from lora_widgets.quantization import frozen_weight
 
 __all__ = [
     "AdapterSnapshot",
@@ -75,7 +76,7 @@ def _peft_adapter(name: str, module: nn.Module) -> _Adapter | None:
     delta = (b.float() @ a.float()) * scaling if merged else None  # [d_out, d_in]
     if delta is not None and getattr(module, "fan_in_fan_out", False):
         delta = delta.T
-    return _Adapter(name, a, b, scaling, base.weight, delta)  # type: ignore[union-attr]
+    return _Adapter(name, a, b, scaling, frozen_weight(base), delta)  # type: ignore[arg-type]
 
 
 def _adapters(model: nn.Module) -> list[_Adapter]:
@@ -84,7 +85,8 @@ def _adapters(model: nn.Module) -> list[_Adapter]:
         if isinstance(module, LoRALinear):
             a, b = module.lora_A.weight, module.lora_B.weight
             delta = module.delta_weight().float() if module.merged else None
-            out.append(_Adapter(name, a, b, float(module.scaling), module.weight, delta))
+            weight = frozen_weight(module.base_layer)  # a quantized base dequantized: ||W|| in numbers
+            out.append(_Adapter(name, a, b, float(module.scaling), weight, delta))
         elif (peft := _peft_adapter(name, module)) is not None:
             out.append(peft)
     if not out:

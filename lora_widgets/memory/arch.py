@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lora_widgets.lora.layers import LoRAConfig, apply_lora, has_lora, lora_layers
+from lora_widgets.quantization import layer_base
 
 __all__ = [
     "ArchInfo",
@@ -233,6 +234,7 @@ class ParamPlan:
     largest_trainable: int  # largest single trainable tensor (optimizer temporaries without foreach)
     lora: tuple[LoRAModule, ...]  # empty for full fine-tuning
     trainable_leaves: frozenset[str]  # leaf names of modules with a trainable weight ("q_proj", "norm", ...)
+    frozen_linear_shapes: tuple[tuple[int, int], ...] = ()  # (out, in) of each of those frozen Linear weights
 
     @property
     def frozen(self) -> int:
@@ -250,20 +252,24 @@ def _plan_of(model: nn.Module) -> ParamPlan:
     seen: set[int] = set()
     total = trainable = frozen_linear = largest = 0
     leaves: set[str] = set()
+    shapes: list[tuple[int, int]] = []
     for mod_name, module in model.named_modules():
         is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
         for p in module.parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            n = p.numel()
+            # a quantized weight's storage is packed ([n/2, 1] uint8 for 4 bits): count the numbers it holds
+            shape = _logical_shape(module, p)
+            n = shape[0] * shape[1] if shape is not None else p.numel()
             total += n
             if p.requires_grad:
                 trainable += n
                 largest = max(largest, n)
                 leaves.add(mod_name.split(".")[-1] or "model")
-            elif is_linear and module is not head and id(p) not in adapter_params and p.dim() == 2:
+            elif is_linear and module is not head and id(p) not in adapter_params and shape is not None:
                 frozen_linear += n
+                shapes.append(shape)
     lora = tuple(
         LoRAModule(
             leaf=name.split(".")[-1],
@@ -281,7 +287,15 @@ def _plan_of(model: nn.Module) -> ParamPlan:
         largest_trainable=largest,
         lora=lora,
         trainable_leaves=frozenset(leaves),
+        frozen_linear_shapes=tuple(shapes),
     )
+
+
+def _logical_shape(module: nn.Module, p: torch.Tensor) -> tuple[int, int] | None:
+    """(out, in) of a Linear-like weight ``p`` of ``module`` (a quantized one's too); ``None`` for other tensors."""
+    if layer_base(module) is not None and p is module.weight:
+        return int(module.out_features), int(module.in_features)  # type: ignore[arg-type]
+    return (int(p.shape[0]), int(p.shape[1])) if p.dim() == 2 else None
 
 
 @functools.lru_cache(maxsize=64)

@@ -31,6 +31,7 @@ from lora_widgets.devices import format_bytes
 from lora_widgets.lora.layers import LoRAConfig, as_lora_config
 from lora_widgets.memory.activations import ActivationModel, BlockBytes
 from lora_widgets.memory.arch import ArchInfo, ParamPlan, param_plan, parse_dtype, resolve_config
+from lora_widgets.memory.quant import estimator_name, quantized_weight_bytes
 
 __all__ = [
     "CPU_RUNTIME_BYTES",
@@ -171,17 +172,21 @@ class MemoryEstimate:
 def _weight_bytes(plan: ParamPlan, p: int, base_quantization: str | None) -> tuple[int, int]:
     """(frozen, trainable) weight bytes.
 
-    4-bit: NF4 with double quantization stores 4 bits per weight plus 0.127 bits of quantization constants
-    (Dettmers et al. 2023, "QLoRA", arXiv:2305.14314, sec. 3: 32-bit block constants for blocks of 64 cost
-    0.5 bit/param; quantizing them to 8 bit in blocks of 256 brings that to 8/64 + 32/(64*256) = 0.127).
-    8-bit: LLM.int8() stores one byte per weight (Dettmers et al. 2022, arXiv:2208.07339, sec. 3); its row
-    scales are negligible. Only the Linear weights inside the blocks are quantized (bitsandbytes keeps the
-    embeddings, norms and the output head in the compute dtype).
+    Quantized (QLoRA): the Linear weights inside the blocks as bitsandbytes stores them, counted layer by layer
+    (:mod:`lora_widgets.memory.quant`: NF4 is 4 bits a weight plus 0.127 bits of double-quantized block
+    constants, Dettmers et al. 2023, arXiv:2305.14314, sec. 3; int8 is a byte a weight plus a scale per row,
+    Dettmers et al. 2022, arXiv:2208.07339); the embeddings, norms and output head stay unquantized, in fp32
+    after the trainer's k-bit preparation (:mod:`lora_widgets.training.kbit`, as PEFT's).
     """
     frozen = plan.frozen * p
     if base_quantization is not None:
-        q = _QUANT[base_quantization]
-        frozen = int(plan.frozen_linear * q) + (plan.frozen - plan.frozen_linear) * p
+        shapes = plan.frozen_linear_shapes
+        quantized = (
+            quantized_weight_bytes(shapes, base_quantization)
+            if shapes
+            else int(plan.frozen_linear * _QUANT[base_quantization])
+        )
+        frozen = quantized + (plan.frozen - plan.frozen_linear) * 4
     return frozen, plan.trainable * p
 
 
@@ -361,6 +366,7 @@ def estimate_memory(
             one temporary of the size of all trainable parameters) or "sgd" (no state).
         gradient_checkpointing: keep only each block's input and recompute one block at a time in backward.
         base_quantization: None, "8bit" or "4bit" (QLoRA: frozen Linear weights in NF4); requires ``lora``.
+            ``None`` with a model loaded quantized (``load_model(base="4-bit")``): the model's own.
         weight_dtype: dtype of the parameters (and so of gradients and optimizer state). ``None``: ``dtype``.
             ``float32`` with ``dtype="bfloat16"``/``"float16"`` is mixed precision with ``torch.autocast``
             (what :class:`~lora_widgets.training.trainer.LoRATrainer` does with ``precision="bf16"`` on an fp32 model):
@@ -377,6 +383,7 @@ def estimate_memory(
     w_dtype = torch_dtype if weight_dtype is None else parse_dtype(weight_dtype)
     p, wb = torch_dtype.itemsize, w_dtype.itemsize
     config, model = resolve_config(model_or_config)
+    base_quantization = base_quantization or estimator_name(model)  # a loaded 4-bit model counts as one
     arch = ArchInfo.from_config(config)
     plan = param_plan(config, model, lora)
     if base_quantization is not None and not plan.lora:

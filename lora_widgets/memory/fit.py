@@ -33,6 +33,7 @@ from lora_widgets.memory.measure import (
     resolve_device,
     storage_bytes,
 )
+from lora_widgets.memory.quant import estimator_name
 
 __all__ = [
     "GPUS",
@@ -138,6 +139,22 @@ def _rank_tip(fit: _FitSearch) -> str | None:
     return None
 
 
+def _base_tip(fit: _FitSearch) -> str | None:
+    """A 4-bit base (QLoRA) for a run planned on a 16-bit one; with LoRA r=16 when it was full fine-tuning."""
+    if fit.settings.get("base_quantization") or estimator_name(fit.model_or_config) is not None:
+        return None
+    lora = fit.settings["lora"] or LoRAConfig(r=16)
+    best = fit.largest_batch(lora=lora, base_quantization="4bit")
+    if best is None:
+        return None
+    batch, e = best
+    how = "" if fit.settings["lora"] is not None else " with LoRA (r=16)"
+    return (
+        f"a 4-bit base (QLoRA: load_model(..., base='4-bit'), needs bitsandbytes){how} fits with "
+        f"batch_size={batch} (peak {format_bytes(e.total)})"
+    )
+
+
 def _seq_len_tip(fit: _FitSearch) -> str | None:
     for s in (s for s in (4096, 2048, 1024, 512, 256, 128, 64) if s < fit.settings["seq_len"]):
         e = fit.estimate(seq_len=s)
@@ -171,8 +188,8 @@ def suggest_fit(
     """Concrete changes that would make the step fit in ``available_bytes`` (empty if it already fits).
 
     Tried in order of how little they change the run: the largest batch size that fits (same everything
-    else), gradient checkpointing (with the largest batch size that then fits), a smaller LoRA rank, a
-    shorter sequence length, LoRA instead of full fine-tuning. Each suggestion states the predicted peak.
+    else), gradient checkpointing (with the largest batch size that then fits), a 4-bit base (QLoRA, for a
+    16-bit model), a smaller LoRA rank, a shorter sequence length, LoRA instead of full fine-tuning. Each suggestion states the predicted peak.
     ``cuda`` adds the CUDA context and fragmentation allowance (see :meth:`MemoryEstimate.required_bytes`).
     ``weight_dtype``: as in :func:`estimate_memory`; ``None`` with a model: its parameters' dtype (an fp32
     model with ``dtype="bfloat16"`` is then mixed precision, as the LoRATrainer runs it).
@@ -193,7 +210,7 @@ def suggest_fit(
     fit = _FitSearch(_for_estimate(model_or_config, lora), settings, available_bytes, bool(cuda))
     if fit.fits(fit.estimate()):
         return []
-    tips = [_smaller_batch_tip, _checkpointing_tip, _rank_tip, _seq_len_tip, _lora_tip]
+    tips = [_smaller_batch_tip, _checkpointing_tip, _base_tip, _rank_tip, _seq_len_tip, _lora_tip]
     out = [tip for tip in (make(fit) for make in tips) if tip is not None]
     if not out:
         out.append(

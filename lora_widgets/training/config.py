@@ -18,13 +18,15 @@ import numpy as np
 import torch
 
 from lora_widgets.data.sft import TRAIN_ON
+from lora_widgets.devices import best_precision
 from lora_widgets.health.samples import MAX_PROMPTS
+from lora_widgets.quantization import BASE_PRECISIONS
 from lora_widgets.training.early_stopping import EarlyStopping
 from lora_widgets.training.schedules import SCHEDULES
 
 __all__ = ["PRECISIONS", "TrainConfig"]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
 
 
 def _is_int(v: Any) -> bool:
@@ -63,7 +65,13 @@ class TrainConfig:
         eval_batches: cap on validation batches per evaluation (>= 1), bounding its cost; ``None`` = all.
         seed: seeds Python, NumPy, torch, the adapters' initialisation and the data order.
         precision: ``"fp32"``; ``"bf16"`` (autocast on CPU or CUDA); ``"fp16"`` (CUDA autocast with a
-            GradScaler; not available on the CPU, where fp16 matmuls are unsupported or very slow).
+            GradScaler; not available on the CPU, where fp16 matmuls are unsupported or very slow); ``"auto"``:
+            bf16 on a GPU that has it, fp16 with a GradScaler on one that does not (a T4), fp32 elsewhere
+            (:func:`lora_widgets.devices.best_precision`; a 4-bit base computes in the same dtype).
+        base: the frozen base the run expects (:data:`lora_widgets.quantization.BASE_PRECISIONS`):
+            ``"16-bit"``, ``"8-bit"`` or ``"4-bit"``; ``None``: the model as given. The Trainer never
+            quantizes a model: it checks that the model is the base named here (load one with
+            ``load_model(..., base="4-bit")``); the dashboard loads the base its "base" control names.
         log_every: publish a :class:`StepMetrics` every this many updates (>= 1) and on the last one.
             Reading the loss forces a GPU sync, so larger values are a little faster on GPUs.
         checkpoint_every: write a resumable checkpoint every this many updates (>= 1), plus one at the
@@ -107,6 +115,7 @@ class TrainConfig:
     eval_batches: int | None = 8
     seed: int = 42
     precision: str = "fp32"
+    base: str | None = None
     log_every: int = 1
     checkpoint_every: int | None = None
     output_dir: str | os.PathLike[str] = "runs"
@@ -155,6 +164,8 @@ class TrainConfig:
             raise bad("seed", "an integer >= 0")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"one of {list(PRECISIONS)}")
+        if self.base is not None and self.base not in BASE_PRECISIONS:
+            raise bad("base", f"None (the model as given) or one of {list(BASE_PRECISIONS)}")
         if not isinstance(self.output_dir, str | os.PathLike) or not str(self.output_dir):
             raise bad("output_dir", "a non-empty path")
         if not (_is_int(self.block_size) and 2 <= self.block_size <= 2**20):
@@ -221,6 +232,8 @@ class TrainConfig:
         compute capability 8.0 or more.
         """
         d = torch.device(device)
+        if self.precision == "auto":
+            return  # resolves to what the device supports (:meth:`resolved`)
         if self.precision == "fp16" and d.type != "cuda":
             raise ValueError(
                 f"TrainConfig.precision='fp16' needs a CUDA GPU (it uses a GradScaler); the device is "
@@ -230,6 +243,29 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig.precision='bf16' is not supported by this GPU (it needs compute capability "
                 ">= 8.0, e.g. A100/L4/H100); use precision='fp16' on a T4/V100"
+            )
+
+    def resolved(self, device: str | torch.device) -> TrainConfig:
+        """This config with ``precision="auto"`` replaced by what ``device`` gets
+        (:func:`lora_widgets.devices.best_precision`); unchanged otherwise."""
+        if self.precision != "auto":
+            return self
+        return dataclasses.replace(self, precision=best_precision(device))
+
+    def for_run(self, device: torch.device, base: str) -> TrainConfig:
+        """This config checked for a run on ``device`` with a model whose base is ``base``
+        (:meth:`check_device`, :meth:`check_model`), ``precision="auto"`` resolved (:meth:`resolved`)."""
+        self.check_device(device)
+        self.check_model(base)
+        return self.resolved(device)
+
+    def check_model(self, base: str) -> None:
+        """Raise ``ValueError`` if ``base`` (the model's, :func:`lora_widgets.quantization.base_of`) is not the
+        base this config names (``None`` accepts any)."""
+        if self.base is not None and base != self.base:
+            raise ValueError(
+                f"TrainConfig.base={self.base!r} but the model's base is {base}; load the model with "
+                f"lora_widgets.load_model(..., base={self.base!r}), or set TrainConfig(base=None) to train it as it is"
             )
 
     def check_data(self, n_train_blocks: int) -> None:

@@ -28,6 +28,7 @@ from lora_widgets.lora.layers import (
     lora_layers,
     remove_lora,
 )
+from lora_widgets.quantization import base_of, is_quantized
 
 __all__ = ["attach_adapters", "merged_adapters", "refuse_if_training", "training"]
 
@@ -106,6 +107,16 @@ def _replace(model: nn.Module, lora: LoRAConfig) -> LoRAReport:
     return report
 
 
+def refuse_quantized_full_finetune(model: nn.Module) -> None:
+    """A ``ValueError`` for full fine-tuning of a quantized model: its 4/8-bit weights have no gradient."""
+    if is_quantized(model):
+        raise ValueError(
+            f"full fine-tuning of a quantized model ({base_of(model)} base): its quantized weights cannot train. "
+            "Pass lora=LoRAConfig(...) to train adapters on it (QLoRA), or load it with base='16-bit' to "
+            "fine-tune every weight"
+        )
+
+
 def attach_adapters(model: nn.Module, lora: LoRAConfig | None) -> tuple[LoRAReport | None, bool]:
     """Give ``model`` the adapters a LoRATrainer will train; returns (report, whether the LoRATrainer made them).
 
@@ -115,7 +126,8 @@ def attach_adapters(model: nn.Module, lora: LoRAConfig | None) -> tuple[LoRARepo
 
     Raises:
         RuntimeError: a run is training the model now (with ``lora`` given).
-        ValueError: merged adapters, the user's own adapters with ``lora`` given, or nothing trainable.
+        ValueError: merged adapters, the user's own adapters with ``lora`` given, nothing trainable, or
+            full fine-tuning (``lora=None``, no adapters) of a quantized model.
     """
     _refuse_merged(model)
     if lora is None:
@@ -125,6 +137,7 @@ def attach_adapters(model: nn.Module, lora: LoRAConfig | None) -> tuple[LoRARepo
                 "lora=LoRAConfig(...) to add adapters, or unfreeze the parameters to fine-tune"
             )
         if not has_lora(model):
+            refuse_quantized_full_finetune(model)
             return None, False
         trainable, total = count_parameters(model)
         return LoRAReport(sorted(lora_layers(model)), trainable, total, None), False

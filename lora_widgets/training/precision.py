@@ -15,11 +15,14 @@ import contextlib
 import gc
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from lora_widgets.quantization import is_quantized
+from lora_widgets.training.kbit import KbitState, check_quantized_device, prepare_kbit
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -71,17 +74,21 @@ class ModelMode:
 
     training: bool
     switches_checkpointing: bool  # the run switches gradient checkpointing on (it was off)
+    # a quantized base's compute dtypes and input-grad hook before the run
+    kbit: KbitState = field(default_factory=KbitState)
 
     @classmethod
     def of(cls, model: nn.Module, gradient_checkpointing: bool) -> ModelMode:
         """The mode ``model`` is in now; ``gradient_checkpointing``: the run will switch it on (only then
         is the model asked, as transformers warns about the older query)."""
-        return cls(model.training, gradient_checkpointing and not _checkpointing_on(model))
+        switches = gradient_checkpointing and not _checkpointing_on(model)
+        return cls(model.training, switches, KbitState.of(model, gradient_checkpointing))
 
     def restore(self, model: nn.Module) -> None:
         """Drop gradients, switch off checkpointing if the run switched it on, restore train/eval."""
         for p in model.parameters():
             p.grad = None
+        self.kbit.restore(model)
         disable = _checkpointing_method(model, "disable") if self.switches_checkpointing else None
         if disable is not None:
             try:
@@ -95,7 +102,8 @@ def prepare_model(
     model: nn.Module, device: torch.device, *, adapters: bool, precision: str, gradient_checkpointing: bool
 ) -> None:
     """Check, then move ``model`` to ``device``, keep trainable adapter factors in fp32, and switch
-    gradient checkpointing on if asked; leaves it in train mode.
+    gradient checkpointing on if asked; leaves it in train mode. A quantized base is not moved (it must
+    already be on ``device``) and gets the k-bit preparation (:mod:`lora_widgets.training.kbit`).
 
     Raises ``ValueError`` (before changing anything) for full fine-tuning of fp16 weights under fp16
     scaling, or for checkpointing on a model without transformers' switch.
@@ -115,7 +123,11 @@ def prepare_model(
             f"gradient_checkpointing=True but {type(model).__name__} has no gradient_checkpointing_enable(); "
             "use a transformers model or set gradient_checkpointing=False"
         )
-    model.to(device)
+    if not is_quantized(model):  # a quantized base was placed on its device as it loaded
+        model.to(device)
+    else:
+        check_quantized_device(model, device)
+    prepare_kbit(model, precision=precision, gradient_checkpointing=gradient_checkpointing)
     if adapters:  # adapter factors in fp32 (as PEFT does), so fp16/bf16 bases train with a GradScaler
         for p in model.parameters():
             if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):

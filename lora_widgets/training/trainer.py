@@ -63,6 +63,7 @@ from lora_widgets.events.types import (
 )
 from lora_widgets.health.gradient_check import NoGradientError
 from lora_widgets.lora.layers import LoRAConfig, LoRAReport, count_parameters, lora_layers
+from lora_widgets.quantization import base_of
 from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import ownership, precision
 from lora_widgets.training.batches import Blocks, data_prepared, eval_batches, prepare_blocks, vocab_size
@@ -135,10 +136,9 @@ class LoRATrainer:
         self.tokenizer = tokenizer
         self.train_data = train_data
         self.eval_data = eval_data
-        self.config = config
         self.lora = lora
         self.device: torch.device = select_device(config.device)
-        config.check_device(self.device)  # the one precision-vs-device rule (the dashboard uses it too)
+        self.config = config.for_run(self.device, base_of(model))  # checked as the dashboard does
         self.report: LoRAReport | None
         self.report, self._owns_lora = ownership.attach_adapters(model, lora)  # checks, then changes
 

@@ -18,12 +18,13 @@ import math
 from typing import Any
 
 import numpy as np
-from bqplot import Axis, Bars, ColorScale, Figure, GridHeatMap, LinearScale, OrdinalScale
+from bqplot import Bars, ColorScale, Figure, GridHeatMap, LinearScale, OrdinalScale
 from bqplot.traits import array_from_json, array_to_json
 from ipywidgets import GridBox, Layout
 from traittypes import Array
 
 from lora_widgets.events.types import AdapterLayerStats, AdapterStats
+from lora_widgets.widget.axes import category_axis, value_axis
 from lora_widgets.widget.charts import CHART_WIDTH_PX, SMOOTH_COLOR
 
 __all__ = ["HEATMAP_COLORS", "AdapterCharts", "Heatmap", "heatmap_of"]
@@ -134,16 +135,16 @@ class AdapterCharts:
         self.heatmap_figure = _figure(
             "||ΔW|| / ||W|| per adapter: appears at the first update",
             [self.heatmap],
-            [Axis(scale=rows, side="left", label="layer"), Axis(scale=columns, label="module")],
+            [value_axis(rows, label="layer"), category_axis(columns, label="module")],
         )  # fmt: skip
         sv_x, sv_y = OrdinalScale(), LinearScale(min=0.0)
         self.spectrum = Bars(x=np.zeros(0, dtype=np.int32), y=np.zeros(0, dtype=np.float32),
                              scales={"x": sv_x, "y": sv_y}, colors=[SMOOTH_COLOR], padding=0.15)  # fmt: skip
-        self._detail_axis = Axis(scale=sv_x, label="singular values σ_i of ΔW = (alpha/r) B A")
+        self._detail_axis = category_axis(sv_x, label="singular values σ_i of ΔW = (alpha/r) B A")
         self.detail_figure = _figure(
             "One adapter: click a cell of the heatmap",
             [self.spectrum],
-            [self._detail_axis, Axis(scale=sv_y, side="left", tick_format=".1e")],
+            [self._detail_axis, value_axis(sv_y, tick_format=".1e")],
             font="12px",
         )
         self.stats: AdapterStats | None = None

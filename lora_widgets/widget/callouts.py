@@ -176,7 +176,7 @@ def preflight_callout(
             lora,
             batch_size=train.batch_size,
             seq_len=int(seq_len if seq_len is not None else getattr(train, "block_size", 128)),
-            dtype=train.precision,
+            dtype=train.resolved(device_type).precision if hasattr(train, "resolved") else train.precision,
             device=device_type,
             gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
         )

@@ -25,6 +25,7 @@ from bqplot import Axis, Figure, LinearScale, Lines, LogScale, Scatter
 from ipywidgets import GridBox, Layout
 
 from lora_widgets.events.history import History
+from lora_widgets.widget.axes import category_axis, value_axis
 from lora_widgets.widget.chart_model import (
     Series,
     as_x,
@@ -128,11 +129,11 @@ class Charts:
         )  # fmt: skip
         self.previous_runs: list[Lines] = []
         self._data_range: tuple[float, float] | None = None  # finite min/max of everything on the loss chart
-        self._loss_y_axis = Axis(scale=ys, side="left", label="loss (nats)", tick_format=".3g")
+        self._loss_y_axis = value_axis(ys, label="loss (nats)", tick_format=".3g")
         self.loss_figure = _figure(
             "Loss",
             [self.raw_loss, self.smooth_loss, self.val_loss],
-            [Axis(scale=self._loss_x, label="step", tick_format="~s"), self._loss_y_axis],
+            [category_axis(self._loss_x, tick_format="~s"), self._loss_y_axis],
             legend=True,
         )
 
@@ -147,8 +148,8 @@ class Charts:
             "Learning rate",
             [self.lr_line, self.lr_marker],
             [
-                Axis(scale=lr_x, label="step", tick_format="~s"),
-                Axis(scale=lr_y, side="left", tick_format=".1e"),
+                category_axis(lr_x, tick_format="~s"),
+                value_axis(lr_y, tick_format=".1e"),
             ],
         )
 
@@ -165,8 +166,8 @@ class Charts:
         )  # fmt: skip
         mem_marks: list[Any] = [self.memory, self.memory_reserved]
         mem_axes = [
-            Axis(scale=mem_x, label="step", tick_format="~s"),
-            Axis(scale=mem_y, side="left", label="MiB" if gpu else "process RSS (MiB)", tick_format="~s"),
+            category_axis(mem_x, tick_format="~s"),
+            value_axis(mem_y, label="MiB" if gpu else "process RSS (MiB)", tick_format="~s"),
         ]
         util_y = LinearScale(min=0.0, max=100.0)
         self.gpu_util = Lines(
@@ -175,7 +176,7 @@ class Charts:
         )  # fmt: skip
         if gpu:
             mem_marks.append(self.gpu_util)
-            mem_axes.append(Axis(scale=util_y, side="right", label="util %"))
+            mem_axes.append(value_axis(util_y, side="right", label="util %"))
         self.memory_figure = _figure(
             "GPU memory" if gpu else "Memory (CPU)", mem_marks, mem_axes, legend=True
         )
@@ -188,8 +189,8 @@ class Charts:
             "Throughput",
             [self.tokens_per_s],
             [
-                Axis(scale=tps_x, label="step", tick_format="~s"),
-                Axis(scale=tps_y, side="left", label="tokens/s (smoothed)", tick_format="~s"),
+                category_axis(tps_x, tick_format="~s"),
+                value_axis(tps_y, label="tokens/s (smoothed)", tick_format="~s"),
             ],
         )
 

@@ -47,6 +47,7 @@ from typing import Any, Literal
 import traitlets as t
 
 from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.quantization import BASE_PRECISIONS, quantization_config
 from lora_widgets.training.config import PRECISIONS, TrainConfig
 from lora_widgets.training.early_stopping import EarlyStopping
 from lora_widgets.training.schedules import SCHEDULES
@@ -108,6 +109,10 @@ def _steps_to_config(value: Any) -> Any:
 
 def _steps_from_config(value: Any) -> Any:
     return 0 if value is None else value
+
+
+def _base_shown(value: Any) -> Any:
+    return "16-bit" if value is None else value  # None: the model as given (the dashboard names its base)
 
 
 def _patience_to_config(value: Any) -> Any:
@@ -197,7 +202,10 @@ CONTROLS: tuple[Control, ...] = (
     Control("epochs", "epochs", "int", TrainConfig, "epochs", min=1, step=1,
             help="Passes over the training data when max steps is 0."),
     Control("precision", "precision", "select", TrainConfig, "precision", choices=PRECISIONS,
-            help="fp32, or bf16/fp16 autocast (fp16 needs a CUDA GPU)."),
+            help="fp32, or bf16/fp16 autocast (fp16 needs a CUDA GPU); auto: bf16, fp16 on a T4, fp32 on a CPU."),
+    Control("base", "base", "select", TrainConfig, "base", choices=BASE_PRECISIONS, from_config=_base_shown,
+            help="The frozen base's weights: 16-bit, or quantized to 8 or 4 bits (QLoRA: NF4, needs bitsandbytes); "
+                 "the dashboard loads the model again at that precision."),
     Control("early_stopping", "early-stop patience (0 = off)", "int", TrainConfig, "early_stopping", min=0,
             step=1, to_config=_patience_to_config, from_config=_patience_from_config,
             help="Stop when the validation loss has not improved in this many evaluations, or when the "
@@ -281,7 +289,8 @@ def validate_settings(
     raises (``str(ValueError)``). When all pass: rules across fields, and the given configs' own rules (a
     subclass may add some), go under ``"settings"``; then the run's context, which no config can know:
     ``TrainConfig.check_device`` (fp16 needs a CUDA GPU) under ``"precision"`` and
-    ``TrainConfig.check_data`` (one optimizer step must fit in the training blocks) under ``"batch_size"``.
+    ``TrainConfig.check_data`` (one optimizer step must fit in the training blocks) under ``"batch_size"``, and
+    whether the base can be quantized here (bitsandbytes installed, the device supported) under ``"base"``.
 
     Args:
         values: control values by name; missing ones are taken from ``lora`` and ``train``; an unknown
@@ -317,6 +326,10 @@ def validate_settings(
         checked.check_device(device_type)
     except ValueError as exc:
         errors["precision"] = str(exc)
+    try:  # a quantized base on this device: bitsandbytes installed and able to use it
+        quantization_config(checked.base or "16-bit", device_type)
+    except (ValueError, ImportError) as exc:
+        errors["base"] = str(exc)
     if n_train_blocks is not None:
         try:
             checked.check_data(n_train_blocks)

@@ -45,6 +45,7 @@ from lora_widgets.events.types import (
 )
 from lora_widgets.lora.layers import LoRAConfig, count_parameters
 from lora_widgets.widget import attach, callouts, controls, loading, readouts
+from lora_widgets.widget.bases import BaseModels, with_model_base
 from lora_widgets.widget.callouts import Callouts
 from lora_widgets.widget.charts import MAX_MARKERS, POINTS_PER_LINE
 from lora_widgets.widget.data_view import DataView, data_facts
@@ -142,6 +143,8 @@ class LoRADashboard(
             else loading.load(model, tokenizer, train_data, eval_data, train)
         )
         self.model, self.tokenizer, self._data = loaded.model, loaded.tokenizer, loaded.data
+        self._bases = BaseModels(self.model, loaded.source, loaded.device_type, given=loaded.given)
+        self._train0 = train = with_model_base(train, self.model)  # the base control shows what is loaded
         self._adapters_given, self._device_type = loaded.adapters_given, loaded.device_type
         self._n_train_blocks: int | None = loaded.n_train_blocks
         self._data_view: DataView | None = loaded.data_view
@@ -359,6 +362,7 @@ class LoRADashboard(
     def _build_run(self, lora: LoRAConfig, train: Any) -> RunRecord:
         """The next run: the memory pre-flight (as a callout), then a LoRATrainer to drive."""
         own = None if self._adapters_given else lora  # a model's own adapters train as they are
+        self.model = self._bases.model_for(getattr(train, "base", None))  # the "base" control's precision
         self._callouts.put("preflight", callouts.preflight_callout(self.model, own, train, self._device_type,
                                                                   int(self._data[0].shape[1])))  # fmt: skip
         return new_trainer_run(self.model, self.tokenizer, self._data, lora, own, train, len(self.runs) + 1,

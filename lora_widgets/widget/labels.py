@@ -12,11 +12,15 @@ from lora_widgets.widget.controls import targets_to_text
 __all__ = ["label_from_started", "run_label"]
 
 
-def run_label(index: int, r: int, alpha: float, lr: float, targets: Any = None) -> str:
-    """A short legend label: number, rank, alpha, learning rate, and the target modules when short."""
+def run_label(
+    index: int, r: int, alpha: float, lr: float, targets: Any = None, base: str | None = None
+) -> str:
+    """A short legend label: number, rank, alpha, learning rate, the target modules when short, and the base
+    when it is quantized (``run 3: r=8 α=16 lr=3e-3 all-linear 4-bit``)."""
     text = targets_to_text(targets)
     where = f" {text}" if text and len(text) <= 16 else (" custom" if text else "")
-    return f"run {index}: r={r} α={alpha:g} lr={format_lr(lr)}{where}"
+    quantized = f" {base}" if base and base != "16-bit" else ""
+    return f"run {index}: r={r} α={alpha:g} lr={format_lr(lr)}{where}{quantized}"
 
 
 def label_from_started(index: int, started: RunStarted) -> str:
@@ -26,4 +30,5 @@ def label_from_started(index: int, started: RunStarted) -> str:
     if "r" not in lora or not isinstance(lr, int | float):  # full fine-tuning, or adapters found on the model
         return f"run {index}: lr={format_lr(lr)}" if isinstance(lr, int | float) else f"run {index}"
     r = int(lora["r"])
-    return run_label(index, r, float(lora.get("alpha", r)), float(lr), lora.get("target_modules"))
+    base = started.config.get("base")
+    return run_label(index, r, float(lora.get("alpha", r)), float(lr), lora.get("target_modules"), base)

@@ -26,6 +26,7 @@ __all__ = [
     "data_event",
     "guess_device_type",
     "is_hf_trainer",
+    "quiet_hub_progress",
     "resolve_data",
     "resolve_model",
 ]
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _quiet_hub_progress() -> Iterator[None]:
+def quiet_hub_progress() -> Iterator[None]:
     """Switch transformers' progress bars off while the dashboard loads a model, then restore them."""
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -82,7 +83,7 @@ def resolve_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any
 
         if tokenizer is not None and model is not None:
             raise TypeError("pass tokenizer only with a model object; a hub id or path loads its own")
-        with _quiet_hub_progress():
+        with quiet_hub_progress():
             return demo.load_base_model() if model is None else demo.load_model(str(model))
     if tokenizer is None and not isinstance(train_data, torch.Tensor):
         raise TypeError(
@@ -136,6 +137,8 @@ class Loaded:
     data: tuple[Any, Any] = (None, None)  # (train, eval) blocks or examples
     n_train_blocks: int | None = None
     data_view: Any = None  # a widget.data_view.DataView for our own data
+    source: Any = None  # what the model was loaded from (None: the shipped model), for the "base" control
+    given: bool = True  # the model is the user's object: it cannot be loaded again at another base
 
 
 def load(model: Any, tokenizer: Any, train_data: Any, eval_data: Any, train: Any) -> Loaded:
@@ -143,9 +146,11 @@ def load(model: Any, tokenizer: Any, train_data: Any, eval_data: Any, train: Any
     before anything is shown."""
     from lora_widgets.widget.data_view import DataView, data_facts
 
-    model, tokenizer = resolve_model(model, tokenizer, train_data)
+    given = not (model is None or isinstance(model, str | Path))
+    name, (model, tokenizer) = model, resolve_model(model, tokenizer, train_data)
     source = "python-docs" if train_data is None else train_data
     data = resolve_data(source, eval_data, tokenizer, train)
     view = DataView(data[0], tokenizer, data_facts(data_event(data, train)))
     adapters = has_lora(model)
-    return Loaded(model, tokenizer, adapters, guess_device_type(train), data, int(data[0].shape[0]), view)
+    device = guess_device_type(train)
+    return Loaded(model, tokenizer, adapters, device, data, int(data[0].shape[0]), view, name, given)

@@ -18,11 +18,12 @@ import anywidget
 import ipywidgets
 import numpy as np
 import traitlets
-from bqplot import Axis, Bars, Figure, LinearScale, OrdinalScale
+from bqplot import Bars, Figure, LinearScale, OrdinalScale
 
 from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.memory.arch import lookup_known
 from lora_widgets.memory.fit import GPUS, MemoryEstimate, estimate_memory, known_models
+from lora_widgets.widget.axes import category_axis, value_axis
 from lora_widgets.widget.view import publish_view
 
 __all__ = ["MemoryPlanner", "PlannerValueError"]
@@ -172,8 +173,8 @@ class MemoryPlanner(anywidget.AnyWidget):
         self.figure = Figure(
             marks=[self._bars],
             axes=[
-                Axis(scale=self._scale_x, side="bottom", label="phase of one training step"),
-                Axis(scale=self._scale_y, side="left", label="GiB", tick_format=".1f"),
+                category_axis(self._scale_x, label="phase of one training step"),
+                value_axis(self._scale_y, label="GiB", tick_format=".1f"),
             ],
             title="",
             legend_location="top-right",

@@ -169,5 +169,6 @@ def new_trainer_run(
     if own is None:
         label = f"run {index}: model's adapters lr={format_lr(train.learning_rate)}"
     else:
-        label = run_label(index, lora.r, lora.alpha, train.learning_rate, lora.target_modules)
+        base = getattr(train, "base", None)
+        label = run_label(index, lora.r, lora.alpha, train.learning_rate, lora.target_modules, base)
     return RunRecord(index, label, own, train, trainer)

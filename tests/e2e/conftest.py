@@ -81,7 +81,7 @@ class JupyterServer:
         return f"{self.url}/lab/tree/{notebook}?token={self.token}"
 
     def notebook7_url(self, notebook: str) -> str:
-        """The same notebook opened in Notebook 7's one-document interface (same server)."""
+        """The notebook in Notebook 7's one-document interface, or in the classic Notebook 6 (the same path)."""
         return f"{self.url}/notebooks/{notebook}?token={self.token}"
 
     def log_tail(self, n: int = 4000) -> str:
@@ -90,7 +90,11 @@ class JupyterServer:
 
 @contextlib.contextmanager
 def serve_jupyter(app: str, root: Path) -> Iterator[JupyterServer]:
-    """``jupyter <app>`` (lab or notebook) on 127.0.0.1, a random free port and a random token, serving root."""
+    """``jupyter <app>`` on 127.0.0.1, a random free port and a random token, serving root.
+
+    ``app`` is ``lab``, ``notebook`` (Notebook 7, a jupyter_server app) or ``notebook6``: the classic
+    Notebook 6 (``jupyter notebook`` where ``notebook<7`` is installed), whose options are ``NotebookApp``'s.
+    """
     settings = root / ".settings"
     # no "fetch news?" toast over the page
     notify = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
@@ -101,6 +105,8 @@ def serve_jupyter(app: str, root: Path) -> Iterator[JupyterServer]:
         **os.environ,
         "JUPYTERLAB_SETTINGS_DIR": str(settings),
         "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"),
+        # `jupyter X` runs the first `jupyter-X` on PATH: this interpreter's, not another environment's
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(
@@ -108,10 +114,14 @@ def serve_jupyter(app: str, root: Path) -> Iterator[JupyterServer]:
         ),
     }
     log = root / "jupyter.log"
+    server_app, root_dir = (
+        ("NotebookApp", "notebook_dir") if app == "notebook6" else ("ServerApp", "root_dir")
+    )
     cmd = [
-        sys.executable, "-m", "jupyter", app, "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-        f"--ServerApp.token={token}", "--allow-root", "--no-browser", f"--ServerApp.root_dir={root}",
-        "--ServerApp.port_retries=0", *(["--LabApp.news_url="] if app == "lab" else []),
+        sys.executable, "-m", "jupyter", app.removesuffix("6"), f"--{server_app}.ip=127.0.0.1",
+        f"--{server_app}.port={port}", f"--{server_app}.token={token}", "--allow-root", "--no-browser",
+        f"--{server_app}.{root_dir}={root}", f"--{server_app}.port_retries=0",
+        *(["--LabApp.news_url="] if app == "lab" else []),
     ]  # fmt: skip
     with log.open("w") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=root)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.chart_geometry import DASHBOARD_X_LABELS, axis_problems
 from tests.e2e.conftest import JupyterServer, write_notebook
 
 pytestmark = pytest.mark.e2e
@@ -276,8 +277,10 @@ def _session(
 
 
 def _is_lora_learning(page: Any, shots: Path) -> Path:
-    """The finished all-linear run: sample answers in the panel, a filled 4 x 7 heatmap, a cell's detail on click.
-    Returns a screenshot from the samples down to the heatmap."""
+    """The finished all-linear run: every chart's axes read right, sample answers in the panel, a filled 4 x 7
+    heatmap, a cell's detail on click. Returns a screenshot from the samples down to the heatmap."""
+    problems = axis_problems(page, DASHBOARD_X_LABELS, heatmap_rows=["0", "1", "2", "3"])
+    assert problems == [], "\n".join(problems)  # steps along the bottom, values up the side, rows labelled
     samples = page.locator(".lw-dash .lw-samples tr.lw-sample")
     assert samples.count() == 2, samples.count()  # the first 16 tokens of two validation blocks
     assert "current adapter @ step" in page.locator(".lw-dash .lw-samples th").nth(2).inner_text()
