@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import torch
 from torch import nn
@@ -41,6 +41,7 @@ __all__ = [
     "Examples",
     "MicroBatch",
     "PaddedBatch",
+    "RunData",
     "data_position",
     "data_prepared",
     "eval_batches",
@@ -132,6 +133,15 @@ class Examples:
         return PaddedBatch(cols["input_ids"], cols["attention_mask"], cols["labels"], int(items))
 
 
+class RunData(NamedTuple):
+    """A run's data as :func:`load_run_data` prepared it; a :class:`~lora_widgets.LoRATrainer` takes it as
+    ``train_data`` (the dashboard prepares the data once and passes this to every run)."""
+
+    train: torch.Tensor | Examples  # [n, T] token blocks (CPU), or examples
+    val: torch.Tensor | Examples | None  # [n_val, T], examples, or None
+    split: str  # how the validation part was chosen, in words (DataPrepared.split)
+
+
 @dataclass(frozen=True)
 class Blocks:
     """A run's data: training and validation parts, and how many updates one epoch makes.
@@ -143,6 +153,7 @@ class Blocks:
     train: torch.Tensor | Examples  # [n_train, T] token ids (CPU), or examples
     val: torch.Tensor | Examples | None  # [n_val, T], examples, or None
     steps_per_epoch: int
+    split: str = ""  # how the validation part was chosen (DataPrepared.split)
 
     @property
     def kind(self) -> Literal["packed", "sft"]:
@@ -229,44 +240,54 @@ def _check_prepared(examples: Examples, config: TrainConfig, name: str) -> None:
         )
 
 
-def _sft_data(
-    train_data: Any, eval_data: Any, rows: Any, tokenizer: Any, config: TrainConfig
-) -> tuple[Examples, Examples | None]:
+def _sft_data(train_data: Any, eval_data: Any, rows: Any, tokenizer: Any, config: TrainConfig) -> RunData:
     """Training and validation examples: ``eval_data`` as given; else the instruction set's validation split
-    (its answers never appear in training); else ``val_fraction`` of the examples held out (seeded)."""
+    (its answers never appear in training); else ``val_fraction`` of the examples held out by example (seeded;
+    identical examples kept on one side, :func:`lora_widgets.data.split.split_groups`)."""
     from lora_widgets.data.corpora import instruction_corpus_names, read_instructions
-    from lora_widgets.data.text import split_blocks
+    from lora_widgets.data.split import split_groups
 
     train = train_data if isinstance(train_data, Examples) else _examples(rows, tokenizer, config)
     _check_prepared(train, config, "train_data")
     if isinstance(eval_data, Examples):
         _check_prepared(eval_data, config, "eval_data")
-        return train, eval_data
+        return RunData(train, eval_data, "validation examples given (eval_data)")
     if eval_data is not None:
-        return train, _examples(eval_data, tokenizer, config)
+        return RunData(train, _examples(eval_data, tokenizer, config), "validation rows given (eval_data)")
     if isinstance(train_data, str) and train_data in instruction_corpus_names():
-        return train, _examples(read_instructions(train_data, "validation"), tokenizer, config)
-    if config.val_fraction == 0 or len(train) < 2:
-        return train, None
-    train_idx, val_idx = split_blocks(torch.arange(len(train)).unsqueeze(1), config.val_fraction, config.seed)
-    return train.subset(train_idx[:, 0].tolist()), train.subset(val_idx[:, 0].tolist())
+        val = _examples(read_instructions(train_data, "validation"), tokenizer, config)
+        return RunData(train, val, f"{train_data}'s own split by answer (no validation answer is in training): "
+                       f"{len(train):,} train / {len(val):,} validation examples")  # fmt: skip
+    keys = [tuple(e.input_ids) for e in train.items]
+    groups = split_groups(keys, config.val_fraction, config.seed)
+    if groups is None:
+        why = (
+            "val_fraction=0"
+            if config.val_fraction == 0
+            else f"{len(set(keys))} distinct example(s), too few to hold out {config.val_fraction:.0%}"
+        )
+        return RunData(train, None, f"none: nothing held out ({why})")
+    return RunData(train.subset(groups.train), train.subset(groups.val), groups.describe("example"))
 
 
-def load_run_data(
-    train_data: Any, eval_data: Any, tokenizer: Any, config: TrainConfig
-) -> tuple[torch.Tensor | Examples, torch.Tensor | Examples | None]:
-    """``(train, val)`` from whatever the user gave: instruction/chat rows (or :class:`Examples`) become
-    examples, anything else token blocks (:func:`lora_widgets.data.text.train_val_blocks`). The one rule the
-    trainer and the dashboard share; raises ``ValueError`` naming the problem."""
+def load_run_data(train_data: Any, eval_data: Any, tokenizer: Any, config: TrainConfig) -> RunData:
+    """``(train, val, split)`` from whatever the user gave: a :class:`RunData` as it is; instruction/chat rows
+    (or :class:`Examples`) become examples split by example, anything else token blocks split by document
+    (:func:`lora_widgets.data.text.train_val_blocks`). The one rule the trainer and the dashboard share;
+    raises ``ValueError`` naming the problem."""
     from lora_widgets.data import text as data_mod  # heavy deps (tokenizers) only when needed
 
+    if isinstance(train_data, RunData):
+        if eval_data is None:
+            return train_data
+        train_data = train_data.train
     rows = None if isinstance(train_data, Examples) else _row_source(train_data)
     if isinstance(train_data, Examples) or rows is not None:
         return _sft_data(train_data, eval_data, rows, tokenizer, config)
     c = config
-    return data_mod.train_val_blocks(  # [n, T], [n_val, T] or None
+    return RunData(*data_mod.train_val_blocks(  # [n, T], [n_val, T] or None, split
         train_data, eval_data, tokenizer, c.block_size, c.val_fraction, c.seed
-    )
+    ))  # fmt: skip
 
 
 def _max_id(data: torch.Tensor | Examples) -> int:
@@ -281,7 +302,7 @@ def prepare_blocks(
     """The run's data (:func:`load_run_data`), checked against the model's vocabulary and the batch settings.
     Raises ``ValueError`` naming the argument."""
     c = config
-    train, val = load_run_data(train_data, eval_data, tokenizer, config)
+    train, val, split = load_run_data(train_data, eval_data, tokenizer, config)
     for name, part in (("train_data", train), ("eval_data", val)):
         if part is not None and vocab is not None and _max_id(part) >= vocab:
             raise ValueError(
@@ -301,18 +322,21 @@ def prepare_blocks(
             f"{c.batch_size} x grad_accum_steps {c.grad_accum_steps} = {need}); lower batch_size or "
             "grad_accum_steps, lower block_size, or add data"
         )
-    return Blocks(train=train, val=val, steps_per_epoch=per_epoch)
+    return Blocks(train=train, val=val, steps_per_epoch=per_epoch, split=split)
 
 
 def data_prepared(
-    train: torch.Tensor | Examples, val: torch.Tensor | Examples | None, config: TrainConfig
+    train: torch.Tensor | Examples, val: torch.Tensor | Examples | None, config: TrainConfig, split: str = ""
 ) -> DataPrepared:
-    """The data facts a run publishes (sequences, tokens, trained and padded shares, rows truncated/dropped);
-    padding is counted for ``config.batch_size`` as epoch 0 batches the examples."""
+    """The data facts a run publishes (sequences, tokens, trained and padded shares, rows truncated/dropped,
+    how the validation part was chosen); padding is counted for ``config.batch_size`` as epoch 0 batches the
+    examples."""
     n_val = 0 if val is None else int(val.shape[0])
     if not isinstance(train, Examples):
         n, width = int(train.shape[0]), int(train.shape[1])
-        return DataPrepared("packed", n, n_val, width, tokens=n * width, trained_tokens=n * (width - 1))
+        return DataPrepared(
+            "packed", n, n_val, width, tokens=n * width, trained_tokens=n * (width - 1), split=split
+        )
     lengths = train.lengths
     batches = length_grouped_batches(lengths, config.batch_size, config.seed, 0)
     s = train.stats
@@ -330,6 +354,7 @@ def data_prepared(
         formats=dict(s.formats) if s is not None else {},
         train_on=s.train_on if s is not None else config.train_on,
         max_length=s.max_length if s is not None else config.max_length,
+        split=split,
     )
 
 

@@ -78,7 +78,8 @@ class TrainConfig:
             end; ``None``: no checkpoints (the final adapter is saved in any case).
         output_dir: parent of the run directories.
         block_size: tokens per training sequence when the data has to be tokenised (2 .. 1,048,576).
-        val_fraction: share of the data held out for validation when no ``eval_data`` is given, in [0, 0.5].
+        val_fraction: share of the data held out for validation when no ``eval_data`` is given, in [0, 0.5]:
+            of the documents (text) or examples (rows), whole (:mod:`lora_widgets.data.split`).
         device: ``"auto"`` (best available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
         max_length: tokens per example at most for instruction/chat rows (2 .. 1,048,576), which are

@@ -91,14 +91,14 @@ class LoRATrainer:
         model: a causal LM returning logits (``out.logits``, ``out[0]`` or a tensor) for ``input_ids``.
         tokenizer: needed when the data is text (a corpus name, list of strings, file, dataset).
         train_data: ``LongTensor[n_blocks, block_size]`` of token ids, a ``data.DataSplit`` (its ``val``
-            part then serves as validation data), or any source :func:`lora_widgets.data.text.as_blocks`
+            part then serves as validation data), a ``training.batches.RunData``, or any source :func:`lora_widgets.data.text.as_blocks`
             accepts (text, packed into blocks); or instruction/chat rows in any TRL format
             (:mod:`lora_widgets.data.rows`: a list, ``.jsonl``/``.json``, ``datasets.Dataset``,
             ``"python-instruct"``), tokenised by :func:`lora_widgets.data.sft.prepare_sft` with
             ``config.max_length``/``config.train_on``, padded per batch, loss on the answers.
         eval_data: validation blocks, source or rows; ``None`` holds out ``config.val_fraction`` of the
-            training data (deterministically from the seed), or for a built-in instruction set uses its
-            validation split.
+            training data, seeded, by :mod:`lora_widgets.data.split` (``DataPrepared.split`` says how); a built-in
+            instruction set uses its validation split.
         lora: a :class:`LoRAConfig` to apply adapters now (each ``run()`` re-initialises them from the
             seed; adapters an earlier LoRATrainer made are replaced), or ``None`` to train whatever already has
             ``requires_grad`` (adapters you applied yourself, a PEFT model, or the whole model).
@@ -336,7 +336,7 @@ class LoRATrainer:
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
         # what the data became, for views and metrics.jsonl
-        self._publish(data_prepared(blocks.train, blocks.val, c))
+        self._publish(data_prepared(blocks.train, blocks.val, c, blocks.split))
         self._insight = Insight.for_run(self.model, self.tokenizer, c, blocks.val, p.total)
         self._stopping = RunStopping(c.early_stopping, has_validation=blocks.val is not None)
         return run

@@ -366,7 +366,7 @@ class LoRADashboard(
         self._callouts.put("preflight", callouts.preflight_callout(self.model, own, train, self._device_type,
                                                                   int(self._data[0].shape[1])))  # fmt: skip
         return new_trainer_run(self.model, self.tokenizer, self._data, lora, own, train, len(self.runs) + 1,
-                               self._trainer_factory)  # fmt: skip
+                               self._trainer_factory, self.runs)  # fmt: skip
 
     def _preview_schedule(self, _source: Any, train: Any) -> None:
         """Draw the schedule the settings ``train`` give (from the config, with :mod:`lora_widgets.training.schedules`)."""
