@@ -26,11 +26,11 @@ __all__ = [
     "adaptable_modules",
     "as_lora_config",
     "check_hparams",
+    "check_matched",
     "check_model",
     "in_out_features",
     "is_adaptable",
     "lora_scaling",
-    "refuse_float8",
     "resolve_targets",
     "short_list",
 ]
@@ -369,9 +369,14 @@ def short_list(names: Iterable[str], limit: int = 12) -> str:
     return f"[{text}{', ...' if len(leaves) > limit else ''}] ({len(items)} modules)"
 
 
-def refuse_float8(model: nn.Module, matched: list[str]) -> None:
-    """float8 weights are a storage format: torch has no random initialiser (nor, on most devices, a matmul)
-    for them, so adapters cannot be made there; say which layer and how to load the model instead."""
+def check_matched(model: nn.Module, matched: list[str], rule: str) -> None:
+    """Refuse targets that matched nothing (listing what the model has), and float8 weights: a storage format
+    torch has no random initialiser (nor, on most devices, a matmul) for, so adapters cannot be made there."""
+    if not matched:
+        raise ValueError(
+            f"target_modules {rule} matched no Linear/Conv1D module. "
+            f"This model has: {short_list(adaptable_modules(model))}"
+        )
     for name in matched:
         weight = getattr(model.get_submodule(name), "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and weight.element_size() == 1:

@@ -106,6 +106,7 @@ class LoRADashboard(
     max_markers: int = MAX_MARKERS
     """Validation dots per chart (each is an SVG element, so fewer; the best always survives)."""
 
+    @attach.rolled_back  # a failed construction leaves an attached trainer as it was
     def __init__(
         self,
         model: Any = None,
@@ -118,14 +119,9 @@ class LoRADashboard(
         renderer: str = "auto",
         **kwargs: Any,
     ) -> None:
-        renderer = resolve_renderer(renderer)  # before attaching: a bad value leaves the trainer untouched
-        with attach.attaching(trainer, model=model, tokenizer=tokenizer, lora=lora, train_data=train_data,
-                              eval_data=eval_data, train=train) as self._attached:  # fmt: skip
-            self._setup(model, tokenizer, train_data, eval_data, lora, train, renderer, kwargs)
-
-    def _setup(self, model: Any, tokenizer: Any, train_data: Any, eval_data: Any, lora: LoRAConfig | None,
-               train: TrainConfig | None, renderer: str, kwargs: dict[str, Any]) -> None:  # fmt: skip
-        """``__init__``'s work, inside :func:`~lora_widgets.widget.attach.attaching`."""
+        renderer = resolve_renderer(renderer)
+        self._attached: RunSource | None = attach.attached_source(trainer, model=model, tokenizer=tokenizer,
+            lora=lora, train_data=train_data, eval_data=eval_data, train=train)  # the source Train runs  # fmt: skip
         if train is None:
             from lora_widgets.training.config import TrainConfig
 
@@ -275,9 +271,8 @@ class LoRADashboard(
             raise TypeError(
                 f"source must be a lora_widgets.events.types.RunSource, got {type(source).__name__}"
             )
-        self._session.check_idle()
+        self._session.check_idle(source)  # also: its trainer training elsewhere, refused first
         loop = running_loop()
-        attach.check_can_start(source)  # its trainer training in another thread: refused, nothing changed
         self._archive_previous_run()
         if attach.show_source(source, self.panel, self._callouts, self.charts):  # settings, advice, schedule
             self._publish_callouts()
