@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from lora_widgets.devices import select_device
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "BASE_MODEL_PATH",
+    "check_vocab",
     "generate",
     "load_base_model",
     "load_model",
@@ -62,7 +65,8 @@ def load_model(
     Args:
         name_or_path: ``None`` for the shipped base model; a local directory written by ``save_pretrained``;
             or a Hugging Face hub id (downloaded unless ``HF_HUB_OFFLINE=1``).
-        device: where to put the model (``"cpu"``, ``"cuda"``, a ``torch.device``); ``None`` keeps it on the CPU.
+        device: where to put the model (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a
+            ``torch.device``; :func:`lora_widgets.devices.select_device`); ``None`` keeps it on the CPU.
         dtype: parameter dtype (``torch.float32``, ``"bf16"``, ...); ``None`` keeps the checkpoint's default.
             With a quantized base it is the dtype of the layers left unquantized (embeddings, norms, head).
         base: the frozen base's storage (:data:`lora_widgets.quantization.BASE_PRECISIONS`): ``"16-bit"``
@@ -74,9 +78,10 @@ def load_model(
         ``(model, tokenizer)``, the model in eval mode.
 
     Raises:
-        ValueError: an unknown dtype or base; a local path that does not exist; a name that is neither a local
-            directory nor loadable from the hub (the message says what was tried and why it failed); a device
-            bitsandbytes cannot use.
+        RuntimeError: ``device`` is not available here (the message lists what was found).
+        ValueError: an unknown dtype, base or device name (``"tpu"``); a local path that does not exist; a name
+            that is neither a local directory nor loadable from the hub (the message says what was tried and why
+            it failed); a device bitsandbytes cannot use.
         ImportError: a quantized base without bitsandbytes (the message gives the install command).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,7 +89,7 @@ def load_model(
     from lora_widgets.quantization import keep_cpu_layout, quantization_config
 
     torch_dtype = _resolve_dtype(dtype)
-    target = torch.device("cpu" if device is None else device)
+    target = torch.device("cpu") if device is None else select_device(device)  # "tpu" named before loading
     quantization = quantization_config(base, target)  # checked before anything is read
     source: str | Path = BASE_MODEL_PATH if name_or_path is None else name_or_path  # type: ignore[assignment]
     if isinstance(source, os.PathLike):
@@ -216,6 +221,23 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str,
     return ids
 
 
+def check_vocab(model: torch.nn.Module, prompts: list[list[int]]) -> None:
+    """Refuse token ids the model's embedding has no row for (a tokenizer of another model): the embedding
+    lookup would raise a bare ``IndexError``."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if not isinstance(rows, int):
+        return
+    for i, ids in enumerate(prompts):
+        top = max(ids, default=0)
+        if top >= rows:
+            raise ValueError(
+                f"prompt {i} has token id {top}, but the model's vocabulary has {rows} tokens: the tokenizer "
+                "belongs to another model; pass the tokenizer that came with the model (load_model returns both)"
+            )
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -248,7 +270,9 @@ def generate(
     """
     _check_generate_args(prompt, max_new_tokens, temperature, top_k, seed, include_prompt)
     device = next(model.parameters()).device
-    input_ids = torch.tensor([_prompt_ids(tokenizer, prompt)], dtype=torch.long, device=device)  # [1, T]
+    ids = _prompt_ids(tokenizer, prompt)
+    check_vocab(model, [ids])
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         options.update(temperature=float(temperature), top_k=top_k, top_p=1.0)

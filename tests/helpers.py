@@ -9,7 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lora_widgets.lora.layers import lora_layers
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
@@ -196,3 +199,34 @@ def tiny_trainer(tmp_path: Any, model: Any = None, data: Any = None, r: int = 4,
         lora=LoRAConfig(r=r),
         config=cpu_config(tmp_path, **fields),
     )
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a failed operation must leave as it was."""
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
+        "tree": [
+            (n, type(m).__name__, sorted(vars(m))) for n, m in model.named_modules(remove_duplicate=False)
+        ],
+        "lora": {
+            n: (layer.merged, layer.enabled, layer.r, layer.alpha, layer.use_rslora, layer.scaling)
+            for n, layer in lora_layers(model).items()
+        },
+    }
+
+
+def assert_unchanged(before: dict[str, Any], after: dict[str, Any], atol: float = 0.0) -> None:
+    assert after["tree"] == before["tree"], "module tree or module attributes changed"
+    assert after["requires_grad"] == before["requires_grad"], "requires_grad flags changed"
+    assert after["lora"] == before["lora"], "LoRA merge/enable state changed"
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, old in before["tensors"].items():
+        new = after["tensors"][key]
+        assert new.dtype == old.dtype and new.shape == old.shape, key
+        if atol == 0.0:
+            assert torch.equal(new, old), f"{key} changed"
+        else:
+            assert torch.allclose(new, old, rtol=0.0, atol=atol), (
+                f"{key} changed by {(new - old).abs().max()}"
+            )

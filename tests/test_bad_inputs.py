@@ -44,7 +44,7 @@ from lora_widgets.lora import LoRALinear, peft_format
 from lora_widgets.lora import layers as lora_mod
 from lora_widgets.lora.layers import set_adapters_enabled
 from lora_widgets.memory import preflight, suggest_fit
-from tests.helpers import tiny_llama
+from tests.helpers import assert_unchanged, snapshot, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -85,42 +85,6 @@ def one_disabled() -> nn.Module:
     model = adapted()
     next(iter(lora_layers(model).values())).enabled = False
     return model
-
-
-# ----------------------------------------------------------------------------------------------
-# The snapshot
-# ----------------------------------------------------------------------------------------------
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """Everything a failed operation must leave as it was."""
-    return {
-        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
-        "tree": [
-            (n, type(m).__name__, sorted(vars(m))) for n, m in model.named_modules(remove_duplicate=False)
-        ],
-        "lora": {
-            n: (layer.merged, layer.enabled, layer.r, layer.alpha, layer.use_rslora, layer.scaling)
-            for n, layer in lora_layers(model).items()
-        },
-    }
-
-
-def assert_unchanged(before: dict[str, Any], after: dict[str, Any], atol: float = 0.0) -> None:
-    assert after["tree"] == before["tree"], "module tree or module attributes changed"
-    assert after["requires_grad"] == before["requires_grad"], "requires_grad flags changed"
-    assert after["lora"] == before["lora"], "LoRA merge/enable state changed"
-    assert after["tensors"].keys() == before["tensors"].keys()
-    for key, old in before["tensors"].items():
-        new = after["tensors"][key]
-        assert new.dtype == old.dtype and new.shape == old.shape, key
-        if atol == 0.0:
-            assert torch.equal(new, old), f"{key} changed"
-        else:
-            assert torch.allclose(new, old, rtol=0.0, atol=atol), (
-                f"{key} changed by {(new - old).abs().max()}"
-            )
 
 
 # ----------------------------------------------------------------------------------------------

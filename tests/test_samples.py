@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch
 from lora_widgets import LoRAConfig, apply_lora, load_base_model, lora_layers, merge_lora
 from lora_widgets.events import SampleGenerations, event_from_dict
 from lora_widgets.health import generate_samples
+from lora_widgets.health import samples as samples_mod
 from lora_widgets.health.samples import MAX_PROMPTS
 from lora_widgets.lora.layers import set_adapters_enabled
 
@@ -83,10 +87,25 @@ def test_a_failure_midway_leaves_the_model_as_found(shipped) -> None:  # type: i
     model, tokenizer, _ = shipped
     model.train()
     before = _snapshot(model)
-    with pytest.raises(IndexError):  # a token id beyond the vocabulary fails inside the embedding
-        generate_samples(model, tokenizer, [[5, 6], [10**6]], step=1, max_new_tokens=4)
-    _assert_same(model, before)
-    model.eval()
+    real, calls = samples_mod._answers, itertools.count()
+
+    def base_half_fails(*args: Any, **kwargs: Any) -> Any:  # the current half runs, the base half raises
+        if next(calls) == 1:
+            raise RuntimeError("injected fault in the base half")
+        return real(*args, **kwargs)
+
+    try:
+        with pytest.raises(ValueError, match="token id 1000000"):  # beyond the vocabulary: refused up front
+            generate_samples(model, tokenizer, [[5, 6], [10**6]], step=1, max_new_tokens=4)
+        _assert_same(model, before)
+        with (
+            mock.patch.object(samples_mod, "_answers", base_half_fails),
+            pytest.raises(RuntimeError, match="injected"),
+        ):
+            generate_samples(model, tokenizer, [[5, 6]], step=1, max_new_tokens=4)
+        _assert_same(model, before)  # adapters switched back on, train mode back
+    finally:
+        model.eval()
 
 
 def test_token_id_prompts_and_end_of_turn(shipped) -> None:  # type: ignore[no-untyped-def]
@@ -137,7 +156,7 @@ def test_clear_errors(shipped) -> None:  # type: ignore[no-untyped-def]
     from lora_widgets import models as demo
 
     bare, _ = demo.load_base_model()
-    with pytest.raises(ValueError, match="needs a model with LoRA layers"):
+    with pytest.raises(ValueError, match="needs a model with lora_widgets LoRA layers"):
         generate_samples(bare, tokenizer, ["ok"], step=0)
     apply_lora(bare, LoRAConfig(r=2))
     merge_lora(bare)

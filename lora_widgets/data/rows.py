@@ -43,6 +43,7 @@ __all__ = [
     "load_rows",
     "normalize_row",
     "normalize_rows",
+    "unknown_format",
 ]
 
 #: The roles a conversation may use (what chat templates render).
@@ -273,6 +274,27 @@ def normalize_rows(rows: Sequence[Any]) -> list[ChatRow]:
     return [normalize_row(row, i) for i, row in enumerate(rows)]
 
 
+_PROMPT_LIKE = ("question", "query", "input", "instruction", "user", "q", "source")
+_ANSWER_LIKE = ("answer", "response", "output", "target", "assistant", "a", "reply")
+
+
+def unknown_format(keys: Sequence[str], where: str = "the training data") -> ValueError:
+    """The error for rows (or dataset columns) in none of the accepted formats, the same for a list of dicts, a
+    ``.jsonl`` file and a ``datasets.Dataset``: it names their fields and the renaming that makes them a
+    prompt/completion row, in the words of the arguments ``LoRATrainer`` and ``LoRADashboard`` have."""
+    names = [str(k) for k in keys]
+    lower = {k.lower(): k for k in names}
+    prompt = next((lower[k] for k in _PROMPT_LIKE if k in lower), None)
+    answer = next((lower[k] for k in _ANSWER_LIKE if k in lower and lower[k] != prompt), None)
+    p, a = prompt or "<the prompt field>", answer or "<the answer field>"
+    return ValueError(
+        f"{where} has fields {', '.join(repr(k) for k in names)}, none of the row formats LoRATrainer and "
+        f"LoRADashboard train on ({_FORMATS_HELP}). Rename them before passing the data, e.g. "
+        f'rows = [{{"prompt": r[{p!r}], "completion": r[{a!r}]}} for r in rows], or for a datasets.Dataset '
+        f'dataset.rename_columns({{{p!r}: "prompt", {a!r}: "completion"}})'
+    )
+
+
 def is_plain_text(rows: Sequence[Any]) -> bool:
     """Whether every row is a str or a ``{"text"}`` dict: data that packs into blocks (``lora_widgets.data.text``)."""
     return all(isinstance(r, str) or (isinstance(r, Mapping) and set(r) == {"text"}) for r in rows)
@@ -289,7 +311,7 @@ def _read_json_rows(path: Path) -> list[Any]:
             raise ValueError(f"{path}: expected a JSON array of rows, got a JSON {type(data).__name__}")
         return data
     rows: list[Any] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is in-string
         if not line.strip():
             continue
         try:

@@ -235,6 +235,11 @@ def tokenize_row(
 def _check_args(
     tokenizer: Any, max_length: int, train_on: str, assistant_spans: str, batch_size: int
 ) -> None:
+    if not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise TypeError(
+            f"tokenizer must be the model's transformers tokenizer (AutoTokenizer.from_pretrained(...), or the "
+            f"second value load_model returns), got {type(tokenizer).__name__} ({tokenizer!r:.40})"
+        )
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2 (tokens per example), got {max_length!r}")
     if train_on not in TRAIN_ON:
@@ -256,14 +261,43 @@ def _check_args(
 
 
 def _check_template(tokenizer: Any, rows: list[ChatRow], chat_template: str | None) -> None:
-    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
-        first = next((r for r in rows if r.is_conversational), None)
-        if first is not None:
-            raise ValueError(
-                f"row {first.index} is a conversation ({first.source_format}) but the tokenizer has no chat "
-                "template; pass chat_template=<a Jinja template>, set tokenizer.chat_template, use the model's "
-                "instruct variant (which ships one), or give prompt/completion strings instead"
-            )
+    """A conversation needs a template (a string; whether it parses is found at its first use)."""
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise TypeError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}")
+    first = next((r for r in rows if r.is_conversational), None)
+    if first is None:
+        return
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if template is None:
+        raise ValueError(
+            f"row {first.index} is a conversation ({first.source_format}) but the tokenizer has no chat "
+            "template; pass chat_template=<a Jinja template>, set tokenizer.chat_template, use the model's "
+            "instruct variant (which ships one), or give prompt/completion strings instead"
+        )
+
+
+def _tokenize_checked(
+    row: ChatRow, tokenizer: Any, train_on: str, chat_template: str | None, spans: str
+) -> tuple[list[int], list[int]]:
+    """:func:`tokenize_row`, with an error the template raises on this row (``raise_exception(...)``, an
+    undefined variable) named by the row."""
+    import jinja2
+
+    try:
+        return tokenize_row(row, tokenizer, train_on, chat_template, spans)
+    except jinja2.TemplateSyntaxError as exc:  # the template itself, found at its first use
+        where = "chat_template" if chat_template is not None else "tokenizer.chat_template"
+        lines = str(chat_template if chat_template is not None else tokenizer.chat_template).split("\n")
+        line = lines[exc.lineno - 1] if 0 < exc.lineno <= len(lines) else ""
+        raise ValueError(
+            f"{where} is not a valid Jinja template: {exc.message} (template line {exc.lineno}: {line!r:.80}); "
+            "fix the template (every {% if %}/{% for %} needs its expression and its {% endif %}/{% endfor %})"
+        ) from None
+    except jinja2.TemplateError as exc:
+        raise ValueError(
+            f"row {row.index}: the chat template failed on this conversation ({type(exc).__name__}: {exc}); "
+            "fix the row (e.g. roles the template expects, in the order it expects) or the template"
+        ) from None
 
 
 def prepare_sft(
@@ -304,7 +338,7 @@ def prepare_sft(
     dropped: list[int] = []
     n_truncated = longest = 0
     for row in normalized:
-        ids, trained = tokenize_row(row, tokenizer, train_on, chat_template, assistant_spans)
+        ids, trained = _tokenize_checked(row, tokenizer, train_on, chat_template, assistant_spans)
         longest = max(longest, len(ids))
         if len(ids) > max_length:
             n_truncated += 1

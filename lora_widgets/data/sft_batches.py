@@ -71,6 +71,11 @@ class SFTExample:
 def _ids(example: SFTExample | Mapping[str, Sequence[int]]) -> tuple[Sequence[int], Sequence[int]]:
     if isinstance(example, SFTExample):
         return example.input_ids, example.labels
+    if not isinstance(example, Mapping) or "input_ids" not in example:
+        raise TypeError(
+            f"an example must be an SFTExample or a dict with 'input_ids' (and 'labels'), got "
+            f"{type(example).__name__} ({example!r:.60}); prepare rows with lora_widgets.data.sft.prepare_sft"
+        )
     return example["input_ids"], example.get("labels", example["input_ids"])
 
 
@@ -190,6 +195,11 @@ def length_grouped_batches(
     Every index appears exactly once; the last batch may be smaller. See the module docstring for the recipe.
     """
     _check_batch_size(batch_size)
+    bad = next(
+        (i for i, n in enumerate(lengths) if isinstance(n, bool) or not isinstance(n, int) or n < 1), None
+    )
+    if bad is not None:
+        raise ValueError(f"lengths[{bad}] must be an int >= 1 (tokens in that example), got {lengths[bad]!r}")
     n = len(lengths)
     if n == 0:
         return []

@@ -149,7 +149,9 @@ def _check_rows(rows: Sequence[Any], where: str) -> list[str]:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     rows: list[Any] = []
-    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
+    for lineno, line in enumerate(
+        read_text_file(path).split("\n"), start=1
+    ):  # not splitlines(): U+2028 is in-string
         if not line.strip():
             continue
         try:

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from lora_widgets.events.types import SampleGenerations, SamplePair
-from lora_widgets.lora.layers import lora_layers, set_adapters_enabled
+from lora_widgets.lora.layers import has_peft_layers, lora_layers, set_adapters_enabled
+from lora_widgets.models import check_vocab
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,6 +46,11 @@ def _prompt_ids(prompts: Sequence[Prompt], tokenizer: PreTrainedTokenizerBase) -
         raise ValueError(
             f"{len(prompts)} prompts given; at most {MAX_PROMPTS} are generated per evaluation (each costs two "
             "generations): pass fewer"
+        )
+    if not callable(tokenizer) or not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(
+            f"tokenizer must be the model's transformers tokenizer (it encodes the prompts and decodes the "
+            f"answers), got {type(tokenizer).__name__}"
         )
     out: list[list[int]] = []
     for i, p in enumerate(prompts):
@@ -149,14 +155,19 @@ def generate_samples(
         raise ValueError(f"step must be an integer >= 0 (updates completed), got {step!r}")
     layers = lora_layers(model)
     if not layers:
+        peft = (
+            " (this model's adapters are PEFT's, which it does not switch)" if has_peft_layers(model) else ""
+        )
         raise ValueError(
-            "generate_samples needs a model with LoRA layers (apply_lora) to compare against its base"
+            f"generate_samples needs a model with lora_widgets LoRA layers (apply_lora) to compare against its "
+            f"base{peft}; for a PEFT model, compare model.generate() inside and outside `with model.disable_adapter():`"
         )
     if any(layer.merged for layer in layers.values()):
         raise ValueError(
             "the adapters are merged into the weights, so the base model is not reachable: unmerge_lora first"
         )
     ids = _prompt_ids(prompts, tokenizer)
+    check_vocab(model, ids)
     texts = [str(tokenizer.decode(p, skip_special_tokens=True)) for p in ids]
     reusable = (
         reuse_base is not None

@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
+from lora_widgets.events.types import AlertRaised
 from lora_widgets.health.gradient_check import gradient_report, is_no_gradient_error
-from lora_widgets.lora.layers import LoRAConfig
+from lora_widgets.health.notices import no_adapter_notice, warmup_notice
+from lora_widgets.lora.layers import LoRAConfig, count_parameters, has_lora
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.diagnosis import (
     Diagnosis,
@@ -49,6 +51,7 @@ __all__ = [
     "peft_lora_config",
     "precision_of",
     "sample_seq_len",
+    "setting_notices",
     "settings_of",
     "train_config_view",
 ]
@@ -382,3 +385,16 @@ def nan_failure(args: Any, bad_step: int, max_steps: int) -> Diagnosis:
         " a checkpoint (train(resume_from_checkpoint=...)) or the base model."
     )
     return d
+
+
+def setting_notices(args: Any, model: Any, max_steps: int) -> list[AlertRaised]:
+    """What in an attached trainer's run cannot be what its settings say, said once at its start
+    (:mod:`lora_widgets.health.notices`): a model with no LoRA adapter (every weight trains), a warm-up of at
+    least the run's length (``args.get_warmup_steps``, so ``warmup_ratio`` counts too)."""
+    notices: list[AlertRaised | None] = []
+    if isinstance(model, torch.nn.Module) and not has_lora(model):
+        notices.append(no_adapter_notice(*count_parameters(model)))
+    get_warmup = getattr(args, "get_warmup_steps", None)
+    if callable(get_warmup) and max_steps > 0:
+        notices.append(warmup_notice(int(get_warmup(max_steps)), max_steps, float(args.learning_rate)))
+    return [n for n in notices if n is not None]

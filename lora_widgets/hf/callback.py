@@ -76,6 +76,7 @@ from lora_widgets.hf.args import (
     nan_failure,
     peft_lora_config,
     sample_seq_len,
+    setting_notices,
     settings_of,
 )
 from lora_widgets.lora.layers import count_parameters
@@ -236,6 +237,9 @@ class EventCallback(TrainerCallback):
         advice = logging_advice(args, self._run.max_steps)
         if advice:
             config["logging_advice"] = advice
+        notices = setting_notices(args, model, self._run.max_steps)
+        if any(n.key == "no_adapter" for n in notices):
+            config["adapter"] = "none"  # the summary then shows no adapter size
         if self.state != "running":
             self._emit(StateChanged("running", self._run.step))
         self._emit(
@@ -253,6 +257,8 @@ class EventCallback(TrainerCallback):
                 time=time.time(),
             )
         )
+        for notice in notices:  # settings that cannot take effect, said once
+            self._emit(notice)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._run.step = int(state.global_step)

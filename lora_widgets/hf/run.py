@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,15 @@ from lora_widgets.events.types import RunEnded, RunFailed
 from lora_widgets.health.gradient_check import is_no_gradient_error
 from lora_widgets.hf.args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf.callback import EventCallback
+from lora_widgets.hf.guard import _TRAINING, check_checkpoint, check_settings, refuse_if_trainer_busy
+from lora_widgets.training import ownership
 from lora_widgets.training.early_stopping import EarlyStopping
 
 __all__ = ["EventCallback", "HFRun", "describe_settings", "logging_advice"]
 
 logger = logging.getLogger(__name__)
 
-# Trainers an HFRun is training right now (two HFRuns of one trainer must not overlap). Not the trainer's own
-# ``is_in_train``: transformers leaves that True after train() raised, although train() may be called again.
-_TRAINING: weakref.WeakSet[Any] = weakref.WeakSet()
+_BUSY = "this trainer is already training; stop() it or await the run in progress"
 
 
 class HFRun(RunBase):
@@ -72,6 +71,7 @@ class HFRun(RunBase):
         self.hf_trainer = hf_trainer
         found = [cb for cb in hf_trainer.callback_handler.callbacks if isinstance(cb, EventCallback)]
         self.callback: EventCallback = found[0] if found else EventCallback(early_stopping=early_stopping)
+        self.added_callback = not found  # detach() on a failed dashboard construction removes it again
         if not found:
             hf_trainer.add_callback(self.callback)
         elif early_stopping is not None:
@@ -81,18 +81,39 @@ class HFRun(RunBase):
 
     # -- RunSource -------------------------------------------------------------------------------------
 
+    def check_can_start(self) -> None:
+        """Raise if :meth:`run` cannot start now, changing nothing: a run of this trainer is in progress (the
+        dashboard's, or a ``train()`` the user called in any thread or cell: :mod:`lora_widgets.hf.guard`), a
+        lora_widgets ``LoRATrainer`` is training its model, or ``hf_trainer.args`` holds a value that
+        transformers would fail on part-way (``logging_steps=0``).
+
+        Raises:
+            RuntimeError: a run is in progress (the message says which, and how to stop it).
+            ValueError: a bad setting (named, with the fix).
+        """
+        refuse_if_trainer_busy(self.hf_trainer)
+        if self._running:
+            raise RuntimeError(_BUSY)
+        model = getattr(self.hf_trainer, "model", None)
+        if isinstance(model, torch.nn.Module):
+            ownership.refuse_if_training(model)
+        check_settings(self.hf_trainer.args)
+
     async def run(self, resume_from_checkpoint: str | bool | None = None) -> RunEnded:
         """Run ``hf_trainer.train(resume_from_checkpoint=...)`` in a worker thread until it ends; return the
         terminal event. A failed run returns :class:`RunFailed` (never raises); if this task is cancelled,
         training is stopped after the current step and awaited before the cancellation propagates.
 
         Raises:
-            RuntimeError: a run of this trainer is already in progress.
+            RuntimeError, ValueError: :meth:`check_can_start` refused, or a file of the checkpoint to resume
+                from does not read (:func:`~lora_widgets.hf.guard.check_checkpoint`); nothing was changed.
         """
-        busy = "this trainer is already training; stop() it or await the run in progress"
-        if self.hf_trainer in _TRAINING:
-            raise RuntimeError(busy)
-        self._begin_run(busy)
+        self.check_can_start()
+        check_checkpoint(self.hf_trainer, resume_from_checkpoint)
+        hold = contextlib.ExitStack()  # the model, so a LoRATrainer does not start on it meanwhile
+        if isinstance(model := getattr(self.hf_trainer, "model", None), torch.nn.Module):
+            hold.enter_context(ownership.training(model))
+        self._begin_run(_BUSY)
         _TRAINING.add(self.hf_trainer)
         self.callback.begin(int(getattr(self.hf_trainer.state, "global_step", 0) or 0))
         try:
@@ -102,6 +123,7 @@ class HFRun(RunBase):
             # train() called directly delivers in its own thread (this loop may be closed, as after asyncio.run).
             self._end_run()
             _TRAINING.discard(self.hf_trainer)
+            hold.close()
         self.last_event = end
         return end
 
@@ -128,10 +150,12 @@ class HFRun(RunBase):
         return Path(path)
 
     def detach(self) -> None:
-        """Remove the event bridge from the trainer (its own callbacks are untouched)."""
+        """Remove the event bridge from the trainer: the :class:`EventCallback` this ``HFRun`` added (one that
+        was already attached stays, unsubscribed from); its other callbacks are untouched."""
         self._unforward()
-        with contextlib.suppress(ValueError):
-            self.hf_trainer.remove_callback(self.callback)
+        if self.added_callback:
+            with contextlib.suppress(ValueError):
+                self.hf_trainer.remove_callback(self.callback)
 
     # -- internals --------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ __all__ = [
     "adaptable_modules",
     "as_lora_config",
     "check_hparams",
+    "check_matched",
     "check_model",
     "in_out_features",
     "is_adaptable",
@@ -366,3 +367,21 @@ def short_list(names: Iterable[str], limit: int = 12) -> str:
     leaves = sorted({n.split(".")[-1] for n in items})
     text = ", ".join(leaves[:limit])
     return f"[{text}{', ...' if len(leaves) > limit else ''}] ({len(items)} modules)"
+
+
+def check_matched(model: nn.Module, matched: list[str], rule: str) -> None:
+    """Refuse targets that matched nothing (listing what the model has), and float8 weights: a storage format
+    torch has no random initialiser (nor, on most devices, a matmul) for, so adapters cannot be made there."""
+    if not matched:
+        raise ValueError(
+            f"target_modules {rule} matched no Linear/Conv1D module. "
+            f"This model has: {short_list(adaptable_modules(model))}"
+        )
+    for name in matched:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and weight.element_size() == 1:
+            raise TypeError(
+                f"apply_lora: {name}.weight is {weight.dtype}, a storage format LoRA adapters cannot be built "
+                "or trained in. Load the model in bfloat16, float16 or float32 (load_model(name, dtype='bf16'), "
+                "or model.to(torch.bfloat16)) and apply LoRA to that"
+            )

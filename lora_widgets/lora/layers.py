@@ -51,6 +51,7 @@ from lora_widgets.lora.config import (
     adaptable_modules,
     as_lora_config,
     check_hparams,
+    check_matched,
     check_model,
     in_out_features,
     is_adaptable,
@@ -346,11 +347,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
             "Call remove_lora(model) first to start from the base model, or train the existing adapters."
         )
     matched, rule = resolve_targets(model, config)
-    if not matched:
-        raise ValueError(
-            f"target_modules {rule} matched no Linear/Conv1D module. "
-            f"This model has: {short_list(adaptable_modules(model))}"
-        )
+    check_matched(model, matched, rule)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         wrappers: dict[str, nn.Module] = {}

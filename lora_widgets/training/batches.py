@@ -203,24 +203,29 @@ def _row_source(source: Any) -> list[Any] | str | None:
     or token blocks. Rows are data with a field of a row format (``messages``, ``prompt``, ``instruction``,
     ...); plain strings and ``{"text"}`` rows keep being packed, as before."""
     from lora_widgets.data.corpora import instruction_corpus_names
-    from lora_widgets.data.rows import load_rows
+    from lora_widgets.data.rows import load_rows, unknown_format
 
     if isinstance(source, str) and source in instruction_corpus_names():
         return source
+    where = "the training data"
     if isinstance(source, str | os.PathLike):
         path = Path(source).expanduser()
         if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
             return None
-        rows = load_rows(path)
+        rows, where = load_rows(path), str(path)
     elif isinstance(source, list | tuple):
         rows = list(source)
     elif type(source).__module__.split(".")[0] == "datasets":
         columns = getattr(source, "column_names", None)
+        if isinstance(columns, list) and columns and not (_ROW_KEYS | {"text"}) & set(columns):
+            raise unknown_format(columns)  # the same words as for the same rows in a list
         if not isinstance(columns, list) or not _ROW_KEYS & set(columns):
             return None  # a DatasetDict, or a text column: the packing path says what to do
         rows = load_rows(source)
     else:
         return None
+    if rows and all(isinstance(r, Mapping) and not (_ROW_KEYS | {"text"}) & set(r) for r in rows):
+        raise unknown_format(list(rows[0]), where)  # e.g. question/answer rows
     is_rows = any(isinstance(r, Mapping) and _ROW_KEYS & set(r) for r in rows)
     return rows if is_rows else None
 

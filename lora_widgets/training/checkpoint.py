@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -285,11 +285,50 @@ def read_checkpoint_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
             f"{str(directory)!r} is not a training checkpoint (no {STATE_JSON}); checkpoints are the "
             "'checkpoints/step-NNNNNN' folders inside a run directory"
         )
-    with open(path) as f:
-        state: dict[str, Any] = json.load(f)
+    try:
+        state: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _unreadable(path, exc) from None
+    if not isinstance(state, dict):
+        raise _unreadable(path, ValueError(f"a JSON {type(state).__name__}, not an object"))
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint format {state.get('format_version')!r} is not {FORMAT_VERSION}")
     return state
+
+
+def _readable(directory: Path) -> bool:
+    """Whether ``directory``'s three files parse (the tensors' headers and sizes only: cheap)."""
+    try:
+        json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
+        for name in (TRAINABLE, STATE_TENSORS):
+            with safe_open(str(directory / name), "pt") as f:
+                f.keys()
+    except (SafetensorError, OSError, ValueError):  # not a good checkpoint: the caller looks further back
+        return False
+    return True
+
+
+def _unreadable(path: Path, exc: BaseException) -> ValueError:
+    """A checkpoint file that cannot be read (truncated by a full disk or a killed process), named with the
+    latest earlier checkpoint of the same run that reads, to resume from instead."""
+    directory = path.parent
+    earlier = sorted(
+        (d for d in directory.parent.glob("step-*") if d.is_dir() and d.name < directory.name), reverse=True
+    )
+    good = next((d for d in earlier if _readable(d)), None)
+    fix = (
+        f"resume from the earlier checkpoint {str(good)!r} instead"
+        if good is not None
+        else "no earlier checkpoint of this run reads either: start the run again without resume_from"
+    )
+    return ValueError(f"checkpoint file {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); {fix}")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:  # a truncated file: named with the file
+        raise _unreadable(path, exc) from None
 
 
 def load_checkpoint(
@@ -324,8 +363,10 @@ def load_checkpoint(
             f"checkpoint shape mismatch for {names[bad]!r}: checkpoint {state['param_shapes'][bad]}, "
             f"model {shapes[bad]} (a different LoRA rank?)"
         )
-    weights = load_file(str(directory / TRAINABLE))
-    tensors = load_file(str(directory / STATE_TENSORS))
+    weights, tensors = _load_tensors(directory / TRAINABLE), _load_tensors(directory / STATE_TENSORS)
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise _unreadable(directory / TRAINABLE, KeyError(f"no tensor {missing[0]!r}"))
     with torch.no_grad():
         for n, p in params:
             p.copy_(weights[n].to(device=p.device, dtype=p.dtype))

@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from lora_widgets.data.sft_batches import IGNORE_INDEX
-from lora_widgets.events.types import AlertRaised, Event, SampleGenerations
+from lora_widgets.events.types import AlertRaised, Event, RunStarted, SampleGenerations
 from lora_widgets.health.alerts import AlertMonitor
 from lora_widgets.health.gradient_check import GradientReport
+from lora_widgets.health.notices import samples_off_notice, warmup_notice
 from lora_widgets.health.samples import generate_samples
 from lora_widgets.lora.layers import has_lora, lora_layers
 from lora_widgets.lora.statistics import adapter_stats, snapshot_adapters
@@ -80,6 +81,43 @@ def _default_prompts(val: torch.Tensor | Examples | None) -> list[list[int]]:
     return [[int(t) for t in row[:PROMPT_TOKENS]] for row in val[:DEFAULT_PROMPTS].tolist()]  # [<=2, <=16]
 
 
+def _samples_notice(model: nn.Module, tokenizer: Any, config: TrainConfig, val: Any) -> AlertRaised | None:
+    """Why sample answers that were asked for (``sample_prompts``, or by default the validation data's
+    openings) cannot be made in this run; ``None`` when they can, or were switched off (``sample_prompts=()``)."""
+    given = config.sample_prompts
+    off = "sample_prompts=() switches this notice off"
+    if given == ():
+        return None
+    if has_lora(model) and not lora_layers(model):
+        return samples_off_notice(
+            "the model's adapters are PEFT's: sample answers set the base model's answer (adapters switched "
+            "off) beside the current adapter's, which lora_widgets does for its own adapters",
+            f"train lora_widgets' adapters (pass the base model with lora=LoRAConfig(...)); {off}",
+        )
+    if not lora_layers(model):
+        return None if given is None else samples_off_notice(
+            "the model has no LoRA adapters to switch off for the base model's answers",
+            f"pass lora=LoRAConfig(...) to train an adapter; {off}",
+        )  # fmt: skip
+    if val is None:
+        asked = (
+            "sample_prompts are answered at each evaluation"
+            if given
+            else "the default sample prompts are the validation data's first tokens"
+        )
+        return samples_off_notice(
+            f"{asked}, and this run has no validation data",
+            f"pass eval_data=..., or keep val_fraction > 0; {off}",
+        )
+    decodes = callable(getattr(tokenizer, "decode", None))
+    if given and (not decodes or not callable(getattr(model, "generate", None))):  # default prompts: ids
+        return samples_off_notice(
+            "sample answers need a tokenizer (to decode them) and a model with generate()",
+            f"pass the model's tokenizer; {off}",
+        )
+    return None
+
+
 class Insight:
     """One run's statistics, samples and alerts (see the module docstring); ``Insight()`` does nothing (no run
     prepared yet), :meth:`for_run` is a run's."""
@@ -95,6 +133,7 @@ class Insight:
         self.prompts: Sequence[str | list[int]] = ()
         self.end_of_turn: int | None = None
         self._last: SampleGenerations | None = None
+        self.notices: list[AlertRaised] = []  # settings that cannot take effect: published once, at the start
 
     @classmethod
     def for_run(
@@ -122,6 +161,9 @@ class Insight:
         # whether an answer ended its turn means something only for chat data (instruction examples)
         chat = isinstance(val, Examples)
         self.end_of_turn = end_of_turn_id(tokenizer) if self.prompts and chat else None
+        notices = (_samples_notice(model, tokenizer, config, val), warmup_notice(config.warmup_steps, total,
+                   config.learning_rate))  # fmt: skip
+        self.notices = [n for n in notices if n is not None]
         return self
 
     def measures(self, step: int) -> bool:
@@ -178,10 +220,12 @@ class Insight:
         return list(self.monitor.check_labels(labels, step))
 
     def alerts(self, event: Event) -> list[AlertRaised]:
-        """The alerts ``event`` raises that this run has not raised before."""
-        if self.monitor is None or isinstance(event, AlertRaised):
+        """The alerts ``event`` raises that this run has not raised before; the run's ``RunStarted`` also
+        brings its :attr:`notices` (settings that cannot take effect), once."""
+        if isinstance(event, AlertRaised):
             return []
-        return list(self.monitor.feed(event))
+        said = list(self.notices) if isinstance(event, RunStarted) else []
+        return said if self.monitor is None else [*said, *self.monitor.feed(event)]
 
     def gradient_alerts(self, report: GradientReport, step: int) -> list[AlertRaised]:
         """The "no gradient" alert for what update ``step``'s gradients show (any model: this package's LoRA,

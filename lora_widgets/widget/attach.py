@@ -13,7 +13,8 @@ through its events, as every run is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -26,9 +27,11 @@ from lora_widgets.widget.readouts import schedule_preview
 
 __all__ = [
     "attached_source",
+    "check_can_start",
     "device_type_of",
     "model_of",
     "panel_traits",
+    "rolled_back",
     "show_source",
     "source_settings",
     "total_steps_of",
@@ -39,20 +42,22 @@ _PROGRESS_VIEWS = frozenset({"NotebookProgressCallback", "ProgressCallback", "Pr
 """transformers' own progress displays, which the dashboard replaces for a trainer attached to it."""
 
 
-def attached_source(trainer: Any, **others: Any) -> RunSource:
+def attached_source(trainer: Any, **others: Any) -> RunSource | None:
     """The run source for ``LoRADashboard(trainer=...)``: an ``HFRun`` around a transformers/TRL trainer, or
     ``trainer`` itself when it already is a :class:`~lora_widgets.events.types.RunSource` (an ``HFRun``).
 
     ``others``: the dashboard's other arguments; any that is set is refused (the trainer brings its model,
-    data and settings).
+    data and settings). A trainer that is training now (its ``train()`` running in another thread or cell)
+    is refused too: attaching would change the run in progress (see :func:`rolled_back`).
 
-    The dashboard becomes the trainer's view: transformers' own progress display (``NotebookProgressCallback``,
-    ``ProgressCallback``, ``PrinterCallback``) is removed from it, since it would print from the worker thread
-    into whichever cell ran last; ``hf_trainer.add_callback(...)`` puts one back.
+    ``None`` for ``trainer=None`` (the dashboard trains with its own ``LoRATrainer``).
 
     Raises:
         TypeError: ``trainer`` is neither, or other arguments were given with it.
+        RuntimeError: the trainer is training now (:func:`lora_widgets.hf.guard.refuse_if_trainer_busy`).
     """
+    if trainer is None:
+        return None
     given = sorted(k for k, v in others.items() if v is not None)
     if given:
         raise TypeError(
@@ -61,12 +66,13 @@ def attached_source(trainer: Any, **others: Any) -> RunSource:
             "without trainer= to train with lora_widgets' own LoRATrainer"
         )
     if is_hf_trainer(trainer):
+        from lora_widgets.hf.guard import refuse_if_trainer_busy
         from lora_widgets.hf.run import HFRun  # imports transformers' Trainer: only for an attached one
 
-        for callback in list(trainer.callback_handler.callbacks):
-            if type(callback).__name__ in _PROGRESS_VIEWS:
-                trainer.remove_callback(callback)
-        return HFRun(trainer)
+        refuse_if_trainer_busy(trainer, "attach a dashboard to this trainer now")
+        source = HFRun(trainer)
+        source.made_by_dashboard = True  # type: ignore[attr-defined]  # rolled_back may detach it
+        return source
     if isinstance(trainer, RunSource):
         return trainer
     raise TypeError(
@@ -74,6 +80,41 @@ def attached_source(trainer: Any, **others: Any) -> RunSource:
         f"HFRun(hf_trainer)), got {type(trainer).__name__}; to train with lora_widgets' own Trainer, pass "
         "model=, train_data=, lora= and train= instead"
     )
+
+
+def rolled_back(init: Callable[..., None]) -> Callable[..., None]:
+    """``LoRADashboard.__init__`` wrapped so that, for an attached transformers trainer, the dashboard becomes
+    the trainer's view only once it is built: then transformers' own progress display
+    (``NotebookProgressCallback``, ``ProgressCallback``, ``PrinterCallback``) is removed from it, since it would
+    print from the worker thread into whichever cell ran last (``hf_trainer.add_callback(...)`` puts one back).
+    If the construction fails, the trainer is left as it was: its callbacks untouched, and the event bridge
+    the ``HFRun`` made here attached removed again."""
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            source = getattr(self, "_attached", None)
+            if getattr(source, "made_by_dashboard", False):
+                source.detach()  # type: ignore[union-attr]
+            raise
+        source = self._attached
+        if getattr(source, "made_by_dashboard", False):
+            trainer = source.hf_trainer
+            for callback in list(trainer.callback_handler.callbacks):
+                if type(callback).__name__ in _PROGRESS_VIEWS:
+                    trainer.remove_callback(callback)
+
+    return wrapper
+
+
+def check_can_start(source: Any) -> None:
+    """Raise if ``source`` says it cannot start now (``HFRun.check_can_start``: a run of its trainer in
+    progress, whoever started it, or a setting transformers would fail on), before anything is changed."""
+    check = getattr(source, "check_can_start", None)
+    if callable(check):
+        check()
 
 
 def model_of(source: Any) -> Any:

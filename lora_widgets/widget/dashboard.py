@@ -104,6 +104,7 @@ class LoRADashboard(
     max_markers: int = MAX_MARKERS
     """Validation dots per chart (each is an SVG element, so fewer; the best always survives)."""
 
+    @attach.rolled_back  # a failed construction leaves an attached trainer as it was
     def __init__(
         self,
         model: Any = None,
@@ -117,10 +118,8 @@ class LoRADashboard(
         **kwargs: Any,
     ) -> None:
         renderer = resolve_renderer(renderer)
-        self._attached: RunSource | None = None  # LoRADashboard(trainer=...): the source Train runs
-        if trainer is not None:
-            self._attached = attach.attached_source(trainer, model=model, tokenizer=tokenizer, lora=lora,
-                                                    train_data=train_data, eval_data=eval_data, train=train)  # fmt: skip
+        self._attached: RunSource | None = attach.attached_source(trainer, model=model, tokenizer=tokenizer,
+            lora=lora, train_data=train_data, eval_data=eval_data, train=train)  # the source Train runs  # fmt: skip
         if train is None:
             from lora_widgets.training.config import TrainConfig
 
@@ -235,7 +234,7 @@ class LoRADashboard(
         if self._attached is not None:
             try:
                 return self.watch(self._attached)
-            except RuntimeError as exc:
+            except (RuntimeError, ValueError) as exc:
                 self._show_start_failure(exc)
                 raise
         try:
@@ -271,7 +270,7 @@ class LoRADashboard(
             source = RunDirWatch(source)
         if not isinstance(source, RunSource):
             raise TypeError(f"source must be a RunSource or a run directory, got {type(source).__name__}")
-        self._session.check_idle()
+        self._session.check_idle(source)  # also: its trainer training elsewhere, refused first
         loop = running_loop()
         self._archive_previous_run()
         if attach.show_source(source, self.panel, self._callouts, self.charts):  # settings, advice, schedule

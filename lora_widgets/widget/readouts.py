@@ -119,7 +119,9 @@ def summary_of(summary: Mapping[str, Any], history: History) -> dict[str, Any]:
     if st is not None:
         out.update(device=st.device, device_name=st.device_name, run_dir=st.run_dir)
         out.update(params_summary(st.trainable_params, st.total_params))
-        if out.get("adapter_estimated", True):
+        if st.config.get("adapter") == "none":  # a full fine-tune: there is no adapter to size
+            out.update(adapter_bytes=None, adapter_size="none (no LoRA adapter)", adapter_estimated=False)
+        elif out.get("adapter_estimated", True):
             est = 4 * int(st.trainable_params)  # fp32 safetensors, before the file exists
             out.update(adapter_bytes=est, adapter_size=f"≈{format_bytes(est)}", adapter_estimated=True)
     ev = history.last_eval

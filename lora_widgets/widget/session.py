@@ -58,12 +58,18 @@ class RunSession:
         prev.overlaid = True
         return prev
 
-    def check_idle(self) -> None:
-        """Raise ``RuntimeError`` while a run is in progress (one run at a time)."""
+    def check_idle(self, source: Any = None) -> None:
+        """Raise ``RuntimeError`` while a run is in progress (one run at a time), and whatever ``source`` says
+        stops it from starting now (:func:`lora_widgets.widget.attach.check_can_start`: its trainer training
+        in another thread or cell, a setting it would fail on), before anything is changed."""
         if self.running:
             raise RuntimeError(
                 "a run is already in progress; stop it (dash.stop()) or await dash.wait() first"
             )
+        if source is not None:
+            from lora_widgets.widget.attach import check_can_start
+
+            check_can_start(source)
 
     def begin(self, record: RunRecord, loop: asyncio.AbstractEventLoop) -> asyncio.Task[RunEnded | None]:
         """Record ``record.source``'s events into ``record`` and run it as a task on ``loop``."""
