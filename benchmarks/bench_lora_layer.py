@@ -1,43 +1,50 @@
-"""Forward+backward time of one LoRA layer: ours vs PEFT's vs the frozen base layer alone.
+"""Forward+backward time of one LoRA layer: the frozen base, ours, PEFT's, and ours merged.
 
-All three run in one process, interleaved round by round (A B C A B C ...), so machine noise hits them
-alike; the script prints medians and the ratios that matter:
+For each dtype (fp32, bf16) and LoRA dropout (0, 0.05), the four layers run in one process, interleaved
+round by round (base ours peft merged base ours ...), so machine noise hits them alike; the script prints
+the base's median time and, per layer, the median over rounds of its time / the base's time in that round:
 
+* ours / base     (target <= 1.04: LoRA adds 3 r / d = 2.3% of the FLOPs at d=2048, r=16)
 * ours / PEFT     (target <= 1.00)
-* ours / frozen   (target <= 1.15)
+* merged / base   (a merged adapter costs exactly the base: target 1.00 within noise)
+* modules / base  (ours without the fused node: base layer, A and B called as modules, as before)
 
 The input requires grad, as it does for any layer inside a network, so the frozen layer's backward
-computes dX (its weight gets no gradient). Dropout is 0 (measured on a 2-core CPU: dropout 0.05 costs ~35% more because
-it copies x, in every implementation).
+computes dX (its weight gets no gradient). With dropout the LoRA branch sees ``dropout(x)``, a new [N, d]
+tensor and a random mask: every implementation pays for that copy.
 
 Usage: python benchmarks/bench_lora_layer.py [--d 2048] [--r 16] [--tokens 2048] [--rounds 15]
+       [--dtypes fp32,bf16] [--dropouts 0,0.05] [--threads N]
+Run it with PYTHONPATH=. from a checkout so that it measures that checkout's code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from lora_widgets import LoRAConfig
 from lora_widgets.lora.layers import LoRALinear
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-def _peft_layer(base: nn.Linear, r: int, alpha: float) -> nn.Module:
+
+def _peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float) -> nn.Module:
     from peft import LoraConfig as PeftConfig
     from peft.tuners.lora.layer import Linear as PeftLinear
 
-    config = PeftConfig(r=r, lora_alpha=alpha, lora_dropout=0.0)
+    config = PeftConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
     try:  # peft >= 0.18 passes the whole config
-        layer = PeftLinear(base, "default", config, r=r, lora_alpha=alpha, lora_dropout=0.0)
+        layer = PeftLinear(base, "default", config, r=r, lora_alpha=alpha, lora_dropout=dropout)
     except TypeError:  # older peft
-        layer = PeftLinear(base, "default", r=r, lora_alpha=alpha, lora_dropout=0.0)
+        layer = PeftLinear(base, "default", r=r, lora_alpha=alpha, lora_dropout=dropout)
     nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
-    return layer
+    return layer.to(base.weight.dtype)
 
 
 def _time_once(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> float:
@@ -51,51 +58,78 @@ def _time_once(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> flo
     return elapsed
 
 
+def _layers(d: int, r: int, dtype: torch.dtype, dropout: float) -> dict[str, nn.Module]:
+    """base / ours / peft / merged, each on its own copy of one frozen base layer, in training mode."""
+    torch.manual_seed(0)
+    base = nn.Linear(d, d, dtype=dtype).requires_grad_(False)
+    ours = LoRALinear(copy.deepcopy(base), r, 2 * r, dropout)
+    nn.init.normal_(ours.lora_B.weight, std=0.01)
+    merged = copy.deepcopy(ours)
+    merged.merge()
+    unfused = copy.deepcopy(ours)  # a no-op hook on the base keeps the layer on its module-by-module path
+    unfused.base_layer.register_forward_hook(lambda module, args, out: None)
+    layers: dict[str, nn.Module] = {"base": base, "ours": ours, "modules": unfused}
+    with contextlib.suppress(ImportError):
+        layers["peft"] = _peft_layer(copy.deepcopy(base), r, 2 * r, dropout)
+    layers["merged"] = merged
+    return layers
+
+
+def measure(
+    d: int, r: int, tokens: int, rounds: int, dtype: torch.dtype, dropout: float
+) -> tuple[float, dict[str, float]]:
+    """The base layer's median forward+backward seconds, and each layer's median per-round ratio to the base.
+
+    Each round times every layer back to back, so a ratio within a round compares runs seconds apart; the
+    median of those ratios follows the machine's load far less than a ratio of medians taken minutes apart."""
+    layers = _layers(d, r, dtype, dropout)
+    x = torch.randn(tokens, d, dtype=dtype, requires_grad=True)  # [tokens, d]
+    grad_out = torch.randn(tokens, d, dtype=dtype)  # [tokens, d]
+    for layer in layers.values():  # warm-up
+        for _ in range(2):
+            _time_once(layer, x, grad_out)
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for _ in range(rounds):
+        for name, layer in layers.items():
+            times[name].append(_time_once(layer, x, grad_out))
+    ratios = {
+        name: statistics.median(t / b for t, b in zip(series, times["base"], strict=True))
+        for name, series in times.items()
+    }
+    return statistics.median(times["base"]), ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d", type=int, default=2048)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--dropouts", default="0,0.05", help="comma-separated LoRA dropout rates")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-
-    torch.manual_seed(0)
-    d, r = args.d, args.r
-    cfg = LoRAConfig(r=r, alpha=2 * r)
-    frozen = nn.Linear(d, d)
-    frozen.requires_grad_(False)
-    ours = LoRALinear(nn.Linear(d, d), cfg.r, cfg.alpha)
-    nn.init.normal_(ours.lora_B.weight, std=0.01)
-    layers: dict[str, nn.Module] = {"frozen base": frozen, "ours": ours}
-    try:
-        peft_base = nn.Linear(d, d)
-        peft_base.requires_grad_(False)
-        layers["peft"] = _peft_layer(peft_base, r, cfg.alpha)
-    except ImportError:
-        print("peft is not installed: comparing against the frozen base only")
-
-    x = torch.randn(args.tokens, d, requires_grad=True)  # [tokens, d]
-    grad_out = torch.randn(args.tokens, d)
-    run: Callable[[nn.Module], float] = lambda layer: _time_once(layer, x, grad_out)  # noqa: E731
-    for layer in layers.values():  # warm-up
-        for _ in range(3):
-            run(layer)
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    for _ in range(args.rounds):
-        for name, layer in layers.items():
-            times[name].append(run(layer))
-
-    med = {name: statistics.median(t) for name, t in times.items()}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
+    dropouts = [float(p) for p in args.dropouts.split(",")]
     print(
-        f"LoRA layer fwd+bwd, d={d}, r={r}, tokens={args.tokens}, fp32, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds"
+        f"LoRA layer fwd+bwd, d={args.d}, r={args.r}, tokens={args.tokens}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians of per-round ratios"
     )
-    for name, value in med.items():
-        print(f"  {name:12s} median {value * 1e3:8.1f} ms")
-    print(f"  ours / frozen = {med['ours'] / med['frozen base']:.3f}  (target <= 1.15)")
-    if "peft" in med:
-        print(f"  ours / peft   = {med['ours'] / med['peft']:.3f}  (target <= 1.00)")
-        print(f"  peft / frozen = {med['peft'] / med['frozen base']:.3f}")
+    print(f"{'dtype':5s} {'dropout':>7s} {'base ms':>8s} {'ours/base':>9s} {'peft/base':>9s} "
+          f"{'ours/peft':>9s} {'merged/base':>11s} {'modules/base':>12s}")  # fmt: skip
+    for dtype in dtypes:
+        for dropout in dropouts:
+            base_s, ratio = measure(args.d, args.r, args.tokens, args.rounds, dtype, dropout)
+            peft = ratio.get("peft", float("nan"))
+            name = next(k for k, v in DTYPES.items() if v == dtype)
+            print(
+                f"{name:5s} {dropout:7.2f} {base_s * 1e3:8.1f} {ratio['ours']:9.3f} {peft:9.3f} "
+                f"{ratio['ours'] / peft:9.3f} {ratio['merged']:11.3f} {ratio['modules']:12.3f}",
+                flush=True,
+            )
+    print("targets: ours/base <= 1.04 at dropout 0, ours/peft <= 1.00, merged/base = 1.00")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "load_model": "models",
     "generate": "models",
     "load_corpus": "data.corpora",
+    "load_heldout_code": "data.corpora",
     "prepare_data": "data.text",
     "load_rows": "data.rows",
     # memory
@@ -78,7 +79,7 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
     from lora_widgets import data, events, health, hf, lora, memory, sweep, training, widget
-    from lora_widgets.data.corpora import load_corpus
+    from lora_widgets.data.corpora import load_corpus, load_heldout_code
     from lora_widgets.data.rows import load_rows
     from lora_widgets.data.text import prepare_data
     from lora_widgets.devices import describe_device, list_devices, select_device

@@ -67,7 +67,8 @@ tokenizer = AutoTokenizer.from_pretrained(path)
 * **Pretraining: `stdlib-code`** — {pre.description} Read from CPython {s["python_version"]}.
   {s["pretrain_tokens"]:,} tokens, packed into {hp["block_size"]}-token blocks with EOS between files;
   {s["pretrain_train_blocks"]:,} training blocks, {s["pretrain_val_blocks"]:,} held-out validation blocks
-  (`prepare_data("stdlib-code", tokenizer, block_size={hp["block_size"]}, val_fraction=0.1, seed=0)`).
+  (`split_blocks(pack_blocks(load_corpus("stdlib-code"), tokenizer, {hp["block_size"]}), 0.1, seed=0)`: random blocks,
+  so every file has blocks on the training side; `load_heldout_code()` is stdlib code this model never saw).
   The tokenizer was trained on the whole corpus, validation text included.
 * **Fine-tuning target (not seen in pretraining): `python-docs`** — {fin.description}
   {s["finetune_tokens"]:,} tokens; {s["finetune_val_blocks"]} validation blocks.

@@ -12,7 +12,7 @@ Steps (all seeded, CPU, fp32):
 1. Train a byte-level BPE tokenizer (``tokenizers``; Radford et al. 2019, section 2.2) with a 2,048-token
    vocabulary on the ``"stdlib-code"`` corpus and wrap it as a ``PreTrainedTokenizerFast``.
 2. Build a small Llama (``LlamaConfig``; Touvron et al. 2023) and pretrain it on the training blocks of
-   ``"stdlib-code"`` (``prepare_data(..., block_size=128, val_fraction=0.1, seed=0)``) with AdamW
+   ``"stdlib-code"`` (:func:`block_split`: random 128-token blocks, 10%, seed 0) with AdamW
    (Loshchilov & Hutter 2019), linear warm-up and cosine decay.
 3. Measure validation loss on the held-out ``"stdlib-code"`` blocks and on the ``"python-docs"``
    validation blocks (the fine-tuning target), against the uniform-guess baseline ln(vocab).
@@ -40,7 +40,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lora_widgets.data.corpora import load_corpus, python_version
-from lora_widgets.data.text import prepare_data
+from lora_widgets.data.text import DataSplit, pack_blocks, split_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from base_model_card import model_card
@@ -220,6 +220,21 @@ def pretrain(
     return curve
 
 
+def block_split(name: str, tokenizer: Any, block_size: int, val_fraction: float, seed: int) -> DataSplit:
+    """The split the shipped model was built with: random blocks of the packed corpus (``split_blocks``).
+
+    Runs now split by document (``prepare_data``), because random blocks leave each validation block's
+    neighbours in training; this older rule is kept here so that a rebuild reproduces the shipped model and card.
+    So no whole ``stdlib-code`` file was held out from pretraining: ``load_heldout_code()`` is code it never saw.
+    """
+    blocks = pack_blocks(load_corpus(name), tokenizer, block_size)  # [n, block_size]
+    train, val = split_blocks(blocks, val_fraction, seed)
+    n_tokens = sum(
+        len(ids) + 1 for ids in tokenizer(load_corpus(name), add_special_tokens=False)["input_ids"]
+    )
+    return DataSplit(train, val, block_size, n_tokens, f"random blocks ({val_fraction:.0%}, seed {seed})")
+
+
 def lora_evidence(model_dir: Path, log: Any) -> dict[str, Any]:
     """LoRA r=8 for 200 steps on the finetune corpus; returns base and adapted target-domain val loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -229,7 +244,7 @@ def lora_evidence(model_dir: Path, log: Any) -> dict[str, Any]:
     ev = EVIDENCE
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = prepare_data("python-docs", tokenizer, block_size=HPARAMS["block_size"], val_fraction=0.1, seed=0)
+    data = block_split("python-docs", tokenizer, HPARAMS["block_size"], 0.1, 0)
     base = mean_loss(model, data.val)
     torch.manual_seed(ev["seed"])
     report = apply_lora(model, LoRAConfig(r=ev["r"], alpha=ev["alpha"], target_modules=ev["target_modules"]))
@@ -337,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     pre_texts = load_corpus("stdlib-code")
     tokenizer = train_tokenizer(pre_texts, hp["vocab_size"])
     log(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - t0:.1f} s")
-    pre = prepare_data("stdlib-code", tokenizer, hp["block_size"], hp["val_fraction"], hp["seed"])
-    fin = prepare_data("python-docs", tokenizer, hp["block_size"], hp["val_fraction"], hp["seed"])
+    pre = block_split("stdlib-code", tokenizer, hp["block_size"], hp["val_fraction"], hp["seed"])
+    fin = block_split("python-docs", tokenizer, hp["block_size"], hp["val_fraction"], hp["seed"])
     log(f"pretrain: {pre.n_tokens:,} tokens, {len(pre.train)} train / {len(pre.val)} val blocks")
     log(f"finetune: {fin.n_tokens:,} tokens, {len(fin.train)} train / {len(fin.val)} val blocks")
 

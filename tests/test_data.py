@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import random
+import string
 from pathlib import Path
 
 import pytest
@@ -210,10 +212,79 @@ def test_prepare_data_is_deterministic(tokenizer) -> None:  # type: ignore[no-un
     second = prepare_data("python-docs", tokenizer, block_size=64, val_fraction=0.1, seed=0)
     assert isinstance(first, DataSplit)
     assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
-    n_blocks = first.n_tokens // 64
-    assert len(first.train) + len(first.val) == n_blocks
-    assert len(first.val) == round(n_blocks * 0.1)
+    assert first.val_documents == second.val_documents and first.split == second.split
+    n_docs = len(load_texts("python-docs"))
+    assert len(first.val_documents) == round(n_docs * 0.1)
+    assert (
+        first.split
+        == f"by document: {n_docs - round(n_docs * 0.1):,} train / {round(n_docs * 0.1):,} validation documents, seed 0"
+    )
+    assert (
+        len(first.train) + len(first.val) <= first.n_tokens // 64
+    )  # each side drops its own incomplete tail
     assert first.n_train_tokens == len(first.train) * 64 and first.block_size == 64
+    other = prepare_data("python-docs", tokenizer, block_size=64, val_fraction=0.1, seed=1)
+    assert other.val_documents != first.val_documents  # the seed picks the documents
+
+
+def _documents_seen(blocks: torch.Tensor, owner: dict[tuple[int, ...], int], n: int = 12) -> set[int]:
+    """The documents whose token ``n``-grams occur inside ``blocks[k, T]`` (``owner``: n-gram -> document)."""
+    return {
+        owner[g]
+        for b in blocks.tolist()
+        for j in range(len(b) - n + 1)
+        if (g := tuple(b[j : j + n])) in owner
+    }
+
+
+def _owners(ids: list[list[int]], n: int = 12) -> dict[tuple[int, ...], int]:
+    """Each token n-gram that occurs in exactly one document, mapped to it."""
+    seen: dict[tuple[int, ...], int] = {}
+    for doc, toks in enumerate(ids):
+        for j in range(len(toks) - n + 1):
+            g = tuple(toks[j : j + n])
+            seen[g] = doc if seen.get(g, doc) == doc else -1
+    return {g: d for g, d in seen.items() if d >= 0}
+
+
+def test_no_validation_document_is_in_training(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Whole documents validate: every document whose text is in a validation block is a validation document,
+    and none of them has text in a training block (documents known by their own words: each draws from its own
+    vocabulary, so a 12-token run names its document). Random blocks of the packed stream (the old rule) fail it."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(7)) for _ in range(40 * 12)]
+    texts = [
+        " ".join(rng.choice(words[12 * i : 12 * i + 12]) for _ in range(20 + 7 * (i % 5))) for i in range(40)
+    ]
+    texts.append(texts[3])  # a duplicate: it must land on the same side as its twin
+    data = prepare_data(texts, tokenizer, block_size=32, val_fraction=0.2, seed=5)
+    val_docs = set(data.val_documents)
+    assert len({texts[i] for i in val_docs}) == round(40 * 0.2)  # 40 distinct documents, 20% of them
+    assert (3 in val_docs) == (40 in val_docs)
+    owner = _owners([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:40]])
+    in_val, in_train = _documents_seen(data.val, owner), _documents_seen(data.train, owner)
+    assert in_val and in_val <= val_docs and not in_train & val_docs
+    old_train, old_val = split_blocks(
+        pack_blocks(texts, tokenizer, 32), 0.2, seed=5
+    )  # the leak this test catches
+    assert _documents_seen(old_val, owner) & _documents_seen(old_train, owner)
+    again = prepare_data(texts, tokenizer, block_size=32, val_fraction=0.2, seed=5)
+    assert again.val_documents == data.val_documents and torch.equal(again.val, data.val)
+
+
+def test_a_single_document_falls_back_to_its_last_blocks(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    text = "".join(f"x{i} = {i}\n" for i in range(200))
+    data = prepare_data([text], tokenizer, block_size=16, val_fraction=0.1, seed=0)
+    blocks = pack_blocks([text], tokenizer, 16)
+    n_val = round(len(blocks) * 0.1)
+    assert torch.equal(data.val, blocks[-n_val:]) and torch.equal(data.train, blocks[:-n_val])
+    assert (
+        data.split.startswith("by position (the text is one document): the last") and data.val_documents == ()
+    )
+    short = ["x = 1\n" * 60, "y = 2\n"]  # the validation document would not fill a block: by position
+    assert prepare_data(short, tokenizer, block_size=16, val_fraction=0.5, seed=0).split.startswith(
+        "by position"
+    )
 
 
 def test_prepare_data_from_a_jsonl_file(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -243,52 +314,21 @@ def test_as_blocks(tokenizer) -> None:  # type: ignore[no-untyped-def]
 
 def test_train_val_blocks_follows_one_rule_for_trainer_and_dashboard(tokenizer) -> None:  # type: ignore[no-untyped-def]
     blocks = torch.arange(20 * 8).view(20, 8)
-    split = DataSplit(train=blocks[:15], val=blocks[15:], block_size=8, n_tokens=160)
-    train, val = train_val_blocks(split, None, None, 8)  # a DataSplit brings its own validation part
+    split = DataSplit(train=blocks[:15], val=blocks[15:], block_size=8, n_tokens=160, split="by document: x")
+    train, val, how = train_val_blocks(split, None, None, 8)  # a DataSplit brings its own validation part
     assert torch.equal(train, blocks[:15]) and val is not None and torch.equal(val, blocks[15:])
-    train, val = train_val_blocks(split, blocks[:2], None, 8)  # given eval_data wins
-    assert val is not None and torch.equal(val, blocks[:2])
-    train, val = train_val_blocks(blocks, None, None, 8, val_fraction=0.1, seed=3)  # held out, seeded
-    assert (train.shape[0], val.shape[0] if val is not None else 0) == (18, 2)
-    assert train_val_blocks(blocks, None, None, 8, val_fraction=0.1, seed=3)[1].tolist() == val.tolist()  # type: ignore[union-attr]
+    assert how == "by document: x"
+    train, val, how = train_val_blocks(split, blocks[:2], None, 8)  # given eval_data wins
+    assert val is not None and torch.equal(val, blocks[:2]) and how == "validation data given (eval_data)"
+    train, val, how = train_val_blocks(
+        blocks, None, None, 8, val_fraction=0.1, seed=3
+    )  # a tensor: its last blocks
+    assert val is not None and torch.equal(val, blocks[18:]) and torch.equal(train, blocks[:18])
+    assert how.startswith("by position (blocks given as a tensor")
     assert train_val_blocks(blocks[:1], None, None, 8)[1] is None  # one block: nothing to hold out
     assert train_val_blocks(blocks, None, None, 8, val_fraction=0.0)[1] is None
-    texts = ["def f(x):\n    return x + 1\n" * 40]
-    t_train, t_val = train_val_blocks(texts, None, tokenizer, 16, val_fraction=0.2, seed=0)
+    texts = [f"def f{i}(x):\n    return x + {i}\n" * 4 for i in range(30)]
+    t_train, t_val, how = train_val_blocks(texts, None, tokenizer, 16, val_fraction=0.2, seed=0)
     expected = prepare_data(texts, tokenizer, block_size=16, val_fraction=0.2, seed=0)
     assert torch.equal(t_train, expected.train) and t_val is not None and torch.equal(t_val, expected.val)
-
-
-# --- file encodings and text rows -------------------------------------------------------------------------
-
-
-def test_utf16_text_file_is_decoded_with_a_warning(tmp_path: Path) -> None:
-    path = tmp_path / "notes.txt"
-    path.write_bytes("héllo\r\nwörld\r\n".encode("utf-16"))  # what Windows Notepad's "Unicode" writes
-    with pytest.warns(UnicodeWarning, match=r"notes.txt is UTF-16.*decoded it as UTF-16.*UTF-8"):
-        assert load_texts(path) == ["héllo\nwörld\n"]
-    jsonl = tmp_path / "rows.jsonl"
-    jsonl.write_bytes(json.dumps({"text": "ä"}).encode("utf-16-be").join([b"\xfe\xff", b""]))
-    with pytest.warns(UnicodeWarning, match="rows.jsonl is UTF-16"):
-        assert load_texts(jsonl) == ["ä"]
-
-
-def test_non_utf8_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
-    path = tmp_path / "latin1.txt"
-    path.write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte 3 .*re-save it as UTF-8"):
-        load_texts(path)
-    bom = tmp_path / "bom.txt"
-    bom.write_bytes(b"\xef\xbb\xbfhi\r\n")
-    assert load_texts(bom) == ["hi\n"]  # UTF-8 byte-order mark skipped, newlines as text mode reads them
-
-
-def test_text_dict_rows_pack_like_strings(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    assert load_texts([{"text": "a"}, "b"]) == ["a", "b"]
-    with pytest.raises(ValueError, match=r"row 0 .* is dict"):
-        load_texts([{"prompt": "p", "completion": "c"}])
-
-
-def test_instruction_set_is_not_packed() -> None:
-    with pytest.raises(ValueError, match=r"'python-instruct' is an instruction set.*prepare_sft"):
-        load_texts("python-instruct")
+    assert how == expected.split == "by document: 24 train / 6 validation documents, seed 0"

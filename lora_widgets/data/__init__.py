@@ -2,7 +2,8 @@
 
 ===================  ========================================================================================
 ``corpora``          the built-in offline corpora (stdlib code, the Language Reference prose, python-instruct)
-``text``             plain text -> token blocks: reading files, packing, the train/validation split
+``text``             plain text -> token blocks: reading files, splitting by document, packing
+``split``            the validation rule: whole documents (or examples) held out, seeded; the fallback
 ``rows``             instruction rows in TRL's formats (messages, prompt/completion, text; ShareGPT, Alpaca)
 ``sft``              rows -> token ids with the loss mask on the answers (as TRL's ``SFTTrainer``)
 ``sft_batches``      padded, length-grouped batches and the masked loss normalised per optimizer step
@@ -13,7 +14,13 @@
 
 from __future__ import annotations
 
-from lora_widgets.data.corpora import CorpusInfo, list_corpora, load_corpus, read_instructions
+from lora_widgets.data.corpora import (
+    CorpusInfo,
+    list_corpora,
+    load_corpus,
+    load_heldout_code,
+    read_instructions,
+)
 from lora_widgets.data.rows import load_rows, normalize_rows
 from lora_widgets.data.sft import SFTStats, prepare_sft
 from lora_widgets.data.sft_batches import collate, iter_batches, masked_lm_loss
@@ -30,6 +37,7 @@ __all__ = [
     "iter_batches",
     "list_corpora",
     "load_corpus",
+    "load_heldout_code",
     "load_rows",
     "load_texts",
     "masked_lm_loss",

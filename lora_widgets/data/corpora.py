@@ -20,6 +20,11 @@ developers (not by us) and distributed under the Python Software Foundation Lice
     A fixed train/validation split by answer hash keeps every validation answer out of training. Read it with
     :func:`read_instructions`; its construction is documented in :mod:`lora_widgets.data.instruct_corpus`.
 
+:func:`load_heldout_code` gives standard-library code the shipped base model never trained on, to measure
+forgetting with: the modules inside the standard library's packages (``json/decoder.py``, ``asyncio/*.py``,
+...). No document of ``"stdlib-code"`` itself is held out: the base model's pretraining split was over random
+128-token blocks (``scripts/build_base_model.py``), and every one of its 164 files has blocks on the training side.
+
 All are read from the running interpreter, so their exact content depends on the Python version (the
 shipped model was built from CPython 3.11; see its model card). Within one interpreter the result is
 deterministic: the same documents in the same order every time.
@@ -28,6 +33,7 @@ deterministic: the same documents in the same order every time.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ from typing import Any, Literal
 __all__ = [
     "MAX_CODE_CHARS",
     "MAX_FILE_CHARS",
+    "MAX_HELDOUT_CHARS",
     "CorpusInfo",
     "CorpusRole",
     "corpus_for_role",
@@ -44,6 +51,7 @@ __all__ = [
     "instruction_corpus_names",
     "list_corpora",
     "load_corpus",
+    "load_heldout_code",
     "python_version",
     "read_instructions",
 ]
@@ -219,6 +227,68 @@ def load_corpus(name: str) -> list[str]:
             f"read_instructions({name!r}, 'train') or read_instructions({name!r}, 'validation')"
         )
     return list(_read(name))
+
+
+#: Directories under the standard library whose modules are not held-out code: tests, installed third-party
+#: packages, the fine-tuning corpus (``pydoc_data``), generated codec tables (``encodings``), bundled wheels.
+_NOT_HELDOUT = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "pydoc_data", "encodings", "__pycache__",
+     "_bundled", "__phello__", "lib-dynload"}
+)  # fmt: skip
+
+
+#: Upper bound on the held-out code (characters): a forgetting set needs thousands of blocks, not all of them.
+MAX_HELDOUT_CHARS = 2_000_000
+
+
+def _package_modules(stdlib: Path) -> list[Path]:
+    """``.py`` files in the standard library's package directories, in path order (pruned while walking, so
+    ``site-packages`` is never listed)."""
+    found: list[Path] = []
+    for top, dirs, files in os.walk(stdlib):
+        here = Path(top)
+        dirs[:] = [d for d in dirs if d not in _NOT_HELDOUT and not d.startswith("config-")]
+        if here != stdlib:  # top-level modules are the pretraining corpus
+            found += [here / f for f in files if f.endswith(".py")]
+    return sorted(found, key=lambda p: p.relative_to(stdlib).parts)
+
+
+@functools.cache
+def _heldout_code() -> tuple[str, ...]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    seen = set(_read("stdlib-code"))
+    documents: list[str] = []
+    total = 0
+    for path in _package_modules(stdlib):
+        if not _is_code_module(path) and path.name != "__init__.py":
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if not text or len(text) > MAX_FILE_CHARS or text in seen:
+            continue
+        if total + len(text) > MAX_HELDOUT_CHARS:
+            break
+        documents.append(text)
+        total += len(text)
+    return tuple(documents)
+
+
+def load_heldout_code() -> list[str]:
+    """Standard-library source the shipped base model never trained on: a forgetting set in its own domain.
+
+    The modules inside the standard library's packages (``asyncio/``, ``email/``, ``json/``, ``xml/``, ...; their
+    tests, ``pydoc_data``, ``encodings`` and installed third-party packages left out), one document per file in
+    path order up to :data:`MAX_HELDOUT_CHARS` in all, each under :data:`MAX_FILE_CHARS` and none identical to a ``"stdlib-code"`` document. The base
+    model pretrained on the top-level modules only (``"stdlib-code"``), and of those on random blocks, so no
+    ``"stdlib-code"`` document is unseen; these files are code by the same authors in the same style that it
+    never saw. Its tokenizer was trained on ``"stdlib-code"`` only as well. Measured against CPython 3.11, which
+    the shipped model was built from; on another version a module that moved into a package could have been a
+    top-level (pretraining) file there.
+
+    Returns:
+        A new list of documents, the same on every call within one installation (an empty list when the
+        installation has no such package modules).
+    """
+    return list(_heldout_code())
 
 
 def instruction_corpus_names() -> list[str]:

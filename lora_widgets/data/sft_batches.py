@@ -11,6 +11,11 @@ convention of ``torch.nn.functional.cross_entropy(ignore_index=-100)`` and of tr
 * :func:`collate` pads one batch on the right (``input_ids`` with the pad id, ``labels`` with ``-100``) and
   returns the ``attention_mask`` (1 = real token, 0 = padding), as TRL's ``DataCollatorForLanguageModeling``.
   Padding is therefore never attended to and never trained.
+* :func:`pack` lays one batch out padding-free instead: the examples side by side in as few rows as fit, the
+  ``position_ids`` restarting at 0 for each, so that transformers' models attend within each example only
+  (Hugging Face, "Improve training efficiency with packing and Flash Attention 2", huggingface.co/blog/
+  packing-with-FA2, 2024: TRL's and transformers' ``DataCollatorWithFlattening``). The first label of each
+  example is :data:`IGNORE_INDEX`, so no example is trained to predict the next one's first token.
 * :func:`masked_lm_loss` is the mean next-token cross-entropy over trained tokens only.
 """
 
@@ -30,6 +35,7 @@ __all__ = [
     "iter_batches",
     "length_grouped_batches",
     "masked_lm_loss",
+    "pack",
     "padding_count",
 ]
 
@@ -68,6 +74,23 @@ def _ids(example: SFTExample | Mapping[str, Sequence[int]]) -> tuple[Sequence[in
     return example["input_ids"], example.get("labels", example["input_ids"])
 
 
+def _pairs(
+    examples: Sequence[SFTExample | Mapping[str, Sequence[int]]], pad_id: int
+) -> list[tuple[Sequence[int], Sequence[int]]]:
+    """``(input_ids, labels)`` of each example, checked (see :func:`collate`'s Raises)."""
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
+        raise ValueError(f"pad_id must be an int >= 0 (tokenizer.pad_token_id), got {pad_id!r}")
+    if len(examples) == 0:
+        raise ValueError("collate needs at least one example")
+    pairs = [_ids(e) for e in examples]
+    for i, (ids, lab) in enumerate(pairs):
+        if len(ids) == 0 or len(lab) != len(ids):
+            raise ValueError(
+                f"example {i}: {len(ids)} input ids and {len(lab)} labels; both must be equal and non-zero"
+            )
+    return pairs
+
+
 def collate(
     examples: Sequence[SFTExample | Mapping[str, Sequence[int]]], pad_id: int
 ) -> dict[str, torch.Tensor]:
@@ -86,24 +109,72 @@ def collate(
     Raises:
         ValueError: no examples, an empty example, labels of another length than the ids, a bad ``pad_id``.
     """
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
-        raise ValueError(f"pad_id must be an int >= 0 (tokenizer.pad_token_id), got {pad_id!r}")
-    if len(examples) == 0:
-        raise ValueError("collate needs at least one example")
-    pairs = [_ids(e) for e in examples]
+    pairs = _pairs(examples, pad_id)
     width = max(len(ids) for ids, _ in pairs)
     input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)  # [B, T]
     labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
     attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)  # [B, T]
     for i, (ids, lab) in enumerate(pairs):
-        if len(ids) == 0 or len(lab) != len(ids):
-            raise ValueError(
-                f"example {i}: {len(ids)} input ids and {len(lab)} labels; both must be equal and non-zero"
-            )
         input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         labels[i, : len(ids)] = torch.as_tensor(lab, dtype=torch.long)
         attention_mask[i, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pack(
+    examples: Sequence[SFTExample | Mapping[str, Sequence[int]]], pad_id: int, width: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Lay ``examples`` out padding-free: rows of ``width`` tokens filled first-fit-decreasing.
+
+    Each example is contiguous within one row, its ``position_ids`` run 0, 1, ... from its first token, and its
+    first label is :data:`IGNORE_INDEX` (a padded row never trains ``labels[0]`` either, since nothing predicts
+    it), so the loss over the trained tokens equals the padded batch's (:func:`collate`). A model attends within
+    each example only when it reads the restarts in ``position_ids`` (transformers' models do when
+    ``attention_mask`` is ``None``: ``masking_utils.find_packed_sequence_indices``). The rest of a row is padding
+    with positions 0, 1, ... of its own (a separate block: attended by nothing real, never trained).
+
+    Args:
+        examples: as for :func:`collate`.
+        pad_id: the padding token id.
+        width: tokens per row; ``None``: all examples in one row.
+
+    Returns:
+        ``{"input_ids", "position_ids", "labels"}``, each ``LongTensor[R, width]`` (``R`` rows).
+
+    Raises:
+        ValueError: as :func:`collate`, and an example longer than ``width``.
+    """
+    pairs = _pairs(examples, pad_id)
+    width = sum(len(ids) for ids, _ in pairs) if width is None else width
+    if max(len(ids) for ids, _ in pairs) > width:
+        raise ValueError(
+            f"an example of {max(len(i) for i, _ in pairs)} tokens does not fit in rows of {width}"
+        )
+    rows: list[list[int]] = []  # indices into pairs, per row
+    free: list[int] = []  # tokens left per row
+    for i in sorted(range(len(pairs)), key=lambda k: -len(pairs[k][0])):
+        n = len(pairs[i][0])
+        row = next((j for j, f in enumerate(free) if f >= n), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= n
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [R, W]
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # [R, W]
+    position_ids = torch.empty((len(rows), width), dtype=torch.long)  # [R, W]
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            ids, lab = pairs[i]
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.as_tensor(ids, dtype=torch.long)
+            labels[r, start + 1 : end] = torch.as_tensor(lab[1:], dtype=torch.long)
+            position_ids[r, start:end] = torch.arange(len(ids))
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
 def _check_batch_size(batch_size: int) -> None:

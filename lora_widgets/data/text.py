@@ -1,6 +1,6 @@
 """Turn user data into training batches: load texts, tokenise, pack into fixed-length blocks, split.
 
-The pipeline is ``load_texts`` -> ``pack_blocks`` -> ``split_blocks`` (``prepare_data`` runs all three).
+The pipeline is ``load_texts`` -> split by document -> ``pack_blocks`` each side (``prepare_data`` runs it).
 
 Packing rather than padding: every document is tokenised without special tokens, an end-of-sequence
 token is appended after each one so the model learns where documents end, and the resulting stream is
@@ -9,8 +9,10 @@ so no compute is wasted and no attention mask or label masking is needed; this i
 causal-LM pretraining pipelines batch text (Radford et al. 2019, section 2.3; Hugging Face's ``run_clm``
 ``group_texts``). A block may span a document boundary; the EOS token between documents marks it.
 
-The train/validation split is over blocks, with a seeded permutation, so it depends only on the data,
-the tokenizer, ``block_size``, ``val_fraction`` and ``seed``.
+The train/validation split is over whole documents, before packing (:mod:`lora_widgets.data.split` says why and
+gives the fallback for a single document), so no validation block has a neighbour from its document in training.
+It depends only on the data, the tokenizer, ``block_size``, ``val_fraction`` and ``seed``; ``DataSplit.split``
+says in words how it was made.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from lora_widgets.data.corpora import get_corpus_info, list_corpora, load_corpus
+from lora_widgets.data.split import check_val_fraction, describe_tail, split_groups, tail_split
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,6 +43,7 @@ __all__ = [
     "prepare_data",
     "read_text_file",
     "split_blocks",
+    "split_texts",
     "train_val_blocks",
 ]
 
@@ -54,14 +58,21 @@ class DataSplit:
         train: ``LongTensor[n_train, block_size]`` of token ids.
         val: ``LongTensor[n_val, block_size]`` of token ids (``n_val`` is 0 when ``val_fraction`` is 0).
         block_size: tokens per block (the sequence length the model is trained on).
-        n_tokens: tokens in the tokenised stream, EOS separators included, before the incomplete tail
+        n_tokens: tokens of all documents, EOS separators included, before each side's incomplete tail
             block was dropped.
+        split: how the validation part was chosen, in words (``"by document: 410 train / 46 validation
+            documents, seed 0"``, or the fallback; :mod:`lora_widgets.data.split`); a run's ``DataPrepared``
+            event repeats it.
+        val_documents: indices (in load order) of the documents held out whole for validation; empty when the
+            split was not by document.
     """
 
     train: torch.Tensor
     val: torch.Tensor
     block_size: int
     n_tokens: int
+    split: str = "as given"
+    val_documents: tuple[int, ...] = ()
 
     @property
     def n_train_tokens(self) -> int:
@@ -273,13 +284,18 @@ def pack_blocks(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_
 
 def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """All documents' token ids, each followed by EOS: ``int64[n_tokens]``."""
+    return np.concatenate(_encode(texts, tokenizer))
+
+
+def _encode(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[np.ndarray]:
+    """Each document's token ids followed by EOS: one ``int64[n_i + 1]`` per document."""
     eos_id = _require_eos(tokenizer)
     if isinstance(texts, str):
         raise ValueError("pack_blocks takes a list of documents, got a single str; wrap it: [text]")
     texts = _check_rows(list(texts), "the texts")
     # verbose=False: documents longer than model_max_length are fine here; they are cut into blocks.
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    return np.concatenate([np.append(np.asarray(ids, dtype=np.int64), eos_id) for ids in encoded])
+    return [np.append(np.asarray(ids, dtype=np.int64), eos_id) for ids in encoded]
 
 
 def _blocks_from_stream(stream: np.ndarray, block_size: int) -> torch.Tensor:
@@ -296,10 +312,14 @@ def _blocks_from_stream(stream: np.ndarray, block_size: int) -> torch.Tensor:
 def split_blocks(
     blocks: torch.Tensor, val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``blocks`` into (train, val) with a seeded random permutation.
+    """Split ``blocks`` into (train, val) with a seeded random permutation of the blocks.
 
     ``round(n * val_fraction)`` blocks (at least one when ``val_fraction > 0``) go to validation. Both parts
     keep the blocks' original order. The split depends only on ``n``, ``val_fraction`` and ``seed``.
+
+    Not what runs use: blocks cut from one packed stream have neighbours from their own documents on the other
+    side (:mod:`lora_widgets.data.split`); :func:`prepare_data` splits by document. This is the rule the shipped
+    base model's pretraining split was made with (``scripts/build_base_model.py``), kept to reproduce it.
 
     Returns:
         ``(train[n_train, block_size], val[n_val, block_size])``.
@@ -310,8 +330,7 @@ def split_blocks(
     """
     if blocks.dim() != 2:
         raise ValueError(f"blocks must be 2-D [n_blocks, block_size], got shape {tuple(blocks.shape)}")
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    check_val_fraction(val_fraction)
     n = blocks.shape[0]
     if val_fraction == 0:
         return blocks, blocks[:0]
@@ -328,6 +347,55 @@ def split_blocks(
     return blocks[train_idx], blocks[val_idx]
 
 
+def split_texts(
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> DataSplit:
+    """Split ``texts`` by document (seeded), then pack each side into blocks (:mod:`lora_widgets.data.split`).
+
+    Falls back to the last ``val_fraction`` of the blocks (one contiguous piece) when the texts are one
+    document or the validation documents hold fewer than one block; ``DataSplit.split`` says which rule ran.
+
+    Raises:
+        ValueError: bad ``block_size`` or ``val_fraction``, no EOS token, empty or non-text input, or too few
+            tokens for one training and one validation block.
+    """
+    _check_block_size(block_size)
+    check_val_fraction(val_fraction)
+    encoded = _encode(texts, tokenizer)  # one int64[n_i + 1] per document; refuses a bare str
+    return _split_encoded(_check_rows(list(texts), "the texts"), encoded, block_size, val_fraction, seed)
+
+
+def _split_encoded(
+    texts: list[str], encoded: list[np.ndarray], block_size: int, val_fraction: float, seed: int
+) -> DataSplit:
+    n_tokens = sum(len(ids) for ids in encoded)
+    if val_fraction == 0:
+        blocks = _blocks_from_stream(np.concatenate(encoded), block_size)
+        return DataSplit(blocks, blocks[:0], block_size, n_tokens, "none: val_fraction=0, nothing held out")
+    docs = split_groups(texts, val_fraction, seed)
+    n_docs = len(set(texts))
+    reason = (
+        "the text is one document"
+        if len(texts) == 1
+        else f"{n_docs} distinct document(s) are too few to hold out {val_fraction:.0%} of them"
+    )
+    if docs is not None:
+        train_stream = np.concatenate([encoded[i] for i in docs.train])  # [n_train_tokens]
+        val_stream = np.concatenate([encoded[i] for i in docs.val])  # [n_val_tokens]
+        if len(train_stream) >= block_size and len(val_stream) >= block_size:
+            train = _blocks_from_stream(train_stream, block_size)  # [n_train, T]
+            val = _blocks_from_stream(val_stream, block_size)  # [n_val, T]
+            return DataSplit(train, val, block_size, n_tokens, docs.describe("document"), docs.val)
+        reason = f"the {len(docs.val)} validation document(s) would hold fewer than one block"
+    blocks = _blocks_from_stream(np.concatenate(encoded), block_size)  # [n, T]
+    train, val = tail_split(blocks, val_fraction)
+    return DataSplit(train, val, block_size, n_tokens, describe_tail(reason, len(val), len(blocks)))
+
+
 def prepare_data(
     source: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -336,17 +404,19 @@ def prepare_data(
     seed: int = 0,
     text_field: str = "text",
 ) -> DataSplit:
-    """Load, tokenise, pack and split ``source`` (anything :func:`load_texts` accepts).
+    """Load ``source`` (anything :func:`load_texts` accepts), split it by document and pack each side.
+
+    ``round(n_documents * val_fraction)`` whole documents (seeded) validate, so no validation block has a
+    neighbour from its own document in training; see :func:`split_texts` for the single-document fallback.
+    ``DataSplit.split`` says how the split was made.
 
     Raises:
-        ValueError: see :func:`load_texts`, :func:`pack_blocks` and :func:`split_blocks`.
+        ValueError: see :func:`load_texts`, :func:`pack_blocks` and :func:`split_texts`.
     """
     _check_block_size(block_size)
+    check_val_fraction(val_fraction)
     _require_eos(tokenizer)  # fail before reading a large corpus
-    texts = load_texts(source, text_field=text_field)
-    stream = _token_stream(texts, tokenizer)  # [n_tokens]
-    train, val = split_blocks(_blocks_from_stream(stream, block_size), val_fraction, seed)
-    return DataSplit(train=train, val=val, block_size=block_size, n_tokens=len(stream))
+    return split_texts(load_texts(source, text_field=text_field), tokenizer, block_size, val_fraction, seed)
 
 
 def as_blocks(obj: Any, tokenizer: PreTrainedTokenizerBase | None, block_size: int) -> torch.Tensor:
@@ -386,29 +456,42 @@ def train_val_blocks(
     block_size: int,
     val_fraction: float = 0.1,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """The blocks a run trains and validates on, from what a user passes as ``train_data``/``eval_data``.
 
     The one rule the trainer and the dashboard share: a :class:`DataSplit` brings its own validation part
-    (unless ``eval_data`` is given); given ``eval_data`` is used as it is; otherwise ``val_fraction`` of the
-    training blocks is held out (seeded, :func:`split_blocks`) when there are at least two. An empty
-    validation part becomes ``None`` (no evaluation).
+    (unless ``eval_data`` is given); given ``eval_data`` is used as it is; otherwise ``val_fraction`` is held
+    out when there are at least two blocks: whole documents of a text source (:func:`split_texts`), the last
+    blocks of a tensor (its document boundaries are unknown). An empty validation part becomes ``None``.
 
     Returns:
-        ``(train[n, T], val[n_val, T] or None)``.
+        ``(train[n, T], val[n_val, T] or None, split)``; ``split`` says in words how the validation part was
+        chosen (the run's ``DataPrepared.split``).
     """
+    check_val_fraction(val_fraction)
+    split = "validation data given (eval_data)"
     if isinstance(train_data, DataSplit):
         if eval_data is None and train_data.val.shape[0] > 0:
-            eval_data = train_data.val
+            eval_data, split = train_data.val, train_data.split
         train_data = train_data.train
-    train = as_blocks(train_data, tokenizer, block_size)  # [n, T]
-    val: torch.Tensor | None
     if eval_data is not None:
         val = as_blocks(eval_data, tokenizer, block_size)  # [n_val, T]
-    elif val_fraction > 0 and train.shape[0] >= 2:
-        train, val = split_blocks(train, val_fraction, seed)
+        train = as_blocks(train_data, tokenizer, block_size)  # [n, T]
+        return train, (val if val.shape[0] > 0 else None), split
+    if val_fraction == 0:
+        return as_blocks(train_data, tokenizer, block_size), None, "none: val_fraction=0, no validation"
+    if isinstance(train_data, torch.Tensor) or tokenizer is None:
+        blocks = as_blocks(train_data, tokenizer, block_size)  # [n, T]; without a tokenizer: a clear error
+        reason = "blocks given as a tensor, document boundaries unknown"
     else:
-        val = None
-    if val is not None and val.shape[0] == 0:
-        val = None
-    return train, val
+        _check_block_size(block_size)
+        texts = load_texts(train_data)
+        encoded = _encode(texts, tokenizer)  # one int64[n_i + 1] per document
+        if sum(len(ids) for ids in encoded) >= 2 * block_size:
+            data = _split_encoded(texts, encoded, block_size, val_fraction, seed)
+            return data.train, data.val, data.split
+        blocks = _blocks_from_stream(np.concatenate(encoded), block_size)  # [1, T] or an error
+    if blocks.shape[0] < 2:
+        return blocks, None, "none: one block, nothing to hold out"
+    train, val = tail_split(blocks, val_fraction)
+    return train, val, describe_tail(reason, len(val), len(blocks))

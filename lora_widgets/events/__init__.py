@@ -1,17 +1,24 @@
 """The typed event stream every run speaks, whoever produces it, and what reads it back.
 
 =============  ==============================================================================================
-``types``      the frozen event dataclasses (``RunStarted`` ... ``RunEnded``), their JSON round trip, the
-               :class:`RunSource` protocol every run satisfies and the :class:`Subscribers` list
+``types``      the frozen event dataclasses (``RunStarted`` ... ``RunEnded``), their checked JSON round trip,
+               and the :class:`RunSource` protocol every run satisfies
+``source``     :class:`RunBase`, what every run source shares (state, :class:`Subscribers`, history, the
+               metrics writer, the hop to the loop thread, stop/pause/resume, cancellation)
+``run_files``  the run directory's files, one protocol for writers and readers: ``metrics.jsonl``
+               (:class:`MetricsWriter`, :class:`EventLines`) and ``control.json`` (:func:`send_request`)
 ``history``    a run's metrics as NumPy columns; min-max decimation and the debiased EMA the charts use
 ``replay``     :func:`read_events` of a ``metrics.jsonl`` and :class:`Replay`, a run source that re-publishes it
+``watch``      :class:`RunDirWatch`, a run source that follows a run directory another process writes
 =============  ==============================================================================================
 """
 
 from __future__ import annotations
 
 from lora_widgets.events.history import History
-from lora_widgets.events.replay import Replay, read_events
+from lora_widgets.events.replay import Replay, check_events, read_events
+from lora_widgets.events.run_files import EventLines, MetricsWriter, send_request
+from lora_widgets.events.source import Requests, RunBase, Subscribers
 from lora_widgets.events.types import (
     AdapterLayerStats,
     AdapterStats,
@@ -21,6 +28,7 @@ from lora_widgets.events.types import (
     EvalMetrics,
     Event,
     FailureReason,
+    Notice,
     RunEarlyStopped,
     RunEnded,
     RunFailed,
@@ -33,9 +41,9 @@ from lora_widgets.events.types import (
     SamplePair,
     StateChanged,
     StepMetrics,
-    Subscribers,
     event_from_dict,
 )
+from lora_widgets.events.watch import RunDirWatch
 
 __all__ = [
     "AdapterLayerStats",
@@ -45,9 +53,15 @@ __all__ = [
     "DataPrepared",
     "EvalMetrics",
     "Event",
+    "EventLines",
     "FailureReason",
     "History",
+    "MetricsWriter",
+    "Notice",
     "Replay",
+    "Requests",
+    "RunBase",
+    "RunDirWatch",
     "RunEarlyStopped",
     "RunEnded",
     "RunFailed",
@@ -61,6 +75,8 @@ __all__ = [
     "StateChanged",
     "StepMetrics",
     "Subscribers",
+    "check_events",
     "event_from_dict",
     "read_events",
+    "send_request",
 ]

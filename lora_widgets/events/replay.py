@@ -2,44 +2,46 @@
 them to a view as a :class:`~lora_widgets.events.types.RunSource` (``LoRADashboard.replay(path)``).
 
 Kept apart from :mod:`lora_widgets.events.types` (the event types and the RunSource contract), which every producer
-imports: a replay is one more producer.
+imports: a replay is one more producer, a :class:`~lora_widgets.events.source.RunBase` that writes only how it
+publishes. Every line is checked (:class:`~lora_widgets.events.run_files.EventLines`): a bad line is named and
+skipped (or, ``strict``, refused), never drawn at the wrong step, and what was skipped is said in
+:class:`~lora_widgets.events.types.Notice` events before the run's own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import logging
 import os
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
+from lora_widgets.events.run_files import EventLines
+from lora_widgets.events.source import RunBase
 from lora_widgets.events.types import (
     EvalMetrics,
     Event,
+    Notice,
     RunEnded,
     RunStopped,
     StateChanged,
     StepMetrics,
-    Subscribers,
     _EventBase,
-    event_from_dict,
 )
 
-__all__ = ["Replay", "read_events"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["Replay", "check_events", "read_events"]
 
 
-def read_events(path: str | os.PathLike[str]) -> list[Event]:
-    """Every event of a run's ``metrics.jsonl`` (the trainer appends one JSON line per event), in order.
+def check_events(path: str | os.PathLike[str], *, strict: bool = False) -> tuple[list[Event], list[Notice]]:
+    """The events of a run's ``metrics.jsonl`` and the :class:`Notice` s that say what was skipped.
 
-    A last line cut short (the process was killed while writing it) is skipped with a logged warning; any
-    other line that is not an event raises ``ValueError`` naming the file and line. Replay the result with
-    :class:`Replay` or ``LoRADashboard.replay``.
+    Each line is checked, types included (:class:`~lora_widgets.events.run_files.EventLines`): a line that is
+    not a run event, or a step that goes back, is named by number and skipped (``strict``: ``ValueError``
+    naming the file and line); event kinds of a newer version are skipped and counted. A last line cut short
+    (the process was killed while writing it) is skipped in either mode.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is empty, is not UTF-8 text, or (``strict``) a line is bad.
     """
     file = Path(path)
     if not file.is_file():
@@ -48,38 +50,46 @@ def read_events(path: str | os.PathLike[str]) -> list[Event]:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{file} is not UTF-8 text ({exc.reason}); is it a metrics.jsonl file?") from None
-    lines = text.split("\n")
-    events: list[Event] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-            if not isinstance(data, dict):
-                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-            events.append(event_from_dict(data))
-        except (ValueError, TypeError) as exc:
-            if number == len(lines):  # no newline after it: a write cut short by a crash
-                logger.warning("%s: skipping the unfinished last line %d (%s)", file, number, exc)
-                continue
-            raise ValueError(f"{file}, line {number}: not a run event ({exc})") from None
-    return events
+    if not text.strip():
+        raise ValueError(f"{file} is empty: the run wrote no event (it never started, or is starting now)")
+    lines = text.split("\n")  # not splitlines(): U+2028 inside a JSON string is not a line break
+    unfinished = lines.pop() if lines[-1] else ""  # text after the last newline: a write cut short
+    reader = EventLines(str(file), strict=strict)
+    events = [event for line in lines if (event := reader.feed(line)) is not None]
+    if unfinished.strip():
+        reader.strict = False
+        if (event := reader.feed(unfinished)) is not None:
+            events.append(event)  # whole, only its newline missing
+    return events, reader.notices()
 
 
-class Replay:
+def read_events(path: str | os.PathLike[str], *, strict: bool = False) -> list[Event]:
+    """Every event of a run's ``metrics.jsonl``, in order, checked as :func:`check_events` does (what was
+    skipped is logged). Replay the result with :class:`Replay` or ``LoRADashboard.replay``."""
+    return check_events(path, strict=strict)[0]
+
+
+class Replay(RunBase):
     """A :class:`RunSource` that publishes the events of a recorded run again, in order.
 
-    ``events`` is a run's ``metrics.jsonl`` path (read with :func:`read_events`) or the events themselves.
-    :meth:`run` publishes them up to and including the first terminal event and returns it; a recording that
-    ends without one (an interrupted run) ends with a :class:`RunStopped` saying so. ``interval`` seconds
+    ``events`` is a run's ``metrics.jsonl`` path (read with :func:`check_events`; ``strict`` refuses a bad
+    line) or the events themselves. :meth:`run` publishes first the notices of what the file held that could
+    not be shown, then the events up to and including the first terminal event, and returns it; a recording
+    that ends without one (an interrupted run) ends with a :class:`RunStopped` saying so. ``interval`` seconds
     pass between two steps (0: as fast as the event loop allows, yielding to it regularly so a notebook stays
     responsive). :meth:`stop` ends the replay early (with a :class:`RunStopped`); :meth:`pause` and
     :meth:`resume` hold and release it between events, publishing :class:`StateChanged` as a trainer does.
     """
 
-    def __init__(self, events: str | os.PathLike[str] | Iterable[Event], *, interval: float = 0.0) -> None:
+    owner = "replay"
+
+    def __init__(
+        self, events: str | os.PathLike[str] | Iterable[Event], *, interval: float = 0.0, strict: bool = False
+    ) -> None:
+        super().__init__()
+        self.notices: list[Notice] = []
         if isinstance(events, str | os.PathLike):
-            events = read_events(events)
+            events, self.notices = check_events(events, strict=strict)
         self.events: list[Event] = list(events)
         bad = [e for e in self.events if not isinstance(e, _EventBase)]
         if bad:
@@ -89,56 +99,26 @@ class Replay:
         if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval >= 0:
             raise ValueError(f"interval must be a number of seconds >= 0, got {interval!r}")
         self.interval = float(interval)
-        self._subscribers = Subscribers("replay")
-        self._running = False
-        self._stop = threading.Event()
-        self._resume: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` for every replayed event; returns an unsubscribe function."""
-        return self._subscribers.add(callback)
-
-    @property
-    def running(self) -> bool:
-        """True while :meth:`run` is in progress (also while paused)."""
-        return self._running
-
-    def stop(self) -> None:
-        """End the replay before its next event. Safe from any thread; no-op when idle."""
-        self._stop.set()
-        self._on_loop(lambda: self._resume.set() if self._resume else None)
-
-    def pause(self) -> None:
-        """Hold the replay before its next event."""
-        self._on_loop(lambda: self._resume.clear() if self._resume else None)
-
-    def resume(self) -> None:
-        """Release a paused replay."""
-        self._on_loop(lambda: self._resume.set() if self._resume else None)
 
     async def run(self) -> RunEnded:
         """Publish the events; return the terminal one (see the class docstring)."""
-        if self._running:
-            raise RuntimeError("this replay is already running; await it or stop() it first")
-        self._running, self._loop = True, asyncio.get_running_loop()
-        self._resume = asyncio.Event()
-        self._resume.set()
-        self._stop.clear()
+        self._begin_run("this replay is already running; await it or stop() it first")
         try:
             return await self._replay()
         finally:
-            self._running, self._resume, self._loop = False, None, None
+            self._end_run()
 
     async def _replay(self) -> RunEnded:
+        for notice in self.notices:
+            self._publish(notice)
         last: StepMetrics | None = None
         best: float | None = None
         for i, event in enumerate(self.events):
-            if not self._resume_is_set():
+            if self._requests.pause_requested:
                 self._publish(StateChanged(state="paused", step=last.step if last else 0))
-                await self._resume.wait()  # type: ignore[union-attr]
+                await self._wait_while_paused()
                 self._publish(StateChanged(state="running", step=last.step if last else 0))
-            if self._stop.is_set():
+            if self._requests.stop_requested:
                 return self._end(last, best, "replay stopped")
             self._publish(event)
             if isinstance(event, RunEnded):
@@ -160,24 +140,3 @@ class Replay:
                          message=f"{message} (step {step})")  # fmt: skip
         self._publish(end)
         return end
-
-    def _resume_is_set(self) -> bool:
-        return self._resume is None or self._resume.is_set()
-
-    def _publish(self, event: Event) -> None:
-        self._subscribers.deliver(event)
-
-    def _on_loop(self, fn: Callable[[], Any]) -> None:
-        """Run ``fn`` on the replay's loop thread (asyncio.Event is not thread-safe)."""
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            current = asyncio.get_running_loop()
-        except RuntimeError:
-            current = None
-        if current is loop:
-            fn()
-        else:
-            with contextlib.suppress(RuntimeError):  # the loop closed in between
-                loop.call_soon_threadsafe(fn)

@@ -4,7 +4,7 @@ The trainer's hooks become the events our own trainer publishes (:mod:`lora_widg
 
     on_train_begin  -> RunStarted            on_evaluate -> EvalMetrics
     on_log (loss)   -> StepMetrics           on_save     -> CheckpointSaved
-    on_step_end     -> honours stop()/pause() (StateChanged "paused"/"running")
+    on_step_end     -> honours stop()/pause() and <output_dir>/control.json (StateChanged "paused"/"running")
     on_pre_optimizer_step (the first of a train()) -> AlertRaised "no_gradient" when trainable parameters
                        got no gradient (lora_widgets.health.gradient_check; read after backward, before the update)
     on_train_end    -> StateChanged(<end>), RunFinished | RunEarlyStopped | RunStopped | RunFailed (NaN seen)
@@ -39,21 +39,20 @@ run and ends it in ``RunFailed(reason="nan")``. Every event is also appended to 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from lora_widgets.devices import describe_device, gpu_utilization, memory_in_use
+from lora_widgets.events.run_files import METRICS_FILE, ControlReader, MetricsWriter
+from lora_widgets.events.source import Requests, Subscribers
 from lora_widgets.events.types import (
     CheckpointSaved,
     EvalMetrics,
@@ -68,7 +67,6 @@ from lora_widgets.events.types import (
     RunStopped,
     StateChanged,
     StepMetrics,
-    Subscribers,
 )
 from lora_widgets.health.alerts import no_gradient_alert
 from lora_widgets.health.gradient_check import gradient_report
@@ -143,8 +141,10 @@ class EventCallback(TrainerCallback):
     Add it to any ``transformers.Trainer`` / ``trl.SFTTrainer`` (``callbacks=[cb]`` or ``add_callback``) and
     :meth:`subscribe`: subscribers are called synchronously in the thread that runs ``train()``. To keep a
     notebook usable while training, use :class:`HFRun` instead (it attaches one of these for you).
-    ``metrics_file``: append every event to ``<output_dir>/metrics.jsonl``. ``early_stopping``: stop on the
-    rule's verdict (see the module's docstring); settable between runs.
+    ``metrics_file``: append every event to ``<output_dir>/metrics.jsonl`` and, after each step, honour the
+    requests another process writes to ``<output_dir>/control.json``
+    (:func:`~lora_widgets.events.run_files.send_request`, a dashboard's ``watch``). ``early_stopping``: stop
+    on the rule's verdict (see the module's docstring); settable between runs.
     """
 
     def __init__(self, *, metrics_file: bool = True, early_stopping: EarlyStopping | None = None) -> None:
@@ -155,10 +155,10 @@ class EventCallback(TrainerCallback):
         self.early_stopping = early_stopping
         self._subscribers = Subscribers("EventCallback")
         self._metrics_file = metrics_file
-        self._file: IO[str] | None = None
-        self._stop = threading.Event()
-        self._resume = threading.Event()
-        self._resume.set()
+        self._file: MetricsWriter | None = None
+        self._control: ControlReader | None = None
+        self.requests = Requests()
+        """Stop / pause / resume, shared with :class:`~lora_widgets.hf.run.HFRun`."""
         self.state: RunState = "idle"
         self.last_event: RunEnded | None = None
         self._reset_run()
@@ -172,17 +172,15 @@ class EventCallback(TrainerCallback):
 
     def stop(self) -> None:
         """End training after the step in progress (also releases a pause). Safe from any thread."""
-        self._stop.set()
-        self._resume.set()
+        self.requests.stop()
 
     def pause(self) -> None:
         """Hold training after the step in progress until :meth:`resume`. Safe from any thread."""
-        if not self._stop.is_set():
-            self._resume.clear()
+        self.requests.pause()
 
     def resume(self) -> None:
         """Release a paused run. Safe from any thread."""
-        self._resume.set()
+        self.requests.resume()
 
     def begin(self, step: int = 0) -> None:
         """Start a new run's record now, before ``train()`` reaches ``on_train_begin``: forget an earlier
@@ -258,14 +256,14 @@ class EventCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._run.step = int(state.global_step)
-        if not self._resume.is_set() and not self._stop.is_set():
+        self._poll_control()
+        if self.requests.pause_requested:
             self._emit(StateChanged("paused", self._run.step))
-            t_pause = time.monotonic()
-            self._resume.wait()
-            self._run.paused_s += time.monotonic() - t_pause
-            if not self._stop.is_set():
+            poll = self._poll_control if self._control is not None else None
+            self._run.paused_s += self.requests.wait_blocking(poll)
+            if not self.requests.stop_requested:
                 self._emit(StateChanged("running", self._run.step))
-        if self._stop.is_set() and self._run.step < self._run.max_steps:
+        if self.requests.stop_requested and self._run.step < self._run.max_steps:
             control.should_training_stop = True
             control.should_log = True  # chart the last step
             if str(getattr(args.save_strategy, "value", args.save_strategy)) in ("steps", "epoch"):
@@ -365,7 +363,7 @@ class EventCallback(TrainerCallback):
                 best_step=v.best_step,
             )
             self._finish("finished", end)
-        elif self._stop.is_set() and step < self._run.max_steps:
+        elif self.requests.stop_requested and step < self._run.max_steps:
             self._finish(
                 "stopped", RunStopped(**self._end_fields(step), message=f"Stopped after step {step}.{note}")
             )
@@ -445,8 +443,12 @@ class EventCallback(TrainerCallback):
                 self._emit(alert)
 
     def _clear_controls(self) -> None:
-        self._stop.clear()
-        self._resume.set()
+        self.requests.clear()
+
+    def _poll_control(self) -> None:
+        """Apply a request written to ``<output_dir>/control.json`` since the last step."""
+        if self._control is not None:
+            self.requests.apply(self._control.poll())
 
     def _finish(self, state: RunState, end: RunFinished | RunStopped | RunFailed) -> None:
         self._clear_controls()  # a stop()/pause() never carries over into the next train()
@@ -454,22 +456,26 @@ class EventCallback(TrainerCallback):
         self._emit(StateChanged(state, end.step))
         self._emit(end)
         if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
+            self._file.close()
             self._file = None
+        if self._control is not None:
+            self._control.discard()  # a request that came too late must not stop the next train()
+            self._control = None
 
     def _open_file(self, args: Any) -> None:
         if not self._metrics_file or not getattr(args, "should_save", True) or not args.output_dir:
             return
         try:
             os.makedirs(args.output_dir, exist_ok=True)
-            self._file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
-            for event in self._run.unwritten:
-                self._file.write(json.dumps(event.to_dict()) + "\n")
+            self._file = MetricsWriter(os.path.join(args.output_dir, METRICS_FILE))
         except OSError:
             logger.exception(
                 "cannot open metrics.jsonl in %s; events are not written to disk", args.output_dir
             )
+            return
+        for event in self._run.unwritten:
+            self._file.write(event)
+        self._control = ControlReader(args.output_dir)
 
     def _emit(self, event: Event) -> None:
         if isinstance(event, StateChanged):
@@ -477,9 +483,5 @@ class EventCallback(TrainerCallback):
         if self._file is None and not self._run.started:
             self._run.unwritten.append(event)
         elif self._file is not None:
-            try:
-                self._file.write(json.dumps(event.to_dict()) + "\n")
-                self._file.flush()
-            except OSError:
-                logger.exception("could not append to metrics.jsonl")
+            self._file.write(event)
         self._subscribers.deliver(event)

@@ -15,29 +15,17 @@ gradient norm end in :class:`~lora_widgets.events.types.RunFailed` with the diag
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import logging
-import threading
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_widgets.events.history import History
-from lora_widgets.events.types import (
-    EvalMetrics,
-    Event,
-    RunEnded,
-    RunFailed,
-    RunState,
-    StateChanged,
-    StepMetrics,
-    Subscribers,
-)
+from lora_widgets.events.source import RunBase
+from lora_widgets.events.types import RunEnded, RunFailed
 from lora_widgets.health.gradient_check import is_no_gradient_error
 from lora_widgets.hf.args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf.callback import EventCallback
@@ -52,7 +40,7 @@ logger = logging.getLogger(__name__)
 _TRAINING: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-class HFRun:
+class HFRun(RunBase):
     """An existing ``transformers.Trainer`` / ``trl.SFTTrainer`` as a :class:`~lora_widgets.events.types.RunSource`.
 
     ``HFRun(hf_trainer)`` attaches an :class:`EventCallback` (or reuses one already attached);
@@ -62,9 +50,15 @@ class HFRun:
     :class:`~lora_widgets.training.early_stopping.EarlyStopping` rule for the callback (see
     :mod:`lora_widgets.hf.callback`).
 
+    State, subscribers, history, the hop to the loop's thread, stop/pause/resume (shared with the callback,
+    which honours them in the training thread) and the cancel shield are
+    :class:`~lora_widgets.events.source.RunBase`'s; the callback writes ``metrics.jsonl``.
+
     Raises:
         TypeError: ``hf_trainer`` is not a transformers ``Trainer`` (no ``train``/``add_callback``/``args``).
     """
+
+    owner = "HFRun"
 
     def __init__(self, hf_trainer: Any, early_stopping: EarlyStopping | None = None) -> None:
         missing = [
@@ -82,40 +76,10 @@ class HFRun:
             hf_trainer.add_callback(self.callback)
         elif early_stopping is not None:
             self.callback.early_stopping = early_stopping
-        self._subscribers = Subscribers("HFRun")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
-        self._running = False
-        self.state: RunState = "idle"
-        self.last_event: RunEnded | None = None
-        self.history = History()
-        self._unforward = self.callback.subscribe(self._forward)
+        super().__init__(requests=self.callback.requests)
+        self._unforward = self.callback.subscribe(self._publish_from_thread)
 
     # -- RunSource -------------------------------------------------------------------------------------
-
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` for every event, on the event loop's thread, in order; returns an
-        unsubscribe function. An exception in a callback is logged and does not stop the run."""
-        return self._subscribers.add(callback)
-
-    @property
-    def running(self) -> bool:
-        """True while :meth:`run` is in progress (also while paused)."""
-        return self._running
-
-    def stop(self) -> None:
-        """End the run after the step in progress. Safe from any thread; no-op when idle."""
-        if self._running:
-            self.callback.stop()
-
-    def pause(self) -> None:
-        """Hold the worker after the step in progress until :meth:`resume`. Safe from any thread."""
-        if self._running:
-            self.callback.pause()
-
-    def resume(self) -> None:
-        """Release a paused run. Safe from any thread."""
-        self.callback.resume()
 
     async def run(self, resume_from_checkpoint: str | bool | None = None) -> RunEnded:
         """Run ``hf_trainer.train(resume_from_checkpoint=...)`` in a worker thread until it ends; return the
@@ -125,28 +89,18 @@ class HFRun:
         Raises:
             RuntimeError: a run of this trainer is already in progress.
         """
-        if self._running or self.hf_trainer in _TRAINING:
-            raise RuntimeError("this trainer is already training; stop() it or await the run in progress")
-        self._running = True
+        busy = "this trainer is already training; stop() it or await the run in progress"
+        if self.hf_trainer in _TRAINING:
+            raise RuntimeError(busy)
+        self._begin_run(busy)
         _TRAINING.add(self.hf_trainer)
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self.history = History()
-        self.last_event = None
         self.callback.begin(int(getattr(self.hf_trainer.state, "global_step", 0) or 0))
-        work = asyncio.ensure_future(asyncio.to_thread(self._train, resume_from_checkpoint))
         try:
-            end = await asyncio.shield(work)
-        except asyncio.CancelledError:
-            self.callback.stop()
-            with contextlib.suppress(BaseException):
-                await work
-            raise
+            end = await self._in_thread(self._train, resume_from_checkpoint)
         finally:
             # Every event of this run was handed to the loop before the worker returned; from now on a
             # train() called directly delivers in its own thread (this loop may be closed, as after asyncio.run).
-            self._running = False
-            self._loop = self._loop_thread = None
+            self._end_run()
             _TRAINING.discard(self.hf_trainer)
         self.last_event = end
         return end
@@ -208,19 +162,3 @@ class HFRun:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def _forward(self, event: Event) -> None:
-        """From the training thread to the loop's thread (directly when already on it, or with no loop)."""
-        loop = self._loop
-        if loop is None or threading.get_ident() == self._loop_thread:
-            self._publish(event)
-            return
-        with contextlib.suppress(RuntimeError):  # the loop was closed in between
-            loop.call_soon_threadsafe(self._publish, event)
-
-    def _publish(self, event: Event) -> None:
-        if isinstance(event, StateChanged):
-            self.state = event.state
-        if isinstance(event, StepMetrics | EvalMetrics):
-            self.history.append(event)
-        self._subscribers.deliver(event)

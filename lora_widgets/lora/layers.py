@@ -58,6 +58,7 @@ from lora_widgets.lora.config import (
     resolve_targets,
     short_list,
 )
+from lora_widgets.lora.fused import can_fuse, fused_lora_linear
 from lora_widgets.quantization import layer_base, refuse_inplace_merge
 
 __all__ = [
@@ -157,18 +158,18 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:  # the base layer's bias, or None
         return self.base_layer.bias  # type: ignore[return-value]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> result: [..., out]
-        result: torch.Tensor = self.base_layer(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         if self.merged or not self.enabled:
-            return result
-        lora_x = x if x.dtype == self.lora_A.weight.dtype else x.to(self.lora_A.weight.dtype)
-        # Scale the rank-r intermediate rather than the output: the same product, r/out of the work.
-        hidden = self.lora_A(self.lora_dropout(lora_x)) * self.scaling  # [..., r]
-        update = self.lora_B(hidden)  # [..., out]
-        if update.dtype != result.dtype:
-            update = update.to(result.dtype)
-        return result + update
+            return self.base_layer(x)  # a merged or disabled adapter costs exactly the base layer
+        a, b = self.lora_A.weight, self.lora_B.weight  # [r, in], [out, r]
+        lora_x = x if x.dtype == a.dtype else x.to(a.dtype)
+        if not isinstance(self.lora_dropout, nn.Identity):  # dropout 0 is no call at all
+            lora_x = self.lora_dropout(lora_x)
+        if can_fuse(self.base_layer, x, a, b):  # one autograd node, sums inside the matmuls (lora/fused.py)
+            return fused_lora_linear(x, lora_x, self.weight, self.bias, a, b, self.scaling)
+        result: torch.Tensor = self.base_layer(x)
+        update = self.lora_B(self.lora_A(lora_x) * self.scaling)  # [..., out]; scaling at rank r is cheaper
+        return result + update.to(result.dtype)  # (a no-op when the dtypes agree)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A, in the base weight's orientation ([out, in], or [in, out] for Conv1D)."""

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_widgets.events.source import Subscribers
 from lora_widgets.events.types import (
     Event,
     RunEarlyStopped,
@@ -39,7 +40,6 @@ from lora_widgets.events.types import (
     RunFailed,
     RunFinished,
     RunStopped,
-    Subscribers,
 )
 from lora_widgets.lora import has_lora, lora_layers, remove_lora
 from lora_widgets.lora.config import LoRAConfig
@@ -350,7 +350,8 @@ class Sweep:
             return self.train_data, self.eval_data
         from lora_widgets.training.batches import load_run_data
 
-        return load_run_data(self.train_data, None, self.tokenizer, self.config)
+        # a RunData (train, val, how it was split) passes through each run's LoRATrainer as it is
+        return load_run_data(self.train_data, None, self.tokenizer, self.config), None
 
     def _budgets(self) -> list[int | None]:
         if self.halving is None:

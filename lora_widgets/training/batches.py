@@ -6,7 +6,9 @@
   example tokenised by :func:`lora_widgets.data.sft.prepare_sft` with its loss mask, ``Blocks.train`` is an
   :class:`Examples`; micro-batches are padded to their longest example with an attention mask
   (:class:`PaddedBatch`), grouped by length so that little is padding, and the loss is the mean over the
-  trained tokens only.
+  trained tokens only. With ``TrainConfig.packing`` on (:func:`resolve_packing`) the same micro-batches are laid
+  out padding-free instead (:func:`lora_widgets.data.sft_batches.pack`): one row, ``position_ids`` restarting
+  per example, no attention mask.
 
 The kind is chosen once, here, from what the user passed (:func:`load_run_data`); the step and the loop only
 see micro-batches (a tensor or a :class:`PaddedBatch`).
@@ -24,13 +26,13 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import torch
 from torch import nn
 
 from lora_widgets.data.sft import SFTStats
-from lora_widgets.data.sft_batches import SFTExample, collate, length_grouped_batches, padding_count
+from lora_widgets.data.sft_batches import SFTExample, collate, length_grouped_batches, pack, padding_count
 from lora_widgets.events.types import DataPrepared
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.schedules import steps_per_epoch
@@ -41,11 +43,13 @@ __all__ = [
     "Examples",
     "MicroBatch",
     "PaddedBatch",
+    "RunData",
     "data_position",
     "data_prepared",
     "eval_batches",
     "load_run_data",
     "prepare_blocks",
+    "resolve_packing",
     "vocab_size",
 ]
 
@@ -55,7 +59,8 @@ _ROW_KEYS = frozenset({"messages", "conversations", "prompt", "completion", "ins
 
 @dataclass(frozen=True)
 class PaddedBatch:
-    """One micro-batch of instruction examples, padded on the right (see :func:`lora_widgets.data.sft_batches.collate`).
+    """One micro-batch of instruction examples, padded on the right (see :func:`lora_widgets.data.sft_batches.collate`),
+    or packed padding-free (:func:`lora_widgets.data.sft_batches.pack`: ``position_ids`` and no ``attention_mask``).
 
     ``step_items`` is the number of trained tokens of the whole optimizer update this micro-batch belongs to:
     the loss divides by it, so that with gradient accumulation every trained token of the update weighs the
@@ -64,9 +69,10 @@ class PaddedBatch:
     """
 
     input_ids: torch.Tensor  # [B, T] token ids, padding = pad id
-    attention_mask: torch.Tensor  # [B, T] 1 = real token, 0 = padding
+    attention_mask: torch.Tensor | None  # [B, T] 1 = real token, 0 = padding; None when packed
     labels: torch.Tensor  # [B, T] token ids where trained, -100 elsewhere (prompts, padding)
     step_items: int
+    position_ids: torch.Tensor | None = None  # [R, W] restarting at 0 per example when packed; else None
 
     def to(self, device: torch.device) -> PaddedBatch:
         """The same batch on ``device``."""
@@ -74,8 +80,9 @@ class PaddedBatch:
         return replace(
             self,
             input_ids=move(self.input_ids),
-            attention_mask=move(self.attention_mask),
+            attention_mask=None if self.attention_mask is None else move(self.attention_mask),
             labels=move(self.labels),
+            position_ids=None if self.position_ids is None else move(self.position_ids),
         )
 
     @property
@@ -125,11 +132,27 @@ class Examples:
         """The examples at ``indices`` (same pad id and statistics)."""
         return Examples(tuple(self.items[i] for i in indices), self.pad_id, self.stats)
 
-    def batch(self, indices: Sequence[int], step_items: int | None = None) -> PaddedBatch:
-        """The examples at ``indices`` collated (CPU); ``step_items`` defaults to their own trained tokens."""
-        cols = collate([self.items[i] for i in indices], self.pad_id)  # each [B, T]
+    def batch(
+        self, indices: Sequence[int], step_items: int | None = None, packed: bool = False
+    ) -> PaddedBatch:
+        """The examples at ``indices`` collated (CPU), padded or ``packed`` in one row; ``step_items`` defaults to
+        their own trained tokens."""
+        chosen = [self.items[i] for i in indices]
         items = sum(self.trained[i] for i in indices) if step_items is None else step_items
+        if packed:
+            cols = pack(chosen, self.pad_id)  # each [1, sum of lengths]
+            return PaddedBatch(cols["input_ids"], None, cols["labels"], int(items), cols["position_ids"])
+        cols = collate(chosen, self.pad_id)  # each [B, T]
         return PaddedBatch(cols["input_ids"], cols["attention_mask"], cols["labels"], int(items))
+
+
+class RunData(NamedTuple):
+    """A run's data as :func:`load_run_data` prepared it; a :class:`~lora_widgets.LoRATrainer` takes it as
+    ``train_data`` (the dashboard prepares the data once and passes this to every run)."""
+
+    train: torch.Tensor | Examples  # [n, T] token blocks (CPU), or examples
+    val: torch.Tensor | Examples | None  # [n_val, T], examples, or None
+    split: str  # how the validation part was chosen, in words (DataPrepared.split)
 
 
 @dataclass(frozen=True)
@@ -143,6 +166,7 @@ class Blocks:
     train: torch.Tensor | Examples  # [n_train, T] token ids (CPU), or examples
     val: torch.Tensor | Examples | None  # [n_val, T], examples, or None
     steps_per_epoch: int
+    split: str = ""  # how the validation part was chosen (DataPrepared.split)
 
     @property
     def kind(self) -> Literal["packed", "sft"]:
@@ -224,44 +248,87 @@ def _check_prepared(examples: Examples, config: TrainConfig, name: str) -> None:
         )
 
 
-def _sft_data(
-    train_data: Any, eval_data: Any, rows: Any, tokenizer: Any, config: TrainConfig
-) -> tuple[Examples, Examples | None]:
+def _sft_data(train_data: Any, eval_data: Any, rows: Any, tokenizer: Any, config: TrainConfig) -> RunData:
     """Training and validation examples: ``eval_data`` as given; else the instruction set's validation split
-    (its answers never appear in training); else ``val_fraction`` of the examples held out (seeded)."""
+    (its answers never appear in training); else ``val_fraction`` of the examples held out by example (seeded;
+    identical examples kept on one side, :func:`lora_widgets.data.split.split_groups`)."""
     from lora_widgets.data.corpora import instruction_corpus_names, read_instructions
-    from lora_widgets.data.text import split_blocks
+    from lora_widgets.data.split import split_groups
 
     train = train_data if isinstance(train_data, Examples) else _examples(rows, tokenizer, config)
     _check_prepared(train, config, "train_data")
     if isinstance(eval_data, Examples):
         _check_prepared(eval_data, config, "eval_data")
-        return train, eval_data
+        return RunData(train, eval_data, "validation examples given (eval_data)")
     if eval_data is not None:
-        return train, _examples(eval_data, tokenizer, config)
+        return RunData(train, _examples(eval_data, tokenizer, config), "validation rows given (eval_data)")
     if isinstance(train_data, str) and train_data in instruction_corpus_names():
-        return train, _examples(read_instructions(train_data, "validation"), tokenizer, config)
-    if config.val_fraction == 0 or len(train) < 2:
-        return train, None
-    train_idx, val_idx = split_blocks(torch.arange(len(train)).unsqueeze(1), config.val_fraction, config.seed)
-    return train.subset(train_idx[:, 0].tolist()), train.subset(val_idx[:, 0].tolist())
+        val = _examples(read_instructions(train_data, "validation"), tokenizer, config)
+        return RunData(train, val, f"{train_data}'s own split by answer (no validation answer is in training): "
+                       f"{len(train):,} train / {len(val):,} validation examples")  # fmt: skip
+    keys = [tuple(e.input_ids) for e in train.items]
+    groups = split_groups(keys, config.val_fraction, config.seed)
+    if groups is None:
+        why = (
+            "val_fraction=0"
+            if config.val_fraction == 0
+            else f"{len(set(keys))} distinct example(s), too few to hold out {config.val_fraction:.0%}"
+        )
+        return RunData(train, None, f"none: nothing held out ({why})")
+    return RunData(train.subset(groups.train), train.subset(groups.val), groups.describe("example"))
 
 
-def load_run_data(
-    train_data: Any, eval_data: Any, tokenizer: Any, config: TrainConfig
-) -> tuple[torch.Tensor | Examples, torch.Tensor | Examples | None]:
-    """``(train, val)`` from whatever the user gave: instruction/chat rows (or :class:`Examples`) become
-    examples, anything else token blocks (:func:`lora_widgets.data.text.train_val_blocks`). The one rule the
-    trainer and the dashboard share; raises ``ValueError`` naming the problem."""
+def load_run_data(train_data: Any, eval_data: Any, tokenizer: Any, config: TrainConfig) -> RunData:
+    """``(train, val, split)`` from whatever the user gave: a :class:`RunData` as it is; instruction/chat rows
+    (or :class:`Examples`) become examples split by example, anything else token blocks split by document
+    (:func:`lora_widgets.data.text.train_val_blocks`). The one rule the trainer and the dashboard share;
+    raises ``ValueError`` naming the problem."""
     from lora_widgets.data import text as data_mod  # heavy deps (tokenizers) only when needed
 
+    if isinstance(train_data, RunData):
+        if eval_data is None:
+            return train_data
+        train_data = train_data.train
     rows = None if isinstance(train_data, Examples) else _row_source(train_data)
     if isinstance(train_data, Examples) or rows is not None:
         return _sft_data(train_data, eval_data, rows, tokenizer, config)
     c = config
-    return data_mod.train_val_blocks(  # [n, T], [n_val, T] or None
+    return RunData(*data_mod.train_val_blocks(  # [n, T], [n_val, T] or None, split
         train_data, eval_data, tokenizer, c.block_size, c.val_fraction, c.seed
-    )
+    ))  # fmt: skip
+
+
+#: Attention implementations that run each packed example on its own (variable-length kernels): there packing
+#: saves the padding's work. SDPA and eager attention compute a packed row's whole block-diagonal mask instead.
+_VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def resolve_packing(packing: bool | str, model: nn.Module) -> bool:
+    """Whether instruction batches are packed padding-free for ``model``: ``TrainConfig.packing`` decided.
+
+    ``"auto"`` packs where it is faster: a transformers model whose attention is a variable-length kernel. ``True``
+    needs a model that reads packed ``position_ids`` (transformers' models do since ``masking_utils`` has
+    ``find_packed_sequence_indices``); otherwise a ``ValueError`` says so.
+    """
+    config = getattr(model, "config", None)
+    implementation = str(getattr(config, "_attn_implementation", ""))
+    if packing == "auto":
+        return implementation in _VARLEN_ATTENTION
+    if packing is True and not _reads_packed_positions(model):
+        raise ValueError(
+            f"TrainConfig.packing=True needs a transformers model that reads packed position_ids; "
+            f"{type(model).__name__} does not (or transformers is older than its masking_utils). "
+            "Use packing='auto' or False"
+        )
+    return bool(packing)
+
+
+def _reads_packed_positions(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel, masking_utils
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel) and hasattr(masking_utils, "find_packed_sequence_indices")
 
 
 def _max_id(data: torch.Tensor | Examples) -> int:
@@ -276,7 +343,7 @@ def prepare_blocks(
     """The run's data (:func:`load_run_data`), checked against the model's vocabulary and the batch settings.
     Raises ``ValueError`` naming the argument."""
     c = config
-    train, val = load_run_data(train_data, eval_data, tokenizer, config)
+    train, val, split = load_run_data(train_data, eval_data, tokenizer, config)
     for name, part in (("train_data", train), ("eval_data", val)):
         if part is not None and vocab is not None and _max_id(part) >= vocab:
             raise ValueError(
@@ -296,18 +363,25 @@ def prepare_blocks(
             f"{c.batch_size} x grad_accum_steps {c.grad_accum_steps} = {need}); lower batch_size or "
             "grad_accum_steps, lower block_size, or add data"
         )
-    return Blocks(train=train, val=val, steps_per_epoch=per_epoch)
+    return Blocks(train=train, val=val, steps_per_epoch=per_epoch, split=split)
 
 
 def data_prepared(
-    train: torch.Tensor | Examples, val: torch.Tensor | Examples | None, config: TrainConfig
+    train: torch.Tensor | Examples,
+    val: torch.Tensor | Examples | None,
+    config: TrainConfig,
+    split: str = "",
+    packed: bool = False,
 ) -> DataPrepared:
-    """The data facts a run publishes (sequences, tokens, trained and padded shares, rows truncated/dropped);
-    padding is counted for ``config.batch_size`` as epoch 0 batches the examples."""
+    """The data facts a run publishes (sequences, tokens, trained and padded shares, rows truncated/dropped,
+    how the validation part was chosen); padding is counted for ``config.batch_size`` as epoch 0 batches the
+    examples (none when ``packed``)."""
     n_val = 0 if val is None else int(val.shape[0])
     if not isinstance(train, Examples):
         n, width = int(train.shape[0]), int(train.shape[1])
-        return DataPrepared("packed", n, n_val, width, tokens=n * width, trained_tokens=n * (width - 1))
+        return DataPrepared(
+            "packed", n, n_val, width, tokens=n * width, trained_tokens=n * (width - 1), split=split
+        )
     lengths = train.lengths
     batches = length_grouped_batches(lengths, config.batch_size, config.seed, 0)
     s = train.stats
@@ -318,13 +392,15 @@ def data_prepared(
         int(train.shape[1]),
         tokens=sum(lengths),
         trained_tokens=sum(train.trained),
-        padding_tokens=padding_count(lengths, batches),
+        padding_tokens=0 if packed else padding_count(lengths, batches),
+        packed=packed,
         rows=s.n_rows if s is not None else len(train),
         truncated=s.n_truncated if s is not None else 0,
         dropped=s.n_dropped if s is not None else 0,
         formats=dict(s.formats) if s is not None else {},
         train_on=s.train_on if s is not None else config.train_on,
         max_length=s.max_length if s is not None else config.max_length,
+        split=split,
     )
 
 
@@ -336,8 +412,11 @@ class BatchOrder:
     last partial one, so an epoch of ``steps_per_epoch`` updates uses full batches as packing does.
     """
 
-    def __init__(self, blocks: Blocks, config: TrainConfig, device: torch.device) -> None:
+    def __init__(
+        self, blocks: Blocks, config: TrainConfig, device: torch.device, packed: bool = False
+    ) -> None:
         self.blocks = blocks
+        self.packed = packed and isinstance(blocks.train, Examples)  # examples laid out padding-free
         self.batch_size = config.batch_size
         self.grad_accum_steps = config.grad_accum_steps
         self.seed = config.seed
@@ -372,7 +451,7 @@ class BatchOrder:
         if isinstance(train, Examples):
             groups = [self._grouped(train, epoch)[pos] for epoch, pos in where]
             items = sum(train.trained[i] for group in groups for i in group)
-            return [train.batch(group, items).to(self.device) for group in groups]
+            return [train.batch(group, items, self.packed).to(self.device) for group in groups]
         out: list[MicroBatch] = []
         for epoch, pos in where:
             idx = self._permutation(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]  # [B]

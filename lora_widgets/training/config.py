@@ -78,7 +78,8 @@ class TrainConfig:
             end; ``None``: no checkpoints (the final adapter is saved in any case).
         output_dir: parent of the run directories.
         block_size: tokens per training sequence when the data has to be tokenised (2 .. 1,048,576).
-        val_fraction: share of the data held out for validation when no ``eval_data`` is given, in [0, 0.5].
+        val_fraction: share of the data held out for validation when no ``eval_data`` is given, in [0, 0.5]:
+            of the documents (text) or examples (rows), whole (:mod:`lora_widgets.data.split`).
         device: ``"auto"`` (best available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
         max_length: tokens per example at most for instruction/chat rows (2 .. 1,048,576), which are
@@ -87,6 +88,14 @@ class TrainConfig:
         train_on: for instruction/chat rows, ``"answers"`` (the completions and every assistant turn with
             its end-of-turn token, TRL's ``completion_only_loss``/``assistant_only_loss``) or ``"all"``
             (every token); see :data:`lora_widgets.data.sft.TRAIN_ON`. Plain text trains every token either way.
+        packing: how instruction/chat batches are laid out. ``False``: each example in its own row, padded to
+            the batch's longest (grouped by length, so little is padding). ``True``: padding-free, the batch's
+            examples side by side in one row with ``position_ids`` restarting at 0 for each, so attention never
+            crosses an example (Hugging Face, "packing-with-FA2" blog; needs a transformers model).
+            ``"auto"`` (default): packed where that is faster, i.e. with a variable-length attention kernel
+            (``attn_implementation="flash_attention_2"``/``"flash_attention_3"``); padded otherwise, since SDPA and
+            eager attention compute a packed row's whole block-diagonal mask (measured on CPU:
+            ``benchmarks/bench_packing.py``). The same examples make each update either way, and so the same loss.
         adapter_stats: measure every LoRA layer (``||dW||/||W||``, norms, gradient norms, singular values,
             last update size) on the first update, every ``eval_every`` updates and the last one, publish
             them as :class:`~lora_widgets.events.types.AdapterStats` and raise "is it training?" alerts
@@ -125,6 +134,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_length: int = 512
     train_on: str = "answers"
+    packing: bool | str = "auto"
     adapter_stats: bool = True
     sample_prompts: tuple[str, ...] | None = None
     sample_max_new_tokens: int = 32
@@ -180,6 +190,8 @@ class TrainConfig:
             raise bad(
                 "train_on", f"one of {list(TRAIN_ON)}: 'answers' trains the replies only, 'all' every token"
             )
+        if self.packing not in (True, False, "auto") or type(self.packing) not in (bool, str):
+            raise bad("packing", "'auto', True (padding-free rows) or False (padded rows)")
         for name in ("gradient_checkpointing", "adapter_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")

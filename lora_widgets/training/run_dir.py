@@ -4,6 +4,8 @@ Layout of ``<output_dir>/<run_id>/``::
 
     config.json        the settings, model, device, data sizes and versions (written atomically)
     metrics.jsonl      every event, one JSON line each, appended and flushed as it happens
+    control.json       a stop/pause/resume request from another process, read every step (only while one
+                       is pending); both files' protocol is lora_widgets.events.run_files
     checkpoints/       step-NNNNNN/ resumable checkpoints (see lora_widgets.training.checkpoint)
     adapter/           the trained weights at the end of the run (PEFT format for LoRA; the whole model for
                        full fine-tuning; trainable.safetensors, the trainable tensors by name, otherwise)
@@ -14,18 +16,18 @@ removes the temporary entries that a killed run left behind in earlier run direc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from lora_widgets.atomic import atomic_write_json, remove_stale_temporaries
-from lora_widgets.events.types import EvalMetrics, Event, StepMetrics, event_from_dict
+from lora_widgets.events.run_files import METRICS_FILE, EventLines, MetricsWriter
+from lora_widgets.events.types import EvalMetrics, StepMetrics
 from lora_widgets.lora.layers import LoRAConfig, count_parameters
 from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training.batches import Blocks
@@ -85,7 +87,6 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.run_id = path.name
-        self._metrics: IO[str] | None = None
 
     @classmethod
     def create(cls, output_dir: str | os.PathLike[str], stem: str) -> RunDirectory:
@@ -142,26 +143,10 @@ class RunDirectory:
         """Write (or rewrite) ``config.json`` atomically."""
         atomic_write_json(self.path / "config.json", document, indent=2)
 
-    def open_metrics(self) -> None:
-        """Open ``metrics.jsonl`` for appending."""
-        self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-
-    def append(self, event: Event) -> None:
-        """Append ``event`` as one JSON line and flush it (a crash loses at most the line being written).
-        A failed write (a full disk) is logged; the run goes on."""
-        if self._metrics is None:
-            return
-        try:
-            self._metrics.write(json.dumps(event.to_dict()) + "\n")
-            self._metrics.flush()
-        except OSError as exc:
-            logger.error("could not append to %s: %s", self.path / "metrics.jsonl", exc)
-
-    def close(self) -> None:
-        """Close ``metrics.jsonl``."""
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+    def open_metrics(self) -> MetricsWriter:
+        """``metrics.jsonl``, opened for appending (one whole line per event, flushed: a crash loses at
+        most the line being written; a failed write is logged and the run goes on)."""
+        return MetricsWriter(self.path / METRICS_FILE)
 
 
 def config_document(
@@ -204,20 +189,15 @@ def config_document(
 
 def read_metrics(checkpoint_dir: Path, up_to_step: int) -> list[StepMetrics | EvalMetrics]:
     """The step and evaluation events of the run a checkpoint belongs to, up to its step, read from that
-    run's ``metrics.jsonl`` (empty if it is gone). A damaged line ends the reading, with a warning."""
-    metrics = checkpoint_dir.parent.parent / "metrics.jsonl"
+    run's ``metrics.jsonl`` (empty if it is gone). A damaged line is skipped, with a warning naming it."""
+    metrics = checkpoint_dir.parent.parent / METRICS_FILE
     events: list[StepMetrics | EvalMetrics] = []
     if not metrics.is_file():
         return events
-    with open(metrics, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                event = event_from_dict(json.loads(line))
-            except (ValueError, TypeError, KeyError) as exc:
-                logger.warning(
-                    "%s line %d is damaged (%s); earlier history stops there", metrics, number, exc
-                )
-                break
+    lines = EventLines(str(metrics))
+    with open(metrics, encoding="utf-8", errors="replace", newline="\n") as f:
+        for line in f:
+            event = lines.feed(line.rstrip("\n"))
             if isinstance(event, StepMetrics | EvalMetrics) and event.step <= up_to_step:
                 events.append(event)
     return events

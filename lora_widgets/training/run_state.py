@@ -25,7 +25,7 @@ from lora_widgets.events.types import EvalMetrics, RunStarted, StepMetrics
 from lora_widgets.lora.layers import LoRAConfig, count_parameters, lora_layers
 from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import precision
-from lora_widgets.training.batches import BatchOrder, Blocks, data_position
+from lora_widgets.training.batches import BatchOrder, Blocks, data_position, resolve_packing
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.diagnosis import Diagnosis, Phase
 from lora_widgets.training.meter import DeviceUsage, Lap
@@ -102,7 +102,7 @@ class Session:
             model=model,
             config=c,
             blocks=blocks,
-            order=BatchOrder(blocks, c, device),
+            order=BatchOrder(blocks, c, device, resolve_packing(c.packing, model)),
             optimizer=make_optimizer(model, c),
             scaler=precision.grad_scaler(c.precision, device),
             autocast=precision.autocast(c.precision, device),

@@ -63,6 +63,7 @@ def forward_loss(
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     num_items: int | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of ``x`` [B, T]: the mean over the predicted tokens, or their sum.
 
@@ -75,12 +76,16 @@ def forward_loss(
     of short micro-batches more: the gradient-accumulation bug that Unsloth and Hugging Face reported and
     fixed in Oct 2024 (unsloth.ai/blog/gradient; huggingface.co/blog/gradient_accumulation: transformers'
     ``num_items_in_batch``). Equals :func:`lora_widgets.data.sft_batches.masked_lm_loss` for the same labels.
+    ``position_ids`` [R, W] restarting per example mark a packed batch (no ``attention_mask``): transformers' models
+    then attend within each example only.
     """
     kwargs: dict[str, Any] = {}
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False  # no KV cache while training
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     with autocast():
         out = model(input_ids=x, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out  # [B, T, V]
@@ -105,7 +110,7 @@ def batch_loss(model: nn.Module, batch: MicroBatch, autocast: Autocast, n_micro:
     if isinstance(batch, PaddedBatch):
         return forward_loss(
             model, batch.input_ids, autocast, attention_mask=batch.attention_mask, labels=batch.labels,
-            num_items=batch.step_items,
+            num_items=batch.step_items, position_ids=batch.position_ids,
         )  # fmt: skip
     return forward_loss(model, batch, autocast) / n_micro  # blocks of one size: the mean of the means
 
@@ -184,7 +189,15 @@ def evaluate(model: nn.Module, batches: Iterable[MicroBatch], autocast: Autocast
         count = 0
         for x in batches:
             if isinstance(x, PaddedBatch):
-                loss = forward_loss(model, x.input_ids, autocast, "sum", x.attention_mask, x.labels)
+                loss = forward_loss(
+                    model,
+                    x.input_ids,
+                    autocast,
+                    "sum",
+                    x.attention_mask,
+                    x.labels,
+                    position_ids=x.position_ids,
+                )
                 n = int((x.labels[:, 1:] != -100).sum())
             else:
                 loss, n = forward_loss(model, x, autocast, reduction="sum"), x.shape[0] * (x.shape[1] - 1)

@@ -26,7 +26,9 @@ settings, ``output_dir``), a failed checkpoint write and any other error end the
 step is saved, and the model is left usable. Misuse of the API (a second concurrent ``run()``,
 ``run_sync()`` inside a running loop) raises. Every event is also appended to
 ``<output_dir>/<run_id>/metrics.jsonl``; "is it training?" alerts (:mod:`lora_widgets.health.alerts`) on what the
-events show follow them as :class:`~lora_widgets.events.types.AlertRaised` (see :mod:`.insight`).
+events show follow them as :class:`~lora_widgets.events.types.AlertRaised` (see :mod:`.insight`). Stop, pause
+and resume can also come from another process, through the run directory's ``control.json`` (read before
+every step; :mod:`lora_widgets.events.run_files`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ import torch
 from torch import nn
 
 from lora_widgets.devices import describe_device, select_device
-from lora_widgets.events.history import History
+from lora_widgets.events.run_files import ControlReader
+from lora_widgets.events.source import RunBase
 from lora_widgets.events.types import (
     AlertRaised,
     CheckpointSaved,
@@ -55,11 +57,8 @@ from lora_widgets.events.types import (
     RunEnded,
     RunFailed,
     RunFinished,
-    RunState,
     RunStopped,
     StateChanged,
-    StepMetrics,
-    Subscribers,
 )
 from lora_widgets.health.gradient_check import NoGradientError
 from lora_widgets.lora.layers import LoRAConfig, LoRAReport, count_parameters, lora_layers
@@ -68,7 +67,6 @@ from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import ownership, precision
 from lora_widgets.training.batches import Blocks, data_prepared, eval_batches, prepare_blocks, vocab_size
 from lora_widgets.training.config import TrainConfig
-from lora_widgets.training.control import RunControl
 from lora_widgets.training.diagnosis import Diagnosis, diagnose, nan_diagnosis
 from lora_widgets.training.insight import Insight
 from lora_widgets.training.meter import Meter
@@ -84,21 +82,21 @@ __all__ = ["LoRATrainer"]
 logger = logging.getLogger(__name__)
 
 
-class LoRATrainer:
+class LoRATrainer(RunBase):
     """Fine-tune ``model`` on ``train_data`` as an asyncio task that streams typed events.
 
     Args:
         model: a causal LM returning logits (``out.logits``, ``out[0]`` or a tensor) for ``input_ids``.
         tokenizer: needed when the data is text (a corpus name, list of strings, file, dataset).
         train_data: ``LongTensor[n_blocks, block_size]`` of token ids, a ``data.DataSplit`` (its ``val``
-            part then serves as validation data), or any source :func:`lora_widgets.data.text.as_blocks`
+            part then serves as validation data), a ``training.batches.RunData``, or any source :func:`lora_widgets.data.text.as_blocks`
             accepts (text, packed into blocks); or instruction/chat rows in any TRL format
             (:mod:`lora_widgets.data.rows`: a list, ``.jsonl``/``.json``, ``datasets.Dataset``,
             ``"python-instruct"``), tokenised by :func:`lora_widgets.data.sft.prepare_sft` with
             ``config.max_length``/``config.train_on``, padded per batch, loss on the answers.
         eval_data: validation blocks, source or rows; ``None`` holds out ``config.val_fraction`` of the
-            training data (deterministically from the seed), or for a built-in instruction set uses its
-            validation split.
+            training data, seeded, by :mod:`lora_widgets.data.split` (``DataPrepared.split`` says how); a built-in
+            instruction set uses its validation split.
         lora: a :class:`LoRAConfig` to apply adapters now (each ``run()`` re-initialises them from the
             seed; adapters an earlier LoRATrainer made are replaced), or ``None`` to train whatever already has
             ``requires_grad`` (adapters you applied yourself, a PEFT model, or the whole model).
@@ -110,7 +108,12 @@ class LoRATrainer:
             adapters are merged, nothing is trainable, or the precision does not suit the device.
         RuntimeError: the configured device is not available, or (with ``lora`` given) another run is
             training this model right now.
+
+    State, subscribers, history, ``metrics.jsonl``, stop/pause/resume (also through ``control.json`` in the run
+    directory, from another process) and cancellation are :class:`~lora_widgets.events.source.RunBase`'s.
     """
+
+    owner = "LoRATrainer"
 
     def __init__(
         self,
@@ -142,32 +145,15 @@ class LoRATrainer:
         self.report: LoRAReport | None
         self.report, self._owns_lora = ownership.attach_adapters(model, lora)  # checks, then changes
 
-        self.state: RunState = "idle"
-        self.history = History()
+        super().__init__()
         self.run_dir: Path | None = None
         self.run_id: str | None = None
-        self.last_event: RunEnded | None = None
         self._dir: RunDirectory | None = None
-        self._control = RunControl()
         self._blocks_cache: Blocks | None = None
         self._blocks_lock = threading.Lock()
         self._insight = Insight()  # the run's adapter statistics, samples and alerts (from _prepare on)
-        self._subscribers = Subscribers("LoRATrainer", self._record_history)
 
     # -- public API --------------------------------------------------------------------------------
-
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` for every event, on the event loop's thread, in order.
-
-        Returns a function that unsubscribes. An exception in a callback is logged and does not stop
-        the run.
-        """
-        return self._subscribers.add(callback)
-
-    @property
-    def running(self) -> bool:
-        """True while ``run()`` is in progress (also while paused)."""
-        return self._control.running
 
     @property
     def total_steps(self) -> int:
@@ -183,21 +169,6 @@ class LoRATrainer:
         c = self.config
         return _lr_schedule(self.total_steps, c.learning_rate, c.warmup_steps, c.schedule)
 
-    def stop(self) -> None:
-        """Ask the run to stop; it ends after the step in progress (at most one more update).
-
-        Safe to call from any thread and when no run is in progress (then it does nothing).
-        """
-        self._control.stop()
-
-    def pause(self) -> None:
-        """Pause after the step in progress; :meth:`resume` continues. Safe from any thread."""
-        self._control.pause()
-
-    def resume(self) -> None:
-        """Continue a paused run. Safe from any thread."""
-        self._control.resume()
-
     async def run(self, resume_from: str | os.PathLike[str] | None = None) -> RunEnded:
         """Train to the end (or until stopped or failed) and return the final event.
 
@@ -207,14 +178,15 @@ class LoRATrainer:
         Raises:
             RuntimeError: this LoRATrainer (or another one on the same model) is already running.
         """
-        self._control.begin()
+        self._begin_run(
+            "this LoRATrainer is already running; wait for it (await the first run) or call stop() "
+            "before starting another run"
+        )
         try:
             with ownership.training(self.model):
                 return await self._run(resume_from)
         finally:
-            self._control.end()
-            if self._dir is not None:
-                self._dir.close()
+            self._end_run()  # closes metrics.jsonl, discards a control request that came too late
 
     def run_sync(self, resume_from: str | os.PathLike[str] | None = None) -> RunEnded:
         """Run to the end from a script (blocks). In a notebook use ``await trainer.run()`` instead."""
@@ -239,7 +211,7 @@ class LoRATrainer:
     async def _run(self, resume_from: str | os.PathLike[str] | None) -> RunEnded:
         c, p, meter = self.config, Progress(), Meter()
         mode = precision.ModelMode.of(self.model, c.gradient_checkpointing)
-        self.history, self._insight, self._stopping = History(), Insight(), RunStopping(None)
+        self._insight, self._stopping = Insight(), RunStopping(None)
         run: Session | None = None
         try:
             self._start(resume_from)
@@ -249,14 +221,15 @@ class LoRATrainer:
             self._publish(run.run_started(p, self.run_id, self.run_dir, self.lora, self.device))
             if p.step == 0:
                 await self._evaluate(run, p)  # the base model's validation loss, for comparison
-            while p.step < p.total and not self._control.stop_requested and self._stopping.verdict is None:
-                if self._control.pause_requested:
+            while p.step < p.total and not self._requests.stop_requested and self._stopping.verdict is None:
+                self._check_control()  # a request another process wrote to control.json
+                if self._requests.pause_requested:
                     await self._hold(p, meter)
                     continue
                 p.phase = "step"
                 log = (p.step + 1) % c.log_every == 0 or p.step + 1 == p.total
                 probe = self._insight.probe(p.step + 1, run.lr(p.step + 1, p.total))
-                out, usage = await self._control.in_thread(run.update, p, log, probe)
+                out, usage = await self._in_thread(run.update, p, log, probe)
                 if out.gradients is not None:  # the first update: trainable parameters without a gradient
                     self._publish_all(self._insight.gradient_alerts(out.gradients, p.start_step + 1))
                 if out.bad_step is not None:  # non-finite: a failure, or a divergence stop if watched
@@ -275,7 +248,7 @@ class LoRATrainer:
                     await self._checkpoint(run, p)
             # a run that ended normally: a closing evaluation and checkpoint, unless just done
             ended = p.failure is not None or self._stopping.verdict is not None
-            if not ended and not self._control.stop_requested and p.evaluated_at != p.step:
+            if not ended and not self._requests.stop_requested and p.evaluated_at != p.step:
                 await self._evaluate(run, p)
             if not ended and c.checkpoint_every and p.step not in (p.start_step, p.checkpointed_at):
                 await self._checkpoint(run, p)
@@ -312,15 +285,16 @@ class LoRATrainer:
         self._dir = RunDirectory.create(self.config.output_dir, stem)
         self.run_dir, self.run_id = self._dir.path, self._dir.run_id
         self._write_config(None, resume_from)
-        self._dir.open_metrics()
+        self._writer = self._dir.open_metrics()
+        self._control = ControlReader(self._dir.path)
 
     async def _prepare(self, p: Progress, resume_from: str | os.PathLike[str] | None) -> Session:
         """Data (bad input ends the run here), then seed, adapters, model, optimizer and checkpoint."""
         p.phase = "data"
-        blocks = await self._control.in_thread(self._blocks)
+        blocks = await self._in_thread(self._blocks)
         self._write_config(blocks, resume_from)
         p.phase = "setup"
-        run = await self._control.in_thread(
+        run = await self._in_thread(
             Session.open,
             self.model,
             self.config,
@@ -332,11 +306,11 @@ class LoRATrainer:
             resume_from=resume_from,
         )
         for event in run.earlier:  # a resumed run's plots show the whole curve
-            self._record_history(event)
+            self.history.record(event)
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
         # what the data became, for views and metrics.jsonl
-        self._publish(data_prepared(blocks.train, blocks.val, c))
+        self._publish(data_prepared(blocks.train, blocks.val, c, blocks.split, run.order.packed))
         self._insight = Insight.for_run(self.model, self.tokenizer, c, blocks.val, p.total)
         self._stopping = RunStopping(c.early_stopping, has_validation=blocks.val is not None)
         return run
@@ -344,8 +318,8 @@ class LoRATrainer:
     async def _hold(self, p: Progress, meter: Meter) -> None:
         """Paused: publish it, wait for resume() or stop(), and leave the pause out of the clock."""
         self._publish(StateChanged("paused", p.step))
-        meter.paused(await self._control.wait_while_paused())
-        if not self._control.stop_requested:
+        meter.paused(await self._wait_while_paused())
+        if not self._requests.stop_requested:
             self._publish(StateChanged("running", p.step))
 
     async def _evaluate(self, run: Session, p: Progress) -> None:
@@ -355,15 +329,15 @@ class LoRATrainer:
         p.phase = "eval"
         c = self.config
         batches = eval_batches(val, c.batch_size, c.eval_batches, self.device)
-        val_loss = await self._control.in_thread(evaluate, self.model, batches, run.autocast)
+        val_loss = await self._in_thread(evaluate, self.model, batches, run.autocast)
         p.evaluated_at = p.step
         if math.isfinite(val_loss):
             p.best_val = val_loss if p.best_val is None else min(p.best_val, val_loss)
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
         self._publish(EvalMetrics(p.step, val_loss, ppl, p.best_val if p.best_val is not None else val_loss))
-        if samples := await self._control.in_thread(self._insight.samples, p.step, run.autocast):
+        if samples := await self._in_thread(self._insight.samples, p.step, run.autocast):
             self._publish(samples)
-        await self._control.in_thread(self._stopping.on_eval, p.step, val_loss, self.model)
+        await self._in_thread(self._stopping.on_eval, p.step, val_loss, self.model)
 
     async def _checkpoint(self, run: Session, p: Progress) -> None:
         assert self._dir is not None
@@ -371,7 +345,7 @@ class LoRATrainer:
         extra = run.checkpoint_extra(
             p.step, self.lora.to_dict() if self.lora is not None else None, self.run_id
         )
-        path = await self._control.in_thread(
+        path = await self._in_thread(
             ckpt.save_checkpoint,
             self._dir.checkpoint_dir(p.step),
             self.model,
@@ -429,30 +403,20 @@ class LoRATrainer:
         else:
             self._publish(StateChanged("finished", p.step))
             end = RunFinished(**base, message=f"Finished {p.step} steps in {meter.elapsed():.1f} s.{note}")
-        self._publish(end)
-        self.last_event = end
+        self._publish(end)  # also remembered as last_event
         return end
 
     # -- helpers ---------------------------------------------------------------------------------------
 
     def _publish(self, event: Event) -> None:
-        """Record ``event`` (state, metrics.jsonl) and hand it to every subscriber, in order."""
-        if isinstance(event, StateChanged):
-            self.state = event.state
-        if self._dir is not None:
-            self._dir.append(event)
-        self._subscribers.deliver(event)
+        """Publish ``event`` (:meth:`RunBase._publish`), then the "is it training?" alerts it raises."""
+        super()._publish(event)
         for alert in self._insight.alerts(event):
             self._publish(alert)
 
     def _publish_all(self, events: list[AlertRaised]) -> None:
         for event in events:
             self._publish(event)
-
-    def _record_history(self, event: Event) -> None:
-        """The first subscriber: the one place that feeds :attr:`history`."""
-        if isinstance(event, StepMetrics | EvalMetrics):
-            self.history.append(event)
 
     def _diagnose(self, exc: Exception, p: Progress, run: Session | None) -> Diagnosis:
         failure = diagnose(

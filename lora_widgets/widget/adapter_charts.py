@@ -130,8 +130,9 @@ class AdapterCharts:
             color=_EMPTY[0], row=_EMPTY[1], column=_EMPTY[2],
             scales={"row": rows, "column": columns, "color": self._color}, null_color=NULL_COLOR,
             stroke="white", interactions={"click": "select"}, selected_style={"stroke": "#d62728", "stroke-width": 3},
-            font_style={"font-size": "10px"},
+            font_style={"font-size": "10px"}, visible=False,
         )  # fmt: skip
+        # visible=False until the first statistics: the empty placeholder's cells are NaN, drawn grey
         self.heatmap_figure = _figure(
             "||ΔW|| / ||W|| per adapter: appears at the first update",
             [self.heatmap],
@@ -183,6 +184,7 @@ class AdapterCharts:
                 self.heatmap.row, self.heatmap.column = row, column
                 written = color.size <= _CELL_TEXT_MAX and not np.isnan(color).any()  # d3 writes NaN as "NaN"
                 self.heatmap.display_format = ".1e" if written else None
+                self.heatmap.visible = True
                 self.heatmap_figure.layout.height = f"{min(600, max(300, 90 + 22 * len(new.rows)))}px"
             else:
                 self.heatmap.color = _mark_data(new.values, new.rows, new.columns)[0]
@@ -199,6 +201,7 @@ class AdapterCharts:
             self.heatmap.selected = None
             self.heatmap.color = _EMPTY[0]
             self.heatmap.row, self.heatmap.column = _EMPTY[1], _EMPTY[2]
+            self.heatmap.visible = False
         self.heatmap_figure.title = "||ΔW|| / ||W|| per adapter: appears at the first update"
         self._show_detail()
 

@@ -2,7 +2,7 @@
 
 Each part of the dashboard owns a key (``"status"`` for the run's state, ``"starting"`` while a run has
 not made its first step, ``"device"``, ``"preflight"``, ``"adapters"``, ``"alert:<key>"`` for each "is it
-training?" alert of the run, :func:`alert_callout`) and sets or clears its callout by that key; nothing is
+training?" alert of the run, :func:`alert_callout`; ``"notice:<key>"`` for a source's notices) and sets or clears its callout by that key; nothing is
 found by its title. The panel shows them most severe first.
 """
 
@@ -16,16 +16,16 @@ from typing import Any, Literal
 
 import torch
 
-from lora_widgets.events.types import AlertRaised, RunEarlyStopped, RunEnded, RunFailed, RunFinished
+from lora_widgets.events.types import AlertRaised, Notice, RunEarlyStopped, RunEnded, RunFailed, RunFinished
 from lora_widgets.lora.config import LoRAConfig
 from lora_widgets.lora.layers import count_parameters
 from lora_widgets.widget.readouts import schedule_note
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ADAPTERS_GIVEN", "ALERT_PREFIX", "READY", "STARTING", "TRAINING", "Callout", "Callouts",
+__all__ = ["ADAPTERS_GIVEN", "ALERT_PREFIX", "NOTICE_PREFIX", "READY", "STARTING", "TRAINING", "Callout", "Callouts",
            "advice_callout", "alert_callout", "cpu_callout", "failure_callout", "lr_note_callout",
-           "outcome_callout", "preflight_callout", "ready_callout"]  # fmt: skip
+           "notice_callout", "outcome_callout", "preflight_callout", "ready_callout"]  # fmt: skip
 
 Kind = Literal["danger", "warning", "success", "info"]
 _ORDER: dict[str, int] = {"danger": 0, "warning": 1, "success": 2, "info": 3}
@@ -84,6 +84,15 @@ def alert_callout(alert: AlertRaised) -> Callout:
     return Callout(alert.severity, f"{alert.title}{seen}", alert.evidence, [alert.fix])
 
 
+NOTICE_PREFIX = "notice:"
+"""Keys of a source's own notices (a replay's skipped lines, a watch that waits), cleared when a new run starts."""
+
+
+def notice_callout(notice: Notice) -> Callout | None:
+    """A source's :class:`~lora_widgets.events.types.Notice` as a callout (``None``: the notice clears its key)."""
+    return Callout(notice.severity, notice.title, notice.message) if notice.message else None
+
+
 def outcome_callout(
     label: str, ended: RunEnded, final_loss: float | None, best_val_loss: float | None
 ) -> Callout:
@@ -129,9 +138,9 @@ class Callouts:
         for key in keys:
             self._items.pop(key, None)
 
-    def clear_prefix(self, prefix: str) -> None:
-        """Remove every callout whose key starts with ``prefix`` (e.g. :data:`ALERT_PREFIX`)."""
-        for key in [k for k in self._items if k.startswith(prefix)]:
+    def clear_prefix(self, *prefixes: str) -> None:
+        """Remove every callout whose key starts with one of ``prefixes`` (e.g. :data:`ALERT_PREFIX`)."""
+        for key in [k for k in self._items if k.startswith(prefixes)]:
             del self._items[key]
 
     def __contains__(self, key: object) -> bool:

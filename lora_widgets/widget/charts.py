@@ -47,6 +47,8 @@ RAW_COLOR = "#9ecae1"
 SMOOTH_COLOR = "#1f77b4"
 VAL_COLOR = "#d62728"
 MAX_OVERLAID_RUNS = 12
+EMPTY_STEPS = 10.0
+"""The step axis of an empty memory or throughput chart spans 0 to this."""
 
 _EMPTY_X = np.zeros(0, dtype=np.int32)
 _EMPTY_Y = np.zeros(0, dtype=np.float32)
@@ -103,10 +105,12 @@ class Charts:
         self.max_markers = max_markers
         self._sent: tuple[int, int] = (0, 0)  # (steps, evaluations) of the history last drawn
         self.gpu = gpu
+        self._placeholders: list[tuple[LinearScale, float]] = []  # (scale, its empty-chart maximum)
         self._build_loss()
         self._build_lr()
         self._build_memory(gpu)
         self._build_throughput()
+        self._hold_empty_domains()
 
     def _build_loss(self) -> None:
         """The loss figure: raw and smoothed training loss, validation dots, earlier runs overlaid."""
@@ -156,6 +160,7 @@ class Charts:
     def _build_memory(self, gpu: bool) -> None:
         """The memory figure: process RSS on a CPU; allocated, reserved and utilisation on a GPU."""
         mem_x, mem_y = LinearScale(), LinearScale(min=0.0)
+        self._placeholders += [(mem_x, EMPTY_STEPS), (mem_y, 1024.0)]  # steps, MiB
         self.memory = Lines(
             x=_EMPTY_X, y=_EMPTY_Y, scales={"x": mem_x, "y": mem_y}, colors=["#2ca02c"],
             labels=["GPU allocated" if gpu else "process RSS"], display_legend=gpu,
@@ -184,6 +189,7 @@ class Charts:
     def _build_throughput(self) -> None:
         """The throughput figure: smoothed tokens per second."""
         tps_x, tps_y = LinearScale(), LinearScale(min=0.0)
+        self._placeholders += [(tps_x, EMPTY_STEPS), (tps_y, 1000.0)]  # steps, tokens/s
         self.tokens_per_s = Lines(x=_EMPTY_X, y=_EMPTY_Y, scales={"x": tps_x, "y": tps_y}, colors=["#9467bd"])
         self.tokens_figure = _figure(
             "Throughput",
@@ -220,6 +226,20 @@ class Charts:
             *self.previous_runs,
         ]
 
+    def _hold_empty_domains(self) -> None:
+        """Give the memory and throughput charts a fixed domain (steps 0 to 10, 0 to 1 GiB, 0 to 1,000 tokens/s)
+        while they have no data: an empty bqplot scale spans [0, 1], which ``~s`` ticks read "100m ... 900m, 1"
+        on the step axis."""
+        for scale, top in self._placeholders:
+            with scale.hold_sync():
+                scale.min, scale.max = 0.0, top
+
+    def _release_empty_domains(self) -> None:
+        """Let the memory and throughput charts fit their data (the first steps arrived)."""
+        for scale, _top in self._placeholders:
+            if scale.max is not None:
+                scale.max = None
+
     # --- updates ------------------------------------------------------------------------------------
     def update(self, history: History) -> None:
         """Draw what ``history`` holds that was not drawn yet: the current run's lines, dots and LR marker.
@@ -238,6 +258,7 @@ class Charts:
         self.fit_loss_range(self.raw_loss.y, self.val_loss.y)
 
     def _draw_steps(self, h: History) -> None:
+        self._release_empty_domains()
         lines = step_series(h, self.points_per_line, self.gpu)
         for name in ("raw_loss", "smooth_loss", "memory", "memory_reserved", "gpu_util", "tokens_per_s"):
             if name in lines:
@@ -270,6 +291,7 @@ class Charts:
             if len(mark.x):
                 set_xy(mark, _EMPTY_X, _EMPTY_Y)
         self.set_lr_marker(None, None)
+        self._hold_empty_domains()
         self._sent = (0, 0)
 
     def label_current(self, label: str) -> None:
@@ -277,8 +299,9 @@ class Charts:
         self.smooth_loss.labels = [label]
 
     def overlay_run(self, label: str, history: History) -> None:
-        """Keep a finished run on the loss chart as one labelled line of its smoothed loss (a sweep compares
-        these)."""
+        """Keep a finished run on the loss chart as one labelled, dashed line of its smoothed loss (a sweep
+        compares these). Dashed and drawn over the current run's solid line, so a rerun with the same settings,
+        whose curve coincides, still shows both."""
         if len(history) == 0:
             return
         line = overlay_series(history, self.points_per_line)
@@ -286,7 +309,7 @@ class Charts:
         scale = self._loss_y_log if self.log_scale else self._loss_y_linear
         line = Lines(
             x=line.x, y=line.y, scales={"x": self._loss_x, "y": scale}, colors=[color],
-            stroke_width=1.5, opacities=[0.85], labels=[label], display_legend=True,
+            stroke_width=2, opacities=[0.9], line_style="dashed", labels=[label], display_legend=True,
         )  # fmt: skip
         self.previous_runs.append(line)
         if len(self.previous_runs) > MAX_OVERLAID_RUNS:

@@ -36,6 +36,7 @@ from lora_widgets.events.types import (
     DataPrepared,
     EvalMetrics,
     Event,
+    Notice,
     RunEnded,
     RunSource,
     RunStarted,
@@ -43,6 +44,7 @@ from lora_widgets.events.types import (
     StateChanged,
     StepMetrics,
 )
+from lora_widgets.events.watch import RunDirWatch
 from lora_widgets.lora.layers import LoRAConfig, count_parameters
 from lora_widgets.widget import attach, callouts, controls, loading, readouts
 from lora_widgets.widget.bases import BaseModels, with_model_base
@@ -260,18 +262,19 @@ class LoRADashboard(
             raise
         return self._begin(record, loop, readouts.planned_total_steps(train, self._n_train_blocks))
 
-    def watch(self, source: RunSource, label: str = "") -> asyncio.Task[RunEnded | None]:
+    def watch(self, source: RunSource | str | Path, label: str = "") -> asyncio.Task[RunEnded | None]:
         """Show a run that ``source`` produces (any :class:`~lora_widgets.events.types.RunSource`: a ``LoRATrainer``
-        built in code, a :class:`~lora_widgets.events.replay.Replay`, a bridge to another trainer) as this
+        built in code, a :class:`~lora_widgets.events.replay.Replay`, a bridge to another trainer; a run directory
+        another process writes, followed live by a :class:`~lora_widgets.events.watch.RunDirWatch`) as this
         dashboard shows its own runs; the buttons steer it. Returns the task that awaits ``source.run()``.
 
         ``label`` names it in the legend (default: from its :class:`~lora_widgets.events.types.RunStarted`).
         A source that describes its settings (``HFRun``) has them shown read-only, with its logging advice.
         """
+        if isinstance(source, str | Path):
+            source = RunDirWatch(source)
         if not isinstance(source, RunSource):
-            raise TypeError(
-                f"source must be a lora_widgets.events.types.RunSource, got {type(source).__name__}"
-            )
+            raise TypeError(f"source must be a RunSource or a run directory, got {type(source).__name__}")
         self._session.check_idle()
         loop = running_loop()
         self._archive_previous_run()
@@ -283,9 +286,7 @@ class LoRADashboard(
     def replay(self, events: str | Path | list[Event], interval: float = 0.0) -> asyncio.Task[Any]:
         """Show a finished run again from its ``<run_dir>/metrics.jsonl`` (or its events): the charts, progress
         and summary end as they were at the end of the live run. ``interval`` seconds pass between two
-        steps (0: as fast as the notebook allows). ``await`` the returned task, or ``dash.wait()``.
-
-        Same as ``dash.watch(lora_widgets.events.replay.Replay(events, interval=interval))``.
+        steps (0: as fast as the notebook allows). ``await`` the returned task, or ``dash.wait()``. Same as ``dash.watch(lora_widgets.events.replay.Replay(events, interval=interval))``.
         """
         return self.watch(Replay(events, interval=interval))
 
@@ -337,7 +338,7 @@ class LoRADashboard(
         self._observed_lr = False  # until its RunStarted says whether its schedule can be previewed
         self.charts.clear_current()
         self.adapter_charts.update(None)
-        self._callouts.clear_prefix(callouts.ALERT_PREFIX)
+        self._callouts.clear_prefix(callouts.ALERT_PREFIX, callouts.NOTICE_PREFIX)
         self.charts.label_current(record.label)
         self.panel.run_label = record.label
         if record.train is not None:
@@ -362,7 +363,7 @@ class LoRADashboard(
         self._callouts.put("preflight", callouts.preflight_callout(self.model, own, train, self._device_type,
                                                                   int(self._data[0].shape[1])))  # fmt: skip
         return new_trainer_run(self.model, self.tokenizer, self._data, lora, own, train, len(self.runs) + 1,
-                               self._trainer_factory)  # fmt: skip
+                               self._trainer_factory, self.runs)  # fmt: skip
 
     def _preview_schedule(self, _source: Any, train: Any) -> None:
         """Draw the schedule the settings ``train`` give (from the config, with :mod:`lora_widgets.training.schedules`)."""
@@ -396,6 +397,11 @@ class LoRADashboard(
             self._flusher.request()
         elif isinstance(event, AlertRaised):  # shown at the next flush, with the evidence that raised it
             self._callouts.set(callouts.ALERT_PREFIX + event.key, callouts.alert_callout(event))
+            self._flusher.request()
+        elif isinstance(
+            event, Notice
+        ):  # a source's own message (a replay's skipped lines, a watch that waits)
+            self._callouts.put(callouts.NOTICE_PREFIX + event.key, callouts.notice_callout(event))
             self._flusher.request()
         elif isinstance(event, RunStarted):
             if not run.label:  # a run started elsewhere: named and previewed from its own settings
@@ -441,9 +447,7 @@ class LoRADashboard(
         ended = run.result
         assert ended is not None  # the session records a terminal event before calling this
         self._flusher.flush_now()
-        self.adapter_charts.update(
-            run.adapter_stats
-        )  # the run's last statistics, whenever the last redraw was
+        self.adapter_charts.update(run.adapter_stats)  # the run's last statistics, whenever last drawn
         summary = {**self.panel.summary, **readouts.adapter_summary(ended.adapter_path)}
         self._callouts.clear("starting")
         self._callouts.set(

@@ -44,6 +44,8 @@ def data_facts(event: DataPrepared) -> dict[str, Any]:
         "formats": dict(event.formats),
         "train_on": event.train_on,
         "max_length": event.max_length,
+        "split": event.split,
+        "packed": event.packed,
     }
 
 
@@ -59,6 +61,7 @@ def facts_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
                 f"{facts['train']:,} / {facts['val']:,} of {facts['seq_len']} tokens",
             ),
             ("tokens", f"{facts['tokens']:,}"),
+            *_split_row(facts),
         ]
     formats = ", ".join(f"{k} {v:,}" for k, v in sorted(facts.get("formats", {}).items()))
     return [
@@ -66,8 +69,20 @@ def facts_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("examples (train / validation)", f"{facts['train']:,} / {facts['val']:,}"),
         ("rows truncated / dropped", f"{facts['truncated']:,} / {facts['dropped']:,} (max_length {facts['max_length']})"),
         ("tokens trained", f"{facts['trained_pct']:.1f}% of {facts['tokens']:,}"),
-        ("padding", f"{facts['padding_pct']:.1f}% (longest padded length {facts['seq_len']})"),
+        _layout_row(facts),
+        *_split_row(facts),
     ]  # fmt: skip
+
+
+def _layout_row(facts: Mapping[str, Any]) -> tuple[str, str]:
+    if facts.get("packed"):
+        return ("padding", "none: packed, examples side by side, positions restart per example")
+    return ("padding", f"{facts['padding_pct']:.1f}% (longest padded length {facts['seq_len']})")
+
+
+def _split_row(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """How the validation part was chosen (``DataPrepared.split``), when the event said."""
+    return [("validation split", str(facts["split"]))] if facts.get("split") else []
 
 
 class DataView:

@@ -105,9 +105,10 @@ def guess_device_type(train: Any) -> str:
         return "cuda" if pref == "auto" and torch.cuda.is_available() else pref.split(":")[0]
 
 
-def resolve_data(train_source: Any, eval_source: Any, tokenizer: Any, train: Any) -> tuple[Any, Any]:
+def resolve_data(train_source: Any, eval_source: Any, tokenizer: Any, train: Any) -> Any:
     """Tokenise and split the data once (every run reuses it), by the trainer's own rule
-    (:func:`lora_widgets.training.batches.load_run_data`): ``(train, val | None)``, token blocks ``[n, T]``
+    (:func:`lora_widgets.training.batches.load_run_data`): a ``RunData`` ``(train, val | None, split)``, token
+    blocks ``[n, T]``
     for text, or :class:`~lora_widgets.training.batches.Examples` for instruction/chat rows (tokenised with
     ``train.max_length`` and ``train.train_on``, which no control changes)."""
     from lora_widgets.training.batches import load_run_data  # tokenizers load lazily
@@ -115,11 +116,12 @@ def resolve_data(train_source: Any, eval_source: Any, tokenizer: Any, train: Any
     return load_run_data(train_source, eval_source, tokenizer, train)
 
 
-def data_event(data: tuple[Any, Any], train: Any) -> DataPrepared:
-    """The facts of the prepared ``(train, val)`` data, as a run will publish them (one rule, the trainer's)."""
+def data_event(data: Any, train: Any) -> DataPrepared:
+    """The facts of the prepared ``RunData`` ``(train, val, split)``, as a run will publish them (one rule, the
+    trainer's)."""
     from lora_widgets.training.batches import data_prepared
 
-    return data_prepared(data[0], data[1], train)
+    return data_prepared(data.train, data.val, train, data.split)
 
 
 @dataclasses.dataclass
@@ -134,7 +136,7 @@ class Loaded:
     tokenizer: Any
     adapters_given: bool  # the model already carries adapters: trained as they are (LoRATrainer(lora=None))
     device_type: str
-    data: tuple[Any, Any] = (None, None)  # (train, eval) blocks or examples
+    data: Any = None  # a training.batches.RunData (train, eval, split): blocks or examples
     n_train_blocks: int | None = None
     data_view: Any = None  # a widget.data_view.DataView for our own data
     source: Any = None  # what the model was loaded from (None: the shipped model), for the "base" control

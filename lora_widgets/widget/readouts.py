@@ -225,6 +225,14 @@ def schedule_note(config: Mapping[str, Any]) -> str | None:
     )
 
 
+ENDED_LEGEND = (
+    "✓ the reply ended its turn (it produced the end-of-turn token within the token limit); ✗ it was cut at the "
+    "limit. Neither mark says whether the answer is right."
+)
+"""What the samples table's marks mean, written in the table (the live widget's dashboard.js carries the same
+sentence; a test checks they agree): students read a bare ✓ as "correct"."""
+
+
 def samples_of(record: SampleGenerations | None) -> tuple[list[dict[str, Any]], str]:
     """The panel's ``samples`` (one dict per prompt, with the step) and ``samples_note`` (what they cost)."""
     if record is None:

@@ -11,7 +11,7 @@ resume are passed to the source. When the source returns (or raises: a backstop 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lora_widgets.events.types import Event, RunEnded, RunFailed, RunSource, RunStopped
@@ -148,12 +148,13 @@ def running_loop() -> asyncio.AbstractEventLoop:
 def new_trainer_run(
     model: Any,
     tokenizer: Any,
-    data: tuple[Any, Any],
+    data: Any,
     lora: Any,
     own: Any,
     train: Any,
     index: int,
     factory: Any,
+    previous: Sequence[RunRecord] = (),
 ) -> RunRecord:
     """Run number ``index`` of our own :class:`~lora_widgets.LoRATrainer` (``factory``: a stand-in class in tests).
 
@@ -165,10 +166,13 @@ def new_trainer_run(
         from lora_widgets.training.trainer import LoRATrainer
 
         factory = LoRATrainer
-    trainer = factory(model, tokenizer, *data, lora=own, config=train)
+    trainer = factory(model, tokenizer, data, lora=own, config=train)  # data: a RunData (train, val, split)
     if own is None:
         label = f"run {index}: model's adapters lr={format_lr(train.learning_rate)}"
     else:
         base = getattr(train, "base", None)
         label = run_label(index, lora.r, lora.alpha, train.learning_rate, lora.target_modules, base)
+    same = next((r.index for r in reversed(previous) if r.lora == own and r.train == train), None)
+    if same is not None:  # its curve would hide the earlier one's: the legend says why they coincide
+        label += f" (same settings as run {same})"
     return RunRecord(index, label, own, train, trainer)

@@ -1,9 +1,11 @@
 """What a saved notebook shows where widgets do not render: a table of runs, the loss curve, is LoRA learning.
 
-GitHub, nbconvert HTML and nbval keep a cell's outputs but not live widgets, so when a run ends the
-dashboard writes these beside itself (an HTML table, then standalone SVGs, no matplotlib needed): the runs'
-outcomes with the last run's alerts and sample answers, its loss curve, and the heatmap of its last adapter
-statistics (``||dW||/||W||`` by layer and module). It reads plain
+GitHub, nbconvert HTML and nbval keep a cell's outputs but not live widgets, so the dashboard's own output
+carries this summary as its ``text/html`` fallback, beside the widget's view in one mimebundle (an HTML table,
+then inline SVGs, no matplotlib needed): the runs' outcomes with the last run's alerts and sample answers, its
+loss curve, and the heatmap of its last adapter statistics (``||dW||/||W||`` by layer and module). A front end
+that renders widgets shows the widget instead, so the summary never repeats the live charts under them; when a
+run ends the output is updated in place (by display id). It reads plain
 :class:`~lora_widgets.widget.record.RunRecord` objects, never the dashboard.
 """
 
@@ -23,8 +25,9 @@ from lora_widgets.events.types import AdapterStats
 from lora_widgets.widget.adapter_charts import HEATMAP_COLORS, NULL_COLOR, heatmap_of
 from lora_widgets.widget.charts import RAW_COLOR, SMOOTH_COLOR, VAL_COLOR
 from lora_widgets.widget.data_view import facts_rows
+from lora_widgets.widget.readouts import ENDED_LEGEND
 from lora_widgets.widget.record import RunRecord
-from lora_widgets.widget.view import publish_view
+from lora_widgets.widget.view import view_bundle
 
 __all__ = [
     "StaticSummary",
@@ -248,8 +251,8 @@ def learning_html(run: RunRecord | None) -> str:
             for p in run.samples.samples
         )
         out.append(
-            f"<table class='lora-samples'><tr><th {left}>prompt</th><th {left}>base model</th><th {left}>current "
-            f"adapter @ step {run.samples.step}</th></tr>{rows}</table>"
+            f"<table class='lora-samples'><caption {left}>{html.escape(ENDED_LEGEND)}</caption><tr><th {left}>prompt"
+            f"</th><th {left}>base model</th><th {left}>current adapter @ step {run.samples.step}</th></tr>{rows}</table>"
         )
     return "".join(out)
 
@@ -266,10 +269,11 @@ def run_curve_svg(run: RunRecord | None) -> str:
 
 
 class StaticSummary:
-    """Two outputs shown below the widget (a table and an SVG) that are replaced when a run ends.
+    """The dashboard's output: its widget view with this summary as the ``text/html`` fallback.
 
-    ``show()`` displays placeholders (called from the widget's ``_ipython_display_``); ``update()`` writes
-    the current table and curve into them, by display id, so the saved notebook keeps the result.
+    ``show()`` displays the bundle (called from the widget's ``_ipython_display_``); ``update()`` writes the
+    current table, curve and heatmap into it, by display id, so the saved notebook keeps the result and a front
+    end that renders widgets shows only the widget.
     """
 
     def __init__(
@@ -281,7 +285,7 @@ class StaticSummary:
         self._runs = runs
         self._summary = summary
         self._data = data
-        self._ids: tuple[str, str, str] | None = None
+        self._shown: tuple[str, Any] | None = None  # (display id, the widget) once displayed
 
     def html(self) -> str:
         """The table of every run (and the data's facts), then the last run's alerts and sample answers."""
@@ -299,44 +303,44 @@ class StaticSummary:
         runs = self._runs()
         return run_curve_svg(runs[-1] if runs else None)
 
-    def show(self, owner: object) -> None:
-        """Display the placeholders (once per display of the widget), filled if a run already ended."""
-        if self._ids is None:
-            stamp = f"{id(owner):x}-{time.time_ns():x}"
-            self._ids = (f"lora-dash-table-{stamp}", f"lora-dash-svg-{stamp}", f"lora-dash-heatmap-{stamp}")
-        for display_id in self._ids:
-            display({"text/plain": ""}, raw=True, display_id=display_id)
-        if any(r.result is not None for r in self._runs()):
-            self.update()
+    def fallback_html(self) -> str:
+        """Everything a front end without widgets shows: the table, then (once a run exists) curve and heatmap."""
+        if not self._runs():
+            return self.html()
+        return f"{self.html()}<div>{self.svg()}</div><div>{self.heatmap_svg()}</div>"
+
+    def _bundle(self, owner: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        bundle = view_bundle(owner)
+        data, metadata = bundle if bundle is not None else ({"text/plain": repr(owner)}, None)
+        return {**data, "text/html": self.fallback_html()}, metadata
+
+    def show(self, owner: Any) -> None:
+        """Display the widget's view with the summary as its fallback (once per display of the widget)."""
+        display_id = f"lora-dash-{id(owner):x}-{time.time_ns():x}"
+        data, metadata = self._bundle(owner)
+        display(data, metadata=metadata, raw=True, display_id=display_id)
+        if "application/vnd.jupyter.widget-view+json" in data and hasattr(owner, "_handle_displayed"):
+            owner._handle_displayed()  # what ipywidgets' own display does after publishing the view
+        self._shown = (display_id, owner)
 
     def update(self) -> None:
-        """Write the table and curve into the placeholders (nothing before the widget was displayed)."""
-        runs = self._runs()
-        if self._ids is None or not runs:
+        """Write the current summary into the displayed output (nothing before the widget was displayed)."""
+        if self._shown is None or not self._runs():
             return
-        table_id, svg_id, heatmap_id = self._ids
-        text = "; ".join(
-            f"{r.label}: {r.result.kind if r.result else 'running'}, final loss "
-            f"{'–' if r.final_loss is None else f'{r.final_loss:.4f}'}"
-            for r in runs
-        )
-        update_display({"text/html": self.html(), "text/plain": text}, raw=True, display_id=table_id)
-        update_display({"image/svg+xml": self.svg(), "text/plain": "loss curve"}, raw=True, display_id=svg_id)
-        heatmap = self.heatmap_svg()
-        if heatmap:
-            data = {"image/svg+xml": heatmap, "text/plain": "adapter update heatmap"}
-            update_display(data, raw=True, display_id=heatmap_id)
+        display_id, owner = self._shown
+        data, metadata = self._bundle(owner)
+        update_display(data, metadata=metadata, raw=True, display_id=display_id)
 
 
 class StaticSummaryViews:
     """What a saved notebook shows of a dashboard without widgets, as methods of the dashboard (it mixes
-    this in and sets ``_static``): displaying it writes placeholders that :class:`StaticSummary` fills."""
+    this in and sets ``_static``): displaying it writes the widget's view with :class:`StaticSummary`'s
+    fallback, which a run's end updates."""
 
     _static: StaticSummary
 
     def _ipython_display_(self) -> None:
-        """Show the widget, then placeholders that the static summary replaces when a run ends."""
-        publish_view(self)  # ipywidgets 7 (Colab's) has no _repr_mimebundle_; 8 has no _ipython_display_
+        """Show the widget, with the static summary as its ``text/html`` fallback (updated when a run ends)."""
         self._static.show(self)
 
     def static_summary_html(self) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import ipywidgets
 
-__all__ = ["publish_view"]
+__all__ = ["publish_view", "view_bundle"]
 
 
 def publish_view(widget: ipywidgets.Widget, **kwargs: Any) -> None:
@@ -38,3 +38,24 @@ def publish_view(widget: ipywidgets.Widget, **kwargs: Any) -> None:
         return
     data, metadata = bundle if isinstance(bundle, tuple) else (bundle, None)
     display(data, metadata=metadata, raw=True)
+
+
+def view_bundle(widget: ipywidgets.Widget) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """``(data, metadata)`` of ``widget``'s view as its class would display it, or ``None`` when it is closed.
+
+    For a caller that adds its own fallback (``text/html`` for front ends that cannot render widgets) to the
+    same output. ipywidgets 8 (and anywidget under either major): the class's ``_repr_mimebundle_``. ipywidgets 7
+    without one: the bundle its ``Widget._ipython_display_`` builds (the caller then displays it and calls
+    ``widget._handle_displayed()`` as that method does).
+    """
+    if getattr(widget, "comm", None) is None:
+        return None
+    repr_bundle = getattr(type(widget), "_repr_mimebundle_", None)
+    if repr_bundle is None:  # ipywidgets 7.7's Widget._ipython_display_, minus the display call
+        view = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
+        return {"text/plain": repr(widget)[:110], "application/vnd.jupyter.widget-view+json": view}, None
+    bundle = repr_bundle(widget)
+    if bundle is None:
+        return None
+    data, metadata = bundle if isinstance(bundle, tuple) else (bundle, None)
+    return dict(data), metadata

@@ -77,6 +77,7 @@ export interface DataFacts {
   formats: Record<string, number>; // rows per source format
   train_on: string;
   max_length: number | null;
+  packed?: boolean; // examples laid out padding-free (TrainConfig.packing)
 }
 
 /** The data view: the facts, and (for the dashboard's own data) one example's tokens. */

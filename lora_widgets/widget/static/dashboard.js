@@ -100,11 +100,13 @@ function parseInput(spec, text) {
  */
 function factRows(f) {
   if (!f || !f.kind) return [];
+  const split = f.split ? [["validation split", String(f.split)]] : [];
   if (f.kind === "packed") {
     return [
       ["data", "text packed into blocks (every token trained)"],
       ["blocks (train / validation)", `${count(f.train)} / ${count(f.val)} of ${f.seq_len} tokens`],
       ["tokens", count(f.tokens)],
+      ...split,
     ];
   }
   const formats = Object.keys(f.formats || {})
@@ -116,7 +118,10 @@ function factRows(f) {
     ["examples (train / validation)", `${count(f.train)} / ${count(f.val)}`],
     ["rows truncated / dropped", `${count(f.truncated)} / ${count(f.dropped)} (max_length ${f.max_length})`],
     ["tokens trained", `${Number(f.trained_pct).toFixed(1)}% of ${count(f.tokens)}`],
-    ["padding", `${Number(f.padding_pct).toFixed(1)}% (longest padded length ${f.seq_len})`],
+    f.packed
+      ? ["padding", "none: packed, examples side by side, positions restart per example"]
+      : ["padding", `${Number(f.padding_pct).toFixed(1)}% (longest padded length ${f.seq_len})`],
+    ...split,
   ];
 }
 
@@ -139,6 +144,9 @@ function tokenSpans(tokens) {
  * @param {string} cls
  * @returns {HTMLTableCellElement}
  */
+/** What the samples table's marks mean (readouts.py's ENDED_LEGEND, word for word). */
+const ENDED_LEGEND = "✓ the reply ended its turn (it produced the end-of-turn token within the token limit); ✗ it was cut at the limit. Neither mark says whether the answer is right.";
+
 function answerCell(text, ended, cls) {
   const cell = h("td", { class: `lw-sample-text ${cls}` }, [h("span", { text: text || "" })]);
   if (ended === true || ended === false) {
@@ -355,7 +363,8 @@ function render({ model, el }) {
     if (s.val_token_accuracy !== undefined && s.val_token_accuracy !== null) {
       rows.push(["Validation token accuracy", `${(100 * s.val_token_accuracy).toFixed(1)}%`]);
     }
-    if (s.train_blocks) rows.push(["Training blocks", count(s.train_blocks)]);
+    const kind = ((model.get("data_view") || {}).facts || {}).kind;
+    if (s.train_blocks) rows.push([kind === "sft" ? "Training examples" : "Training blocks", count(s.train_blocks)]);
     if (s.train_rows) rows.push(["Training rows", count(s.train_rows)]);
     summary.replaceChildren(
       ...rows.map(([k, v]) => h("tr", {}, [h("th", { text: k }), h("td", { text: String(v) })])),
@@ -377,7 +386,8 @@ function render({ model, el }) {
     if (document.activeElement !== indexBox) indexBox.value = String(d.index + 1);
     prevBtn.disabled = d.index <= 0;
     nextBtn.disabled = d.index >= d.count - 1;
-    const row = d.row === null || d.row === undefined ? "" : ` (row ${d.row})`;
+    // one numbering, 1-based as the example box: the example's row in the data given (dropped rows counted)
+    const row = d.row === null || d.row === undefined ? "" : ` (row ${count(d.row + 1)} of the data)`;
     const cut = d.tokens.length < d.length ? `; first ${d.tokens.length} shown` : "";
     dataCaption.textContent = ` of ${count(d.count)}${row}: ${count(d.trained)} of ${count(d.length)} tokens trained${cut}`;
     dataTokens.replaceChildren(...tokenSpans(d.tokens));
@@ -411,7 +421,8 @@ function render({ model, el }) {
     );
     samplesBox.replaceChildren(
       h("div", { class: "lw-samples-title", text: "What the model says now (greedy)" }),
-      h("table", { class: "lw-samples-table" }, [h("thead", {}, [head]), h("tbody", {}, rows)]),
+      h("table", { class: "lw-samples-table" }, [h("caption", { class: "lw-samples-legend", text: ENDED_LEGEND }),
+        h("thead", {}, [head]), h("tbody", {}, rows)]),
       h("div", { class: "lw-samples-note", text: model.get("samples_note") || "" }),
     );
   }
@@ -463,7 +474,7 @@ function render({ model, el }) {
     ["change:summary", renderSummary],
     ["change:run_label", renderButtons],
     ["change:log_scale", renderButtons],
-    ["change:data_view", renderData],
+    ["change:data_view", () => (renderData(), renderSummary())], // the summary names blocks or examples
     ["change:attached_settings", renderSettings],
     ["change:samples", renderSamples],
     ["change:samples_note", renderSamples],
