@@ -49,6 +49,7 @@ def test_patience_agrees_with_transformers_early_stopping_callback(
     vals: list[float], threshold: float, tmp_path: Path
 ) -> None:
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers' Trainer needs it (the lowest-versions job has none)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), metric_for_best_model="eval_loss", greater_is_better=False,
         load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps", report_to="none",
@@ -125,7 +126,7 @@ def shipped() -> Any:
             EarlyStopping(patience=2, divergence_factor=None),
             "patience",
         ),  # too high: never beats the base
-        (0.3, EarlyStopping(patience=None), "diverged"),  # the loss doubles
+        (0.9, EarlyStopping(patience=None), "diverged"),  # the loss doubles
         (
             3e-3,
             EarlyStopping(patience=2, min_delta=0.5),

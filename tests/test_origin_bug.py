@@ -169,7 +169,7 @@ def test_a_correct_adapter_trains_on_and_the_unused_k_proj_modules_are_named(tmp
 
     assert isinstance(end, RunFinished) and end.step == 4  # training goes on
     assert all(float(layer.lora_B.weight.abs().sum()) > 0 for layer in lora_layers(model).values())
-    (alert,) = _alerts(events)
+    (alert,) = [a for a in _alerts(events) if a.key == "no_gradient"]
     assert alert.step == 1 and alert.title == "8 of 24 trainable tensors receive no gradient"
     assert alert.evidence.startswith("After the backward pass of step 1, 8 of 24 trainable tensors")
     assert "model.layers.*.self_attn.k_proj._lora: 8 tensors in 4 layers" in alert.evidence
@@ -232,6 +232,7 @@ def test_full_fine_tuning_says_it_saved_the_whole_model(tmp_path: Path) -> None:
 
 def _hf_run(tmp_path: Path, model: nn.Module) -> tuple[Any, list[Event]]:
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers' Trainer needs it (the lowest-versions job has none)
     from lora_widgets.hf import HFRun
 
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
