@@ -91,8 +91,8 @@ class SweepView(anywidget.AnyWidget):
         lora, train = dashboard.current_configs()
         if has_lora(dashboard.model) and any(run.lora is not None for run in dashboard.runs):
             remove_lora(dashboard.model)  # a dashboard run made them and saved them in its run directory
-        train_data, eval_data = dashboard._data  # the data the dashboard prepared (blocks or rows)
-        sweep = Sweep(dashboard.model, dashboard.tokenizer, train_data, eval_data, space=space, lora=lora, config=train,
+        prepared = dashboard._data  # the RunData the dashboard prepared (train, val, how it was split)
+        sweep = Sweep(dashboard.model, dashboard.tokenizer, prepared, None, space=space, lora=lora, config=train,
                       **kwargs)  # fmt: skip
         view = cls(sweep)
 
