@@ -173,7 +173,7 @@ def stop_run(page: Any, limit: int) -> float:
     t0 = time.perf_counter()
     page.locator(".lw-dash .lw-stop").click()
     page.wait_for_function(
-        "() => document.querySelector('.lw-dash .lw-status').dataset.state === 'stopped'", timeout=15_000
+        "() => document.querySelector('.lw-dash .lw-status')?.dataset.state === 'stopped'", timeout=15_000
     )
     assert 0 < progress_step(page) < limit
     return time.perf_counter() - t0
@@ -205,10 +205,10 @@ def test_dashboard_trains_and_stops_in_notebook6_with_colabs_widgets(
 
         page.locator(".lw-dash .lw-train").click()
         page.wait_for_function(
-            "() => document.querySelector('.lw-dash .lw-status').dataset.state === 'running'"
+            "() => document.querySelector('.lw-dash .lw-status')?.dataset.state === 'running'"
         )
         page.wait_for_function(
-            "() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) >= 3", timeout=60_000
+            "() => Number(document.querySelector('.lw-dash .lw-bar')?.dataset.step) >= 3", timeout=60_000
         )
         page.wait_for_function(
             "() => [...document.querySelectorAll('.lw-dashboard .bqplot path.line')].some(p => (p.getAttribute('d') || '').length > 40)",
@@ -217,7 +217,7 @@ def test_dashboard_trains_and_stops_in_notebook6_with_colabs_widgets(
         first_step, first_len = progress_step(page), loss_path_length(page)
         busy = timed_tick(page, 1)
         page.wait_for_function(
-            f"() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) >= {first_step + 5}",
+            f"() => Number(document.querySelector('.lw-dash .lw-bar')?.dataset.step) >= {first_step + 5}",
             timeout=30_000,
         )
         assert loss_path_length(page) > first_len  # the loss line grew
@@ -256,13 +256,13 @@ def test_an_attached_hf_trainer_in_notebook6_with_colabs_widgets(
         assert page.locator(".lw-dash .lw-input:visible").count() == 0
         page.locator(".lw-dash .lw-train").click()
         page.wait_for_function(
-            "() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) >= 3", timeout=90_000
+            "() => Number(document.querySelector('.lw-dash .lw-bar')?.dataset.step) >= 3", timeout=90_000
         )
         first_step, first_path = progress_step(page), raw_loss_path(page)
         assert first_path  # the logged points are drawn
         busy = timed_tick(page, 1)
         page.wait_for_function(
-            f"() => Number(document.querySelector('.lw-dash .lw-bar').dataset.step) >= {first_step + 3}",
+            f"() => Number(document.querySelector('.lw-dash .lw-bar')?.dataset.step) >= {first_step + 3}",
             timeout=60_000,
         )
         page.wait_for_timeout(1200)  # one flush interval
