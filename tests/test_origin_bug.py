@@ -129,7 +129,8 @@ def test_reviewed_notebook_code_ends_at_step_1_naming_the_adapters_the_forward_n
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert trainer.run_id is not None and "-full-" not in trainer.run_id and "-custom2.6k-" in trainer.run_id
 
-    (alert,) = [a for a in _alerts(events) if a.key == "no_gradient"]  # the same diagnosis, as an alert, in the events and in metrics.jsonl
+    # the same diagnosis, as an alert, in the events and in metrics.jsonl
+    (alert,) = [a for a in _alerts(events) if a.key == "no_gradient"]
     assert alert.key == "no_gradient" and alert.step == 1 and alert.severity == "danger"
     assert alert.title == "No trainable parameter receives a gradient"
     assert all(name in alert.evidence for name in NAMES) and CALL_ADVICE in alert.fix
