@@ -142,12 +142,7 @@ def serve_jupyter(app: str, root: Path) -> Iterator[JupyterServer]:
             time.sleep(0.3)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +198,13 @@ def write_notebook(path: Path, cells: list[str]) -> None:
         "nbformat_minor": 5,
     }
     path.write_text(json.dumps(nb, indent=1))
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """End a server the tests started: terminate, wait up to 15 s, then kill."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import _free_port, _missing
+from tests.e2e.conftest import _free_port, _missing, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -59,11 +59,7 @@ def serve_marimo(notebook: Path, log: Path) -> Iterator[str]:
                 time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.fixture
