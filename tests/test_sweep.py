@@ -75,11 +75,18 @@ def test_bad_input_is_named_before_any_run(tmp_path: Path, kw: dict[str, Any], m
     assert not (tmp_path / "sweep").exists()  # nothing ran, nothing was written
 
 
-def test_bad_data_is_refused_before_any_run(tmp_path: Path) -> None:
-    sweep = Sweep(tiny_llama(), None, "no-such-corpus", space={"r": [2]}, directory=tmp_path / "sweep")
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("python-docs", "a tokenizer is needed"),  # text without a tokenizer
+        ("no-such-corpus", "'no-such-corpus' is neither a built-in corpus nor an existing file"),
+    ],
+)
+def test_bad_data_is_refused_before_any_run(tmp_path: Path, data: str, message: str) -> None:
+    sweep = Sweep(tiny_llama(), None, data, space={"r": [2]}, directory=tmp_path / "sweep")
     rec = _Recorder()
     sweep.subscribe(rec)
-    with pytest.raises(ValueError, match="a tokenizer is needed"):  # text without a tokenizer
+    with pytest.raises(ValueError, match=message):
         sweep.run_sync()
     assert rec == [] and not sweep.running and sweep.rows == []
 
