@@ -68,6 +68,7 @@ __all__ = [
     "check_texts",
     "classify_source",
     "read_text_file",
+    "require_train_data",
     "unknown_format",
 ]
 
@@ -120,6 +121,13 @@ class Source:
     def is_sft(self) -> bool:
         """Whether it trains as instruction examples (rows, an instruction set, ``Examples``), not packed text."""
         return self.kind in ("rows", "instruct-corpus", "examples")
+
+
+def require_train_data(train_data: Any) -> None:
+    """Refuse a run built without data, naming what a run takes (``LoRATrainer`` and ``Sweep`` check it when
+    they are built; the data itself is read when the run starts)."""
+    if train_data is None:
+        raise ValueError("train_data is required: token blocks, a DataSplit, texts, a file or a corpus name")
 
 
 def classify_source(obj: Any, *, role: Role = "run", text_field: str = "text") -> Source:

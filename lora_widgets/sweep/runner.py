@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_widgets.data.sources import require_train_data
 from lora_widgets.events.source import Steerable
 from lora_widgets.events.types import (
     Event,
@@ -155,10 +156,7 @@ class Sweep(Steerable):
                 "the model already has LoRA adapters; a sweep trains its own on the base model: pass the model "
                 "without adapters (lora_widgets.remove_lora(model), or load it again)"
             )
-        if train_data is None:
-            raise ValueError(
-                "train_data is required: token blocks, a DataSplit, texts, a file or a corpus name"
-            )
+        require_train_data(train_data)
         self.model, self.tokenizer, self.train_data, self.eval_data = model, tokenizer, train_data, eval_data
         self.lora = LoRAConfig() if lora is None else lora
         self.config = TrainConfig() if config is None else config
