@@ -10,8 +10,11 @@
   out padding-free instead (:func:`lora_widgets.data.sft_batches.pack`): one row, ``position_ids`` restarting
   per example, no attention mask.
 
-The kind is chosen once, here, from what the user passed (:func:`load_run_data`); the step and the loop only
-see micro-batches (a tensor or a :class:`PaddedBatch`).
+What the user passed is classified once, at the data package's door
+(:func:`lora_widgets.data.sources.classify_source`); :func:`load_run_data` turns that ``Source`` into one of the
+two kinds, and the step and the loop only see micro-batches (a tensor or a :class:`PaddedBatch`). ``Examples``,
+``PaddedBatch``, ``MicroBatch`` and ``RunData`` are defined in :mod:`lora_widgets.data.prepared` (below the
+trainer, so the door knows them) and named here as well.
 
 The order is a pure function of (seed, epoch): each epoch visits the training data in an order drawn from
 a generator seeded by those two numbers alone, so two runs with one seed see identical batches, and a run
