@@ -33,14 +33,17 @@ from lora_widgets.data.corpora import read_instructions
 from lora_widgets.data.sft import prepare_sft
 from lora_widgets.data.sft_batches import SFTExample, collate, length_grouped_batches, pack
 from lora_widgets.lora.layers import apply_lora
+from lora_widgets.training.packed_attention import use_packed_sdpa
 from lora_widgets.training.step import forward_loss
 
 
-def _step(model: torch.nn.Module, examples: list[SFTExample], packed: bool) -> None:
+def _step(model: torch.nn.Module, examples: list[SFTExample], packed: bool | str) -> None:
     nc = contextlib.nullcontext
     if packed:
         c = pack(examples, pad_id=0)  # [1, sum of lengths]
-        loss = forward_loss(model, c["input_ids"], nc, labels=c["labels"], position_ids=c["position_ids"])
+        per_example = use_packed_sdpa(model) if packed == "per-example" else nc()
+        with per_example:
+            loss = forward_loss(model, c["input_ids"], nc, labels=c["labels"], position_ids=c["position_ids"])
     else:
         c = collate(examples, pad_id=0)  # [B, longest]
         loss = forward_loss(model, c["input_ids"], nc, attention_mask=c["attention_mask"], labels=c["labels"])
@@ -66,13 +69,15 @@ def main() -> None:
     grouped = length_grouped_batches(lengths, args.batch, seed=0, epoch=0)
     order = np.random.default_rng(0).permutation(len(items)).tolist()
     shuffled = [order[i : i + args.batch] for i in range(0, len(order), args.batch)]
-    layouts: dict[str, tuple[list[list[int]], bool]] = {
+    layouts: dict[str, tuple[list[list[int]], bool | str]] = {
         "padded, length-grouped": (grouped, False),
         "padded, random order": (shuffled, False),
         "packed, length-grouped": (grouped, True),
         "packed, random order": (shuffled, True),
+        "packed per-example, grouped": (grouped, "per-example"),
+        "packed per-example, random": (shuffled, "per-example"),
     }
-    run: Callable[[list[int], bool], None] = lambda b, p: _step(model, [items[i] for i in b], p)  # noqa: E731
+    run: Callable[[list[int], bool | str], None] = lambda b, p: _step(model, [items[i] for i in b], p)  # noqa: E731
     for batches, packed in layouts.values():  # warm-up
         run(batches[1], packed)
     rates: dict[str, list[float]] = {name: [] for name in layouts}
@@ -93,7 +98,7 @@ def main() -> None:
         f"{args.rounds} interleaved rounds, medians of real tokens/s"
     )
     for name, value in med.items():
-        print(f"  {name:24s} {value:8.0f} tok/s  {value / base:5.2f}x  padding {np.mean(pad[name]):5.1%}")
+        print(f"  {name:28s} {value:8.0f} tok/s  {value / base:5.2f}x  padding {np.mean(pad[name]):5.1%}")
     print("target: packed >= 1.3x the trainer's padded default where packing is on by default")
 
 

@@ -29,6 +29,7 @@ from lora_widgets.training.batches import BatchOrder, Blocks, data_position, res
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.diagnosis import Diagnosis, Phase
 from lora_widgets.training.meter import DeviceUsage, Lap
+from lora_widgets.training.packed_attention import switch_to_packed_sdpa
 from lora_widgets.training.run_dir import read_metrics
 from lora_widgets.training.schedules import lr_at
 from lora_widgets.training.step import Probe, StepResult, make_optimizer, train_step
@@ -109,6 +110,8 @@ class Session:
             usage=DeviceUsage(device),
             first_bad=torch.full((), -1, dtype=torch.long, device=device),
         )
+        if session.order.packed:  # SDPA attends per example in packed rows, not over the whole row's mask
+            switch_to_packed_sdpa(model)  # put back by the run's ModelMode.restore
         if resume_from is not None:
             state = ckpt.load_checkpoint(resume_from, model, session.optimizer, session.scaler)
             progress.step = progress.start_step = state.step
