@@ -9,10 +9,12 @@ trainer's padded default:
 * padded, random order    (the baseline of Hugging Face's "packing-with-FA2" blog: no length grouping)
 * packed, length-grouped  (``packing=True``: one row, position ids restarting per example)
 * packed, random order
+* packed per-example, grouped / random: the same packed rows, attention per example
+  (``lora_widgets.training.packed_attention``, what a packed run of the trainer uses on SDPA)
 
-Packing removes the padding but, with SDPA or eager attention, each packed row's attention covers the whole
-row under a block-diagonal mask (``R W^2`` instead of ``sum L_i^2``); variable-length kernels (FlashAttention 2)
-skip the blocks between examples, which is where packing pays (``packing="auto"`` packs there only).
+Packing removes the padding but, through transformers' SDPA or eager attention, each packed row's attention covers
+the whole row under a block-diagonal mask (``R W^2`` instead of ``sum L_i^2``); variable-length kernels
+(FlashAttention 2, or the per-example SDPA here) skip the blocks between examples.
 
 Usage: PYTHONPATH=. python benchmarks/bench_packing.py [--batch 8] [--rounds 12] [--threads N] [--attention sdpa]
 """

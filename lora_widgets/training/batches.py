@@ -303,15 +303,16 @@ def load_run_data(train_data: Any, eval_data: Any, tokenizer: Any, config: Train
     ))  # fmt: skip
 
 
-#: Attention implementations that run each packed example on its own (variable-length kernels): there packing
-#: saves the padding's work. SDPA and eager attention compute a packed row's whole block-diagonal mask instead.
+#: Attention implementations that run each packed example on its own (variable-length kernels), where packing
+#: pays by default. A packed run on SDPA attends per example too (training/packed_attention.py), at the padded
+#: length-grouped default's speed on CPU (1.03x), so "auto" leaves it padded there.
 _VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
 def resolve_packing(packing: bool | str, model: nn.Module) -> bool:
     """Whether instruction batches are packed padding-free for ``model``: ``TrainConfig.packing`` decided.
 
-    ``"auto"`` packs where it is faster: a transformers model whose attention is a variable-length kernel. ``True``
+    ``"auto"`` packs where it pays: a transformers model whose attention is a variable-length kernel. ``True``
     needs a model that reads packed ``position_ids`` (transformers' models do since ``masking_utils`` has
     ``find_packed_sequence_indices``); otherwise a ``ValueError`` says so.
     """

@@ -85,9 +85,7 @@ class ModelMode:
         """The mode ``model`` is in now; ``gradient_checkpointing``: the run will switch it on (only then
         is the model asked, as transformers warns about the older query)."""
         switches = gradient_checkpointing and not _checkpointing_on(model)
-        return cls(
-            model.training, switches, KbitState.of(model, gradient_checkpointing), attention_of(model)
-        )
+        return cls(model.training, switches, KbitState.of(model, gradient_checkpointing), attention_of(model))
 
     def restore(self, model: nn.Module) -> None:
         """Drop gradients, switch off checkpointing if the run switched it on, restore train/eval and the
