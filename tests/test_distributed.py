@@ -163,7 +163,7 @@ def test_accelerate_launch_runs_the_same_script(
     ranks = _launch(launcher, tmp_path, "equal")
     for r, seen in enumerate(ranks):
         assert seen["equal"]["world"] == [r, 2]
-        assert seen["equal"]["loss"] == launched[1][0]["equal"]["loss"]  # the same processes, the same numbers
+        assert seen["equal"]["loss"] == launched[1][0]["equal"]["loss"]  # same processes, same numbers
 
 
 # -- the pieces, in one process ---------------------------------------------------------------------------

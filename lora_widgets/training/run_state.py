@@ -82,7 +82,7 @@ class Session:
     usage: DeviceUsage
     first_bad: torch.Tensor  # [] long: first update with a non-finite loss, -1 while none
     world: World = field(default_factory=World)  # the processes of a multi-process run (one by default)
-    ddp: DistributedDataParallel | None = None  # the model in DistributedDataParallel, for the passes of an update
+    ddp: DistributedDataParallel | None = None  # the model as DDP runs it, for the passes of an update
     earlier: list[StepMetrics | EvalMetrics] = field(default_factory=list)  # a resumed run's history
     resume_info: dict[str, Any] = field(default_factory=dict)
 

@@ -107,12 +107,14 @@ class LoRATrainer(RunBase):
     Raises:
         TypeError: a wrong type of model, lora or config.
         ValueError: the model already has adapters the LoRATrainer did not create (with ``lora`` given), its
-            adapters are merged, nothing is trainable, or the precision does not suit the device.
+            adapters are merged, nothing is trainable, the precision does not suit the device, or a multi-process
+            launch is unusable (:meth:`World.from_env <lora_widgets.training.distributed.World.from_env>`).
         RuntimeError: the configured device is not available, or (with ``lora`` given) another run is
             training this model right now.
 
     State, subscribers, history, ``metrics.jsonl``, stop/pause/resume (also through ``control.json`` in the run
     directory, from another process) and cancellation are :class:`~lora_widgets.events.source.RunBase`'s.
+    ``world`` says which process this is of a ``torchrun`` launch (:mod:`lora_widgets.training.distributed`).
     """
 
     owner = "LoRATrainer"
