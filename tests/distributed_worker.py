@@ -1,12 +1,13 @@
 """One process of the multi-process tests (tests/test_distributed.py), started by ``torchrun`` (gloo, CPU).
 
 ``python -m torch.distributed.run --nproc_per_node 2 --standalone tests/distributed_worker.py OUT [RUNS]`` runs, in
-each process, the same runs (``RUNS``: some of ``equal,stop,hf``; all by default) and writes what this rank saw to
+each process, the same runs (``RUNS``: some of ``equal,stop,early,hf``; all by default) and writes what this rank saw to
 ``OUT/rank<r>.json``:
 
 * ``equal``: our trainer, 6 updates of batch 2 per rank (global batch 4), evaluated at steps 3 and 6;
 * ``stop``: our trainer, 40 updates asked, paused at step 2 and resumed, and stopped at step 4, both through
   the run directory's control.json (rank 0 writes the requests, as a watcher in another process would);
+* ``early``: our trainer with an early-stopping rule that stops it at step 2 (a decision every rank makes alike);
 * ``hf``: a transformers ``Trainer`` with our ``EventCallback`` under DDP, stopped at step 3 through control.json.
 """
 
@@ -59,17 +60,30 @@ def lora() -> Any:
     return LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
 
 
-def _trainer_run(out: Path, max_steps: int, requests: dict[int, str]) -> dict[str, Any]:
-    """A LoRATrainer run; rank 0 writes ``requests`` ({step: "stop" | "pause"}) to control.json after that step's
-    StepMetrics (a pause is resumed by a thread 1 s later)."""
+def record_rows(model: torch.nn.Module) -> list[list[list[int]]]:
+    """The token rows of every training forward pass of ``model`` (one list per pass), as they happen."""
+    rows: list[list[list[int]]] = []
+
+    def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if torch.is_grad_enabled() and "input_ids" in kwargs:  # training, not evaluation
+            rows.append(kwargs["input_ids"].tolist())
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return rows
+
+
+def _trainer_run(out: Path, max_steps: int, requests: dict[int, str], **settings: Any) -> dict[str, Any]:
+    """A LoRATrainer run (``settings``: TrainConfig fields to change); rank 0 writes ``requests``
+    ({step: "stop" | "pause"}) to control.json after that step's StepMetrics (a pause is resumed 1 s later)."""
     from lora_widgets import LoRATrainer
     from lora_widgets.events.run_files import send_request
     from lora_widgets.events.types import EvalMetrics, StateChanged, StepMetrics
     from tests.helpers import tiny_llama
 
     train, val = data()
-    trainer = LoRATrainer(tiny_llama(), None, train, val, lora(), config(out, 2, max_steps))
-    seen: dict[str, list[Any]] = {"loss": [], "val": [], "states": []}
+    model = tiny_llama()
+    trainer = LoRATrainer(model, None, train, val, lora(), config(out, 2, max_steps).replace(**settings))
+    seen: dict[str, list[Any]] = {"loss": [], "val": [], "states": [], "rows": record_rows(model)}
 
     def on_event(event: Any) -> None:
         if isinstance(event, StepMetrics):
@@ -121,16 +135,21 @@ def _hf_run(out: Path) -> dict[str, Any]:
 
 
 def main(out: Path, runs: list[str]) -> None:
+    from lora_widgets import EarlyStopping
+
     rank = int(os.environ.get("RANK", "0"))
     result: dict[str, Any] = {}
     if "equal" in runs:
         result["equal"] = _trainer_run(out / "equal", STEPS, {})
     if "stop" in runs:
         result["stop"] = _trainer_run(out / "stop", 40, {2: "pause", 4: "stop"})
+    if "early" in runs:  # no evaluation improves by 1 nat: the patience rule stops the run after 2 of them
+        rule = EarlyStopping(patience=2, min_delta=1.0, divergence_factor=None)
+        result["early"] = _trainer_run(out / "early", 40, {}, eval_every=1, early_stopping=rule)
     if "hf" in runs:
         result["hf"] = _hf_run(out / "hf")
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":  # worker.py OUT [equal,stop,hf]
-    main(Path(sys.argv[1]), sys.argv[2].split(",") if len(sys.argv) > 2 else ["equal", "stop", "hf"])
+    main(Path(sys.argv[1]), sys.argv[2].split(",") if len(sys.argv) > 2 else ["equal", "stop", "early", "hf"])

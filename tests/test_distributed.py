@@ -57,9 +57,9 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[
 def _reference(tmp_path: Path) -> dict[str, Any]:
     """The same run in this one process with the global batch (2 per rank x 2 ranks = 4)."""
     train, val = worker.data()
-    trainer = lora_widgets.LoRATrainer(
-        tiny_llama(), None, train, val, worker.lora(), worker.config(tmp_path, batch_size=4)
-    )
+    model = tiny_llama()
+    rows = worker.record_rows(model)
+    trainer = lora_widgets.LoRATrainer(model, None, train, val, worker.lora(), worker.config(tmp_path, 4))
     assert not trainer.world.distributed
     events: list[Any] = []
     trainer.subscribe(events.append)
@@ -68,6 +68,7 @@ def _reference(tmp_path: Path) -> dict[str, Any]:
         "loss": [[e.step, e.loss] for e in events if isinstance(e, StepMetrics)],
         "val": [[e.step, e.val_loss] for e in events if e.kind == "eval"],
         "adapter": end.adapter_path,
+        "rows": rows,
     }
 
 
@@ -90,6 +91,10 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(
         for key in ("loss", "val"):  # every rank reads the global loss; validation over both ranks' rows
             assert [s for s, _ in got[key]] == [s for s, _ in ref[key]]
             assert [v for _, v in got[key]] == pytest.approx([v for _, v in ref[key]], rel=1e-5)
+    assert len(ref["rows"]) == worker.STEPS
+    for step, whole in enumerate(ref["rows"]):  # each rank trained on its own half of the global batch
+        halves = [seen["equal"]["rows"][step] for seen in ranks]
+        assert [len(h) for h in halves] == [2, 2] and sorted(halves[0] + halves[1]) == sorted(whole)
     one, two = _adapter(ref["adapter"]), _adapter(ranks[0]["equal"]["adapter"])
     assert one.keys() == two.keys() and len(one) == 8
     for name in one:
@@ -99,7 +104,7 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(
 @pytest.mark.slow
 def test_only_rank_0_writes_the_run_directory(launched: tuple[Path, list[dict[str, Any]]]) -> None:
     out, ranks = launched
-    for name in ("equal", "stop"):
+    for name in ("equal", "stop", "early"):
         run_dirs = list((out / name).iterdir())
         assert [str(d) for d in run_dirs] == [ranks[0][name]["run_dir"]] == [ranks[1][name]["run_dir"]]
         events = read_events(run_dirs[0] / "metrics.jsonl")
@@ -131,6 +136,18 @@ def test_a_pause_and_a_stop_through_the_run_directory_reach_both_ranks(
         assert got["states"] == ["running", "paused", "running", "stopped"]  # rank 0's pause held both
         assert [s for s, _ in got["loss"]] == [1, 2, 3, 4]
     assert ranks[0]["stop"]["loss"] == ranks[1]["stop"]["loss"]
+
+
+@pytest.mark.slow
+def test_an_early_stopping_verdict_ends_every_rank_at_the_same_step(
+    launched: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    _, ranks = launched
+    for seen in ranks:
+        got = seen["early"]
+        assert got["end"] == "early_stopped" and got["step"] == 2, got["message"]
+        assert [s for s, _ in got["val"]] == [0, 1, 2]  # evaluated on both ranks' rows, then stopped
+    assert ranks[0]["early"]["val"] == ranks[1]["early"]["val"]
 
 
 @pytest.mark.slow
