@@ -111,7 +111,10 @@ def test_only_rank_0_writes_the_run_directory(launched: tuple[Path, list[dict[st
         assert sum(isinstance(e, RunStarted) for e in events) == 1  # one writer: no event twice
         steps = [e.step for e in events if isinstance(e, StepMetrics)]
         assert steps == sorted(set(steps)) and steps[-1] == ranks[0][name]["step"]
-        assert ranks[1][name]["adapter"] is None and "Rank 0 saves the adapter" in ranks[1][name]["message"]
+        assert (
+            ranks[1][name]["adapter"] is None
+            and "Process 1 of 2: rank 0 writes the run directory" in ranks[1][name]["message"]
+        )
         assert Path(ranks[0][name]["adapter"]).is_dir()
     config = json.loads((Path(ranks[0]["equal"]["run_dir"]) / "config.json").read_text())
     assert config["train"]["batch_size"] == 2  # per process, as given

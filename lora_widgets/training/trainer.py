@@ -397,10 +397,9 @@ class LoRATrainer(RunBase):
         """Save the trained weights to ``run_dir/adapter`` however the run ended (not if nothing trained
         or the weights are non-finite); returns (path, a note for the end message). Rank 0 only."""
         if run is None or self._dir is None:
-            return (
-                None,
-                "" if run is None or self.world.is_main else f" Rank 0 saves the adapter to {self.run_dir}.",
-            )
+            w = self.world
+            note = f" (Process {w.rank} of {w.size}: rank 0 writes the run directory {self.run_dir}.)"
+            return None, "" if run is None or w.is_main else note
         if p.failure is not None and p.failure.reason == "no_gradient":
             return None, " Nothing was trained, so nothing was saved."
         try:
