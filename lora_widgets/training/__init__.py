@@ -13,6 +13,7 @@
 ``meter``                 tokens/s, elapsed time without pauses, ETA, device memory and utilisation
 ``early_stopping``        the pure early-stopping rule (:class:`EarlyStopping`), shared with the HF callback
 ``stopping``              the rule in the trainer, with the best evaluation's weights kept to be saved
+``distributed``           more than one process (DDP): the process group and what every rank decides together
 ========================  ================================================================================
 
 Failure classification lives in :mod:`lora_widgets.training.diagnosis`, checkpoint files in
