@@ -60,7 +60,9 @@ def _grads(
     for name, p in model.named_parameters():
         if p.requires_grad and p.grad is not None:
             key = name.removeprefix("base_model.model.").replace(".default", "")
-            key = key.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")  # PEFT's module -> ours
+            key = key.replace(
+                "lora_magnitude_vector.weight", "lora_magnitude_vector"
+            )  # PEFT's module -> ours
             grads[key] = p.grad.detach().clone()
     return logits.detach(), grads
 
@@ -133,7 +135,7 @@ def test_ours_saved_loads_in_peft_with_the_same_logits(tmp_path, arch: str) -> N
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
-        keys = sorted(f.keys())  # noqa: SIM118
+        keys = sorted(f.keys())
     magnitude_keys = [k for k in keys if k.endswith(".lora_magnitude_vector")]
     assert len(magnitude_keys) == len(lora_layers(ours)) and len(keys) == 3 * len(magnitude_keys)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

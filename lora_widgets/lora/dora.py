@@ -70,6 +70,13 @@ def base_weight(layer: LoRALinear) -> torch.Tensor:
     return weight.T if layer.fan_in_fan_out else weight
 
 
+def _magnitude(layer: LoRALinear) -> torch.Tensor:
+    """The layer's m [out]; a ``ValueError`` if it is not a DoRA layer (a caller's mistake, said plainly)."""
+    if layer.lora_magnitude_vector is None:
+        raise ValueError("this LoRA layer has no DoRA magnitude vector (it was made with use_dora=False)")
+    return layer.lora_magnitude_vector
+
+
 def weight_norm(weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
     """``||W + s B A||_c``: the L2 norm of each output row of ``weight + scaling * lora_weight`` (both ``[out, in]``),
     ``[out]``; PEFT's ``DoraLinearLayer.get_weight_norm``."""
@@ -94,9 +101,9 @@ def dora_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:  # x: [...
     norm = weight_norm(
         weight, lora_weight.detach().to(lora_x.dtype), layer.scaling
     ).detach()  # [out], sec. 4.3
-    mag_norm_scale = (layer.lora_magnitude_vector / norm).view(1, -1)  # [1, out]
+    mag_norm_scale = (_magnitude(layer) / norm).view(1, -1)  # [1, out]
     if isinstance(layer.lora_dropout, nn.Identity) or not layer.training:
-        bias = layer.base_layer.bias
+        bias = layer.bias
         base_result = result if bias is None else result - bias  # W0 x, reused from the base layer's output
     else:
         lora_x = layer.lora_dropout(lora_x)
@@ -113,7 +120,7 @@ def dora_merge(layer: LoRALinear, weight: torch.Tensor, delta: torch.Tensor) -> 
     oriented = weight.T if layer.fan_in_fan_out else weight  # [out, in]
     delta_out = delta.T if layer.fan_in_fan_out else delta  # [out, in]
     norm = weight_norm(oriented.float(), delta_out.float(), 1.0)  # [out]
-    factor = (layer.lora_magnitude_vector.float() / norm).view(-1, 1)  # [out, 1]
+    factor = (_magnitude(layer).float() / norm).view(-1, 1)  # [out, 1]
     merged = factor * (oriented.float() + delta_out.float())  # [out, in]
     weight.data = (merged.T if layer.fan_in_fan_out else merged).to(weight.dtype).contiguous()
     return norm
@@ -125,7 +132,7 @@ def _unmerged(
     """W0 = W / (m / n) - s B A from a merged ``weight`` (base layout), in fp32 and the base's layout."""
     oriented = weight.T if layer.fan_in_fan_out else weight  # [out, in]
     delta_out = delta.T if layer.fan_in_fan_out else delta  # [out, in]
-    factor = (layer.lora_magnitude_vector.float() / norm).view(-1, 1)  # type: ignore[union-attr]  # [out, 1]
+    factor = (_magnitude(layer).float() / norm).view(-1, 1)  # [out, 1]
     restored = oriented.float() / factor - delta_out.float()  # [out, in]
     return restored.T if layer.fan_in_fan_out else restored
 
@@ -148,5 +155,5 @@ def merged_delta(layer: LoRALinear) -> torch.Tensor:
     """(m / n) (W0 + s B A) - W0, ``[out, in]`` in fp32: what merging adds to a dequantized base."""
     weight = base_weight(layer).float()  # [out, in]
     delta = layer.lora_B.weight.float() @ layer.lora_A.weight.float() * layer.scaling  # [out, in]
-    factor = (layer.lora_magnitude_vector.float() / weight_norm(weight, delta, 1.0)).view(-1, 1)  # [out, 1]
+    factor = (_magnitude(layer).float() / weight_norm(weight, delta, 1.0)).view(-1, 1)  # [out, 1]
     return factor * (weight + delta) - weight

@@ -116,8 +116,8 @@ def reset_factors(layer: LoRALinear) -> None:
     or PiSSA's initial factors again (W is already the residual: a new SVD of it would be wrong); DoRA's
     magnitude becomes ||W + s B A||_c again."""
     if hasattr(layer, "pissa_A0"):
-        layer.lora_A.weight.copy_(layer.pissa_A0)
-        layer.lora_B.weight.copy_(layer.pissa_B0)
+        layer.lora_A.weight.copy_(layer.get_buffer("pissa_A0"))
+        layer.lora_B.weight.copy_(layer.get_buffer("pissa_B0"))
     else:
         init_factors(layer, layer.init_lora_weights)
     if layer.lora_magnitude_vector is not None:
@@ -134,5 +134,6 @@ def restore_base_weight(layer: LoRALinear) -> None:
     if layer._replaced_weight is not None:
         weight.data, layer._replaced_weight = layer._replaced_weight, None
     elif hasattr(layer, "pissa_A0"):
-        delta = (layer.pissa_B0.float() @ layer.pissa_A0.float()) * layer.scaling  # [out, in]
+        b0, a0 = layer.get_buffer("pissa_B0"), layer.get_buffer("pissa_A0")  # [out, r], [r, in]
+        delta = (b0.float() @ a0.float()) * layer.scaling  # [out, in]
         weight.data += (delta.T if layer.fan_in_fan_out else delta).to(weight.dtype)

@@ -339,7 +339,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
     check_matched(model, matched, rule)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        wrappers: dict[str, nn.Module] = {}
+        wrappers: dict[str, LoRALinear] = {}
         for name in matched:
             c = config
             layer = LoRALinear(
