@@ -236,3 +236,27 @@ def test_the_trainer_trains_the_magnitude_and_reseeding_resets_it(tmp_path) -> N
     layer.reset_lora_parameters()  # what a new run does after seeding: m = ||W + s B A||_c = ||W||_c again
     assert torch.allclose(layer.lora_magnitude_vector, start)  # type: ignore[arg-type]
     remove_lora(model)
+
+
+def test_dora_on_a_4_bit_base_equals_peft_and_merges_by_dequantizing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """PEFT's DoRA on a Linear4bit dequantizes W0 for the norm (dequantize_module_weight); ours reads the same W0."""
+    pytest.importorskip("bitsandbytes")
+    from tests.test_qlora import ids, quantized_tiny
+
+    _, ours = quantized_tiny(tmp_path / "a")
+    _, base_for_peft = quantized_tiny(tmp_path / "b")
+    apply_lora(ours, LoRAConfig(r=4, alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for layer in lora_layers(ours).values():
+            assert layer.quantized == "4-bit"
+            layer.lora_B.weight.normal_(0, 0.1)
+            layer.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn_like(layer.lora_magnitude_vector))  # type: ignore[union-attr]
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(base_for_peft, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        expected = ours(ids()).logits
+        assert (theirs(ids()).logits - expected).abs().max() < 1e-5
+        with pytest.warns(UserWarning, match="dequantized"):
+            merge_lora(ours, unload=True)
+        assert (ours(ids()).logits - expected).abs().max() < 2e-3  # as plain LoRA's dequantizing merge
