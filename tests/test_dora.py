@@ -260,3 +260,35 @@ def test_dora_on_a_4_bit_base_equals_peft_and_merges_by_dequantizing(tmp_path) -
         with pytest.warns(UserWarning, match="dequantized"):
             merge_lora(ours, unload=True)
         assert (ours(ids()).logits - expected).abs().max() < 2e-3  # as plain LoRA's dequantizing merge
+
+
+def test_a_trainer_that_fails_to_replace_dora_adapters_restores_them_with_their_magnitudes(
+    monkeypatch,
+) -> None:  # type: ignore[no-untyped-def]
+    from lora_widgets import LoRATrainer, TrainConfig
+    from lora_widgets.lora.layers import LoRALinear
+
+    model = tiny_llama()
+    blocks = torch.randint(0, 128, (24, 32), generator=torch.Generator().manual_seed(0))
+    LoRATrainer(model, None, blocks, lora=LoRAConfig(r=4, use_dora=True), config=TrainConfig(device="cpu"))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_magnitude_vector.mul_(1.5)  # type: ignore[union-attr]  # as a trained adapter
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = {"n": 0}
+    real = LoRALinear.__init__
+
+    def failing(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected fault")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoRALinear, "__init__", failing)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        LoRATrainer(model, None, blocks, lora=LoRAConfig(r=8), config=TrainConfig(device="cpu"))
+    monkeypatch.undo()
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    for name, p in after.items():
+        assert torch.equal(p, before[name]), name
