@@ -92,10 +92,12 @@ class TrainConfig:
             the batch's longest (grouped by length, so little is padding). ``True``: padding-free, the batch's
             examples side by side in one row with ``position_ids`` restarting at 0 for each, so attention never
             crosses an example (Hugging Face, "packing-with-FA2" blog; needs a transformers model).
-            ``"auto"`` (default): packed where that is faster, i.e. with a variable-length attention kernel
-            (``attn_implementation="flash_attention_2"``/``"flash_attention_3"``); padded otherwise, since SDPA and
-            eager attention compute a packed row's whole block-diagonal mask (measured on CPU:
-            ``benchmarks/bench_packing.py``). The same examples make each update either way, and so the same loss.
+            With SDPA the run attends per example (:mod:`lora_widgets.training.packed_attention`), as fast as
+            the padded default on CPU (1.03x); eager attention computes the row's whole block-diagonal mask.
+            ``"auto"`` (default): packed with a variable-length attention kernel
+            (``attn_implementation="flash_attention_2"``/``"flash_attention_3"``), padded otherwise: length-grouped
+            batches leave 3-5% padding, so packing gains little more (``benchmarks/bench_packing.py``). The same
+            examples make each update either way, and so the same loss.
         adapter_stats: measure every LoRA layer (``||dW||/||W||``, norms, gradient norms, singular values,
             last update size) on the first update, every ``eval_every`` updates and the last one, publish
             them as :class:`~lora_widgets.events.types.AdapterStats` and raise "is it training?" alerts
@@ -109,6 +111,12 @@ class TrainConfig:
             validation loss, a divergence stop) or ``None`` (run every step). A run it stops ends in
             :class:`~lora_widgets.events.types.RunEarlyStopped` and keeps the adapter of its best evaluation.
             Patience needs ``eval_every``. A dict (from JSON) becomes an ``EarlyStopping``.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models",
+            arXiv:2402.12354, sec. 3-4): B's learning rate is this many times A's (``learning_rate``); the paper
+            suggests about 16 (its ratio ``lambda = eta_B / eta_A``; sec. 4 shows B moving too slowly when both rates
+            are equal at large width). PEFT's name (``peft.optimizers.create_loraplus_optimizer``); as there, 1-D
+            adapter parameters (DoRA's magnitude) get B's rate. ``None`` (default): one rate for all. Needs
+            LoRA adapters: a number > 0, 1 being the same as ``None``.
     """
 
     learning_rate: float = 3e-3
@@ -139,6 +147,7 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] | None = None
     sample_max_new_tokens: int = 32
     early_stopping: EarlyStopping | None = None
+    loraplus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -197,6 +206,13 @@ class TrainConfig:
                 raise bad(name, "True or False")
         self._check_samples(bad)
         self._check_early_stopping(bad)
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and not (_is_num(ratio) and math.isfinite(ratio) and ratio > 0):
+            raise bad(
+                "loraplus_lr_ratio",
+                "None (one learning rate) or a finite number > 0: B's rate over A's, about 16 in LoRA+ "
+                "(Hayou et al. 2024)",
+            )
 
     def _check_early_stopping(self, bad: Callable[[str, str], ValueError]) -> None:
         """The early-stopping rule: an ``EarlyStopping`` (a dict from JSON is converted) or ``None``."""
