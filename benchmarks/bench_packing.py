@@ -9,10 +9,12 @@ trainer's padded default:
 * padded, random order    (the baseline of Hugging Face's "packing-with-FA2" blog: no length grouping)
 * packed, length-grouped  (``packing=True``: one row, position ids restarting per example)
 * packed, random order
+* packed per-example, grouped / random: the same packed rows, attention per example
+  (``lora_widgets.training.packed_attention``, what a packed run of the trainer uses on SDPA)
 
-Packing removes the padding but, with SDPA or eager attention, each packed row's attention covers the whole
-row under a block-diagonal mask (``R W^2`` instead of ``sum L_i^2``); variable-length kernels (FlashAttention 2)
-skip the blocks between examples, which is where packing pays (``packing="auto"`` packs there only).
+Packing removes the padding but, through transformers' SDPA or eager attention, each packed row's attention covers
+the whole row under a block-diagonal mask (``R W^2`` instead of ``sum L_i^2``); variable-length kernels
+(FlashAttention 2, or the per-example SDPA here) skip the blocks between examples.
 
 Usage: PYTHONPATH=. python benchmarks/bench_packing.py [--batch 8] [--rounds 12] [--threads N] [--attention sdpa]
 """
@@ -33,14 +35,17 @@ from lora_widgets.data.corpora import read_instructions
 from lora_widgets.data.sft import prepare_sft
 from lora_widgets.data.sft_batches import SFTExample, collate, length_grouped_batches, pack
 from lora_widgets.lora.layers import apply_lora
+from lora_widgets.training.packed_attention import use_packed_sdpa
 from lora_widgets.training.step import forward_loss
 
 
-def _step(model: torch.nn.Module, examples: list[SFTExample], packed: bool) -> None:
+def _step(model: torch.nn.Module, examples: list[SFTExample], packed: bool | str) -> None:
     nc = contextlib.nullcontext
     if packed:
         c = pack(examples, pad_id=0)  # [1, sum of lengths]
-        loss = forward_loss(model, c["input_ids"], nc, labels=c["labels"], position_ids=c["position_ids"])
+        per_example = use_packed_sdpa(model) if packed == "per-example" else nc()
+        with per_example:
+            loss = forward_loss(model, c["input_ids"], nc, labels=c["labels"], position_ids=c["position_ids"])
     else:
         c = collate(examples, pad_id=0)  # [B, longest]
         loss = forward_loss(model, c["input_ids"], nc, attention_mask=c["attention_mask"], labels=c["labels"])
@@ -66,13 +71,15 @@ def main() -> None:
     grouped = length_grouped_batches(lengths, args.batch, seed=0, epoch=0)
     order = np.random.default_rng(0).permutation(len(items)).tolist()
     shuffled = [order[i : i + args.batch] for i in range(0, len(order), args.batch)]
-    layouts: dict[str, tuple[list[list[int]], bool]] = {
+    layouts: dict[str, tuple[list[list[int]], bool | str]] = {
         "padded, length-grouped": (grouped, False),
         "padded, random order": (shuffled, False),
         "packed, length-grouped": (grouped, True),
         "packed, random order": (shuffled, True),
+        "packed per-example, grouped": (grouped, "per-example"),
+        "packed per-example, random": (shuffled, "per-example"),
     }
-    run: Callable[[list[int], bool], None] = lambda b, p: _step(model, [items[i] for i in b], p)  # noqa: E731
+    run: Callable[[list[int], bool | str], None] = lambda b, p: _step(model, [items[i] for i in b], p)  # noqa: E731
     for batches, packed in layouts.values():  # warm-up
         run(batches[1], packed)
     rates: dict[str, list[float]] = {name: [] for name in layouts}
@@ -93,7 +100,7 @@ def main() -> None:
         f"{args.rounds} interleaved rounds, medians of real tokens/s"
     )
     for name, value in med.items():
-        print(f"  {name:24s} {value:8.0f} tok/s  {value / base:5.2f}x  padding {np.mean(pad[name]):5.1%}")
+        print(f"  {name:28s} {value:8.0f} tok/s  {value / base:5.2f}x  padding {np.mean(pad[name]):5.1%}")
     print("target: packed >= 1.3x the trainer's padded default where packing is on by default")
 
 

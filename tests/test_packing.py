@@ -18,6 +18,7 @@ from lora_widgets.lora.layers import LoRAConfig, apply_lora
 from lora_widgets.models import BASE_MODEL_PATH
 from lora_widgets.training.batches import resolve_packing
 from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.packed_attention import PACKED_SDPA, use_packed_sdpa
 from lora_widgets.training.step import forward_loss
 from lora_widgets.training.trainer import LoRATrainer
 from lora_widgets.widget.data_view import data_facts, facts_rows
@@ -76,10 +77,10 @@ def test_pack_lays_examples_side_by_side_with_positions_restarting() -> None:
 
 
 @needs_packed_positions
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "per-example"])
 def test_packed_loss_and_gradients_equal_the_padded_batch(attention: str) -> None:
-    model = tiny_llama(vocab_size=64)
-    model.config._attn_implementation = attention
+    model = tiny_llama(vocab_size=64)  # 4 query heads on 2 key/value heads: the grouped path too
+    model.config._attn_implementation = "sdpa" if attention == "per-example" else attention
     apply_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
     for layer in model.modules():  # B = 0 would hide the adapters' share of the gradient
         if hasattr(layer, "lora_B") and isinstance(layer.lora_B, torch.nn.Linear):
@@ -89,8 +90,11 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(attention: str) -> Non
     def loss_and_grads(packed: bool) -> tuple[float, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
         if packed:
-            c = pack(EXAMPLES, pad_id=0)
-            loss = forward_loss(model, c["input_ids"], nc, labels=c["labels"], position_ids=c["position_ids"])
+            c = pack(EXAMPLES, pad_id=0, width=14)  # three rows: [11], [7, 5], [3] + padding
+            with use_packed_sdpa(model) if attention == "per-example" else nc():
+                loss = forward_loss(
+                    model, c["input_ids"], nc, labels=c["labels"], position_ids=c["position_ids"]
+                )
         else:
             c = collate(EXAMPLES, pad_id=0)
             loss = forward_loss(
@@ -123,6 +127,26 @@ def test_attention_never_crosses_an_example() -> None:
 
 
 @needs_packed_positions
+def test_per_example_attention_is_switched_on_only_inside_and_leaves_generation_as_sdpa() -> None:
+    model = tiny_llama(vocab_size=64)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        with use_packed_sdpa(model):
+            assert model.config._attn_implementation == PACKED_SDPA
+            during = model.generate(prompt, max_new_tokens=6, do_sample=False)  # a KV cache: plain SDPA
+            padded = collate(EXAMPLES, pad_id=0)
+            masked = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        assert model.config._attn_implementation == "sdpa"
+        plain = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    assert during.tolist() == before.tolist()
+    torch.testing.assert_close(masked, plain)  # a padding mask goes to transformers' SDPA unchanged
+    with pytest.raises(RuntimeError, match="inside"), use_packed_sdpa(model):
+        raise RuntimeError("inside")
+    assert model.config._attn_implementation == "sdpa"  # restored whatever happens inside
+
+
+@needs_packed_positions
 def test_packing_setting_is_validated_and_resolved() -> None:
     for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match=r"TrainConfig\.packing="):
@@ -148,6 +172,7 @@ def test_a_packed_run_matches_a_padded_run_and_shows_no_padding(tmp_path: Path) 
         trainer.subscribe(events.append)
         trainer.run_sync()
         assert isinstance(events[-1], RunFinished), events[-1]
+        assert model.config._attn_implementation == "sdpa"  # per-example attention was for the run only
         lines = [
             json.loads(x) for x in (Path(trainer.run_dir or "") / "metrics.jsonl").read_text().splitlines()
         ]

@@ -6,6 +6,7 @@ questions the view and the failure callouts ask:
 - :func:`describe_settings`: the settings to show read-only (an attached trainer owns its settings);
 - :func:`logging_advice`: whether ``logging_steps`` would leave the loss chart nearly empty, and a value
   that would not (``logging_steps`` defaults to 500, so a 300-step run logs nothing: transformers#8910);
+- :func:`logged_extras`, :func:`tokens_seen`: what a logged dict carries besides the loss, and the tokens trained;
 - :func:`failure_diagnosis`: an exception from ``train()`` (out of memory, including the CPU allocator's
   "can't allocate memory"; anything else) as the same :class:`~lora_widgets.training.diagnosis.Diagnosis` our own
   trainer reports, worded with ``TrainingArguments`` names (``per_device_train_batch_size``, not
@@ -42,10 +43,13 @@ from lora_widgets.training.diagnosis import (
 
 __all__ = [
     "MIN_CHART_POINTS",
+    "STEP_KEYS",
     "describe_settings",
     "expected_max_steps",
     "failure_diagnosis",
     "hf_schedule",
+    "is_finite",
+    "logged_extras",
     "logging_advice",
     "nan_failure",
     "peft_lora_config",
@@ -53,6 +57,7 @@ __all__ = [
     "sample_seq_len",
     "setting_notices",
     "settings_of",
+    "tokens_seen",
     "train_config_view",
 ]
 
@@ -60,6 +65,38 @@ logger = logging.getLogger(__name__)
 
 MIN_CHART_POINTS = 20
 """Fewer logged losses than this over a run and the loss chart looks empty: :func:`logging_advice` warns."""
+
+STEP_KEYS = frozenset({"loss", "learning_rate", "grad_norm", "epoch", "step"})
+"""Logged keys that map onto StepMetrics / EvalMetrics fields (or are bookkeeping), not carried in ``extra``."""
+
+
+def is_finite(x: Any) -> bool:
+    """A logged number that is neither NaN nor infinite."""
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def logged_extras(logs: Mapping[str, Any], skip: frozenset[str]) -> dict[str, float]:
+    """Numeric logged values not already in a field; the trainer's own timing figures (``*_runtime``,
+    ``*_per_second``, ``total_flos``) are left out: they describe the logging, not the model."""
+    return {
+        k: float(v)
+        for k, v in logs.items()
+        if k not in skip
+        and isinstance(v, int | float)
+        and not k.endswith(("_runtime", "_per_second"))
+        and k != "total_flos"
+    }
+
+
+def tokens_seen(state: Any, logs: Mapping[str, Any]) -> float | None:
+    """Tokens trained so far, when the trainer counts them (``state.num_input_tokens_seen``, or TRL's logged
+    ``num_tokens`` of non-padding tokens); else ``None``."""
+    seen = getattr(state, "num_input_tokens_seen", 0) or 0
+    if seen > 0:
+        return float(seen)
+    trl = logs.get("num_tokens")
+    return float(trl) if isinstance(trl, int | float) else None
+
 
 # TrainingArguments / SFTConfig fields shown read-only, in this order (those absent are skipped).
 _SHOWN = (

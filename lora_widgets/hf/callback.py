@@ -35,6 +35,11 @@ pauses excluded. Other numeric logged values (TRL's ``mean_token_accuracy``, ``n
 carried in ``StepMetrics.extra`` / ``EvalMetrics.extra``. A non-finite logged loss or gradient norm stops the
 run and ends it in ``RunFailed(reason="nan")``. Every event is also appended to ``<output_dir>/metrics.jsonl``
 (readable with :func:`~lora_widgets.events.types.event_from_dict`).
+
+Under DDP or FSDP (``torchrun``, ``accelerate launch``) transformers calls the hooks in every process: only the
+world's process zero (``state.is_world_process_zero``) publishes events and writes ``metrics.jsonl``, and its stop
+and pause reach every process through one ``all_reduce`` in ``on_step_end``
+(:meth:`lora_widgets.training.distributed.World.agree`), since ``control.should_training_stop`` is per process.
 """
 
 from __future__ import annotations
@@ -71,41 +76,27 @@ from lora_widgets.events.types import (
 from lora_widgets.health.alerts import no_gradient_alert
 from lora_widgets.health.gradient_check import gradient_report
 from lora_widgets.hf.args import (
+    STEP_KEYS,
     failure_diagnosis,
+    is_finite,
+    logged_extras,
     logging_advice,
     nan_failure,
     peft_lora_config,
     sample_seq_len,
     setting_notices,
     settings_of,
+    tokens_seen,
 )
 from lora_widgets.lora.layers import count_parameters
+from lora_widgets.training.distributed import World, is_main_process
 from lora_widgets.training.early_stopping import EarlyStopper, EarlyStopping, Verdict
 
 __all__ = ["EventCallback"]
 
 logger = logging.getLogger(__name__)
 
-# Logged keys that map onto StepMetrics / EvalMetrics fields (or are bookkeeping), not carried in ``extra``.
-_STEP_KEYS = frozenset({"loss", "learning_rate", "grad_norm", "epoch", "step"})
 _UTIL_EVERY_S = 2.0  # GPU utilisation is read through NVML at most this often
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
-
-
-def _extras(logs: dict[str, Any], skip: frozenset[str]) -> dict[str, float]:
-    """Numeric logged values not already in a field; the trainer's own timing figures (``*_runtime``,
-    ``*_per_second``, ``total_flos``) are left out: they describe the logging, not the model."""
-    return {
-        k: float(v)
-        for k, v in logs.items()
-        if k not in skip
-        and isinstance(v, int | float)
-        and not k.endswith(("_runtime", "_per_second"))
-        and k != "total_flos"
-    }
 
 
 @dataclass
@@ -113,6 +104,8 @@ class _RunRecord:
     """What one ``train()`` has shown so far (reset when it begins)."""
 
     started: bool = False  # on_train_begin was reached
+    main: bool = field(default_factory=is_main_process)  # rank 0 (or the only process): it reports
+    world: World = field(default_factory=World)  # the processes of a distributed train() (one by default)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     max_steps: int = 0
     step: int = 0  # optimizer updates completed
@@ -218,6 +211,7 @@ class EventCallback(TrainerCallback):
         self._reset_run()
         self._run.unwritten = announced
         self._run.started = True
+        self._run.main, self._run.world = bool(getattr(state, "is_world_process_zero", True)), World.current()
         self._run.stopper = EarlyStopper(self.early_stopping) if self.early_stopping is not None else None
         self._run.device = torch.device(str(args.device))
         self._run.max_steps = int(state.max_steps)
@@ -263,10 +257,16 @@ class EventCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._run.step = int(state.global_step)
         self._poll_control()
+        world = self._run.world  # under DDP: rank 0's pause and anyone's stop reach every rank at this step
+        world.agree(self.requests, bool(control.should_training_stop))
         if self.requests.pause_requested:
             self._emit(StateChanged("paused", self._run.step))
             poll = self._poll_control if self._control is not None else None
-            self._run.paused_s += self.requests.wait_blocking(poll)
+            self._run.paused_s += (
+                world.hold(self.requests, self._poll_control, 0.25)
+                if world.distributed
+                else self.requests.wait_blocking(poll)
+            )
             if not self.requests.stop_requested:
                 self._emit(StateChanged("running", self._run.step))
         if self.requests.stop_requested and self._run.step < self._run.max_steps:
@@ -291,14 +291,14 @@ class EventCallback(TrainerCallback):
             return  # evaluation logs come through on_evaluate; the closing summary has no "loss"
         step = int(state.global_step)
         loss, grad_norm = logs["loss"], logs.get("grad_norm", math.nan)
-        if not _finite(loss) or (not _finite(grad_norm) and "grad_norm" in logs):
+        if not is_finite(loss) or (not is_finite(grad_norm) and "grad_norm" in logs):
             if not self._early_stop(control, step, math.nan, None) and self._run.nan_step is None:
                 self._run.nan_step = step
             control.should_training_stop = True
             return
         self._early_stop(control, step, float(loss), None)
         now = self._elapsed()
-        tokens = self._tokens_seen(state, logs)
+        tokens = tokens_seen(state, logs)
         dt = max(now - self._run.log_t, 1e-9)
         if tokens is not None and self._run.last_tokens is not None and tokens > self._run.last_tokens:
             tok_s = (tokens - self._run.last_tokens) / dt
@@ -324,7 +324,7 @@ class EventCallback(TrainerCallback):
                 memory_bytes=mem,
                 memory_reserved_bytes=reserved,
                 gpu_utilization=self._run.util,
-                extra=_extras(logs, _STEP_KEYS),
+                extra=logged_extras(logs, STEP_KEYS),
             )
         )
 
@@ -339,7 +339,7 @@ class EventCallback(TrainerCallback):
             self._run.best_val = val if self._run.best_val is None else min(self._run.best_val, val)
         ppl = math.exp(val) if val < 700 else math.inf
         best = self._run.best_val if self._run.best_val is not None else val
-        extra = _extras(metrics or {}, frozenset({"eval_loss", "epoch", "step"}))
+        extra = logged_extras(metrics or {}, frozenset({"eval_loss", "epoch", "step"}))
         self._emit(EvalMetrics(int(state.global_step), val, ppl, best, extra=extra))
         self._early_stop(control, int(state.global_step), None, val)
 
@@ -397,14 +397,6 @@ class EventCallback(TrainerCallback):
 
     def _elapsed(self) -> float:
         return time.monotonic() - self._run.t0 - self._run.paused_s
-
-    @staticmethod
-    def _tokens_seen(state: Any, logs: dict[str, Any]) -> float | None:
-        seen = getattr(state, "num_input_tokens_seen", 0) or 0
-        if seen > 0:
-            return float(seen)
-        trl = logs.get("num_tokens")  # TRL counts non-padding tokens itself
-        return float(trl) if isinstance(trl, int | float) else None
 
     def _end_fields(self, step: int) -> dict[str, Any]:
         path = self._run.ckpt_path if self._run.ckpt_step == step else None
@@ -469,8 +461,13 @@ class EventCallback(TrainerCallback):
             self._control = None
 
     def _open_file(self, args: Any) -> None:
-        if not self._metrics_file or not getattr(args, "should_save", True) or not args.output_dir:
-            return
+        if (
+            not self._metrics_file
+            or not self._run.main
+            or not getattr(args, "should_save", True)
+            or not args.output_dir
+        ):
+            return  # (under DDP only the world's process zero writes)
         try:
             os.makedirs(args.output_dir, exist_ok=True)
             self._file = MetricsWriter(os.path.join(args.output_dir, METRICS_FILE))
@@ -486,6 +483,8 @@ class EventCallback(TrainerCallback):
     def _emit(self, event: Event) -> None:
         if isinstance(event, StateChanged):
             self.state = event.state
+        if not self._run.main:  # another rank of a distributed train(): rank 0 reports
+            return
         if self._file is None and not self._run.started:
             self._run.unwritten.append(event)
         elif self._file is not None:

@@ -303,15 +303,16 @@ def load_run_data(train_data: Any, eval_data: Any, tokenizer: Any, config: Train
     ))  # fmt: skip
 
 
-#: Attention implementations that run each packed example on its own (variable-length kernels): there packing
-#: saves the padding's work. SDPA and eager attention compute a packed row's whole block-diagonal mask instead.
+#: Attention implementations that run each packed example on its own (variable-length kernels), where packing
+#: pays by default. A packed run on SDPA attends per example too (training/packed_attention.py), at the padded
+#: length-grouped default's speed on CPU (1.03x), so "auto" leaves it padded there.
 _VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
 def resolve_packing(packing: bool | str, model: nn.Module) -> bool:
     """Whether instruction batches are packed padding-free for ``model``: ``TrainConfig.packing`` decided.
 
-    ``"auto"`` packs where it is faster: a transformers model whose attention is a variable-length kernel. ``True``
+    ``"auto"`` packs where it pays: a transformers model whose attention is a variable-length kernel. ``True``
     needs a model that reads packed ``position_ids`` (transformers' models do since ``masking_utils`` has
     ``find_packed_sequence_indices``); otherwise a ``ValueError`` says so.
     """
@@ -418,9 +419,11 @@ class BatchOrder:
     """
 
     def __init__(
-        self, blocks: Blocks, config: TrainConfig, device: torch.device, packed: bool = False
-    ) -> None:
+        self, blocks: Blocks, config: TrainConfig, device: torch.device, packed: bool = False,
+        shard: tuple[int, int] = (0, 1),  # (rank, ranks) of a multi-process run: its rows rank::ranks
+    ) -> None:  # fmt: skip
         self.blocks = blocks
+        self.shard = slice(shard[0], None, shard[1])  # this rank's rows of each (global) micro-batch
         self.packed = packed and isinstance(blocks.train, Examples)  # examples laid out padding-free
         self.batch_size = config.batch_size
         self.grad_accum_steps = config.grad_accum_steps
@@ -447,7 +450,7 @@ class BatchOrder:
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """The ``grad_accum_steps`` micro-batches of update ``step`` (1-based): ``LongTensor[B, T]`` blocks or
-        :class:`PaddedBatch` examples (each knowing the update's trained-token count)."""
+        :class:`PaddedBatch` examples (each knowing the trained-token count of the whole update, all ranks')."""
         per_epoch = self.blocks.steps_per_epoch * self.grad_accum_steps  # micro-batches per epoch
         where = [
             divmod((step - 1) * self.grad_accum_steps + m, per_epoch) for m in range(self.grad_accum_steps)
@@ -456,26 +459,29 @@ class BatchOrder:
         if isinstance(train, Examples):
             groups = [self._grouped(train, epoch)[pos] for epoch, pos in where]
             items = sum(train.trained[i] for group in groups for i in group)
-            return [train.batch(group, items, self.packed).to(self.device) for group in groups]
+            return [train.batch(group[self.shard], items, self.packed).to(self.device) for group in groups]
         out: list[MicroBatch] = []
         for epoch, pos in where:
             idx = self._permutation(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]  # [B]
-            out.append(train[idx].to(self.device, non_blocking=True))  # [B, T]
+            out.append(train[idx[self.shard]].to(self.device, non_blocking=True))  # [B / ranks, T]
         return out
 
 
 def eval_batches(
-    val: torch.Tensor | Examples, batch_size: int, max_batches: int | None, device: torch.device
-) -> Iterator[MicroBatch]:
+    val: torch.Tensor | Examples, batch_size: int, max_batches: int | None, device: torch.device,
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[MicroBatch]:  # fmt: skip
     """The first ``max_batches`` (all if ``None``) validation batches ``[b, T]``, always in the same order
-    (examples: in row order, each padded to its longest)."""
+    (examples: in row order, each padded to its longest); a ``shard=(rank, ranks)`` gets rows rank::ranks of each."""
     n = -(-int(val.shape[0]) // batch_size)
     for i in range(n if max_batches is None else min(n, max_batches)):
-        rows = range(i * batch_size, min((i + 1) * batch_size, int(val.shape[0])))
+        rows = range(i * batch_size, min((i + 1) * batch_size, int(val.shape[0])))[shard[0] :: shard[1]]
+        if not rows:  # a rank with none of a batch's rows skips it
+            continue
         if isinstance(val, Examples):
             yield val.batch(rows).to(device)
         else:
-            yield val[i * batch_size : (i + 1) * batch_size].to(device)  # [b, T]
+            yield val[rows.start : rows.stop : rows.step].to(device)  # [b, T]
 
 
 def data_position(step: int, config: TrainConfig, per_epoch: int) -> dict[str, int]:

@@ -92,10 +92,12 @@ class TrainConfig:
             the batch's longest (grouped by length, so little is padding). ``True``: padding-free, the batch's
             examples side by side in one row with ``position_ids`` restarting at 0 for each, so attention never
             crosses an example (Hugging Face, "packing-with-FA2" blog; needs a transformers model).
-            ``"auto"`` (default): packed where that is faster, i.e. with a variable-length attention kernel
-            (``attn_implementation="flash_attention_2"``/``"flash_attention_3"``); padded otherwise, since SDPA and
-            eager attention compute a packed row's whole block-diagonal mask (measured on CPU:
-            ``benchmarks/bench_packing.py``). The same examples make each update either way, and so the same loss.
+            With SDPA the run attends per example (:mod:`lora_widgets.training.packed_attention`), as fast as
+            the padded default on CPU (1.03x); eager attention computes the row's whole block-diagonal mask.
+            ``"auto"`` (default): packed with a variable-length attention kernel
+            (``attn_implementation="flash_attention_2"``/``"flash_attention_3"``), padded otherwise: length-grouped
+            batches leave 3-5% padding, so packing gains little more (``benchmarks/bench_packing.py``). The same
+            examples make each update either way, and so the same loss.
         adapter_stats: measure every LoRA layer (``||dW||/||W||``, norms, gradient norms, singular values,
             last update size) on the first update, every ``eval_every`` updates and the last one, publish
             them as :class:`~lora_widgets.events.types.AdapterStats` and raise "is it training?" alerts

@@ -23,6 +23,7 @@ from torch import nn
 
 from lora_widgets.quantization import is_quantized
 from lora_widgets.training.kbit import KbitState, check_quantized_device, prepare_kbit
+from lora_widgets.training.packed_attention import attention_of, restore_attention
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -76,19 +77,23 @@ class ModelMode:
     switches_checkpointing: bool  # the run switches gradient checkpointing on (it was off)
     # a quantized base's compute dtypes and input-grad hook before the run
     kbit: KbitState = field(default_factory=KbitState)
+    # each config's attention implementation (a packed run switches SDPA to per-example attention)
+    attention: list[tuple[Any, str]] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: nn.Module, gradient_checkpointing: bool) -> ModelMode:
         """The mode ``model`` is in now; ``gradient_checkpointing``: the run will switch it on (only then
         is the model asked, as transformers warns about the older query)."""
         switches = gradient_checkpointing and not _checkpointing_on(model)
-        return cls(model.training, switches, KbitState.of(model, gradient_checkpointing))
+        return cls(model.training, switches, KbitState.of(model, gradient_checkpointing), attention_of(model))
 
     def restore(self, model: nn.Module) -> None:
-        """Drop gradients, switch off checkpointing if the run switched it on, restore train/eval."""
+        """Drop gradients, switch off checkpointing if the run switched it on, restore train/eval and the
+        attention implementation."""
         for p in model.parameters():
             p.grad = None
         self.kbit.restore(model)
+        restore_attention(self.attention)
         disable = _checkpointing_method(model, "disable") if self.switches_checkpointing else None
         if disable is not None:
             try:

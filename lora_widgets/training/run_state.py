@@ -4,7 +4,8 @@ A :class:`Session` holds the optimizer, the loss scaler, the batch order and the
 one run and nothing else, so that dropping it at the end frees all of them at once. Its methods are the
 blocking phases the trainer runs in a worker thread: :meth:`Session.open` (seed, adapters, model,
 optimizer, checkpoint) and :meth:`Session.update` (one optimizer update); it also words the run's
-:class:`~lora_widgets.events.types.RunStarted` and :class:`~lora_widgets.events.types.StepMetrics`.
+:class:`~lora_widgets.events.types.RunStarted` and :class:`~lora_widgets.events.types.StepMetrics`, and
+:func:`ending` words its terminal event.
 """
 
 from __future__ import annotations
@@ -19,21 +20,34 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lora_widgets.devices import describe_device
-from lora_widgets.events.types import EvalMetrics, RunStarted, StepMetrics
+from lora_widgets.events.types import (
+    EvalMetrics,
+    RunEarlyStopped,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    RunState,
+    RunStopped,
+    StepMetrics,
+)
 from lora_widgets.lora.layers import LoRAConfig, count_parameters, lora_layers
 from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import precision
 from lora_widgets.training.batches import BatchOrder, Blocks, data_position, resolve_packing
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.diagnosis import Diagnosis, Phase
+from lora_widgets.training.distributed import World
+from lora_widgets.training.early_stopping import Verdict
 from lora_widgets.training.meter import DeviceUsage, Lap
+from lora_widgets.training.packed_attention import switch_to_packed_sdpa
 from lora_widgets.training.run_dir import read_metrics
 from lora_widgets.training.schedules import lr_at
 from lora_widgets.training.step import Probe, StepResult, make_optimizer, train_step
 
-__all__ = ["Progress", "Session", "Usage"]
+__all__ = ["Progress", "Session", "Usage", "ending"]
 
 Usage = tuple[int, int | None, float | None]  # memory bytes, reserved bytes, GPU utilisation %
 
@@ -68,6 +82,8 @@ class Session:
     autocast: Callable[[], contextlib.AbstractContextManager[Any]]
     usage: DeviceUsage
     first_bad: torch.Tensor  # [] long: first update with a non-finite loss, -1 while none
+    world: World = field(default_factory=World)  # the processes of a multi-process run (one by default)
+    ddp: DistributedDataParallel | None = None  # the model as DDP runs it, for the passes of an update
     earlier: list[StepMetrics | EvalMetrics] = field(default_factory=list)  # a resumed run's history
     resume_info: dict[str, Any] = field(default_factory=dict)
 
@@ -83,9 +99,12 @@ class Session:
         adapters: bool,
         fresh_adapters: bool,
         resume_from: str | os.PathLike[str] | None,
+        world: World | None = None,
     ) -> Session:
         """(worker thread) Seed; draw fresh adapters (``fresh_adapters``, unless resuming); put the model on
-        ``device``; build the optimizer and scaler; restore a checkpoint (``resume_from``) into them."""
+        ``device``; build the optimizer and scaler; restore a checkpoint (``resume_from``) into them; in a
+        multi-process run (``world``), wrap the model in DDP and take this rank's share of each batch."""
+        world = world or World()
         c = config
         ckpt.seed_everything(c.seed)
         if fresh_adapters and resume_from is None:
@@ -102,19 +121,31 @@ class Session:
             model=model,
             config=c,
             blocks=blocks,
-            order=BatchOrder(blocks, c, device, resolve_packing(c.packing, model)),
+            order=BatchOrder(
+                blocks,
+                world.data_config(c),
+                device,
+                resolve_packing(c.packing, model),
+                (world.rank, world.size),
+            ),
             optimizer=make_optimizer(model, c),
             scaler=precision.grad_scaler(c.precision, device),
             autocast=precision.autocast(c.precision, device),
             usage=DeviceUsage(device),
             first_bad=torch.full((), -1, dtype=torch.long, device=device),
+            world=world,
         )
+        if session.order.packed:  # SDPA attends per example in packed rows, not over the whole row's mask
+            switch_to_packed_sdpa(model)  # put back by the run's ModelMode.restore
         if resume_from is not None:
             state = ckpt.load_checkpoint(resume_from, model, session.optimizer, session.scaler)
             progress.step = progress.start_step = state.step
             session.resume_info = {"resumed_from": str(state.path), "resumed_step": state.step}
             session.earlier = read_metrics(state.path, state.step)
             state.restore_rng()
+        session.ddp = world.wrap(
+            model, device
+        )  # after a checkpoint's weights are in (rank 0's are broadcast)
         return session
 
     def lr(self, step: int, total: int) -> float:
@@ -143,11 +174,19 @@ class Session:
             read=read,
             probe=probe,
             check_gradients=step == progress.start_step + 1,  # the first update of this run
+            world=self.world,
+            ddp=self.ddp,
         )
         if out.applied:
             progress.step = step
             progress.last_loss = out.loss if out.loss is not None else progress.last_loss
         return out, (self.usage.sample() if read else None)
+
+    def tokens_per_step(self) -> int:
+        """Tokens one update consumes, on every rank together."""
+        return self.blocks.tokens_per_step(
+            self.config.batch_size * self.world.size, self.config.grad_accum_steps
+        )
 
     def step_metrics(self, progress: Progress, out: StepResult, usage: Usage | None, lap: Lap) -> StepMetrics:
         """The event of a read update."""
@@ -178,14 +217,14 @@ class Session:
         return RunStarted(
             run_id=run_id,
             run_dir=str(run_dir),
-            config=c.to_dict(),
+            config=c.to_dict() | ({"world_size": self.world.size} if self.world.distributed else {}),
             lora=lora.to_dict() if lora is not None else None,
             device=str(device),
             device_name=describe_device(device),
             trainable_params=trainable,
             total_params=total_params,
             total_steps=progress.total,
-            tokens_per_step=self.blocks.tokens_per_step(c.batch_size, c.grad_accum_steps),
+            tokens_per_step=self.tokens_per_step(),
             time=time.time(),
         )
 
@@ -198,3 +237,36 @@ class Session:
             "data_position": data_position(step, self.config, self.blocks.steps_per_epoch),
             **self.resume_info,
         }
+
+
+def ending(
+    p: Progress, verdict: Verdict | None, elapsed_s: float, adapter: str | None, saved: str, note: str
+) -> tuple[RunState, RunFinished | RunEarlyStopped | RunStopped | RunFailed]:
+    """How a run ended, from where it stands: the end state and the terminal event (failed, stopped early by
+    the ``verdict`` of early stopping, stopped or cancelled, or finished); ``note`` closes its message."""
+    base: dict[str, Any] = {
+        "step": p.step,
+        "elapsed_s": elapsed_s,
+        "final_loss": p.last_loss,
+        "best_val_loss": p.best_val,
+        "adapter_path": adapter,
+        "saved": saved,
+    }
+    if (f := p.failure) is not None:
+        failed = RunFailed(
+            **base,
+            message=f.message + note,
+            reason=f.reason,
+            error_type=f.error_type,
+            suggestions=tuple(f.suggestions),
+        )
+        return "failed", failed
+    if verdict is not None and not p.cancelled:
+        message = verdict.message + note
+        return "finished", RunEarlyStopped(
+            **base, message=message, reason=verdict.reason, best_step=verdict.best_step
+        )
+    if p.cancelled or p.step < p.total:  # a stop() that arrives after the last step changes nothing
+        why = "cancelled" if p.cancelled else "stopped by the user"
+        return "stopped", RunStopped(**base, message=f"Run {why} after step {p.step}.{note}")
+    return "finished", RunFinished(**base, message=f"Finished {p.step} steps in {elapsed_s:.1f} s.{note}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,10 @@ from lora_widgets.health.gradient_check import GradientReport, NoGradientError, 
 from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training.batches import MicroBatch, PaddedBatch
 from lora_widgets.training.config import TrainConfig
+from lora_widgets.training.distributed import World
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["Probe", "StepResult", "batch_loss", "evaluate", "forward_loss", "make_optimizer", "train_step"]
 
@@ -80,7 +84,8 @@ def forward_loss(
     then attend within each example only.
     """
     kwargs: dict[str, Any] = {}
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+    config = getattr(getattr(model, "module", model), "config", None)  # (DDP holds the model in .module)
+    if getattr(config, "use_cache", None) is not None:
         kwargs["use_cache"] = False  # no KV cache while training
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
@@ -104,11 +109,20 @@ def forward_loss(
     return total / (int((targets != -100).sum()) if num_items is None else num_items)
 
 
-def batch_loss(model: nn.Module, batch: MicroBatch, autocast: Autocast, n_micro: int) -> torch.Tensor:
+def batch_loss(
+    model: nn.Module, batch: MicroBatch, autocast: Autocast, n_micro: int, ranks: int = 1
+) -> torch.Tensor:
     """One micro-batch's share of its update's loss; summed over the ``n_micro`` micro-batches of the update
-    it is the mean over the update's predicted (packed) or trained (examples) tokens."""
+    it is the mean over the update's predicted (packed) or trained (examples) tokens.
+
+    With ``ranks`` processes (DDP averages their gradients), blocks need nothing more: every rank's micro-batch
+    has as many tokens, so the mean of the ranks' means is the global mean. An examples loss is already divided
+    by the trained tokens of the whole update (every rank's, ``step_items``), so it is multiplied by ``ranks``
+    to undo DDP's division: the sum over ranks is then the global mean (transformers does the same with
+    ``num_items_in_batch`` under ``average_tokens_across_devices``).
+    """
     if isinstance(batch, PaddedBatch):
-        return forward_loss(
+        return ranks * forward_loss(
             model, batch.input_ids, autocast, attention_mask=batch.attention_mask, labels=batch.labels,
             num_items=batch.step_items, position_ids=batch.position_ids,
         )  # fmt: skip
@@ -129,6 +143,8 @@ def train_step(
     read: bool,
     probe: Probe | None = None,
     check_gradients: bool = False,
+    world: World | None = None,
+    ddp: DistributedDataParallel | None = None,
 ) -> StepResult:
     """Update number ``step`` (1-based): gradients summed over the micro-batches (:func:`batch_loss`), clipped,
     one optimizer step at rate ``lr``.
@@ -143,17 +159,26 @@ def train_step(
     them, before ``backward()`` would fail with torch's "element 0 of tensors does not require grad"; with
     ``check_gradients`` the parameters that got no gradient are read after the backward passes
     (:attr:`StepResult.gradients`).
+
+    In a multi-process run (``world``), ``ddp`` (the model in ``DistributedDataParallel``) runs the passes and
+    averages the gradients in the last micro-batch's backward (the others under ``no_sync``), and the loss is
+    averaged over the ranks before the non-finite check, so every rank reads the same loss and makes the same
+    decision.
     """
+    world = world or World()
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=first_bad.device)
-    for x in micro_batches:
-        loss = batch_loss(model, x, autocast, len(micro_batches))
-        if not loss.requires_grad:  # nothing trainable is on the path from the loss: say which, and why
-            raise NoGradientError(gradient_report(model), step)
-        scaler.scale(loss).backward()  # loss scaling: Micikevicius et al. 2018, sec. 3.2 (off: identity)
+    for i, x in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            loss = batch_loss(ddp or model, x, autocast, len(micro_batches), world.size)
+            if not loss.requires_grad:  # nothing trainable is on the path from the loss: say which, and why
+                raise NoGradientError(gradient_report(model), step)
+            scaler.scale(loss).backward()  # loss scaling: Micikevicius et al. 2018, sec. 3.2 (off: identity)
         loss_sum += loss.detach()
         del loss
+    world.mean_(loss_sum)  # [] the update's loss over every rank's tokens
     scaler.unscale_(optimizer)
     gradients = gradient_report(model) if check_gradients else None
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -179,9 +204,12 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[MicroBatch], autocast: Autocast) -> float:
+def evaluate(
+    model: nn.Module, batches: Iterable[MicroBatch], autocast: Autocast, world: World | None = None
+) -> float:
     """Mean next-token cross-entropy (nats) over every predicted token of ``batches`` ``[b, T]`` (examples:
-    over their trained tokens only, so on instruction data it is the loss on the answers)."""
+    over their trained tokens only, so on instruction data it is the loss on the answers); in a multi-process
+    run (``world``) over every rank's batches (the sums and counts are summed over the ranks)."""
     was_training = model.training
     model.eval()
     try:
@@ -203,6 +231,9 @@ def evaluate(model: nn.Module, batches: Iterable[MicroBatch], autocast: Autocast
                 loss, n = forward_loss(model, x, autocast, reduction="sum"), x.shape[0] * (x.shape[1] - 1)
             total = total.to(loss.device) + loss.double()
             count += n
+        if world is not None and world.distributed:  # [sum, count] of every rank
+            both = torch.tensor([float(total), count], dtype=torch.float64, device=world.collective_device)
+            total, count = world.sum_(both)[0], int(both[1])
         return float(total.item()) / max(count, 1)
     finally:
         model.train(was_training)

@@ -29,6 +29,11 @@ step is saved, and the model is left usable. Misuse of the API (a second concurr
 events show follow them as :class:`~lora_widgets.events.types.AlertRaised` (see :mod:`.insight`). Stop, pause
 and resume can also come from another process, through the run directory's ``control.json`` (read before
 every step; :mod:`lora_widgets.events.run_files`).
+
+Under ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE`` > 1) every process runs the same script and the run is
+data-parallel (:mod:`lora_widgets.training.distributed`): each rank trains on its slice of each global batch of
+``batch_size x processes x grad_accum_steps`` sequences, only rank 0 writes the run directory (events, checkpoints,
+adapter), and every rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -53,11 +58,7 @@ from lora_widgets.events.types import (
     CheckpointSaved,
     EvalMetrics,
     Event,
-    RunEarlyStopped,
     RunEnded,
-    RunFailed,
-    RunFinished,
-    RunStopped,
     StateChanged,
 )
 from lora_widgets.health.gradient_check import NoGradientError
@@ -68,10 +69,11 @@ from lora_widgets.training import ownership, precision
 from lora_widgets.training.batches import Blocks, data_prepared, eval_batches, prepare_blocks, vocab_size
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.diagnosis import Diagnosis, diagnose, nan_diagnosis
+from lora_widgets.training.distributed import World
 from lora_widgets.training.insight import Insight
 from lora_widgets.training.meter import Meter
 from lora_widgets.training.run_dir import RunDirectory, config_document, run_stem
-from lora_widgets.training.run_state import Progress, Session
+from lora_widgets.training.run_state import Progress, Session, ending
 from lora_widgets.training.schedules import lr_schedule as _lr_schedule
 from lora_widgets.training.schedules import total_steps
 from lora_widgets.training.step import evaluate
@@ -105,12 +107,14 @@ class LoRATrainer(RunBase):
     Raises:
         TypeError: a wrong type of model, lora or config.
         ValueError: the model already has adapters the LoRATrainer did not create (with ``lora`` given), its
-            adapters are merged, nothing is trainable, or the precision does not suit the device.
+            adapters are merged, nothing is trainable, the precision does not suit the device, or a multi-process
+            launch is unusable (:meth:`World.from_env <lora_widgets.training.distributed.World.from_env>`).
         RuntimeError: the configured device is not available, or (with ``lora`` given) another run is
             training this model right now.
 
     State, subscribers, history, ``metrics.jsonl``, stop/pause/resume (also through ``control.json`` in the run
     directory, from another process) and cancellation are :class:`~lora_widgets.events.source.RunBase`'s.
+    ``world`` says which process this is of a ``torchrun`` launch (:mod:`lora_widgets.training.distributed`).
     """
 
     owner = "LoRATrainer"
@@ -140,7 +144,9 @@ class LoRATrainer(RunBase):
         self.train_data = train_data
         self.eval_data = eval_data
         self.lora = lora
-        self.device: torch.device = select_device(config.device)
+        chosen = select_device(config.device)
+        self.world = World.from_env(chosen.type)  # under torchrun: this process among the run's processes
+        self.device: torch.device = self.world.device(config.device, chosen)
         self.config = config.for_run(self.device, base_of(model))  # checked as the dashboard does
         self.report: LoRAReport | None
         self.report, self._owns_lora = ownership.attach_adapters(model, lora)  # checks, then changes
@@ -216,19 +222,22 @@ class LoRATrainer(RunBase):
         try:
             self._start(resume_from)
             run = await self._prepare(p, resume_from)
-            meter.start(p.step, run.blocks.tokens_per_step(c.batch_size, c.grad_accum_steps))
+            meter.start(p.step, run.tokens_per_step())
             assert self.run_id is not None and self.run_dir is not None
             self._publish(run.run_started(p, self.run_id, self.run_dir, self.lora, self.device))
             if p.step == 0:
                 await self._evaluate(run, p)  # the base model's validation loss, for comparison
-            while p.step < p.total and not self._requests.stop_requested and self._stopping.verdict is None:
-                self._check_control()  # a request another process wrote to control.json
+            while p.step < p.total and not self._agreed_stop():  # stop(), control.json, early stopping
                 if self._requests.pause_requested:
                     await self._hold(p, meter)
                     continue
                 p.phase = "step"
                 log = (p.step + 1) % c.log_every == 0 or p.step + 1 == p.total
-                probe = self._insight.probe(p.step + 1, run.lr(p.step + 1, p.total))
+                probe = (
+                    self._insight.probe(p.step + 1, run.lr(p.step + 1, p.total))
+                    if self.world.is_main
+                    else None
+                )
                 out, usage = await self._in_thread(run.update, p, log, probe)
                 if out.gradients is not None:  # the first update: trainable parameters without a gradient
                     self._publish_all(self._insight.gradient_alerts(out.gradients, p.start_step + 1))
@@ -248,7 +257,7 @@ class LoRATrainer(RunBase):
                     await self._checkpoint(run, p)
             # a run that ended normally: a closing evaluation and checkpoint, unless just done
             ended = p.failure is not None or self._stopping.verdict is not None
-            if not ended and not self._requests.stop_requested and p.evaluated_at != p.step:
+            if not ended and not self._agreed_stop() and p.evaluated_at != p.step:
                 await self._evaluate(run, p)
             if not ended and c.checkpoint_every and p.step not in (p.start_step, p.checkpointed_at):
                 await self._checkpoint(run, p)
@@ -276,7 +285,19 @@ class LoRATrainer(RunBase):
             self._publish(StateChanged("running", 0))
 
     def _open_run_dir(self, resume_from: str | os.PathLike[str] | None) -> None:
+        """Rank 0 creates the run directory and writes to it; the other ranks of a multi-process run only learn
+        its path (or that rank 0 could not create it)."""
         self.run_dir, self.run_id, self._dir = None, None, None
+        try:
+            if self.world.is_main:
+                self._create_run_dir(resume_from)
+        finally:
+            where = self.world.share(self.run_dir)  # reached by rank 0 on failure too: no rank waits forever
+        if not isinstance(where, Path):
+            raise ValueError(f"rank 0 could not create the run directory in {str(self.config.output_dir)!r}")
+        self.run_dir, self.run_id = where, where.name
+
+    def _create_run_dir(self, resume_from: str | os.PathLike[str] | None) -> None:
         rank = self.report.config.r if self.report is not None and self.report.config is not None else None
         if rank is None and lora_layers(self.model):
             rank = next(iter(lora_layers(self.model).values())).r
@@ -304,21 +325,32 @@ class LoRATrainer(RunBase):
             adapters=self.report is not None,
             fresh_adapters=self._owns_lora,
             resume_from=resume_from,
+            world=self.world,
         )
         for event in run.earlier:  # a resumed run's plots show the whole curve
             self.history.record(event)
         c = self.config
         p.total = total_steps(c.max_steps, c.epochs, blocks.steps_per_epoch)
         # what the data became, for views and metrics.jsonl
-        self._publish(data_prepared(blocks.train, blocks.val, c, blocks.split, run.order.packed))
+        self._publish(
+            data_prepared(blocks.train, blocks.val, self.world.data_config(c), blocks.split, run.order.packed)
+        )
         self._insight = Insight.for_run(self.model, self.tokenizer, c, blocks.val, p.total)
         self._stopping = RunStopping(c.early_stopping, has_validation=blocks.val is not None)
         return run
 
     async def _hold(self, p: Progress, meter: Meter) -> None:
-        """Paused: publish it, wait for resume() or stop(), and leave the pause out of the clock."""
+        """Paused: publish it, wait for resume() or stop() (every rank of a multi-process run, in rounds of
+        agreement: :meth:`World.hold`), and leave the pause out of the clock."""
         self._publish(StateChanged("paused", p.step))
-        meter.paused(await self._wait_while_paused())
+        if self.world.distributed:
+            meter.paused(
+                await self._in_thread(
+                    self.world.hold, self._requests, self._check_control, self.control_poll_s
+                )
+            )
+        else:
+            meter.paused(await self._wait_while_paused())
         if not self._requests.stop_requested:
             self._publish(StateChanged("running", p.step))
 
@@ -328,19 +360,23 @@ class LoRATrainer(RunBase):
             return
         p.phase = "eval"
         c = self.config
-        batches = eval_batches(val, c.batch_size, c.eval_batches, self.device)
-        val_loss = await self._in_thread(evaluate, self.model, batches, run.autocast)
+        w = self.world
+        batches = eval_batches(
+            val, w.data_config(c).batch_size, c.eval_batches, self.device, (w.rank, w.size)
+        )
+        val_loss = await self._in_thread(evaluate, self.model, batches, run.autocast, w)
         p.evaluated_at = p.step
         if math.isfinite(val_loss):
             p.best_val = val_loss if p.best_val is None else min(p.best_val, val_loss)
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
         self._publish(EvalMetrics(p.step, val_loss, ppl, p.best_val if p.best_val is not None else val_loss))
-        if samples := await self._in_thread(self._insight.samples, p.step, run.autocast):
+        if w.is_main and (samples := await self._in_thread(self._insight.samples, p.step, run.autocast)):
             self._publish(samples)
         await self._in_thread(self._stopping.on_eval, p.step, val_loss, self.model)
 
     async def _checkpoint(self, run: Session, p: Progress) -> None:
-        assert self._dir is not None
+        if self._dir is None:  # another rank than 0 of a multi-process run: rank 0 writes the checkpoints
+            return
         p.phase = "checkpoint"
         extra = run.checkpoint_extra(
             p.step, self.lora.to_dict() if self.lora is not None else None, self.run_id
@@ -359,9 +395,11 @@ class LoRATrainer(RunBase):
 
     async def _save_final(self, run: Session | None, p: Progress) -> tuple[str | None, str]:
         """Save the trained weights to ``run_dir/adapter`` however the run ended (not if nothing trained
-        or the weights are non-finite); returns (path, a note for the end message)."""
+        or the weights are non-finite); returns (path, a note for the end message). Rank 0 only."""
         if run is None or self._dir is None:
-            return None, ""
+            w = self.world
+            note = f" (Process {w.rank} of {w.size}: rank 0 writes the run directory {self.run_dir}.)"
+            return None, "" if run is None or w.is_main else note
         if p.failure is not None and p.failure.reason == "no_gradient":
             return None, " Nothing was trained, so nothing was saved."
         try:
@@ -373,40 +411,20 @@ class LoRATrainer(RunBase):
             return None, " The run was cancelled while its adapter was being saved."
 
     def _end(self, p: Progress, meter: Meter, adapter: str | None, note: str) -> RunEnded:
-        """Publish the end state and the terminal event; remember it as :attr:`last_event`."""
-        base: dict[str, Any] = {
-            "step": p.step,
-            "elapsed_s": meter.elapsed(),
-            "final_loss": p.last_loss,
-            "best_val_loss": p.best_val,
-            "adapter_path": adapter,
-            "saved": ckpt.trained_weights_kind(self.model) if adapter is not None else "",
-        }
-        end: RunEnded
-        if p.failure is not None:
-            self._publish(StateChanged("failed", p.step))
-            f = p.failure
-            end = RunFailed(
-                **base,
-                message=f.message + note,
-                reason=f.reason,
-                error_type=f.error_type,
-                suggestions=tuple(f.suggestions),
-            )
-        elif (v := self._stopping.verdict) is not None and not p.cancelled:
-            self._publish(StateChanged("finished", p.step))
-            end = RunEarlyStopped(**base, message=v.message + note, reason=v.reason, best_step=v.best_step)
-        elif p.cancelled or p.step < p.total:  # a stop() that arrives after the last step changes nothing
-            self._publish(StateChanged("stopped", p.step))
-            why = "cancelled" if p.cancelled else "stopped by the user"
-            end = RunStopped(**base, message=f"Run {why} after step {p.step}.{note}")
-        else:
-            self._publish(StateChanged("finished", p.step))
-            end = RunFinished(**base, message=f"Finished {p.step} steps in {meter.elapsed():.1f} s.{note}")
+        """Publish the end state and the terminal event (:func:`ending`); remember it as :attr:`last_event`."""
+        saved = ckpt.trained_weights_kind(self.model) if adapter is not None else ""
+        state, end = ending(p, self._stopping.verdict, meter.elapsed(), adapter, saved, note)
+        self._publish(StateChanged(state, p.step))
         self._publish(end)  # also remembered as last_event
         return end
 
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _agreed_stop(self) -> bool:
+        """Whether the run stops now: a request another process wrote to control.json, ``stop()``, an
+        early-stopping verdict; in a multi-process run agreed by every rank (:meth:`World.agree`)."""
+        self._check_control()
+        return self.world.agree(self._requests, self._stopping.verdict is not None)
 
     def _publish(self, event: Event) -> None:
         """Publish ``event`` (:meth:`RunBase._publish`), then the "is it training?" alerts it raises."""
@@ -439,13 +457,18 @@ class LoRATrainer(RunBase):
     def _blocks(self) -> Blocks:
         with self._blocks_lock:
             if self._blocks_cache is None:
-                self._blocks_cache = prepare_blocks(
-                    self.train_data, self.eval_data, self.tokenizer, self.config, vocab_size(self.model)
+                self._blocks_cache = prepare_blocks(  # one update's global batch: batch_size x processes
+                    self.train_data,
+                    self.eval_data,
+                    self.tokenizer,
+                    self.world.data_config(self.config),
+                    vocab_size(self.model),
                 )
             return self._blocks_cache
 
     def _write_config(self, blocks: Blocks | None, resume_from: str | os.PathLike[str] | None) -> None:
-        assert self._dir is not None
+        if self._dir is None:  # (rank 0 writes it)
+            return
         doc = config_document(
             run_id=self._dir.run_id,
             config=self.config,
