@@ -41,6 +41,7 @@ __all__ = [
     "describe_base",
     "frozen_weight",
     "is_quantized",
+    "kbit_cast",
     "keep_cpu_layout",
     "layer_base",
     "layer_compute_dtype",
@@ -243,6 +244,28 @@ def keep_cpu_layout(model: nn.Module) -> int:
         if layer_base(layer) == "4-bit" and getattr(layer, "support_avx512bf16_for_cpu", False):
             setattr(layer, "support_avx512bf16_for_cpu", False)  # noqa: B010 (a bitsandbytes attribute)
             count += 1
+    return count
+
+
+def kbit_cast(model: nn.Module, compute: torch.dtype) -> int:
+    """The casts of the k-bit preparation (PEFT's ``prepare_model_for_kbit_training``): every fp16/bf16 parameter
+    outside the quantized layers (embeddings, norms, head) to fp32, and each 4-bit layer's compute dtype to
+    ``compute``; the quantized weights are left as they are. Returns how many parameters were upcast.
+
+    One rule for the trainer's preparation (:func:`lora_widgets.training.kbit.prepare_kbit`) and for the copy
+    :func:`lora_widgets.memory.measure.measure_memory` trains, so both measure the model the run trains.
+    """
+    count = 0
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in (
+            "Params4bit",
+            "Int8Params",
+        ):
+            p.data = p.data.float()
+            count += 1
+    for layer in quantized_layers(model).values():
+        if layer_base(layer) == "4-bit":
+            setattr(layer, "compute_dtype", compute)  # noqa: B010 (a bitsandbytes attribute)
     return count
 
 

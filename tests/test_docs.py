@@ -81,6 +81,25 @@ def test_notebook_structure(path: Path) -> None:
     assert not deep, f"{path.name} imports private modules: {deep}"
 
 
+def test_user_docs_import_only_public_names() -> None:
+    """README and the user guide show only the top level and its namespaces (architecture and contributor pages
+    name modules on purpose)."""
+    import re
+
+    import lora_widgets
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    internal = {"architecture.md", "benchmarks.md"}
+    deep = [
+        f"{page.relative_to(ROOT)}: {m.group(0)}"
+        for page in pages
+        if page.name not in internal
+        for m in re.finditer(r"(?:from|import) lora_widgets\.([\w.]+)", page.read_text())
+        if m.group(1) not in lora_widgets._NAMESPACES
+    ]
+    assert not deep, f"user-facing pages import private modules: {deep}"
+
+
 def test_architecture_page_names_every_module() -> None:
     """The module table of docs/architecture.md matches the tree: a new module must be described there."""
     page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")

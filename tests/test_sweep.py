@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -75,11 +75,18 @@ def test_bad_input_is_named_before_any_run(tmp_path: Path, kw: dict[str, Any], m
     assert not (tmp_path / "sweep").exists()  # nothing ran, nothing was written
 
 
-def test_bad_data_is_refused_before_any_run(tmp_path: Path) -> None:
-    sweep = Sweep(tiny_llama(), None, "no-such-corpus", space={"r": [2]}, directory=tmp_path / "sweep")
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("python-docs", "a tokenizer is needed"),  # text without a tokenizer
+        ("no-such-corpus", "'no-such-corpus' is neither a built-in corpus nor an existing file"),
+    ],
+)
+def test_bad_data_is_refused_before_any_run(tmp_path: Path, data: str, message: str) -> None:
+    sweep = Sweep(tiny_llama(), None, data, space={"r": [2]}, directory=tmp_path / "sweep")
     rec = _Recorder()
     sweep.subscribe(rec)
-    with pytest.raises(ValueError, match="a tokenizer is needed"):  # text without a tokenizer
+    with pytest.raises(ValueError, match=message):
         sweep.run_sync()
     assert rec == [] and not sweep.running and sweep.rows == []
 
@@ -265,6 +272,49 @@ def test_skip_ends_one_run_and_stop_ends_the_sweep_which_resumes(tmp_path: Path)
     assert again.run_sync() and [(r.settings, r.outcome) for r in again.rows] == [
         ({"r": 2}, "skipped"), ({"r": 4}, "finished"), ({"r": 8}, "finished")
     ]  # fmt: skip
+
+
+class _GatedTrainer(_FakeTrainer):
+    """Finishes when ``gate`` is set (pause or not); records the requests the sweep forwards to it."""
+
+    gate: asyncio.Event
+    requests: ClassVar[list[str]] = []
+
+    def pause(self) -> None:
+        _GatedTrainer.requests.append("pause")
+
+    def resume(self) -> None:
+        _GatedTrainer.requests.append("resume")
+
+    async def run(self) -> Any:
+        await _GatedTrainer.gate.wait()
+        return RunFinished(1, 0.1, 1.0, 1.0, None, "done")
+
+
+def test_requests_go_to_the_run_in_progress_and_a_pause_between_runs_holds_the_next(tmp_path: Path) -> None:
+    sweep = _sweep(tmp_path, space={"r": [2, 4]})
+    sweep.trainer_factory = _GatedTrainer
+    rec = _Recorder()
+    sweep.subscribe(rec)
+    _GatedTrainer.requests = []
+
+    async def main() -> None:
+        _GatedTrainer.gate = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(sweep.run())
+        await asyncio.sleep(0.05)  # run 0 in progress
+        sweep.pause()
+        sweep.resume()
+        assert _GatedTrainer.requests == ["pause", "resume"]  # forwarded as they came
+        sweep.pause()  # still in force when run 0 ends by itself
+        _GatedTrainer.gate.set()
+        await asyncio.sleep(0.1)
+        assert len(rec.of(SweepRunStarted)) == 1 and len(rec.of(SweepRunEnded)) == 1 and sweep.running
+        sweep.resume()  # releases the sweep: run 1 starts and ends
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    assert [r.outcome for r in sweep.rows] == ["finished", "finished"] and not sweep.running
+    assert rec.of(SweepEnded)[0].state == "finished"
 
 
 _KILLED_SCRIPT = """

@@ -1,6 +1,9 @@
 """Data: built-in corpora, text packed into blocks, instruction rows rendered with a chat template.
 
 ===================  ========================================================================================
+``sources``          the door: what a source is (a corpus name, a file, texts, rows, a dataset, a tensor, prepared
+                     data), decided once by ``classify_source``, its content read and its errors raised there
+``prepared``         data already prepared: ``DataSplit`` (blocks), ``Examples``, ``PaddedBatch``, ``RunData``
 ``corpora``          the built-in offline corpora (stdlib code, the Language Reference prose, python-instruct)
 ``text``             plain text -> token blocks: reading files, splitting by document, packing
 ``split``            the validation rule: whole documents (or examples) held out, seeded; the fallback
@@ -21,17 +24,23 @@ from lora_widgets.data.corpora import (
     load_heldout_code,
     read_instructions,
 )
+from lora_widgets.data.prepared import DataSplit, Examples, RunData
 from lora_widgets.data.rows import load_rows, normalize_rows
 from lora_widgets.data.sft import SFTStats, prepare_sft
 from lora_widgets.data.sft_batches import collate, iter_batches, masked_lm_loss
 from lora_widgets.data.sft_eval import answer_loss, end_of_turn_share
-from lora_widgets.data.text import DataSplit, load_texts, pack_blocks, prepare_data
+from lora_widgets.data.sources import Source, classify_source
+from lora_widgets.data.text import load_texts, pack_blocks, prepare_data
 
 __all__ = [
     "CorpusInfo",
     "DataSplit",
+    "Examples",
+    "RunData",
     "SFTStats",
+    "Source",
     "answer_loss",
+    "classify_source",
     "collate",
     "end_of_turn_share",
     "iter_batches",

@@ -23,14 +23,11 @@ Rows come from a list, a ``.jsonl`` file (one JSON object per line), a ``.json``
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from lora_widgets.data.text import read_text_file
+from lora_widgets.data.sources import FORMATS_HELP, classify_source, unknown_format
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -81,11 +78,6 @@ RowFormat = Literal[
 ]
 
 Message = dict[str, str]
-
-_FORMATS_HELP = (
-    'accepted rows: {"text"}, {"prompt", "completion"}, {"messages": [{"role", "content"}]}, '
-    'ShareGPT {"conversations": [{"from", "value"}]}, Alpaca {"instruction", "input", "output"}, or a str'
-)
 
 
 @dataclass(frozen=True)
@@ -229,7 +221,7 @@ def normalize_row(row: Any, index: int) -> ChatRow:
         return ChatRow(index, "text", text=row)
     if not isinstance(row, Mapping):
         raise ValueError(
-            f"row {index} is {type(row).__name__} ({row!r:.60}), not a dict or str; {_FORMATS_HELP}"
+            f"row {index} is {type(row).__name__} ({row!r:.60}), not a dict or str; {FORMATS_HELP}"
         )
     if "messages" in row:
         return ChatRow(
@@ -258,7 +250,7 @@ def normalize_row(row: Any, index: int) -> ChatRow:
     }
     missing = [f"{partial[k]!r} (it has {k!r})" for k in partial if k in row]
     detail = f"missing {missing[0]}; " if missing else ""
-    raise ValueError(f"row {index} has keys {_keys(row)}: {detail}{_FORMATS_HELP}")
+    raise ValueError(f"row {index} has keys {_keys(row)}: {detail}{FORMATS_HELP}")
 
 
 def normalize_rows(rows: Sequence[Any]) -> list[ChatRow]:
@@ -270,29 +262,8 @@ def normalize_rows(rows: Sequence[Any]) -> list[ChatRow]:
     if isinstance(rows, (str, Mapping)):
         raise ValueError(f"expected a list of rows, got a single {type(rows).__name__}; wrap it: [row]")
     if len(rows) == 0:
-        raise ValueError(f"no rows: the data is empty; {_FORMATS_HELP}")
+        raise ValueError(f"no rows: the data is empty; {FORMATS_HELP}")
     return [normalize_row(row, i) for i, row in enumerate(rows)]
-
-
-_PROMPT_LIKE = ("question", "query", "input", "instruction", "user", "q", "source")
-_ANSWER_LIKE = ("answer", "response", "output", "target", "assistant", "a", "reply")
-
-
-def unknown_format(keys: Sequence[str], where: str = "the training data") -> ValueError:
-    """The error for rows (or dataset columns) in none of the accepted formats, the same for a list of dicts, a
-    ``.jsonl`` file and a ``datasets.Dataset``: it names their fields and the renaming that makes them a
-    prompt/completion row, in the words of the arguments ``LoRATrainer`` and ``LoRADashboard`` have."""
-    names = [str(k) for k in keys]
-    lower = {k.lower(): k for k in names}
-    prompt = next((lower[k] for k in _PROMPT_LIKE if k in lower), None)
-    answer = next((lower[k] for k in _ANSWER_LIKE if k in lower and lower[k] != prompt), None)
-    p, a = prompt or "<the prompt field>", answer or "<the answer field>"
-    return ValueError(
-        f"{where} has fields {', '.join(repr(k) for k in names)}, none of the row formats LoRATrainer and "
-        f"LoRADashboard train on ({_FORMATS_HELP}). Rename them before passing the data, e.g. "
-        f'rows = [{{"prompt": r[{p!r}], "completion": r[{a!r}]}} for r in rows], or for a datasets.Dataset '
-        f'dataset.rename_columns({{{p!r}: "prompt", {a!r}: "completion"}})'
-    )
 
 
 def is_plain_text(rows: Sequence[Any]) -> bool:
@@ -300,29 +271,9 @@ def is_plain_text(rows: Sequence[Any]) -> bool:
     return all(isinstance(r, str) or (isinstance(r, Mapping) and set(r) == {"text"}) for r in rows)
 
 
-def _read_json_rows(path: Path) -> list[Any]:
-    text = read_text_file(path)
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON array of rows, got a JSON {type(data).__name__}")
-        return data
-    rows: list[Any] = []
-    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is in-string
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-    return rows
-
-
 def load_rows(source: Any) -> list[Any]:
-    """The raw rows of ``source``, not yet validated (see :func:`normalize_rows`).
+    """The raw rows of ``source``, not yet validated (see :func:`normalize_rows`); what a source is, is decided
+    by :func:`lora_widgets.data.sources.classify_source` (a classified ``Source`` of rows is read as it is).
 
     Args:
         source: a list or tuple of rows; a ``.jsonl`` / ``.json`` path; a ``datasets.Dataset``; or the name of
@@ -330,33 +281,7 @@ def load_rows(source: Any) -> list[Any]:
 
     Raises:
         ValueError: a missing file, an unsupported file type, invalid JSON (the line is named), a text file
-            that is not UTF-8 (see :func:`lora_widgets.data.text.read_text_file`), a ``DatasetDict``.
+            that is not UTF-8 (see :func:`lora_widgets.data.sources.read_text_file`), a ``DatasetDict``.
         TypeError: an unsupported source type.
     """
-    from lora_widgets.data.corpora import instruction_corpus_names, read_instructions
-
-    if isinstance(source, str) and source in instruction_corpus_names():
-        return list(read_instructions(source, "train"))
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise ValueError(
-                f"data file {str(path)!r} does not exist (or is not a file); pass a .jsonl/.json file, a list of "
-                f"rows, a datasets.Dataset or a built-in instruction set ({', '.join(instruction_corpus_names())})"
-            )
-        if path.suffix.lower() not in (".jsonl", ".json"):
-            raise ValueError(
-                f"unsupported file type {path.suffix or '(none)'!r} for {str(path)!r}; rows come from .jsonl "
-                "(one JSON object per line) or .json (a JSON array)"
-            )
-        return _read_json_rows(path)
-    if isinstance(source, (list, tuple)):
-        return list(source)
-    if type(source).__module__.split(".")[0] == "datasets":
-        if not isinstance(getattr(source, "column_names", None), list):
-            raise ValueError(f"{type(source).__name__} holds several splits; pick one, e.g. dataset['train']")
-        return [dict(row) for row in source]
-    raise TypeError(
-        f"unsupported data source of type {type(source).__name__}; pass a list of rows, a .jsonl/.json path, "
-        "a datasets.Dataset or a built-in instruction set name"
-    )
+    return list(classify_source(source, role="rows").payload)

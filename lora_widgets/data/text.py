@@ -17,19 +17,14 @@ says in words how it was made.
 
 from __future__ import annotations
 
-import codecs
-import json
-import os
-import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from lora_widgets.data.corpora import get_corpus_info, list_corpora, load_corpus
+from lora_widgets.data.prepared import DataSplit
+from lora_widgets.data.sources import check_texts, classify_source, read_text_file
 from lora_widgets.data.split import check_val_fraction, describe_tail, split_groups, tail_split
 
 if TYPE_CHECKING:
@@ -46,147 +41,6 @@ __all__ = [
     "split_texts",
     "train_val_blocks",
 ]
-
-_FILE_SUFFIXES = (".txt", ".jsonl")
-
-
-@dataclass(frozen=True)
-class DataSplit:
-    """Packed token blocks split for training and validation.
-
-    Attributes:
-        train: ``LongTensor[n_train, block_size]`` of token ids.
-        val: ``LongTensor[n_val, block_size]`` of token ids (``n_val`` is 0 when ``val_fraction`` is 0).
-        block_size: tokens per block (the sequence length the model is trained on).
-        n_tokens: tokens of all documents, EOS separators included, before each side's incomplete tail
-            block was dropped.
-        split: how the validation part was chosen, in words (``"by document: 410 train / 46 validation
-            documents, seed 0"``, or the fallback; :mod:`lora_widgets.data.split`); a run's ``DataPrepared``
-            event repeats it.
-        val_documents: indices (in load order) of the documents held out whole for validation; empty when the
-            split was not by document.
-    """
-
-    train: torch.Tensor
-    val: torch.Tensor
-    block_size: int
-    n_tokens: int
-    split: str = "as given"
-    val_documents: tuple[int, ...] = ()
-
-    @property
-    def n_train_tokens(self) -> int:
-        """Tokens the training blocks hold (``n_train * block_size``)."""
-        return int(self.train.numel())
-
-    @property
-    def n_val_tokens(self) -> int:
-        """Tokens the validation blocks hold."""
-        return int(self.val.numel())
-
-
-def _corpus_names() -> list[str]:
-    return [info.name for info in list_corpora()]
-
-
-def _is_hf_dataset(obj: object) -> bool:
-    """Duck-typed check for ``datasets.Dataset`` so that ``datasets`` stays an optional dependency."""
-    return type(obj).__module__.split(".")[0] == "datasets"
-
-
-def _universal_newlines(text: str) -> str:
-    """``\\r\\n`` and ``\\r`` become ``\\n``, as ``open(..., encoding=...)`` in text mode does."""
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def read_text_file(path: Path) -> str:
-    """The text of ``path``: UTF-8, or UTF-16 when the file starts with a UTF-16 byte-order mark.
-
-    Line endings are normalised to ``\\n`` as text-mode ``open`` does.
-
-    Windows editors save "Unicode" text as UTF-16 with a byte-order mark; such a file is decoded as UTF-16 and
-    a warning says so. A UTF-8 byte-order mark is skipped.
-
-    Raises:
-        ValueError: the file is neither (the message names the file, the first bad byte's offset and the fix:
-            re-save it as UTF-8).
-    """
-    raw = path.read_bytes()
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        warnings.warn(
-            f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark, as Windows saves 'Unicode' text); "
-            "decoded it as UTF-16. Re-save it as UTF-8 to make this warning go away",
-            UnicodeWarning,
-            stacklevel=3,
-        )
-        return _universal_newlines(raw.decode("utf-16"))
-    try:
-        return _universal_newlines(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {exc.start} is {raw[exc.start : exc.start + 1]!r}); re-save it as "
-            "UTF-8 (in most editors: Save As -> Encoding: UTF-8) and load it again"
-        ) from None
-
-
-def _check_rows(rows: Sequence[Any], where: str) -> list[str]:
-    """Validate that every row is a ``str`` (or a ``{"text": str}`` dict); drop blank rows; refuse an empty result."""
-    texts: list[str] = []
-    for i, row in enumerate(rows):
-        if isinstance(row, Mapping) and set(row) == {"text"}:
-            row = row["text"]
-        if not isinstance(row, str):
-            raise ValueError(
-                f"row {i} of {where} is {type(row).__name__} ({row!r:.60}), not text; "
-                "every row must be a str (convert or drop that row)"
-            )
-        if row.strip():
-            texts.append(row)
-    if not texts:
-        raise ValueError(f"{where} is empty (no non-blank text); pass at least one non-empty string")
-    return texts
-
-
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    rows: list[Any] = []
-    for lineno, line in enumerate(
-        read_text_file(path).split("\n"), start=1
-    ):  # not splitlines(): U+2028 is in-string
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{path}, line {lineno}: expected a JSON object with a {text_field!r} field, "
-                f"got {type(record).__name__}"
-            )
-        if text_field not in record:
-            raise ValueError(
-                f"{path}, line {lineno}: no {text_field!r} field (fields: {', '.join(map(str, record))}); "
-                "pass text_field=<the field that holds the text>, or use lora_widgets.data.sft.prepare_sft for "
-                "prompt/completion, messages, ShareGPT or Alpaca rows"
-            )
-        rows.append(record[text_field])
-    return _check_rows(rows, f"{path} (field {text_field!r})")
-
-
-def _load_path(path: Path, text_field: str) -> list[str]:
-    if not path.exists():
-        raise ValueError(f"data file {str(path)!r} does not exist (resolved to {path.resolve()})")
-    if path.is_dir():
-        raise ValueError(f"{str(path)!r} is a directory; pass a .txt or .jsonl file, or a list of texts")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return _check_rows([read_text_file(path)], str(path))
-    if suffix == ".jsonl":
-        return _read_jsonl(path, text_field)
-    raise ValueError(
-        f"unsupported file type {suffix or '(none)'!r} for {str(path)!r}; use .txt (the file is one document) "
-        "or .jsonl (one JSON object per line with a text field)"
-    )
 
 
 def load_texts(source: Any, text_field: str = "text") -> list[str]:
@@ -210,42 +64,7 @@ def load_texts(source: Any, text_field: str = "text") -> list[str]:
             dataset without the column.
         TypeError: ``source`` is of an unsupported type.
     """
-    if isinstance(source, str) and source in _corpus_names():
-        if get_corpus_info(source).role == "instruct":
-            raise ValueError(
-                f"{source!r} is an instruction set (prompt/answer rows), not text to pack into blocks; use "
-                f"lora_widgets.data.sft.prepare_sft(load_rows({source!r}), tokenizer, ...)"
-            )
-        return load_corpus(source)
-    if isinstance(source, os.PathLike):
-        return _load_path(Path(source), text_field)
-    if isinstance(source, str):
-        path = Path(source).expanduser()
-        if path.exists() or path.suffix.lower() in _FILE_SUFFIXES or os.sep in source or "/" in source:
-            return _load_path(path, text_field)
-        raise ValueError(
-            f"{source!r} is neither a built-in corpus nor an existing file. Built-in corpora: "
-            f"{', '.join(_corpus_names())}; files must end in .txt or .jsonl. "
-            "To train on a literal string, pass it inside a list: [text]"
-        )
-    if isinstance(source, (list, tuple)):
-        return _check_rows(source, "the list of texts")
-    if _is_hf_dataset(source):
-        column_names = getattr(source, "column_names", None)
-        if not isinstance(column_names, list):  # a DatasetDict has a dict of column lists
-            raise ValueError(
-                f"{type(source).__name__} is not a single dataset split; pick one, e.g. dataset['train']"
-            )
-        if text_field not in column_names:
-            raise ValueError(
-                f"the dataset has no {text_field!r} column (columns: {', '.join(column_names)}); "
-                "pass text_field=<the column that holds the text>"
-            )
-        return _check_rows(list(source[text_field]), f"dataset column {text_field!r}")
-    raise TypeError(
-        f"unsupported data source of type {type(source).__name__}; pass a list of str, a .txt/.jsonl path, "
-        f"a built-in corpus name ({', '.join(_corpus_names())}) or a datasets.Dataset"
-    )
+    return list(classify_source(source, role="texts", text_field=text_field).payload)
 
 
 def _check_block_size(block_size: int) -> None:
@@ -294,7 +113,7 @@ def _encode(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[np
     eos_id = _require_eos(tokenizer)
     if isinstance(texts, str):
         raise ValueError("pack_blocks takes a list of documents, got a single str; wrap it: [text]")
-    texts = _check_rows(list(texts), "the texts")
+    texts = check_texts(list(texts), "the texts")
     # verbose=False: documents longer than model_max_length are fine here; they are cut into blocks.
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     return [np.append(np.asarray(ids, dtype=np.int64), eos_id) for ids in encoded]
@@ -368,7 +187,7 @@ def split_texts(
     _check_block_size(block_size)
     check_val_fraction(val_fraction)
     encoded = _encode(texts, tokenizer)  # one int64[n_i + 1] per document; refuses a bare str
-    return _split_encoded(_check_rows(list(texts), "the texts"), encoded, block_size, val_fraction, seed)
+    return _split_encoded(check_texts(list(texts), "the texts"), encoded, block_size, val_fraction, seed)
 
 
 def _split_encoded(
@@ -431,24 +250,14 @@ def as_blocks(obj: Any, tokenizer: PreTrainedTokenizerBase | None, block_size: i
         ValueError: a tensor that is not 2-D, not integer, empty or negative; a :class:`DataSplit` (pass
             ``split.train`` or ``split.val``); a source without a tokenizer; see also :func:`load_texts`.
     """
-    if isinstance(obj, torch.Tensor):
-        if obj.dim() != 2 or obj.shape[0] == 0 or obj.shape[1] < 2:
-            raise ValueError(
-                f"token blocks must be a non-empty 2-D tensor [n_blocks, block_size >= 2], got shape "
-                f"{tuple(obj.shape)}; pack 1-D token ids with ids[: n * block_size].view(n, block_size)"
-            )
-        if obj.dtype.is_floating_point or obj.dtype.is_complex or obj.dtype == torch.bool:
-            raise ValueError(f"token blocks must hold integer token ids, got dtype {obj.dtype}")
-        if int(obj.min()) < 0:
-            raise ValueError(f"token blocks contain a negative id ({int(obj.min())}); ids must be >= 0")
-        return obj.long()
-    if isinstance(obj, DataSplit):
-        raise ValueError("got a DataSplit; pass split.train for training data and split.val for evaluation")
+    source = classify_source(obj, role="blocks")  # refuses a DataSplit, checks a tensor
+    if source.kind == "blocks":
+        return source.payload  # [n, T]
     if tokenizer is None:
         raise ValueError(
-            f"a tokenizer is needed to turn {type(obj).__name__} data into token blocks; pass the model's tokenizer"
+            f"a tokenizer is needed to turn {source.given} data into token blocks; pass the model's tokenizer"
         )
-    return pack_blocks(load_texts(obj), tokenizer, block_size)
+    return pack_blocks(source.payload, tokenizer, block_size)
 
 
 def train_val_blocks(
@@ -472,22 +281,24 @@ def train_val_blocks(
     """
     check_val_fraction(val_fraction)
     split = "validation data given (eval_data)"
-    if isinstance(train_data, DataSplit):
-        if eval_data is None and train_data.val.shape[0] > 0:
-            eval_data, split = train_data.val, train_data.split
-        train_data = train_data.train
+    source = classify_source(train_data, role="split")
+    if source.kind == "data-split":
+        data: DataSplit = source.payload
+        if eval_data is None and data.val.shape[0] > 0:
+            eval_data, split = data.val, data.split
+        source = classify_source(data.train, role="blocks")
     if eval_data is not None:
         val = as_blocks(eval_data, tokenizer, block_size)  # [n_val, T]
-        train = as_blocks(train_data, tokenizer, block_size)  # [n, T]
+        train = as_blocks(source, tokenizer, block_size)  # [n, T]
         return train, (val if val.shape[0] > 0 else None), split
     if val_fraction == 0:
-        return as_blocks(train_data, tokenizer, block_size), None, "none: val_fraction=0, no validation"
-    if isinstance(train_data, torch.Tensor) or tokenizer is None:
-        blocks = as_blocks(train_data, tokenizer, block_size)  # [n, T]; without a tokenizer: a clear error
+        return as_blocks(source, tokenizer, block_size), None, "none: val_fraction=0, no validation"
+    if source.kind == "blocks" or tokenizer is None:
+        blocks = as_blocks(source, tokenizer, block_size)  # [n, T]; without a tokenizer: a clear error
         reason = "blocks given as a tensor, document boundaries unknown"
     else:
         _check_block_size(block_size)
-        texts = load_texts(train_data)
+        texts: list[str] = source.payload
         encoded = _encode(texts, tokenizer)  # one int64[n_i + 1] per document
         if sum(len(ids) for ids in encoded) >= 2 * block_size:
             data = _split_encoded(texts, encoded, block_size, val_fraction, seed)

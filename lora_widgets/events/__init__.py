@@ -4,7 +4,8 @@
 ``types``      the frozen event dataclasses (``RunStarted`` ... ``RunEnded``), their checked JSON round trip,
                and the :class:`RunSource` protocol every run satisfies
 ``source``     :class:`RunBase`, what every run source shares (state, :class:`Subscribers`, history, the
-               metrics writer, the hop to the loop thread, stop/pause/resume, cancellation)
+               metrics writer, the hop to the loop thread, stop/pause/resume, cancellation); its steering
+               part alone is :class:`Steerable` (a ``Sweep`` of runs is one)
 ``run_files``  the run directory's files, one protocol for writers and readers: ``metrics.jsonl``
                (:class:`MetricsWriter`, :class:`EventLines`) and ``control.json`` (:func:`send_request`)
 ``history``    a run's metrics as NumPy columns; min-max decimation and the debiased EMA the charts use
@@ -18,7 +19,7 @@ from __future__ import annotations
 from lora_widgets.events.history import History
 from lora_widgets.events.replay import Replay, check_events, read_events
 from lora_widgets.events.run_files import EventLines, MetricsWriter, send_request
-from lora_widgets.events.source import Requests, RunBase, Subscribers
+from lora_widgets.events.source import Requests, RunBase, Steerable, Subscribers
 from lora_widgets.events.types import (
     AdapterLayerStats,
     AdapterStats,
@@ -73,6 +74,7 @@ __all__ = [
     "SampleGenerations",
     "SamplePair",
     "StateChanged",
+    "Steerable",
     "StepMetrics",
     "Subscribers",
     "check_events",

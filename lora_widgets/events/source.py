@@ -17,7 +17,10 @@ the rest and satisfies :class:`~lora_widgets.events.types.RunSource`:
   is cancelled, still waits for the thread (nothing may touch the model while clean-up runs) before the
   ``CancelledError`` goes on.
 
-Adding a source is one small class (CONTRIBUTING.md, "Add a run source").
+Adding a source is one small class (CONTRIBUTING.md, "Add a run source"). The steering part (subscribers,
+``running``, requests, the hop, the pause wait, the cancel shield) is :class:`Steerable`, which a
+:class:`~lora_widgets.sweep.runner.Sweep` shares too: it forwards each request to the run in progress and
+keeps no flags of its own.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from lora_widgets.events.history import History
 from lora_widgets.events.run_files import ControlReader, MetricsWriter
 from lora_widgets.events.types import Event, RunEnded, RunState
 
-__all__ = ["Requests", "RunBase", "Subscribers"]
+__all__ = ["Requests", "RunBase", "Steerable", "Subscribers"]
 
 T = TypeVar("T")
 
@@ -134,8 +137,13 @@ class Requests:
             self.resume()
 
 
-class RunBase:
-    """What every run source shares (see the module docstring); a subclass writes ``run()``.
+class Steerable:
+    """What every steerable producer of events shares, a run or a sweep of runs (see the module docstring).
+
+    The subscribers, ``running``, stop / pause / resume (:class:`Requests`; :meth:`_forward_request` passes each
+    on to whatever produces the events), the hop to the loop's thread, the wait while paused and the cancel
+    shield. :class:`RunBase` adds one run's record (state, history, ``metrics.jsonl``, ``control.json``); a
+    :class:`~lora_widgets.sweep.runner.Sweep` uses this part alone, forwarding to the run in progress.
 
     Args:
         requests: the stop/pause requests to share (a source whose worker honours them itself, such as an
@@ -144,17 +152,10 @@ class RunBase:
 
     owner: ClassVar[str] = "run"
     """The source's name in log messages and errors."""
-    control_poll_s: ClassVar[float] = 0.25
-    """While paused with a :class:`~lora_widgets.events.run_files.ControlReader`, how often it is read."""
 
     def __init__(self, requests: Requests | None = None) -> None:
-        self.state: RunState = "idle"
-        self.history = History()
-        self.last_event: RunEnded | None = None
         self._subscribers = Subscribers(self.owner)
         self._requests = requests if requests is not None else Requests()
-        self._writer: MetricsWriter | None = None
-        self._control: ControlReader | None = None
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -195,11 +196,12 @@ class RunBase:
     # -- for subclasses -------------------------------------------------------------------------------
 
     def _forward_request(self, request: str) -> None:
-        """Pass a request on to whatever produces the events (a watched process); nothing by default."""
+        """Pass a request on to whatever produces the events (a watched process, a sweep's run in progress);
+        nothing by default."""
 
     def _begin_run(self, busy: str) -> None:
-        """A run begins on the current loop: forget earlier requests and history. ``busy``: the
-        ``RuntimeError`` message if one is already in progress."""
+        """A run begins on the current loop: forget earlier requests. ``busy``: the ``RuntimeError`` message if
+        one is already in progress."""
         if self._running:
             raise RuntimeError(busy)
         self._running = True
@@ -207,29 +209,14 @@ class RunBase:
         self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()
         self._requests.clear()
-        self.history = History()
-        self.last_event = None
 
     def _end_run(self) -> None:
-        """The run is over: later requests do nothing; the metrics file and control file are closed."""
+        """The run is over: later requests do nothing."""
         self._running = False
         self._loop = self._loop_thread = self._wake = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._control is not None:
-            self._control.discard()  # a request that came too late must not act on a later run
-            self._control = None
 
     def _publish(self, event: Event) -> None:
-        """On the loop's thread: record ``event`` (state, history, metrics.jsonl), then hand it to every
-        subscriber, in order."""
-        if isinstance(event, RunEnded):
-            self.last_event = event
-        self.history.record(event)
-        self.state = self.history.state  # one rule: from StateChanged, RunStarted and the terminal event
-        if self._writer is not None:
-            self._writer.write(event)
+        """On the loop's thread: hand ``event`` to every subscriber, in order."""
         self._subscribers.deliver(event)
 
     def _publish_from_thread(self, event: Event) -> None:
@@ -242,17 +229,17 @@ class RunBase:
         with contextlib.suppress(RuntimeError):  # the loop was closed in between
             loop.call_soon_threadsafe(self._publish, event)
 
+    def _poll_s(self) -> float | None:
+        """While paused, how often :meth:`_check_control` looks for a request from outside (``None``: never)."""
+        return None
+
     def _check_control(self) -> None:
-        """Apply a request another process wrote to the run directory since the last check."""
-        if self._control is not None:
-            request = self._control.poll()  # one of REQUESTS: the method of that name
-            if request is not None:
-                getattr(self, request)()
+        """Apply a request that came from outside this process since the last check; nothing by default."""
 
     async def _wait_while_paused(self) -> float:
         """Hold (without blocking the loop) until resumed or stopped; returns the seconds waited."""
         t0 = time.monotonic()
-        poll = self.control_poll_s if self._control is not None else None
+        poll = self._poll_s()
         while self._requests.pause_requested and self._wake is not None:
             self._wake.clear()  # a resume()/stop() scheduled after this point sets it again
             with contextlib.suppress(asyncio.TimeoutError):  # Python 3.10: not the built-in one
@@ -291,3 +278,64 @@ class RunBase:
         else:
             with contextlib.suppress(RuntimeError):  # the loop closed in between
                 loop.call_soon_threadsafe(fn)
+
+
+class RunBase(Steerable):
+    """What every run source shares (see the module docstring); a subclass writes ``run()``.
+
+    :class:`Steerable` plus the run's record: ``state``, ``history``, ``last_event``, the ``metrics.jsonl``
+    writer and the requests another process writes to ``control.json``.
+
+    Args:
+        requests: the stop/pause requests to share (a source whose worker honours them itself, such as an
+            HF callback, passes its own); a fresh :class:`Requests` by default.
+    """
+
+    control_poll_s: ClassVar[float] = 0.25
+    """While paused with a :class:`~lora_widgets.events.run_files.ControlReader`, how often it is read."""
+
+    def __init__(self, requests: Requests | None = None) -> None:
+        super().__init__(requests)
+        self.state: RunState = "idle"
+        self.history = History()
+        self.last_event: RunEnded | None = None
+        self._writer: MetricsWriter | None = None
+        self._control: ControlReader | None = None
+
+    def _begin_run(self, busy: str) -> None:
+        """A run begins on the current loop: forget earlier requests and history. ``busy``: the
+        ``RuntimeError`` message if one is already in progress."""
+        super()._begin_run(busy)
+        self.history = History()
+        self.last_event = None
+
+    def _end_run(self) -> None:
+        """The run is over: later requests do nothing; the metrics file and control file are closed."""
+        super()._end_run()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._control is not None:
+            self._control.discard()  # a request that came too late must not act on a later run
+            self._control = None
+
+    def _publish(self, event: Event) -> None:
+        """On the loop's thread: record ``event`` (state, history, metrics.jsonl), then hand it to every
+        subscriber, in order."""
+        if isinstance(event, RunEnded):
+            self.last_event = event
+        self.history.record(event)
+        self.state = self.history.state  # one rule: from StateChanged, RunStarted and the terminal event
+        if self._writer is not None:
+            self._writer.write(event)
+        super()._publish(event)
+
+    def _poll_s(self) -> float | None:
+        return self.control_poll_s if self._control is not None else None
+
+    def _check_control(self) -> None:
+        """Apply a request another process wrote to the run directory since the last check."""
+        if self._control is not None:
+            request = self._control.poll()  # one of REQUESTS: the method of that name
+            if request is not None:
+                getattr(self, request)()

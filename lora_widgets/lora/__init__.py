@@ -3,6 +3,8 @@
 =================  ==========================================================================================
 ``config``         :class:`LoRAConfig` and the one scaling rule (``alpha / r`` or rsLoRA's ``alpha / sqrt(r)``)
 ``layers``         :class:`LoRALinear` (W0 x + s B A x) and the model operations: apply, merge, unmerge, remove
+``dora``           DoRA's magnitude and direction (``LoRAConfig(use_dora=True)``), as PEFT computes it
+``init``           how A and B start (``init_lora_weights``: Kaiming, Gaussian, PiSSA), as PEFT draws them
 ``peft_format``    ``adapter_model.safetensors`` + ``adapter_config.json`` as PEFT writes and reads them
 ``statistics``     per-layer adapter statistics: norms, update ratio, effective rank, singular values
 =================  ==========================================================================================

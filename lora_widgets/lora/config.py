@@ -13,7 +13,7 @@ import math
 import numbers
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,14 +23,18 @@ from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: y = x @ W + 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "LoRAConfig",
+    "LoRAReport",
     "adaptable_modules",
     "as_lora_config",
     "check_hparams",
     "check_matched",
     "check_model",
+    "check_variant",
+    "count_parameters",
     "in_out_features",
     "is_adaptable",
     "lora_scaling",
+    "raise_if_out_of_memory",
     "resolve_targets",
     "short_list",
 ]
@@ -90,6 +94,36 @@ def check_hparams(owner: str, r: Any, alpha: Any, dropout: Any, use_rslora: Any)
     return int(r), float(alpha), float(dropout)
 
 
+#: The initialisations of A and B, under PEFT's names for ``init_lora_weights`` (``peft.LoraConfig``).
+INIT_CHOICES: tuple[bool | str, ...] = (True, False, "gaussian", "pissa")
+
+
+def check_variant(owner: str, use_dora: Any, init_lora_weights: Any) -> tuple[bool, bool | str]:
+    """Validated (use_dora, init_lora_weights); each message names ``owner``, the value and the choices.
+
+    ``init_lora_weights`` takes PEFT's values: ``True`` (A Kaiming-uniform, B = 0; the default), ``"gaussian"``
+    (A ~ N(0, 1/r^2), B = 0), ``"pissa"`` (A, B from the top-r SVD of W, W replaced by the residual; Meng et al.
+    2024, sec. 3) or ``False`` (both factors keep ``nn.Linear``'s random init, so B A != 0 at the start: PEFT's
+    option for tests)."""
+    if not isinstance(use_dora, bool):
+        raise ValueError(
+            f"{owner}: use_dora must be True or False, got use_dora={use_dora!r} ({type(use_dora).__name__})"
+        )
+    if not (isinstance(init_lora_weights, bool) or init_lora_weights in ("gaussian", "pissa")):
+        fast_svd = isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa_niter_")
+        raise ValueError(
+            f"{owner}: init_lora_weights must be one of True, False, 'gaussian' or 'pissa' (PEFT's names), got "
+            f"init_lora_weights={init_lora_weights!r}; "
+            + (
+                "PEFT's fast randomized SVD is not reproduced here (a load would not find the same residual): "
+                "use 'pissa'"
+                if fast_svd
+                else "True is the usual choice (Kaiming-uniform A, zero B)"
+            )
+        )
+    return use_dora, init_lora_weights
+
+
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +131,6 @@ def check_hparams(owner: str, r: Any, alpha: Any, dropout: Any, use_rslora: Any)
 #: PEFT ``LoraConfig`` fields that change what the adapter computes and have no equivalent here: a PEFT
 #: config that sets any of them cannot be converted exactly, so it is refused (naming the field).
 _PEFT_UNSUPPORTED = (
-    "use_dora",
     "rank_pattern",
     "alpha_pattern",
     "layers_to_transform",
@@ -140,6 +173,10 @@ class LoRAConfig:
             whole module path; or ``"all-linear"``: every Linear/Conv1D except the output head.
         use_rslora: rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732, sec. 3).
         bias: only ``"none"`` (biases stay frozen, as in PEFT's default).
+        use_dora: weight-decomposed LoRA (Liu et al. 2024, sec. 4): a trainable magnitude per output row on top
+            of the low-rank direction update (:mod:`lora_widgets.lora.dora`), as PEFT's ``use_dora``.
+        init_lora_weights: how A and B start, under PEFT's names: ``True`` (Kaiming-uniform A, zero B),
+            ``"gaussian"``, ``"pissa"`` or ``False`` (:func:`check_variant`; :mod:`lora_widgets.lora.init`).
     """
 
     r: int = 8
@@ -148,9 +185,13 @@ class LoRAConfig:
     target_modules: str | tuple[str, ...] | None = None
     use_rslora: bool = False
     bias: str = "none"
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
 
     def __post_init__(self) -> None:
         r, alpha, dropout = check_hparams("LoRAConfig", self.r, self.alpha, self.dropout, self.use_rslora)
+        _, init = check_variant("LoRAConfig", self.use_dora, self.init_lora_weights)
+        object.__setattr__(self, "init_lora_weights", init)
         object.__setattr__(self, "r", r)  # numpy integers and the like become plain Python numbers
         if not isinstance(self.alpha, int):
             object.__setattr__(self, "alpha", alpha)
@@ -201,6 +242,8 @@ class LoRAConfig:
             "target_modules": tm,
             "use_rslora": self.use_rslora,
             "bias": self.bias,
+            "use_dora": self.use_dora,
+            "init_lora_weights": self.init_lora_weights,
         }
 
     @classmethod
@@ -208,11 +251,20 @@ class LoRAConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming them."""
         if not isinstance(data, Mapping):
             raise TypeError(f"LoRAConfig.from_dict needs a dict, got {type(data).__name__} {data!r}")
-        unknown = set(data) - {"r", "alpha", "dropout", "target_modules", "use_rslora", "bias"}
+        fields = (
+            "r",
+            "alpha",
+            "dropout",
+            "target_modules",
+            "use_rslora",
+            "bias",
+            "use_dora",
+            "init_lora_weights",
+        )
+        unknown = set(data) - set(fields)
         if unknown:
             raise TypeError(
-                f"unknown LoRAConfig field(s) {sorted(unknown)}; the fields are r, alpha, dropout, "
-                "target_modules, use_rslora, bias"
+                f"unknown LoRAConfig field(s) {sorted(unknown)}; the fields are {', '.join(fields)}"
             )
         tm = data.get("target_modules")
         return cls(**{**data, "target_modules": tuple(tm) if isinstance(tm, list) else tm})
@@ -223,10 +275,12 @@ class LoRAConfig:
 
         PEFT's names map one to one (``lora_alpha`` -> ``alpha``, ``lora_dropout`` -> ``dropout``; ``r``,
         ``target_modules``, ``use_rslora``, ``bias`` keep theirs), with the same defaults and the same
-        target-matching rules. A config using a PEFT feature with no equivalent here (DoRA, rank patterns,
-        ``modules_to_save``, ...; see ``_PEFT_UNSUPPORTED``) raises ``ValueError`` naming the field.
-        ``init_lora_weights`` must be ``True`` (PEFT's and our initialisation) unless ``loading``: then the
-        weights come from the file and only initialisations that change the base weights are refused.
+        target-matching rules (``use_dora`` and ``init_lora_weights`` too). A config using a PEFT feature with no
+        equivalent here (rank patterns,
+        ``modules_to_save``, ...; see ``_PEFT_UNSUPPORTED``) raises ``ValueError`` naming the field, as does an
+        ``init_lora_weights`` other than PEFT's True, False, ``"gaussian"`` and ``"pissa"``. ``loading`` says the
+        config comes from a saved adapter (kept for callers; every accepted initialisation loads: a PiSSA
+        adapter's base residual is recomputed from the base weight as PEFT does).
         """
         get = (
             peft_config.get
@@ -245,13 +299,6 @@ class LoRAConfig:
                 f"{source} uses {', '.join(f'{n}={v!r}' for n, v in used)}, which lora_widgets does not "
                 "support; use PEFT itself for this adapter, or a plain LoRA config"
             )
-        init = get("init_lora_weights", True)
-        if init is not True and not (loading and init in (False, "gaussian")):
-            raise ValueError(
-                f"{source} has init_lora_weights={init!r}; only PEFT's default (True: Kaiming-uniform A, zero B) "
-                "has an exact equivalent here"
-                + ("" if loading else "; set init_lora_weights=True or use PEFT's get_peft_model")
-            )
         return cls(
             r=get("r", 8),
             alpha=get("lora_alpha", 8),
@@ -259,7 +306,46 @@ class LoRAConfig:
             target_modules=get("target_modules"),
             use_rslora=get("use_rslora", False),
             bias=get("bias", "none"),
+            use_dora=bool(get("use_dora", False)),
+            init_lora_weights=get("init_lora_weights", True),
         )
+
+
+@dataclass(frozen=True)
+class LoRAReport:
+    """What :func:`apply_lora` (or :func:`load_adapter`) did."""
+
+    matched: list[str]
+    trainable_params: int
+    total_params: int
+    config: LoRAConfig | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def trainable_percent(self) -> float:
+        """Trainable share of all parameters, in percent."""
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"LoRA on {len(self.matched)} modules: trainable {self.trainable_params:,} / "
+            f"total {self.total_params:,} ({self.trainable_percent:.3f}%)"
+        )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) parameters count once."""
+    check_model(model, "count_parameters")
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
 
 
 def _is_peft_config(value: Any) -> bool:
@@ -385,3 +471,21 @@ def check_matched(model: nn.Module, matched: list[str], rule: str) -> None:
                 "or trained in. Load the model in bfloat16, float16 or float32 (load_model(name, dtype='bf16'), "
                 "or model.to(torch.bfloat16)) and apply LoRA to that"
             )
+
+
+def raise_if_out_of_memory(
+    exc: BaseException, model: nn.Module, matched: list[str], config: LoRAConfig
+) -> None:
+    """(apply_lora) An allocation failure while creating the adapters, restated with the rank and the bytes it needed."""
+    cpu_alloc = isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    if not (cpu_alloc or isinstance(exc, MemoryError | torch.OutOfMemoryError)):
+        return
+    elements = sum(config.r * sum(in_out_features(model.get_submodule(n))) for n in matched)
+    itemsize = next((p.element_size() for p in model.parameters()), 4)
+    message = (
+        f"apply_lora: not enough memory for the adapters at r={config.r}: A and B of {len(matched)} layers "
+        f"need {elements * itemsize:,} bytes. The model is unchanged; use a smaller r (typically 4 to 64)"
+    )
+    raise (
+        torch.OutOfMemoryError(message) if isinstance(exc, torch.OutOfMemoryError) else MemoryError(message)
+    ) from exc

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lora_widgets.lora.dora import merged_delta
 from lora_widgets.quantization import frozen_weight, layer_base, quantized_layers
 
 if TYPE_CHECKING:
@@ -71,7 +72,8 @@ def merge_into_dequantized(model: nn.Module, layers: dict[str, LoRALinear]) -> n
         base = layer.base_layer
         if layer.quantized:
             kinds.add(layer.quantized)
-            replacements[name] = dequantized_linear(base, dtype, layer.delta_weight())
+            delta = merged_delta(layer) if layer.lora_magnitude_vector is not None else layer.delta_weight()
+            replacements[name] = dequantized_linear(base, dtype, delta)
         else:  # an unquantized adapted layer (the head, say) merges as usual
             layer.merge()
             replacements[name] = base

@@ -38,28 +38,32 @@ Every operation that changes a model is all or nothing: if it fails, the model i
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lora_widgets.lora import dora
 from lora_widgets.lora.config import (
     DEFAULT_TARGET_MODULES,
     LoRAConfig,
+    LoRAReport,
     adaptable_modules,
     as_lora_config,
     check_hparams,
     check_matched,
     check_model,
+    check_variant,
+    count_parameters,
     in_out_features,
     is_adaptable,
     lora_scaling,
+    raise_if_out_of_memory,
     resolve_targets,
     short_list,
 )
 from lora_widgets.lora.fused import can_fuse, fused_lora_linear
+from lora_widgets.lora.init import init_factors, reset_factors, restore_base_weight, start_from_residual
 from lora_widgets.quantization import layer_base, refuse_inplace_merge
 
 __all__ = [
@@ -97,9 +101,11 @@ class LoRALinear(nn.Module):
     A bitsandbytes ``Linear4bit``/``Linear8bitLt`` base (QLoRA) stays frozen and quantized; the factors are fp32.
 
     ``forward(x) = base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` unless the adapter is
-    merged into the base weight or disabled, in which case it is just ``base_layer(x)``. The arguments
-    are checked as :class:`LoRAConfig` checks them; the base layer is frozen only once the factors exist,
-    so a failed construction leaves it as it was.
+    merged into the base weight or disabled, in which case it is just ``base_layer(x)``. With ``use_dora`` a
+    magnitude vector ``lora_magnitude_vector`` [out] rescales each output (:mod:`lora_widgets.lora.dora`);
+    ``init_lora_weights`` picks how A and B start (:mod:`lora_widgets.lora.init`; ``"pissa"`` replaces the base
+    weight by its residual). The arguments are checked as :class:`LoRAConfig` checks them; the base layer is
+    changed (frozen, PiSSA's residual) only once everything else exists, so a failed construction leaves it as it was.
     """
 
     def __init__(
@@ -109,6 +115,8 @@ class LoRALinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: bool | str = True,
     ) -> None:
         super().__init__()
         if not is_adaptable(base_layer):
@@ -117,6 +125,7 @@ class LoRALinear(nn.Module):
                 "pick a Linear layer (apply_lora(model, LoRAConfig(target_modules=[...])) lists them)"
             )
         r, alpha, dropout = check_hparams("LoRALinear", r, alpha, dropout, use_rslora)
+        self.use_dora, self.init_lora_weights = check_variant("LoRALinear", use_dora, init_lora_weights)
         self.base_layer = base_layer
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores W transposed
         in_features, out_features = in_out_features(base_layer)
@@ -132,11 +141,19 @@ class LoRALinear(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False, **factory)  # A: [r, in]
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)  # B: [out, r]
-        self.reset_lora_parameters()
+        self._dora_norm: torch.Tensor | None = None  # ||W0 + s B A||_c at merge time, for the unmerge
+        self.lora_magnitude_vector: nn.Parameter | None = None  # DoRA's m: [out]
+        residual = None  # PiSSA's W_res, put in place below; other inits leave W0 alone
+        if self.init_lora_weights == "pissa":
+            residual = init_factors(self, "pissa")
+        else:
+            self.reset_lora_parameters()
         self.merged = False
         self.enabled = True
         # requires_grad flags of the whole model before apply_lora (restored by remove_lora/merge_and_unload)
         self._flags_before: dict[str, bool] | None = None
+        self._replaced_weight: torch.Tensor | None = None  # PiSSA's W0 until apply_lora succeeds
+        start_from_residual(self, residual)  # last: W0 changes only once nothing else can fail
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
 
@@ -146,9 +163,9 @@ class LoRALinear(nn.Module):
         return lora_scaling(self.alpha, self.r, self.use_rslora)
 
     def reset_lora_parameters(self) -> None:
-        """A ~ Kaiming-uniform(a=sqrt(5)) as PEFT and nn.Linear do; B = 0 so that B A = 0 at the start."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        """Fresh factors as ``init_lora_weights`` says (default: A Kaiming-uniform, B = 0), PiSSA's initial ones
+        again, and DoRA's magnitude ||W + s B A||_c again: the layer starts as its base (:func:`reset_factors`)."""
+        reset_factors(self)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -162,6 +179,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         if self.merged or not self.enabled:
             return self.base_layer(x)  # a merged or disabled adapter costs exactly the base layer
+        if self.lora_magnitude_vector is not None:
+            return dora.dora_forward(self, x)
         a, b = self.lora_A.weight, self.lora_B.weight  # [r, in], [out, r]
         lora_x = x if x.dtype == a.dtype else x.to(a.dtype)
         if not isinstance(self.lora_dropout, nn.Identity):  # dropout 0 is no call at all
@@ -193,7 +212,10 @@ class LoRALinear(nn.Module):
         refuse_inplace_merge(self.quantized)
         delta = self.delta_weight()
         weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
-        weight.data += delta
+        if self.lora_magnitude_vector is not None:  # W <- (m / n) (W + s B A), n kept for the unmerge
+            self._dora_norm = dora.dora_merge(self, weight, delta)
+        else:
+            weight.data += delta
         self.merged = True
 
     @torch.no_grad()
@@ -203,56 +225,23 @@ class LoRALinear(nn.Module):
             return
         delta = self.delta_weight()
         weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
-        weight.data -= delta
+        if self.lora_magnitude_vector is not None and self._dora_norm is not None:
+            dora.dora_unmerge(self, weight, delta, self._dora_norm)
+        else:
+            weight.data -= delta
         self.merged = False
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.r}, "
             f"scaling={self.scaling:g}, merged={self.merged}, enabled={self.enabled}"
+            + (", dora=True" if self.use_dora else "")
         )
 
 
 # ----------------------------------------------------------------------------------------------
 # Finding the layers to adapt
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoRAReport:
-    """What :func:`apply_lora` (or :func:`load_adapter`) did."""
-
-    matched: list[str]
-    trainable_params: int
-    total_params: int
-    config: LoRAConfig | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def trainable_percent(self) -> float:
-        """Trainable share of all parameters, in percent."""
-        return 100.0 * self.trainable_params / max(self.total_params, 1)
-
-    def __str__(self) -> str:
-        return (
-            f"LoRA on {len(self.matched)} modules: trainable {self.trainable_params:,} / "
-            f"total {self.total_params:,} ({self.trainable_percent:.3f}%)"
-        )
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) parameters count once."""
-    check_model(model, "count_parameters")
-    seen: set[int] = set()
-    trainable = total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -350,10 +339,17 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
     check_matched(model, matched, rule)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        wrappers: dict[str, nn.Module] = {}
+        wrappers: dict[str, LoRALinear] = {}
         for name in matched:
+            c = config
             layer = LoRALinear(
-                model.get_submodule(name), config.r, config.alpha, config.dropout, config.use_rslora
+                model.get_submodule(name),
+                c.r,
+                c.alpha,
+                c.dropout,
+                c.use_rslora,
+                c.use_dora,
+                c.init_lora_weights,
             )
             layer._flags_before = flags
             wrappers[name] = layer
@@ -362,28 +358,14 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
         _swap_modules(model, wrappers)
     except BaseException as exc:
         _set_flags(model, flags)  # the wrappers froze their base layers; the tree was restored by the swap
-        _raise_if_out_of_memory(exc, model, matched, config)
+        for created in wrappers.values():  # PiSSA replaced their weights by residuals: W0 back, exactly
+            restore_base_weight(created)
+        raise_if_out_of_memory(exc, model, matched, config)
         raise
+    for layer in wrappers.values():
+        layer._replaced_weight = None  # PiSSA's W0 is freed; remove_lora rebuilds it from B0 A0
     trainable, total = count_parameters(model)
     return LoRAReport(matched=matched, trainable_params=trainable, total_params=total, config=config)
-
-
-def _raise_if_out_of_memory(
-    exc: BaseException, model: nn.Module, matched: list[str], config: LoRAConfig
-) -> None:
-    """An allocation failure while creating the adapters, restated with the rank and the bytes it needed."""
-    cpu_alloc = isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-    if not (cpu_alloc or isinstance(exc, MemoryError | torch.OutOfMemoryError)):
-        return
-    elements = sum(config.r * sum(in_out_features(model.get_submodule(n))) for n in matched)
-    itemsize = next((p.element_size() for p in model.parameters()), 4)
-    message = (
-        f"apply_lora: not enough memory for the adapters at r={config.r}: A and B of {len(matched)} layers "
-        f"need {elements * itemsize:,} bytes. The model is unchanged; use a smaller r (typically 4 to 64)"
-    )
-    raise (
-        torch.OutOfMemoryError(message) if isinstance(exc, torch.OutOfMemoryError) else MemoryError(message)
-    ) from exc
 
 
 def _unwrap(model: nn.Module, layers: dict[str, LoRALinear], merge: bool) -> nn.Module:
@@ -394,6 +376,10 @@ def _unwrap(model: nn.Module, layers: dict[str, LoRALinear], merge: bool) -> nn.
     except BaseException:
         _undo_merges(changed, merge)
         raise
+    for layer in (
+        layers.values() if not merge else ()
+    ):  # PiSSA: W_res + s B0 A0 = W0 (merged: W0 + s(BA - B0A0))
+        restore_base_weight(layer)
     flags = next((layer._flags_before for layer in layers.values() if layer._flags_before is not None), None)
     if flags is not None:
         _set_flags(model, flags)

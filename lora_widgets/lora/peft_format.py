@@ -2,8 +2,9 @@
 
 :func:`save_adapter` writes, and :func:`load_adapter` reads, exactly what ``peft.PeftModel.save_pretrained``
 writes and ``peft.PeftModel.from_pretrained`` reads for a LoRA adapter: tensors under the keys
-``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``, and the settings under PEFT's field
-names (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_rslora``, ...). So an adapter
+``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (and DoRA's magnitude under
+``.lora_magnitude_vector``), and the settings under PEFT's field names (``r``, ``lora_alpha``, ``lora_dropout``,
+``target_modules``, ``use_rslora``, ``use_dora``, ``init_lora_weights``, ...). So an adapter
 trained here loads in PEFT and the other way round, with identical logits (``tests/test_peft_interop.py``).
 PEFT keeps this in ``peft/utils/save_and_load.py``, apart from the layer (:mod:`lora_widgets.lora.layers`).
 
@@ -62,11 +63,14 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights under PEFT's keys: ``base_model.model.<path>.lora_{A,B}.weight``."""
+    """The adapter weights under PEFT's keys: ``base_model.model.<path>.lora_{A,B}.weight`` and, for DoRA,
+    ``base_model.model.<path>.lora_magnitude_vector`` (PEFT's saved name: no adapter name, no ``.weight``)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in require_lora_layers(model, "lora_state_dict").items():
         out[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
         out[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+        if layer.lora_magnitude_vector is not None:
+            out[f"{_PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     return out
 
 
@@ -83,16 +87,26 @@ def _targets_for_saving(model: nn.Module, paths: list[str]) -> list[str] | str:
 def _layer_config(layers: dict[str, LoRALinear]) -> LoRAConfig:
     """The one LoRAConfig that describes every layer (save_adapter's format has one rank and scaling)."""
     settings = {
-        (layer.r, layer.alpha, layer.use_rslora, getattr(layer.lora_dropout, "p", 0.0))
+        (
+            layer.r,
+            layer.alpha,
+            layer.use_rslora,
+            getattr(layer.lora_dropout, "p", 0.0),
+            layer.use_dora,
+            layer.init_lora_weights,
+        )
         for layer in layers.values()
     }
     if len(settings) != 1:
         raise ValueError(
-            f"save_adapter needs one rank, alpha, rsLoRA flag and dropout for all layers (as apply_lora "
-            f"makes), found {sorted(settings)}; save these layers with PEFT's rank_pattern instead"
+            f"save_adapter needs one rank, alpha, rsLoRA flag, dropout, DoRA flag and initialisation for all "
+            f"layers (as apply_lora makes), found {sorted(settings, key=str)}; save these layers with PEFT's "
+            "rank_pattern instead"
         )
-    r, alpha, use_rslora, dropout = settings.pop()
-    return LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+    r, alpha, use_rslora, dropout, use_dora, init = settings.pop()
+    return LoRAConfig(
+        r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init
+    )
 
 
 def save_adapter(
@@ -141,7 +155,9 @@ def save_adapter(
         "bias": "none",
         "fan_in_fan_out": first.fan_in_fan_out,
         "inference_mode": True,
-        "init_lora_weights": True,
+        "use_dora": config.use_dora,
+        # PiSSA's "pissa" tells a loader (ours or PEFT's) to recompute the residual base: lora_widgets.lora.init
+        "init_lora_weights": config.init_lora_weights,
         "modules_to_save": None,
         "revision": None,
     }
@@ -212,9 +228,12 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 
 def _group_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {"A": tensor, "B": tensor}} from PEFT keys; unknown keys raise ValueError."""
+    """{module path: {"A": tensor, "B": tensor[, "M": DoRA magnitude]}} from PEFT keys; unknown keys raise
+    ValueError."""
     pattern = re.compile(
-        r"^" + re.escape(_PEFT_PREFIX) + r"(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$"
+        r"^"
+        + re.escape(_PEFT_PREFIX)
+        + r"(?P<path>.+)\.(?:lora_(?P<ab>[AB])(?:\.default)?\.weight|lora_magnitude_vector(?:\.default\.weight)?)$"
     )
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -222,16 +241,17 @@ def _group_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
         if m is None:
             raise ValueError(
                 f"unexpected tensor {key!r} in the adapter; expected "
-                f"'{_PEFT_PREFIX}<module path>.lora_A.weight' / '.lora_B.weight' only"
+                f"'{_PEFT_PREFIX}<module path>.lora_A.weight' / '.lora_B.weight' / '.lora_magnitude_vector' only"
             )
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
             raise ValueError(
                 f"adapter tensor {key!r} is not finite floating-point data (NaN, inf or integers)"
             )
-        groups.setdefault(m["path"], {})[m["ab"]] = value
+        groups.setdefault(m["path"], {})[m["ab"] or "M"] = value
     for path, ab in groups.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"adapter has lora_{''.join(ab)} but not both factors for module {path!r}")
+        if not {"A", "B"} <= set(ab):
+            names = ", ".join("lora_magnitude_vector" if k == "M" else f"lora_{k}" for k in ab)
+            raise ValueError(f"adapter has {names} but not both factors for module {path!r}")
     return groups
 
 
@@ -240,9 +260,17 @@ def _config_from_file(cfg: dict[str, Any], groups: dict[str, Any], cfg_path: Pat
     if "r" not in cfg:
         raise ValueError(f"{str(cfg_path)!r} lacks the field 'r'; it is not a LoRA adapter config")
     try:
-        return LoRAConfig.from_peft({**cfg, "target_modules": sorted(groups)}, loading=True)
+        config = LoRAConfig.from_peft({**cfg, "target_modules": sorted(groups)}, loading=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{str(cfg_path)!r}: {exc}") from exc
+    mismatched = sorted(p for p, ab in groups.items() if ("M" in ab) != config.use_dora)
+    if mismatched:
+        has = "has no" if config.use_dora else "has a"
+        raise ValueError(
+            f"{str(cfg_path)!r} says use_dora={config.use_dora}, but module {mismatched[0]!r} {has} "
+            "lora_magnitude_vector in the weights file; the two files do not belong together: save the adapter again"
+        )
+    return config
 
 
 def _check_targets(
@@ -259,6 +287,13 @@ def _check_targets(
                 f"in the model only {extra[:5]}; call remove_lora(model) first to load a different adapter"
             )
         ranks = sorted({layer.r for layer in existing.values()})
+        kinds = {(layer.use_dora, layer.init_lora_weights == "pissa") for layer in existing.values()}
+        if kinds != {(config.use_dora, config.init_lora_weights == "pissa")}:
+            raise ValueError(
+                f"the adapter has use_dora={config.use_dora}, init_lora_weights={config.init_lora_weights!r}, "
+                "which this model's adapters do not share (DoRA has a magnitude vector; PiSSA changed the base "
+                "weight); call remove_lora(model) first to load it onto the base model"
+            )
         if ranks != [config.r]:
             raise ValueError(
                 f"the adapter has rank r={config.r} but this model's adapters have r={ranks}; call "
@@ -278,11 +313,19 @@ def _check_targets(
 
 
 def _put(
-    layer: LoRALinear, a: torch.Tensor, b: torch.Tensor, alpha: float, use_rslora: bool, merged: bool
+    layer: LoRALinear,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    m: torch.Tensor | None,
+    alpha: float,
+    use_rslora: bool,
+    merged: bool,
 ) -> None:
     layer.unmerge()
     layer.lora_A.weight.copy_(a)
     layer.lora_B.weight.copy_(b)
+    if m is not None and layer.lora_magnitude_vector is not None:
+        layer.lora_magnitude_vector.copy_(m)
     layer.alpha, layer.use_rslora = alpha, use_rslora
     if merged:
         layer.merge()
@@ -294,14 +337,21 @@ def _copy_into(
 ) -> None:
     """Put the adapter's factors and scale into the layers, keeping each one's merge state; all or none."""
     saved = {
-        n: (lay.lora_A.weight.clone(), lay.lora_B.weight.clone(), lay.alpha, lay.use_rslora, lay.merged)
+        n: (
+            lay.lora_A.weight.clone(),
+            lay.lora_B.weight.clone(),
+            None if lay.lora_magnitude_vector is None else lay.lora_magnitude_vector.detach().clone(),
+            lay.alpha,
+            lay.use_rslora,
+            lay.merged,
+        )
         for n, lay in layers.items()
     }
     done: list[str] = []
     try:
         for path, ab in groups.items():
             done.append(path)
-            _put(layers[path], ab["A"], ab["B"], config.alpha, config.use_rslora, saved[path][4])
+            _put(layers[path], ab["A"], ab["B"], ab.get("M"), config.alpha, config.use_rslora, saved[path][5])
     except BaseException:
         for path in reversed(done):
             _put(layers[path], *saved[path])
@@ -330,6 +380,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> LoRARep
     config = _config_from_file(cfg, groups, directory / ADAPTER_CONFIG_NAME)
     for path, (r, k_in, d_out) in _check_targets(model, groups, config).items():
         ab = groups[path]
+        shapes_m = () if "M" not in ab else tuple(ab["M"].shape)
+        if shapes_m not in ((), (d_out,)):
+            raise ValueError(
+                f"shape mismatch for {path!r}: adapter has lora_magnitude_vector {shapes_m}; this model needs "
+                f"({d_out},). Is it an adapter for this base model?"
+            )
         if tuple(ab["A"].shape) != (r, k_in) or tuple(ab["B"].shape) != (d_out, r):
             raise ValueError(
                 f"shape mismatch for {path!r}: adapter has lora_A {tuple(ab['A'].shape)}, lora_B "

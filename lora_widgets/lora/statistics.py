@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lora_widgets.events.types import AdapterLayerStats, AdapterStats
+from lora_widgets.lora.dora import base_of_merged_dora
 from lora_widgets.lora.layers import LoRALinear
 from lora_widgets.quantization import frozen_weight
 
@@ -86,6 +87,10 @@ def _adapters(model: nn.Module) -> list[_Adapter]:
             a, b = module.lora_A.weight, module.lora_B.weight
             delta = module.delta_weight().float() if module.merged else None
             weight = frozen_weight(module.base_layer)  # a quantized base dequantized: ||W|| in numbers
+            if (
+                delta is not None and module.lora_magnitude_vector is not None
+            ):  # merged DoRA: W0 = W n/m - s B A
+                weight, delta = base_of_merged_dora(module), None
             out.append(_Adapter(name, a, b, float(module.scaling), weight, delta))
         elif (peft := _peft_adapter(name, module)) is not None:
             out.append(peft)

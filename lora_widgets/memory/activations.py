@@ -30,6 +30,9 @@ class BlockBytes:
     working: int  # bytes live inside the block's forward when nothing is saved (checkpointed forward)
     input_saved: int  # part of ``saved`` that is the block's own input (fp32 RMSNorm input in fp32 runs)
     early_grads: int  # gradient bytes that exist at the transient's moment (the last projection's)
+    held: int = (
+        0  # inputs an 8-bit base keeps outside autograd's saved tensors (checkpointing keeps them too)
+    )
 
 
 class ActivationModel:
@@ -57,6 +60,12 @@ class ActivationModel:
       saves nothing.
     * The loss: the log-softmax output over the vocabulary is saved in fp32 (:math:`4bsV`: transformers
       upcasts logits for the loss), which for small models is the largest single activation.
+    * An 8-bit base (``quant="8bit"``): bitsandbytes' LLM.int8() matmuls (``MatMul8bitFp`` on a CPU,
+      ``MatMul8bitLt`` on a GPU) keep their input ``A`` as an attribute of the autograd context whenever it
+      requires grad, frozen weight or not, so every quantized Linear keeps its input (shared between
+      layers reading one tensor). Being no saved tensor, it escapes gradient checkpointing: a checkpointed
+      block keeps those inputs beside its own input (``BlockBytes.held``). A 4-bit layer keeps only its
+      (resident) packed weight.
     * Mixed precision (``wb != p``, ``torch.autocast`` over fp32 weights; Micikevicius et al. 2018, sec. 3):
       the residual stream and norms stay fp32; each matmul saves compute-dtype casts of its operands, so
       every Linear whose input needs a gradient keeps a :math:`p`-byte copy of its weight, and each
@@ -64,7 +73,15 @@ class ActivationModel:
     """
 
     def __init__(
-        self, arch: ArchInfo, plan: ParamPlan, b: int, s: int, p: int, full_head: bool, wb: int | None = None
+        self,
+        arch: ArchInfo,
+        plan: ParamPlan,
+        b: int,
+        s: int,
+        p: int,
+        full_head: bool,
+        wb: int | None = None,
+        quant: str | None = None,
     ) -> None:
         self.arch, self.plan, self.b, self.s, self.p = arch, plan, b, s, p
         # weight bytes; wb != p means mixed precision (torch.autocast): the residual stream and norms stay in
@@ -79,6 +96,7 @@ class ActivationModel:
         # LoRA modules of one block, by leaf name (every block is adapted alike)
         self.lora = {leaf: mods[0] for leaf, mods in per_layer.items()}
         self.full_head = full_head
+        self.keeps_inputs = quant == "8bit"  # LLM.int8() layers keep their input (see the class docstring)
 
     def _trains(self, leaf: str) -> bool:
         return leaf in self.train_leaves
@@ -94,10 +112,13 @@ class ActivationModel:
         saved = 0
         consumers = sum(1 for leaf in leaves if self._trains(leaf))
         rg = False
+        held = self.keeps_inputs and rg_in
         for leaf, out in leaves.items():
             mod = self.lora.get(leaf)
             if self.autocast and (rg_in or self._trains(leaf)):
                 saved += width * out * p  # the weight's compute-dtype copy, needed for the input gradient
+            if held and (mod is None or mod.dropout):
+                consumers += 1  # the 8-bit base layer keeps its input (with LoRA and no dropout: shared)
             if mod is None:
                 rg = rg or self._trains(leaf)
                 continue
@@ -163,7 +184,7 @@ class ActivationModel:
         o_saved, o_rg = self._linear_inputs({"o_proj": h}, q_dim, attn_rg)
         o_lora = self.lora.get("o_proj")
         shares_output = o_lora is not None and not o_lora.dropout and not self.autocast
-        if attn_rg and (self._trains("o_proj") or shares_output):
+        if attn_rg and (self._trains("o_proj") or shares_output or self.keeps_inputs):
             o_saved -= T * q_dim * p  # o_proj's input is the attention output, already counted
         saved += o_saved
         rg_mid = rg_in or attn_rg or o_rg
@@ -191,9 +212,12 @@ class ActivationModel:
         mlp_lora = any(leaf in self.lora for leaf in ("gate_proj", "up_proj", "down_proj"))
         working = 2 * T * h * wb + (4 if mlp_lora else 3) * T * i * p
         input_saved = T * h * 4 if (rg_in and wb == 4) else 0  # RMSNorm saves an fp32 input as it is
+        held = 0
+        if self.keeps_inputs:  # 8-bit base: q/k/v, o, gate/up and down inputs, kept by the layers themselves
+            held = T * p * (h * norm_rg + q_dim * attn_rg + h * mlp_in_rg + i * (gate_rg or up_rg))
         # down_proj's weight gradient (under autocast computed in the compute dtype, then cast)
         early = h * i * (wb + (p if self.autocast else 0)) if self._trains("down_proj") else 0
-        return BlockBytes(saved, transient, self._grads_of_block(), rg_out, working, input_saved, early)
+        return BlockBytes(saved, transient, self._grads_of_block(), rg_out, working, input_saved, early, held)
 
     def gpt2_block(self, rg_in: bool) -> BlockBytes:
         """GPT-2 block (LayerNorm, fused qkv ``c_attn``, GELU-tanh MLP; transformers' ``Conv1D`` layers)."""

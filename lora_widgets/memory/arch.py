@@ -235,6 +235,9 @@ class ParamPlan:
     lora: tuple[LoRAModule, ...]  # empty for full fine-tuning
     trainable_leaves: frozenset[str]  # leaf names of modules with a trainable weight ("q_proj", "norm", ...)
     frozen_linear_shapes: tuple[tuple[int, int], ...] = ()  # (out, in) of each of those frozen Linear weights
+    trainable_sizes: tuple[
+        int, ...
+    ] = ()  # numbers in each trainable tensor (8-bit optimizer state is per tensor)
 
     @property
     def frozen(self) -> int:
@@ -253,6 +256,7 @@ def _plan_of(model: nn.Module) -> ParamPlan:
     total = trainable = frozen_linear = largest = 0
     leaves: set[str] = set()
     shapes: list[tuple[int, int]] = []
+    sizes: list[int] = []
     for mod_name, module in model.named_modules():
         is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
         for p in module.parameters(recurse=False):
@@ -265,6 +269,7 @@ def _plan_of(model: nn.Module) -> ParamPlan:
             total += n
             if p.requires_grad:
                 trainable += n
+                sizes.append(n)
                 largest = max(largest, n)
                 leaves.add(mod_name.split(".")[-1] or "model")
             elif is_linear and module is not head and id(p) not in adapter_params and shape is not None:
@@ -288,6 +293,7 @@ def _plan_of(model: nn.Module) -> ParamPlan:
         lora=lora,
         trainable_leaves=frozenset(leaves),
         frozen_linear_shapes=tuple(shapes),
+        trainable_sizes=tuple(sizes),
     )
 
 
@@ -340,5 +346,6 @@ def param_plan(config: Any, model: nn.Module | None, lora: LoRAConfig | None) ->
         total=plan.total + (r - 1) * plan.trainable,
         trainable=r * plan.trainable,
         largest_trainable=r * plan.largest_trainable,
+        trainable_sizes=tuple(r * n for n in plan.trainable_sizes),
         lora=tuple(dataclasses.replace(m, r=r) for m in plan.lora),
     )

@@ -31,7 +31,7 @@ from lora_widgets.devices import format_bytes
 from lora_widgets.lora.layers import LoRAConfig, as_lora_config
 from lora_widgets.memory.activations import ActivationModel, BlockBytes
 from lora_widgets.memory.arch import ArchInfo, ParamPlan, param_plan, parse_dtype, resolve_config
-from lora_widgets.memory.quant import estimator_name, quantized_weight_bytes
+from lora_widgets.memory.quant import estimator_name, optimizer_8bit_bytes, quantized_weight_bytes
 
 __all__ = [
     "CPU_RUNTIME_BYTES",
@@ -46,7 +46,8 @@ __all__ = [
 
 Phase = Literal["forward", "backward", "optimizer"]
 
-_OPTIMIZERS = ("adamw", "adam", "sgd")
+_OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit", "paged_adamw8bit")
+_OPTIMIZERS_8BIT = ("adamw8bit", "paged_adamw8bit")
 _QUANT = {"8bit": 1.0, "4bit": 0.5 + 0.127 / 8}  # bytes per quantized weight (see _weight_bytes)
 
 GiB = 1024**3
@@ -211,9 +212,12 @@ def _check_estimate_args(
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-    opt = str(optimizer).lower()
+    opt = optimizer.lower() if isinstance(optimizer, str) else optimizer
     if opt not in _OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {list(_OPTIMIZERS)}")
+        raise ValueError(
+            f"optimizer={optimizer!r} is not supported; use one of {list(_OPTIMIZERS)} "
+            "('adamw8bit' / 'paged_adamw8bit': bitsandbytes' 8-bit AdamW)"
+        )
     if not isinstance(gradient_checkpointing, bool):
         raise ValueError(
             f"gradient_checkpointing must be True or False, got gradient_checkpointing={gradient_checkpointing!r}"
@@ -225,23 +229,42 @@ def _check_estimate_args(
     return opt
 
 
+def _optimizer_bytes(plan: ParamPlan, wb: int, opt: str, foreach: bool) -> tuple[int, int]:
+    """(state, temporary at the step) of the optimizer.
+
+    AdamW (Loshchilov & Hutter 2019, Algorithm 2): two moments in the parameters' dtype. PyTorch's ``foreach``
+    step (its default on a GPU) computes ``sqrt(v)`` for all parameters at once, a temporary of their size;
+    the single-tensor step (its default on a CPU) goes parameter by parameter: ``sqrt(v)`` and its quotient
+    for the largest tensor only. bitsandbytes' 8-bit AdamW (:func:`optimizer_8bit_bytes`) updates in place
+    in one fused kernel per tensor: no temporary.
+    """
+    if opt in _OPTIMIZERS_8BIT:
+        return optimizer_8bit_bytes(plan.trainable_sizes or (plan.trainable,)), 0
+    if opt == "sgd":
+        return 0, 0
+    temp = plan.trainable * wb if foreach else 2 * plan.largest_trainable * wb
+    return 2 * plan.trainable * wb, temp
+
+
 def _resident(
-    arch: ArchInfo, plan: ParamPlan, tokens: int, seq_len: int, p: int, wb: int, opt: str, quant: str | None
+    arch: ArchInfo,
+    plan: ParamPlan,
+    tokens: int,
+    seq_len: int,
+    wb: int,
+    optim: tuple[str, bool],
+    quant: str | None,
 ) -> _Resident:
     """Weights, gradients, optimizer state and its temporary, and the small buffers of one step."""
     frozen_w, trainable_w = _weight_bytes(plan, wb, quant)
-    adam = opt in ("adamw", "adam")
+    states, temp = _optimizer_bytes(plan, wb, *optim)
     overhead = 2 * tokens * 8 + 2 * seq_len * arch.head_dim * wb  # input ids + labels (int64), RoPE cos/sin
-    if quant is not None:
-        # each quantized layer is dequantized to the compute dtype for its matmul, one layer at a time
-        largest = max(arch.intermediate * arch.hidden, 3 * arch.hidden * arch.hidden)
-        overhead += largest * p
     return _Resident(
         frozen_weights=frozen_w,
         trainable_weights=trainable_w,
         gradients=plan.trainable * wb,
-        optimizer_states=2 * plan.trainable * wb if adam else 0,
-        optimizer_temp=plan.trainable * wb if adam else 0,
+        optimizer_states=states,
+        optimizer_temp=temp,
         overhead=overhead,
     )
 
@@ -257,8 +280,8 @@ def _forward(
         blocks.append(blk)
         rg = blk.rg_out
     final_saved = acts.final(rg)
-    # checkpointing keeps each block's input only
-    kept = [tokens * arch.hidden * wb if checkpointing else blk.saved for blk in blocks]
+    # checkpointing keeps each block's input only (and what an 8-bit base keeps outside autograd's saved tensors)
+    kept = [tokens * arch.hidden * wb + blk.held if checkpointing else blk.saved for blk in blocks]
     return blocks, kept, final_saved
 
 
@@ -270,12 +293,15 @@ def _forward_points(
     vocab: int,
     p: int,
     checkpointing: bool,
+    dequant: int,
 ) -> Points:
+    """Forward: at the loss; with checkpointing, inside the last block (its MLP's weight dequantized if
+    the base is quantized: ``dequant`` bytes)."""
     # at the loss: the logits in the model's dtype, their fp32 copy (transformers upcasts for the loss)
     logits_transient = tokens * vocab * p + (tokens * vocab * 4 if p != 4 else 0)
     points = [(activations, 0, logits_transient)]
     if checkpointing:  # inside the last block's forward, with every block input kept
-        points.append((sum(kept), 0, max(blk.working for blk in blocks)))
+        points.append((sum(kept), 0, max(blk.working for blk in blocks) + dequant))
     return points
 
 
@@ -289,8 +315,11 @@ def _backward_points(
     shape: tuple[int, int, int],
     checkpointing: bool,
     full_head: bool,
+    dequant: int = 0,
 ) -> Points:
-    """Backward: activations are released block by block while gradients appear."""
+    """Backward: activations are released block by block while gradients appear. ``dequant``: bytes of the
+    largest quantized weight dequantized to the compute dtype for an input-gradient matmul (0: no quantized
+    base)."""
     T, p, wb = shape  # tokens, bytes per activation element, bytes per weight element
     V = arch.vocab
     head_grads = grads - sum(blk.grads for blk in blocks)
@@ -312,6 +341,10 @@ def _backward_points(
         current = blk.saved if not checkpointing else blk.saved + kept[idx] - blk.input_saved
         # the MLP's backward (the block's own gradients not yet all there), then the block's end
         points.append((below + current, live_grads + blk.early_grads, blk.transient))
+        if dequant:  # down_proj's input gradient [T, i] from its dequantized weight, all the block's saved
+            points.append(
+                (below + current, live_grads, T * arch.intermediate * p + 2 * T * arch.hidden * wb + dequant)
+            )
         live_grads += blk.grads
         points.append((below, live_grads, 2 * T * arch.hidden * wb))
     if full_head:  # the embedding's dense gradient (accumulated into the tied head's when tied)
@@ -349,6 +382,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     base_quantization: str | None = None,
     weight_dtype: torch.dtype | str | None = None,
+    foreach: bool = True,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training step of a causal language model.
 
@@ -362,8 +396,9 @@ def estimate_memory(
         seq_len: tokens per sequence.
         dtype: the compute dtype: of activations, and of weights, gradients and optimizer state too unless
             ``weight_dtype`` says otherwise (pure fp32/bf16/fp16 training).
-        optimizer: "adamw"/"adam" (two moments per trainable parameter; PyTorch's ``foreach`` step allocates
-            one temporary of the size of all trainable parameters) or "sgd" (no state).
+        optimizer: "adamw"/"adam" (two moments per trainable parameter, 8 bytes in fp32), "adamw8bit" /
+            "paged_adamw8bit" (bitsandbytes' 8-bit AdamW: about 2 bytes; the paged one's state can be evicted
+            to CPU memory under pressure, counted here as resident, its worst case) or "sgd" (no state).
         gradient_checkpointing: keep only each block's input and recompute one block at a time in backward.
         base_quantization: None, "8bit" or "4bit" (QLoRA: frozen Linear weights in NF4); requires ``lora``.
             ``None`` with a model loaded quantized (``load_model(base="4-bit")``): the model's own.
@@ -372,12 +407,17 @@ def estimate_memory(
             (what :class:`~lora_widgets.training.trainer.LoRATrainer` does with ``precision="bf16"`` on an fp32 model):
             the residual stream stays fp32 and every matmul saves compute-dtype copies of its operands,
             including a copy of each (even frozen) weight whose input needs a gradient.
+        foreach: AdamW's ``foreach`` implementation (PyTorch's default on a GPU: one temporary as large as all
+            trainable parameters at the optimizer step) or, ``False``, the single-tensor one (its default on a
+            CPU, and what the trainer gets there: temporaries of the largest tensor only).
 
     Returns:
         a :class:`MemoryEstimate`; ``total`` is the steady-state peak (see the module docstring).
     """
     # ---- inputs and parameter counts ----------------------------------------------------------------
     opt = _check_estimate_args(batch_size, seq_len, optimizer, gradient_checkpointing, base_quantization)
+    if not isinstance(foreach, bool):
+        raise ValueError(f"foreach must be True or False, got foreach={foreach!r}")
     lora = None if lora is None else as_lora_config(lora, "lora")
     torch_dtype = parse_dtype(dtype)
     w_dtype = torch_dtype if weight_dtype is None else parse_dtype(weight_dtype)
@@ -394,18 +434,21 @@ def estimate_memory(
     b, s, gc = batch_size, seq_len, gradient_checkpointing
     T = b * s
     full_head = plan.trainable > 0 and bool({"lm_head", "embed_tokens", "wte"} & plan.trainable_leaves)
-    acts = ActivationModel(arch, plan, b, s, p, full_head, wb)
-    res = _resident(arch, plan, T, s, p, wb, opt, base_quantization)
+    acts = ActivationModel(arch, plan, b, s, p, full_head, wb, base_quantization)
+    res = _resident(arch, plan, T, s, wb, (opt, foreach), base_quantization)
 
     # ---- the three phases: forward, backward, optimizer step ---------------------------------------
     blocks, kept, final_saved = _forward(acts, arch, T, wb, gc, full_head)
     activations = sum(kept) + final_saved
+    # a quantized layer's weight is dequantized to the compute dtype for each matmul, one layer at a time
+    # (bitsandbytes' MatMul4Bit / MatMul8bitFp / MatMul8bitLt): the largest is an MLP weight, h x i
+    dequant = arch.hidden * arch.intermediate * p if base_quantization else 0
     breakdown, peak_phase = _peak(
         res,
         {
-            "forward": _forward_points(blocks, kept, activations, T, arch.vocab, p, gc),
+            "forward": _forward_points(blocks, kept, activations, T, arch.vocab, p, gc, dequant),
             "backward": _backward_points(
-                arch, acts, blocks, kept, activations, res.gradients, (T, p, wb), gc, full_head
+                arch, acts, blocks, kept, activations, res.gradients, (T, p, wb), gc, full_head, dequant
             ),
             "optimizer": [
                 (0, res.gradients, res.optimizer_temp)

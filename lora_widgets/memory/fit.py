@@ -206,6 +206,7 @@ def suggest_fit(
         "dtype": dtype,
         "gradient_checkpointing": gradient_checkpointing,
         "weight_dtype": weight_dtype,
+        "foreach": bool(cuda),  # PyTorch's AdamW default: foreach on a GPU, single-tensor on a CPU
     }
     fit = _FitSearch(_for_estimate(model_or_config, lora), settings, available_bytes, bool(cuda))
     if fit.fits(fit.estimate()):
@@ -321,6 +322,7 @@ def preflight(
         dtype,
         gradient_checkpointing=gradient_checkpointing,
         weight_dtype=weight_dtype,
+        foreach=dev.type == "cuda",  # PyTorch's AdamW default (the trainer's): foreach on a GPU only
     )
     cuda = dev.type == "cuda"
     if available_bytes is None:

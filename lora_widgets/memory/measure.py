@@ -21,6 +21,8 @@ from torch.utils._pytree import tree_flatten
 from lora_widgets.devices import parse_device
 from lora_widgets.lora.layers import LoRAConfig, apply_lora, as_lora_config
 from lora_widgets.memory.arch import parse_dtype, resolve_config
+from lora_widgets.memory.quant import quantized_tensors
+from lora_widgets.quantization import is_quantized, kbit_cast, keep_cpu_layout, require_bitsandbytes
 
 __all__ = ["LiveBytesTracker", "MemoryMeasurement", "measure_memory", "resolve_device", "storage_bytes"]
 
@@ -160,6 +162,32 @@ def _build_model(model_or_config: Any, dtype: torch.dtype, device: torch.device)
     return model.to(dtype)
 
 
+def _optimizer(params: list[nn.Parameter], name: str, foreach: bool) -> torch.optim.Optimizer:
+    """The optimizer a measurement runs: ``torch.optim.AdamW`` or bitsandbytes' ``AdamW8bit``."""
+    if name == "adamw8bit":
+        bnb = require_bitsandbytes("optimizer='adamw8bit'")
+        return bnb.optim.AdamW8bit(params, lr=1e-5)
+    return torch.optim.AdamW(params, lr=1e-5, foreach=foreach)
+
+
+def _quantized_copy(model: nn.Module, compute: torch.dtype, device: torch.device) -> nn.Module:
+    """A private copy of a bitsandbytes model, prepared as the trainer prepares it (:func:`kbit_cast`).
+
+    It is copied as it is, never cast or moved: transformers refuses to cast a quantized model, and
+    bitsandbytes places its layers when they load. The caller's model is not touched.
+    """
+    where = {t.device.type for t in quantized_tensors(model)}
+    if where != {device.type}:
+        raise ValueError(
+            f"the quantized model is on {sorted(where)} but device={str(device)!r}; measure it where it was "
+            f"loaded (device={sorted(where)[0]!r}), or load it on {device.type!r} (load_model(..., base=...))"
+        )
+    net = copy.deepcopy(model)
+    kbit_cast(net, compute)
+    keep_cpu_layout(net)
+    return net
+
+
 def _measure_cuda(
     phase_step: Callable[[Callable[[str], None]], None], dev: torch.device, baseline: int, steps: int
 ) -> MemoryMeasurement:
@@ -190,6 +218,37 @@ def _measure_cuda(
     return MemoryMeasurement(peak, phase_peaks, "cuda.max_memory_allocated", resident, steps)
 
 
+def _check_measure_args(
+    quantized: bool,
+    lora: Any,
+    weight_dtype: Any,
+    compute: torch.dtype,
+    sizes: tuple[Any, Any, Any],
+    flags: tuple[Any, Any],
+) -> torch.dtype:
+    """Validate :func:`measure_memory`'s arguments; returns the weights' dtype (fp32 for a quantized base)."""
+    for name, value in zip(("batch_size", "seq_len", "steps"), sizes, strict=True):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    for name, flag in zip(("gradient_checkpointing", "foreach"), flags, strict=True):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {name}={flag!r}")
+    w_dtype = compute if weight_dtype is None else parse_dtype(weight_dtype)
+    if not quantized:
+        return w_dtype
+    if weight_dtype is not None and w_dtype != torch.float32:
+        raise ValueError(
+            f"weight_dtype={weight_dtype!r}: a quantized base trains fp32 adapters next to its fp32 "
+            "embeddings, norms and head (the k-bit preparation); pass weight_dtype=None or 'float32'"
+        )
+    if lora is None:
+        raise ValueError(
+            "a quantized base cannot be fully fine-tuned (its 4/8-bit weights have no gradient); "
+            "pass lora=LoRAConfig(...)"
+        )
+    return torch.float32
+
+
 def measure_memory(
     model: Any,
     lora: LoRAConfig | None = None,
@@ -200,11 +259,20 @@ def measure_memory(
     device: torch.device | str | None = None,
     steps: int = 2,
     weight_dtype: torch.dtype | str | None = None,
+    optimizer: str = "adamw",
+    foreach: bool = True,
 ) -> MemoryMeasurement:
-    """Run ``steps`` real training steps (AdamW, foreach) on a copy of ``model`` and measure their peak.
+    """Run ``steps`` real training steps (AdamW) on a copy of ``model`` and measure their peak.
+
+    ``optimizer``: ``"adamw"`` (``torch.optim.AdamW``; ``foreach``: its foreach implementation, PyTorch's
+    default on a GPU, or the single-tensor one, its default on a CPU) or ``"adamw8bit"``
+    (``bitsandbytes.optim.AdamW8bit``), as in :func:`estimate_memory`.
 
     ``model`` may be a torch model (deep-copied: the original is untouched), a config or a known model name
-    (a randomly initialised model is built: memory does not depend on the weights' values).
+    (a randomly initialised model is built: memory does not depend on the weights' values). A model with a
+    quantized (bitsandbytes) base is copied as it is, not cast, and prepared as the trainer prepares it
+    (non-quantized parameters in fp32, 4-bit layers computing in ``dtype``; autocast when ``dtype`` is
+    16-bit); it needs ``lora`` and is measured on the device it was loaded on.
 
     Method:
         * CUDA: ``torch.cuda.max_memory_allocated`` (reset before the first step; per phase by resetting the
@@ -219,12 +287,19 @@ def measure_memory(
     :func:`estimate_memory`.
     """
     torch_dtype = parse_dtype(dtype)
-    w_dtype = torch_dtype if weight_dtype is None else parse_dtype(weight_dtype)
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-    if not isinstance(gradient_checkpointing, bool):
-        raise ValueError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
+    quantized = isinstance(model, nn.Module) and is_quantized(model)
+    w_dtype = _check_measure_args(
+        quantized,
+        lora,
+        weight_dtype,
+        torch_dtype,
+        (batch_size, seq_len, steps),
+        (gradient_checkpointing, foreach),
+    )
+    if optimizer not in ("adamw", "adamw8bit"):
+        raise ValueError(
+            f"optimizer={optimizer!r}: measure_memory runs 'adamw' or 'adamw8bit' (bitsandbytes)"
+        )
     lora = None if lora is None else as_lora_config(lora, "lora")
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
@@ -232,18 +307,21 @@ def measure_memory(
     if cuda:  # only what this measurement allocates counts (not the caller's own tensors on the GPU)
         torch.cuda.synchronize(dev)
         baseline = torch.cuda.memory_allocated(dev)
-    net: Any = _build_model(model, w_dtype, dev)  # a transformers causal LM
+    # a transformers causal LM
+    net: Any = _quantized_copy(model, torch_dtype, dev) if quantized else _build_model(model, w_dtype, dev)
     if lora is not None:
         apply_lora(net, lora)
     if gradient_checkpointing:
         enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
         enable({"use_reentrant": False})
+        if quantized:  # as the k-bit preparation: checkpointed blocks of frozen weights pass gradients down
+            net.enable_input_require_grads()
     net.train()
     vocab = int(net.config.vocab_size)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(dev)  # [b, s]
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    opt = _optimizer(params, optimizer, foreach)
 
     # mixed precision: weights stay in w_dtype, the forward runs under autocast in the compute dtype
     autocast: Any = (
@@ -266,7 +344,7 @@ def measure_memory(
 
     if cuda:
         return _measure_cuda(phase_step, dev, baseline, steps)
-    resident = storage_bytes(iter([*net.parameters(), *net.buffers(), batch]))
+    resident = storage_bytes(iter([*net.parameters(), *net.buffers(), *quantized_tensors(net), batch]))
     tracker = LiveBytesTracker()
     with tracker:
         for _ in range(steps):

@@ -37,6 +37,8 @@ __all__ = [
     "int8_bytes",
     "measured_quantized_bytes",
     "nf4_bytes",
+    "optimizer_8bit_bytes",
+    "quantized_tensors",
     "quantized_weight_bytes",
 ]
 
@@ -65,6 +67,27 @@ def int8_bytes(out_features: int, in_features: int) -> int:
     return out_features * in_features + 4 * out_features
 
 
+_OPT_BLOCK = 256  # numbers per absmax of bitsandbytes' blockwise 8-bit optimizer state (Optimizer2State)
+_OPT_MIN_8BIT = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 state
+
+
+def optimizer_8bit_bytes(sizes: Iterable[int]) -> int:
+    """Bytes of bitsandbytes' 8-bit AdamW state (``bnb.optim.AdamW8bit``, ``PagedAdamW8bit``) for trainable
+    tensors of ``sizes`` numbers.
+
+    Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization" (arXiv:2110.02861), sec. 2: each
+    moment is stored in 8 bits with dynamic (non-linear) quantization, normalised per block by its absmax.
+    bitsandbytes 0.50 (``Optimizer2State.init_state``): two uint8 moments (``2 n`` bytes) and an fp32 absmax
+    per 256 numbers for each (``8 ceil(n / 256)``), so 2.03 bytes a parameter against AdamW's 8 in fp32; a
+    tensor of fewer than 4,096 numbers (``min_8bit_size``) keeps fp32 moments (``8 n``). The two 256-entry
+    fp32 code books are shared by all tensors (2 KiB).
+    """
+    total = 0
+    for n in sizes:
+        total += 2 * n + 8 * math.ceil(n / _OPT_BLOCK) if n >= _OPT_MIN_8BIT else 8 * n
+    return total + 2 * 256 * 4
+
+
 def quantized_weight_bytes(shapes: Iterable[tuple[int, int]], quant: str, double_quant: bool = True) -> int:
     """Bytes of the quantized weights of ``shapes`` (``(out, in)`` of each layer); ``quant``: ``"4bit"``/``"8bit"``."""
     if quant == "4bit":
@@ -91,19 +114,24 @@ def _tensors(value: Any, depth: int = 0) -> Iterable[torch.Tensor]:
             yield from _tensors(item, depth + 1)
 
 
-def measured_quantized_bytes(model: nn.Module) -> int:
-    """Bytes the model's quantized layers hold: their weights and every tensor of their quantization state,
-    each storage counted once (biases excluded: they are not quantized)."""
-    seen: set[int] = set()
-    total = 0
+def quantized_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
+    """Every tensor the model's quantized layers hold: their weights and every tensor of their quantization
+    state (``QuantState``, nested states, ``SCB``, ``MatmulLtState``); biases excluded (they are not quantized).
+    Tensors may share storages: count bytes with one entry per storage."""
     for layer in quantized_layers(model).values():
         weight: Any = layer.weight
-        held = [weight.data, *_tensors(getattr(weight, "quant_state", None))]
-        held += [t for t in (getattr(weight, "SCB", None),) if isinstance(t, torch.Tensor)]
-        held += list(_tensors(getattr(layer, "state", None)))
-        for tensor in held:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
+        yield weight.data
+        yield from _tensors(getattr(weight, "quant_state", None))
+        scb = getattr(weight, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            yield scb
+        yield from _tensors(getattr(layer, "state", None))
+
+
+def measured_quantized_bytes(model: nn.Module) -> int:
+    """Bytes the model's quantized layers hold (:func:`quantized_tensors`), each storage counted once."""
+    seen: dict[int, int] = {}
+    for tensor in quantized_tensors(model):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

@@ -49,33 +49,38 @@ class SweepStarted(_EventBase):
 
 
 @dataclass(frozen=True)
-class SweepRunStarted(_EventBase):
-    """Run ``index`` (0-based, in the order the sweep runs them) is about to start."""
+class _SweepRun(_EventBase):
+    """Which run of the sweep an event is about (the fields a run's start and its row share, in that order)."""
 
-    kind: ClassVar[str] = "sweep_run_started"
     index: int
     point: int
     settings: dict[str, Any]
     seed: int
     rung: int
     max_steps: int | None
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """(point, seed, rung): the same run in any session of the sweep."""
+        return (self.point, self.seed, self.rung)
+
+
+@dataclass(frozen=True)
+class SweepRunStarted(_SweepRun):
+    """Run ``index`` (0-based, in the order the sweep runs them) is about to start."""
+
+    kind: ClassVar[str] = "sweep_run_started"
     label: str
 
 
 @dataclass(frozen=True)
-class SweepRunEnded(_EventBase):
+class SweepRunEnded(_SweepRun):
     """Run ``index`` ended: one row of the results table. ``point`` numbers its settings (seeds share it);
     ``reason``: a failure's diagnosis (``oom``, ``nan``, ``bad_input``, ``error``) or an early stop's
     (``patience``, ``diverged``); ``adapter_bytes``: the saved adapter's size on disk (every file of its directory);
     ``trainable_params``: the adapters' parameter count."""
 
     kind: ClassVar[str] = "sweep_run_ended"
-    index: int
-    point: int
-    settings: dict[str, Any]
-    seed: int
-    rung: int
-    max_steps: int | None
     outcome: Outcome
     step: int
     elapsed_s: float
@@ -88,11 +93,6 @@ class SweepRunEnded(_EventBase):
     adapter_bytes: int | None = None
     suggestions: tuple[str, ...] = field(default_factory=tuple)
     trainable_params: int | None = None
-
-    @property
-    def key(self) -> tuple[int, int, int]:
-        """(point, seed, rung): the same run in any session of the sweep."""
-        return (self.point, self.seed, self.rung)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_widgets.events.source import Subscribers
+from lora_widgets.data.sources import require_train_data
+from lora_widgets.events.source import Steerable
 from lora_widgets.events.types import (
     Event,
     RunEarlyStopped,
@@ -100,8 +101,12 @@ def _outcome(end: RunEnded) -> tuple[Outcome, str]:
     return "skipped", ""
 
 
-class Sweep:
+class Sweep(Steerable):
     """Run every point of ``space`` for every seed, sequentially on ``model`` (see the module docstring).
+
+    The steering is a run's (:class:`~lora_widgets.events.source.Steerable`: subscribers, ``running``, stop /
+    pause / resume, the cancel shield): each request goes on to the run in progress, a pause asked for between
+    runs holds the next one, and a stop ends the sweep after the run in progress.
 
     Args:
         model: the base model, without adapters (the sweep adds and removes its own).
@@ -126,6 +131,8 @@ class Sweep:
             the same blocks, unless a data setting (``block_size``, ``val_fraction``, ...) is swept.
     """
 
+    owner = "Sweep"
+
     def __init__(
         self,
         model: nn.Module,
@@ -141,6 +148,7 @@ class Sweep:
         directory: str | Path = "sweeps/sweep",
         check_base: bool = True,
     ) -> None:
+        super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if has_lora(model):
@@ -148,10 +156,7 @@ class Sweep:
                 "the model already has LoRA adapters; a sweep trains its own on the base model: pass the model "
                 "without adapters (lora_widgets.remove_lora(model), or load it again)"
             )
-        if train_data is None:
-            raise ValueError(
-                "train_data is required: token blocks, a DataSplit, texts, a file or a corpus name"
-            )
+        require_train_data(train_data)
         self.model, self.tokenizer, self.train_data, self.eval_data = model, tokenizer, train_data, eval_data
         self.lora = LoRAConfig() if lora is None else lora
         self.config = TrainConfig() if config is None else config
@@ -167,23 +172,17 @@ class Sweep:
         self.settings = tuple(dict.fromkeys(k for p in self.points for k in p))
         self._store = SweepStore(self.directory, self._plan())
         self.rows: list[SweepRunEnded] = self._store.load()
-        self._subscribers = Subscribers("Sweep")
-        self._trainer: Any = None
-        self._stop = self._skip = self._running = False
+        self._trainer: Any = None  # the run in progress, which every request is forwarded to
+        self._skip = False
         self._data: tuple[Any, Any] = (train_data, eval_data)
         self.trainer_factory: Callable[..., Any] | None = None  # a stand-in class (tests, benchmarks)
 
     # -- public API ------------------------------------------------------------------------------------
 
-    def subscribe(self, callback: Callable[[Event | SweepEvent], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` for every sweep event and every run's events, in order, on the loop's
-        thread; returns an unsubscribe function."""
-        return self._subscribers.add(callback)
-
-    @property
-    def running(self) -> bool:
-        """True while :meth:`run` is in progress."""
-        return self._running
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every sweep event (:mod:`lora_widgets.sweep.events`) and every run's
+        events, in order, on the loop's thread; returns an unsubscribe function."""
+        return super().subscribe(callback)
 
     @property
     def planned_runs(self) -> int:
@@ -219,25 +218,21 @@ class Sweep:
 
     def stop(self) -> None:
         """End the sweep: the run in progress stops after its step and is not recorded. Safe from any thread."""
-        self._stop = True
-        if self._trainer is not None:
-            self._trainer.stop()
+        super().stop()
 
     def skip(self) -> None:
-        """End the run in progress (recorded as skipped); the sweep goes on with the next one."""
-        if self._trainer is not None:
+        """End the run in progress (recorded as skipped, a pause released); the sweep goes on with the next one."""
+        trainer = self._trainer
+        if trainer is not None:
             self._skip = True
-            self._trainer.stop()
+            self._requests.resume()
+            trainer.stop()
 
-    def pause(self) -> None:
-        """Pause the run in progress."""
-        if self._trainer is not None:
-            self._trainer.pause()
-
-    def resume(self) -> None:
-        """Continue a paused run."""
-        if self._trainer is not None:
-            self._trainer.resume()
+    def _forward_request(self, request: str) -> None:
+        """Stop, pause and resume go on to the run in progress (a pause between runs holds the next one)."""
+        trainer = self._trainer
+        if trainer is not None:
+            getattr(trainer, request)()
 
     def run_sync(self) -> list[SweepRunEnded]:
         """Run the sweep from a script (blocks). In a notebook use ``await sweep.run()``."""
@@ -248,15 +243,16 @@ class Sweep:
 
         Raises ``RuntimeError`` if this sweep is already running, or another run is training the model now.
         """
-        if self._running:
-            raise RuntimeError("this sweep is already running; sweep.stop() it or await the first run()")
-        ownership.refuse_if_training(self.model)  # not one failed row per point: refused once, before any run
-        self._running, self._stop, t0 = True, False, time.monotonic()
+        self._begin_run("this sweep is already running; sweep.stop() it or await the first run()")
+        t0 = time.monotonic()
         try:
-            self._data = await asyncio.to_thread(self._fixed_data)  # bad data raises here, before any run
-            before = await asyncio.to_thread(base_checksum, self.model) if self.check_base else None
+            ownership.refuse_if_training(
+                self.model
+            )  # not one failed row per point: refused once, before any run
+            self._data = await self._in_thread(self._fixed_data)  # bad data raises here, before any run
+            before = await self._in_thread(base_checksum, self.model) if self.check_base else None
         except BaseException:
-            self._running = False
+            self._end_run()
             raise
         stopped = True
         try:
@@ -268,7 +264,8 @@ class Sweep:
             if lora_layers(self.model):
                 remove_lora(self.model)
             after = await asyncio.to_thread(base_checksum, self.model) if before is not None else None
-            self._running, self._trainer = False, None
+            self._trainer = None
+            self._end_run()
             self._publish(self._ended(stopped, before, after, time.monotonic() - t0))
         return list(self.rows)
 
@@ -283,7 +280,8 @@ class Sweep:
                 for seed in self.seeds:
                     if (p, seed, rung) in done:
                         continue
-                    if self._stop:
+                    await self._wait_while_paused()  # a pause asked for between runs holds the next one
+                    if self._requests.stop_requested:
                         return True
                     row = await self._one(p, seed, rung, budget)
                     if row is None:
@@ -293,7 +291,7 @@ class Sweep:
                     self._publish(row)
             if self.halving is not None and rung + 1 < len(self.budgets):
                 points = promoted(self.rows, rung, self.halving.eta)
-        return self._stop
+        return self._requests.stop_requested
 
     async def _one(self, p: int, seed: int, rung: int, budget: int | None) -> SweepRunEnded | None:
         """Run one point with one seed; its row, or ``None`` when the sweep was stopped during it."""
@@ -314,7 +312,7 @@ class Sweep:
         self._trainer, self._skip = trainer, False
         unsubscribe = trainer.subscribe(self._subscribers.deliver)
         try:
-            if self._stop:
+            if self._requests.stop_requested:
                 return None
             end = await trainer.run()
         finally:
@@ -401,4 +399,4 @@ class Sweep:
         )
 
     def _publish(self, event: Event | SweepEvent) -> None:
-        self._subscribers.deliver(event)  # type: ignore[arg-type]
+        super()._publish(event)  # type: ignore[arg-type]

@@ -10,8 +10,11 @@
   out padding-free instead (:func:`lora_widgets.data.sft_batches.pack`): one row, ``position_ids`` restarting
   per example, no attention mask.
 
-The kind is chosen once, here, from what the user passed (:func:`load_run_data`); the step and the loop only
-see micro-batches (a tensor or a :class:`PaddedBatch`).
+What the user passed is classified once, at the data package's door
+(:func:`lora_widgets.data.sources.classify_source`); :func:`load_run_data` turns that ``Source`` into one of the
+two kinds, and the step and the loop only see micro-batches (a tensor or a :class:`PaddedBatch`). ``Examples``,
+``PaddedBatch``, ``MicroBatch`` and ``RunData`` are defined in :mod:`lora_widgets.data.prepared` (below the
+trainer, so the door knows them) and named here as well.
 
 The order is a pure function of (seed, epoch): each epoch visits the training data in an order drawn from
 a generator seeded by those two numbers alone, so two runs with one seed see identical batches, and a run
@@ -21,18 +24,20 @@ used from update ``s + 1`` on.
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Literal, NamedTuple, Union
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lora_widgets.data.sft import SFTStats
-from lora_widgets.data.sft_batches import SFTExample, collate, length_grouped_batches, pack, padding_count
+from lora_widgets.data.corpora import read_instructions
+from lora_widgets.data.prepared import Examples, MicroBatch, PaddedBatch, RunData
+from lora_widgets.data.sft import prepare_sft
+from lora_widgets.data.sft_batches import length_grouped_batches, padding_count
+from lora_widgets.data.sources import Source, classify_source
+from lora_widgets.data.split import split_groups
+from lora_widgets.data.text import train_val_blocks
 from lora_widgets.events.types import DataPrepared
 from lora_widgets.training.config import TrainConfig
 from lora_widgets.training.schedules import steps_per_epoch
@@ -52,107 +57,6 @@ __all__ = [
     "resolve_packing",
     "vocab_size",
 ]
-
-#: Row keys that make data instruction/chat rows rather than text to pack (see :mod:`lora_widgets.data.rows`).
-_ROW_KEYS = frozenset({"messages", "conversations", "prompt", "completion", "instruction", "output"})
-
-
-@dataclass(frozen=True)
-class PaddedBatch:
-    """One micro-batch of instruction examples, padded on the right (see :func:`lora_widgets.data.sft_batches.collate`),
-    or packed padding-free (:func:`lora_widgets.data.sft_batches.pack`: ``position_ids`` and no ``attention_mask``).
-
-    ``step_items`` is the number of trained tokens of the whole optimizer update this micro-batch belongs to:
-    the loss divides by it, so that with gradient accumulation every trained token of the update weighs the
-    same (the Oct 2024 gradient-accumulation fix of transformers' ``num_items_in_batch``; see
-    :func:`lora_widgets.training.step.forward_loss`).
-    """
-
-    input_ids: torch.Tensor  # [B, T] token ids, padding = pad id
-    attention_mask: torch.Tensor | None  # [B, T] 1 = real token, 0 = padding; None when packed
-    labels: torch.Tensor  # [B, T] token ids where trained, -100 elsewhere (prompts, padding)
-    step_items: int
-    position_ids: torch.Tensor | None = None  # [R, W] restarting at 0 per example when packed; else None
-
-    def to(self, device: torch.device) -> PaddedBatch:
-        """The same batch on ``device``."""
-        move = functools.partial(torch.Tensor.to, device=device, non_blocking=True)
-        return replace(
-            self,
-            input_ids=move(self.input_ids),
-            attention_mask=None if self.attention_mask is None else move(self.attention_mask),
-            labels=move(self.labels),
-            position_ids=None if self.position_ids is None else move(self.position_ids),
-        )
-
-    @property
-    def shape(self) -> torch.Size:
-        """``[B, T]``, as a packed micro-batch's ``shape``."""
-        return self.input_ids.shape
-
-
-#: What one forward/backward pass consumes: packed blocks ``LongTensor[B, T]`` or a :class:`PaddedBatch`.
-MicroBatch = Union[torch.Tensor, PaddedBatch]  # noqa: UP007 - a runtime alias
-
-
-@dataclass(frozen=True)
-class Examples:
-    """Tokenised instruction examples (from :func:`lora_widgets.data.sft.prepare_sft`), padded only per batch.
-
-    Attributes:
-        items: the examples, in row order.
-        pad_id: the id padding uses (never attended nor trained, so EOS serves when there is no pad token).
-        stats: what the preparation reported (rows read, truncated, dropped, formats), or ``None``.
-    """
-
-    items: tuple[SFTExample, ...]
-    pad_id: int
-    stats: SFTStats | None = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(examples, longest)``: the shape the examples would have padded together; the longest is the
-        padded length of the widest batch (what memory estimates take as ``seq_len``)."""
-        return len(self.items), max((len(e) for e in self.items), default=0)
-
-    @functools.cached_property
-    def lengths(self) -> list[int]:
-        """Tokens of each example (no padding)."""
-        return [len(e) for e in self.items]
-
-    @functools.cached_property
-    def trained(self) -> list[int]:
-        """Trained tokens (loss positions) of each example."""
-        return [e.n_trained for e in self.items]
-
-    def subset(self, indices: Sequence[int]) -> Examples:
-        """The examples at ``indices`` (same pad id and statistics)."""
-        return Examples(tuple(self.items[i] for i in indices), self.pad_id, self.stats)
-
-    def batch(
-        self, indices: Sequence[int], step_items: int | None = None, packed: bool = False
-    ) -> PaddedBatch:
-        """The examples at ``indices`` collated (CPU), padded or ``packed`` in one row; ``step_items`` defaults to
-        their own trained tokens."""
-        chosen = [self.items[i] for i in indices]
-        items = sum(self.trained[i] for i in indices) if step_items is None else step_items
-        if packed:
-            cols = pack(chosen, self.pad_id)  # each [1, sum of lengths]
-            return PaddedBatch(cols["input_ids"], None, cols["labels"], int(items), cols["position_ids"])
-        cols = collate(chosen, self.pad_id)  # each [B, T]
-        return PaddedBatch(cols["input_ids"], cols["attention_mask"], cols["labels"], int(items))
-
-
-class RunData(NamedTuple):
-    """A run's data as :func:`load_run_data` prepared it; a :class:`~lora_widgets.LoRATrainer` takes it as
-    ``train_data`` (the dashboard prepares the data once and passes this to every run)."""
-
-    train: torch.Tensor | Examples  # [n, T] token blocks (CPU), or examples
-    val: torch.Tensor | Examples | None  # [n_val, T], examples, or None
-    split: str  # how the validation part was chosen, in words (DataPrepared.split)
 
 
 @dataclass(frozen=True)
@@ -198,78 +102,45 @@ def vocab_size(model: nn.Module) -> int | None:
     return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
 
 
-def _row_source(source: Any) -> list[Any] | str | None:
-    """``source`` as instruction/chat rows (or an instruction set's name), or ``None`` when it is text to pack
-    or token blocks. Rows are data with a field of a row format (``messages``, ``prompt``, ``instruction``,
-    ...); plain strings and ``{"text"}`` rows keep being packed, as before."""
-    from lora_widgets.data.corpora import instruction_corpus_names
-    from lora_widgets.data.rows import load_rows, unknown_format
-
-    if isinstance(source, str) and source in instruction_corpus_names():
-        return source
-    where = "the training data"
-    if isinstance(source, str | os.PathLike):
-        path = Path(source).expanduser()
-        if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
-            return None
-        rows, where = load_rows(path), str(path)
-    elif isinstance(source, list | tuple):
-        rows = list(source)
-    elif type(source).__module__.split(".")[0] == "datasets":
-        columns = getattr(source, "column_names", None)
-        if isinstance(columns, list) and columns and not (_ROW_KEYS | {"text"}) & set(columns):
-            raise unknown_format(columns)  # the same words as for the same rows in a list
-        if not isinstance(columns, list) or not _ROW_KEYS & set(columns):
-            return None  # a DatasetDict, or a text column: the packing path says what to do
-        rows = load_rows(source)
-    else:
-        return None
-    if rows and all(isinstance(r, Mapping) and not (_ROW_KEYS | {"text"}) & set(r) for r in rows):
-        raise unknown_format(list(rows[0]), where)  # e.g. question/answer rows
-    is_rows = any(isinstance(r, Mapping) and _ROW_KEYS & set(r) for r in rows)
-    return rows if is_rows else None
-
-
-def _examples(rows: Any, tokenizer: Any, config: TrainConfig) -> Examples:
-    from lora_widgets.data.sft import prepare_sft
-
+def _examples(source: Source, tokenizer: Any, config: TrainConfig, name: str) -> Examples:
+    """Tokenised examples of a classified source: ``Examples`` as they are (checked against ``config``), rows
+    through :func:`lora_widgets.data.sft.prepare_sft`."""
+    if source.kind == "examples":
+        examples: Examples = source.payload
+        s = examples.stats
+        if s is not None and (s.train_on, s.max_length) != (config.train_on, config.max_length):
+            raise ValueError(
+                f"{name} was prepared with train_on={s.train_on!r}, max_length={s.max_length} but the TrainConfig "
+                f"says train_on={config.train_on!r}, max_length={config.max_length}; prepare it again, or pass rows"
+            )
+        return examples
     if tokenizer is None:
         raise ValueError(
             "a tokenizer is needed to tokenise instruction/chat rows; pass the model's tokenizer"
         )
     c = config
     train_on: Any = c.train_on  # validated by TrainConfig against sft.TRAIN_ON
-    items, stats = prepare_sft(rows, tokenizer, c.max_length, train_on, batch_size=c.batch_size, seed=c.seed)
+    items, stats = prepare_sft(
+        source, tokenizer, c.max_length, train_on, batch_size=c.batch_size, seed=c.seed
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Examples(tuple(items), int(pad), stats)
 
 
-def _check_prepared(examples: Examples, config: TrainConfig, name: str) -> None:
-    s = examples.stats
-    if s is not None and (s.train_on, s.max_length) != (config.train_on, config.max_length):
-        raise ValueError(
-            f"{name} was prepared with train_on={s.train_on!r}, max_length={s.max_length} but the TrainConfig "
-            f"says train_on={config.train_on!r}, max_length={config.max_length}; prepare it again, or pass rows"
-        )
-
-
-def _sft_data(train_data: Any, eval_data: Any, rows: Any, tokenizer: Any, config: TrainConfig) -> RunData:
+def _sft_data(source: Source, eval_data: Any, tokenizer: Any, config: TrainConfig) -> RunData:
     """Training and validation examples: ``eval_data`` as given; else the instruction set's validation split
     (its answers never appear in training); else ``val_fraction`` of the examples held out by example (seeded;
     identical examples kept on one side, :func:`lora_widgets.data.split.split_groups`)."""
-    from lora_widgets.data.corpora import instruction_corpus_names, read_instructions
-    from lora_widgets.data.split import split_groups
-
-    train = train_data if isinstance(train_data, Examples) else _examples(rows, tokenizer, config)
-    _check_prepared(train, config, "train_data")
-    if isinstance(eval_data, Examples):
-        _check_prepared(eval_data, config, "eval_data")
-        return RunData(train, eval_data, "validation examples given (eval_data)")
+    train = _examples(source, tokenizer, config, "train_data")
     if eval_data is not None:
-        return RunData(train, _examples(eval_data, tokenizer, config), "validation rows given (eval_data)")
-    if isinstance(train_data, str) and train_data in instruction_corpus_names():
-        val = _examples(read_instructions(train_data, "validation"), tokenizer, config)
-        return RunData(train, val, f"{train_data}'s own split by answer (no validation answer is in training): "
+        val_source = classify_source(eval_data, role="sft")
+        given = "examples" if val_source.kind == "examples" else "rows"
+        return RunData(train, _examples(val_source, tokenizer, config, "eval_data"),
+                       f"validation {given} given (eval_data)")  # fmt: skip
+    if source.kind == "instruct-corpus":
+        val_rows = classify_source(read_instructions(source.name, "validation"), role="sft")
+        val = _examples(val_rows, tokenizer, config, "eval_data")
+        return RunData(train, val, f"{source.name}'s own split by answer (no validation answer is in training): "
                        f"{len(train):,} train / {len(val):,} validation examples")  # fmt: skip
     keys = [tuple(e.input_ids) for e in train.items]
     groups = split_groups(keys, config.val_fraction, config.seed)
@@ -284,22 +155,21 @@ def _sft_data(train_data: Any, eval_data: Any, rows: Any, tokenizer: Any, config
 
 
 def load_run_data(train_data: Any, eval_data: Any, tokenizer: Any, config: TrainConfig) -> RunData:
-    """``(train, val, split)`` from whatever the user gave: a :class:`RunData` as it is; instruction/chat rows
-    (or :class:`Examples`) become examples split by example, anything else token blocks split by document
-    (:func:`lora_widgets.data.text.train_val_blocks`). The one rule the trainer and the dashboard share;
+    """``(train, val, split)`` from whatever the user gave, its kind decided once at the data package's door
+    (:func:`lora_widgets.data.sources.classify_source`): a :class:`RunData` as it is; instruction/chat rows (or
+    :class:`Examples`) become examples split by example, anything else token blocks split by document
+    (:func:`lora_widgets.data.text.train_val_blocks`). The one rule the trainer, the dashboard and a sweep share;
     raises ``ValueError`` naming the problem."""
-    from lora_widgets.data import text as data_mod  # heavy deps (tokenizers) only when needed
-
-    if isinstance(train_data, RunData):
+    source = classify_source(train_data, role="run")
+    if source.kind == "run-data":
         if eval_data is None:
-            return train_data
-        train_data = train_data.train
-    rows = None if isinstance(train_data, Examples) else _row_source(train_data)
-    if isinstance(train_data, Examples) or rows is not None:
-        return _sft_data(train_data, eval_data, rows, tokenizer, config)
+            return source.payload
+        source = classify_source(source.payload.train, role="run")  # blocks or examples: its kind is known
+    if source.is_sft:
+        return _sft_data(source, eval_data, tokenizer, config)
     c = config
-    return RunData(*data_mod.train_val_blocks(  # [n, T], [n_val, T] or None, split
-        train_data, eval_data, tokenizer, c.block_size, c.val_fraction, c.seed
+    return RunData(*train_val_blocks(  # [n, T], [n_val, T] or None, split
+        source, eval_data, tokenizer, c.block_size, c.val_fraction, c.seed
     ))  # fmt: skip
 
 

@@ -111,6 +111,12 @@ class TrainConfig:
             validation loss, a divergence stop) or ``None`` (run every step). A run it stops ends in
             :class:`~lora_widgets.events.types.RunEarlyStopped` and keeps the adapter of its best evaluation.
             Patience needs ``eval_every``. A dict (from JSON) becomes an ``EarlyStopping``.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models",
+            arXiv:2402.12354, sec. 3-4): B's learning rate is this many times A's (``learning_rate``); the paper
+            suggests about 16 (its ratio ``lambda = eta_B / eta_A``; sec. 4 shows B moving too slowly when both rates
+            are equal at large width). PEFT's name (``peft.optimizers.create_loraplus_optimizer``); as there, 1-D
+            adapter parameters (DoRA's magnitude) get B's rate. ``None`` (default): one rate for all. Needs
+            LoRA adapters: a number > 0, 1 being the same as ``None``.
     """
 
     learning_rate: float = 3e-3
@@ -141,6 +147,7 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] | None = None
     sample_max_new_tokens: int = 32
     early_stopping: EarlyStopping | None = None
+    loraplus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -199,6 +206,13 @@ class TrainConfig:
                 raise bad(name, "True or False")
         self._check_samples(bad)
         self._check_early_stopping(bad)
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and not (_is_num(ratio) and math.isfinite(ratio) and ratio > 0):
+            raise bad(
+                "loraplus_lr_ratio",
+                "None (one learning rate) or a finite number > 0: B's rate over A's, about 16 in LoRA+ "
+                "(Hayou et al. 2024)",
+            )
 
     def _check_early_stopping(self, bad: Callable[[str, str], ValueError]) -> None:
         """The early-stopping rule: an ``EarlyStopping`` (a dict from JSON is converted) or ``None``."""

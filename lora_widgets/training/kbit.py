@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_widgets.quantization import is_quantized, keep_cpu_layout, layer_base, quantized_layers
+from lora_widgets.quantization import is_quantized, kbit_cast, keep_cpu_layout, layer_base, quantized_layers
 
 __all__ = ["KbitState", "check_quantized_device", "prepare_kbit"]
 
@@ -62,19 +62,6 @@ class KbitState:
                 disable()
 
 
-def _upcast_unquantized(model: nn.Module) -> int:
-    """fp16/bf16 parameters outside the quantized layers -> fp32; returns how many."""
-    count = 0
-    for p in model.parameters():
-        if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in (
-            "Params4bit",
-            "Int8Params",
-        ):
-            p.data = p.data.float()
-            count += 1
-    return count
-
-
 def prepare_kbit(model: nn.Module, *, precision: str, gradient_checkpointing: bool) -> bool:
     """Prepare a quantized ``model`` for adapter training (see the module docstring); ``False`` (and nothing
     done) if it is not quantized. ``precision``: the run's ``TrainConfig.precision``, resolved
@@ -82,12 +69,8 @@ def prepare_kbit(model: nn.Module, *, precision: str, gradient_checkpointing: bo
     """
     if not is_quantized(model):
         return False
-    _upcast_unquantized(model)
+    kbit_cast(model, _RUN_DTYPES[precision])
     keep_cpu_layout(model)
-    dtype = _RUN_DTYPES[precision]
-    for layer in quantized_layers(model).values():
-        if layer_base(layer) == "4-bit":
-            setattr(layer, "compute_dtype", dtype)  # noqa: B010 (a bitsandbytes attribute)
     enable = getattr(model, "enable_input_require_grads", None)
     if gradient_checkpointing and callable(enable):
         enable()

@@ -85,9 +85,9 @@ def _replace(model: nn.Module, lora: LoRAConfig) -> LoRAReport:
     old = lora_layers(model)
     old_config = _MADE_BY_TRAINER[next(iter(old.values()))]
     saved = {
-        name: (layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone(), layer.enabled)
+        name: ([p.detach().clone() for p in layer.parameters() if p.requires_grad], layer.enabled)
         for name, layer in old.items()
-    }
+    }  # A, B (and DoRA's magnitude) in registration order, and the enabled flag
     remove_lora(model)
     try:
         report = apply_lora(model, lora)
@@ -97,9 +97,9 @@ def _replace(model: nn.Module, lora: LoRAConfig) -> LoRAReport:
         apply_lora(model, old_config)
         with torch.no_grad():
             for name, layer in lora_layers(model).items():
-                a, b, enabled = saved[name]
-                layer.lora_A.weight.copy_(a)
-                layer.lora_B.weight.copy_(b)
+                values, enabled = saved[name]
+                for p, value in zip((p for p in layer.parameters() if p.requires_grad), values, strict=True):
+                    p.copy_(value)
                 layer.enabled = enabled
         _mark(model, old_config)
         raise

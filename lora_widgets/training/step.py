@@ -49,13 +49,33 @@ class StepResult:
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization") over the trainable
-    parameters; weight decay on matrices only, not on biases and norms (as nanoGPT and transformers do)."""
+    parameters; weight decay on matrices only, not on biases and norms (as nanoGPT and transformers do).
+
+    With ``config.loraplus_lr_ratio`` = lambda (LoRA+, Hayou et al. 2024, sec. 3-4) the LoRA B factors and the 1-D
+    parameters (DoRA's magnitude, as ``peft.optimizers.create_loraplus_optimizer`` groups them) form groups of
+    their own with ``"lr_ratio": lambda``: each step sets a group's rate to the schedule's rate times its ratio
+    (:func:`train_step`), so B learns lambda times faster than A all along the schedule."""
     params = ckpt.trainable_parameters(model)
-    decay = [p for _, p in params if p.dim() >= 2]
-    no_decay = [p for _, p in params if p.dim() < 2]
-    groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": config.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    ratio = config.loraplus_lr_ratio
+    if ratio is not None and not any(".lora_B." in n for n, _ in params):
+        raise ValueError(
+            f"TrainConfig.loraplus_lr_ratio={ratio!r} sets LoRA's B factors' learning rate, but the model has no "
+            "trainable lora_B (full fine-tuning?): set loraplus_lr_ratio=None, or train LoRA adapters"
+        )
+    fast = {id(p) for n, p in params if ratio is not None and (".lora_B." in n or p.dim() < 2)}
+    groups: list[dict[str, Any]] = [  # matrices decay, vectors do not; the first group always exists
+        {
+            "params": [p for _, p in params if p.dim() >= 2 and id(p) not in fast],
+            "weight_decay": config.weight_decay,
+        }
+    ]
+    for weight_decay, lr_ratio, members in (
+        (0.0, 1.0, [p for _, p in params if p.dim() < 2 and id(p) not in fast]),
+        (config.weight_decay, ratio, [p for _, p in params if p.dim() >= 2 and id(p) in fast]),
+        (0.0, ratio, [p for _, p in params if p.dim() < 2 and id(p) in fast]),
+    ):
+        if members:
+            groups.append({"params": members, "weight_decay": weight_decay, "lr_ratio": lr_ratio})
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
@@ -167,7 +187,7 @@ def train_step(
     """
     world = world or World()
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's groups run at lambda times the schedule
     loss_sum = torch.zeros((), device=first_bad.device)
     for i, x in enumerate(micro_batches):
         last = i == len(micro_batches) - 1

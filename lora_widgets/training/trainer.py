@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lora_widgets.data.sources import require_train_data
 from lora_widgets.devices import describe_device, select_device
 from lora_widgets.events.run_files import ControlReader
 from lora_widgets.events.source import RunBase
@@ -135,10 +136,7 @@ class LoRATrainer(RunBase):
         config = TrainConfig() if config is None else config
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        if train_data is None:
-            raise ValueError(
-                "train_data is required: token blocks, a DataSplit, texts, a file or a corpus name"
-            )
+        require_train_data(train_data)
         self.model = model
         self.tokenizer = tokenizer
         self.train_data = train_data

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
+from lora_widgets.data.sources import Source, classify_source
 from lora_widgets.events.types import DataPrepared
 from lora_widgets.lora.layers import LoRAConfig, has_lora
 
@@ -71,8 +72,8 @@ def is_hf_trainer(obj: Any) -> bool:
     )
 
 
-def resolve_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from the dashboard's arguments.
+def resolve_model(model: Any, tokenizer: Any, data: Source) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from the dashboard's arguments, ``data`` already classified at the data door.
 
     ``None`` loads the shipped base model; a hub id or path loads it (no 'Loading weights' bar above the
     widget); a model object is used as it is and then needs its tokenizer, unless the data are ready-made
@@ -85,7 +86,7 @@ def resolve_model(model: Any, tokenizer: Any, train_data: Any) -> tuple[Any, Any
             raise TypeError("pass tokenizer only with a model object; a hub id or path loads its own")
         with quiet_hub_progress():
             return demo.load_base_model() if model is None else demo.load_model(str(model))
-    if tokenizer is None and not isinstance(train_data, torch.Tensor):
+    if tokenizer is None and data.kind != "blocks":
         raise TypeError(
             "tokenizer is required when model is a model object; pass tokenizer=..., "
             "or pass the model's hub id / local path instead"
@@ -107,10 +108,10 @@ def guess_device_type(train: Any) -> str:
 
 def resolve_data(train_source: Any, eval_source: Any, tokenizer: Any, train: Any) -> Any:
     """Tokenise and split the data once (every run reuses it), by the trainer's own rule
-    (:func:`lora_widgets.training.batches.load_run_data`): a ``RunData`` ``(train, val | None, split)``, token
-    blocks ``[n, T]``
-    for text, or :class:`~lora_widgets.training.batches.Examples` for instruction/chat rows (tokenised with
-    ``train.max_length`` and ``train.train_on``, which no control changes)."""
+    (:func:`lora_widgets.training.batches.load_run_data`; a classified :class:`~lora_widgets.data.sources.Source`
+    is taken as it is): a ``RunData`` ``(train, val | None, split)``, token blocks ``[n, T]`` for text, or
+    :class:`~lora_widgets.data.prepared.Examples` for instruction/chat rows (tokenised with ``train.max_length``
+    and ``train.train_on``, which no control changes)."""
     from lora_widgets.training.batches import load_run_data  # tokenizers load lazily
 
     return load_run_data(train_source, eval_source, tokenizer, train)
@@ -149,8 +150,9 @@ def load(model: Any, tokenizer: Any, train_data: Any, eval_data: Any, train: Any
     from lora_widgets.widget.data_view import DataView, data_facts
 
     given = not (model is None or isinstance(model, str | Path))
-    name, (model, tokenizer) = model, resolve_model(model, tokenizer, train_data)
-    source = "python-docs" if train_data is None else train_data
+    # what the data is, decided once at the data door (bad data is named before a model loads)
+    source = classify_source("python-docs" if train_data is None else train_data, role="run")
+    name, (model, tokenizer) = model, resolve_model(model, tokenizer, source)
     data = resolve_data(source, eval_data, tokenizer, train)
     view = DataView(data[0], tokenizer, data_facts(data_event(data, train)))
     adapters = has_lora(model)

@@ -177,7 +177,8 @@ def new_trainer_run(
         label = f"run {index}: model's adapters lr={format_lr(train.learning_rate)}"
     else:
         base = getattr(train, "base", None)
-        label = run_label(index, lora.r, lora.alpha, train.learning_rate, lora.target_modules, base)
+        ratio = getattr(train, "loraplus_lr_ratio", None)
+        label = run_label(index, lora.r, lora.alpha, train.learning_rate, lora.target_modules, base, ratio)
     same = next((r.index for r in reversed(previous) if r.lora == own and r.train == train), None)
     if same is not None:  # its curve would hide the earlier one's: the legend says why they coincide
         label += f" (same settings as run {same})"
