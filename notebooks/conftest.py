@@ -4,7 +4,7 @@ nbval waits a fixed 5 s for each iopub message after a cell's reply; on a loaded
 kernel that has just finished a training cell can be starved for longer than that, and the cell
 fails although it ran correctly. A minute is still far below the cell timeout.
 
-Notebooks 02 and 04 keep their runs (metrics, checkpoints, adapters) in ``runs/`` next to the notebook, so
+Notebooks 02 and 03 keep their runs (metrics, checkpoints, adapters) in ``runs/`` next to the notebook, so
 that the paths in their saved summary tables stay valid for a reader. Under pytest they write into a
 temporary folder instead (``LORA_WIDGETS_NOTEBOOK_RUNS``, read by the notebooks), removed when the session ends.
 """

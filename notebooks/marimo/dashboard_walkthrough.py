@@ -16,7 +16,7 @@ def _(mo):
     mo.md(r"""
     # Fine-tune with the LoRA dashboard, in marimo
 
-    The walkthrough of notebook 04 as a marimo app, on the model shipped with `lora_widgets` (1.9 M parameters,
+    The walkthrough of notebook 02 as a marimo app, on the model shipped with `lora_widgets` (1.9 M parameters,
     pretrained on Python source code), adapted with LoRA to the prose of Python's own documentation. Everything runs
     offline: the model, the tokenizer and the text come with the package and your Python installation.
 
