@@ -132,7 +132,10 @@ def test_full_fine_tuning_at_batch_1_and_4_within_5_percent(batch_size: int, for
     est = estimate_memory(MODELS["llama-3.4M"], None, **kwargs)
     meas = measure_memory(MODELS["llama-3.4M"], None, **kwargs)
     assert abs(est.total / meas.peak_bytes - 1) < 0.05, (est.total, meas.peak_bytes, meas.phase_peaks)
-    assert est.peak_phase == meas.peak_phase
+    # the phase the estimate names as the peak really peaks: transformers < 4.46 (the floor's loss path copies
+    # the shifted logits) reaches the same peak at the end of forward and the start of backward, a tie
+    peaks = meas.phase_peaks
+    assert peaks[est.peak_phase] >= 0.99 * meas.peak_bytes, (est.peak_phase, peaks)
     if batch_size == 1 and foreach:
         assert est.peak_phase == "optimizer"
         single = estimate_memory(MODELS["llama-3.4M"], None, **{**kwargs, "foreach": False})
