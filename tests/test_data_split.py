@@ -142,3 +142,43 @@ def test_the_heldout_code_is_stdlib_code_outside_the_pretraining_corpus() -> Non
     assert not set(heldout) & set(pretrain)
     assert load_heldout_code() == heldout  # the same documents in the same order
     assert any("import" in doc and "def " in doc for doc in heldout[:10])
+
+
+def test_a_test_part_takes_whole_documents_from_training_and_keeps_validation(tokenizer: Any) -> None:
+    """Validation loss that chose a setting is biased low for that setting; the test part is for the number
+    reported afterwards, so it must share no document with training or validation."""
+    plain = prepare_data(TEXTS, tokenizer, block_size=16, val_fraction=0.2, seed=0)
+    both = prepare_data(TEXTS, tokenizer, block_size=16, val_fraction=0.2, seed=0, test_fraction=0.2)
+    assert plain.test is None and plain.test_documents == ()
+    assert both.val_documents == plain.val_documents and torch.equal(both.val, plain.val)
+    assert len(both.test_documents) == 6 and not set(both.test_documents) & set(both.val_documents)
+    assert both.test is not None and both.test.shape[1] == 16 and both.train.shape[0] < plain.train.shape[0]
+    assert both.split == "by document: 18 train / 6 validation / 6 test documents, seed 0"
+    # every test block's tokens come from the test documents: no training or validation document reaches it
+    test_stream = "".join(TEXTS[i] for i in both.test_documents)
+    for block in both.test:
+        assert tokenizer.decode(block).replace(tokenizer.eos_token, "") in test_stream
+
+
+def test_a_test_part_that_cannot_be_made_is_refused_with_the_reason(tokenizer: Any) -> None:
+    with pytest.raises(ValueError, match=r"test_fraction=0.1 with val_fraction=0: .*set val_fraction too"):
+        prepare_data(TEXTS, tokenizer, block_size=16, val_fraction=0.0, test_fraction=0.1)
+    with pytest.raises(ValueError, match=r"val_fraction=0.5 and test_fraction=0.5 hold out everything"):
+        prepare_data(TEXTS, tokenizer, block_size=16, val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1\), got -0.1"):
+        prepare_data(TEXTS, tokenizer, block_size=16, test_fraction=-0.1)
+    with pytest.raises(ValueError, match=r"30 distinct group\(s\) cannot give 3 to validation, 0 to test"):
+        prepare_data(TEXTS, tokenizer, block_size=16, val_fraction=0.1, test_fraction=0.01)
+    with pytest.raises(ValueError, match=r"cannot hold out whole test documents .*one document"):
+        prepare_data([TEXTS[0]], tokenizer, block_size=16, val_fraction=0.1, test_fraction=0.1)
+
+
+def test_split_groups_takes_the_test_groups_after_the_validation_groups() -> None:
+    keys = [f"doc{i}" for i in range(10)] + ["doc0"]  # a duplicate stays with its twin
+    plain, both = split_groups(keys, 0.2, seed=3), split_groups(keys, 0.2, seed=3, test_fraction=0.3)
+    assert plain is not None and both is not None and plain.val == both.val and both.seed == 3
+    assert len({keys[i] for i in both.test}) == 3
+    assert sorted(both.train + both.val + both.test) == list(range(11))
+    assert ("doc0" in {keys[i] for i in both.test}) == (0 in both.test and 10 in both.test)
+    described = both.describe("document")  # items, not groups: doc0 is there twice
+    assert described == "by document: 5 train / 3 validation / 3 test documents, seed 3"

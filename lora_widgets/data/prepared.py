@@ -46,6 +46,10 @@ class DataSplit:
             event repeats it.
         val_documents: indices (in load order) of the documents held out whole for validation; empty when the
             split was not by document.
+        test: ``LongTensor[n_test, block_size]`` from whole documents neither trained nor validated on, for the
+            number reported after validation loss chose a setting (``prepare_data(..., test_fraction=0.1)``);
+            ``None`` when no test part was asked for.
+        test_documents: indices (in load order) of the test documents; empty without a test part.
     """
 
     train: torch.Tensor
@@ -54,6 +58,8 @@ class DataSplit:
     n_tokens: int
     split: str = "as given"
     val_documents: tuple[int, ...] = ()
+    test: torch.Tensor | None = None
+    test_documents: tuple[int, ...] = ()
 
     @property
     def n_train_tokens(self) -> int:

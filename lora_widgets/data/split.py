@@ -17,7 +17,14 @@ validation sets are whole documents). So:
   unknown): the last ``round(n_blocks * val_fraction)`` blocks (at least one) validate. They are one contiguous
   piece, so training shares only the one boundary where it starts.
 
-The split depends only on the data, ``val_fraction`` and ``seed``.
+A **test part** (``test_fraction`` > 0, documents or examples only): when validation loss chooses anything (a
+learning rate, a rank, when to stop), the chosen run's validation loss is biased low, since it won a comparison
+on that very set; a number reported for the choice must come from data the choice never saw (Hastie, Tibshirani
+& Friedman, *The Elements of Statistical Learning*, 2nd ed., sec. 7.2: training, validation and test sets).
+The test groups are taken from the same seeded permutation right after the validation groups, so asking for a
+test part leaves the validation part exactly as it was and takes the test part from training.
+
+The split depends only on the data, ``val_fraction``, ``test_fraction`` and ``seed``.
 """
 
 from __future__ import annotations
@@ -27,22 +34,30 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GroupSplit", "check_val_fraction", "describe_tail", "split_groups", "tail_split"]
+__all__ = [
+    "GroupSplit",
+    "check_fractions",
+    "check_val_fraction",
+    "describe_tail",
+    "split_groups",
+    "tail_split",
+]
 
 
 @dataclass(frozen=True)
 class GroupSplit:
-    """Which items (documents or examples, by index in load order) train and which validate; both sorted."""
+    """Which items (documents or examples, by index in load order) train, validate and test; each sorted."""
 
     train: tuple[int, ...]
     val: tuple[int, ...]
     seed: int
+    test: tuple[int, ...] = ()
 
     def describe(self, unit: str) -> str:
-        """``"by document: 410 train / 46 validation documents, seed 0"`` (``unit``: ``"document"``, ...)."""
-        return (
-            f"by {unit}: {len(self.train):,} train / {len(self.val):,} validation {unit}s, seed {self.seed}"
-        )
+        """``"by document: 410 train / 46 validation documents, seed 0"`` (``unit``: ``"document"``, ...); with a
+        test part, ``"by document: 364 train / 46 validation / 46 test documents, seed 0"``."""
+        test = f" / {len(self.test):,} test" if self.test else ""
+        return f"by {unit}: {len(self.train):,} train / {len(self.val):,} validation{test} {unit}s, seed {self.seed}"
 
 
 def check_val_fraction(val_fraction: float) -> None:
@@ -51,19 +66,35 @@ def check_val_fraction(val_fraction: float) -> None:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
 
 
-def split_groups(keys: Sequence[Hashable], val_fraction: float = 0.1, seed: int = 0) -> GroupSplit | None:
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise ``ValueError`` unless both fractions are in ``[0, 1)`` and together leave something to train on."""
+    check_val_fraction(val_fraction)
+    if isinstance(test_fraction, bool) or not 0.0 <= float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+    if float(val_fraction) + float(test_fraction) >= 1.0:
+        raise ValueError(
+            f"val_fraction={val_fraction!r} and test_fraction={test_fraction!r} hold out everything: "
+            "together they must be below 1"
+        )
+
+
+def split_groups(
+    keys: Sequence[Hashable], val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.0
+) -> GroupSplit | None:
     """Split items by their ``keys`` (equal keys go to the same side) with a seeded permutation of the groups.
 
-    ``round(n_groups * val_fraction)`` groups validate, at most ``n_groups - 1``.
+    ``round(n_groups * val_fraction)`` groups validate (the first of the permutation), then
+    ``round(n_groups * test_fraction)`` test; at least one group is left to train.
 
     Returns:
-        The split, or ``None`` when that rounds to no group (``val_fraction`` is 0, or there are too few
-        distinct keys to hold out that share of them: the caller falls back).
+        The split, or ``None`` when the validation part rounds to no group (``val_fraction`` is 0, or there are
+        too few distinct keys to hold out that share of them: the caller falls back).
 
     Raises:
-        ValueError: ``val_fraction`` outside ``[0, 1)``.
+        ValueError: a fraction outside ``[0, 1)``, or the two together at 1 or more; a test part asked for that
+            rounds to no group, or that leaves nothing to train (names the number of groups and the fix).
     """
-    check_val_fraction(val_fraction)
+    check_fractions(val_fraction, test_fraction)
     groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
@@ -71,11 +102,20 @@ def split_groups(keys: Sequence[Hashable], val_fraction: float = 0.1, seed: int 
     n_val = min(round(n * val_fraction), n - 1)
     if n_val < 1:
         return None
+    n_test = round(n * test_fraction)
+    if test_fraction > 0 and not 1 <= n_test <= n - n_val - 1:
+        raise ValueError(
+            f"{n} distinct group(s) cannot give {n_val} to validation, {n_test} to test and at least one to "
+            f"training (test_fraction={test_fraction!r}); use more documents or examples, or another test_fraction"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
     members = list(groups.values())  # in order of first occurrence
-    val = sorted(i for g in perm[:n_val] for i in members[g])
-    train = sorted(i for g in perm[n_val:] for i in members[g])
-    return GroupSplit(tuple(train), tuple(val), int(seed))
+
+    def items(part: list[int]) -> tuple[int, ...]:
+        return tuple(sorted(i for g in part for i in members[g]))
+
+    held = n_val + n_test
+    return GroupSplit(items(perm[held:]), items(perm[:n_val]), int(seed), items(perm[n_val:held]))
 
 
 def tail_split(blocks: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

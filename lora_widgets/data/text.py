@@ -25,7 +25,13 @@ import torch
 
 from lora_widgets.data.prepared import DataSplit
 from lora_widgets.data.sources import check_texts, classify_source, read_text_file
-from lora_widgets.data.split import check_val_fraction, describe_tail, split_groups, tail_split
+from lora_widgets.data.split import (
+    check_fractions,
+    check_val_fraction,
+    describe_tail,
+    split_groups,
+    tail_split,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -174,30 +180,44 @@ def split_texts(
     block_size: int,
     val_fraction: float = 0.1,
     seed: int = 0,
+    test_fraction: float = 0.0,
 ) -> DataSplit:
     """Split ``texts`` by document (seeded), then pack each side into blocks (:mod:`lora_widgets.data.split`).
 
     Falls back to the last ``val_fraction`` of the blocks (one contiguous piece) when the texts are one
     document or the validation documents hold fewer than one block; ``DataSplit.split`` says which rule ran.
+    ``test_fraction`` > 0 also holds out whole test documents (``DataSplit.test``), taken from training.
 
     Raises:
-        ValueError: bad ``block_size`` or ``val_fraction``, no EOS token, empty or non-text input, or too few
-            tokens for one training and one validation block.
+        ValueError: bad ``block_size`` or fractions, no EOS token, empty or non-text input, too few tokens for
+            one training and one validation block, or a test part asked of text that cannot give whole documents
+            of at least one block to each part.
     """
     _check_block_size(block_size)
-    check_val_fraction(val_fraction)
+    check_fractions(val_fraction, test_fraction)
     encoded = _encode(texts, tokenizer)  # one int64[n_i + 1] per document; refuses a bare str
-    return _split_encoded(check_texts(list(texts), "the texts"), encoded, block_size, val_fraction, seed)
+    texts = check_texts(list(texts), "the texts")
+    return _split_encoded(texts, encoded, block_size, val_fraction, seed, test_fraction)
 
 
 def _split_encoded(
-    texts: list[str], encoded: list[np.ndarray], block_size: int, val_fraction: float, seed: int
+    texts: list[str],
+    encoded: list[np.ndarray],
+    block_size: int,
+    val_fraction: float,
+    seed: int,
+    test_fraction: float = 0.0,
 ) -> DataSplit:
     n_tokens = sum(len(ids) for ids in encoded)
+    if test_fraction > 0 and val_fraction == 0:
+        raise ValueError(
+            f"test_fraction={test_fraction!r} with val_fraction=0: a test part reports on a setting chosen on "
+            "validation; set val_fraction too (e.g. 0.1)"
+        )
     if val_fraction == 0:
         blocks = _blocks_from_stream(np.concatenate(encoded), block_size)
         return DataSplit(blocks, blocks[:0], block_size, n_tokens, "none: val_fraction=0, nothing held out")
-    docs = split_groups(texts, val_fraction, seed)
+    docs = split_groups(texts, val_fraction, seed, test_fraction)
     n_docs = len(set(texts))
     reason = (
         "the text is one document"
@@ -205,13 +225,20 @@ def _split_encoded(
         else f"{n_docs} distinct document(s) are too few to hold out {val_fraction:.0%} of them"
     )
     if docs is not None:
-        train_stream = np.concatenate([encoded[i] for i in docs.train])  # [n_train_tokens]
-        val_stream = np.concatenate([encoded[i] for i in docs.val])  # [n_val_tokens]
-        if len(train_stream) >= block_size and len(val_stream) >= block_size:
-            train = _blocks_from_stream(train_stream, block_size)  # [n_train, T]
-            val = _blocks_from_stream(val_stream, block_size)  # [n_val, T]
-            return DataSplit(train, val, block_size, n_tokens, docs.describe("document"), docs.val)
+        parts = [docs.train, docs.val, *([docs.test] if test_fraction > 0 else [])]
+        streams = [np.concatenate([encoded[i] for i in part]) for part in parts]  # [n_part_tokens] each
+        if all(len(stream) >= block_size for stream in streams):
+            train, val, *test = (_blocks_from_stream(stream, block_size) for stream in streams)  # [n, T] each
+            return DataSplit(train, val, block_size, n_tokens, docs.describe("document"), docs.val,
+                             test[0] if test else None, docs.test)  # fmt: skip
         reason = f"the {len(docs.val)} validation document(s) would hold fewer than one block"
+        if len(streams[0]) >= block_size and len(streams[1]) >= block_size:
+            reason = f"the {len(docs.test)} test document(s) would hold fewer than one block"
+    if test_fraction > 0:
+        raise ValueError(
+            f"cannot hold out whole test documents (test_fraction={test_fraction!r}): {reason}; use more "
+            "documents, a smaller block_size, or test_fraction=0"
+        )
     blocks = _blocks_from_stream(np.concatenate(encoded), block_size)  # [n, T]
     train, val = tail_split(blocks, val_fraction)
     return DataSplit(train, val, block_size, n_tokens, describe_tail(reason, len(val), len(blocks)))
@@ -224,20 +251,25 @@ def prepare_data(
     val_fraction: float = 0.1,
     seed: int = 0,
     text_field: str = "text",
+    test_fraction: float = 0.0,
 ) -> DataSplit:
     """Load ``source`` (anything :func:`load_texts` accepts), split it by document and pack each side.
 
     ``round(n_documents * val_fraction)`` whole documents (seeded) validate, so no validation block has a
     neighbour from its own document in training; see :func:`split_texts` for the single-document fallback.
-    ``DataSplit.split`` says how the split was made.
+    ``test_fraction`` > 0 holds out ``round(n_documents * test_fraction)`` more whole documents as
+    ``DataSplit.test``: the set to report on after validation loss chose a learning rate, a rank or a step
+    (:mod:`lora_widgets.data.split`); the validation documents stay the same. ``DataSplit.split`` says how the
+    split was made.
 
     Raises:
         ValueError: see :func:`load_texts`, :func:`pack_blocks` and :func:`split_texts`.
     """
     _check_block_size(block_size)
-    check_val_fraction(val_fraction)
+    check_fractions(val_fraction, test_fraction)
     _require_eos(tokenizer)  # fail before reading a large corpus
-    return split_texts(load_texts(source, text_field=text_field), tokenizer, block_size, val_fraction, seed)
+    texts = load_texts(source, text_field=text_field)
+    return split_texts(texts, tokenizer, block_size, val_fraction, seed, test_fraction)
 
 
 def as_blocks(obj: Any, tokenizer: PreTrainedTokenizerBase | None, block_size: int) -> torch.Tensor:
