@@ -33,7 +33,7 @@ from lora_widgets import LoRAConfig, LoRADashboard, apply_lora, load_base_model,
 from lora_widgets.data.rows import load_rows, normalize_rows  # noqa: E402
 from lora_widgets.data.sft import prepare_sft  # noqa: E402
 from lora_widgets.data.sft_batches import collate, length_grouped_batches, masked_lm_loss  # noqa: E402
-from lora_widgets.data.text import load_texts, pack_blocks  # noqa: E402
+from lora_widgets.data.text import load_texts, pack_blocks, prepare_data  # noqa: E402
 from lora_widgets.health.alerts import AlertMonitor, count_trained_tokens, val_loss_alert  # noqa: E402
 from lora_widgets.health.samples import generate_samples  # noqa: E402
 from lora_widgets.hf import HFRun  # noqa: E402
@@ -203,6 +203,9 @@ def _construct_with_fault(hf: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 Objects = dict[str, Any]
+
+
+DOCS = [f"def f{i}(x):\n    return x * {i}\n" * 4 for i in range(20)]  # 20 documents to split
 
 
 @dataclass(frozen=True)
@@ -441,6 +444,49 @@ CASES = [
         "got 1",
         lambda o: pack_blocks(["hello"], o["tok"], 1),
         lambda t: {"tok": tok()},
+    ),
+    # -- the test part of a split (data/split.py) -------------------------------------------------------
+    _c(
+        "split-test-fraction-string",
+        ValueError,
+        ("test_fraction", "'0.1'"),
+        lambda o: prepare_data(o["docs"], o["tok"], 16, test_fraction="0.1"),
+        lambda t: {"tok": tok(), "docs": DOCS},
+    ),
+    _c(
+        "split-test-fraction-bool",
+        ValueError,
+        ("test_fraction", "True"),
+        lambda o: prepare_data(o["docs"], o["tok"], 16, test_fraction=True),
+        lambda t: {"tok": tok(), "docs": DOCS},
+    ),
+    _c(
+        "split-test-fraction-one",
+        ValueError,
+        ("test_fraction", "got 1.0"),
+        lambda o: prepare_data(o["docs"], o["tok"], 16, test_fraction=1.0),
+        lambda t: {"tok": tok(), "docs": DOCS},
+    ),
+    _c(
+        "split-fractions-hold-out-everything",
+        ValueError,
+        ("val_fraction=0.6", "test_fraction=0.4"),
+        lambda o: prepare_data(o["docs"], o["tok"], 16, val_fraction=0.6, test_fraction=0.4),
+        lambda t: {"tok": tok(), "docs": DOCS},
+    ),
+    _c(
+        "split-test-without-validation",
+        ValueError,
+        ("test_fraction=0.2", "val_fraction too"),
+        lambda o: prepare_data(o["docs"], o["tok"], 16, val_fraction=0.0, test_fraction=0.2),
+        lambda t: {"tok": tok(), "docs": DOCS},
+    ),
+    _c(
+        "split-test-too-few-documents",
+        ValueError,
+        ("test_fraction=0.01", "cannot give"),
+        lambda o: prepare_data(o["docs"], o["tok"], 16, val_fraction=0.2, test_fraction=0.01),
+        lambda t: {"tok": tok(), "docs": DOCS},
     ),
     # -- sample answers (health/samples.py) ---------------------------------------------------------------
     _c(

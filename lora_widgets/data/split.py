@@ -29,6 +29,7 @@ The split depends only on the data, ``val_fraction``, ``test_fraction`` and ``se
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -60,17 +61,21 @@ class GroupSplit:
         return f"by {unit}: {len(self.train):,} train / {len(self.val):,} validation{test} {unit}s, seed {self.seed}"
 
 
+def _check_fraction(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number (not a bool or a string) with ``0 <= value < 1``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
 def check_val_fraction(val_fraction: float) -> None:
     """Raise ``ValueError`` unless ``0 <= val_fraction < 1``."""
-    if isinstance(val_fraction, bool) or not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    _check_fraction("val_fraction", val_fraction)
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
     """Raise ``ValueError`` unless both fractions are in ``[0, 1)`` and together leave something to train on."""
-    check_val_fraction(val_fraction)
-    if isinstance(test_fraction, bool) or not 0.0 <= float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+    _check_fraction("val_fraction", val_fraction)
+    _check_fraction("test_fraction", test_fraction)
     if float(val_fraction) + float(test_fraction) >= 1.0:
         raise ValueError(
             f"val_fraction={val_fraction!r} and test_fraction={test_fraction!r} hold out everything: "
