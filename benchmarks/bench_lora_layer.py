@@ -9,12 +9,16 @@ the base's median time and, per layer, the median over rounds of its time / the 
 * merged / base   (a merged adapter costs exactly the base: target 1.00 within noise)
 * modules / base  (ours without the fused node: base layer, A and B called as modules, as before)
 
+On a machine shared with other jobs, ``--threads 1 --clock cpu`` times the CPU the process itself used, so
+the time it spends waiting for a core (often most of the wall time there) drops out of both sides of a ratio;
+cache and memory contention from the other jobs still count.
+
 The input requires grad, as it does for any layer inside a network, so the frozen layer's backward
 computes dX (its weight gets no gradient). With dropout the LoRA branch sees ``dropout(x)``, a new [N, d]
 tensor and a random mask: every implementation pays for that copy.
 
 Usage: python benchmarks/bench_lora_layer.py [--d 2048] [--r 16] [--tokens 2048] [--rounds 15]
-       [--dtypes fp32,bf16] [--dropouts 0,0.05] [--threads N]
+       [--dtypes fp32,bf16] [--dropouts 0,0.05] [--threads N] [--clock wall|cpu]
 Run it with PYTHONPATH=. from a checkout so that it measures that checkout's code.
 """
 
@@ -25,6 +29,7 @@ import contextlib
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -47,11 +52,16 @@ def _peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float) -> nn.Mod
     return layer.to(base.weight.dtype)
 
 
-def _time_once(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> float:
-    start = time.perf_counter()
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def _time_once(
+    layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, clock: Callable[[], float]
+) -> float:
+    start = clock()
     y = layer(x)  # [tokens, d]
     y.backward(grad_out)
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     x.grad = None
     for p in layer.parameters():
         p.grad = None
@@ -76,7 +86,7 @@ def _layers(d: int, r: int, dtype: torch.dtype, dropout: float) -> dict[str, nn.
 
 
 def measure(
-    d: int, r: int, tokens: int, rounds: int, dtype: torch.dtype, dropout: float
+    d: int, r: int, tokens: int, rounds: int, dtype: torch.dtype, dropout: float, clock: str = "wall"
 ) -> tuple[float, dict[str, float]]:
     """The base layer's median forward+backward seconds, and each layer's median per-round ratio to the base.
 
@@ -87,11 +97,11 @@ def measure(
     grad_out = torch.randn(tokens, d, dtype=dtype)  # [tokens, d]
     for layer in layers.values():  # warm-up
         for _ in range(2):
-            _time_once(layer, x, grad_out)
+            _time_once(layer, x, grad_out, CLOCKS[clock])
     times: dict[str, list[float]] = {name: [] for name in layers}
     for _ in range(rounds):
         for name, layer in layers.items():
-            times[name].append(_time_once(layer, x, grad_out))
+            times[name].append(_time_once(layer, x, grad_out, CLOCKS[clock]))
     ratios = {
         name: statistics.median(t / b for t, b in zip(series, times["base"], strict=True))
         for name, series in times.items()
@@ -108,6 +118,13 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--dropouts", default="0,0.05", help="comma-separated LoRA dropout rates")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: the process's CPU time, which leaves out the time a shared machine "
+        "takes the process off its core (meaningful with --threads 1, where it is the work done)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,13 +132,14 @@ def main() -> None:
     dropouts = [float(p) for p in args.dropouts.split(",")]
     print(
         f"LoRA layer fwd+bwd, d={args.d}, r={args.r}, tokens={args.tokens}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians of per-round ratios"
+        f"{torch.get_num_threads()} threads, {args.clock} clock, {args.rounds} interleaved rounds, "
+        "medians of per-round ratios"
     )
     print(f"{'dtype':5s} {'dropout':>7s} {'base ms':>8s} {'ours/base':>9s} {'peft/base':>9s} "
           f"{'ours/peft':>9s} {'merged/base':>11s} {'modules/base':>12s}")  # fmt: skip
     for dtype in dtypes:
         for dropout in dropouts:
-            base_s, ratio = measure(args.d, args.r, args.tokens, args.rounds, dtype, dropout)
+            base_s, ratio = measure(args.d, args.r, args.tokens, args.rounds, dtype, dropout, args.clock)
             peft = ratio.get("peft", float("nan"))
             name = next(k for k, v in DTYPES.items() if v == dtype)
             print(

@@ -281,10 +281,14 @@ def test_a_single_document_falls_back_to_its_last_blocks(tokenizer) -> None:  # 
     assert (
         data.split.startswith("by position (the text is one document): the last") and data.val_documents == ()
     )
-    short = ["x = 1\n" * 60, "y = 2\n"]  # the validation document would not fill a block: by position
-    assert prepare_data(short, tokenizer, block_size=16, val_fraction=0.5, seed=0).split.startswith(
-        "by position"
-    )
+    short = ["x = 1\n" * 60, "y = 2\n"]  # seed 0 trains on the short one, which would not fill a block
+    split = prepare_data(short, tokenizer, block_size=16, val_fraction=0.5, seed=0).split
+    assert split.startswith("by position (the 1 training document(s) would hold fewer than one block of 16")
+    # every short part is named, not only validation: 9 documents of 6 tokens, 3 per part, blocks of 20
+    tiny = [f"v{i} = {i}\n" for i in range(9)]
+    with pytest.raises(ValueError, match=r"the 3 training document\(s\) and the 3 validation document\(s\) and "
+                       r"the 3 test document\(s\) would hold fewer than one block of 20 tokens"):  # fmt: skip
+        prepare_data(tiny, tokenizer, block_size=20, val_fraction=1 / 3, test_fraction=1 / 3, seed=0)
 
 
 def test_prepare_data_from_a_jsonl_file(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]

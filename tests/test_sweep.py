@@ -356,7 +356,8 @@ def test_a_sweep_killed_mid_run_resumes_with_its_finished_runs_kept(tmp_path: Pa
     rows = sweep.run_sync()
     assert [r.settings["r"] for r in rows] == [2, 4, 8] and [r.index for r in rows] == [0, 1, 2]
     assert [r.to_dict() for r in rows[: len(kept)]] == kept  # finished runs kept, not rerun
-    assert rec.of(SweepStarted)[0].resumed == len(kept)
+    assert rec.of(SweepStarted)[0].resumed == len(kept) and rec.of(SweepStarted)[0].rerun == 0
+    assert sweep.note == f"resumed {len(kept)} of 3 runs from {directory}" == rec.of(SweepStarted)[0].note
     assert len(rec.of(SweepRunStarted)) == 3 - len(kept)
     assert all(r.outcome == "finished" for r in rows)
 
@@ -373,3 +374,104 @@ def test_sweep_events_read_back() -> None:
         and math.isnan(back.best_val_loss or 0)
     )
     _ = Event  # the run events' union, forwarded as they are
+
+
+# -- resuming: a stored run is reused only with the same data, base weights and code --------------------------
+
+
+def _session(tmp_path: Path, model: Any = None, data: torch.Tensor = DATA) -> tuple[Sweep, _Recorder]:
+    """A sweep on ``tmp_path / "sweep"`` with the stand-in trainer (fingerprints are computed all the same)."""
+    sweep = Sweep(model if model is not None else tiny_llama(), None, data, space={"r": [2, 4]}, seeds=[0],
+                  lora=LoRAConfig(target_modules=["q_proj"]), config=_config(tmp_path),
+                  directory=tmp_path / "sweep")  # fmt: skip
+    sweep.trainer_factory = _FakeTrainer
+    rec = _Recorder()
+    sweep.subscribe(rec)
+    return sweep, rec
+
+
+def test_a_run_is_reused_on_the_same_data_and_base_and_the_sweep_says_so(tmp_path: Path) -> None:
+    first, _ = _session(tmp_path)
+    rows = first.run_sync()
+    assert first.note == "" and all(r.fingerprint is not None for r in rows)  # nothing stored: nothing said
+    again, rec = _session(tmp_path)  # a new session: the same data, a base built the same way
+    again.run_sync()
+    note = f"resumed 2 of 2 runs from {tmp_path / 'sweep'}"
+    started, ended = rec.of(SweepStarted)[0], rec.of(SweepEnded)[0]
+    assert (started.resumed, started.rerun, started.note) == (2, 0, note)
+    assert rec.of(SweepRunStarted) == [] and [r.to_dict() for r in again.rows] == [r.to_dict() for r in rows]
+    assert again.format_table().splitlines()[0] == note and f"({note})" in ended.message
+
+
+def test_changed_data_runs_again_and_says_why(tmp_path: Path) -> None:
+    _session(tmp_path)[0].run_sync()
+    changed = DATA.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % 128  # one token of one block
+    again, rec = _session(tmp_path, data=changed)
+    rows = again.run_sync()
+    started = rec.of(SweepStarted)[0]
+    assert (started.resumed, started.rerun) == (0, 2) and len(rec.of(SweepRunStarted)) == 2
+    assert (
+        started.note
+        == f"resumed 0 of 2 runs from {tmp_path / 'sweep'}; 2 stored runs run again: the data changed"
+    )
+    stored = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
+    assert [r["fingerprint"] for r in stored] == [r.fingerprint for r in rows]  # the old rows are gone
+    assert [r.settings["r"] for r in rows] == [2, 4]
+
+
+def test_changed_base_weights_run_again(tmp_path: Path) -> None:
+    _session(tmp_path)[0].run_sync()
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-4  # one weight of one layer
+    again, rec = _session(tmp_path, model)
+    again.run_sync()
+    assert rec.of(SweepStarted)[0].rerun == 2 and len(rec.of(SweepRunStarted)) == 2
+    assert rec.of(SweepStarted)[0].note.endswith("2 stored runs run again: the base model changed")
+
+
+def test_a_large_base_is_fingerprinted_from_a_sample_of_its_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_widgets.sweep import fingerprint
+
+    monkeypatch.setattr(fingerprint, "WHOLE_BYTES", 0)  # every base counts as large: values are sampled
+    base = fingerprint.model_fingerprint(tiny_llama())
+    assert fingerprint.model_fingerprint(tiny_llama()) == base  # the sample is deterministic
+    model = tiny_llama()
+    weight = model.model.layers[1].mlp.down_proj.weight  # [32, 64]: values 0, 32, ..., 2047 of 2048 sampled
+    with torch.no_grad():
+        weight.view(-1)[1] += 1e-4  # between two sampled values: the documented blind spot
+        assert fingerprint.model_fingerprint(model) == base
+        weight.view(-1)[32] += 1e-4  # a sampled value
+    assert fingerprint.model_fingerprint(model) != base
+
+
+def test_a_stored_run_without_a_fingerprint_runs_again(tmp_path: Path) -> None:
+    _session(tmp_path)[0].run_sync()
+    path = tmp_path / "sweep" / "sweep.json"
+    doc = json.loads(path.read_text())
+    del doc["runs"][0]["fingerprint"]  # as an older version wrote it
+    doc["runs"][1]["fingerprint"] = "not a fingerprint"  # damaged
+    path.write_text(json.dumps(doc))
+    again, rec = _session(tmp_path)
+    assert len(again.rows) == 2  # read back, not yet checked
+    rows = again.run_sync()
+    assert rec.of(SweepStarted)[0].note.endswith(
+        "2 stored runs run again: no fingerprint (written before sweeps kept one)"
+    )
+    assert len(rec.of(SweepRunStarted)) == 2 and all(r.fingerprint is not None for r in rows)
+
+
+def test_the_reuse_rule_names_what_changed() -> None:
+    from lora_widgets.sweep.fingerprint import Fingerprint, resume_note, stale_parts
+
+    now = Fingerprint("d", "m", "c")
+    assert stale_parts(now.to_dict(), now) == []
+    assert stale_parts({"data": "d", "model": "m", "code": "old"}, now) == ["code"]
+    assert stale_parts({"data": "x", "model": "y", "code": "c"}, now) == ["data", "model"]
+    assert stale_parts(None, now) == stale_parts({"data": "d"}, now) == ["fingerprint"]
+    note = resume_note(1, 4, "sweeps/x", [["data", "model"], ["code"]])
+    assert note == (
+        "resumed 1 of 4 runs from sweeps/x; 2 stored runs run again: the data and the base model and the "
+        "package code changed"
+    )

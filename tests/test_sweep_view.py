@@ -130,6 +130,28 @@ def test_the_static_summary_table_and_scatter() -> None:
     assert log_axis("r", [4, 128]) and not log_axis("r", [4, 8]) and log_axis("learning_rate", [1e-3, 2e-3])
 
 
+def test_the_board_shows_what_a_resumed_sweep_reused(tmp_path: Path) -> None:
+    from lora_widgets.sweep.events import SweepStarted
+    from lora_widgets.widget.sweep_state import SweepBoard
+
+    first = _sweep(tmp_path)
+    first.trainer_factory = _FakeTrainer
+    first.run_sync()
+    again = _sweep(tmp_path)
+    again.trainer_factory = _FakeTrainer
+    board, shown = SweepBoard(), []
+
+    def on(event: Any) -> None:
+        board.on_event(event)
+        if isinstance(event, SweepStarted):
+            shown.append(board.message)  # what the view's status line says while the sweep runs
+
+    again.subscribe(on)
+    again.run_sync()
+    note = f"resumed 2 of 2 runs from {tmp_path / 'sweep'}"
+    assert shown == [note] and f"({note})" in board.message and len(board.rows) == 2  # and at the end
+
+
 # -- the view in a real browser, without Jupyter: a fake anywidget model drives sweep.js --------------------
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><style>{css}</style></head><body>

@@ -231,9 +231,12 @@ def _split_encoded(
             train, val, *test = (_blocks_from_stream(stream, block_size) for stream in streams)  # [n, T] each
             return DataSplit(train, val, block_size, n_tokens, docs.describe("document"), docs.val,
                              test[0] if test else None, docs.test)  # fmt: skip
-        reason = f"the {len(docs.val)} validation document(s) would hold fewer than one block"
-        if len(streams[0]) >= block_size and len(streams[1]) >= block_size:
-            reason = f"the {len(docs.test)} test document(s) would hold fewer than one block"
+        short = [
+            f"the {len(part)} {name} document(s)"
+            for name, part, stream in zip(("training", "validation", "test"), parts, streams, strict=False)
+            if len(stream) < block_size
+        ]
+        reason = f"{' and '.join(short)} would hold fewer than one block of {block_size} tokens"
     if test_fraction > 0:
         raise ValueError(
             f"cannot hold out whole test documents (test_fraction={test_fraction!r}): {reason}; use more "

@@ -6,6 +6,7 @@
 ``results``               the table (mean and spread over seeds), successive halving (:class:`Halving`)
 ``events``                the sweep's typed events (``SweepStarted`` ... ``SweepEnded``)
 ``store``                 ``sweep.json``: the plan and the finished runs, written atomically
+``fingerprint``           what a result depends on besides its settings; the rule for reusing a stored run
 ========================  ================================================================================
 
 Nothing here imports the widget stack; the dashboard's sweep view (:mod:`lora_widgets.widget.sweep_view`)

@@ -36,7 +36,10 @@ Outcome = Literal["finished", "early_stopped", "skipped", "failed"]
 
 @dataclass(frozen=True)
 class SweepStarted(_EventBase):
-    """A sweep began (``resumed``: runs already done in an earlier session, shown again before new ones)."""
+    """A sweep began. ``resumed``: runs already done in an earlier session with the same fingerprint
+    (:mod:`lora_widgets.sweep.fingerprint`), shown again before new ones; ``rerun``: stored runs whose data,
+    base model or code differ, or that have no fingerprint, which run again; ``note``: both in words
+    (``"resumed 4 of 8 runs from sweeps/x"``), empty when nothing was stored."""
 
     kind: ClassVar[str] = "sweep_started"
     directory: str
@@ -46,6 +49,8 @@ class SweepStarted(_EventBase):
     planned_runs: int
     halving: dict[str, Any] | None = None
     resumed: int = 0
+    rerun: int = 0
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,9 @@ class SweepRunEnded(_SweepRun):
     """Run ``index`` ended: one row of the results table. ``point`` numbers its settings (seeds share it);
     ``reason``: a failure's diagnosis (``oom``, ``nan``, ``bad_input``, ``error``) or an early stop's
     (``patience``, ``diverged``); ``adapter_bytes``: the saved adapter's size on disk (every file of its directory);
-    ``trainable_params``: the adapters' parameter count."""
+    ``trainable_params``: the adapters' parameter count; ``fingerprint``: what the result depended on besides
+    the settings (:class:`~lora_widgets.sweep.fingerprint.Fingerprint`'s dict: ``data``, ``model``, ``code``),
+    which decides whether a later session may reuse the row."""
 
     kind: ClassVar[str] = "sweep_run_ended"
     outcome: Outcome
@@ -93,6 +100,7 @@ class SweepRunEnded(_SweepRun):
     adapter_bytes: int | None = None
     suggestions: tuple[str, ...] = field(default_factory=tuple)
     trainable_params: int | None = None
+    fingerprint: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

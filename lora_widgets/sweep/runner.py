@@ -18,6 +18,11 @@ setting, a bad value. A run that fails (out of memory, NaN, a bad combination th
 row with its diagnosis, and the sweep goes on. ``stop()`` ends the sweep after the run in progress stops (that
 run is not recorded: a resumed sweep runs it again); ``skip()`` ends only the run in progress (recorded as
 skipped). Every finished run is saved in ``<directory>/sweep.json`` at once, so a killed sweep resumes.
+
+A stored run is reused only when its fingerprint (:mod:`lora_widgets.sweep.fingerprint`: the prepared data, the
+base model's weights, the package code) equals the sweep's, computed when :meth:`Sweep.run` starts; the others
+run again. What was reused and what runs again is said in ``SweepStarted.note`` (``"resumed 4 of 8 runs from
+sweeps/x"``), in ``Sweep.note``, at the top of :meth:`Sweep.format_table` and in ``SweepEnded.message``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ from lora_widgets.sweep.events import (
     SweepRunEnded,
     SweepRunStarted,
     SweepStarted,
+)
+from lora_widgets.sweep.fingerprint import (
+    Fingerprint,
+    code_fingerprint,
+    data_fingerprint,
+    model_fingerprint,
+    resume_note,
 )
 from lora_widgets.sweep.results import Halving, SettingResult, best_point, promoted, table
 from lora_widgets.sweep.space import Space, as_space, configs_for, expand, resolve
@@ -121,14 +133,18 @@ class Sweep(Steerable):
         config: the training settings a point does not change (default ``TrainConfig()``).
         halving: successive halving (:class:`~lora_widgets.sweep.results.Halving`), or ``None`` (every point
             runs ``config.max_steps``).
-        directory: where ``sweep.json`` and the runs' directories go; a sweep.json of the same plan resumes.
+        directory: where ``sweep.json`` and the runs' directories go; a sweep.json of the same plan resumes:
+            its runs are read back into ``rows`` now, and when :meth:`run` starts those whose fingerprint differs
+            from this sweep's (other data, base weights or code; none stored) are dropped and run again.
         check_base: checksum the base weights before and after (one pass over them).
 
     Raises:
         ValueError: naming an empty space, an unknown setting, a value a config refuses, bad seeds, a model that
             already has adapters, or a directory that holds another sweep. Bad data raises from :meth:`run`,
             before any run: the data is prepared once (with ``config``'s seed) so that every run validates on
-            the same blocks, unless a data setting (``block_size``, ``val_fraction``, ...) is swept.
+            the same blocks, unless a data setting (``block_size``, ``val_fraction``, ...) is swept (then it
+            is prepared as the first point's first run prepares it, to be fingerprinted, and each run prepares
+            its own).
     """
 
     owner = "Sweep"
@@ -175,6 +191,10 @@ class Sweep(Steerable):
         self._trainer: Any = None  # the run in progress, which every request is forwarded to
         self._skip = False
         self._data: tuple[Any, Any] = (train_data, eval_data)
+        self._fingerprint: Fingerprint | None = None  # computed when run() starts
+        self._stale = 0
+        self.note = ""
+        """What this sweep took from its directory when it last started (``"resumed 4 of 8 runs from ..."``)."""
         self.trainer_factory: Callable[..., Any] | None = None  # a stand-in class (tests, benchmarks)
 
     # -- public API ------------------------------------------------------------------------------------
@@ -199,11 +219,12 @@ class Sweep(Steerable):
         return None if p is None else dict(self.points[p])
 
     def format_table(self) -> str:
-        """The table as aligned text, best first (failed settings last)."""
+        """The table as aligned text, best first (failed settings last); above it :attr:`note`, if any."""
         rows = sorted(
             self.results(), key=lambda s: (-s.rung, s.mean_best_val is None, s.mean_best_val or 0.0)
         )
-        lines = [f"{'settings':<44} {'rung':>4} {'best val loss':>16} {'steps':>6} {'time s':>7}  outcomes"]
+        lines = [self.note] if self.note else []
+        lines += [f"{'settings':<44} {'rung':>4} {'best val loss':>16} {'steps':>6} {'time s':>7}  outcomes"]
         for s in rows:
             shown = ", ".join(
                 f"{k}={format_lr(v) if k.endswith('learning_rate') else v}" for k, v in s.settings.items()
@@ -249,7 +270,9 @@ class Sweep(Steerable):
             ownership.refuse_if_training(
                 self.model
             )  # not one failed row per point: refused once, before any run
-            self._data = await self._in_thread(self._fixed_data)  # bad data raises here, before any run
+            self._data, fingerprint = await self._in_thread(self._prepare)  # bad data raises here
+            self._fingerprint = fingerprint
+            self._reuse_current(fingerprint)
             before = await self._in_thread(base_checksum, self.model) if self.check_base else None
         except BaseException:
             self._end_run()
@@ -329,6 +352,7 @@ class Sweep(Steerable):
             adapter_bytes=_adapter_bytes(end.adapter_path),
             suggestions=end.suggestions if isinstance(end, RunFailed) else (),
             trainable_params=getattr(getattr(trainer, "report", None), "trainable_params", None),
+            fingerprint=self._fingerprint.to_dict() if self._fingerprint is not None else None,
         )  # fmt: skip
 
     # -- helpers -----------------------------------------------------------------------------------------
@@ -340,16 +364,42 @@ class Sweep(Steerable):
 
         return LoRATrainer
 
-    def _fixed_data(self) -> tuple[Any, Any]:
-        """The data every run trains and validates on: prepared once, so that every run (every seed) is
-        validated on the same held-out blocks. Without ``eval_data`` the validation share would otherwise be
-        drawn from each run's seed. Left to each run when a data setting (``block_size``, ...) is swept."""
-        if self.eval_data is not None or any(resolve(n)[1] in _DATA_SETTINGS for n in self.settings):
-            return self.train_data, self.eval_data
+    def _prepare(self) -> tuple[tuple[Any, Any], Fingerprint]:
+        """The data every run trains and validates on, and the sweep's fingerprint. The data is prepared once,
+        so that every run (every seed) is validated on the same held-out blocks: without ``eval_data`` the
+        validation share would otherwise be drawn from each run's seed. With ``eval_data``, or when a data
+        setting (``block_size``, ...) is swept, each run prepares its own and the preparation here (as the
+        first point's first run makes it) only feeds the fingerprint."""
         from lora_widgets.training.batches import load_run_data
 
+        swept = any(resolve(n)[1] in _DATA_SETTINGS for n in self.settings)
+        config = self.config
+        if swept:
+            config = configs_for(
+                self.points[0], self.lora, self.config, **self._changes(self.seeds[0], None)
+            )[1]
+        prepared = load_run_data(self.train_data, self.eval_data, self.tokenizer, config)
+        fingerprint = Fingerprint(
+            data_fingerprint(prepared.train, prepared.val), model_fingerprint(self.model), code_fingerprint()
+        )
+        if self.eval_data is not None or swept:
+            return (self.train_data, self.eval_data), fingerprint
         # a RunData (train, val, how it was split) passes through each run's LoRATrainer as it is
-        return load_run_data(self.train_data, None, self.tokenizer, self.config), None
+        return (prepared, None), fingerprint
+
+    def _reuse_current(self, fingerprint: Fingerprint) -> None:
+        """Keep the stored runs this fingerprint may reuse (the rule: ``fingerprint.stale_parts``), and say it."""
+        stale = self._store.keep_current(fingerprint)
+        self.rows, self._stale = list(self._store.rows), len(stale)
+        self.note = resume_note(len(self.rows), self._total_runs(), str(self.directory), stale)
+
+    def _total_runs(self) -> int:
+        """Every rung's runs (with halving the most there can be: settings whose every seed fails stop early)."""
+        total, n = 0, len(self.points)
+        for _ in self.budgets:
+            total += n * len(self.seeds)
+            n = max(1, n // self.halving.eta) if self.halving is not None else n
+        return total
 
     def _budgets(self) -> list[int | None]:
         if self.halving is None:
@@ -381,7 +431,7 @@ class Sweep(Steerable):
     def _started(self) -> SweepStarted:
         halving = self.halving.to_dict() | {"budgets": self.budgets} if self.halving is not None else None
         return SweepStarted(str(self.directory), self.settings, len(self.points), self.seeds, self.planned_runs,
-                            halving, resumed=len(self.rows))  # fmt: skip
+                            halving, resumed=len(self.rows), rerun=self._stale, note=self.note)  # fmt: skip
 
     def _ended(self, stopped: bool, before: str | None, after: str | None, elapsed: float) -> SweepEnded:
         best = best_point(self.rows)
@@ -393,7 +443,8 @@ class Sweep(Steerable):
             if unchanged is None
             else ("; base weights unchanged" if unchanged else "; BASE WEIGHTS CHANGED")
         )
-        message = f"Sweep {what} after {len(self.rows)} runs in {elapsed:.1f} s{shown}{check}."
+        note = f" ({self.note})" if self.note else ""
+        message = f"Sweep {what} after {len(self.rows)} runs in {elapsed:.1f} s{note}{shown}{check}."
         return SweepEnded(
             "stopped" if stopped else "finished", len(self.rows), best, elapsed, message, unchanged
         )

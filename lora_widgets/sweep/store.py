@@ -3,8 +3,9 @@
 A sweep killed mid-run (a kernel restart, a crash) loses only the run in progress: the file is replaced
 whole by :func:`lora_widgets.atomic.atomic_write_json` (write, fsync, rename), so it always holds the plan and
 the rows of the runs that ended. A new :class:`~lora_widgets.sweep.runner.Sweep` on the same directory with
-the same plan reads the rows back and runs only what is missing; a different plan is refused, so that two
-sweeps never mix in one table.
+the same plan reads the rows back; a different plan is refused, so that two sweeps never mix in one table.
+When it runs, :meth:`SweepStore.keep_current` keeps only the rows whose fingerprint matches the sweep's
+(:func:`lora_widgets.sweep.fingerprint.stale_parts`, the one rule): the others are dropped and run again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from lora_widgets.atomic import atomic_write_json
 from lora_widgets.sweep.events import SweepRunEnded, sweep_event_from_dict
+from lora_widgets.sweep.fingerprint import Fingerprint, stale_parts
 
 __all__ = ["SweepStore"]
 
@@ -50,6 +52,21 @@ class SweepStore:
             )
         self.rows = [r for r in rows if isinstance(r, SweepRunEnded)]
         return list(self.rows)
+
+    def keep_current(self, fingerprint: Fingerprint) -> list[list[str]]:
+        """Keep the rows :func:`~lora_widgets.sweep.fingerprint.stale_parts` lets ``fingerprint`` reuse, drop the
+        others (rewriting the file when any was dropped); returns each dropped row's reasons, in order."""
+        kept, stale = [], []
+        for row in self.rows:
+            reasons = stale_parts(row.fingerprint, fingerprint)
+            if reasons:
+                stale.append(reasons)
+            else:
+                kept.append(row)
+        if stale:
+            self.rows = kept
+            self.save()
+        return stale
 
     def add(self, row: SweepRunEnded) -> None:
         """Record a finished run and rewrite the file atomically."""

@@ -53,7 +53,8 @@ class SweepBoard:
     def on_event(self, event: Any) -> bool:
         """Record one event; True when the table or a curve changed."""
         if isinstance(event, SweepStarted):
-            self.settings, self.state, self.message = list(event.settings), "running", ""
+            self.settings, self.state = list(event.settings), "running"
+            self.message = event.note  # "resumed 4 of 8 runs from ...": shown while the sweep runs
         elif isinstance(event, SweepRunStarted):
             self.current, self._started[event.index] = event.index, event
             self._steps[event.index] = []
