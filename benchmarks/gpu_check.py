@@ -55,6 +55,7 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lora_widgets import LoRAConfig, LoRATrainer, TrainConfig, estimate_memory, measure_memory
+from lora_widgets.devices import cuda_has_bf16
 from lora_widgets.events.types import Event, RunEnded, StepMetrics
 from lora_widgets.hf import HFRun
 from lora_widgets.memory.fit import format_bytes
@@ -148,7 +149,7 @@ def make_plan(quick: bool, steps: int, oom_batch: int) -> Plan:
     """The CUDA plan (SmolLM2-135M shape), or the quick one: a tiny Llama on the CPU, whatever the machine has."""
     if torch.cuda.is_available() and not quick:
         # bf16 needs Ampere or newer; fp16 runs everywhere CUDA does
-        precisions = ("bf16", "fp16") if torch.cuda.is_bf16_supported() else ("fp16",)
+        precisions = ("bf16", "fp16") if cuda_has_bf16() else ("fp16",)
         return Plan(smollm2_135m_config(), torch.device("cuda"), 8, 512, steps, 5, precisions,
                     oom_batch, 1024, cuda_grid())  # fmt: skip
     return Plan(

@@ -237,7 +237,18 @@ def best_precision(device: str | torch.device) -> str:
     """
     if torch.device(device).type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cuda_has_bf16() else "fp16"
+
+
+def cuda_has_bf16() -> bool:
+    """Whether the CUDA GPU computes in bf16 natively (compute capability >= 8.0: A100, L4, H100).
+
+    Not ``torch.cuda.is_bf16_supported()`` as called bare: since torch 2.3 it defaults to
+    ``including_emulation=True`` and answers True on a T4 or V100 as well, where bf16 is emulated (slowly), so a
+    Colab T4 would train in emulated bf16 instead of fp16 with a loss scaler. The one rule behind
+    :func:`best_precision`, ``TrainConfig``'s bf16 check and a 4-bit base's compute-dtype check.
+    """
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def _rss() -> int:

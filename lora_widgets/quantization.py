@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_widgets.devices import best_precision
+from lora_widgets.devices import best_precision, cuda_has_bf16
 
 __all__ = [
     "BASE_PRECISIONS",
@@ -86,7 +86,7 @@ def _check_device(device: torch.device, bnb: Any) -> None:
 
 
 def _check_compute_dtype(dtype: torch.dtype | None, device: torch.device) -> None:
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if dtype == torch.bfloat16 and device.type == "cuda" and not cuda_has_bf16():
         raise ValueError(
             "bnb_4bit_compute_dtype=torch.bfloat16 is not supported by this GPU (bf16 needs compute capability "
             ">= 8.0, e.g. A100/L4/H100); use torch.float16 on a T4/V100, or base='4-bit' which picks it"

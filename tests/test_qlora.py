@@ -72,13 +72,16 @@ def test_four_bit_config_is_qloras_recipe_and_cpu_computes_in_fp32() -> None:
 def test_gpu_compute_dtype_is_bf16_where_supported_else_fp16(
     monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: torch.dtype
 ) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation
+    )
     assert compute_dtype("cuda") == expected
     assert quantization_config("4-bit", "cuda").bnb_4bit_compute_dtype == expected
 
 
 def test_bf16_compute_on_a_gpu_without_bf16_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    # a T4: torch's default including_emulation=True answers True there; only the native answer is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     own = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"bfloat16 is not supported by this GPU.*float16 on a T4"):
         quantization_config(own, "cuda")

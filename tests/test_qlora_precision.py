@@ -21,11 +21,17 @@ from tests.test_qlora import quantized_tiny
 GPUS = [("T4", False, "fp16", torch.float16), ("A100", True, "bf16", torch.bfloat16)]
 
 
+def fake_gpu(native_bf16: bool):  # type: ignore[no-untyped-def]
+    """``torch.cuda.is_bf16_supported`` as torch answers it on such a GPU: with its default
+    ``including_emulation=True`` it says True on a T4 too (bf16 emulated), so only the native answer tells."""
+    return lambda including_emulation=True: native_bf16 or including_emulation
+
+
 @pytest.mark.parametrize("gpu, bf16, precision, dtype", GPUS)
 def test_auto_precision_and_4_bit_compute_dtype_agree_on_each_gpu(
     monkeypatch: pytest.MonkeyPatch, gpu: str, bf16: bool, precision: str, dtype: torch.dtype
 ) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake_gpu(bf16))
     assert best_precision("cuda") == precision
     assert TrainConfig(precision="auto").resolved("cuda").precision == precision
     assert compute_dtype("cuda") == dtype == AUTOCAST_DTYPES[precision]
@@ -55,7 +61,7 @@ def test_fp16_gets_a_loss_scaler_and_bf16_none() -> None:
 
 
 def test_bf16_on_a_gpu_without_it_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake_gpu(False))  # a T4: bf16 only emulated
     with pytest.raises(
         ValueError, match=r"precision='bf16' is not supported by this GPU.*precision='fp16' on a T4"
     ):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lora_widgets.data.sft import TRAIN_ON
-from lora_widgets.devices import best_precision
+from lora_widgets.devices import best_precision, cuda_has_bf16
 from lora_widgets.health.samples import MAX_PROMPTS
 from lora_widgets.quantization import BASE_PRECISIONS
 from lora_widgets.training.early_stopping import EarlyStopping
@@ -267,7 +267,7 @@ class TrainConfig:
                 f"TrainConfig.precision='fp16' needs a CUDA GPU (it uses a GradScaler); the device is "
                 f"{d.type!r}. Use precision='bf16' or 'fp32' here"
             )
-        if self.precision == "bf16" and d.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if self.precision == "bf16" and d.type == "cuda" and not cuda_has_bf16():
             raise ValueError(
                 "TrainConfig.precision='bf16' is not supported by this GPU (it needs compute capability "
                 ">= 8.0, e.g. A100/L4/H100); use precision='fp16' on a T4/V100"
