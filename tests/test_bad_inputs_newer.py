@@ -227,6 +227,17 @@ def _c(
     return Case(id, exc, (needles,) if isinstance(needles, str) else needles, call, make or (lambda tmp: {}))
 
 
+def _split_case(id: str, needles: tuple[str, ...], **fractions: Any) -> Case:
+    """A split of :data:`DOCS` into blocks of 16 tokens with these fractions, refused with ``needles``."""
+    return _c(
+        id,
+        ValueError,
+        needles,
+        lambda o: prepare_data(o["docs"], o["tok"], 16, **fractions),
+        lambda t: {"tok": tok(), "docs": DOCS},
+    )
+
+
 CASES = [
     # -- instruction rows and files (data/rows.py) ------------------------------------------------------
     _c("rows-int", TypeError, "type int", lambda o: load_rows(42)),
@@ -446,47 +457,26 @@ CASES = [
         lambda t: {"tok": tok()},
     ),
     # -- the test part of a split (data/split.py) -------------------------------------------------------
-    _c(
-        "split-test-fraction-string",
-        ValueError,
-        ("test_fraction", "'0.1'"),
-        lambda o: prepare_data(o["docs"], o["tok"], 16, test_fraction="0.1"),
-        lambda t: {"tok": tok(), "docs": DOCS},
-    ),
-    _c(
-        "split-test-fraction-bool",
-        ValueError,
-        ("test_fraction", "True"),
-        lambda o: prepare_data(o["docs"], o["tok"], 16, test_fraction=True),
-        lambda t: {"tok": tok(), "docs": DOCS},
-    ),
-    _c(
-        "split-test-fraction-one",
-        ValueError,
-        ("test_fraction", "got 1.0"),
-        lambda o: prepare_data(o["docs"], o["tok"], 16, test_fraction=1.0),
-        lambda t: {"tok": tok(), "docs": DOCS},
-    ),
-    _c(
+    _split_case("split-test-fraction-string", ("test_fraction", "'0.1'"), test_fraction="0.1"),
+    _split_case("split-test-fraction-bool", ("test_fraction", "True"), test_fraction=True),
+    _split_case("split-test-fraction-one", ("test_fraction", "got 1.0"), test_fraction=1.0),
+    _split_case(
         "split-fractions-hold-out-everything",
-        ValueError,
         ("val_fraction=0.6", "test_fraction=0.4"),
-        lambda o: prepare_data(o["docs"], o["tok"], 16, val_fraction=0.6, test_fraction=0.4),
-        lambda t: {"tok": tok(), "docs": DOCS},
+        val_fraction=0.6,
+        test_fraction=0.4,
     ),
-    _c(
+    _split_case(
         "split-test-without-validation",
-        ValueError,
         ("test_fraction=0.2", "val_fraction too"),
-        lambda o: prepare_data(o["docs"], o["tok"], 16, val_fraction=0.0, test_fraction=0.2),
-        lambda t: {"tok": tok(), "docs": DOCS},
+        val_fraction=0.0,
+        test_fraction=0.2,
     ),
-    _c(
+    _split_case(
         "split-test-too-few-documents",
-        ValueError,
         ("test_fraction=0.01", "cannot give"),
-        lambda o: prepare_data(o["docs"], o["tok"], 16, val_fraction=0.2, test_fraction=0.01),
-        lambda t: {"tok": tok(), "docs": DOCS},
+        val_fraction=0.2,
+        test_fraction=0.01,
     ),
     # -- sample answers (health/samples.py) ---------------------------------------------------------------
     _c(
