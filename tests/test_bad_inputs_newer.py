@@ -33,6 +33,7 @@ from lora_widgets import LoRAConfig, LoRADashboard, apply_lora, load_base_model,
 from lora_widgets.data.rows import load_rows, normalize_rows  # noqa: E402
 from lora_widgets.data.sft import prepare_sft  # noqa: E402
 from lora_widgets.data.sft_batches import collate, length_grouped_batches, masked_lm_loss  # noqa: E402
+from lora_widgets.data.sft_eval import end_of_turn_share  # noqa: E402
 from lora_widgets.data.text import load_texts, pack_blocks, prepare_data  # noqa: E402
 from lora_widgets.health.alerts import AlertMonitor, count_trained_tokens, val_loss_alert  # noqa: E402
 from lora_widgets.health.samples import generate_samples  # noqa: E402
@@ -319,6 +320,21 @@ CASES = [
         lambda o: load_rows(o["ds"]),
         lambda t: {"ds": datasets.DatasetDict({"train": datasets.Dataset.from_list(QA)})},
     ),
+    # the share of replies that end their turn (data/sft_eval.py): a bad batch size
+    *[
+        _c(
+            f"end-of-turn-batch-size-{name}",
+            ValueError,
+            ("batch_size", repr(value)),
+            lambda o, value=value: end_of_turn_share(o["model"], o["tok"], o["rows"], batch_size=value),
+            lambda t: {
+                "model": tiny_llama(),
+                "tok": tok(),
+                "rows": [{"messages": [{"role": "user", "content": "hi"}]}],
+            },
+        )
+        for name, value in (("zero", 0), ("float", 2.5), ("bool", True))
+    ],
     # question/answer rows: one message, with the renaming, whatever holds them
     _c(
         "rows-question-answer-list",
