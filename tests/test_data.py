@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from lora_widgets.data.passages import passage_groups
 from lora_widgets.data.text import (
     DataSplit,
     as_blocks,
@@ -213,11 +214,15 @@ def test_prepare_data_is_deterministic(tokenizer) -> None:  # type: ignore[no-un
     assert isinstance(first, DataSplit)
     assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
     assert first.val_documents == second.val_documents and first.split == second.split
-    n_docs = len(load_texts("python-docs"))
-    assert len(first.val_documents) == round(n_docs * 0.1)
-    assert (
-        first.split
-        == f"by document: {n_docs - round(n_docs * 0.1):,} train / {round(n_docs * 0.1):,} validation documents, seed 0"
+    texts = load_texts("python-docs")
+    groups = passage_groups(texts)  # the corpus's topics reprint each other: 79 documents, 58 groups
+    n_groups, held = len(set(groups)), {groups[i] for i in first.val_documents}
+    assert len(held) == round(n_groups * 0.1) and n_groups < len(set(texts))
+    assert set(first.val_documents) == {i for i, g in enumerate(groups) if g in held}  # whole groups only
+    n_val = len(first.val_documents)
+    assert first.split == (
+        f"by document: {len(texts) - n_val:,} train / {n_val:,} validation documents, seed 0; documents sharing a "
+        f"40-word passage kept on one side ({len(set(texts))} distinct documents in {n_groups} groups)"
     )
     assert (
         len(first.train) + len(first.val) <= first.n_tokens // 64

@@ -6,6 +6,7 @@
 ``prepared``         data already prepared: ``DataSplit`` (blocks), ``Examples``, ``PaddedBatch``, ``RunData``
 ``corpora``          the built-in offline corpora (stdlib code, the Language Reference prose, python-instruct)
 ``text``             plain text -> token blocks: reading files, splitting by document, packing
+``passages``         which documents share a long passage (grouped so a split keeps them on one side)
 ``split``            the validation rule: whole documents (or examples) held out, seeded; the fallback
 ``rows``             instruction rows in TRL's formats (messages, prompt/completion, text; ShareGPT, Alpaca)
 ``sft``              rows -> token ids with the loss mask on the answers (as TRL's ``SFTTrainer``)
@@ -24,6 +25,7 @@ from lora_widgets.data.corpora import (
     load_heldout_code,
     read_instructions,
 )
+from lora_widgets.data.passages import PassageOverlap, passage_groups, passage_overlap
 from lora_widgets.data.prepared import DataSplit, Examples, RunData
 from lora_widgets.data.rows import load_rows, normalize_rows
 from lora_widgets.data.sft import SFTStats, prepare_sft
@@ -36,6 +38,7 @@ __all__ = [
     "CorpusInfo",
     "DataSplit",
     "Examples",
+    "PassageOverlap",
     "RunData",
     "SFTStats",
     "Source",
@@ -52,6 +55,8 @@ __all__ = [
     "masked_lm_loss",
     "normalize_rows",
     "pack_blocks",
+    "passage_groups",
+    "passage_overlap",
     "prepare_data",
     "prepare_sft",
     "read_instructions",

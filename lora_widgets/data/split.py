@@ -6,10 +6,13 @@ same document in training: the validation loss then partly measures memorised ne
 (the same reason held-out sets are split by document, e.g. Raffel et al. 2020's C4 and Gao et al. 2020's Pile
 validation sets are whole documents). So:
 
-* **by document** (text with enough distinct documents that ``round(n * val_fraction) >= 1``): a seeded
-  permutation of the distinct documents picks ``round(n * val_fraction)`` of them (at most ``n - 1``) for
-  validation; each side is then packed on its own. Identical texts form one group, so a duplicated document
-  cannot sit on both sides.
+* **by document** (text with enough groups of documents that ``round(n * val_fraction) >= 1``): documents are
+  grouped first, identical texts into one group and texts that share a passage of 40 words or more into one
+  group (:mod:`lora_widgets.data.passages`: a topic reprinted inside another, a quoted page), so neither a
+  duplicated nor a reprinted document can sit on both sides. A seeded permutation of the ``n`` groups picks
+  ``round(n * val_fraction)`` of them (at most ``n - 1``) for validation; each side is then packed on its own.
+  The fraction counts groups, not tokens (as scikit-learn's ``GroupShuffleSplit``), so a part's share of the
+  tokens varies with which groups it draws: ``DataSplit.split`` gives the counts.
 * **by example** (instruction/chat rows): the same rule over examples, identical examples grouped.
 * **by position** (the fallback, said in the run's ``DataPrepared.split``): a source that is one document, or too
   few documents to hold out ``val_fraction`` of them (two documents and 10% would hold out half), or whose

@@ -9,7 +9,7 @@ so no compute is wasted and no attention mask or label masking is needed; this i
 causal-LM pretraining pipelines batch text (Radford et al. 2019, section 2.3; Hugging Face's ``run_clm``
 ``group_texts``). A block may span a document boundary; the EOS token between documents marks it.
 
-The train/validation split is over whole documents, before packing (:mod:`lora_widgets.data.split` says why and
+The train/validation split is over whole documents (those that share a long passage kept together), before packing (:mod:`lora_widgets.data.split` says why and
 gives the fallback for a single document), so no validation block has a neighbour from its document in training.
 It depends only on the data, the tokenizer, ``block_size``, ``val_fraction`` and ``seed``; ``DataSplit.split``
 says in words how it was made.
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lora_widgets.data.passages import PASSAGE_WORDS, passage_groups
 from lora_widgets.data.prepared import DataSplit
 from lora_widgets.data.sources import check_texts, classify_source, read_text_file
 from lora_widgets.data.split import (
@@ -217,19 +218,26 @@ def _split_encoded(
     if val_fraction == 0:
         blocks = _blocks_from_stream(np.concatenate(encoded), block_size)
         return DataSplit(blocks, blocks[:0], block_size, n_tokens, "none: val_fraction=0, nothing held out")
-    docs = split_groups(texts, val_fraction, seed, test_fraction)
-    n_docs = len(set(texts))
+    groups = passage_groups(texts)  # identical documents, or sharing a 40-word passage: one group
+    docs = split_groups(groups, val_fraction, seed, test_fraction)
+    n_docs, n_groups = len(set(texts)), len(set(groups))
+    grouped, units, hint = "", f"{n_docs} distinct document(s)", ""
+    if n_groups < n_docs:  # say it: the counts then differ from a plain split by document
+        grouped = (f"; documents sharing a {PASSAGE_WORDS}-word passage kept on one side ({n_docs:,} distinct "
+                   f"documents in {n_groups:,} groups)")  # fmt: skip
+        units += f", in {n_groups} group(s) that share {PASSAGE_WORDS}-word passages,"
+        hint = " (if a repeated header or notice joins them, remove it first)"
     reason = (
         "the text is one document"
         if len(texts) == 1
-        else f"{n_docs} distinct document(s) are too few to hold out {val_fraction:.0%} of them"
+        else f"{units} are too few to hold out {val_fraction:.0%} of them{hint}"
     )
     if docs is not None:
         parts = [docs.train, docs.val, *([docs.test] if test_fraction > 0 else [])]
         streams = [np.concatenate([encoded[i] for i in part]) for part in parts]  # [n_part_tokens] each
         if all(len(stream) >= block_size for stream in streams):
             train, val, *test = (_blocks_from_stream(stream, block_size) for stream in streams)  # [n, T] each
-            return DataSplit(train, val, block_size, n_tokens, docs.describe("document"), docs.val,
+            return DataSplit(train, val, block_size, n_tokens, docs.describe("document") + grouped, docs.val,
                              test[0] if test else None, docs.test)  # fmt: skip
         short = [
             f"the {len(part)} {name} document(s)"
@@ -258,9 +266,11 @@ def prepare_data(
 ) -> DataSplit:
     """Load ``source`` (anything :func:`load_texts` accepts), split it by document and pack each side.
 
-    ``round(n_documents * val_fraction)`` whole documents (seeded) validate, so no validation block has a
-    neighbour from its own document in training; see :func:`split_texts` for the single-document fallback.
-    ``test_fraction`` > 0 holds out ``round(n_documents * test_fraction)`` more whole documents as
+    ``round(n_groups * val_fraction)`` groups of whole documents (seeded) validate, so no validation block has a
+    neighbour from its own document in training, nor a passage of 40 words that a training document reprints (a
+    group: identical documents, or documents that share such a passage, :mod:`lora_widgets.data.passages`); see
+    :func:`split_texts` for the single-document fallback.
+    ``test_fraction`` > 0 holds out ``round(n_groups * test_fraction)`` more groups of whole documents as
     ``DataSplit.test``: the set to report on after validation loss chose a learning rate, a rank or a step
     (:mod:`lora_widgets.data.split`); the validation documents stay the same. ``DataSplit.split`` says how the
     split was made.
