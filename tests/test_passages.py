@@ -44,7 +44,9 @@ def test_a_passage_one_word_short_does_not_join_and_whitespace_does_not_matter()
     shared = _words(40, 1)
     short = _doc(_words(60, 2), shared[:39], _words(60, 3))
     assert passage_groups([_doc(shared), short]) == [0, 1]  # 39 words in common: apart
-    reflowed = "\n".join(" ".join(shared[i : i + 7]) for i in range(0, 40, 7))  # the same words, new line breaks
+    reflowed = "\n".join(
+        " ".join(shared[i : i + 7]) for i in range(0, 40, 7)
+    )  # the same words, new line breaks
     assert passage_groups([_doc(_words(10, 4), shared), reflowed]) == [0, 0]
     assert passage_groups([_doc(shared), short], words=39) == [0, 0]
 
@@ -99,7 +101,9 @@ def test_grouped_into_too_few_groups_falls_back_and_says_why(tokenizer) -> None:
     header = _words(45, 0)  # a licence header on every document joins them all
     docs = [_doc(header, _words(100, i)) for i in range(12)]
     data = split_texts(docs, tokenizer, block_size=16, val_fraction=0.1, seed=0)
-    assert data.split.startswith("by position (12 distinct document(s), in 1 group(s) that share 40-word passages,")
+    assert data.split.startswith(
+        "by position (12 distinct document(s), in 1 group(s) that share 40-word passages,"
+    )
     assert "remove it first" in data.split
 
 
@@ -110,9 +114,14 @@ def test_the_shipped_corpus_splits_leave_no_held_out_passage_in_training(tokeniz
     for val, test, seed in ((0.1, 0.0, 0), (0.1, 0.1, 0), (0.2, 0.2, 0), (0.1, 0.0, 1)):
         data = prepare_data(docs, tokenizer, block_size=128, val_fraction=val, test_fraction=test, seed=seed)
         held = set(data.val_documents) | set(data.test_documents)
-        train_text = " " + " ".join(" ".join(docs[i].split()) for i in range(len(docs)) if i not in held) + " "
+        train_text = (
+            " " + " ".join(" ".join(docs[i].split()) for i in range(len(docs)) if i not in held) + " "
+        )
         for i in held:
             words = docs[i].split()
             for k in range(0, len(words) - 39, 25):  # every 25th window
                 assert f" {' '.join(words[k : k + 40])} " not in train_text, (val, test, seed, i, k)
-        assert passage_overlap([docs[i] for i in held], [d for j, d in enumerate(docs) if j not in held]).shared == 0
+        assert (
+            passage_overlap([docs[i] for i in held], [d for j, d in enumerate(docs) if j not in held]).shared
+            == 0
+        )
