@@ -32,6 +32,7 @@ from lora_widgets.data.sft import SFTStats, prepare_sft
 from lora_widgets.data.sft_batches import collate, iter_batches, masked_lm_loss
 from lora_widgets.data.sft_eval import answer_loss, end_of_turn_share
 from lora_widgets.data.sources import Source, classify_source
+from lora_widgets.data.split import split_groups
 from lora_widgets.data.text import load_texts, pack_blocks, prepare_data
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "prepare_data",
     "prepare_sft",
     "read_instructions",
+    "split_groups",
 ]
