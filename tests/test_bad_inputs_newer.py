@@ -30,10 +30,12 @@ peft = pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 
 from lora_widgets import LoRAConfig, LoRADashboard, apply_lora, load_base_model, merge_lora  # noqa: E402
+from lora_widgets.data.passages import passage_groups, passage_overlap  # noqa: E402
 from lora_widgets.data.rows import load_rows, normalize_rows  # noqa: E402
 from lora_widgets.data.sft import prepare_sft  # noqa: E402
 from lora_widgets.data.sft_batches import collate, length_grouped_batches, masked_lm_loss  # noqa: E402
 from lora_widgets.data.sft_eval import end_of_turn_share  # noqa: E402
+from lora_widgets.data.split import split_groups  # noqa: E402
 from lora_widgets.data.text import load_texts, pack_blocks, prepare_data  # noqa: E402
 from lora_widgets.health.alerts import AlertMonitor, count_trained_tokens, val_loss_alert  # noqa: E402
 from lora_widgets.health.samples import generate_samples  # noqa: E402
@@ -335,6 +337,45 @@ CASES = [
         )
         for name, value in (("zero", 0), ("float", 2.5), ("bool", True))
     ],
+    # documents that share a passage (data/passages.py) and the split over their groups (data/split.py)
+    *[
+        _c(
+            f"passages-words-{name}",
+            ValueError,
+            ("words", repr(value)),
+            lambda o, value=value: passage_groups(o["texts"], words=value),
+            lambda t: {"texts": ["a b c", "d e"]},
+        )
+        for name, value in (("zero", 0), ("float", 2.5), ("bool", True))
+    ],
+    _c(
+        "passages-one-string",
+        ValueError,
+        ("texts", "list of strings", "str"),
+        lambda o: passage_groups(o["text"]),
+        lambda t: {"text": "one long document"},
+    ),
+    _c(
+        "passages-overlap-none-item",
+        ValueError,
+        ("others[1]", "NoneType"),
+        lambda o: passage_overlap(o["held"], o["others"]),
+        lambda t: {"held": ["a b"], "others": ["c", None]},
+    ),
+    _c(
+        "split-groups-unhashable-key",
+        ValueError,
+        ("keys[1]", "list"),
+        lambda o: split_groups(o["keys"], 0.5),
+        lambda t: {"keys": ["a", ["b"], "c"]},
+    ),
+    _c(
+        "split-groups-string-keys",
+        ValueError,
+        ("keys", "str"),
+        lambda o: split_groups(o["keys"], 0.5),
+        lambda t: {"keys": "abc"},
+    ),
     # question/answer rows: one message, with the renaming, whatever holds them
     _c(
         "rows-question-answer-list",

@@ -99,12 +99,21 @@ def split_groups(
         too few distinct keys to hold out that share of them: the caller falls back).
 
     Raises:
-        ValueError: a fraction outside ``[0, 1)``, or the two together at 1 or more; a test part asked for that
+        ValueError: ``keys`` not a list, or a key that is not hashable (a list, a dict); a fraction outside
+            ``[0, 1)``, or the two together at 1 or more; a test part asked for that
             rounds to no group, or that leaves nothing to train (names the number of groups and the fix).
     """
     check_fractions(val_fraction, test_fraction)
+    if isinstance(keys, str) or not isinstance(keys, Sequence):
+        raise ValueError(
+            f"keys must be a list with one key per item (e.g. a text each), got {type(keys).__name__}"
+        )
     groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):
+        if not isinstance(key, Hashable):
+            raise ValueError(
+                f"keys[{i}] is a {type(key).__name__}, which cannot be a key: pass a str, int or tuple"
+            )
         groups.setdefault(key, []).append(i)
     n = len(groups)
     n_val = min(round(n * val_fraction), n - 1)
