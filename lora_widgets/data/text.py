@@ -9,8 +9,9 @@ so no compute is wasted and no attention mask or label masking is needed; this i
 causal-LM pretraining pipelines batch text (Radford et al. 2019, section 2.3; Hugging Face's ``run_clm``
 ``group_texts``). A block may span a document boundary; the EOS token between documents marks it.
 
-The train/validation split is over whole documents (those that share a long passage kept together), before packing (:mod:`lora_widgets.data.split` says why and
-gives the fallback for a single document), so no validation block has a neighbour from its document in training.
+The train/validation split is over whole documents (those that share a long passage kept together), before packing
+(:mod:`lora_widgets.data.split` says why and gives the fallback for a single document), so no validation block has a
+neighbour from its document in training.
 It depends only on the data, the tokenizer, ``block_size``, ``val_fraction`` and ``seed``; ``DataSplit.split``
 says in words how it was made.
 """
