@@ -66,22 +66,6 @@ def test_passage_overlap_counts_the_held_windows_found_in_the_others() -> None:
     assert passage_overlap(["a b c"], ["a b c"]).windows == 0  # shorter than a window: nothing counted
 
 
-@pytest.mark.parametrize(
-    ("call", "named"),
-    [
-        (lambda: passage_groups(["a"], words=0), "words"),
-        (lambda: passage_groups(["a"], words=2.5), "2.5"),  # type: ignore[arg-type]
-        (lambda: passage_groups(["a"], words=True), "True"),  # type: ignore[arg-type]
-        (lambda: passage_groups("one long string"), "list of strings"),  # type: ignore[arg-type]
-        (lambda: passage_groups(["a", None]), "texts[1]"),  # type: ignore[list-item]
-        (lambda: passage_overlap(["a"], [b"bytes"]), "others[0]"),  # type: ignore[list-item]
-    ],
-)
-def test_bad_input_names_the_value(call, named: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match=named.replace("[", r"\[").replace(".", r"\.")):
-        call()
-
-
 def test_a_split_never_puts_a_reprinted_document_on_the_other_side(tokenizer) -> None:  # type: ignore[no-untyped-def]
     section = _words(60, 0)
     docs = [_doc(_words(150, 100 + i)) for i in range(18)]
