@@ -318,34 +318,44 @@ def test_requests_go_to_the_run_in_progress_and_a_pause_between_runs_holds_the_n
 
 
 _KILLED_SCRIPT = """
-import sys, torch
+import sys, time, torch
 from lora_widgets import LoRAConfig, TrainConfig
+from lora_widgets.events import StepMetrics
 from lora_widgets.sweep import Sweep
+from lora_widgets.sweep.events import SweepRunStarted
 from tests.helpers import patterned_batch, tiny_llama
 out = sys.argv[1]
 config = TrainConfig(max_steps=40, batch_size=4, eval_every=10, val_fraction=0.25, warmup_steps=0,
                      adapter_stats=False, sample_prompts=(), device="cpu")
-Sweep(tiny_llama(), None, patterned_batch(32, 16), space={"r": [2, 4, 8]}, seeds=[0],
-      lora=LoRAConfig(target_modules=["q_proj"]), config=config, directory=out).run_sync()
+sweep = Sweep(tiny_llama(), None, patterned_batch(32, 16), space={"r": [2, 4, 8]}, seeds=[0],
+              lora=LoRAConfig(target_modules=["q_proj"]), config=config, directory=out)
+started = []
+def hold_mid_run(event):  # the second run's fifth step: wait there for the kill, whatever the machine's speed
+    if isinstance(event, SweepRunStarted):
+        started.append(event.index)
+    if isinstance(event, StepMetrics) and started == [0, 1] and event.step == 5:
+        print("held", flush=True)
+        time.sleep(600)
+sweep.subscribe(hold_mid_run)
+sweep.run_sync()
 """
 
 
 def test_a_sweep_killed_mid_run_resumes_with_its_finished_runs_kept(tmp_path: Path) -> None:
     directory = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, str(directory)], env=env,
-                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, str(directory)], env=env, stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        lines = iter(proc.stdout.readline, "")  # until the script prints "held" or ends
+        assert any(line.strip() == "held" for line in lines), "the sweep ended before its second run's fifth step"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     state = directory / "sweep.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and len(json.loads(state.read_text())["runs"]) >= 1:
-            time.sleep(0.3)  # into the second run
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     kept = json.loads(state.read_text())["runs"]
-    assert 1 <= len(kept) < 3, "the sweep must be killed mid-way"
+    assert len(kept) == 1, "killed in the second run: the first is kept"
     config = TrainConfig(max_steps=40, batch_size=4, eval_every=10, val_fraction=0.25, warmup_steps=0,
                          adapter_stats=False, sample_prompts=(), device="cpu")  # fmt: skip
     sweep = Sweep(tiny_llama(), None, patterned_batch(32, 16), space={"r": [2, 4, 8]}, seeds=[0],
