@@ -17,12 +17,6 @@ import tempfile
 
 import pytest
 
-# Idle OpenMP threads that busy-wait starve the kernel process on small machines; passive waiting
-# changes no result. Kernels started by nbval inherit this environment.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 NBVAL_OUTPUT_TIMEOUT_S = 60
 RUNS_ENV = "LORA_WIDGETS_NOTEBOOK_RUNS"
 _created_runs_dir: str | None = None

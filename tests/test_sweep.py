@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -349,7 +348,7 @@ def test_a_sweep_killed_mid_run_resumes_with_its_finished_runs_kept(tmp_path: Pa
     assert proc.stdout is not None
     try:
         lines = iter(proc.stdout.readline, "")  # until the script prints "held" or ends
-        assert any(line.strip() == "held" for line in lines), "the sweep ended before its second run's fifth step"
+        assert any(line.strip() == "held" for line in lines), "the sweep ended before its second run's step 5"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
