@@ -33,7 +33,8 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "ipython<9" >"$constraints"
 "${uv[@]}" pip install -q -p "$py" "${find_links[@]}" --resolution lowest-direct -c "$constraints" \
-  "torch==2.13.0" -e . "pytest>=8" "pytest-timeout>=2.3" "nbval>=0.11" "ipykernel>=6.29" "nbformat>=5.9"
+  "torch==2.13.0" -e . "pytest>=8" "pytest-timeout>=2.3" "pytest-xdist>=3.5" "nbval>=0.11" "ipykernel>=6.29" \
+  "nbformat>=5.9"
 
 # The versions installed, next to the floors pyproject.toml declares: every floor but torch's must be the
 # version installed, or this job is not testing what the ranges promise.
@@ -57,8 +58,9 @@ if bad:
 EOF
 
 # The unit tests that need only the package's own dependencies (peft/trl interop skip without them; docs,
-# lint and the browser tests run in the main job), and notebook 01 under nbval, in one pytest process.
-"$py" -m pytest -q -p no:cacheprovider -o addopts="" --timeout=900 \
+# lint and the browser tests run in the main job), and notebook 01 under nbval, in two pytest-xdist processes
+# given whole files (as the main job: the root conftest.py gives each one OpenMP thread per core it has).
+"$py" -m pytest -q -p no:cacheprovider -o addopts="" --timeout=900 -n 2 --dist loadfile \
   --nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
   --ignore=tests/e2e --ignore=tests/test_docs.py --ignore=tests/test_quality.py \
   tests notebooks/01_lora_math.ipynb
