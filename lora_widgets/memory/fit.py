@@ -51,14 +51,17 @@ __all__ = [
     "suggest_fit",
 ]
 
-#: Common GPUs and their memory in bytes (what the planner and the fit table check against).
+#: Common GPUs and their memory in bytes (what the planner and the fit table check against): the total torch
+#: reports for the card (``torch.cuda.get_device_properties(0).total_memory``, the "total capacity" of its
+#: out-of-memory message), rounded down, not the marketed size. Figures read from users' out-of-memory reports:
+#: T4 14.56-14.76 GiB, A10 21.99, A100 40 GB 39.39-39.59, A100 80 GB 79.25-79.35, H100 80 GB 79.11.
 GPUS: dict[str, int] = {
-    "T4 16 GB": 15 * GiB,  # 16 GB marketed; 15.0 GiB usable as reported by torch
-    "L4 24 GB": 22 * GiB,
-    "A10G 24 GB": 22 * GiB,
-    "A100 40 GB": 40 * GiB,
-    "A100 80 GB": 80 * GiB,
-    "H100 80 GB": 80 * GiB,
+    "T4 16 GB": int(14.5 * GiB),
+    "L4 24 GB": int(21.9 * GiB),
+    "A10G 24 GB": int(21.9 * GiB),
+    "A100 40 GB": int(39.3 * GiB),
+    "A100 80 GB": int(79.1 * GiB),
+    "H100 80 GB": int(79.1 * GiB),
 }
 
 # ----------------------------------------------------------------------------------------------
