@@ -53,15 +53,14 @@ class _FusedLoRALinear(torch.autograd.Function):
         lora_b: torch.Tensor,  # [out, r]
         scaling: float,
     ) -> torch.Tensor:
-        plain = (
-            lora_x.dtype == torch.float32
-        )  # fp32: plain row-major forms; else N last (see the module docstring)
+        plain = lora_x.dtype == torch.float32  # fp32: plain row-major forms; else N last (module docstring)
         hidden = lora_x @ lora_a.t() if plain else (lora_a @ lora_x.t()).t()  # [N, r]: [N, in] @ [in, r]
         out = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())  # [N, out]
         out.addmm_(hidden, lora_b.t(), alpha=scaling)  # [N, out] += s [N, r] @ [r, out]
         ctx.save_for_backward(lora_x, weight, lora_a, lora_b, hidden)
         ctx.scaling = scaling
         ctx.same_input = lora_x is x
+        ctx.plain = plain  # the backward's thin products take the same forms
         return out
 
     @staticmethod
@@ -69,9 +68,7 @@ class _FusedLoRALinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # grad: [N, out]
         lora_x, weight, lora_a, lora_b, hidden = ctx.saved_tensors
         s = ctx.scaling
-        plain = (
-            grad.dtype == torch.float32
-        )  # fp32: plain row-major forms; else N last (see the module docstring)
+        plain = ctx.plain
         grad_hidden = grad @ lora_b if plain else (lora_b.t() @ grad.t()).t()  # [N, r]
         grad_b = grad_a = None
         if ctx.needs_input_grad[5]:
