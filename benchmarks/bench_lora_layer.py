@@ -18,8 +18,12 @@ The input requires grad, as it does for any layer inside a network, so the froze
 computes dX (its weight gets no gradient). With dropout the LoRA branch sees ``dropout(x)``, a new [N, d]
 tensor and a random mask: every implementation pays for that copy.
 
+On CUDA (``--device cuda``) each slot times ``--repeat`` calls (20) between two synchronizes; the clock is the
+wall clock.
+
 Usage: python benchmarks/bench_lora_layer.py [--d 2048] [--r 16] [--tokens 2048] [--rounds 15]
-       [--dtypes fp32,bf16] [--dropouts 0,0.05] [--threads N] [--clock wall|cpu]
+       [--dtypes fp32,bf16] [--dropouts 0,0.05] [--threads N] [--clock wall|cpu] [--device cpu|cuda]
+       [--repeat N]
 Run it with PYTHONPATH=. from a checkout so that it measures that checkout's code.
 """
 
@@ -57,22 +61,27 @@ CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time
 
 
 def _time_once(
-    layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, clock: Callable[[], float]
+    layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, clock: Callable[[], float], repeat: int = 1
 ) -> float:
+    """Seconds per forward+backward, over ``repeat`` calls back to back. On CUDA the kernels run asynchronously:
+    the clock reads after a synchronize on both sides, and ``repeat`` calls amortise the launch of the first."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     start = clock()
-    y = layer(x)  # [tokens, d]
-    y.backward(grad_out)
-    elapsed = clock() - start
-    x.grad = None
-    for p in layer.parameters():
-        p.grad = None
-    return elapsed
+    for _ in range(repeat):
+        y = layer(x)  # [tokens, d]
+        y.backward(grad_out)
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+    sync()
+    return (clock() - start) / repeat
 
 
-def _layers(d: int, r: int, dtype: torch.dtype, dropout: float) -> dict[str, nn.Module]:
+def _layers(d: int, r: int, dtype: torch.dtype, dropout: float, device: str = "cpu") -> dict[str, nn.Module]:
     """base / ours / peft / merged, each on its own copy of one frozen base layer, in training mode."""
     torch.manual_seed(0)
-    base = nn.Linear(d, d, dtype=dtype).requires_grad_(False)
+    base = nn.Linear(d, d, dtype=dtype, device=device).requires_grad_(False)
     ours = LoRALinear(copy.deepcopy(base), r, 2 * r, dropout)
     nn.init.normal_(ours.lora_B.weight, std=0.01)
     merged = copy.deepcopy(ours)
@@ -87,30 +96,44 @@ def _layers(d: int, r: int, dtype: torch.dtype, dropout: float) -> dict[str, nn.
 
 
 def measure(
-    d: int, r: int, tokens: int, rounds: int, dtype: torch.dtype, dropout: float, clock: str = "wall"
+    d: int,
+    r: int,
+    tokens: int,
+    rounds: int,
+    dtype: torch.dtype,
+    dropout: float,
+    clock: str = "wall",
+    device: str = "cpu",
+    repeat: int = 1,
 ) -> tuple[float, dict[str, float]]:
     """The base layer's median forward+backward seconds, and each layer's median per-round ratio to the base.
 
     Each round times every layer back to back, so a ratio within a round compares runs seconds apart; the
     median of those ratios follows the machine's load far less than a ratio of medians taken minutes apart."""
-    layers = _layers(d, r, dtype, dropout)
-    x = torch.randn(tokens, d, dtype=dtype, requires_grad=True)  # [tokens, d]
-    grad_out = torch.randn(tokens, d, dtype=dtype)  # [tokens, d]
+    layers = _layers(d, r, dtype, dropout, device)
+    x = torch.randn(tokens, d, dtype=dtype, device=device, requires_grad=True)  # [tokens, d]
+    grad_out = torch.randn(tokens, d, dtype=dtype, device=device)  # [tokens, d]
     for layer in layers.values():  # warm-up
         for _ in range(2):
-            _time_once(layer, x, grad_out, CLOCKS[clock])
+            _time_once(layer, x, grad_out, CLOCKS[clock], repeat)
     times: dict[str, list[float]] = {name: [] for name in layers}
     order = list(layers)
     for i in range(rounds):
         # round i starts at layer i mod n: every layer runs in every slot equally often, since the layer that
         # runs right after another finds its inputs still in the caches (2-7% faster here in bf16)
         for name in order[i % len(order) :] + order[: i % len(order)]:
-            times[name].append(_time_once(layers[name], x, grad_out, CLOCKS[clock]))
+            times[name].append(_time_once(layers[name], x, grad_out, CLOCKS[clock], repeat))
     ratios = {
         name: statistics.median(t / b for t, b in zip(series, times["base"], strict=True))
         for name, series in times.items()
     }
     return statistics.median(times["base"]), ratios
+
+
+def _where(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -122,6 +145,10 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--dropouts", default="0,0.05", help="comma-separated LoRA dropout rates")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (wall clock, synchronized)")
+    parser.add_argument(
+        "--repeat", type=int, default=0, help="calls timed together per slot (0: 1 on the CPU, 20 on CUDA)"
+    )
     parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
@@ -132,18 +159,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu times the host process, not the GPU; use --clock wall on CUDA")
+    repeat = args.repeat or (20 if args.device == "cuda" else 1)
     dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
     dropouts = [float(p) for p in args.dropouts.split(",")]
     print(
         f"LoRA layer fwd+bwd, d={args.d}, r={args.r}, tokens={args.tokens}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {args.clock} clock, {args.rounds} interleaved rounds, "
+        f"{_where(args.device)}, {args.clock} clock, {args.rounds} interleaved rounds, "
         "medians of per-round ratios"
     )
     print(f"{'dtype':5s} {'dropout':>7s} {'base ms':>8s} {'ours/base':>9s} {'peft/base':>9s} "
           f"{'ours/peft':>9s} {'merged/base':>11s} {'modules/base':>12s}")  # fmt: skip
     for dtype in dtypes:
         for dropout in dropouts:
-            base_s, ratio = measure(args.d, args.r, args.tokens, args.rounds, dtype, dropout, args.clock)
+            base_s, ratio = measure(
+                args.d, args.r, args.tokens, args.rounds, dtype, dropout, args.clock, args.device, repeat
+            )
             peft = ratio.get("peft", float("nan"))
             name = next(k for k, v in DTYPES.items() if v == dtype)
             print(

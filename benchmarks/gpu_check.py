@@ -14,7 +14,10 @@ On CUDA (about 3-5 minutes on one H100; a ``--budget-s`` deadline skips what wou
    two training steps) on a grid of 10 configurations: LoRA / full fine-tuning, fp32 / bf16 / fp16,
    mixed or pure precision, batch and sequence length, gradient checkpointing;
 5. QLoRA (``benchmarks/gpu_check_qlora.py``): a SmolLM2-135M- and a Llama-3.2-1B-shaped model in 4 bits, ours and
-   transformers.Trainer + PEFT, tokens/s side by side, the estimate against ``max_memory_allocated``.
+   transformers.Trainer + PEFT, tokens/s side by side, the estimate against ``max_memory_allocated``;
+6. one LoRA layer's forward and backward against its frozen base, bf16 and fp32, d = 2048, r = 16, 2,048 tokens
+   (``benchmarks/bench_lora_layer.py``): ours / base (target 1.04), PEFT / base, merged / base ("off" past the
+   target, without failing).
 
 Without CUDA, or with ``--quick``, the same checks run on a tiny Llama on the CPU in well under a minute (fp16
 rows are skipped: no fp16 training on the CPU; the out-of-memory is injected in a ``compute_loss`` that asks
@@ -61,7 +64,8 @@ from lora_widgets.hf import HFRun
 from lora_widgets.memory.fit import format_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_check_qlora import qlora_rows  # a sibling script: its QLoRA rows
+from bench_lora_layer import measure as measure_layer  # sibling scripts: the layer's speed, the QLoRA rows
+from gpu_check_qlora import qlora_rows
 
 
 def smollm2_135m_config() -> LlamaConfig:
@@ -358,6 +362,26 @@ def memory_rows(plan: Plan, tolerance: float, deadline: float) -> list[Row]:
     return rows
 
 
+def layer_rows(plan: Plan) -> list[Row]:
+    """One LoRA layer's forward and backward against its frozen base (``benchmarks/bench_lora_layer.py``, rounds
+    rotated so no layer always runs after the same one): d = 2048, r = 16, 2,048 tokens on CUDA, the issue's
+    target 1.04 and no slower than PEFT. The quick mode runs it at d = 256 to keep it working; fixed per-call
+    costs dominate there, so its ratios are no measure of the target."""
+    cuda = plan.device.type == "cuda"
+    d, tokens, rounds, repeat = (2048, 2048, 15, 20) if cuda else (256, 256, 3, 1)
+    dtypes = (("bf16", torch.bfloat16), ("fp32", torch.float32)) if cuda else (("fp32", torch.float32),)
+    rows: list[Row] = []
+    for name, dtype in dtypes:
+        base_s, ratio = measure_layer(d, 16, tokens, rounds, dtype, 0.0, "wall", plan.device.type, repeat)
+        peft = ratio.get("peft", math.nan)
+        result = (f"base {base_s * 1e3:.3f} ms; ours / base {ratio['ours']:.3f}, PEFT / base {peft:.3f}, "
+                  f"merged / base {ratio['merged']:.3f}")  # fmt: skip
+        status = "ok" if ratio["ours"] <= 1.04 and ratio["ours"] <= peft else "off"
+        rows.append(("LoRA layer fwd+bwd", f"{name}, d={d}, r=16, {tokens} tokens", result,
+                     status if cuda else "n/a (quick)"))  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -381,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += oom_rows(plan, tmp)
         rows += memory_rows(plan, a.mem_tolerance, t_start + a.budget_s)
         rows += qlora_rows(plan, tmp, t_start + a.budget_s)
+        rows += layer_rows(plan)
     mode = "SmolLM2-135M-shaped Llama" if plan.config.hidden_size == 576 else "tiny Llama (quick mode)"
     print(f"\n{mode} on {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{time.monotonic() - t_start:.0f} s\n")  # fmt: skip

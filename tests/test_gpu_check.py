@@ -44,4 +44,6 @@ def test_gpu_check_quick_mode_runs_every_check() -> None:
     memory_4bit = [r for r in qlora if r.startswith("| qlora memory estimate")]
     assert len(memory_4bit) == 1 and memory_4bit[0].endswith("| ok |")  # 4-bit weights: estimate = storage
     assert any(r.startswith("| qlora tokens/s ours / HF") for r in qlora)
+    layer = [r for r in rows if r.startswith("| LoRA layer fwd+bwd")]
+    assert len(layer) == 1 and "ours / base" in layer[0] and "merged / base" in layer[0]
     assert "all functional checks passed" in proc.stdout
