@@ -19,6 +19,7 @@ from lora_widgets.events import (
     Event,
     Notice,
     RunDirWatch,
+    RunFailed,
     RunFinished,
     RunStarted,
     RunStopped,
@@ -155,6 +156,34 @@ def test_bad_settings_are_named(tmp_path: Path, bad: dict[str, Any]) -> None:
         RunDirWatch(3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="request must be one of"):
         send_request(tmp_path, "halt")
+
+
+def test_a_path_that_is_no_run_directory_is_named(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a run")
+    with pytest.raises(ValueError, match=r"notes\.txt.* is a file, not a run directory: pass the folder"):
+        RunDirWatch(notes)
+    (tmp_path / "odd" / METRICS_FILE).mkdir(parents=True)
+    for path in (tmp_path / "odd", tmp_path / "odd" / METRICS_FILE):
+        with pytest.raises(ValueError, match="is a folder, not a run's event file"):
+            RunDirWatch(path)
+
+
+def test_a_metrics_file_that_cannot_be_read_ends_the_watch_with_the_reason(tmp_path: Path) -> None:
+    watch = RunDirWatch(tmp_path, poll_interval=0.01)  # nothing there yet: fine, it waits
+    seen: list[Event] = []
+    watch.subscribe(seen.append)
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(watch.run())
+        await asyncio.sleep(0.05)
+        (tmp_path / METRICS_FILE).mkdir()  # appears as a folder while the watch waits
+        return await asyncio.wait_for(task, 5)
+
+    end = asyncio.run(main())
+    assert isinstance(end, RunFailed) and end.reason == "bad_input" and end.error_type == "IsADirectoryError"
+    assert str(tmp_path / METRICS_FILE) in end.message and end.suggestions
+    assert seen[-1] == end  # shown like any run's end
 
 
 def test_the_control_file_is_read_once_per_request_and_a_stale_one_is_discarded(tmp_path: Path) -> None:

@@ -20,13 +20,14 @@ from pathlib import Path
 
 from lora_widgets.events.run_files import METRICS_FILE, EventLines, send_request
 from lora_widgets.events.source import RunBase
-from lora_widgets.events.types import Notice, RunEnded, RunStopped, StepMetrics
+from lora_widgets.events.types import Notice, RunEnded, RunFailed, RunStopped, StepMetrics
 
 __all__ = ["RunDirWatch"]
 
 logger = logging.getLogger(__name__)
 
 _WAITING = "waiting"  # the key of the notice shown while nothing can be read yet
+_RUN_DIR_HINT = f"pass the run directory our trainer or HF callback writes (<output_dir>/<run_id>, with its {METRICS_FILE})"
 
 
 class RunDirWatch(RunBase):
@@ -42,7 +43,14 @@ class RunDirWatch(RunBase):
     the directory or its ``metrics.jsonl`` does not exist yet it waits, publishing a
     :class:`~lora_widgets.events.types.Notice` that says so (cleared once events arrive). :meth:`stop`,
     :meth:`pause` and :meth:`resume` write the request to the run's ``control.json``; asking a run that has
-    already ended is answered in :attr:`last_answer` and changes nothing.
+    already ended is answered in :attr:`last_answer` and changes nothing. A ``metrics.jsonl`` that exists but
+    cannot be read (a folder of that name, no permission) ends the watch with a
+    :class:`~lora_widgets.events.types.RunFailed` (``reason="bad_input"``) that names the file and why.
+
+    Raises:
+        TypeError: ``run_dir`` is not a path.
+        ValueError: ``run_dir`` is a file other than ``metrics.jsonl``, or its ``metrics.jsonl`` is a folder; a
+            setting that is not a number of seconds > 0.
     """
 
     owner = "RunDirWatch"
@@ -58,6 +66,15 @@ class RunDirWatch(RunBase):
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
         path = Path(run_dir)
         self.run_dir = path.parent if path.name == METRICS_FILE else path
+        if self.run_dir.is_file():
+            raise ValueError(
+                f"run_dir={str(run_dir)!r} is a file, not a run directory: pass the folder that holds "
+                f"{METRICS_FILE} (or that file itself)"
+            )
+        if self.metrics_path.is_dir():
+            raise ValueError(
+                f"{str(self.metrics_path)!r} is a folder, not a run's event file; {_RUN_DIR_HINT}"
+            )
         self.poll_interval = float(poll_interval)
         self.stop_timeout = float(stop_timeout)
         self.last_answer = ""
@@ -95,7 +112,10 @@ class RunDirWatch(RunBase):
         offset, pending, said = 0, b"", ""
         stop_deadline: float | None = None
         while True:
-            chunk = self._read_from(offset)
+            try:
+                chunk = self._read_from(offset)
+            except OSError as exc:  # not a missing file (that is waited for): a folder, no permission, ...
+                return self._cannot_read(exc)
             if chunk is None:  # no metrics.jsonl yet
                 said = self._say_waiting(said)
                 if self._requests.stop_requested:
@@ -151,6 +171,17 @@ class RunDirWatch(RunBase):
         if message != said:
             self._publish(Notice(_WAITING, "Waiting for the run", message))
         return message
+
+    def _cannot_read(self, exc: OSError) -> RunFailed:
+        """End the watch on a ``metrics.jsonl`` that exists but cannot be read: say which file and why."""
+        last: StepMetrics | None = self.history.last_step
+        end = RunFailed(step=last.step if last else 0, elapsed_s=last.elapsed_s if last else 0.0,
+                        final_loss=last.loss if last else None, best_val_loss=self.history.best_val_loss(),
+                        adapter_path=None, reason="bad_input", error_type=type(exc).__name__,
+                        message=f"cannot read {self.metrics_path}: {exc.strerror or exc}; stopped watching",
+                        suggestions=(_RUN_DIR_HINT, "check that this process may read that folder"))  # fmt: skip
+        self._publish(end)
+        return end
 
     def _ended_here(self, message: str) -> RunStopped:
         """End the watch itself (the run gave no terminal event): a RunStopped at the last step seen."""
