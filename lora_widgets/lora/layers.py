@@ -185,9 +185,10 @@ class LoRALinear(nn.Module):
         lora_x = x if x.dtype == a.dtype else x.to(a.dtype)
         if not isinstance(self.lora_dropout, nn.Identity):  # dropout 0 is no call at all
             lora_x = self.lora_dropout(lora_x)
-        if can_fuse(self.base_layer, x, a, b):  # one autograd node, sums inside the matmuls (lora/fused.py)
-            return fused_lora_linear(x, lora_x, self.weight, self.bias, a, b, self.scaling)
-        result: torch.Tensor = self.base_layer(x)
+        base = self.base_layer
+        if can_fuse(base, x, a, b):  # one autograd node, sums inside the matmuls (lora/fused.py)
+            return fused_lora_linear(x, lora_x, base.weight, base.bias, a, b, self.scaling)  # type: ignore[arg-type]
+        result: torch.Tensor = base(x)
         update = self.lora_B(self.lora_A(lora_x) * self.scaling)  # [..., out]; scaling at rank r is cheaper
         return result + update.to(result.dtype)  # (a no-op when the dtypes agree)
 
