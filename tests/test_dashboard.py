@@ -274,6 +274,12 @@ def test_model_object_without_tokenizer_is_refused() -> None:
         LoRADashboard(model=tiny_llama(), train=FakeTrainConfig())
 
 
+@pytest.mark.parametrize("model", [3, {"model": "gpt2"}])
+def test_a_model_that_is_no_model_is_named(model: Any) -> None:
+    with pytest.raises(TypeError, match=r"model must be a transformers model .*, got (int|dict)"):
+        LoRADashboard(model=model, tokenizer=object(), train=FakeTrainConfig())
+
+
 def test_every_trait_is_documented_and_assets_exist() -> None:
     panel = DashboardPanel()
     for name in panel.trait_names(sync=True):

@@ -86,6 +86,11 @@ def resolve_model(model: Any, tokenizer: Any, data: Source) -> tuple[Any, Any]:
             raise TypeError("pass tokenizer only with a model object; a hub id or path loads its own")
         with quiet_hub_progress():
             return demo.load_base_model() if model is None else demo.load_model(str(model))
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a transformers model (a torch.nn.Module), a hub id or a local path, got "
+            f"{type(model).__name__}; e.g. model='HuggingFaceTB/SmolLM2-135M', or leave it out for the shipped model"
+        )
     if tokenizer is None and data.kind != "blocks":
         raise TypeError(
             "tokenizer is required when model is a model object; pass tokenizer=..., "
