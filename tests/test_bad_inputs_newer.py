@@ -667,6 +667,20 @@ CASES = [
         _with_printer,
     ),
     _c(
+        "hf-save-adapter-not-a-path",
+        TypeError,
+        ("path must be a folder path", "int 3"),
+        lambda o: o["run"].save_adapter(3),  # str(3) would have saved the model to ./3, then raised
+        lambda t: {"run": HFRun(_hf_trainer(t))},
+    ),
+    _c(
+        "attach-trainer-as-model",
+        TypeError,
+        ("model is a Trainer", "trainer="),
+        lambda o: LoRADashboard(o["hf"]),
+        _with_printer,
+    ),
+    _c(
         "hf-logging-steps-0",
         ValueError,
         "logging_steps=0",

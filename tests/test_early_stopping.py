@@ -234,6 +234,32 @@ def test_the_hf_callback_stops_where_transformers_callback_does(tmp_path: Path) 
     assert "restored: load_best_model_at_end" in end.message
 
 
+def test_an_hf_trainer_that_never_evaluates_refuses_patience_before_training(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    import asyncio
+
+    from lora_widgets.hf import EventCallback, HFRun
+
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                          report_to="none", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    rows = [{"input_ids": r, "labels": r} for r in patterned_batch(16, 16)]
+    hf = transformers.Trainer(model=model, args=args, train_dataset=rows)  # eval_strategy "no"
+    end = asyncio.run(HFRun(hf, early_stopping=EarlyStopping(patience=2)).run())
+    assert isinstance(end, RunFailed) and end.reason == "bad_input"
+    assert "EarlyStopping(patience=2) counts evaluations" in end.message and "eval_strategy=" in end.message
+    assert hf.state.global_step == 0 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # called directly, train() raises the same before its first step; the divergence stop alone is fine
+    plain = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=rows,
+                                 callbacks=[EventCallback(early_stopping=EarlyStopping(patience=3))])  # fmt: skip
+    with pytest.raises(ValueError, match="counts evaluations, but this run makes none"):
+        plain.train()
+    divergence = EventCallback(early_stopping=EarlyStopping(patience=None))
+    transformers.Trainer(model=tiny_llama(), args=args, train_dataset=rows, callbacks=[divergence]).train()
+    assert divergence.last_event is not None and divergence.last_event.kind == "finished"
+
+
 def test_the_dashboard_says_stopped_early_with_the_best_step() -> None:
     from lora_widgets.widget.callouts import outcome_callout
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,16 @@ class HFRun(RunBase):
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write the model as it is now with ``hf_trainer.save_model(path)`` (a PEFT model: its adapter, in
-        PEFT's format); returns the path. What ``LoRADashboard.save_adapter`` calls for an attached trainer."""
+        PEFT's format); returns the path. What ``LoRADashboard.save_adapter`` calls for an attached trainer.
+
+        Raises:
+            TypeError: ``path`` is not a path (checked before anything is written: ``str(3)`` would save to ``./3``).
+            FileExistsError: ``path`` is a file.
+        """
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"save_adapter: path must be a folder path, got {type(path).__name__} {path!r}")
+        if Path(path).is_file():
+            raise FileExistsError(f"save_adapter: {str(path)!r} is a file; pass a folder to save into")
         self.hf_trainer.save_model(str(path))
         return Path(path)
 

@@ -225,12 +225,11 @@ class TrainConfig:
                 "early_stopping",
                 "None or an EarlyStopping(patience=..., min_delta=..., divergence_factor=...)",
             )
-        if rule is not None and rule.patience is not None and self.eval_every is None:
-            raise bad(
-                "early_stopping",
-                "a rule without patience while eval_every=None: patience counts evaluations, so set "
-                "eval_every (e.g. 10) or EarlyStopping(patience=None) for the divergence stop alone",
-            )
+        why = rule and rule.refuse_without_evaluations(
+            self.eval_every is not None, "set eval_every (e.g. 10)"
+        )
+        if why:
+            raise bad("early_stopping", f"a rule without patience while eval_every=None. {why}")
 
     def _check_samples(self, bad: Callable[[str, str], ValueError]) -> None:
         """The sample settings (``bad(name, allowed)`` builds the error)."""

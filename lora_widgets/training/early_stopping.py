@@ -79,6 +79,15 @@ class EarlyStopping:
                 "use early_stopping=None to turn early stopping off"
             )
 
+    def refuse_without_evaluations(self, evaluates: bool, how: str) -> str | None:
+        """Why this rule cannot run where nothing is evaluated (``evaluates`` False), or ``None`` if it can.
+        Patience counts evaluations, so without them it would never act; ``how`` says how to turn them on
+        (``"set eval_every (e.g. 10)"`` for our trainer, the ``TrainingArguments`` for an HF trainer)."""
+        if evaluates or self.patience is None:
+            return None
+        return (f"EarlyStopping(patience={self.patience}) counts evaluations, but this run makes none: {how}, "
+                "or use EarlyStopping(patience=None) for the divergence stop alone")  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of every field."""
         return asdict(self)

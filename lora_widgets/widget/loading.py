@@ -86,6 +86,11 @@ def resolve_model(model: Any, tokenizer: Any, data: Source) -> tuple[Any, Any]:
             raise TypeError("pass tokenizer only with a model object; a hub id or path loads its own")
         with quiet_hub_progress():
             return demo.load_base_model() if model is None else demo.load_model(str(model))
+    if is_hf_trainer(model):
+        raise TypeError(
+            f"model is a {type(model).__name__}: to attach a transformers or TRL trainer, pass it as trainer=, "
+            "e.g. LoRADashboard(trainer=trainer)"
+        )
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             f"model must be a transformers model (a torch.nn.Module), a hub id or a local path, got "
