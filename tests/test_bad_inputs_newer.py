@@ -29,7 +29,14 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 
-from lora_widgets import LoRAConfig, LoRADashboard, apply_lora, load_base_model, merge_lora  # noqa: E402
+from lora_widgets import (  # noqa: E402
+    LoRAConfig,
+    LoRADashboard,
+    LoRATrainer,
+    apply_lora,
+    load_base_model,
+    merge_lora,
+)
 from lora_widgets.data.passages import passage_groups, passage_overlap  # noqa: E402
 from lora_widgets.data.rows import load_rows, normalize_rows  # noqa: E402
 from lora_widgets.data.sft import prepare_sft  # noqa: E402
@@ -37,6 +44,7 @@ from lora_widgets.data.sft_batches import collate, length_grouped_batches, maske
 from lora_widgets.data.sft_eval import end_of_turn_share  # noqa: E402
 from lora_widgets.data.split import split_groups  # noqa: E402
 from lora_widgets.data.text import load_texts, pack_blocks, prepare_data  # noqa: E402
+from lora_widgets.events import Replay  # noqa: E402
 from lora_widgets.health.alerts import AlertMonitor, count_trained_tokens, val_loss_alert  # noqa: E402
 from lora_widgets.health.samples import generate_samples  # noqa: E402
 from lora_widgets.hf import HFRun  # noqa: E402
@@ -669,9 +677,22 @@ CASES = [
     _c(
         "hf-save-adapter-not-a-path",
         TypeError,
-        ("path must be a folder path", "int 3"),
+        ("save_adapter: path must be a path", "int 3"),
         lambda o: o["run"].save_adapter(3),  # str(3) would have saved the model to ./3, then raised
         lambda t: {"run": HFRun(_hf_trainer(t))},
+    ),
+    _c(
+        "replay-not-events",
+        TypeError,
+        ("events must be a path to a run's metrics.jsonl or a list of run events", "got int 3"),
+        lambda o: Replay(3),  # type: ignore[arg-type]
+    ),
+    _c(
+        "trainer-save-adapter-not-a-path",
+        TypeError,
+        ("save_adapter: path must be a path", "got int 3"),
+        lambda o: LoRATrainer(o["m"], None, torch.randint(0, 64, (8, 16))).save_adapter(3),  # type: ignore[arg-type]
+        lambda t: {"m": _adapted()},
     ),
     _c(
         "attach-trainer-as-model",

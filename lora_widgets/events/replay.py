@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import reprlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,6 +91,11 @@ class Replay(RunBase):
         self.notices: list[Notice] = []
         if isinstance(events, str | os.PathLike):
             events, self.notices = check_events(events, strict=strict)
+        elif not isinstance(events, Iterable) or isinstance(events, bytes | dict):
+            raise TypeError(
+                "events must be a path to a run's metrics.jsonl or a list of run events, got "
+                f"{type(events).__name__} {reprlib.repr(events)}"
+            )
         self.events: list[Event] = list(events)
         bad = [e for e in self.events if not isinstance(e, _EventBase)]
         if bad:

@@ -21,6 +21,7 @@ from pathlib import Path
 from lora_widgets.events.run_files import METRICS_FILE, EventLines, send_request
 from lora_widgets.events.source import RunBase
 from lora_widgets.events.types import Notice, RunEnded, RunFailed, RunStopped, StepMetrics
+from lora_widgets.paths import as_path
 
 __all__ = ["RunDirWatch"]
 
@@ -59,8 +60,7 @@ class RunDirWatch(RunBase):
         self, run_dir: str | os.PathLike[str], *, poll_interval: float = 0.5, stop_timeout: float = 30.0
     ) -> None:
         super().__init__()
-        if not isinstance(run_dir, str | os.PathLike):
-            raise TypeError(f"run_dir must be a path to a run directory, got {type(run_dir).__name__}")
+        as_path(run_dir, "RunDirWatch", "run_dir")
         for name, value in (("poll_interval", poll_interval), ("stop_timeout", stop_timeout)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")

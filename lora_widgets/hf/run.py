@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from lora_widgets.health.gradient_check import is_no_gradient_error
 from lora_widgets.hf.args import describe_settings, expected_max_steps, logging_advice
 from lora_widgets.hf.callback import EventCallback
 from lora_widgets.hf.guard import _TRAINING, check_checkpoint, check_settings, refuse_if_trainer_busy
+from lora_widgets.paths import as_path
 from lora_widgets.training import ownership
 from lora_widgets.training.early_stopping import EarlyStopping
 
@@ -152,9 +152,7 @@ class HFRun(RunBase):
             TypeError: ``path`` is not a path (checked before anything is written: ``str(3)`` would save to ``./3``).
             FileExistsError: ``path`` is a file.
         """
-        if not isinstance(path, str | os.PathLike):
-            raise TypeError(f"save_adapter: path must be a folder path, got {type(path).__name__} {path!r}")
-        if Path(path).is_file():
+        if as_path(path, "save_adapter", "path").is_file():
             raise FileExistsError(f"save_adapter: {str(path)!r} is a file; pass a folder to save into")
         self.hf_trainer.save_model(str(path))
         return Path(path)

@@ -43,6 +43,7 @@ from lora_widgets.lora.layers import (
     require_lora_layers,
     short_list,
 )
+from lora_widgets.paths import as_path
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -119,10 +120,7 @@ def save_adapter(
     Files: ``adapter_config.json`` and ``adapter_model.safetensors``. Returns the directory.
     """
     layers = require_lora_layers(model, "save_adapter")
-    if not isinstance(directory, str | os.PathLike):
-        raise TypeError(
-            f"save_adapter: directory must be a path, got {type(directory).__name__} {directory!r}"
-        )
+    as_path(directory, "save_adapter", "directory")
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(
             f"save_adapter: base_model_name_or_path must be a string or None, got {base_model_name_or_path!r}"
@@ -368,10 +366,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> LoRARep
     raises a clear error and leaves the model as it was.
     """
     check_model(model, "load_adapter")
-    if not isinstance(directory, str | os.PathLike):
-        raise TypeError(
-            f"load_adapter: directory must be a path, got {type(directory).__name__} {directory!r}"
-        )
+    as_path(directory, "load_adapter", "directory")
     directory = Path(directory)
     cfg, tensors = _read_adapter(directory)
     groups = _group_tensors(tensors)

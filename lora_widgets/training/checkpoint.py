@@ -36,6 +36,7 @@ from torch import nn
 from lora_widgets.atomic import atomic_directory, naming_file
 from lora_widgets.lora import layers as lora_mod
 from lora_widgets.lora.peft_format import save_adapter
+from lora_widgets.paths import as_path
 
 __all__ = [
     "CheckpointState",
@@ -151,7 +152,7 @@ def save_trained_weights(
     user's own making with ``LoRATrainer(lora=None)``, or a module without ``save_pretrained`` --
     ``trainable.safetensors`` with the trainable parameters by name: never the frozen model.
     """
-    directory = Path(directory)
+    directory = as_path(directory, "save_adapter", "path")
     kind = trained_weights_kind(model)
     if kind == "adapter" and lora_mod.lora_layers(model):
         return save_adapter(model, directory, base_model_name_or_path)
