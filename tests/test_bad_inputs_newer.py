@@ -44,7 +44,7 @@ from lora_widgets.data.sft_batches import collate, length_grouped_batches, maske
 from lora_widgets.data.sft_eval import end_of_turn_share  # noqa: E402
 from lora_widgets.data.split import split_groups  # noqa: E402
 from lora_widgets.data.text import load_texts, pack_blocks, prepare_data  # noqa: E402
-from lora_widgets.events import Replay  # noqa: E402
+from lora_widgets.events import Replay, read_events, send_request  # noqa: E402
 from lora_widgets.health.alerts import AlertMonitor, count_trained_tokens, val_loss_alert  # noqa: E402
 from lora_widgets.health.samples import generate_samples  # noqa: E402
 from lora_widgets.hf import HFRun  # noqa: E402
@@ -692,6 +692,25 @@ CASES = [
         TypeError,
         ("save_adapter: path must be a path", "got int 3"),
         lambda o: LoRATrainer(o["m"], None, torch.randint(0, 64, (8, 16))).save_adapter(3),  # type: ignore[arg-type]
+        lambda t: {"m": _adapted()},
+    ),
+    _c(
+        "read-events-not-a-path",
+        TypeError,
+        ("read_events: path must be a path", "int 3"),
+        lambda o: read_events(3),
+    ),
+    _c(
+        "send-request-not-a-path",
+        TypeError,
+        ("send_request: run_dir must be a path", "int 3"),
+        lambda o: send_request(3, "stop"),  # type: ignore[arg-type]
+    ),
+    _c(
+        "trainer-resume-from-not-a-path",
+        TypeError,
+        ("LoRATrainer.run: resume_from must be a path", "int 3"),
+        lambda o: LoRATrainer(o["m"], None, torch.randint(0, 64, (8, 16))).run_sync(resume_from=3),  # type: ignore[arg-type]
         lambda t: {"m": _adapted()},
     ),
     _c(

@@ -14,7 +14,6 @@ import asyncio
 import os
 import reprlib
 from collections.abc import Iterable
-from pathlib import Path
 
 from lora_widgets.events.run_files import EventLines
 from lora_widgets.events.source import RunBase
@@ -28,6 +27,7 @@ from lora_widgets.events.types import (
     StepMetrics,
     _EventBase,
 )
+from lora_widgets.paths import as_path
 
 __all__ = ["Replay", "check_events", "read_events"]
 
@@ -44,7 +44,7 @@ def check_events(path: str | os.PathLike[str], *, strict: bool = False) -> tuple
         FileNotFoundError: no file at ``path``.
         ValueError: the file is empty, is not UTF-8 text, or (``strict``) a line is bad.
     """
-    file = Path(path)
+    file = as_path(path, "read_events", "path")
     if not file.is_file():
         raise FileNotFoundError(f"no metrics file at {str(file)!r}; pass a run's <run_dir>/metrics.jsonl")
     try:

@@ -34,6 +34,7 @@ from lora_widgets.events.types import (
     StepMetrics,
     event_from_dict,
 )
+from lora_widgets.paths import as_path
 
 __all__ = [
     "CONTROL_FILE",
@@ -103,7 +104,7 @@ def send_request(run_dir: str | os.PathLike[str], request: str) -> str:
     """
     if request not in REQUESTS:
         raise ValueError(f"request must be one of {REQUESTS}, got {request!r}")
-    folder = Path(run_dir)
+    folder = as_path(run_dir, "send_request", "run_dir")
     if not folder.is_dir():
         raise FileNotFoundError(f"no run directory at {str(folder)!r}; pass the folder holding metrics.jsonl")
     ended = last_event(folder / METRICS_FILE)

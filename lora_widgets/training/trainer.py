@@ -64,6 +64,7 @@ from lora_widgets.events.types import (
 )
 from lora_widgets.health.gradient_check import NoGradientError
 from lora_widgets.lora.layers import LoRAConfig, LoRAReport, count_parameters, lora_layers
+from lora_widgets.paths import as_path
 from lora_widgets.quantization import base_of
 from lora_widgets.training import checkpoint as ckpt
 from lora_widgets.training import ownership, precision
@@ -181,7 +182,10 @@ class LoRATrainer(RunBase):
 
         Raises:
             RuntimeError: this LoRATrainer (or another one on the same model) is already running.
+            TypeError: ``resume_from`` is not a path (nothing has started).
         """
+        if resume_from is not None:
+            as_path(resume_from, "LoRATrainer.run", "resume_from")
         self._begin_run(
             "this LoRATrainer is already running; wait for it (await the first run) or call stop() "
             "before starting another run"
