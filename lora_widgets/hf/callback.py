@@ -209,7 +209,7 @@ class EventCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.early_stopping is not None:  # before anything starts: train() raises, nothing has changed
             strategy = getattr(args, "eval_strategy", "no")
-            why = self.early_stopping.refuse_without_evaluations(
+            why = self.early_stopping.refusal_without_evaluations(
                 str(getattr(strategy, "value", strategy)) != "no",
                 "set TrainingArguments(eval_strategy='steps', eval_steps=50) with an eval_dataset",
             )

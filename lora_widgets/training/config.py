@@ -225,9 +225,8 @@ class TrainConfig:
                 "early_stopping",
                 "None or an EarlyStopping(patience=..., min_delta=..., divergence_factor=...)",
             )
-        why = rule and rule.refuse_without_evaluations(
-            self.eval_every is not None, "set eval_every (e.g. 10)"
-        )
+        how = "set eval_every (e.g. 10)"
+        why = rule.refusal_without_evaluations(self.eval_every is not None, how) if rule is not None else None
         if why:
             raise bad("early_stopping", f"a rule without patience while eval_every=None. {why}")
 

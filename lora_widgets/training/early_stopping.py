@@ -79,7 +79,7 @@ class EarlyStopping:
                 "use early_stopping=None to turn early stopping off"
             )
 
-    def refuse_without_evaluations(self, evaluates: bool, how: str) -> str | None:
+    def refusal_without_evaluations(self, evaluates: bool, how: str) -> str | None:
         """Why this rule cannot run where nothing is evaluated (``evaluates`` False), or ``None`` if it can.
         Patience counts evaluations, so without them it would never act; ``how`` says how to turn them on
         (``"set eval_every (e.g. 10)"`` for our trainer, the ``TrainingArguments`` for an HF trainer)."""
