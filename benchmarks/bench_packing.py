@@ -17,6 +17,7 @@ the whole row under a block-diagonal mask (``R W^2`` instead of ``sum L_i^2``); 
 (FlashAttention 2, or the per-example SDPA here) skip the blocks between examples.
 
 Usage: PYTHONPATH=. python benchmarks/bench_packing.py [--batch 8] [--rounds 12] [--threads N] [--attention sdpa]
+       [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import contextlib
 import statistics
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,18 +39,26 @@ from lora_widgets.training.packed_attention import use_packed_sdpa
 from lora_widgets.training.step import forward_loss
 
 
-def _step(model: torch.nn.Module, examples: list[SFTExample], packed: bool | str) -> None:
+def _step(
+    model: torch.nn.Module, examples: list[SFTExample], packed: bool | str, device: str = "cpu"
+) -> None:
     nc = contextlib.nullcontext
     if packed:
-        c = pack(examples, pad_id=0)  # [1, sum of lengths]
+        c = {k: v.to(device) for k, v in pack(examples, pad_id=0).items()}  # [1, sum of lengths] each
         per_example = use_packed_sdpa(model) if packed == "per-example" else nc()
         with per_example:
             loss = forward_loss(model, c["input_ids"], nc, labels=c["labels"], position_ids=c["position_ids"])
     else:
-        c = collate(examples, pad_id=0)  # [B, longest]
+        c = {k: v.to(device) for k, v in collate(examples, pad_id=0).items()}  # [B, longest] each
         loss = forward_loss(model, c["input_ids"], nc, attention_mask=c["attention_mask"], labels=c["labels"])
     loss.backward()
     model.zero_grad(set_to_none=True)
+
+
+def _where(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -59,10 +67,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the clock reads after a synchronize)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_base_model()
+    model, tokenizer = load_base_model(device=args.device)
     model.config._attn_implementation = args.attention
     apply_lora(model)
     model.train()
@@ -79,7 +88,12 @@ def main() -> None:
         "packed per-example, grouped": (grouped, "per-example"),
         "packed per-example, random": (shuffled, "per-example"),
     }
-    run: Callable[[list[int], bool | str], None] = lambda b, p: _step(model, [items[i] for i in b], p)  # noqa: E731
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    def run(batch: list[int], packed: bool | str) -> None:
+        _step(model, [items[i] for i in batch], packed, args.device)
+        sync()
+
     for batches, packed in layouts.values():  # warm-up
         run(batches[1], packed)
     rates: dict[str, list[float]] = {name: [] for name in layouts}
@@ -88,6 +102,7 @@ def main() -> None:
         for name, (batches, packed) in layouts.items():
             batch = batches[1 + k % (len(batches) - 1)]  # full batches (the last may be partial)
             real = sum(lengths[i] for i in batch)
+            sync()
             start = time.perf_counter()
             run(batch, packed)
             rates[name].append(real / (time.perf_counter() - start))
@@ -96,7 +111,7 @@ def main() -> None:
     base = med["padded, length-grouped"]
     print(
         f"python-instruct ({len(items)} examples, mean {np.mean(lengths):.0f} tokens), shipped model + LoRA, "
-        f"batch {args.batch}, {args.attention}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"batch {args.batch}, {args.attention}, torch {torch.__version__}, {_where(args.device)}, "
         f"{args.rounds} interleaved rounds, medians of real tokens/s"
     )
     for name, value in med.items():
