@@ -24,6 +24,7 @@ from lora_widgets.lora.layers import LoRAConfig
 from lora_widgets.widget import readouts
 from lora_widgets.widget.adapter_charts import AdapterCharts
 from lora_widgets.widget.charts import EMPTY_STEPS, Charts
+from lora_widgets.widget.data_view import facts_rows
 from lora_widgets.widget.record import RunRecord
 from lora_widgets.widget.session import new_trainer_run
 from lora_widgets.widget.static_summary import StaticSummary, learning_html
@@ -151,9 +152,10 @@ def test_the_browser_says_examples_one_numbering_and_the_legend(tmp_path: Path) 
             assert page.input_value(".lw-data-index") == "3"
             assert "(row 3 of the data)" in page.locator(".lw-data-caption").inner_text()
             assert page.locator(".lw-samples-legend").inner_text() == readouts.ENDED_LEGEND
-            assert (
-                "by example: 12 train / 2 validation examples" in page.locator(".lw-data-facts").inner_text()
-            )
+            facts_text = page.locator(".lw-data-facts").inner_text()
+            assert "by example: 12 train / 2 validation examples" in facts_text
+            assert "12 / 2 (validation 14.3%)" in facts_text  # the same line as data_view.facts_rows
+            assert dict(facts_rows(facts))["examples (train / validation)"] == "12 / 2 (validation 14.3%)"
         finally:
             browser.close()
 

@@ -114,6 +114,10 @@ def test_the_dashboard_data_view_shows_the_split(tokenizer: Any, tmp_path: Path)
     facts = dash.panel.data_view["facts"]
     assert facts["split"] == f"by document: 24 train / 6 validation documents, seed {TrainConfig().seed}"
     assert ("validation split", facts["split"]) in facts_rows(facts)
+    # the held-out share of the blocks, beside their counts: val_fraction counts documents, not tokens
+    share = 100 * facts["val"] / (facts["train"] + facts["val"])
+    blocks = dict(facts_rows(facts))["blocks (train / validation)"]
+    assert blocks.endswith(f"of {facts['seq_len']} tokens (validation {share:.1f}%)") and facts["val"] > 0
     asyncio.run(dash.run())
     assert dash.panel.data_view["facts"]["split"] == facts["split"]  # the run's own event says the same
 

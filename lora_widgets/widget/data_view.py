@@ -58,7 +58,7 @@ def facts_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
             ("data", "text packed into blocks (every token trained)"),
             (
                 "blocks (train / validation)",
-                f"{facts['train']:,} / {facts['val']:,} of {facts['seq_len']} tokens",
+                f"{facts['train']:,} / {facts['val']:,} of {facts['seq_len']} tokens{_val_share(facts)}",
             ),
             ("tokens", f"{facts['tokens']:,}"),
             *_split_row(facts),
@@ -66,12 +66,20 @@ def facts_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
     formats = ", ".join(f"{k} {v:,}" for k, v in sorted(facts.get("formats", {}).items()))
     return [
         ("data", f"instruction/chat rows ({formats}); loss on {facts['train_on']}"),
-        ("examples (train / validation)", f"{facts['train']:,} / {facts['val']:,}"),
+        ("examples (train / validation)", f"{facts['train']:,} / {facts['val']:,}{_val_share(facts)}"),
         ("rows truncated / dropped", f"{facts['truncated']:,} / {facts['dropped']:,} (max_length {facts['max_length']})"),
         ("tokens trained", f"{facts['trained_pct']:.1f}% of {facts['tokens']:,}"),
         _layout_row(facts),
         *_split_row(facts),
     ]  # fmt: skip
+
+
+def _val_share(facts: Mapping[str, Any]) -> str:
+    """``" (validation 2.6%)"``: the held-out share of the blocks or examples. ``val_fraction`` counts groups of
+    documents (:mod:`lora_widgets.data.split`), so with documents of very different sizes this share can be far
+    from it; said where the counts are read."""
+    total = facts["train"] + facts["val"]
+    return f" (validation {100 * facts['val'] / total:.1f}%)" if facts["val"] and total else ""
 
 
 def _layout_row(facts: Mapping[str, Any]) -> tuple[str, str]:

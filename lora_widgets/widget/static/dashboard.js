@@ -94,6 +94,16 @@ function parseInput(spec, text) {
 }
 
 /**
+ * " (validation 2.6%)": the held-out share of the blocks or examples (data_view.py's _val_share).
+ * @param {DataFacts} f
+ * @returns {string}
+ */
+function valShare(f) {
+  const total = f.train + f.val;
+  return f.val && total ? ` (validation ${((100 * f.val) / total).toFixed(1)}%)` : "";
+}
+
+/**
  * The data facts as (label, value) lines: the same lines as lora_widgets/widget/data_view.py's facts_rows.
  * @param {DataFacts} f
  * @returns {string[][]}
@@ -104,7 +114,7 @@ function factRows(f) {
   if (f.kind === "packed") {
     return [
       ["data", "text packed into blocks (every token trained)"],
-      ["blocks (train / validation)", `${count(f.train)} / ${count(f.val)} of ${f.seq_len} tokens`],
+      ["blocks (train / validation)", `${count(f.train)} / ${count(f.val)} of ${f.seq_len} tokens${valShare(f)}`],
       ["tokens", count(f.tokens)],
       ...split,
     ];
@@ -115,7 +125,7 @@ function factRows(f) {
     .join(", ");
   return [
     ["data", `instruction/chat rows (${formats}); loss on ${f.train_on}`],
-    ["examples (train / validation)", `${count(f.train)} / ${count(f.val)}`],
+    ["examples (train / validation)", `${count(f.train)} / ${count(f.val)}${valShare(f)}`],
     ["rows truncated / dropped", `${count(f.truncated)} / ${count(f.dropped)} (max_length ${f.max_length})`],
     ["tokens trained", `${Number(f.trained_pct).toFixed(1)}% of ${count(f.tokens)}`],
     f.packed
