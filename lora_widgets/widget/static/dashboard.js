@@ -94,16 +94,6 @@ function parseInput(spec, text) {
 }
 
 /**
- * " (validation 2.6%)": the held-out share of the blocks or examples (data_view.py's _val_share).
- * @param {DataFacts} f
- * @returns {string}
- */
-function valShare(f) {
-  const total = f.train + f.val;
-  return f.val && total ? ` (validation ${((100 * f.val) / total).toFixed(1)}%)` : "";
-}
-
-/**
  * The data facts as (label, value) lines: the same lines as lora_widgets/widget/data_view.py's facts_rows.
  * @param {DataFacts} f
  * @returns {string[][]}
@@ -111,10 +101,11 @@ function valShare(f) {
 function factRows(f) {
   if (!f || !f.kind) return [];
   const split = f.split ? [["validation split", String(f.split)]] : [];
+  const held = f.val ? ` (validation ${((100 * f.val) / (f.train + f.val)).toFixed(1)}%)` : ""; // data_view._val_share
   if (f.kind === "packed") {
     return [
       ["data", "text packed into blocks (every token trained)"],
-      ["blocks (train / validation)", `${count(f.train)} / ${count(f.val)} of ${f.seq_len} tokens${valShare(f)}`],
+      ["blocks (train / validation)", `${count(f.train)} / ${count(f.val)} of ${f.seq_len} tokens${held}`],
       ["tokens", count(f.tokens)],
       ...split,
     ];
@@ -125,7 +116,7 @@ function factRows(f) {
     .join(", ");
   return [
     ["data", `instruction/chat rows (${formats}); loss on ${f.train_on}`],
-    ["examples (train / validation)", `${count(f.train)} / ${count(f.val)}${valShare(f)}`],
+    ["examples (train / validation)", `${count(f.train)} / ${count(f.val)}${held}`],
     ["rows truncated / dropped", `${count(f.truncated)} / ${count(f.dropped)} (max_length ${f.max_length})`],
     ["tokens trained", `${Number(f.trained_pct).toFixed(1)}% of ${count(f.tokens)}`],
     f.packed
