@@ -13,6 +13,7 @@ each process, the same runs (``RUNS``: some of ``equal,stop,early,hf``; all by d
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -159,4 +160,7 @@ def default_runs() -> list[str]:
 
 
 if __name__ == "__main__":  # worker.py OUT [equal,stop,early,hf]
+    # a rank that dies on a signal (SIGABRT from a C++ std::terminate, seen once in CI) prints every thread's
+    # Python stack to stderr, which the test's failure message includes
+    faulthandler.enable()
     main(Path(sys.argv[1]), sys.argv[2].split(",") if len(sys.argv) > 2 else default_runs())
