@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from typing import Any
 
 # Everything measured in one evaluate: per figure, the plot area, each axis (its line's box, its label, its ticks'
@@ -153,6 +154,21 @@ def axis_problems(
         if heatmap_rows is not None and fig["rows"] and len(horizontal) == 1:
             problems += _heatmap_problems(name, fig, heatmap_rows, horizontal[0])
     return problems
+
+
+def settled_axis_problems(
+    page: Any, x_labels: dict[str, str], heatmap_rows: list[str] | None = None, timeout_s: float = 10.0
+) -> list[str]:
+    """:func:`axis_problems` once the charts have settled: read again every 250 ms until nothing reads wrong or
+    ``timeout_s`` has passed; the last reading's problems. bqplot lays its axes out after the plot areas exist
+    (under Notebook 6 with Colab's widgets, once, an axis line still had no width when first read), so one early
+    reading can catch a chart half drawn; a chart that stays wrong is still reported."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        problems = axis_problems(page, x_labels, heatmap_rows)
+        if not problems or time.monotonic() > deadline:
+            return problems
+        page.wait_for_timeout(250)
 
 
 _SPECTRUM = "singular values σ_i of ΔW = (alpha/r) B A"

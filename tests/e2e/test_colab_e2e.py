@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.chart_geometry import DASHBOARD_X_LABELS, axis_problems
+from tests.e2e.chart_geometry import DASHBOARD_X_LABELS, settled_axis_problems
 from tests.e2e.conftest import JupyterServer, serve_jupyter, write_notebook
 from tests.e2e.test_dashboard_e2e import (
     KNOWN_NOISE,
@@ -164,7 +164,7 @@ def unexpected_console_errors(errors: list[str], reruns: int) -> list[str]:
 
 
 def assert_axes_read_right(page: Any, when: str, heatmap: bool = False) -> None:
-    problems = axis_problems(page, DASHBOARD_X_LABELS, heatmap_rows=BLOCKS if heatmap else None)
+    problems = settled_axis_problems(page, DASHBOARD_X_LABELS, heatmap_rows=BLOCKS if heatmap else None)
     assert problems == [], f"{when}: " + "\n".join(problems)
 
 
