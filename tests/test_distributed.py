@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,26 +31,44 @@ from tests.helpers import tiny_llama
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _launch(launcher: list[str], out: Path, *runs: str) -> list[dict[str, Any]]:
-    """Start the worker under ``launcher`` (2 processes) in a clean environment; each rank's results."""
+# torchrun's report of a rank killed by an abort or a segfault, as opposed to one that raised or failed a check
+_KILLED = re.compile(r"Signal \d+ \(SIG(ABRT|SEGV)\) received")
+
+
+def _launch(launcher: list[str], out: Path, *runs: str) -> tuple[Path, list[dict[str, Any]]]:
+    """Start the worker under ``launcher`` (2 processes) in a clean environment; (its folder, each rank's results).
+
+    A launch whose rank was killed by SIGABRT or SIGSEGV is started once more, in a fresh folder, saying so: that
+    happened once in about 17 launches on the CI machine (gloo's threads, "terminate called without an active
+    exception"; the worker's faulthandler prints the Python stacks). A rank that raises, a check that fails, or a
+    second crash fails the test."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    script = [str(ROOT / "tests" / "distributed_worker.py"), str(out), *([",".join(runs)] if runs else [])]
-    t0 = time.monotonic()
-    done = subprocess.run(
-        [*launcher, *script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    print(f"{' '.join(launcher[2:4])} took {time.monotonic() - t0:.1f} s")
+    for attempt in (1, 2):
+        folder = out if attempt == 1 else out / "again"
+        script = [
+            str(ROOT / "tests" / "distributed_worker.py"),
+            str(folder),
+            *([",".join(runs)] if runs else []),
+        ]
+        t0 = time.monotonic()
+        done = subprocess.run(
+            [*launcher, *script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+        print(f"{' '.join(launcher[2:4])} took {time.monotonic() - t0:.1f} s")
+        if done.returncode == 0 or attempt == 2 or not _KILLED.search(done.stderr):
+            break
+        print(f"a rank was killed by a signal; launching once more:\n{done.stderr[-4000:]}", file=sys.stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]  # every process exited 0
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return folder, [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """``torchrun --nproc_per_node 2 --standalone`` of the worker; (its output folder, each rank's results)."""
     out = tmp_path_factory.mktemp("ddp")
-    return out, _launch(
+    return _launch(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"], out
     )
 
@@ -181,7 +200,7 @@ def test_accelerate_launch_runs_the_same_script(
     pytest.importorskip("accelerate")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    ranks = _launch(launcher, tmp_path, "equal")
+    ranks = _launch(launcher, tmp_path, "equal")[1]
     for r, seen in enumerate(ranks):
         assert seen["equal"]["world"] == [r, 2]
         assert seen["equal"]["loss"] == launched[1][0]["equal"]["loss"]  # same processes, same numbers
