@@ -57,6 +57,7 @@ __all__ = [
     "sample_seq_len",
     "setting_notices",
     "settings_of",
+    "strategy_of",
     "tokens_seen",
     "train_config_view",
 ]
@@ -242,7 +243,8 @@ def expected_max_steps(hf_trainer: Any) -> int | None:
     return updates * max(1, math.ceil(float(args.num_train_epochs)))
 
 
-def _strategy(args: Any, name: str) -> str:
+def strategy_of(args: Any, name: str) -> str:
+    """``args.<name>`` (``"eval_strategy"``, ...) as its plain string: ``"no"``, ``"steps"`` or ``"epoch"``."""
     return str(_plain(getattr(args, name, "steps")))
 
 
@@ -256,7 +258,7 @@ def logging_advice(args: Any, max_steps: int | None) -> str | None:
     if max_steps is None or max_steps < 1:
         return None
     suggest = max(1, max_steps // 50)
-    strategy = _strategy(args, "logging_strategy")
+    strategy = strategy_of(args, "logging_strategy")
     if strategy == "no":
         return (
             "logging_strategy='no': no loss will reach the chart. "

@@ -86,6 +86,7 @@ from lora_widgets.hf.args import (
     sample_seq_len,
     setting_notices,
     settings_of,
+    strategy_of,
     tokens_seen,
 )
 from lora_widgets.lora.layers import count_parameters
@@ -208,9 +209,8 @@ class EventCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.early_stopping is not None:  # before anything starts: train() raises, nothing has changed
-            strategy = getattr(args, "eval_strategy", "no")
             why = self.early_stopping.refusal_without_evaluations(
-                str(getattr(strategy, "value", strategy)) != "no",
+                strategy_of(args, "eval_strategy") != "no",
                 "set TrainingArguments(eval_strategy='steps', eval_steps=50) with an eval_dataset",
             )
             if why:
